@@ -1,0 +1,15 @@
+//! Hot-path operations of trainer's models.
+//!
+//! Each operation has a plain-Burn **reference** (in [`reference`]) that runs on every backend
+//! and defines the maths; the model calls the operations only through this crate, so a fused
+//! CubeCL kernel can replace a reference per backend without the model changing. Every kernel
+//! that lands here is tested forward and backward against its reference.
+//!
+//! Precision policy, as in transformers: normalisation statistics, softmax and cross-entropy are
+//! computed in f32 whatever the storage dtype, then cast back.
+
+pub mod reference;
+
+pub use reference::{
+    causal_attention, cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu, CrossEntropy,
+};

@@ -1,0 +1,60 @@
+//! Picking the Burn backend a recipe runs on: `device = "cpu" | "cuda" | "auto"`.
+//!
+//! Model code is generic over the backend; this is the one place that names concrete ones.
+//! CPU is burn-ndarray in f32. CUDA (built with `--features cuda`) stores and computes in the
+//! recipe's `model.dtype`.
+
+use burn::tensor::backend::Backend;
+
+use crate::error::Result;
+use crate::recipe::{DType, Device};
+
+/// Work that can run on any backend.
+pub trait BackendJob {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+pub type Cpu = burn::backend::NdArray<f32>;
+
+/// Whether this binary can use CUDA and a driver is present.
+pub fn cuda_available() -> bool {
+    cfg!(feature = "cuda") && std::path::Path::new("/proc/driver/nvidia").exists()
+}
+
+/// The device `auto` resolves to on this machine.
+pub fn resolve(device: Device) -> Device {
+    match device {
+        Device::Auto if cuda_available() => Device::Cuda,
+        Device::Auto => Device::Cpu,
+        d => d,
+    }
+}
+
+/// Run `job` on the backend for `device` and `dtype`.
+pub fn dispatch<J: BackendJob>(device: Device, dtype: DType, job: J) -> Result<J::Output> {
+    match resolve(device) {
+        Device::Cuda => run_cuda(dtype, job),
+        _ => job.run::<Cpu>(Default::default()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: BackendJob>(dtype: DType, job: J) -> Result<J::Output> {
+    use burn::backend::cuda::{Cuda, CudaDevice};
+    let device = CudaDevice::default();
+    match dtype {
+        DType::Bf16 => job.run::<Cuda<half::bf16>>(device),
+        DType::F16 => job.run::<Cuda<half::f16>>(device),
+        DType::F32 => job.run::<Cuda<f32>>(device),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<J: BackendJob>(_dtype: DType, _job: J) -> Result<J::Output> {
+    Err(crate::error::Error::Unsupported(
+        "device = \"cuda\", but this trainer binary was built without CUDA; rebuild with \
+         `cargo build --release --features cuda`, or set device = \"cpu\" or \"auto\""
+            .into(),
+    ))
+}

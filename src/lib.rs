@@ -1,0 +1,15 @@
+//! trainer: declarative LLM fine-tuning on Burn.
+//!
+//! A TOML [`recipe`] describes the job; [`model`] compiles it into a Burn module tree for a
+//! registered family; [`parallel`] says how layers split across ranks; [`backend`] picks the
+//! device. Hot-path operations live in the `kernels-cubecl` crate.
+
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod parallel;
+pub mod recipe;
+
+pub use error::{Error, Result};

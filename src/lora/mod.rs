@@ -1,0 +1,76 @@
+//! LoRA: which linear layers get adapters.
+//!
+//! Targets are written as peft / ms-swift write them: `all-linear` (every linear of the
+//! decoder blocks, experts included, never the LM head or the MoE router), a module name
+//! (`q_proj` matches every `...q_proj`), or a regular expression over the full module path
+//! written `re:<regex>` (`re:.*layers\.[0-3]\..*proj`).
+
+use regex::Regex;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct LoraTargets {
+    all_linear: bool,
+    names: Vec<String>,
+    patterns: Vec<Regex>,
+}
+
+impl LoraTargets {
+    pub fn parse(targets: &[String]) -> Result<Self> {
+        let mut t = LoraTargets { all_linear: false, names: vec![], patterns: vec![] };
+        for s in targets {
+            if s == "all-linear" {
+                t.all_linear = true;
+            } else if let Some(re) = s.strip_prefix("re:") {
+                let r = Regex::new(&format!("^(?:{re})$"))
+                    .map_err(|e| Error::model(format!("lora.targets: `{s}` is not a valid regex: {e}")))?;
+                t.patterns.push(r);
+            } else if s.is_empty() {
+                return Err(Error::model("lora.targets: empty target name; use `all-linear`, a module name like `q_proj`, or `re:<regex>`"));
+            } else {
+                t.names.push(s.clone());
+            }
+        }
+        Ok(t)
+    }
+
+    /// Whether the linear at module path `path` (e.g. `model.layers.3.mlp.experts.7.up_proj`)
+    /// gets an adapter.
+    pub fn matches(&self, path: &str) -> bool {
+        let leaf = path.rsplit('.').next().unwrap_or(path);
+        let never_by_default = leaf == "lm_head" || path.ends_with("mlp.gate");
+        (self.all_linear && !never_by_default)
+            || self.names.iter().any(|n| n == leaf || n == path)
+            || self.patterns.iter().any(|r| r.is_match(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[&str]) -> LoraTargets {
+        LoraTargets::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn all_linear_skips_head_and_router() {
+        let all = t(&["all-linear"]);
+        assert!(all.matches("model.layers.0.self_attn.q_proj"));
+        assert!(all.matches("model.layers.0.mlp.experts.5.down_proj"));
+        assert!(!all.matches("lm_head"));
+        assert!(!all.matches("model.layers.0.mlp.gate"));
+        assert!(t(&["all-linear", "lm_head"]).matches("lm_head"));
+    }
+
+    #[test]
+    fn names_and_regexes() {
+        let q = t(&["q_proj", "re:.*layers\\.1\\..*down_proj"]);
+        assert!(q.matches("model.layers.4.self_attn.q_proj"));
+        assert!(!q.matches("model.layers.4.self_attn.k_proj"));
+        assert!(q.matches("model.layers.1.mlp.down_proj"));
+        assert!(!q.matches("model.layers.11.mlp.down_proj"));
+        assert!(LoraTargets::parse(&["re:(".to_string()]).is_err());
+    }
+}

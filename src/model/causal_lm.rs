@@ -1,0 +1,143 @@
+//! The decoder-only language model every registered family builds: embedding, a stack of
+//! pre-norm blocks (attention, then a dense or sparse MLP), a final norm and the LM head.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use kernels_cubecl as ops;
+
+use super::layers::{Attention, Linear, Loader, Mlp, RmsNorm, SparseMoe};
+use super::spec::{ArchSpec, MlpSpec};
+use super::weights::InitKind;
+use crate::error::Result;
+use crate::parallel::{Layout, Partition};
+
+/// Tokens whose label is this value do not count in the loss (transformers' convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Exactly one of `mlp` (dense) and `moe` (sparse) is present; both live under the
+    /// checkpoint path `mlp`.
+    pub mlp: Option<Mlp<B>>,
+    pub moe: Option<SparseMoe<B>>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`, `cos`/`sin`: `[batch, 1, seq, head_dim]`
+    pub fn forward(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin);
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        let y = match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(normed),
+            (None, Some(moe)) => {
+                let [b, s, d] = normed.dims();
+                moe.forward(normed.reshape([b * s, d])).reshape([b, s, d])
+            }
+            (None, None) => normed.zeros_like(),
+        };
+        h + y
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// Absent when the head is tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// `[head_dim / 2]`, f32 on the device.
+    pub rope_inv_freq: Tensor<B, 1>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Build the model for `spec`, taking every weight from the loader, sharded by `layout`.
+    pub fn load(ld: &mut Loader<'_, B>, spec: &ArchSpec, layout: Layout) -> Result<Self> {
+        spec.check()?;
+        let h = spec.hidden_size;
+        let embed = ld.host_tensor("model.embed_tokens.weight", &[spec.vocab_size, h], InitKind::Normal)?;
+        let embed_tokens = Param::from_tensor(embed);
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for (i, l) in spec.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (mlp, moe) = match &l.mlp {
+                MlpSpec::Dense { intermediate_size } => {
+                    (Some(Mlp::load(ld, &format!("{p}.mlp"), h, *intermediate_size, layout.tensor)?), None)
+                }
+                moe @ MlpSpec::Moe { .. } => (None, Some(SparseMoe::load(ld, &format!("{p}.mlp"), h, moe, layout.expert)?)),
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(ld, &format!("{p}.input_layernorm"), h, spec.rms_norm_eps)?,
+                self_attn: Attention::load(ld, &format!("{p}.self_attn"), spec, layout.tensor)?,
+                post_attention_layernorm: RmsNorm::load(ld, &format!("{p}.post_attention_layernorm"), h, spec.rms_norm_eps)?,
+                mlp,
+                moe,
+            });
+        }
+        let norm = RmsNorm::load(ld, "model.norm", h, spec.rms_norm_eps)?;
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(ld, "lm_head", h, spec.vocab_size, false, Partition::Replicated)?)
+        };
+        let inv: Vec<f32> = spec.rope_inv_freq.iter().map(|&f| f as f32).collect();
+        let n = inv.len();
+        let rope_inv_freq = Tensor::from_data(TensorData::new(inv, [n]), &ld.device);
+        Ok(CausalLm { embed_tokens, layers, norm, lm_head, rope_inv_freq })
+    }
+
+    /// Final hidden states after the last norm.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `positions`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn hidden(&self, input_ids: Tensor<B, 2, Int>, positions: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        let (cos, sin) = ops::rope_cos_sin(positions, self.rope_inv_freq.clone());
+        for layer in &self.layers {
+            x = layer.forward(x, cos.clone(), sin.clone());
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits over the vocabulary.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// Logits for a batch of sequences starting at position 0.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let positions = positions_like(&input_ids);
+        self.logits(self.hidden(input_ids, positions))
+    }
+}
+
+/// `[[0, 1, .., seq-1]; batch]` on the ids' device.
+pub fn positions_like<B: Backend>(input_ids: &Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+    let [b, s] = input_ids.dims();
+    Tensor::<B, 1, Int>::arange(0..s as i64, &input_ids.device()).unsqueeze::<2>().expand([b, s])
+}
+
+/// Next-token cross-entropy as transformers' `ForCausalLM` computes it: position `t` predicts
+/// label `t + 1`; labels equal to [`IGNORE_INDEX`] do not count. Returns the summed loss and the
+/// number of counted tokens (divide for the mean).
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `labels`: `[batch, seq]`
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> ops::CrossEntropy<B> {
+    let [b, s, v] = logits.dims();
+    let pred = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
+    let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+    ops::cross_entropy(pred, target, IGNORE_INDEX)
+}

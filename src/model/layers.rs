@@ -1,0 +1,272 @@
+//! The layers of a Llama/Qwen-shaped decoder, written once for every family and backend.
+//!
+//! Each layer is built from a [`Loader`] with its Hugging Face path, so the module tree follows
+//! the checkpoint's key paths and loading needs no mapping table. Linear layers take a
+//! [`Partition`] and load only the slice they own; the MoE block can own a subset of experts.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use kernels_cubecl as ops;
+
+use super::spec::{ArchSpec, MlpSpec};
+use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
+use crate::error::Result;
+use crate::parallel::{Partition, ProcessGroup};
+
+/// Builds parameters from a weight source, translating internal paths to checkpoint names.
+pub struct Loader<'a, B: Backend> {
+    pub source: &'a mut dyn WeightSource,
+    pub device: B::Device,
+    /// Maps an internal (Hugging Face-shaped) path to the checkpoint's tensor name.
+    pub naming: &'a dyn Fn(&str) -> String,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn host(
+        &mut self,
+        path: &str,
+        shape: &[usize],
+        slice: Option<(usize, std::ops::Range<usize>)>,
+        init: InitKind,
+    ) -> Result<HostTensor> {
+        let name = (self.naming)(path);
+        self.source.tensor(TensorRequest { name: &name, shape, slice, init })
+    }
+
+    fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(t.data, t.shape), &self.device)
+    }
+
+    /// A whole (unsharded) tensor as stored, e.g. the token embedding.
+    pub fn host_tensor<const D: usize>(&mut self, path: &str, shape: &[usize], init: InitKind) -> Result<Tensor<B, D>> {
+        let t = self.host(path, shape, None, init)?;
+        Ok(self.upload(t))
+    }
+
+    /// A 1-D parameter (norm scale, bias).
+    pub fn vector(&mut self, path: &str, len: usize, init: InitKind) -> Result<Param<Tensor<B, 1>>> {
+        let t = self.host(path, &[len], None, init)?;
+        Ok(Param::from_tensor(self.upload(t)))
+    }
+}
+
+/// `y = x W^T + b` with `W` stored transposed as `[in, out]` so the forward is one matmul.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in_local, out_local]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out_local]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Load `{path}.weight` (HF layout `[out, in]`) and optionally `{path}.bias`, keeping the
+    /// slice `partition` owns.
+    pub fn load(
+        ld: &mut Loader<'_, B>,
+        path: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        partition: Partition,
+    ) -> Result<Self> {
+        let w = ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)?;
+        let weight = Param::from_tensor(ld.upload(transpose(w)));
+        let bias = if bias {
+            let b = ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)?;
+            Some(Param::from_tensor(ld.upload(b)))
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., in_local]` → `[..., out_local]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let y = x.matmul(self.weight.val().unsqueeze());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+fn transpose(t: HostTensor) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut data = vec![0.0; t.data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            data[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    HostTensor { shape: vec![cols, rows], data }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(ld: &mut Loader<'_, B>, path: &str, len: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: ld.vector(&format!("{path}.weight"), len, InitKind::Ones)?, eps })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        ops::rms_norm(x, self.weight.val(), self.eps)
+    }
+}
+
+/// Causal self-attention with grouped-query heads, rotary positions, optional q/k bias and
+/// optional per-head q/k RMSNorm. Under tensor parallelism the heads are split: q/k/v are
+/// column-parallel, o is row-parallel.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Heads held by this rank.
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn load(ld: &mut Loader<'_, B>, path: &str, spec: &ArchSpec, tp: ProcessGroup) -> Result<Self> {
+        let (h, d) = (spec.hidden_size, spec.head_dim);
+        let col = Partition::Column(tp);
+        let q_proj = Linear::load(ld, &format!("{path}.q_proj"), h, spec.num_heads * d, spec.qkv_bias, col)?;
+        let k_proj = Linear::load(ld, &format!("{path}.k_proj"), h, spec.num_kv_heads * d, spec.qkv_bias, col)?;
+        let v_proj = Linear::load(ld, &format!("{path}.v_proj"), h, spec.num_kv_heads * d, spec.qkv_bias, col)?;
+        let o_proj = Linear::load(ld, &format!("{path}.o_proj"), spec.num_heads * d, h, false, Partition::Row(tp))?;
+        let (q_norm, k_norm) = if spec.qk_norm {
+            (
+                Some(RmsNorm::load(ld, &format!("{path}.q_norm"), d, spec.rms_norm_eps)?),
+                Some(RmsNorm::load(ld, &format!("{path}.k_norm"), d, spec.rms_norm_eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            num_heads: spec.num_heads / tp.size,
+            num_kv_heads: spec.num_kv_heads / tp.size,
+            head_dim: d,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`, `cos`/`sin`: `[batch, 1, seq, head_dim]` → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
+        let mut q = heads(self.q_proj.forward(x.clone()), self.num_heads);
+        let mut k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = ops::rotary(q.swap_dims(1, 2), cos.clone(), sin.clone());
+        let k = ops::rotary(k.swap_dims(1, 2), cos, sin);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let y = ops::causal_attention(q, k, v, scale);
+        self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`. gate/up column-parallel, down row-parallel.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, inter: usize, tp: ProcessGroup) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(ld, &format!("{path}.gate_proj"), hidden, inter, false, Partition::Column(tp))?,
+            up_proj: Linear::load(ld, &format!("{path}.up_proj"), hidden, inter, false, Partition::Column(tp))?,
+            down_proj: Linear::load(ld, &format!("{path}.down_proj"), inter, hidden, false, Partition::Row(tp))?,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let h = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(h)
+    }
+}
+
+/// A sparse mixture of SwiGLU experts (Qwen3-MoE): a linear router, softmax over all experts,
+/// top-k, optional renormalisation over the chosen k, and the weighted sum of the chosen
+/// experts' outputs. Under expert parallelism a rank holds the contiguous block of experts its
+/// expert-parallel rank owns and adds up only their contributions.
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    pub gate: Linear<B>,
+    pub experts: Vec<Mlp<B>>,
+    /// Global index of `experts[0]`.
+    pub first_expert: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl<B: Backend> SparseMoe<B> {
+    pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, spec: &MlpSpec, ep: ProcessGroup) -> Result<Self> {
+        let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
+            return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
+        };
+        let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
+        let owned = ep.block(num_experts);
+        let experts = owned
+            .clone()
+            .map(|e| Mlp::load(ld, &format!("{path}.experts.{e}"), hidden, intermediate_size, ProcessGroup::SINGLE))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SparseMoe { gate, experts, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
+    }
+
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [t, _] = x.dims();
+        let device = x.device();
+        let logits = self.gate.forward(x.clone());
+        let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
+        let (mut weights, chosen) = probs.topk_with_indices(self.top_k, 1);
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let weights = weights.cast(dtype).reshape([t * self.top_k]);
+        // Routing is data-dependent: read the choices on the host to gather each expert's tokens.
+        let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        let mut out = x.zeros_like();
+        for (local, expert) in self.experts.iter().enumerate() {
+            let e = (self.first_expert + local) as i64;
+            let slots: Vec<i64> = (0..chosen.len() as i64).filter(|&i| chosen[i as usize] == e).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let tokens: Vec<i64> = slots.iter().map(|s| s / self.top_k as i64).collect();
+            let n = slots.len();
+            let token_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [n]), &device);
+            let slot_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device);
+            let y = expert.forward(x.clone().select(0, token_idx.clone()));
+            let w = weights.clone().select(0, slot_idx).reshape([n, 1]);
+            out = out.select_assign(0, token_idx, y * w, IndexingUpdateOp::Add);
+        }
+        out
+    }
+}

@@ -1,0 +1,251 @@
+//! What `trainer check` reports about a model before building it: parameter counts, per-rank
+//! shard sizes and an estimate of GPU memory per rank.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::spec::{ArchSpec, MlpSpec};
+use crate::lora::LoraTargets;
+use crate::error::Result;
+
+/// One linear layer of the architecture.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearInfo {
+    pub path: String,
+    pub inp: usize,
+    pub out: usize,
+    /// How the layer is split: 1 (replicated), or the tensor-/expert-parallel size dividing it.
+    pub split: Split,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Split {
+    Replicated,
+    /// Output dimension split across the tensor-parallel group.
+    Column,
+    /// Input dimension split across the tensor-parallel group.
+    Row,
+    /// Whole layer on the one expert-parallel rank that owns the expert.
+    Expert,
+}
+
+/// Every linear layer, in checkpoint order, with how it is split.
+pub fn linears(spec: &ArchSpec) -> Vec<LinearInfo> {
+    let (h, d) = (spec.hidden_size, spec.head_dim);
+    let mut v = Vec::new();
+    let mut push = |path: String, inp, out, split| v.push(LinearInfo { path, inp, out, split });
+    for (i, l) in spec.layers.iter().enumerate() {
+        let a = format!("model.layers.{i}.self_attn");
+        push(format!("{a}.q_proj"), h, spec.num_heads * d, Split::Column);
+        push(format!("{a}.k_proj"), h, spec.num_kv_heads * d, Split::Column);
+        push(format!("{a}.v_proj"), h, spec.num_kv_heads * d, Split::Column);
+        push(format!("{a}.o_proj"), spec.num_heads * d, h, Split::Row);
+        let m = format!("model.layers.{i}.mlp");
+        match l.mlp {
+            MlpSpec::Dense { intermediate_size: n } => {
+                push(format!("{m}.gate_proj"), h, n, Split::Column);
+                push(format!("{m}.up_proj"), h, n, Split::Column);
+                push(format!("{m}.down_proj"), n, h, Split::Row);
+            }
+            MlpSpec::Moe { num_experts, intermediate_size: n, .. } => {
+                push(format!("{m}.gate"), h, num_experts, Split::Replicated);
+                for e in 0..num_experts {
+                    push(format!("{m}.experts.{e}.gate_proj"), h, n, Split::Expert);
+                    push(format!("{m}.experts.{e}.up_proj"), h, n, Split::Expert);
+                    push(format!("{m}.experts.{e}.down_proj"), n, h, Split::Expert);
+                }
+            }
+        }
+    }
+    if !spec.tie_word_embeddings {
+        push("lm_head".into(), h, spec.vocab_size, Split::Replicated);
+    }
+    v
+}
+
+/// What the recipe asks of the model, for the estimates.
+#[derive(Debug, Clone)]
+pub struct RunShape {
+    pub tensor: usize,
+    pub expert: usize,
+    pub context: usize,
+    pub sequence_parallel: bool,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    /// `None` for full fine-tuning.
+    pub lora: Option<(usize, LoraTargets)>,
+    /// Bytes per element of the frozen base weights.
+    pub weight_bytes: usize,
+    /// Layers whose inputs are kept while the rest is recomputed; `None` without recompute.
+    pub recompute: bool,
+    pub fused_cross_entropy: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    pub family: String,
+    pub layers: usize,
+    pub moe_layers: usize,
+    pub total_params: u64,
+    /// Parameters active per token (MoE: only top-k experts).
+    pub active_params: u64,
+    pub trainable_params: u64,
+    pub adapted_linears: usize,
+    pub per_rank_params: u64,
+    pub per_rank_trainable: u64,
+    pub memory: MemoryEstimate,
+}
+
+/// GiB per rank.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryEstimate {
+    pub weights: f64,
+    /// Trainable weights, their gradients and AdamW moments (f32 each for LoRA; bf16 weights
+    /// with f32 master, moments and bf16 gradients for full tuning).
+    pub trainable_and_optimizer: f64,
+    pub activations_no_recompute: f64,
+    pub activations_recompute: f64,
+    /// Logits and their gradient in f32, unless the fused cross-entropy keeps them chunked.
+    pub logits: f64,
+    /// Weights + optimizer + logits + activations under the recipe's recompute setting.
+    pub total: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl ModelSummary {
+    pub fn new(spec: &ArchSpec, run: &RunShape) -> Result<Self> {
+        let (h, v) = (spec.hidden_size as u64, spec.vocab_size as u64);
+        let lin = linears(spec);
+        let norms_per_layer = 2 * h + if spec.qk_norm { 2 * spec.head_dim as u64 } else { 0 };
+        let bias_per_layer = if spec.qkv_bias { ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim) as u64 } else { 0 };
+        let small = spec.layers.len() as u64 * (norms_per_layer + bias_per_layer) + h;
+        let embed = v * h;
+        let (tp, ep) = (run.tensor as u64, run.expert as u64);
+        let mut total = embed + small;
+        let mut per_rank = embed + small;
+        let mut trainable = 0u64;
+        let mut trainable_rank = 0u64;
+        let mut adapted = 0usize;
+        for l in &lin {
+            let n = (l.inp * l.out) as u64;
+            let div = match l.split {
+                Split::Replicated => 1,
+                Split::Column | Split::Row => tp,
+                Split::Expert => ep,
+            };
+            total += n;
+            per_rank += n / div;
+            if let Some((rank, targets)) = &run.lora {
+                if targets.matches(&l.path) {
+                    let (r, i, o) = (*rank as u64, l.inp as u64, l.out as u64);
+                    trainable += r * (i + o);
+                    // A is [r, in], B is [out, r]: a column split cuts B, a row split cuts A,
+                    // an expert's adapter lives with its expert.
+                    trainable_rank += match l.split {
+                        Split::Replicated => r * (i + o),
+                        Split::Column => r * i + r * o / tp,
+                        Split::Row => r * i / tp + r * o,
+                        Split::Expert => r * (i + o) / ep,
+                    };
+                    adapted += 1;
+                }
+            }
+        }
+        if run.lora.is_none() {
+            trainable = total;
+            trainable_rank = per_rank;
+        }
+        let mut active = total;
+        for l in &spec.layers {
+            if let MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } = l.mlp {
+                active -= ((num_experts - top_k) * 3 * intermediate_size) as u64 * h;
+            }
+        }
+        let memory = estimate_memory(spec, run, per_rank, trainable_rank);
+        Ok(ModelSummary {
+            family: spec.family.clone(),
+            layers: spec.layers.len(),
+            moe_layers: spec.num_moe_layers(),
+            total_params: total,
+            active_params: active,
+            trainable_params: trainable,
+            adapted_linears: adapted,
+            per_rank_params: per_rank,
+            per_rank_trainable: trainable_rank,
+            memory,
+        })
+    }
+}
+
+/// Activation bytes per token per layer in bf16 for a pre-norm block with flash-style
+/// attention (no seq x seq scores kept): the tensors autograd saves (norm outputs, q/k/v,
+/// attention output, the MLP's gate, up and product), following Korthikanti et al. 2022 with
+/// the attention-score term removed. MoE layers keep them for top-k experts plus the router.
+fn activation_bytes_per_token_layer(spec: &ArchSpec, layer: &MlpSpec) -> f64 {
+    let h = spec.hidden_size as f64;
+    let q = (spec.num_heads * spec.head_dim) as f64;
+    let kv = (spec.num_kv_heads * spec.head_dim) as f64;
+    let attn = 2.0 * h /* norm in/out */ + q + 2.0 * kv /* q, k, v */ + 2.0 * q /* rotated q, attn out */ + kv /* rotated k */ + h;
+    let mlp = match *layer {
+        MlpSpec::Dense { intermediate_size } => 2.0 * h + 3.0 * intermediate_size as f64,
+        MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
+            2.0 * h + num_experts as f64 * 2.0 + top_k as f64 * (h + 3.0 * intermediate_size as f64)
+        }
+    };
+    2.0 * (attn + mlp)
+}
+
+fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_rank: u64) -> MemoryEstimate {
+    let weights = per_rank as f64 * run.weight_bytes as f64;
+    let opt_bytes = if run.lora.is_some() { 16.0 } else { 14.0 };
+    let trainable_and_optimizer = trainable_rank as f64 * opt_bytes;
+    // Tokens a rank holds activations for: context parallelism splits the sequence; sequence
+    // parallelism splits the rest of the block across the tensor group.
+    let tokens = (run.micro_batch * run.seq_len) as f64 / run.context as f64;
+    let split = if run.sequence_parallel { run.tensor as f64 } else { 1.0 };
+    let per_layer: Vec<f64> = spec.layers.iter().map(|l| activation_bytes_per_token_layer(spec, &l.mlp) * tokens / split).collect();
+    let all: f64 = per_layer.iter().sum();
+    let boundary = 2.0 * spec.hidden_size as f64 * tokens / split;
+    let max_layer = per_layer.iter().cloned().fold(0.0, f64::max);
+    let recomputed = boundary * spec.layers.len() as f64 + max_layer;
+    let logits = if run.fused_cross_entropy { 0.0 } else { 2.0 * 4.0 * tokens * spec.vocab_size as f64 };
+    let activations = if run.recompute { recomputed } else { all };
+    MemoryEstimate {
+        weights: weights / GIB,
+        trainable_and_optimizer: trainable_and_optimizer / GIB,
+        activations_no_recompute: all / GIB,
+        activations_recompute: recomputed / GIB,
+        logits: logits / GIB,
+        total: (weights + trainable_and_optimizer + activations + logits) / GIB,
+    }
+}
+
+fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+impl fmt::Display for ModelSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.memory;
+        writeln!(f, "family            {}", self.family)?;
+        writeln!(f, "layers            {} ({} sparse)", self.layers, self.moe_layers)?;
+        writeln!(f, "parameters        {} total, {} active per token", count(self.total_params), count(self.active_params))?;
+        writeln!(f, "trainable         {} ({:.3}% of total, {} adapted linears)", count(self.trainable_params),
+            100.0 * self.trainable_params as f64 / self.total_params.max(1) as f64, self.adapted_linears)?;
+        writeln!(f, "per rank          {} parameters, {} trainable", count(self.per_rank_params), count(self.per_rank_trainable))?;
+        writeln!(f, "memory per rank (estimate, GiB)")?;
+        writeln!(f, "  weights                    {:>8.2}", m.weights)?;
+        writeln!(f, "  trainable + optimizer      {:>8.2}", m.trainable_and_optimizer)?;
+        writeln!(f, "  activations, no recompute  {:>8.2}", m.activations_no_recompute)?;
+        writeln!(f, "  activations, recompute     {:>8.2}", m.activations_recompute)?;
+        writeln!(f, "  logits (unfused CE)        {:>8.2}", m.logits)?;
+        write!(f, "  total for this recipe      {:>8.2}", m.total)
+    }
+}

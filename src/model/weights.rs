@@ -1,0 +1,308 @@
+//! Where a model's weights come from: a Hugging Face safetensors checkpoint (single file or
+//! sharded with `model.safetensors.index.json`, memory-mapped and read one tensor at a time) or
+//! a seeded random initialisation of the same shapes.
+//!
+//! Every source hands out one tensor at a time as f32 on the host, already cut to the slice a
+//! layer owns, so host memory stays near one tensor whatever the checkpoint's size.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// One tensor on the host, in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// How a source should fill a tensor it has no file for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitKind {
+    /// A projection or embedding: normal with the config's `initializer_range`.
+    Normal,
+    /// A norm scale: ones.
+    Ones,
+    /// A bias: zeros.
+    Zeros,
+}
+
+/// A request for one named tensor.
+#[derive(Debug, Clone)]
+pub struct TensorRequest<'a> {
+    /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: &'a str,
+    /// The full shape in the checkpoint.
+    pub shape: &'a [usize],
+    /// The part this rank owns: `(dim, range)` of the full tensor, or all of it.
+    pub slice: Option<(usize, Range<usize>)>,
+    pub init: InitKind,
+}
+
+/// A provider of named tensors.
+pub trait WeightSource {
+    fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor>;
+
+    /// Called once the model is built: a checkpoint reports tensors nobody asked for.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Cut `(dim, range)` out of a row-major tensor.
+pub fn slice_host(t: HostTensor, slice: Option<(usize, Range<usize>)>) -> HostTensor {
+    let Some((dim, range)) = slice else { return t };
+    let outer: usize = t.shape[..dim].iter().product();
+    let inner: usize = t.shape[dim + 1..].iter().product();
+    let full = t.shape[dim];
+    let mut data = Vec::with_capacity(outer * range.len() * inner);
+    for o in 0..outer {
+        let base = o * full * inner;
+        data.extend_from_slice(&t.data[base + range.start * inner..base + range.end * inner]);
+    }
+    let mut shape = t.shape;
+    shape[dim] = range.len();
+    HostTensor { shape, data }
+}
+
+/// Seeded random weights: each tensor's values depend only on the seed and the tensor's name,
+/// so every rank of a sharded run draws the same full tensor and keeps its slice.
+pub struct RandomInit {
+    pub seed: u64,
+    pub std: f64,
+}
+
+impl WeightSource for RandomInit {
+    fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor> {
+        let n: usize = req.shape.iter().product();
+        let data = match req.init {
+            InitKind::Ones => vec![1.0; n],
+            InitKind::Zeros => vec![0.0; n],
+            InitKind::Normal => {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(req.name));
+                // Uniform with the requested standard deviation: cheap, and only the scale
+                // matters for benchmarks and tests.
+                let a = (self.std * 3f64.sqrt()) as f32;
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            }
+        };
+        Ok(slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice))
+    }
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// A Hugging Face safetensors checkpoint in a folder.
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// Tensor name → file (relative to `dir`).
+    index: BTreeMap<String, String>,
+    maps: HashMap<String, Mmap>,
+    used: BTreeSet<String>,
+    /// Tensors the model derives elsewhere and that may be present or absent (tied heads).
+    optional: BTreeSet<String>,
+}
+
+impl Checkpoint {
+    /// Open `dir/model.safetensors.index.json` if present, else every `*.safetensors` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let index = if index_path.exists() {
+            read_index(&index_path)?
+        } else {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::file(dir, format!("cannot list the model folder: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension().is_some_and(|x| x == "safetensors")
+                        && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model"))
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::file(
+                    dir,
+                    "no weights: expected model.safetensors or model.safetensors.index.json \
+                     (or set model.init = \"random\" to build the architecture without weights)",
+                ));
+            }
+            let mut index = BTreeMap::new();
+            for f in files {
+                let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let map = map_file(&f)?;
+                let st = parse(&f, &map)?;
+                for k in st.names() {
+                    index.insert(k.to_string(), name.clone());
+                }
+            }
+            index
+        };
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            index,
+            maps: HashMap::new(),
+            used: BTreeSet::new(),
+            optional: BTreeSet::new(),
+        })
+    }
+
+    /// Names of every tensor in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Allow `name` to be present without being read (a tied LM head saved anyway).
+    pub fn allow_unused(&mut self, name: &str) {
+        self.optional.insert(name.to_string());
+    }
+
+    fn map(&mut self, file: &str) -> Result<&Mmap> {
+        if !self.maps.contains_key(file) {
+            let m = map_file(&self.dir.join(file))?;
+            self.maps.insert(file.to_string(), m);
+        }
+        Ok(&self.maps[file])
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    // SAFETY: the file is opened read-only; a checkpoint modified while training runs is
+    // outside what we promise, as for every framework that maps weights.
+    unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map: {e}")))
+}
+
+fn parse<'a>(path: &Path, map: &'a Mmap) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(map)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))
+}
+
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let idx: Index = serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("not a safetensors index (needs a `weight_map` object): {e}")))?;
+    Ok(idx.weight_map)
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
+    let words = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => words(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => words(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => words(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => words(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(Error::file(
+                file,
+                format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+            ))
+        }
+    })
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor> {
+        let Some(file) = self.index.get(req.name).cloned() else {
+            return Err(Error::model(format!(
+                "{}: tensor `{}` (shape {:?}) is missing from the checkpoint{}",
+                self.dir.display(),
+                req.name,
+                req.shape,
+                closest(req.name, self.index.keys())
+            )));
+        };
+        let path = self.dir.join(&file);
+        let map = self.map(&file)?;
+        let st = parse(&path, map)?;
+        let view = st.tensor(req.name).map_err(|e| {
+            Error::file(&path, format!("tensor `{}` listed in the index but not readable: {e}", req.name))
+        })?;
+        if view.shape() != req.shape {
+            return Err(Error::model(format!(
+                "{}: tensor `{}` has shape {:?}; the config.json architecture expects {:?}",
+                path.display(),
+                req.name,
+                view.shape(),
+                req.shape
+            )));
+        }
+        let data = to_f32(view.dtype(), view.data(), req.name, &path)?;
+        self.used.insert(req.name.to_string());
+        Ok(slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice))
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let extra: Vec<&String> = self
+            .index
+            .keys()
+            .filter(|k| !self.used.contains(*k) && !self.optional.contains(*k))
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = extra.iter().take(5).map(|s| s.as_str()).collect();
+        Err(Error::model(format!(
+            "{}: {} tensor(s) in the checkpoint are not part of the architecture in config.json, \
+             e.g. {}; is `model_type` or `num_hidden_layers` right?",
+            self.dir.display(),
+            extra.len(),
+            shown.join(", ")
+        )))
+    }
+}
+
+fn closest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
+    names
+        .map(|n| (strsim::normalized_levenshtein(name, n), n))
+        .filter(|(s, _)| *s > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| format!("; the checkpoint has `{n}`"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_rows_and_columns() {
+        let t = HostTensor { shape: vec![2, 3], data: vec![0., 1., 2., 3., 4., 5.] };
+        assert_eq!(slice_host(t.clone(), Some((0, 1..2))).data, vec![3., 4., 5.]);
+        let c = slice_host(t, Some((1, 1..3)));
+        assert_eq!((c.shape, c.data), (vec![2, 2], vec![1., 2., 4., 5.]));
+    }
+
+    #[test]
+    fn random_init_is_seeded_per_name_and_shards_consistently() {
+        let mut a = RandomInit { seed: 7, std: 0.02 };
+        let req = |slice| TensorRequest { name: "w", shape: &[4, 6], slice, init: InitKind::Normal };
+        let full = a.tensor(req(None)).unwrap();
+        assert_eq!(full, a.tensor(req(None)).unwrap());
+        let part = a.tensor(req(Some((1, 3..6)))).unwrap();
+        assert_eq!(part, slice_host(full.clone(), Some((1, 3..6))));
+        let other = RandomInit { seed: 8, std: 0.02 }.tensor(req(None)).unwrap();
+        assert_ne!(full, other);
+        let std = (full.data.iter().map(|x| x * x).sum::<f32>() / 24.0).sqrt();
+        assert!(std > 0.005 && std < 0.05, "{std}");
+    }
+}

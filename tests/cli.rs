@@ -1,0 +1,90 @@
+//! The `trainer` binary: what a user sees, exit codes, and no panic on bad input.
+
+use std::process::{Command, Output};
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// A bad-input run: exit code 2, one `error:` line naming what is wrong, no panic.
+fn assert_user_error(args: &[&str], parts: &[&str]) {
+    let o = trainer(args);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for p in parts {
+        assert!(err.contains(p), "expected `{p}` in: {err}");
+    }
+}
+
+#[test]
+fn models_lists_the_builtin_families() {
+    let o = trainer(&["models"]);
+    let (out, _) = text(&o);
+    assert!(o.status.success());
+    for f in ["qwen2", "qwen3", "qwen3_moe"] {
+        assert!(out.lines().any(|l| l.starts_with(f)), "{out}");
+    }
+}
+
+#[test]
+fn check_the_dense_seed_recipe_offline() {
+    let o = trainer(&["check", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/data/qwen2.5-7b-instruct"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    // Qwen2.5-7B has 7.62B parameters; LoRA r=8 on all 7 linears of 28 layers: 20.19M.
+    assert!(out.contains("7.62B total"), "{out}");
+    assert!(out.contains("20.19M"), "{out}");
+    assert!(out.contains("tensor 2"), "{out}");
+    // The resolved recipe is printed first, as TOML, with the override applied.
+    assert!(out.contains("path = \"tests/data/qwen2.5-7b-instruct\""), "{out}");
+}
+
+#[test]
+fn check_the_moe_seed_recipe_offline() {
+    let o = trainer(&["check", "recipes/qwen3-moe-lora.toml", "--set", "model.path=tests/data/qwen3-30b-a3b"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    // Qwen3-30B-A3B: 30.53B parameters, 3.35B active per token, 48 sparse layers.
+    assert!(out.contains("30.53B total, 3.35B active"), "{out}");
+    assert!(out.contains("48 (48 sparse)"), "{out}");
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message() {
+    assert_user_error(&["check", "no/such/recipe.toml"], &["no/such/recipe.toml"]);
+    assert_user_error(
+        &["check", "recipes/qwen2.5-7b-lora.toml", "--set", "optimizer.lrr=1"],
+        &["lrr", "did you mean"],
+    );
+    assert_user_error(
+        &["check", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/data/nope"],
+        &["tests/data/nope", "model.path"],
+    );
+    // A hub id with no network says where to put the files.
+    assert_user_error(&["check", "recipes/qwen2.5-7b-lora.toml"], &["Qwen/Qwen2.5-7B-Instruct", "model.path"]);
+    // 28 heads, 4 KV heads: tensor 8 does not divide the KV heads.
+    assert_user_error(
+        &["check", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/data/qwen2.5-7b-instruct",
+          "--set", "parallel.tensor=8"],
+        &["num_key_value_heads (4) is not divisible by parallel.tensor (8)"],
+    );
+}
+
+#[test]
+fn run_builds_and_checks_the_weights() {
+    let o = trainer(&["run", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/fixtures/qwen2_tied_f32",
+        "--set", "parallel.tensor=1", "--set", "parallel.sequence_parallel=false", "--set", "device=\"cpu\""]);
+    let (out, err) = text(&o);
+    assert!(out.contains("built qwen2 (3 layers)"), "{out}\n{err}");
+}

@@ -1,0 +1,50 @@
+//! Shared helpers for integration tests: the transformers fixtures made by
+//! `tests/fixtures/make_fixtures.py`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use safetensors::SafeTensors;
+
+pub fn fixture_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+}
+
+pub const CASES: &[&str] = &["qwen2_tied_f32", "qwen3_bf16_sharded", "qwen3_moe_f32_sharded", "qwen3_moe_f16_nonorm"];
+
+pub struct Expected {
+    pub input_ids: (Vec<i64>, [usize; 2]),
+    pub labels: Vec<i64>,
+    pub logits: (Vec<f32>, Vec<usize>),
+    pub loss: f64,
+}
+
+pub fn expected(case: &str) -> Expected {
+    let dir = fixture_dir(case);
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let i64s = |name: &str| -> Vec<i64> {
+        st.tensor(name).unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let ids = st.tensor("input_ids").unwrap();
+    let shape = [ids.shape()[0], ids.shape()[1]];
+    let logits = st.tensor("logits").unwrap();
+    let lv: Vec<f32> = logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    Expected {
+        input_ids: (i64s("input_ids"), shape),
+        labels: i64s("labels"),
+        logits: (lv, logits.shape().to_vec()),
+        loss: json["loss"].as_f64().unwrap(),
+    }
+}
+
+/// A recipe that points at a fixture folder (absolute path, so tests run from any cwd).
+pub fn fixture_recipe(case: &str, extra: &str) -> String {
+    format!(
+        "device = \"cpu\"\n[model]\npath = \"{}\"\n{extra}\n",
+        fixture_dir(case).display()
+    )
+}

@@ -1,0 +1,57 @@
+//! The models trainer builds compute the same logits and loss as transformers for the same
+//! weights. Fixtures: `tests/fixtures/make_fixtures.py` (transformers 5.17, f32, eager
+//! attention), covering Qwen2 (tied, q/k/v bias), Qwen3 (bf16 on disk, sharded) and Qwen3-MoE
+//! (sharded f32 with `norm_topk_prob`; f16 without it, tied, dense+sparse layers).
+
+mod common;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use trainer::backend::Cpu;
+use trainer::model::{self, causal_lm_loss, hub::Fetch, Registry};
+use trainer::parallel::Layout;
+
+fn run_case(case: &str) {
+    let exp = common::expected(case);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
+    let loaded = trainer::recipe::load(&path, &[]).unwrap();
+    let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
+    let device = Default::default();
+    let m = model::build::<Cpu>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+
+    let (ids, shape) = exp.input_ids;
+    let input = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, shape), &device);
+    let labels = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(exp.labels, shape), &device);
+    let logits = m.forward(input);
+    assert_eq!(logits.dims().to_vec(), exp.logits.1, "{case}: logits shape");
+    let got: Vec<f32> = logits.clone().into_data().convert::<f32>().to_vec().unwrap();
+    let max_ref = exp.logits.0.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_diff = got.iter().zip(&exp.logits.0).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(max_diff <= 1e-4 * max_ref, "{case}: max |logit diff| {max_diff} > 1e-4 x {max_ref}");
+
+    let ce = causal_lm_loss(logits, labels);
+    let loss = ce.sum.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0] as f64 / ce.tokens as f64;
+    assert!((loss - exp.loss).abs() <= 1e-5 * exp.loss.abs().max(1.0), "{case}: loss {loss} vs transformers {}", exp.loss);
+    eprintln!("{case}: max |diff| {max_diff:.2e} (max |logit| {max_ref:.2}), loss {loss:.6} vs {:.6}", exp.loss);
+}
+
+#[test]
+fn qwen2_tied_matches_transformers() {
+    run_case("qwen2_tied_f32");
+}
+
+#[test]
+fn qwen3_bf16_sharded_matches_transformers() {
+    run_case("qwen3_bf16_sharded");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    run_case("qwen3_moe_f32_sharded");
+}
+
+#[test]
+fn qwen3_moe_without_topk_norm_matches_transformers() {
+    run_case("qwen3_moe_f16_nonorm");
+}
