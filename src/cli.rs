@@ -147,6 +147,9 @@ impl BackendJob for BuildModel<'_> {
     type Output = String;
     fn run<B: Backend>(self, device: B::Device) -> Result<String> {
         let m = model::build::<B>(self.plan, &self.loaded.recipe.model, Layout::SINGLE, &device)?;
+        // Let queued device work finish before the process exits: CubeCL's CUDA threads panic
+        // if the driver shuts down under them.
+        B::sync(&device).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")))?;
         Ok(format!(
             "built {} ({} layers) on {:?} from {}",
             self.plan.spec.family,

@@ -1,34 +1,65 @@
 //! Reading a recipe: the `extends` chain, `--set` overrides, strict deserialisation, and
-//! locating every error at the file, line and column (or override) a value came from.
+//! locating every error at the file, line and column (or the override) its value came from.
+//!
+//! Each file is parsed twice from the same text: with toml_edit, which keeps the byte span of
+//! every key (recorded per dotted path in [`Origins`]), and with toml into a plain table. The
+//! tables are deep-merged base first, overrides laid on top, and the result deserialised with
+//! serde_path_to_error, whose path of the failing key is looked up in the origins.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use toml::{Table, Value};
 
+use super::keys;
 use super::schema::Recipe;
-use super::validate::validate;
+use super::validate;
 use super::RecipeError;
 
 /// A recipe as loaded, with where it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadedRecipe {
+    /// Merged, overridden, validated; `extends` is None and `train.global_batch_size` is set.
     pub recipe: Recipe,
-    /// The file given on the command line.
+    /// The file given to [`load`].
     pub source: PathBuf,
-    /// Every file read, the base of the chain first.
+    /// Every file read, the base of the `extends` chain first, `source` last; bases are named
+    /// as `extends` resolves them (relative to the folder of the file naming them).
     pub files: Vec<PathBuf>,
 }
 
 impl LoadedRecipe {
-    /// The fully resolved recipe: every key with its value, defaults filled in, `extends`
-    /// removed. Loading this text gives the same [`Recipe`].
+    /// The fully resolved recipe as TOML: every key with its value, defaults filled in,
+    /// `extends` removed (keys without a value, such as an unset `train.max_steps`, are left
+    /// out). Loading this text gives the same [`Recipe`].
     pub fn to_toml(&self) -> String {
         let mut r = self.recipe.clone();
         r.extends = None;
-        toml::to_string_pretty(&r).unwrap_or_else(|e| format!("# cannot print the recipe: {e}\n"))
+        toml::to_string_pretty(&r).unwrap_or_else(|e| format!("# cannot print the resolved recipe: {e}\n"))
     }
+}
+
+/// Read `path` and the chain of files it `extends`, apply `overrides` (`KEY=VALUE`, later ones
+/// win), deserialise strictly into [`Recipe`] and check every range and cross-field rule.
+/// Errors name the file, line and column (or the `--set` argument) of the offending value.
+pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeError> {
+    let mut origins = Origins::new(path);
+    let mut chain = Vec::new();
+    let mut merged = read_chain(path, &mut chain, &mut origins)?;
+    let files = chain.into_iter().rev().map(|(given, _)| given).collect();
+    merged.remove("extends");
+    for arg in overrides {
+        apply_override(&mut merged, arg, &mut origins)?;
+    }
+    let recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged)).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().message().to_string();
+        RecipeError(describe(&key, &message, &origins))
+    })?;
+    let recipe = validate::check(recipe).map_err(|p| {
+        RecipeError(format!("{}: key `{}`: {}", origins.locate(&p.key), p.key, p.message))
+    })?;
+    Ok(LoadedRecipe { recipe, source: path.to_path_buf(), files })
 }
 
 /// Where a key's value was written.
@@ -38,125 +69,157 @@ enum Origin {
     Override(String),
 }
 
-impl Origin {
-    fn prefix(&self) -> String {
-        match self {
-            Origin::File { path, line, col } => format!("{}:{line}:{col}", path.display()),
-            Origin::Override(arg) => format!("--set {arg}"),
+/// The origin of every dotted key path (`optimizer.lr`, `data.datasets[2]`) of the merged
+/// recipe; a key never written (a default) is blamed on its nearest written table, else on
+/// the recipe file itself.
+#[derive(Debug)]
+struct Origins {
+    fallback: PathBuf,
+    map: HashMap<String, Origin>,
+}
+
+impl Origins {
+    fn new(fallback: &Path) -> Self {
+        Origins { fallback: fallback.to_path_buf(), map: HashMap::new() }
+    }
+
+    /// `FILE:LINE:COL` or `--set KEY=VALUE` for `key`.
+    fn locate(&self, key: &str) -> String {
+        let mut k = key;
+        loop {
+            match self.map.get(k) {
+                Some(Origin::File { path, line, col }) => return format!("{}:{line}:{col}", path.display()),
+                Some(Origin::Override(arg)) => return format!("--set {arg}"),
+                None => match k.rfind(['.', '[']) {
+                    Some(i) => k = &k[..i],
+                    None => return self.fallback.display().to_string(),
+                },
+            }
+        }
+    }
+
+    /// `key` was written again (a later file or an override): it and, unless it is a table
+    /// that merges, everything under it now come from `origin`.
+    fn set(&mut self, key: String, origin: Origin, replaces_children: bool) {
+        if replaces_children {
+            let (dot, bracket) = (format!("{key}."), format!("{key}["));
+            self.map.retain(|k, _| !k.starts_with(&dot) && !k.starts_with(&bracket));
+        }
+        self.map.insert(key, origin);
+    }
+
+    /// Record every key of a parsed file under `prefix`.
+    fn record(&mut self, table: &dyn toml_edit::TableLike, prefix: &str, file: &Path, text: &str) {
+        for (k, item) in table.iter() {
+            let full = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+            let span = table.key(k).and_then(|key| key.span()).or_else(|| item.span());
+            let sub_table = item.as_table_like();
+            if let Some(span) = span {
+                let (line, col) = line_col(text, span.start);
+                self.set(full.clone(), Origin::File { path: file.to_path_buf(), line, col }, sub_table.is_none());
+            }
+            if let Some(t) = sub_table {
+                self.record(t, &full, file, text);
+            } else if let Some(array) = item.as_array() {
+                for (i, v) in array.iter().enumerate() {
+                    if let Some(span) = v.span() {
+                        let (line, col) = line_col(text, span.start);
+                        self.set(format!("{full}[{i}]"), Origin::File { path: file.to_path_buf(), line, col }, true);
+                    }
+                }
+            }
         }
     }
 }
 
-/// Read `path` (and its `extends` chain), apply `overrides` (`KEY=VALUE`), and check it all.
-pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe, RecipeError> {
-    let mut origins: HashMap<String, Origin> = HashMap::new();
-    let mut files = Vec::new();
-    let mut merged = read_chain(path, &mut files, &mut origins)?;
-    files.reverse();
-    merged.remove("extends");
-    for arg in overrides {
-        apply_override(&mut merged, arg, &mut origins)?;
-    }
-    let locate = |key: &str| -> String {
-        let mut k = key.split('[').next().unwrap_or(key).to_string();
-        loop {
-            if let Some(o) = origins.get(&k) {
-                return o.prefix();
-            }
-            match k.rfind('.') {
-                Some(i) => k.truncate(i),
-                None => return path.display().to_string(),
-            }
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut line_start = 0;
+    let mut line = 1;
+    for (i, c) in text.char_indices().take_while(|(i, _)| *i < offset) {
+        if c == '\n' {
+            line += 1;
+            line_start = i + 1;
         }
-    };
-    let recipe: Recipe = serde_path_to_error::deserialize(Value::Table(merged)).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner().message().to_string();
-        RecipeError(describe(&key, &inner, &locate))
-    })?;
-    let recipe = validate(recipe).map_err(|(key, msg)| RecipeError(format!("{}: key `{key}`: {msg}", locate(&key))))?;
-    Ok(LoadedRecipe { recipe, source: path.to_path_buf(), files })
+    }
+    let col = text.get(line_start..offset.min(text.len())).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
 }
 
 /// Read `path` and the files it extends, deep-merged (base first), recording where each key
-/// was written.
-fn read_chain(path: &Path, seen: &mut Vec<PathBuf>, origins: &mut HashMap<String, Origin>) -> Result<Table, RecipeError> {
-    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    if seen.contains(&canon) {
-        let chain: Vec<String> = seen.iter().map(|p| p.display().to_string()).collect();
-        return Err(RecipeError(format!(
-            "{}: `extends` makes a cycle: {} -> {}",
-            path.display(),
-            chain.join(" -> "),
-            canon.display()
-        )));
-    }
+/// was written. `chain` gets each file read, as named and canonical (to find cycles), `path`
+/// first.
+fn read_chain(path: &Path, chain: &mut Vec<(PathBuf, PathBuf)>, origins: &mut Origins) -> Result<Table, RecipeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| RecipeError(format!("{}: cannot read the recipe: {e}", path.display())))?;
     let doc = toml_edit::ImDocument::parse(text.as_str()).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
-        RecipeError(format!("{}:{line}:{col}: invalid TOML: {}", path.display(), e.message().trim()))
+        let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+        RecipeError(format!("{}:{line}:{col}: {}", path.display(), one_line(e.message())))
     })?;
-    let table: Table = toml::from_str(&text)
-        .map_err(|e| RecipeError(format!("{}: invalid TOML: {}", path.display(), e.message())))?;
-    seen.push(canon);
+    let table: Table = toml::from_str(&text).map_err(|e| {
+        let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+        RecipeError(format!("{}:{line}:{col}: {}", path.display(), one_line(e.message())))
+    })?;
+    chain.push((path.to_path_buf(), canonical(path)));
+    let extends_at = || {
+        let (line, col) = doc
+            .as_table()
+            .key("extends")
+            .and_then(|k| k.span())
+            .map_or((1, 1), |s| line_col(&text, s.start));
+        format!("{}:{line}:{col}: key `extends`", path.display())
+    };
     let mut merged = match table.get("extends") {
+        None => Table::new(),
         Some(Value::String(base)) => {
-            let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
-            read_chain(&base_path, seen, origins).map_err(|e| {
-                if base_path.exists() {
-                    e
-                } else {
-                    let (line, col) = key_pos(&doc, &text, "extends");
-                    RecipeError(format!("{}:{line}:{col}: key `extends`: {}", path.display(), e.0))
-                }
-            })?
+            let base_path = path.parent().unwrap_or(Path::new("")).join(base);
+            if !base_path.is_file() {
+                let reason = match std::fs::metadata(&base_path) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "not a file".to_string(),
+                };
+                return Err(RecipeError(format!(
+                    "{}: cannot read the base recipe {}: {reason}; expected a path relative to the folder of {}",
+                    extends_at(),
+                    base_path.display(),
+                    path.display()
+                )));
+            }
+            let base_canonical = canonical(&base_path);
+            if chain.iter().any(|(_, c)| *c == base_canonical) {
+                let names: Vec<String> =
+                    chain.iter().map(|(given, _)| given).chain([&base_path]).map(|p| p.display().to_string()).collect();
+                return Err(RecipeError(format!(
+                    "{}: `extends` makes a cycle: {}; expected a chain that ends in a recipe without `extends`",
+                    extends_at(),
+                    names.join(" -> ")
+                )));
+            }
+            read_chain(&base_path, chain, origins)?
         }
         Some(other) => {
-            let (line, col) = key_pos(&doc, &text, "extends");
             return Err(RecipeError(format!(
-                "{}:{line}:{col}: key `extends`: expected a path string, found {}",
-                path.display(),
+                "{}: invalid type: {}; expected a string (the path of a base recipe)",
+                extends_at(),
                 other.type_str()
-            )));
+            )))
         }
-        None => Table::new(),
     };
-    // Record this file's keys after its base's, so they win.
-    record_origins(doc.as_table(), "", path, &text, origins);
+    // This file's keys are recorded after its base's, so they win.
+    origins.record(doc.as_table(), "", path, &text);
     deep_merge(&mut merged, table);
     Ok(merged)
 }
 
-fn key_pos(doc: &toml_edit::ImDocument<&str>, text: &str, key: &str) -> (usize, usize) {
-    doc.as_table().key(key).and_then(|k| k.span()).map(|s| line_col(text, s.start)).unwrap_or((1, 1))
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn record_origins(table: &dyn toml_edit::TableLike, prefix: &str, path: &Path, text: &str, origins: &mut HashMap<String, Origin>) {
-    for (k, item) in table.iter() {
-        let full = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
-        let pos = table
-            .key(k)
-            .and_then(|key| key.span())
-            .or_else(|| item.span())
-            .map(|s| line_col(text, s.start));
-        if let Some((line, col)) = pos {
-            origins.insert(full.clone(), Origin::File { path: path.to_path_buf(), line, col });
-        }
-        if let Some(t) = item.as_table_like() {
-            record_origins(t, &full, path, text, origins);
-        }
-    }
+fn one_line(message: &str) -> String {
+    message.trim().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-    (line, col)
-}
-
-/// `over` laid onto `base`: tables merge key by key, anything else replaces.
+/// `over` laid onto `base`: tables merge key by key, anything else (arrays included) replaces.
 fn deep_merge(base: &mut Table, over: Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
@@ -168,109 +231,73 @@ fn deep_merge(base: &mut Table, over: Table) {
     }
 }
 
-/// Apply `KEY=VALUE`: VALUE is read as a TOML value, or taken as a bare string.
-fn apply_override(merged: &mut Table, arg: &str, origins: &mut HashMap<String, Origin>) -> Result<(), RecipeError> {
+/// Apply `KEY=VALUE`: KEY is a dotted key path, VALUE a TOML value or else a bare string.
+fn apply_override(merged: &mut Table, arg: &str, origins: &mut Origins) -> Result<(), RecipeError> {
+    let bad = |why: String| RecipeError(format!("--set {arg}: {why}"));
     let Some((key, raw)) = arg.split_once('=') else {
-        return Err(RecipeError(format!(
-            "--set {arg}: expected KEY=VALUE, e.g. --set optimizer.lr=2e-4 or --set data.datasets='[\"a#100\"]'"
-        )));
+        return Err(bad(
+            "expected KEY=VALUE, e.g. --set optimizer.lr=2e-4 or --set 'data.datasets=[\"a#100\"]'".to_string(),
+        ));
     };
-    let key = key.trim();
-    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
-        return Err(RecipeError(format!("--set {arg}: `{key}` is not a key path; expected e.g. `optimizer.lr`")));
+    let parts: Vec<String> = toml_edit::Key::parse(key.trim())
+        .map_err(|_| bad(format!("`{key}` is not a key path; expected KEY=VALUE with a KEY like `optimizer.lr`")))?
+        .iter()
+        .map(|k| k.get().to_string())
+        .collect();
+    let Some((last, tables)) = parts.split_last() else {
+        return Err(bad("the key is empty; expected KEY=VALUE with a KEY like `optimizer.lr`".to_string()));
+    };
+    if parts.len() == 1 && last == "extends" {
+        return Err(bad("`extends` can only be written in a recipe file; expected another key".to_string()));
     }
-    let value = toml::from_str::<Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| Value::String(raw.to_string()));
-    let parts: Vec<&str> = key.split('.').collect();
+    let value = parse_value(raw);
     let mut table = merged;
-    for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
-        let entry = table.entry(p.to_string()).or_insert_with(|| Value::Table(Table::new()));
+    for (i, part) in tables.iter().enumerate() {
+        if !table.contains_key(part) {
+            // A table this override creates: errors inside it are the override's.
+            origins.set(parts[..=i].join("."), Origin::Override(arg.to_string()), false);
+        }
+        let entry = table.entry(part.clone()).or_insert_with(|| Value::Table(Table::new()));
         table = match entry {
             Value::Table(t) => t,
-            _ => {
-                return Err(RecipeError(format!(
-                    "--set {arg}: `{}` is a value, not a table, so `{key}` does not exist",
-                    parts[..=i].join(".")
+            other => {
+                return Err(bad(format!(
+                    "`{}` is a {}, not a table, so it has no key `{}`",
+                    parts[..=i].join("."),
+                    other.type_str(),
+                    parts[i + 1]
                 )))
             }
         };
     }
-    table.insert(parts[parts.len() - 1].to_string(), value);
-    // The override now owns this key and everything under it.
-    origins.retain(|k, _| !(k == key || k.starts_with(&format!("{key}."))));
-    origins.insert(key.to_string(), Origin::Override(arg.to_string()));
+    table.insert(last.clone(), value);
+    origins.set(parts.join("."), Origin::Override(arg.to_string()), true);
     Ok(())
 }
 
-/// Turn serde's message about `key` into one naming the location and what would be valid.
-fn describe(key: &str, inner: &str, locate: &dyn Fn(&str) -> String) -> String {
-    if let Some(rest) = inner.strip_prefix("unknown field `") {
+/// `2e-4`, `true`, `["a", "b"]`, `"x"` as TOML; anything else (`Be brief.`) as a string.
+fn parse_value(raw: &str) -> Value {
+    let parsed = toml::from_str::<Table>(&format!("v = {raw}"))
+        .ok()
+        .filter(|t| t.len() == 1)
+        .and_then(|mut t| t.remove("v"));
+    parsed.unwrap_or_else(|| Value::String(raw.to_string()))
+}
+
+/// serde's message about the key at `path`, located and reworded.
+fn describe(path: &str, message: &str, origins: &Origins) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or("");
-        // The path names the unknown key itself; its table is the path without the last part.
-        let parent = match key.rsplit_once('.') {
-            Some((p, _)) => p,
+        // serde_path_to_error's path ends with the unknown key itself.
+        let table = match path.rsplit_once('.') {
+            Some((t, _)) => t,
             None => "",
         };
-        let full = if parent.is_empty() { field.to_string() } else { format!("{parent}.{field}") };
-        let expected = expected_list(rest);
-        let section = if parent.is_empty() { "the top level".to_string() } else { format!("[{parent}]") };
-        let mut msg = format!("{}: unknown key `{full}` in {section}", locate(&full));
-        if let Some(elsewhere) = section_of(field).filter(|s| *s != format!("[{parent}]")) {
-            msg.push_str(&format!("; `{field}` belongs in {elsewhere}"));
-        } else if let Some(s) = suggest(field, &expected) {
-            msg.push_str(&format!("; did you mean `{s}`?"));
-        }
-        if !expected.is_empty() {
-            msg.push_str(&format!(" (valid keys: {})", expected.join(", ")));
-        }
-        return msg;
+        let full = if table.is_empty() { field.to_string() } else { format!("{table}.{field}") };
+        return format!("{}: {}", origins.locate(&full), keys::unknown_key(table, field));
     }
-    let what = if key.is_empty() || key == "." { "recipe".to_string() } else { format!("key `{key}`") };
-    format!("{}: {what}: {inner}", locate(key))
-}
-
-/// Field names from serde's "…, expected one of `a`, `b`" / "expected `a`" tail.
-fn expected_list(msg: &str) -> Vec<String> {
-    let Some(i) = msg.find("expected") else { return vec![] };
-    msg[i..].split('`').skip(1).step_by(2).map(String::from).collect()
-}
-
-fn suggest(field: &str, candidates: &[String]) -> Option<String> {
-    candidates
-        .iter()
-        .map(|c| (strsim::jaro_winkler(field, c), c))
-        .filter(|(s, _)| *s >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c.clone())
-}
-
-/// The valid keys of a table of the schema, found by asking serde with a probe key.
-fn keys_of(section: Option<&str>) -> Vec<String> {
-    let mut probe = Table::new();
-    probe.insert("\u{1}probe".into(), Value::Integer(0));
-    let value = match section {
-        None => probe,
-        Some(s) => {
-            let mut t = Table::new();
-            t.insert(s.into(), Value::Table(probe));
-            t
-        }
-    };
-    match Recipe::deserialize(Value::Table(value)) {
-        Err(e) => expected_list(&e.to_string()),
-        Ok(_) => vec![],
-    }
-}
-
-/// The section (e.g. `[optimizer]`) whose key is exactly `field`, if any.
-fn section_of(field: &str) -> Option<String> {
-    keys_of(None)
-        .into_iter()
-        .filter(|s| !["extends", "device"].contains(&s.as_str()))
-        .find(|s| keys_of(Some(s)).iter().any(|k| k == field))
-        .map(|s| format!("[{s}]"))
+    let what = if path.is_empty() || path == "." { "recipe".to_string() } else { format!("key `{path}`") };
+    format!("{}: {what}: {}", origins.locate(path), keys::reword(message))
 }
 
 #[cfg(test)]
@@ -278,27 +305,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_and_column_count_from_one() {
+    fn line_and_column_count_from_one_in_characters() {
+        assert_eq!(line_col("a = 1\nbb = 2\n", 0), (1, 1));
         assert_eq!(line_col("a = 1\nbb = 2\n", 6), (2, 1));
         assert_eq!(line_col("a = 1\nbb = 2\n", 9), (2, 4));
-    }
-
-    #[test]
-    fn schema_keys_come_from_serde() {
-        let top = keys_of(None);
-        assert!(top.contains(&"optimizer".to_string()) && top.contains(&"model".to_string()), "{top:?}");
-        assert!(keys_of(Some("optimizer")).contains(&"lr".to_string()));
-        assert_eq!(section_of("lr").as_deref(), Some("[optimizer]"));
-        assert_eq!(section_of("nothing_like_it"), None);
+        assert_eq!(line_col("é = 1\nx", 4), (1, 4));
     }
 
     #[test]
     fn merge_replaces_arrays_and_merges_tables() {
-        let mut a: Table = toml::from_str("[x]\np = 1\nq = [1, 2]\n").unwrap();
-        let b: Table = toml::from_str("[x]\nq = [3]\nr = 2\n").unwrap();
+        let mut a: Table = toml::from_str("[x]\np = 1\nq = [1, 2]\n[x.y]\nz = 1\n").unwrap();
+        let b: Table = toml::from_str("[x]\nq = [3]\nr = 2\n[x.y]\nw = 2\n").unwrap();
         deep_merge(&mut a, b);
-        assert_eq!(a["x"]["p"].as_integer(), Some(1));
-        assert_eq!(a["x"]["q"].as_array().map(|v| v.len()), Some(1));
-        assert_eq!(a["x"]["r"].as_integer(), Some(2));
+        let expected: Table = toml::from_str("[x]\np = 1\nq = [3]\nr = 2\n[x.y]\nz = 1\nw = 2\n").unwrap();
+        assert_eq!(a, expected);
+    }
+
+    #[test]
+    fn override_values_are_toml_or_strings() {
+        assert_eq!(parse_value("2e-4"), Value::Float(2e-4));
+        assert_eq!(parse_value("true"), Value::Boolean(true));
+        assert_eq!(parse_value("[\"a#5\", \"b\"]"), Value::Array(vec!["a#5".into(), "b".into()]));
+        assert_eq!(parse_value("\"x y\""), Value::String("x y".into()));
+        assert_eq!(parse_value("You are brief."), Value::String("You are brief.".into()));
+        assert_eq!(parse_value("1\nz = 2"), Value::String("1\nz = 2".into()));
+    }
+
+    #[test]
+    fn origins_follow_dotted_keys_arrays_and_replacement() {
+        let text = "[train]\nrecompute.method = \"block\"\n[data]\ndatasets = [\n  \"a\",\n  \"b\",\n]\n";
+        let doc = toml_edit::ImDocument::parse(text).unwrap();
+        let mut o = Origins::new(Path::new("r.toml"));
+        o.record(doc.as_table(), "", Path::new("r.toml"), text);
+        assert_eq!(o.locate("train.recompute.method"), "r.toml:2:11");
+        assert_eq!(o.locate("data.datasets[1]"), "r.toml:6:3");
+        assert_eq!(o.locate("data.system"), "r.toml:3:2");
+        assert_eq!(o.locate("optimizer.lr"), "r.toml");
+        o.set("data.datasets".into(), Origin::Override("data.datasets=[]".into()), true);
+        assert_eq!(o.locate("data.datasets[1]"), "--set data.datasets=[]");
     }
 }

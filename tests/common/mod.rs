@@ -18,6 +18,8 @@ pub struct Expected {
     pub labels: Vec<i64>,
     pub logits: (Vec<f32>, Vec<usize>),
     pub loss: f64,
+    /// transformers' own logits and loss with the model cast to bf16, or why it could not run.
+    pub bf16: Result<(Vec<f32>, f64), String>,
 }
 
 pub fn expected(case: &str) -> Expected {
@@ -29,15 +31,21 @@ pub fn expected(case: &str) -> Expected {
     };
     let ids = st.tensor("input_ids").unwrap();
     let shape = [ids.shape()[0], ids.shape()[1]];
+    let f32s = |name: &str| -> Vec<f32> {
+        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
     let logits = st.tensor("logits").unwrap();
-    let lv: Vec<f32> = logits.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     Expected {
         input_ids: (i64s("input_ids"), shape),
         labels: i64s("labels"),
-        logits: (lv, logits.shape().to_vec()),
+        logits: (f32s("logits"), logits.shape().to_vec()),
         loss: json["loss"].as_f64().unwrap(),
+        bf16: match json["loss_bf16"].as_f64() {
+            Some(loss) => Ok((f32s("logits_bf16"), loss)),
+            None => Err(json["bf16_error"].as_str().unwrap_or("no bf16 run").to_string()),
+        },
     }
 }
 
@@ -47,4 +55,8 @@ pub fn fixture_recipe(case: &str, extra: &str) -> String {
         "device = \"cpu\"\n[model]\npath = \"{}\"\n{extra}\n",
         fixture_dir(case).display()
     )
+}
+
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
