@@ -15,6 +15,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 use trainer::model::{self, causal_lm_loss, hub::Fetch, Registry};
 use trainer::parallel::Layout;
 
+/// The fixtures to run: all, or those named in `TRAINER_CUDA_CASES` (comma-separated), since
+/// each new shape costs CubeCL a round of autotuning on a fresh machine.
+fn cases() -> Vec<&'static str> {
+    let only = std::env::var("TRAINER_CUDA_CASES").unwrap_or_default();
+    common::CASES.iter().copied().filter(|c| only.is_empty() || only.split(',').any(|o| o == *c)).collect()
+}
+
 /// Errors against transformers' f32 logits (relative to the largest logit) and loss.
 fn errors<B: Backend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
     let dir = tempfile::tempdir().unwrap();
@@ -39,7 +46,7 @@ fn errors<B: Backend>(exp: &common::Expected, case: &str, device: &B::Device) ->
 #[ignore = "needs a CUDA GPU"]
 fn cuda_f32_matches_transformers_within_tf32_rounding() {
     let device = CudaDevice::default();
-    for case in common::CASES {
+    for case in cases() {
         let (rel, dloss) = errors::<Cuda<f32>>(&common::expected(case), case, &device);
         eprintln!("cuda f32  {case}: max |diff| / max |logit| = {rel:.2e}, |loss diff| = {dloss:.2e}");
         // CubeCL's matmul runs f32 inputs on tensor cores in TF32 (10 mantissa bits, relative
@@ -52,7 +59,7 @@ fn cuda_f32_matches_transformers_within_tf32_rounding() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_bf16_matches_transformers_within_bf16_rounding() {
     let device = CudaDevice::default();
-    for case in common::CASES {
+    for case in cases() {
         let exp = common::expected(case);
         let (hf_logits, hf_loss) = match &exp.bf16 {
             Ok(r) => r.clone(),

@@ -3,14 +3,47 @@
 //! Targets are written as peft / ms-swift write them: `all-linear` (every linear of the
 //! decoder blocks, experts included, never the LM head or the MoE router), a module name
 //! (`q_proj` matches every `...q_proj`), or a regular expression over the full module path
-//! written `re:<regex>` (`re:.*layers\.[0-3]\..*proj`).
+//! written `re:<regex>` (`re:.*layers\.[0-3]\..*proj`). An adapter is a [`LoraAdapter`] held by
+//! the targeted linear layer.
 
+mod adapter;
+
+pub use adapter::{LoraAdapter, LoraConfig};
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
 use regex::Regex;
 
 use crate::error::{Error, Result};
+use crate::model::CausalLm;
+
+/// Freeze every base weight of `model` and attach a fresh adapter to each linear layer that
+/// `targets` matches. Returns the model and the number of adapted layers; an error when nothing
+/// matches (a target list that adapts nothing is a mistake, not a no-op).
+pub fn apply<B: Backend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &LoraConfig) -> Result<(CausalLm<B>, usize)> {
+    let mut model = model.no_grad();
+    let device = model.rope_inv_freq.device();
+    let mut adapted = 0;
+    for (path, linear) in model.linears_mut() {
+        if targets.matches(&path) {
+            let (inp, out) = linear.dims();
+            linear.lora = Some(LoraAdapter::init(cfg, &path, inp, out, &device));
+            adapted += 1;
+        }
+    }
+    if adapted == 0 {
+        return Err(Error::model(format!(
+            "lora.targets = {:?} matches no linear layer of this model; use \"all-linear\", a name like \"q_proj\", or \"re:<regex over module paths>\"",
+            targets.source
+        )));
+    }
+    Ok((model, adapted))
+}
 
 #[derive(Debug, Clone)]
 pub struct LoraTargets {
+    /// The targets as written in the recipe.
+    pub source: Vec<String>,
     all_linear: bool,
     names: Vec<String>,
     patterns: Vec<Regex>,
@@ -18,7 +51,7 @@ pub struct LoraTargets {
 
 impl LoraTargets {
     pub fn parse(targets: &[String]) -> Result<Self> {
-        let mut t = LoraTargets { all_linear: false, names: vec![], patterns: vec![] };
+        let mut t = LoraTargets { source: targets.to_vec(), all_linear: false, names: vec![], patterns: vec![] };
         for s in targets {
             if s == "all-linear" {
                 t.all_linear = true;

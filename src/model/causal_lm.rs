@@ -116,6 +116,39 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// Every linear layer with its module path (`model.layers.3.mlp.experts.7.up_proj`,
+    /// `lm_head`), in checkpoint order: what LoRA targets match against.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out: Vec<(String, &mut Linear<B>)> = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let p = format!("model.layers.{i}.self_attn");
+            out.push((format!("{p}.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.o_proj"), &mut a.o_proj));
+            let p = format!("model.layers.{i}.mlp");
+            let mlps: Vec<(String, &mut Mlp<B>)> = match (&mut layer.mlp, &mut layer.moe) {
+                (Some(mlp), _) => vec![(p.clone(), mlp)],
+                (None, Some(moe)) => {
+                    out.push((format!("{p}.gate"), &mut moe.gate));
+                    let first = moe.first_expert;
+                    moe.experts.iter_mut().enumerate().map(|(e, m)| (format!("{p}.experts.{}", first + e), m)).collect()
+                }
+                (None, None) => vec![],
+            };
+            for (p, m) in mlps {
+                out.push((format!("{p}.gate_proj"), &mut m.gate_proj));
+                out.push((format!("{p}.up_proj"), &mut m.up_proj));
+                out.push((format!("{p}.down_proj"), &mut m.down_proj));
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
     /// Logits for a batch of sequences starting at position 0.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let positions = positions_like(&input_ids);

@@ -12,6 +12,7 @@ use kernels_cubecl as ops;
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
 use crate::error::Result;
+use crate::lora::LoraAdapter;
 use crate::parallel::{Partition, ProcessGroup};
 
 /// Builds parameters from a weight source, translating internal paths to checkpoint names.
@@ -51,13 +52,15 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
-/// `y = x W^T + b` with `W` stored transposed as `[in, out]` so the forward is one matmul.
+/// `y = x W^T + b` with `W` stored transposed as `[in, out]` so the forward is one matmul, plus
+/// a LoRA adapter's `s * (x A) B` when one is attached.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[in_local, out_local]`.
     pub weight: Param<Tensor<B, 2>>,
     /// `[out_local]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -79,15 +82,25 @@ impl<B: Backend> Linear<B> {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
+    }
+
+    /// `(in_local, out_local)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.val().dims();
+        (i, o)
     }
 
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = x.matmul(self.weight.val().unsqueeze());
-        match &self.bias {
+        let y = x.clone().matmul(self.weight.val().unsqueeze());
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        };
+        match &self.lora {
+            Some(adapter) => y + adapter.forward(x),
             None => y,
         }
     }

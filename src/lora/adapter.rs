@@ -1,0 +1,85 @@
+//! A LoRA adapter on one linear layer: `y = x W + s * (dropout(x) A) B`, as peft computes it.
+//!
+//! A and B are trainable and kept in f32 whatever the base weights' dtype; the adapter's input is
+//! cast to f32 and its output back. Initialised as peft does: A Kaiming-uniform with a = sqrt(5)
+//! (bound 1 / sqrt(in)), B zero, so a freshly adapted model computes exactly the base model.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How adapters are made: rank, scale and dropout from the recipe, and the seed of A's init.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    /// `alpha / rank`, or `alpha / sqrt(rank)` with rslora.
+    pub scale: f64,
+    pub dropout: f64,
+    pub seed: u64,
+}
+
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[in_local, rank]`: peft's `lora_A.weight` (`[rank, in]`) transposed.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `[rank, out_local]`: peft's `lora_B.weight` (`[out, rank]`) transposed.
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A new adapter for a layer with `inp` inputs and `out` outputs (local sizes). `path` (the
+    /// module path) keys A's random stream, so the same seed gives the same adapters whatever
+    /// the order layers are visited in.
+    pub fn init(cfg: &LoraConfig, path: &str, inp: usize, out: usize, device: &B::Device) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(path));
+        let bound = 1.0 / (inp as f32).sqrt();
+        // Drawn in peft's [rank, in] order, then stored transposed.
+        let a_rows: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+        let mut a = vec![0.0f32; inp * cfg.rank];
+        for r in 0..cfg.rank {
+            for i in 0..inp {
+                a[i * cfg.rank + r] = a_rows[r * inp + i];
+            }
+        }
+        let f32_tensor = |data: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(data, shape), device).cast(FloatDType::F32)
+        };
+        LoraAdapter {
+            lora_a: Param::from_tensor(f32_tensor(a, [inp, cfg.rank])),
+            lora_b: Param::from_tensor(f32_tensor(vec![0.0; cfg.rank * out], [cfg.rank, out])),
+            scale: cfg.scale,
+            dropout: cfg.dropout,
+        }
+    }
+
+    /// The adapter's contribution `s * (dropout(x) A) B`, in `x`'s dtype. Dropout applies only
+    /// while gradients are tracked (training), as Burn's own `Dropout` does.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in_local]` → `[..., out_local]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let train = B::ad_enabled(&x.device());
+        let mut h = x.cast(FloatDType::F32);
+        if train && self.dropout > 0.0 {
+            let keep = 1.0 - self.dropout;
+            let mask = h.random_like(Distribution::Bernoulli(keep));
+            h = h * mask / keep;
+        }
+        let y = h.matmul(self.lora_a.val().unsqueeze()).matmul(self.lora_b.val().unsqueeze()) * self.scale;
+        y.cast(dtype)
+    }
+
+    /// `s * A B`: what merging adds to the base weight in its `[in, out]` layout.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.lora_a.val().matmul(self.lora_b.val()) * self.scale
+    }
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}

@@ -1,0 +1,133 @@
+//! LoRA adapters on the models: peft's initialisation (a fresh adapter leaves the model
+//! unchanged), the merge identity `x (W + s A B) = x W + s (x A) B`, gradients reaching only the
+//! adapters, and the trainable-parameter count that `trainer check` reports.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::module::{Module, Param};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use trainer::backend::Cpu;
+use trainer::lora::{self, LoraConfig, LoraTargets};
+use trainer::model::summary::{ModelSummary, RunShape};
+use trainer::model::{self, causal_lm_loss, hub::Fetch, CausalLm, ModelPlan, Registry};
+use trainer::parallel::Layout;
+use trainer::recipe::ModelSection;
+
+const CASE: &str = "qwen3_moe_f32_sharded";
+
+fn plan_and_section() -> (ModelPlan, ModelSection) {
+    let section = ModelSection { path: Some(common::fixture_dir(CASE).display().to_string()), ..Default::default() };
+    let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
+    (plan, section)
+}
+
+fn build<B: burn::tensor::backend::Backend>() -> CausalLm<B> {
+    let (plan, section) = plan_and_section();
+    model::build::<B>(&plan, &section, Layout::SINGLE, &Default::default()).unwrap()
+}
+
+fn cfg() -> LoraConfig {
+    LoraConfig { rank: 4, scale: 32.0 / 4.0, dropout: 0.0, seed: 11 }
+}
+
+fn all_linear() -> LoraTargets {
+    LoraTargets::parse(&["all-linear".to_string()]).unwrap()
+}
+
+fn ids<B: burn::tensor::backend::Backend>() -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let exp = common::expected(CASE);
+    let (ids, shape) = exp.input_ids;
+    let d = Default::default();
+    (
+        Tensor::from_data(TensorData::new(ids, shape), &d),
+        Tensor::from_data(TensorData::new(exp.labels, shape), &d),
+    )
+}
+
+fn max_diff(a: Tensor<Cpu, 3>, b: Tensor<Cpu, 3>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn fresh_adapters_leave_the_model_unchanged() {
+    let base = build::<Cpu>();
+    let (x, _) = ids::<Cpu>();
+    let before = base.forward(x.clone());
+    let (adapted, n) = lora::apply(base, &all_linear(), &cfg()).unwrap();
+    // 3 layers x 4 attention projections + 2 sparse layers x 6 experts x 3 + 1 dense MLP x 3.
+    assert_eq!(n, 3 * 4 + 2 * 6 * 3 + 3);
+    assert_eq!(max_diff(adapted.forward(x), before), 0.0);
+}
+
+#[test]
+fn adapted_forward_equals_the_merged_weights() {
+    let (mut adapted, _) = lora::apply(build::<Cpu>(), &all_linear(), &cfg()).unwrap();
+    let d = Default::default();
+    for (_, lin) in adapted.linears_mut() {
+        if let Some(a) = &mut lin.lora {
+            let [r, o] = a.lora_b.val().dims();
+            a.lora_b = Param::from_tensor(Tensor::random([r, o], Distribution::Normal(0.0, 0.05), &d));
+        }
+    }
+    let (x, _) = ids::<Cpu>();
+    let y = adapted.forward(x.clone());
+    for (_, lin) in adapted.linears_mut() {
+        if let Some(a) = lin.lora.take() {
+            lin.weight = Param::from_tensor(lin.weight.val() + a.delta());
+        }
+    }
+    let merged = adapted.forward(x);
+    let scale = y.clone().abs().max().into_scalar();
+    assert!(max_diff(y, merged) <= 1e-5 * scale.max(1.0));
+}
+
+#[test]
+fn gradients_reach_only_the_adapters() {
+    type Ad = Autodiff<Cpu>;
+    let targets = LoraTargets::parse(&["q_proj".to_string(), "re:.*experts\\.0\\.down_proj".to_string()]).unwrap();
+    let (model, n) = lora::apply(build::<Ad>(), &targets, &cfg()).unwrap();
+    assert_eq!(n, 3 + 2);
+    let (x, labels) = ids::<Ad>();
+    let ce = causal_lm_loss(model.forward(x), labels);
+    let grads = (ce.sum / ce.tokens as f64).backward();
+    let mut model = model;
+    let q = &mut model.layers[0].self_attn.q_proj;
+    assert!(q.weight.val().grad(&grads).is_none(), "frozen base weight got a gradient");
+    let a = q.lora.as_ref().unwrap();
+    // B starts at zero, so dL/dA = 0 and dL/dB carries the signal.
+    let gb = a.lora_b.val().grad(&grads).unwrap().abs().sum().into_scalar();
+    let ga = a.lora_a.val().grad(&grads).unwrap().abs().sum().into_scalar();
+    assert!(gb > 0.0 && ga == 0.0, "dB {gb}, dA {ga}");
+    assert!(model.layers[0].self_attn.k_proj.lora.is_none());
+    assert_eq!(model.num_params(), build::<Ad>().num_params() + 3 * (32 + 48) * 4 + 2 * (24 + 32) * 4);
+}
+
+#[test]
+fn init_follows_peft_and_trainable_count_matches_check() {
+    let (plan, _) = plan_and_section();
+    let base_params = build::<Cpu>().num_params();
+    let (mut adapted, _) = lora::apply(build::<Cpu>(), &all_linear(), &cfg()).unwrap();
+    let lora_params = adapted.num_params() - base_params;
+    let run = RunShape {
+        tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
+        lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+    };
+    let summary = ModelSummary::new(&plan.spec, &run).unwrap();
+    assert_eq!(lora_params as u64, summary.trainable_params);
+    assert_eq!(base_params as u64, summary.total_params);
+    // Kaiming-uniform with a = sqrt(5): |A| <= 1 / sqrt(fan_in), spread over the whole range.
+    let a = adapted.linears_mut()[0].1.lora.as_ref().unwrap().lora_a.val();
+    let v: Vec<f32> = a.into_data().to_vec().unwrap();
+    let bound = 1.0 / (32f32).sqrt();
+    assert!(v.iter().all(|x| x.abs() <= bound));
+    let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    assert!((std - bound / 3f32.sqrt()).abs() < 0.2 * bound, "std {std}");
+}
+
+#[test]
+fn targets_that_match_nothing_are_an_error() {
+    let none = LoraTargets::parse(&["nonexistent_proj".to_string()]).unwrap();
+    let e = lora::apply(build::<Cpu>(), &none, &cfg()).err().unwrap().to_string();
+    assert!(e.contains("matches no linear layer"), "{e}");
+}
