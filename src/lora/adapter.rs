@@ -10,6 +10,8 @@ use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::model::weights::fnv1a;
+
 /// How adapters are made: rank, scale and dropout from the recipe, and the seed of A's init.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraConfig {
@@ -78,8 +80,4 @@ impl<B: Backend> LoraAdapter<B> {
     pub fn delta(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scale
     }
-}
-
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }

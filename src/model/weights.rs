@@ -98,7 +98,8 @@ impl WeightSource for RandomInit {
     }
 }
 
-fn fnv1a(s: &str) -> u64 {
+/// A stable 64-bit hash of a name (FNV-1a), for per-tensor random streams.
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
