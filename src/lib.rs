@@ -11,5 +11,6 @@ pub mod lora;
 pub mod model;
 pub mod parallel;
 pub mod recipe;
+pub mod train;
 
 pub use error::{Error, Result};
