@@ -16,6 +16,10 @@ pub enum Error {
     /// A file that is missing or unreadable.
     #[error("{}: {message}", path.display())]
     File { path: PathBuf, message: String },
+    /// Training data that cannot be used: a bad row (`FILE:LINE: ...`), a missing self-cognition
+    /// name, an empty training set.
+    #[error("{0}")]
+    Data(String),
     /// A request the build or the machine cannot serve (no CUDA in this binary, say).
     #[error("{0}")]
     Unsupported(String),
@@ -27,6 +31,10 @@ pub enum Error {
 impl Error {
     pub fn model(message: impl Into<String>) -> Self {
         Error::Model(message.into())
+    }
+
+    pub fn data(message: impl Into<String>) -> Self {
+        Error::Data(message.into())
     }
 
     pub fn file(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {

@@ -1,0 +1,117 @@
+//! `prepare` end to end on the embedded tiny data and tokenizer (assets/tiny).
+
+use super::*;
+use crate::recipe::Truncation;
+
+const TINY_DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny/train.jsonl");
+
+fn tokenizer() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny/tokenizer.json"))
+}
+
+/// The tiny data (351 rows, 12 with self-cognition placeholders) with names set.
+fn recipe() -> Recipe {
+    let mut r = Recipe::default();
+    r.data.datasets = vec![TINY_DATA.to_string()];
+    r.model.model_name = vec!["小通".into(), "Tiny".into()];
+    r.model.model_author = vec!["测试组".into(), "the trainer tests".into()];
+    r
+}
+
+fn decode(sample: &Sample) -> String {
+    let enc = Encoder::from_file(&tokenizer()).unwrap();
+    enc.tokenizer().decode(&sample.input_ids, false).unwrap()
+}
+
+#[test]
+fn tiny_data_splits_and_is_deterministic() {
+    let mut r = recipe();
+    r.data.val_split = 0.1;
+    let a = prepare(&r, &tokenizer()).unwrap();
+    // round(351 * 0.1) = 35 held out.
+    assert_eq!((a.train.len(), a.val.len()), (316, 35));
+    assert_eq!((a.skipped_bad_rows, a.dropped_too_long), (0, 0));
+    assert_eq!(a.pad_id, 0, "<|endoftext|> is the first special token");
+    assert_eq!(prepare(&r, &tokenizer()).unwrap(), a, "same seed, same data");
+    r.data.num_proc = 2;
+    assert_eq!(prepare(&r, &tokenizer()).unwrap(), a, "thread count changes nothing");
+    r.train.seed = 43;
+    assert_ne!(prepare(&r, &tokenizer()).unwrap().train, a.train);
+}
+
+#[test]
+fn self_cognition_and_system_prompts_reach_the_text() {
+    let mut r = recipe();
+    r.data.datasets = vec![format!("{TINY_DATA}#2000")];
+    let texts: Vec<String> = prepare(&r, &tokenizer()).unwrap().train.iter().map(decode).collect();
+    assert_eq!(texts.len(), 2000);
+    assert!(texts.iter().any(|t| t.contains("I am Tiny, an assistant trained by the trainer tests.")));
+    assert!(texts.iter().any(|t| t.contains("我是小通，由测试组训练的助手。")));
+    assert!(!texts.iter().any(|t| t.contains("{{")));
+    assert!(texts[0].starts_with(&format!("<|im_start|>system\n{}<|im_end|>\n", template::QWEN2_5_DEFAULT_SYSTEM)));
+    r.data.system = Some("Be brief.".into());
+    let first = decode(&prepare(&r, &tokenizer()).unwrap().train[0]);
+    assert!(first.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"), "{first}");
+    r.model.model_name.clear();
+    let err = prepare(&r, &tokenizer()).unwrap_err().to_string();
+    assert!(err.contains("model.model_name"), "{err}");
+}
+
+#[test]
+fn max_length_drops_or_cuts_rows() {
+    let mut r = recipe();
+    let mut lengths: Vec<usize> = prepare(&r, &tokenizer()).unwrap().train.iter().map(Sample::len).collect();
+    lengths.sort_unstable();
+    let (shortest, median) = (lengths[0], lengths[lengths.len() / 2]);
+    assert!(shortest < median, "{lengths:?}");
+    r.train.max_length = median;
+    let deleted = prepare(&r, &tokenizer()).unwrap();
+    let longer = lengths.iter().filter(|&&n| n > median).count();
+    assert_eq!(deleted.dropped_too_long, longer);
+    assert_eq!(deleted.train.len() + longer, 351);
+    assert!(deleted.train.iter().all(|s| s.len() <= median));
+    r.train.truncation = Truncation::Left;
+    let left = prepare(&r, &tokenizer()).unwrap();
+    assert_eq!(left.train.len(), 351, "left cuts keep the answer");
+    assert_eq!(left.train.iter().filter(|s| s.len() == median).count(), 351 - lengths.iter().filter(|&&n| n < median).count());
+    r.train.truncation = Truncation::Delete;
+    r.train.max_length = shortest - 1;
+    let err = prepare(&r, &tokenizer()).unwrap_err().to_string();
+    assert!(err.contains("no training rows left") && err.contains("351 dropped"), "{err}");
+}
+
+#[test]
+fn batches_follow_packing() {
+    let mut r = recipe();
+    r.train.max_length = 128;
+    let padded = prepare(&r, &tokenizer()).unwrap();
+    let batches = padded.train_batches(4);
+    assert_eq!(batches.len(), 351usize.div_ceil(4));
+    let b = &batches[0];
+    assert_eq!(b.seq_len, padded.train[..4].iter().map(Sample::len).max().unwrap());
+    assert_eq!(b.input_ids.len(), 4 * b.seq_len);
+    r.train.packing = true;
+    r.train.max_length = 512;
+    let packed = prepare(&r, &tokenizer()).unwrap();
+    let batches = packed.train_batches(2);
+    assert!(batches.iter().all(|b| b.seq_len == 512 && b.labels.len() == b.batch_size * 512));
+    let tokens: usize = packed.train.iter().map(Sample::len).sum();
+    let packed_tokens: usize = batches.iter().map(|b| b.segment_ids.iter().filter(|&&s| s != 0).count()).sum();
+    assert_eq!(packed_tokens, tokens);
+    assert!(batches.len() * 2 < 351 / 2, "several rows per sequence");
+}
+
+#[test]
+fn bad_sources_and_tokenizer_paths_are_errors() {
+    let mut r = recipe();
+    r.data.datasets.clear();
+    assert!(prepare(&r, &tokenizer()).unwrap_err().to_string().contains("data.datasets is empty"));
+    r.data.datasets = vec!["AI-ModelScope/alpaca-gpt4-data-en#500".into()];
+    assert!(prepare(&r, &tokenizer()).unwrap_err().to_string().contains("hub datasets are not fetched"));
+    r.data.datasets = vec![TINY_DATA.to_string()];
+    let err = prepare(&r, Path::new("/nonexistent/tokenizer.json")).unwrap_err().to_string();
+    assert!(err.starts_with("/nonexistent/tokenizer.json:"), "{err}");
+    assert!(tokenizer_path(None, &r).is_err());
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny"));
+    assert_eq!(tokenizer_path(Some(dir), &r).unwrap(), tokenizer());
+}
