@@ -27,7 +27,7 @@ fn run_case(case: &str) {
     assert_eq!(logits.dims().to_vec(), exp.logits.1, "{case}: logits shape");
     let got: Vec<f32> = logits.clone().into_data().convert::<f32>().to_vec().unwrap();
     let max_ref = exp.logits.0.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let max_diff = got.iter().zip(&exp.logits.0).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let max_diff = common::max_diff(&got, &exp.logits.0);
     assert!(max_diff <= 1e-4 * max_ref, "{case}: max |logit diff| {max_diff} > 1e-4 x {max_ref}");
 
     let ce = causal_lm_loss(logits, labels);
