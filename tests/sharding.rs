@@ -59,10 +59,8 @@ fn tensor_parallel_attention_partials_sum_to_the_full_attention() {
     let x = Tensor::<Cpu, 3>::random([2, 5, 24], Distribution::Normal(0.0, 1.0), &device);
     let pos = trainer::model::causal_lm::positions_like(&Tensor::<Cpu, 2, burn::tensor::Int>::zeros([2, 5], &device));
     let inv = Tensor::from_floats(spec.rope_inv_freq.iter().map(|&f| f as f32).collect::<Vec<_>>().as_slice(), &device);
-    let (cos, sin) = kernels_cubecl::rope_cos_sin(pos, inv);
-    let run = |g: ProcessGroup| {
-        with_loader(|ld| Attention::load(ld, "attn", &spec, g).unwrap()).forward(x.clone(), cos.clone(), sin.clone())
-    };
+    let ctx = trainer::model::SequenceContext::new(pos, None, inv);
+    let run = |g: ProcessGroup| with_loader(|ld| Attention::load(ld, "attn", &spec, g).unwrap()).forward(x.clone(), &ctx);
     let full = run(ProcessGroup::SINGLE);
     // o_proj's bias-free row-parallel partials add up exactly to the full projection.
     let sum = run(ProcessGroup::new(0, 2)) + run(ProcessGroup::new(1, 2));

@@ -11,5 +11,6 @@
 pub mod reference;
 
 pub use reference::{
-    causal_attention, cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu, CrossEntropy,
+    attention, attention_mask, causal_attention, cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,
+    CrossEntropy,
 };

@@ -76,19 +76,21 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     silu(gate) * up
 }
 
-/// Causal grouped-query attention, `softmax(q k^T * scale + causal) v`, softmax in f32.
+/// Grouped-query attention, `softmax(q k^T * scale + mask) v`, softmax in f32.
 ///
 /// Query head `h` reads key/value head `h / (q_heads / kv_heads)`, as transformers'
-/// `repeat_kv` arranges it.
+/// `repeat_kv` arranges it. `blocked` (from [`attention_mask`]) is `true` where a query may not
+/// read a key.
 ///
 /// # Shapes
-/// - `q`: `[batch, q_heads, seq, head_dim]`, `k`/`v`: `[batch, kv_heads, seq, head_dim]`
-///   → `[batch, q_heads, seq, head_dim]`
-pub fn causal_attention<B: Backend>(
+/// - `q`: `[batch, q_heads, seq, head_dim]`, `k`/`v`: `[batch, kv_heads, seq, head_dim]`,
+///   `blocked`: `[batch, 1, seq, seq]` → `[batch, q_heads, seq, head_dim]`
+pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     scale: f64,
+    blocked: Tensor<B, 4, Bool>,
 ) -> Tensor<B, 4> {
     let [b, hq, s, d] = q.dims();
     let hkv = k.dims()[1];
@@ -102,9 +104,39 @@ pub fn causal_attention<B: Backend>(
     let (k, v) = (repeat(k), repeat(v));
     let scores = q.matmul(k.swap_dims(2, 3)) * scale;
     let (scores, dtype) = to_f32(scores);
-    let mask = causal_mask::<B>(s, &scores.device()).unsqueeze::<4>().expand([b, hq, s, s]);
-    let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+    let probs = softmax(scores.mask_fill(blocked.expand([b, hq, s, s]), f32::NEG_INFINITY), 3);
     from_f32(probs, dtype).matmul(v)
+}
+
+/// Causal attention over `[batch, seq]` tokens without packing or padding.
+pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64) -> Tensor<B, 4> {
+    let [b, _, s, _] = q.dims();
+    let blocked = attention_mask::<B>(None, b, s, &q.device());
+    attention(q, k, v, scale, blocked)
+}
+
+/// Which keys each query may not read: the future (causal), and with `segments` (`[batch,
+/// seq]`, rows of a packed or padded sequence numbered 1, 2, .., padding 0) every key of another
+/// segment. Padding attends only to earlier padding, so no row of the softmax is empty and no
+/// real token ever reads padding.
+///
+/// # Shapes
+/// → `[batch, 1, seq, seq]`, `true` = blocked
+pub fn attention_mask<B: Backend>(
+    segments: Option<Tensor<B, 2, Int>>,
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let causal = causal_mask::<B>(seq, device).reshape([1, 1, seq, seq]).expand([batch, 1, seq, seq]);
+    match segments {
+        None => causal,
+        Some(seg) => {
+            let q = seg.clone().reshape([batch, 1, seq, 1]).expand([batch, 1, seq, seq]);
+            let k = seg.reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
+            causal.bool_or(q.not_equal(k))
+        }
+    }
 }
 
 /// `true` above the diagonal: the future positions a query may not attend to.
@@ -207,6 +239,27 @@ mod tests {
         assert_eq!(&y[..6], &y[6..]);
         let (w0, w1) = (0.3f32.exp(), 0.7f32.exp());
         assert!((y[2] - (w0 * 1.0 + w1 * 2.0) / (w0 + w1)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn segments_keep_packed_rows_apart_and_padding_out() {
+        let seg = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 1, 2, 2, 0], [1, 5]), &Default::default());
+        let m: Vec<bool> = attention_mask::<B>(Some(seg), 1, 5, &Default::default()).into_data().to_vec().unwrap();
+        let allowed = |q: usize| (0..5).filter(|&k| !m[q * 5 + k]).collect::<Vec<_>>();
+        assert_eq!(allowed(1), [0, 1]);
+        assert_eq!(allowed(2), [2]);
+        assert_eq!(allowed(3), [2, 3]);
+        assert_eq!(allowed(4), [4], "padding reads only padding");
+        // A packed sequence computes each row as if it were alone.
+        let q = t((0..10).map(|i| (i as f32 * 0.37).sin()).collect(), [1, 1, 5, 2]);
+        let k = t((0..10).map(|i| (i as f32 * 0.71).cos()).collect(), [1, 1, 5, 2]);
+        let v = t((0..10).map(|i| i as f32).collect(), [1, 1, 5, 2]);
+        let seg = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 1, 2, 2, 0], [1, 5]), &Default::default());
+        let packed = vec(attention(q.clone(), k.clone(), v.clone(), 0.5, attention_mask::<B>(Some(seg), 1, 5, &Default::default())));
+        let second = vec(causal_attention(q.narrow(2, 2, 2), k.narrow(2, 2, 2), v.narrow(2, 2, 2), 0.5));
+        for (a, b) in packed[4..8].iter().zip(&second) {
+            assert!((a - b).abs() < 1e-6, "{packed:?} vs {second:?}");
+        }
     }
 
     #[test]

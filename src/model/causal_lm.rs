@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kernels_cubecl as ops;
 
-use super::layers::{Attention, Linear, Loader, Mlp, RmsNorm, SparseMoe};
+use super::layers::{Attention, Linear, Loader, Mlp, RmsNorm, SequenceContext, SparseMoe};
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::InitKind;
 use crate::error::Result;
@@ -28,9 +28,9 @@ pub struct DecoderLayer<B: Backend> {
 
 impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`, `cos`/`sin`: `[batch, 1, seq, head_dim]`
-    pub fn forward(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin);
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
         let normed = self.post_attention_layernorm.forward(h.clone());
         let y = match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(normed),
@@ -97,12 +97,33 @@ impl<B: Backend> CausalLm<B> {
     /// # Shapes
     /// - `input_ids`, `positions`: `[batch, seq]` → `[batch, seq, hidden]`
     pub fn hidden(&self, input_ids: Tensor<B, 2, Int>, positions: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        let (cos, sin) = ops::rope_cos_sin(positions, self.rope_inv_freq.clone());
+        self.hidden_segmented(input_ids, positions, None)
+    }
+
+    /// Final hidden states of packed or padded rows: `segments` (`[batch, seq]`, rows numbered
+    /// 1, 2, .. inside each sequence, padding 0) keeps attention inside each row.
+    pub fn hidden_segmented(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        segments: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let ctx = self.context(positions, segments);
+        let mut x = self.embed(input_ids);
         for layer in &self.layers {
-            x = layer.forward(x, cos.clone(), sin.clone());
+            x = layer.forward(x, &ctx);
         }
         self.norm.forward(x)
+    }
+
+    /// Token embeddings. `[batch, seq]` → `[batch, seq, hidden]`.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.embed_tokens.val(), input_ids)
+    }
+
+    /// The rotary tables and attention mask every layer of a forward pass shares.
+    pub fn context(&self, positions: Tensor<B, 2, Int>, segments: Option<Tensor<B, 2, Int>>) -> SequenceContext<B> {
+        SequenceContext::new(positions, segments, self.rope_inv_freq.clone())
     }
 
     /// Logits over the vocabulary.

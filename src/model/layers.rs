@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 use kernels_cubecl as ops;
 
 use super::spec::{ArchSpec, MlpSpec};
@@ -180,8 +180,8 @@ impl<B: Backend> Attention<B> {
     }
 
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`, `cos`/`sin`: `[batch, 1, seq, head_dim]` → `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 3> {
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
         let mut q = heads(self.q_proj.forward(x.clone()), self.num_heads);
@@ -191,11 +191,33 @@ impl<B: Backend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = ops::rotary(q.swap_dims(1, 2), cos.clone(), sin.clone());
-        let k = ops::rotary(k.swap_dims(1, 2), cos, sin);
+        let q = ops::rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
+        let k = ops::rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
         let scale = (self.head_dim as f64).powf(-0.5);
-        let y = ops::causal_attention(q, k, v, scale);
+        let y = ops::attention(q, k, v, scale, ctx.blocked.clone());
         self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
+    }
+}
+
+/// What every layer of one forward pass shares: the rotary tables of the tokens' positions and
+/// the attention mask of their rows (causal, and per segment when rows are packed or padded).
+#[derive(Debug, Clone)]
+pub struct SequenceContext<B: Backend> {
+    /// `[batch, 1, seq, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+    /// `[batch, 1, seq, seq]`, `true` where a query may not read a key.
+    pub blocked: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> SequenceContext<B> {
+    /// # Shapes
+    /// - `positions`, `segments`: `[batch, seq]`; `inv_freq`: `[head_dim / 2]`
+    pub fn new(positions: Tensor<B, 2, Int>, segments: Option<Tensor<B, 2, Int>>, inv_freq: Tensor<B, 1>) -> Self {
+        let [b, s] = positions.dims();
+        let device = positions.device();
+        let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device) }
     }
 }
 

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 
-pub use causal_lm::{causal_lm_loss, CausalLm, IGNORE_INDEX};
+pub use causal_lm::{causal_lm_loss, CausalLm, DecoderLayer, IGNORE_INDEX};
+pub use layers::SequenceContext;
 pub use family::{ModelFamily, Registry};
 pub use hf_config::HfConfig;
 pub use spec::{ArchSpec, LayerSpec, MlpSpec};
