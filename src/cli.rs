@@ -3,14 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 
-use crate::backend::{self, BackendJob};
+use crate::backend;
 use crate::error::{Error, Result};
-use crate::model::{self, hub::Fetch, summary, ModelPlan, Registry};
-use crate::parallel::Layout;
+use crate::model::{self, hub::Fetch, summary, Registry};
 use crate::recipe::{self, LoadedRecipe, Tuning};
+use crate::train;
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Declarative LLM fine-tuning: recipes compiled into Burn models")]
@@ -29,11 +28,15 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Train as the recipe says.
+    /// Train as the recipe says: checkpoints and metrics go to a run folder under
+    /// `checkpoint.output_dir`.
     Run {
         recipe: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Continue a run exactly where it stopped: its run folder or a checkpoint-N in it.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
     },
     /// Turn a run into Hugging Face / peft artifacts.
     Export {
@@ -75,18 +78,20 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { recipe, set } => {
+        Command::Run { recipe, set, resume } => {
             let loaded = recipe::load(&recipe, &set)?;
             let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
             model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
-            let r = &loaded.recipe;
-            let built = backend::dispatch(r.device, r.model.dtype, BuildModel { plan: &plan, loaded: &loaded })?;
-            println!("{built}");
-            Err(Error::Unsupported(
-                "the model builds and its weights check out, but this build of trainer has no \
-                 training loop yet: `trainer run` trains once LoRA/full fine-tuning lands"
-                    .into(),
-            ))
+            let out = train::run::run(train::run::RunRequest { loaded: &loaded, plan: &plan, resume, stop_after: None })?;
+            let last = out.losses.last().copied().unwrap_or(f64::NAN);
+            let first = out.losses.first().copied().unwrap_or(f64::NAN);
+            println!(
+                "done: {} steps, loss {first:.4} -> {last:.4}{}; checkpoint {}",
+                out.steps,
+                out.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                out.last_checkpoint.display()
+            );
+            Ok(())
         }
         Command::Export { run_dir } => Err(Error::Unsupported(format!(
             "{}: export (merge LoRA, write Hugging Face / peft folders) is not in this build of trainer yet",
@@ -136,26 +141,4 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry) -> Result<String> {
     ));
     out.push_str(&s.to_string());
     Ok(out)
-}
-
-struct BuildModel<'a> {
-    plan: &'a ModelPlan,
-    loaded: &'a LoadedRecipe,
-}
-
-impl BackendJob for BuildModel<'_> {
-    type Output = String;
-    fn run<B: Backend>(self, device: B::Device) -> Result<String> {
-        let m = model::build::<B>(self.plan, &self.loaded.recipe.model, Layout::SINGLE, &device)?;
-        // Let queued device work finish before the process exits: CubeCL's CUDA threads panic
-        // if the driver shuts down under them.
-        B::sync(&device).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")))?;
-        Ok(format!(
-            "built {} ({} layers) on {:?} from {}",
-            self.plan.spec.family,
-            m.layers.len(),
-            device,
-            self.plan.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| "random init".into())
-        ))
-    }
 }

@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -47,9 +47,10 @@ impl<B: Backend> LoraAdapter<B> {
                 a[i * cfg.rank + r] = a_rows[r * inp + i];
             }
         }
-        let f32_tensor = |data: Vec<f32>, shape: [usize; 2]| {
-            Tensor::<B, 2>::from_data(TensorData::new(data, shape), device).cast(FloatDType::F32)
-        };
+        // Created as f32 directly: through the device's default dtype (bf16 on GPU) A would be
+        // rounded.
+        let f32_tensor =
+            |data: Vec<f32>, shape: [usize; 2]| Tensor::<B, 2>::from_data(TensorData::new(data, shape), (device, DType::F32));
         LoraAdapter {
             lora_a: Param::from_tensor(f32_tensor(a, [inp, cfg.rank])),
             lora_b: Param::from_tensor(f32_tensor(vec![0.0; cfg.rank * out], [cfg.rank, out])),

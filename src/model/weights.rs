@@ -203,7 +203,7 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     Ok(idx.weight_map)
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
     let words = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
         Dtype::F32 => words(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -211,6 +211,10 @@ fn to_f32(dtype: Dtype, bytes: &[u8], name: &str, file: &Path) -> Result<Vec<f32
         Dtype::F16 => words(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::F64 => words(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        // Token ids and labels in fixtures and batches; exact below 2^24.
+        Dtype::I64 => words(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
         other => {
             return Err(Error::file(

@@ -61,6 +61,11 @@ pub struct ModelSection {
     /// relative to the working directory. Default: none (then `[model.config]` is needed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A `tokenizer.json` to tokenise the data with, relative to the working directory.
+    /// Default: `tokenizer.json` in the `path` folder (needed when `init = "random"` has no
+    /// folder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// Registered model family (`qwen2`, `qwen3`, `qwen3_moe`, ...; `trainer models` lists
     /// them). Default: the config's `model_type`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +95,7 @@ impl Default for ModelSection {
     fn default() -> Self {
         ModelSection {
             path: None,
+            tokenizer: None,
             family: None,
             config: None,
             init: Init::Pretrained,
@@ -293,8 +299,10 @@ pub struct TrainSection {
     pub eval_interval: Option<usize>,
     /// Clip gradients to this global L2 norm; 0 turns clipping off (`--clip_grad`). Default 1.0.
     pub gradient_clip: f64,
-    /// Load weights but no optimizer or step state from a checkpoint (Megatron `--finetune`).
-    /// Default true.
+    /// With `checkpoint.resume`: load only the weights (adapter, or model with full tuning) and
+    /// start a new run at step 0 with a fresh optimizer (Megatron `--finetune`); false continues
+    /// the run exactly where the checkpoint stopped. `trainer run --resume DIR` always
+    /// continues. Default true.
     pub finetune: bool,
 }
 
@@ -547,7 +555,8 @@ pub struct CheckpointSection {
     pub save_optimizer: bool,
     /// Save RNG and data-order state (`--no_save_rng true` is `false` here). Default true.
     pub save_rng: bool,
-    /// A run folder (or checkpoint in it) to resume from (`--load`). Default: none.
+    /// A run folder (its latest checkpoint), a `checkpoint-N` folder, or a peft adapter folder
+    /// to start from (`--load`); see `train.finetune`. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
 }

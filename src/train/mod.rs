@@ -1,5 +1,14 @@
-//! Training: the learning-rate schedule (the loop, optimizer and checkpoints build on it).
+//! Training: the optimizer step over a global batch ([`trainer`]), AdamW ([`optimizer`]), the
+//! learning-rate schedule, layer recompute, checkpoints and the `trainer run` loop ([`run`]).
 
+pub mod checkpoint;
+pub mod metrics;
+pub mod names;
+pub mod optimizer;
+pub mod recompute;
+pub mod run;
 pub mod schedule;
+pub mod trainer;
 
 pub use schedule::LrSchedule;
+pub use trainer::{StepStats, Trainer};

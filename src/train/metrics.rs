@@ -1,0 +1,152 @@
+//! What a run reports while it trains: a progress line on a terminal (loss, lr, grad norm,
+//! tokens/s, ETA), plain log lines otherwise, and one JSON object per logged step or evaluation
+//! in the run folder's metrics file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::trainer::StepStats;
+use crate::error::{Error, Result};
+
+pub struct Metrics {
+    path: PathBuf,
+    file: File,
+    bar: bool,
+    interval: usize,
+    started: Instant,
+    /// Steps done when this process started (a resumed run), for the rate and ETA.
+    first_step: usize,
+    total_steps: usize,
+    positions: usize,
+}
+
+impl Metrics {
+    /// Open `path` for appending, first dropping lines of steps after `keep_through` (left by
+    /// a run that went on past the checkpoint it is resumed from).
+    pub fn open(path: &Path, keep_through: usize, total_steps: usize, interval: usize, progress_bar: bool) -> Result<Self> {
+        if path.exists() && keep_through > 0 {
+            let f = File::open(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+            let kept: Vec<String> = BufReader::new(f)
+                .lines()
+                .map_while(|l| l.ok())
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s as usize <= keep_through)
+                })
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(path, text).map_err(|e| Error::file(path, format!("cannot rewrite: {e}")))?;
+        } else if path.exists() {
+            std::fs::remove_file(path).map_err(|e| Error::file(path, format!("cannot replace: {e}")))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::file(path, format!("cannot open the metrics file: {e}")))?;
+        Ok(Metrics {
+            path: path.to_path_buf(),
+            file,
+            bar: progress_bar && std::io::stderr().is_terminal(),
+            interval: interval.max(1),
+            started: Instant::now(),
+            first_step: keep_through,
+            total_steps,
+            positions: 0,
+        })
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::file(&self.path, format!("cannot write: {e}")))
+    }
+
+    /// Record step `step`; `epoch` is fractional (steps / steps per epoch).
+    pub fn step(&mut self, step: usize, epoch: f64, s: &StepStats) -> Result<()> {
+        self.positions += s.positions;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let done = step - self.first_step;
+        let per_step = elapsed / done.max(1) as f64;
+        let tokens_per_s = self.positions as f64 / elapsed.max(1e-9);
+        let eta = per_step * (self.total_steps - step) as f64;
+        let last = step == self.total_steps;
+        if step % self.interval == 0 || last {
+            self.write(json!({
+                "step": step, "epoch": (epoch * 1e4).round() / 1e4, "loss": s.loss, "lr": s.lr,
+                "grad_norm": s.grad_norm, "tokens": s.tokens, "tokens_per_s": tokens_per_s.round(),
+                "s_per_step": per_step, "elapsed_s": elapsed,
+            }))?;
+            let line = format!(
+                "step {step}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {}",
+                self.total_steps, s.loss, s.lr, s.grad_norm, tokens_per_s, clock(eta)
+            );
+            if self.bar {
+                eprint!("\r\x1b[2K{line}");
+                if last {
+                    eprintln!();
+                }
+            } else {
+                println!("{line}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn eval(&mut self, step: usize, loss: f64, tokens: usize) -> Result<()> {
+        self.write(json!({ "step": step, "eval_loss": loss, "eval_tokens": tokens }))?;
+        if self.bar {
+            eprint!("\r\x1b[2K");
+        }
+        println!("eval at step {step}: loss {loss:.4} over {tokens} tokens");
+        Ok(())
+    }
+
+    /// A line that must not be overwritten by the progress bar.
+    pub fn note(&mut self, text: &str) {
+        if self.bar {
+            eprint!("\r\x1b[2K");
+        }
+        println!("{text}");
+    }
+}
+
+/// `h:mm:ss`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumed_metrics_drop_steps_after_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let stats = StepStats { loss: 1.0, lr: 0.1, grad_norm: 0.5, tokens: 3, positions: 8 };
+        let mut m = Metrics::open(&path, 0, 4, 1, false).unwrap();
+        for s in 1..=3 {
+            m.step(s, 0.0, &stats).unwrap();
+        }
+        m.eval(2, 0.7, 10).unwrap();
+        drop(m);
+        let mut m = Metrics::open(&path, 2, 4, 1, false).unwrap();
+        m.step(3, 0.0, &stats).unwrap();
+        let steps: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 2, 3]);
+        assert_eq!(clock(3725.0), "1:02:05");
+    }
+}

@@ -1,0 +1,113 @@
+//! From Burn module paths (`layers.3.moe.experts.5.up_proj.lora.lora_a`) to the names the
+//! Hugging Face world uses: transformers' state-dict keys for full weights
+//! (`model.layers.3.mlp.experts.5.up_proj.weight`) and peft's for adapters
+//! (`base_model.model.model.layers.3.mlp.experts.5.up_proj.lora_A.weight`).
+
+use burn::tensor::backend::Backend;
+
+use crate::model::CausalLm;
+
+/// Where a trainable tensor goes in a Hugging Face file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfName {
+    pub name: String,
+    /// Stored here as `[in, out]` where Hugging Face stores `[out, in]`.
+    pub transposed: bool,
+}
+
+/// peft's prefix for adapter tensors of a `PeftModelForCausalLM`.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The Hugging Face module path of the module at Burn path `module` (`layers.0.moe.gate` →
+/// `model.layers.0.mlp.gate`), with expert indices made global.
+pub fn module_path<B: Backend>(model: &CausalLm<B>, module: &str) -> String {
+    let parts: Vec<&str> = module.split('.').collect();
+    match parts.as_slice() {
+        ["layers", i, rest @ ..] => {
+            let layer: usize = i.parse().unwrap_or(0);
+            let first_expert = model.layers.get(layer).and_then(|l| l.moe.as_ref()).map_or(0, |m| m.first_expert);
+            let mut out = vec!["model".to_string(), "layers".to_string(), i.to_string()];
+            let mut k = 0;
+            while k < rest.len() {
+                match rest[k] {
+                    "moe" => out.push("mlp".into()),
+                    "experts" if k + 1 < rest.len() => {
+                        let e: usize = rest[k + 1].parse().unwrap_or(0);
+                        out.push("experts".into());
+                        out.push((first_expert + e).to_string());
+                        k += 1;
+                    }
+                    p => out.push(p.to_string()),
+                }
+                k += 1;
+            }
+            out.join(".")
+        }
+        ["embed_tokens", ..] | ["norm", ..] => format!("model.{module}"),
+        _ => module.to_string(),
+    }
+}
+
+/// The Hugging Face name of the parameter at Burn path `path`: a transformers key for model
+/// weights, a peft key for LoRA factors.
+pub fn hf_name<B: Backend>(model: &CausalLm<B>, path: &str) -> HfName {
+    if let Some(linear) = path.strip_suffix(".lora.lora_a") {
+        return HfName { name: format!("{PEFT_PREFIX}{}.lora_A.weight", module_path(model, linear)), transposed: true };
+    }
+    if let Some(linear) = path.strip_suffix(".lora.lora_b") {
+        return HfName { name: format!("{PEFT_PREFIX}{}.lora_B.weight", module_path(model, linear)), transposed: true };
+    }
+    if path == "embed_tokens" {
+        return HfName { name: "model.embed_tokens.weight".into(), transposed: false };
+    }
+    let (module, leaf) = path.rsplit_once('.').unwrap_or(("", path));
+    let is_linear_weight = leaf == "weight" && !module.ends_with("norm");
+    HfName { name: format!("{}.{leaf}", module_path(model, module)), transposed: is_linear_weight }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::model::{self, hub::Fetch, Registry};
+    use crate::parallel::Layout;
+    use crate::recipe::ModelSection;
+
+    #[test]
+    fn burn_paths_become_transformers_and_peft_names() {
+        let mut cfg = toml::Table::new();
+        for (k, v) in [
+            ("model_type", toml::Value::String("qwen3_moe".into())),
+            ("vocab_size", 32.into()),
+            ("hidden_size", 8.into()),
+            ("intermediate_size", 8.into()),
+            ("moe_intermediate_size", 4.into()),
+            ("num_hidden_layers", 1.into()),
+            ("num_attention_heads", 2.into()),
+            ("num_key_value_heads", 1.into()),
+            ("head_dim", 4.into()),
+            ("num_experts", 4.into()),
+            ("num_experts_per_tok", 2.into()),
+        ] {
+            cfg.insert(k.into(), v);
+        }
+        let section = ModelSection { config: Some(cfg), init: crate::recipe::Init::Random, ..Default::default() };
+        let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
+        let m = model::build::<Cpu>(&plan, &section, Layout::SINGLE, &Default::default()).unwrap();
+        let n = |p: &str| hf_name(&m, p);
+        assert_eq!(n("embed_tokens"), HfName { name: "model.embed_tokens.weight".into(), transposed: false });
+        assert_eq!(n("norm.weight"), HfName { name: "model.norm.weight".into(), transposed: false });
+        assert_eq!(n("layers.0.self_attn.q_norm.weight").name, "model.layers.0.self_attn.q_norm.weight");
+        assert!(!n("layers.0.self_attn.q_norm.weight").transposed);
+        assert_eq!(
+            n("layers.0.moe.experts.3.up_proj.weight"),
+            HfName { name: "model.layers.0.mlp.experts.3.up_proj.weight".into(), transposed: true }
+        );
+        assert_eq!(n("layers.0.moe.gate.weight").name, "model.layers.0.mlp.gate.weight");
+        assert_eq!(
+            n("layers.0.self_attn.v_proj.lora.lora_b").name,
+            "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+        );
+        assert_eq!(n("lm_head.weight").name, "lm_head.weight");
+    }
+}

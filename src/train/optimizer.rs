@@ -1,0 +1,184 @@
+//! AdamW over the trainable parameters of a module, as `torch.optim.AdamW` computes it (and so
+//! peft + transformers and Megatron's fused Adam): decoupled weight decay applied first, bias
+//! corrections per parameter, `eps` added after the square root.
+//!
+//! Gradients and moments live on the inner (non-autodiff) backend in f32, flattened, keyed by
+//! the parameter's module path (`layers.3.self_attn.q_proj.lora.lora_a`): the keys a checkpoint
+//! stores, stable across processes where Burn's `ParamId`s are not. A parameter that received
+//! no gradient in a step (an expert no token was routed to) is skipped, state and all, as torch
+//! skips a parameter whose `.grad` is `None`.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{FloatDType, Tensor};
+
+use crate::recipe::OptimizerSection;
+
+/// Summed gradients of one optimizer step, by module path, flattened, f32.
+pub struct Grads<B: Backend> {
+    pub by_path: BTreeMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for Grads<B> {
+    fn default() -> Self {
+        Grads { by_path: BTreeMap::new() }
+    }
+}
+
+impl<B: Backend> Grads<B> {
+    /// Add `g` (any shape, any float dtype) to the gradient of `path`.
+    pub fn add<const D: usize>(&mut self, path: String, g: Tensor<B, D>) {
+        let n = g.shape().num_elements();
+        let g = g.cast(FloatDType::F32).reshape([n]);
+        let sum = match self.by_path.remove(&path) {
+            Some(prev) => prev + g,
+            None => g,
+        };
+        self.by_path.insert(path, sum);
+    }
+
+    /// The global L2 norm over every gradient (one host read).
+    pub fn global_norm(&self) -> f64 {
+        let squares: Vec<Tensor<B, 1>> = self.by_path.values().map(|g| g.clone().powi_scalar(2).sum()).collect();
+        if squares.is_empty() {
+            return 0.0;
+        }
+        let total: f32 = Tensor::cat(squares, 0).sum().into_scalar().elem();
+        (total as f64).sqrt()
+    }
+
+    /// Scale every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) {
+        for g in self.by_path.values_mut() {
+            *g = g.clone() * factor;
+        }
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+/// Collect the gradients of the parameters of a module (after `backward`) into [`Grads`];
+/// `extra` supplies gradients computed outside the main graph (recomputed layers), by id.
+pub fn collect_grads<B: AutodiffBackend, M: Module<B>>(
+    module: &M,
+    grads: &B::Gradients,
+    extra: &dyn Fn(ParamId) -> Option<Tensor<B::InnerBackend, 1>>,
+    into: &mut Grads<B::InnerBackend>,
+) {
+    struct Collector<'a, B: AutodiffBackend> {
+        path: Vec<String>,
+        grads: &'a B::Gradients,
+        extra: &'a dyn Fn(ParamId) -> Option<Tensor<B::InnerBackend, 1>>,
+        into: &'a mut Grads<B::InnerBackend>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collector<'_, B> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let path = self.path.join(".");
+            if let Some(g) = param.val().grad(self.grads) {
+                self.into.add(path.clone(), g);
+            }
+            if let Some(g) = (self.extra)(param.id) {
+                self.into.add(path, g);
+            }
+        }
+    }
+    module.visit(&mut Collector::<B> { path: Vec::new(), grads, extra, into });
+}
+
+/// First and second moments of one parameter and its own step count.
+#[derive(Debug, Clone)]
+pub struct Moments<B: Backend> {
+    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg_sq: Tensor<B, 1>,
+    pub step: u64,
+}
+
+/// AdamW hyper-parameters (the learning rate comes from the schedule each step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl From<&OptimizerSection> for AdamWConfig {
+    fn from(o: &OptimizerSection) -> Self {
+        AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay }
+    }
+}
+
+pub struct AdamW<B: Backend> {
+    pub config: AdamWConfig,
+    /// Moments by module path.
+    pub state: BTreeMap<String, Moments<B>>,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW { config, state: BTreeMap::new() }
+    }
+
+    /// One update of every parameter of `module` that has a gradient in `grads`, at learning
+    /// rate `lr`. Weight decay applies to matrices only, never to biases or norm scales
+    /// (Megatron's default, and transformers' Trainer's).
+    pub fn step<AB, M>(&mut self, module: M, grads: Grads<B>, lr: f64) -> M
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: Module<AB>,
+    {
+        struct Update<'a, B: Backend> {
+            path: Vec<String>,
+            grads: Grads<B>,
+            opt: &'a mut AdamW<B>,
+            lr: f64,
+        }
+        impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
+            fn enter_module(&mut self, name: &str, _container: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container: &str) {
+                self.path.pop();
+            }
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+                let path = self.path.join(".");
+                let Some(g) = self.grads.by_path.remove(&path) else {
+                    return param;
+                };
+                let (id, tensor, mapper) = param.consume();
+                let inner = tensor.inner();
+                let (dims, dtype) = (inner.dims(), inner.dtype());
+                let n = g.dims()[0];
+                let p = inner.cast(FloatDType::F32).reshape([n]);
+                let c = self.opt.config;
+                let m = self.opt.state.remove(&path).unwrap_or_else(|| Moments {
+                    exp_avg: g.zeros_like(),
+                    exp_avg_sq: g.zeros_like(),
+                    step: 0,
+                });
+                let step = m.step + 1;
+                let exp_avg = m.exp_avg * c.beta1 + g.clone() * (1.0 - c.beta1);
+                let exp_avg_sq = m.exp_avg_sq * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
+                let decay = if D >= 2 { c.weight_decay } else { 0.0 };
+                let p = if decay > 0.0 { p * (1.0 - self.lr * decay) } else { p };
+                let bc1 = 1.0 - c.beta1.powi(step as i32);
+                let bc2 = 1.0 - c.beta2.powi(step as i32);
+                let denom = exp_avg_sq.clone().sqrt() / bc2.sqrt() + c.eps;
+                let p = p - exp_avg.clone() / denom * (self.lr / bc1);
+                self.opt.state.insert(path, Moments { exp_avg, exp_avg_sq, step });
+                let updated = p.reshape(dims).cast(dtype);
+                Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
+            }
+        }
+        let mut update = Update { path: Vec::new(), grads, opt: self, lr };
+        module.map(&mut update)
+    }
+}

@@ -1,0 +1,531 @@
+//! `trainer run`: data, model, adapters, the step loop, evaluation, checkpoints and resume, as
+//! a recipe describes them.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::checkpoint::{self as ckpt, NamedTensor, ResumeFrom, TrainerState};
+use super::metrics::Metrics;
+use super::names::{hf_name, module_path};
+use super::optimizer::{AdamW, AdamWConfig, Moments};
+use super::trainer::{trained_tokens, Trainer};
+use super::{recompute, LrSchedule};
+use crate::backend::{self, BackendJob};
+use crate::data::{self, Batch};
+use crate::error::{Error, Result};
+use crate::lora::{self, LoraConfig, LoraTargets};
+use crate::model::{self, CausalLm, ModelPlan};
+use crate::parallel::Layout;
+use crate::recipe::{LoadedRecipe, Recipe, Stop, Tuning};
+
+/// A training run to start or continue.
+pub struct RunRequest<'a> {
+    pub loaded: &'a LoadedRecipe,
+    pub plan: &'a ModelPlan,
+    /// `--resume DIR`: continue that run exactly (wins over `checkpoint.resume`).
+    pub resume: Option<PathBuf>,
+    /// Stop after this step as if killed right after its checkpoint (tests of resume).
+    pub stop_after: Option<usize>,
+}
+
+/// What a finished run left behind.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub last_checkpoint: PathBuf,
+    /// Steps completed (of `total_steps`).
+    pub steps: usize,
+    pub total_steps: usize,
+    /// Loss of every step this process ran, in order.
+    pub losses: Vec<f64>,
+    pub eval_loss: Option<f64>,
+}
+
+pub fn run(req: RunRequest<'_>) -> Result<RunOutcome> {
+    let r = &req.loaded.recipe;
+    backend::dispatch(r.device, r.model.dtype, TrainJob { req })
+}
+
+struct TrainJob<'a> {
+    req: RunRequest<'a>,
+}
+
+impl BackendJob for TrainJob<'_> {
+    type Output = RunOutcome;
+    fn run<B: Backend>(self, device: B::Device) -> Result<RunOutcome> {
+        let out = train::<B>(&self.req, device.clone());
+        // Let queued device work finish before the process exits: CubeCL's CUDA threads panic
+        // if the driver shuts down under them.
+        B::sync(&device).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")))?;
+        out
+    }
+}
+
+/// Which recipe features this build cannot train with, as one sentence each.
+fn check_supported(r: &Recipe) -> Result<()> {
+    if r.parallel.world_size() > 1 || r.parallel.expert > 1 {
+        return Err(Error::Unsupported(format!(
+            "this build trains on one device; the recipe asks for {} ranks (parallel.data/tensor/context/expert); \
+             set them to 1 to train on one device",
+            r.parallel.world_size().max(r.parallel.expert)
+        )));
+    }
+    if r.train.tuning == Tuning::Lora && !r.lora.modules_to_save.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "lora.modules_to_save = {:?}: training whole modules beside the adapters is not supported yet; \
+             remove it, or use train.tuning = \"full\"",
+            r.lora.modules_to_save
+        )));
+    }
+    Ok(())
+}
+
+fn tokenizer(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
+    match &r.model.tokenizer {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::file(p, "model.tokenizer: no such file; point it at a tokenizer.json"))
+            }
+        }
+        None => data::tokenizer_path(plan.dir.as_deref(), r),
+    }
+}
+
+/// `runs/<recipe name>-<UTC date>-<time>`, made unique.
+fn new_run_dir(r: &Recipe, recipe_path: &Path) -> Result<PathBuf> {
+    let stem = recipe_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let base = PathBuf::from(&r.checkpoint.output_dir).join(format!("{stem}-{}", utc_stamp()));
+    let mut dir = base.clone();
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = PathBuf::from(format!("{}-{n}", base.display()));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot create the run folder: {e}")))?;
+    Ok(dir)
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// The order micro batches are visited in during `epoch`: a permutation seeded by the run's
+/// seed and the epoch, so any step's batches are known without replaying the run.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0xba7c_0000 ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
+    order
+}
+
+/// Every float parameter of a module with its Burn path, on the host (`keep` picks them).
+fn named_params<B: Backend, M: Module<B>>(m: &M, keep: &dyn Fn(&str) -> bool) -> Vec<(String, Tensor<B, 2>, usize)> {
+    struct Collect<'a, B: Backend> {
+        path: Vec<String>,
+        keep: &'a dyn Fn(&str) -> bool,
+        out: Vec<(String, Tensor<B, 2>, usize)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Collect<'_, B> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let path = self.path.join(".");
+            if (self.keep)(&path) {
+                // Rank kept aside; 1-D parameters travel as [1, n].
+                let t = param.val();
+                let dims = t.dims();
+                let t2: Tensor<B, 2> = if D == 1 { t.reshape([1, dims[0]]) } else { t.reshape([dims[0], dims[1..].iter().product()]) };
+                self.out.push((path, t2, D));
+            }
+        }
+    }
+    let mut c = Collect { path: vec![], keep, out: vec![] };
+    m.visit(&mut c);
+    c.out
+}
+
+fn is_lora(path: &str) -> bool {
+    path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b")
+}
+
+/// The trainable tensors of `model` under their Hugging Face / peft names.
+fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
+    let keep: &dyn Fn(&str) -> bool = match tuning {
+        Tuning::Lora => &is_lora,
+        Tuning::Full => &|_| true,
+    };
+    named_params(model, keep)
+        .into_iter()
+        .map(|(path, t, rank)| {
+            let n = hf_name(model, &path);
+            let data = if rank == 1 {
+                let d = t.into_data();
+                let len = d.shape[1];
+                TensorData::from_bytes_vec(d.as_bytes().to_vec(), [len], d.dtype)
+            } else {
+                ckpt::host_tensor(t, n.transposed)
+            };
+            NamedTensor { name: n.name, data }
+        })
+        .collect()
+}
+
+/// Replace the trainable parameters of `model` with the tensors of a Hugging Face / peft file.
+fn load_hf_tensors<B: Backend>(model: CausalLm<B>, file: &Path, tuning: Tuning) -> Result<CausalLm<B>> {
+    let mut tensors = ckpt::read_safetensors(file)?;
+    let names: BTreeMap<String, (String, bool)> = {
+        let keep: &dyn Fn(&str) -> bool = match tuning {
+            Tuning::Lora => &is_lora,
+            Tuning::Full => &|_| true,
+        };
+        named_params(&model, keep)
+            .into_iter()
+            .map(|(path, _, _)| {
+                let n = hf_name(&model, &path);
+                (path, (n.name, n.transposed))
+            })
+            .collect()
+    };
+    for (name, _) in names.values() {
+        if !tensors.contains_key(name) {
+            let have: Vec<&String> = tensors.keys().take(3).collect();
+            return Err(Error::file(
+                file,
+                format!("tensor `{name}` is missing (the file has {} tensors, e.g. {have:?}); it must hold every trained tensor of this model and recipe", tensors.len()),
+            ));
+        }
+    }
+    let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).collect();
+    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k)) {
+        return Err(Error::file(file, format!("tensor `{extra}` matches no trained parameter of this model and recipe (check lora.targets and the model)")));
+    }
+    struct Load<'a> {
+        path: Vec<String>,
+        names: &'a BTreeMap<String, (String, bool)>,
+        tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        file: &'a Path,
+        error: Option<Error>,
+    }
+    impl<B: Backend> ModuleMapper<B> for Load<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let path = self.path.join(".");
+            let Some((name, transposed)) = self.names.get(&path) else { return param };
+            let Some((shape, data)) = self.tensors.remove(name) else { return param };
+            let (id, old, mapper) = param.consume();
+            let dims = old.dims();
+            let want: Vec<usize> = if *transposed { dims.iter().rev().copied().collect() } else { dims.to_vec() };
+            if shape != want {
+                self.error.get_or_insert(Error::file(
+                    self.file,
+                    format!("tensor `{name}` has shape {shape:?}; this model and recipe need {want:?}"),
+                ));
+                return Param::from_mapped_value(id, old, mapper);
+            }
+            let (dtype, grad) = (old.dtype(), old.is_require_grad());
+            let device = old.device();
+            let t = Tensor::<B, D>::from_data(TensorData::new(data, want), (&device, DType::F32));
+            let t = if *transposed { t.swap_dims(0, 1) } else { t };
+            let t = t.cast(dtype);
+            Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
+        }
+    }
+    let mut l = Load { path: vec![], names: &names, tensors: &mut tensors, file, error: None };
+    let model = model.map(&mut l);
+    match l.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}
+
+fn save_checkpoint<B: Backend>(
+    run_dir: &Path,
+    trainer: &Trainer<B>,
+    state: &TrainerState,
+    loaded: &LoadedRecipe,
+    plan: &ModelPlan,
+) -> Result<PathBuf> {
+    let r = &loaded.recipe;
+    let model = trainer.model().valid();
+    ckpt::write_atomically(run_dir, state.step, |dir| {
+        let tensors = hf_tensors(&model, r.train.tuning);
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        match r.train.tuning {
+            Tuning::Lora => {
+                ckpt::write_safetensors(&dir.join(ckpt::ADAPTER_WEIGHTS), &tensors, meta)?;
+                let adapted: Vec<String> = named_params(&model, &|p| p.ends_with(".lora.lora_a"))
+                    .into_iter()
+                    .map(|(p, _, _)| module_path(&model, p.trim_end_matches(".lora.lora_a")))
+                    .collect();
+                let cfg = ckpt::adapter_config(&r.lora, r.model.path.as_deref(), &adapted);
+                ckpt::write_synced(&dir.join(ckpt::ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
+            }
+            Tuning::Full => {
+                ckpt::write_safetensors(&dir.join(ckpt::MODEL_WEIGHTS), &tensors, meta)?;
+                let cfg = serde_json::Value::Object(plan.config.values.clone());
+                ckpt::write_synced(&dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
+            }
+        }
+        ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
+        let mut state = state.clone();
+        if r.checkpoint.save_optimizer {
+            let mut moments = Vec::new();
+            for (path, m) in &trainer.optimizer.state {
+                state.optimizer_steps.insert(path.clone(), m.step);
+                moments.push(NamedTensor { name: format!("{path}.exp_avg"), data: m.exp_avg.clone().into_data() });
+                moments.push(NamedTensor { name: format!("{path}.exp_avg_sq"), data: m.exp_avg_sq.clone().into_data() });
+            }
+            ckpt::write_safetensors(&dir.join(ckpt::OPTIMIZER), &moments, BTreeMap::new())?;
+            state.has_optimizer = true;
+        }
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
+        ckpt::write_synced(&dir.join(ckpt::TRAINER_STATE), json.as_bytes())
+    })
+}
+
+fn load_optimizer<B: Backend>(dir: &Path, state: &TrainerState, device: &B::Device) -> Result<BTreeMap<String, Moments<B>>> {
+    let file = dir.join(ckpt::OPTIMIZER);
+    let mut tensors = ckpt::read_safetensors(&file)?;
+    let mut out = BTreeMap::new();
+    for (path, &step) in &state.optimizer_steps {
+        let mut take = |suffix: &str| -> Result<Tensor<B, 1>> {
+            let name = format!("{path}.{suffix}");
+            let (_, data) = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;
+            let n = data.len();
+            Ok(Tensor::from_data(TensorData::new(data, [n]), (device, DType::F32)))
+        };
+        out.insert(path.clone(), Moments { exp_avg: take("exp_avg")?, exp_avg_sq: take("exp_avg_sq")?, step });
+    }
+    Ok(out)
+}
+
+fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutcome> {
+    let loaded = req.loaded;
+    let r = &loaded.recipe;
+    let plan = req.plan;
+    check_supported(r)?;
+
+    // Data first: a bad row should not wait for the weights.
+    let tok = tokenizer(r, plan)?;
+    let prepared = data::prepare(r, &tok)?;
+    println!(
+        "data: {} training rows, {} validation rows ({} bad rows skipped, {} too long dropped)",
+        prepared.train.len(),
+        prepared.val.len(),
+        prepared.skipped_bad_rows,
+        prepared.dropped_too_long
+    );
+    let micro = r.train.micro_batch_size;
+    let batches = prepared.train_batches(micro);
+    let val_batches = prepared.val_batches(micro);
+    let accum = r.gradient_accumulation_steps();
+    let steps_per_epoch = batches.len() / accum;
+    if steps_per_epoch == 0 {
+        return Err(Error::data(format!(
+            "{} micro batches of training data, but one optimizer step needs {accum} (train.global_batch_size / \
+             train.micro_batch_size); add data or lower train.global_batch_size",
+            batches.len()
+        )));
+    }
+    let total_steps = match r.train.stop() {
+        Stop::Steps(n) => n,
+        Stop::Epochs(e) => e * steps_per_epoch,
+    };
+    if r.train.eval_interval.is_some() && val_batches.is_empty() {
+        return Err(Error::data("train.eval_interval is set but there are no validation rows; set data.val_split > 0"));
+    }
+
+    // Where to start from.
+    let resume = match (&req.resume, &r.checkpoint.resume) {
+        (Some(p), _) => Some(ckpt::resolve_resume(p, false)?),
+        (None, Some(p)) => Some(ckpt::resolve_resume(Path::new(p), r.train.finetune)?),
+        (None, None) => None,
+    };
+    let run_dir = match &resume {
+        Some(ResumeFrom::Checkpoint { dir, .. }) => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+        _ => {
+            let dir = new_run_dir(r, &loaded.source)?;
+            ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
+            dir
+        }
+    };
+
+    // The model and what is trained.
+    let mut model = model::build::<Autodiff<B>>(plan, &r.model, Layout::SINGLE, &device)?;
+    if r.train.tuning == Tuning::Lora {
+        let targets = LoraTargets::parse(&r.lora.targets)?;
+        let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
+        let (m, n) = lora::apply(model, &targets, &cfg)?;
+        model = m;
+        println!("lora: {n} adapted linear layers, rank {}, alpha {}", r.lora.rank, r.lora.alpha);
+    }
+    let (start_step, mut state, optimizer_state) = match &resume {
+        Some(ResumeFrom::Checkpoint { dir, state }) => {
+            model = load_trained(model, dir, r)?;
+            let moments = load_optimizer::<B>(dir, state, &device)?;
+            println!("resuming {} at step {}", dir.display(), state.step);
+            (state.step, state.clone(), moments)
+        }
+        Some(ResumeFrom::Weights { dir }) => {
+            model = load_trained(model, dir, r)?;
+            println!("starting from the weights in {}", dir.display());
+            (0, fresh_state(r, total_steps), BTreeMap::new())
+        }
+        None => (0, fresh_state(r, total_steps), BTreeMap::new()),
+    };
+    if state.seed != r.train.seed {
+        return Err(Error::Data(format!(
+            "the checkpoint was trained with train.seed = {}, the recipe says {}: a resumed run must keep the seed",
+            state.seed, r.train.seed
+        )));
+    }
+    state.total_steps = total_steps;
+    if start_step >= total_steps {
+        return Err(Error::Data(format!(
+            "the checkpoint is at step {start_step} and the recipe stops at step {total_steps}: nothing left to train; raise train.max_steps"
+        )));
+    }
+
+    let mut optimizer = AdamW::new(AdamWConfig::from(&r.optimizer));
+    optimizer.state = optimizer_state;
+    let schedule = LrSchedule::new(&r.optimizer, &r.schedule, total_steps);
+    let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
+    let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
+    let mut metrics = Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?;
+    metrics.note(&format!(
+        "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each) into {}",
+        run_dir.display()
+    ));
+
+    let stop_at = req.stop_after.unwrap_or(total_steps).min(total_steps);
+    let mut losses = Vec::new();
+    let mut eval_loss = None;
+    let mut last_checkpoint = None;
+    let mut order = (usize::MAX, Vec::new());
+    for step in start_step + 1..=stop_at {
+        let epoch = (step - 1) / steps_per_epoch;
+        if order.0 != epoch {
+            order = (epoch, epoch_order(batches.len(), r.train.seed, epoch));
+        }
+        let first = ((step - 1) % steps_per_epoch) * accum;
+        let step_batches: Vec<Batch> = order.1[first..first + accum].iter().map(|&i| batches[i].clone()).collect();
+        let stats = trainer.step(step, &step_batches)?;
+        if !stats.loss.is_finite() {
+            return Err(Error::Data(format!(
+                "step {step}: the loss is {} (lr {:.3e}); lower optimizer.lr or check the data",
+                stats.loss, stats.lr
+            )));
+        }
+        losses.push(stats.loss);
+        state.step = step;
+        state.micro_batches_consumed = step * accum;
+        state.tokens_seen += step_batches.iter().map(trained_tokens).sum::<usize>() as u64;
+        state.loss = stats.loss;
+        metrics.step(step, step as f64 / steps_per_epoch as f64, &stats)?;
+        let eval_now = r.train.eval_interval.is_some_and(|n| step % n == 0) || (step == total_steps && !val_batches.is_empty());
+        if eval_now {
+            let (loss, tokens) = trainer.evaluate(&val_batches);
+            metrics.eval(step, loss, tokens)?;
+            eval_loss = Some(loss);
+        }
+        let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps;
+        if save_now {
+            let dir = save_checkpoint(&run_dir, &trainer, &state, loaded, plan)?;
+            metrics.note(&format!("saved {}", dir.display()));
+            last_checkpoint = Some(dir);
+        }
+    }
+    let last_checkpoint = match last_checkpoint {
+        Some(d) => d,
+        None => save_checkpoint(&run_dir, &trainer, &state, loaded, plan)?,
+    };
+    Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
+}
+
+fn fresh_state(r: &Recipe, total_steps: usize) -> TrainerState {
+    TrainerState {
+        step: 0,
+        total_steps,
+        micro_batches_consumed: 0,
+        seed: r.train.seed,
+        tokens_seen: 0,
+        loss: f64::NAN,
+        optimizer_steps: BTreeMap::new(),
+        has_optimizer: false,
+        rng: "dropout streams seeded by (train.seed, step, micro batch); batch order by (train.seed, epoch)".into(),
+    }
+}
+
+/// Load the trained tensors of a checkpoint or adapter folder into `model`.
+pub fn load_trained<B: Backend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
+    let (file, what) = match r.train.tuning {
+        Tuning::Lora => (dir.join(ckpt::ADAPTER_WEIGHTS), "an adapter (train.tuning = \"lora\")"),
+        Tuning::Full => (dir.join(ckpt::MODEL_WEIGHTS), "full weights (train.tuning = \"full\")"),
+    };
+    if !file.is_file() {
+        return Err(Error::file(&file, format!("no such file: the recipe trains {what}, so the checkpoint must hold it")));
+    }
+    if r.train.tuning == Tuning::Lora {
+        ckpt::check_adapter_config(dir, &r.lora)?;
+    }
+    load_hf_tensors(model, &file, r.train.tuning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_orders_are_seeded_permutations() {
+        let a = epoch_order(10, 1, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(10, 1, 0));
+        assert_ne!(a, epoch_order(10, 1, 1));
+        assert_ne!(a, epoch_order(10, 2, 0));
+    }
+
+    #[test]
+    fn utc_stamp_is_a_date_and_time() {
+        let s = utc_stamp();
+        assert_eq!(s.len(), 15, "{s}");
+        assert!(s.starts_with("20"), "{s}");
+        assert_eq!(&s[8..9], "-");
+    }
+}

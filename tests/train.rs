@@ -1,0 +1,191 @@
+//! `trainer run` end to end on the embedded tiny recipe: the loss falls, checkpoints carry
+//! peft's names, accumulation and packing do not change the maths, and an interrupted run
+//! resumed from its checkpoint ends bit-identical to an uninterrupted one.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use trainer::backend::Cpu;
+use trainer::data::{batch, Batch, Sample};
+use trainer::lora::{self, LoraConfig, LoraTargets};
+use trainer::model::{self, hub::Fetch, Registry};
+use trainer::parallel::Layout;
+use trainer::train::optimizer::{AdamW, AdamWConfig};
+use trainer::train::{LrSchedule, Trainer};
+use trainer::recipe::{self, LoadedRecipe};
+use trainer::train::checkpoint as ckpt;
+use trainer::train::run::{run, RunOutcome, RunRequest};
+
+const TINY: &str = "recipes/tiny-qwen3-moe-lora.toml";
+
+fn load(out: &Path, extra: &[&str]) -> LoadedRecipe {
+    let mut set = vec![
+        format!("checkpoint.output_dir={}", out.display()),
+        "logging.progress_bar=false".to_string(),
+    ];
+    set.extend(extra.iter().map(|s| s.to_string()));
+    recipe::load(Path::new(TINY), &set).unwrap()
+}
+
+/// Dropout draws from the backend's one seeded generator per process: runs in parallel test
+/// threads would interleave their draws, so each run holds this lock.
+static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn train(loaded: &LoadedRecipe, resume: Option<PathBuf>, stop_after: Option<usize>) -> trainer::error::Result<RunOutcome> {
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::All)?;
+    run(RunRequest { loaded, plan: &plan, resume, stop_after })
+}
+
+fn adapter(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(ckpt::ADAPTER_WEIGHTS)).unwrap()
+}
+
+#[test]
+fn tiny_recipe_trains_and_writes_a_peft_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let loaded = load(out.path(), &["train.max_steps=40", "train.eval_interval=20", "checkpoint.save_interval=20"]);
+    let o = train(&loaded, None, None).unwrap();
+    assert_eq!((o.steps, o.losses.len()), (40, 40));
+    let first = o.losses[..5].iter().sum::<f64>() / 5.0;
+    let last = o.losses[35..].iter().sum::<f64>() / 5.0;
+    assert!(last < first - 1.0, "loss should fall: first steps {first:.3}, last steps {last:.3}");
+    assert!(o.eval_loss.is_some_and(|l| l < first), "{:?}", o.eval_loss);
+
+    let dir = &o.last_checkpoint;
+    assert!(dir.ends_with("checkpoint-40") && o.run_dir.join("checkpoint-20").is_dir());
+    let tensors = ckpt::read_safetensors(&dir.join(ckpt::ADAPTER_WEIGHTS)).unwrap();
+    // 2 layers x (q, k, v, o + 8 experts x 3) linears, A and B each.
+    assert_eq!(tensors.len(), 2 * (4 + 8 * 3) * 2);
+    let (shape, _) = &tensors["base_model.model.model.layers.1.mlp.experts.7.down_proj.lora_A.weight"];
+    assert_eq!(shape, &[8, 32], "lora_A is [r, in]");
+    let (shape, _) = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert_eq!(shape, &[64, 8], "lora_B is [out, r]");
+    assert!(!tensors.keys().any(|k| k.contains("mlp.gate.")), "the router is not adapted by all-linear");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(ckpt::ADAPTER_CONFIG)).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(32.0)));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]));
+    // The recorded recipe reloads to the recipe that ran.
+    let again = recipe::load(&dir.join(ckpt::RECIPE), &[]).unwrap();
+    assert_eq!(again.recipe, loaded.recipe);
+    let metrics = std::fs::read_to_string(o.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 40);
+    assert_eq!(metrics.lines().filter(|l| l.contains("eval_loss")).count(), 2);
+}
+
+#[test]
+fn interrupted_and_resumed_run_is_bit_identical() {
+    let out = tempfile::tempdir().unwrap();
+    // Dropout on, so the resumed run must also redraw the same masks.
+    let args = ["train.max_steps=12", "checkpoint.save_interval=4", "lora.dropout=0.1", "train.global_batch_size=8"];
+    let whole = train(&load(out.path(), &args), None, None).unwrap();
+
+    let out2 = tempfile::tempdir().unwrap();
+    let loaded = load(out2.path(), &args);
+    let cut = train(&loaded, None, Some(6)).unwrap();
+    assert_eq!(cut.steps, 6);
+    // Steps 5 and 6 ran after the last checkpoint (step 4): the resumed run redoes them.
+    assert!(ckpt::latest(&cut.run_dir).unwrap().unwrap().ends_with("checkpoint-4"));
+    let resumed = train(&loaded, Some(cut.run_dir.clone()), None).unwrap();
+    assert_eq!(resumed.run_dir, cut.run_dir);
+    assert_eq!(resumed.losses.len(), 8);
+    assert_eq!(&resumed.losses[..], &whole.losses[4..], "loss curve after the resume");
+    assert_eq!(&cut.losses[..], &whole.losses[..6]);
+    assert!(adapter(&resumed.last_checkpoint) == adapter(&whole.last_checkpoint), "final adapters differ");
+    let metrics = std::fs::read_to_string(cut.run_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss").and(serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()))
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<u64>>(), "metrics hold each step once");
+
+    // Nothing left to do: a clear error, not a silent no-op.
+    let e = train(&loaded, Some(cut.run_dir.clone()), None).unwrap_err().to_string();
+    assert!(e.contains("nothing left to train"), "{e}");
+}
+
+/// A trainer on the tiny recipe's model with fresh adapters (dropout off) and its first rows.
+fn tiny_trainer() -> (Trainer<Cpu>, Vec<Sample>, u32) {
+    let out = tempfile::tempdir().unwrap();
+    let r = load(out.path(), &["lora.dropout=0"]).recipe;
+    let plan = model::plan(&r.model, &Registry::builtin(), Fetch::All).unwrap();
+    let m = model::build::<Autodiff<Cpu>>(&plan, &r.model, Layout::SINGLE, &Default::default()).unwrap();
+    let cfg = LoraConfig { rank: 8, scale: 4.0, dropout: 0.0, seed: 3 };
+    let (m, _) = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap();
+    let opt = AdamW::new(AdamWConfig::from(&r.optimizer));
+    let schedule = LrSchedule::new(&r.optimizer, &r.schedule, 10);
+    let prepared = trainer::data::prepare(&r, Path::new("assets/tiny/tokenizer.json")).unwrap();
+    let t = Trainer::new(m, opt, schedule, 1.0, 5, vec![], Default::default());
+    (t, prepared.train[..8].to_vec(), prepared.pad_id)
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{what}: {a} vs {b}");
+}
+
+#[test]
+fn accumulation_and_packing_keep_the_per_token_loss_of_the_global_batch() {
+    // The same 8 rows as 2 padded micro batches of 4, 1 padded batch of 8, or packed into
+    // sequences of 512: the same loss, gradient norm and update.
+    let layouts: Vec<(&str, Box<dyn Fn(&[Sample], u32) -> Vec<Batch>>)> = vec![
+        ("2 x 4 padded", Box::new(|rows, pad| batch::padded(rows, 4, pad))),
+        ("1 x 8 padded", Box::new(|rows, pad| batch::padded(rows, 8, pad))),
+        ("packed", Box::new(|rows, pad| batch::packed(rows, 2, 512, pad))),
+    ];
+    let mut results = Vec::new();
+    for (name, layout) in &layouts {
+        let (mut t, rows, pad) = tiny_trainer();
+        let batches = layout(&rows, pad);
+        let s1 = t.step(1, &batches).unwrap();
+        let s2 = t.step(2, &batches).unwrap();
+        results.push((name, s1, s2));
+    }
+    let (_, a1, a2) = &results[0];
+    assert!(a2.loss < a1.loss);
+    for (name, s1, s2) in &results[1..] {
+        assert_eq!(s1.tokens, a1.tokens, "{name}");
+        close(s1.loss, a1.loss, &format!("{name} step-1 loss"));
+        close(s1.grad_norm, a1.grad_norm, &format!("{name} grad norm"));
+        close(s2.loss, a2.loss, &format!("{name} step-2 loss (after the update)"));
+    }
+}
+
+#[test]
+fn full_fine_tuning_writes_transformers_weights() {
+    let out = tempfile::tempdir().unwrap();
+    let o = train(&load(out.path(), &["train.tuning=\"full\"", "train.max_steps=10", "optimizer.lr=1e-3"]), None, None).unwrap();
+    assert!(o.losses[9] < o.losses[0], "{:?}", o.losses);
+    let t = ckpt::read_safetensors(&o.last_checkpoint.join(ckpt::MODEL_WEIGHTS)).unwrap();
+    assert_eq!(t["model.embed_tokens.weight"].0, [512, 64]);
+    assert_eq!(t["model.layers.0.self_attn.q_proj.weight"].0, [64, 64], "[out, in] as transformers stores it");
+    assert_eq!(t["model.layers.0.self_attn.k_proj.weight"].0, [32, 64]);
+    assert_eq!(t["model.layers.1.mlp.experts.3.down_proj.weight"].0, [64, 32]);
+    assert_eq!(t["model.layers.1.mlp.gate.weight"].0, [8, 64]);
+    assert_eq!(t["model.norm.weight"].0, [64]);
+    assert!(!t.contains_key("lm_head.weight"), "tied head");
+    assert!(o.last_checkpoint.join("config.json").is_file());
+    // A full checkpoint restarts a full run.
+    let e = train(&load(out.path(), &["train.max_steps=10"]), Some(o.run_dir.clone()), None).unwrap_err().to_string();
+    assert!(e.contains("adapter_model.safetensors") && e.contains("no such file"), "{e}");
+}
+
+#[test]
+fn finetune_start_from_an_adapter_checks_it() {
+    let out = tempfile::tempdir().unwrap();
+    let o = train(&load(out.path(), &["train.max_steps=2"]), None, None).unwrap();
+    let dir = o.last_checkpoint.display().to_string();
+    // Weights only: a new run folder, step 1 again, same adapter as the start.
+    let f = train(&load(out.path(), &["train.max_steps=2", &format!("checkpoint.resume=\"{dir}\"")]), None, None).unwrap();
+    assert_ne!(f.run_dir, o.run_dir);
+    assert_eq!(f.losses.len(), 2);
+    assert!(f.losses[0] < o.losses[0], "starts from the trained adapter: {} vs {}", f.losses[0], o.losses[0]);
+    // An adapter of another rank is refused with both values named.
+    let e = train(&load(out.path(), &["train.max_steps=2", "lora.rank=4", &format!("checkpoint.resume=\"{dir}\"")]), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("adapter_config.json") && e.contains("lora.rank = 4"), "{e}");
+    // A different seed cannot continue a run exactly.
+    let e = train(&load(out.path(), &["train.max_steps=4", "train.seed=1"]), Some(o.run_dir.clone()), None).unwrap_err().to_string();
+    assert!(e.contains("train.seed"), "{e}");
+}
