@@ -82,9 +82,32 @@ fn bad_input_exits_2_with_a_message() {
 }
 
 #[test]
-fn run_builds_and_checks_the_weights() {
-    let o = trainer(&["run", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/fixtures/qwen2_tied_f32",
-        "--set", "parallel.tensor=1", "--set", "parallel.sequence_parallel=false", "--set", "device=\"cpu\""]);
-    let (out, err) = text(&o);
-    assert!(out.contains("built qwen2 (3 layers)"), "{out}\n{err}");
+fn run_trains_the_embedded_default() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = format!("checkpoint.output_dir={}", out.path().display());
+    let o = trainer(&["run", "recipes/tiny-qwen3-moe-lora.toml", "--set", "train.max_steps=6", "--set", &dir]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{err}");
+    assert!(stdout.contains("step 6/6 loss"), "{stdout}");
+    assert!(stdout.contains("done: 6 steps") && stdout.contains("checkpoint-6"), "{stdout}");
+}
+
+#[test]
+fn run_refuses_what_it_cannot_train_with_a_sentence() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = format!("checkpoint.output_dir={}", out.path().display());
+    let tiny = "recipes/tiny-qwen3-moe-lora.toml";
+    assert_user_error(&["run", tiny, "--set", &dir, "--set", "data.datasets=[\"assets/tiny/missing.jsonl\"]"], &["assets/tiny/missing.jsonl"]);
+    assert_user_error(&["run", tiny, "--set", &dir, "--set", "model.tokenizer=\"nope.json\""], &["nope.json", "model.tokenizer"]);
+    assert_user_error(&["run", tiny, "--set", &dir, "--resume", "no/such/run"], &["no/such/run", "no such folder"]);
+    assert_user_error(
+        &["run", tiny, "--set", &dir, "--set", "parallel.data=2", "--set", "train.global_batch_size=8"],
+        &["one device", "2 ranks"],
+    );
+    // A random-init model has no folder to find a tokenizer in.
+    assert_user_error(
+        &["run", "recipes/qwen2.5-7b-lora.toml", "--set", "model.path=tests/fixtures/qwen2_tied_f32", "--set", "parallel.tensor=1",
+          "--set", "parallel.sequence_parallel=false", "--set", "device=\"cpu\""],
+        &["tokenizer.json"],
+    );
 }
