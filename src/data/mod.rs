@@ -11,7 +11,9 @@
 //!    template default (`data.template`, default `qwen2_5`);
 //! 5. [`tokenize`]: ids and labels (loss on assistant content and its `<|im_end|>`), on
 //!    `data.num_proc` threads, `train.max_length` / `train.truncation` applied;
-//! 6. [`batch`]: padded or packed (`train.packing`) micro batches.
+//! 6. [`batch`]: padded, packed (`train.packing`) or padding-free (`train.padding_free`)
+//!    micro batches. With both `packing` and `padding_free` set, packing wins: a packed
+//!    sequence already keeps its rows apart by segment id, as a padding-free one does.
 
 pub mod batch;
 pub mod cognition;
@@ -48,11 +50,14 @@ pub struct Prepared {
     pub max_length: usize,
     /// `train.packing`.
     pub packing: bool,
+    /// `train.padding_free` (ignored when `packing` is also set: packing wins).
+    pub padding_free: bool,
 }
 
 impl Prepared {
     /// The training rows in micro batches of `micro` sequences: packed into `max_length`
-    /// sequences with `packing`, else padded. See [`batch`] for shapes.
+    /// sequences with `packing`, else `micro` rows concatenated into one unpadded sequence with
+    /// `padding_free`, else padded. See [`batch`] for shapes.
     pub fn train_batches(&self, micro: usize) -> Vec<Batch> {
         self.batches(&self.train, micro)
     }
@@ -65,6 +70,8 @@ impl Prepared {
     fn batches(&self, rows: &[Sample], micro: usize) -> Vec<Batch> {
         if self.packing {
             batch::packed(rows, micro, self.max_length, self.pad_id)
+        } else if self.padding_free {
+            batch::padding_free(rows, micro)
         } else {
             batch::padded(rows, micro, self.pad_id)
         }
@@ -125,6 +132,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Path) -> Result<Prepared> {
         dropped_too_long,
         max_length: recipe.train.max_length,
         packing: recipe.train.packing,
+        padding_free: recipe.train.padding_free,
     })
 }
 

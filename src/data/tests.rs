@@ -99,6 +99,17 @@ fn batches_follow_packing() {
     let packed_tokens: usize = batches.iter().map(|b| b.segment_ids.iter().filter(|&&s| s != 0).count()).sum();
     assert_eq!(packed_tokens, tokens);
     assert!(batches.len() * 2 < 351 / 2, "several rows per sequence");
+    r.train.padding_free = true;
+    assert_eq!(prepare(&r, &tokenizer()).unwrap().train_batches(2), batches, "packing wins over padding_free");
+    r.train.packing = false;
+    let free = prepare(&r, &tokenizer()).unwrap();
+    let batches = free.train_batches(4);
+    assert_eq!(batches.len(), 351usize.div_ceil(4));
+    let b = &batches[0];
+    assert_eq!(b.batch_size, 1);
+    assert_eq!(b.seq_len, free.train[..4].iter().map(Sample::len).sum::<usize>());
+    assert_eq!(*b.segment_ids.last().unwrap(), 4);
+    assert!(batches.iter().all(|b| !b.segment_ids.contains(&0)), "no padding");
 }
 
 #[test]
