@@ -5,7 +5,7 @@
 //! Hub datasets (`AI-ModelScope/alpaca-gpt4-data-en`) and Parquet / CSV files are not read by
 //! this build: the error says to download the file and name its path.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -47,14 +47,33 @@ pub struct Loaded {
     pub skipped: usize,
 }
 
-/// Read `source` (a local path; relative to the working directory). A bad row is an error
+/// The files behind a `data.datasets` source (without its `#N`): the local file itself, or
+/// an error saying what is missing.
+pub fn resolve(source: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(source);
+    if path.exists() {
+        Ok(vec![path.to_path_buf()])
+    } else {
+        Err(missing_source(source))
+    }
+}
+
+/// Read `source` (a `data.datasets` entry without its `#N`): every file [`resolve`] finds,
+/// read with [`load_file`], rows concatenated in file order.
+pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
+    let mut all = Loaded { rows: Vec::new(), skipped: 0 };
+    for path in resolve(source)? {
+        let loaded = load_file(&path, skip_bad_rows)?;
+        all.rows.extend(loaded.rows);
+        all.skipped += loaded.skipped;
+    }
+    Ok(all)
+}
+
+/// Read one local file (relative to the working directory). A bad row is an error
 /// `FILE:LINE: what; expected ...` (for `.json` arrays `FILE:element N:`, 0-based), or skipped
 /// and counted when `skip_bad_rows`.
-pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
-    let path = Path::new(source);
-    if !path.exists() {
-        return Err(missing_source(source));
-    }
+pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     // Each entry: where the row is (for messages) and the parsed value or the parse error.
