@@ -1,9 +1,8 @@
-//! Reading one `data.datasets` source: a local `.jsonl` (one row a line) or `.json` (an array of
-//! rows) file, each row in one of ms-swift's three shapes, detected per row and normalised to a
-//! [`Conversation`].
+//! Reading one `data.datasets` source: a local `.jsonl` (one row a line), `.json` (an array of
+//! rows) or `.parquet` (see [`super::parquet`]) file, each row in one of ms-swift's three
+//! shapes, detected per row and normalised to a [`Conversation`].
 //!
-//! Hub datasets (`AI-ModelScope/alpaca-gpt4-data-en`) and Parquet / CSV files are not read by
-//! this build: the error says to download the file and name its path.
+//! CSV and other formats are not read by this build: the error says which are.
 
 use std::path::{Path, PathBuf};
 
@@ -75,28 +74,28 @@ pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
 /// and counted when `skip_bad_rows`.
 pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     // Each entry: where the row is (for messages) and the parsed value or the parse error.
     let entries: Vec<(String, std::result::Result<Value, String>)> = match ext.as_str() {
-        "jsonl" => text
+        "jsonl" => read_text(path)?
             .lines()
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| (format!("{}", i + 1), serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))))
             .collect(),
-        "json" => match serde_json::from_str::<Value>(&text) {
+        "json" => match serde_json::from_str::<Value>(&read_text(path)?) {
             Ok(Value::Array(items)) => {
                 items.into_iter().enumerate().map(|(i, v)| (format!("element {i}"), Ok(v))).collect()
             }
             Ok(_) => return Err(Error::file(path, "is not a JSON array of rows; a .json source is `[row, row, ...]`")),
             Err(e) => return Err(Error::file(path, format!("is not JSON: {e}"))),
         },
+        "parquet" => super::parquet::rows(path)?,
         _ => {
             return Err(Error::file(
                 path,
                 format!(
-                    "`.{ext}` files are not read by this build (Parquet, CSV and others are not supported); \
-                     expected a .jsonl file (one row a line) or a .json file (an array of rows)"
+                    "`.{ext}` files are not read by this build (CSV and others are not supported); \
+                     expected a .jsonl file (one row a line), a .json file (an array of rows) or a .parquet file"
                 ),
             ))
         }
@@ -111,6 +110,10 @@ pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
         }
     }
     Ok(Loaded { rows, skipped })
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
 }
 
 /// The error for a source that is not a local file: a hub id gets advice, anything else is a
@@ -296,7 +299,8 @@ mod tests {
         let err = load("missing/data.jsonl", false).unwrap_err().to_string();
         assert!(err.contains("no such file"), "{err}");
         let dir = tempfile::tempdir().unwrap();
-        let parquet = write(&dir, "a.parquet", "PAR1");
-        assert!(load(&parquet, false).unwrap_err().to_string().contains("Parquet"));
+        let csv = write(&dir, "a.csv", "instruction,output\nQ,A\n");
+        let err = load(&csv, false).unwrap_err().to_string();
+        assert!(err.contains("`.csv` files are not read") && err.contains(".parquet file"), "{err}");
     }
 }

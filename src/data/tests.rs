@@ -189,3 +189,17 @@ fn an_unwritable_cache_is_a_note_not_an_error() {
     assert!(!got.cache_hit);
     assert!(got.notes.len() == 1 && got.notes[0].contains("token cache not written"), "{:?}", got.notes);
 }
+
+#[test]
+fn parquet_sources_mix_with_jsonl() {
+    let fixture = |name: &str| format!("{}/tests/fixtures/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut r = recipe();
+    r.data.datasets = vec![fixture("alpaca.parquet"), fixture("messages.parquet#4"), fixture("sharegpt.parquet"), TINY_DATA.into()];
+    let got = prepare(&r).unwrap();
+    assert_eq!(got.train.len(), 3 + 4 + 1 + 351);
+    let texts: Vec<String> = got.train.iter().map(decode).collect();
+    assert!(texts.iter().any(|t| t.contains("Translate to French.\ncat<|im_end|>")));
+    let count = |needle: &str| texts.iter().filter(|t| t.contains(needle)).count();
+    assert_eq!((count("我是小通。<|im_end|>"), count("system\nBe brief.")), (2, 2), "#4 repeats both rows twice");
+    assert_eq!(count("Who made you?<|im_end|>\n<|im_start|>assistant\n测试组."), 2, "cognition fills parquet rows");
+}
