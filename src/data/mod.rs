@@ -1,7 +1,8 @@
 //! Training data from a recipe, as ms-swift prepares it for `--dataset a.jsonl#500 b.json
 //! --system ... --max_length ...`:
 //!
-//! 1. [`source`]: read each local `.jsonl` / `.json` / `.parquet` source; rows in alpaca, messages or
+//! 1. [`source`]: read each `.jsonl` / `.json` / `.parquet` source, local or from a hub
+//!    dataset `org/name` ([`hub`]); rows in alpaca, messages or
 //!    sharegpt shape become [`Conversation`]s (bad rows: an error naming `FILE:LINE`, or
 //!    skipped and counted with `data.skip_bad_rows`);
 //! 2. [`mix`]: `#N` sampling, the `data.val_split` hold-out per source, shuffling (seeded by
@@ -21,6 +22,7 @@
 pub mod batch;
 pub mod cache;
 pub mod cognition;
+pub mod hub;
 pub mod mix;
 pub mod parquet;
 pub mod source;

@@ -2,7 +2,8 @@
 //! rows) or `.parquet` (see [`super::parquet`]) file, each row in one of ms-swift's three
 //! shapes, detected per row and normalised to a [`Conversation`].
 //!
-//! CSV and other formats are not read by this build: the error says which are.
+//! A hub dataset id (`org/name`) is fetched by [`super::hub`] and read as its local files. CSV
+//! and other formats are not read by this build: the error says which are.
 
 use std::path::{Path, PathBuf};
 
@@ -46,14 +47,17 @@ pub struct Loaded {
     pub skipped: usize,
 }
 
-/// The files behind a `data.datasets` source (without its `#N`): the local file itself, or
-/// an error saying what is missing.
+/// The files behind a `data.datasets` source (without its `#N`): the local file itself; for a
+/// hub dataset id (`org/name`, not a local path) the training files fetched into the hub cache
+/// (see [`super::hub`]); else an error naming the missing file.
 pub fn resolve(source: &str) -> Result<Vec<PathBuf>> {
     let path = Path::new(source);
     if path.exists() {
         Ok(vec![path.to_path_buf()])
+    } else if super::hub::looks_like_dataset_id(source) {
+        super::hub::Hub::from_env().fetch(source)
     } else {
-        Err(missing_source(source))
+        Err(Error::file(source, "no such file (data.datasets names local .jsonl, .json or .parquet files, or hub datasets `org/name`)"))
     }
 }
 
@@ -114,24 +118,6 @@ pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
 
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
-}
-
-/// The error for a source that is not a local file: a hub id gets advice, anything else is a
-/// missing file.
-fn missing_source(source: &str) -> Error {
-    let looks_like_hub_id = source.matches('/').count() == 1
-        && !source.starts_with('.')
-        && !source.starts_with('/')
-        && !source.ends_with(".json")
-        && !source.ends_with(".jsonl");
-    if looks_like_hub_id {
-        Error::Unsupported(format!(
-            "data.datasets: `{source}` is not a local file and hub datasets are not fetched in this build; \
-             download the dataset as .jsonl or .json and name its path instead"
-        ))
-    } else {
-        Error::file(source, "no such file (data.datasets names local .jsonl or .json files)")
-    }
 }
 
 /// One row to a conversation, or what is wrong with it (without the place or expected shapes).
@@ -293,9 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn hub_ids_and_other_formats_are_refused_with_advice() {
-        let err = load("AI-ModelScope/alpaca-gpt4-data-en", false).unwrap_err().to_string();
-        assert!(err.contains("hub datasets are not fetched in this build"), "{err}");
+    fn missing_files_and_other_formats_are_refused_with_advice() {
         let err = load("missing/data.jsonl", false).unwrap_err().to_string();
         assert!(err.contains("no such file"), "{err}");
         let dir = tempfile::tempdir().unwrap();

@@ -122,8 +122,10 @@ fn bad_sources_and_tokenizer_paths_are_errors() {
     let mut r = recipe();
     r.data.datasets.clear();
     assert!(prepare(&r).unwrap_err().to_string().contains("data.datasets is empty"));
-    r.data.datasets = vec!["AI-ModelScope/alpaca-gpt4-data-en#500".into()];
-    assert!(prepare(&r).unwrap_err().to_string().contains("hub datasets are not fetched"));
+    // No network here: a hub dataset that is not in the hub cache is an error with advice.
+    r.data.datasets = vec!["trainer-tests/no-such-dataset#500".into()];
+    let err = prepare(&r).unwrap_err().to_string();
+    assert!(err.contains("`trainer-tests/no-such-dataset` is not a local file") && err.contains("point data.datasets"), "{err}");
     r.data.datasets = vec![TINY_DATA.to_string()];
     let err = prepare_with(&r, Path::new("/nonexistent/tokenizer.json"), &Cache::Off).unwrap_err().to_string();
     assert!(err.starts_with("/nonexistent/tokenizer.json:"), "{err}");
