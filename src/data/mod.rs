@@ -1,9 +1,9 @@
 //! Training data from a recipe, as ms-swift prepares it for `--dataset a.jsonl#500 b.json
 //! --system ... --max_length ...`:
 //!
-//! 1. [`source`]: read each `.jsonl` / `.json` / `.parquet` source, local or from a hub
-//!    dataset `org/name` ([`hub`]); rows in alpaca, messages or
-//!    sharegpt shape become [`Conversation`]s (bad rows: an error naming `FILE:LINE`, or
+//! 1. [`source`]: read each `.jsonl` / `.json` / `.parquet` ([`parquet`]) source, local or
+//!    from a hub dataset `org/name` ([`hub`]); rows in alpaca, messages or sharegpt shape
+//!    become [`Conversation`]s (bad rows: an error naming `FILE:LINE` or `FILE:row N`, or
 //!    skipped and counted with `data.skip_bad_rows`);
 //! 2. [`mix`]: `#N` sampling, the `data.val_split` hold-out per source, shuffling (seeded by
 //!    `train.seed`);
