@@ -1,5 +1,6 @@
-//! Samples to micro batches: padded (one row per sequence) or packed (several rows per
-//! sequence, `train.packing`).
+//! Samples to micro batches: padded (one row per sequence), packed (several rows per
+//! sequence, `train.packing`) or padding-free (a micro batch's rows in one sequence,
+//! `train.padding_free`).
 //!
 //! Every batch is `[batch_size, seq_len]`, row-major, in four flat vectors of length
 //! `batch_size * seq_len`:
@@ -12,6 +13,9 @@
 //!   batch this is the attention mask, in a packed one it keeps rows apart. A packed row's
 //!   first token is `<|im_start|>` with label -100, so the shifted loss never predicts across
 //!   rows.
+//!
+//! A padding-free batch is the packed layout without the padding: `batch_size` is 1 and
+//! `seq_len` is the sum of the micro batch's row lengths, so every segment id is non-zero.
 
 use super::tokenize::{Sample, IGNORE};
 
@@ -60,6 +64,21 @@ pub fn packed(samples: &[Sample], micro: usize, max_length: usize, pad_id: u32) 
         .map(|chunk| {
             let seq_len = chunk.iter().map(|s| s.iter().map(|r| r.len()).sum()).max().unwrap_or(0).max(max_length);
             assemble(chunk, seq_len, pad_id)
+        })
+        .collect()
+}
+
+/// Padding-free micro batches: each `micro` rows (the last may have fewer) concatenated into
+/// one sequence of exactly their total length (`batch_size` 1, no padding). Positions restart
+/// at 0 for each row and the segment ids number the rows 1, 2, ..., as in a packed sequence.
+pub fn padding_free(samples: &[Sample], micro: usize) -> Vec<Batch> {
+    samples
+        .chunks(micro.max(1))
+        .map(|rows| {
+            let seq: Vec<&Sample> = rows.iter().collect();
+            let seq_len = rows.iter().map(Sample::len).sum();
+            // No padding is laid out, so the pad id is never written.
+            assemble(&[seq], seq_len, 0)
         })
         .collect()
 }
@@ -134,5 +153,30 @@ mod tests {
         assert_eq!(b.position_ids[8..], [0, 1, 2, 3, 4, 5, 0, 1]);
         let tokens: usize = rows.iter().map(Sample::len).sum();
         assert_eq!(b.segment_ids.iter().filter(|&&s| s != 0).count(), tokens, "every token packed once");
+    }
+
+    #[test]
+    fn padding_free_concatenates_each_micro_batch_into_one_sequence() {
+        let rows = [sample(3, 10), sample(2, 20), sample(4, 30), sample(1, 40), sample(2, 50)];
+        let batches = padding_free(&rows, 2);
+        assert_eq!(batches.len(), 3);
+        let b = &batches[0];
+        assert_eq!((b.batch_size, b.seq_len), (1, 5));
+        assert_eq!(b.input_ids, [10, 11, 12, 20, 21]);
+        assert_eq!(b.labels, [IGNORE, 11, 12, IGNORE, 21]);
+        assert_eq!(b.position_ids, [0, 1, 2, 0, 1]);
+        assert_eq!(b.segment_ids, [1, 1, 1, 2, 2]);
+        let b = &batches[1];
+        assert_eq!((b.batch_size, b.seq_len), (1, 5));
+        assert_eq!(b.position_ids, [0, 1, 2, 3, 0]);
+        assert_eq!(b.segment_ids, [1, 1, 1, 1, 2]);
+        let last = &batches[2];
+        assert_eq!((last.batch_size, last.seq_len), (1, 2), "the last micro batch may be short");
+        assert_eq!(last.input_ids, [50, 51]);
+        assert_eq!(last.segment_ids, [1, 1]);
+        let all: Vec<u32> = batches.iter().flat_map(|b| b.input_ids.iter().copied()).collect();
+        let want: Vec<u32> = rows.iter().flat_map(|r| r.input_ids.iter().copied()).collect();
+        assert_eq!(all, want, "every token once, in order, and no padding");
+        assert!(padding_free(&[], 4).is_empty());
     }
 }

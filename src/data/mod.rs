@@ -1,8 +1,9 @@
 //! Training data from a recipe, as ms-swift prepares it for `--dataset a.jsonl#500 b.json
 //! --system ... --max_length ...`:
 //!
-//! 1. [`source`]: read each local `.jsonl` / `.json` source; rows in alpaca, messages or
-//!    sharegpt shape become [`Conversation`]s (bad rows: an error naming `FILE:LINE`, or
+//! 1. [`source`]: read each `.jsonl` / `.json` / `.parquet` ([`parquet`]) source, local or
+//!    from a hub dataset `org/name` ([`hub`]); rows in alpaca, messages or sharegpt shape
+//!    become [`Conversation`]s (bad rows: an error naming `FILE:LINE` or `FILE:row N`, or
 //!    skipped and counted with `data.skip_bad_rows`);
 //! 2. [`mix`]: `#N` sampling, the `data.val_split` hold-out per source, shuffling (seeded by
 //!    `train.seed`);
@@ -11,11 +12,19 @@
 //!    template default (`data.template`, default `qwen2_5`);
 //! 5. [`tokenize`]: ids and labels (loss on assistant content and its `<|im_end|>`), on
 //!    `data.num_proc` threads, `train.max_length` / `train.truncation` applied;
-//! 6. [`batch`]: padded or packed (`train.packing`) micro batches.
+//! 6. [`batch`]: padded, packed (`train.packing`) or padding-free (`train.padding_free`)
+//!    micro batches. With both `packing` and `padding_free` set, packing wins: a packed
+//!    sequence already keeps its rows apart by segment id, as a padding-free one does.
+//!
+//! Steps 1 to 5 are cached on disk ([`cache`]): a rerun on the same files, tokenizer and
+//! recipe reads the tokenised rows back ([`Prepared::cache_hit`]).
 
 pub mod batch;
+pub mod cache;
 pub mod cognition;
+pub mod hub;
 pub mod mix;
+pub mod parquet;
 pub mod source;
 pub mod template;
 pub mod tokenize;
@@ -23,6 +32,7 @@ pub mod tokenize;
 use std::path::{Path, PathBuf};
 
 pub use batch::Batch;
+pub use cache::Cache;
 pub use source::{Conversation, Role};
 pub use template::ChatTemplate;
 pub use tokenize::{Encoder, Sample, IGNORE};
@@ -48,11 +58,19 @@ pub struct Prepared {
     pub max_length: usize,
     /// `train.packing`.
     pub packing: bool,
+    /// `train.padding_free` (ignored when `packing` is also set: packing wins).
+    pub padding_free: bool,
+    /// Whether the rows were read from the token cache rather than tokenised now.
+    pub cache_hit: bool,
+    /// Things the caller should log: a cache file ignored as corrupt, one that could not be
+    /// written. Empty when all went well.
+    pub notes: Vec<String>,
 }
 
 impl Prepared {
     /// The training rows in micro batches of `micro` sequences: packed into `max_length`
-    /// sequences with `packing`, else padded. See [`batch`] for shapes.
+    /// sequences with `packing`, else `micro` rows concatenated into one unpadded sequence with
+    /// `padding_free`, else padded. See [`batch`] for shapes.
     pub fn train_batches(&self, micro: usize) -> Vec<Batch> {
         self.batches(&self.train, micro)
     }
@@ -65,6 +83,8 @@ impl Prepared {
     fn batches(&self, rows: &[Sample], micro: usize) -> Vec<Batch> {
         if self.packing {
             batch::packed(rows, micro, self.max_length, self.pad_id)
+        } else if self.padding_free {
+            batch::padding_free(rows, micro)
         } else {
             batch::padded(rows, micro, self.pad_id)
         }
@@ -90,21 +110,50 @@ pub fn tokenizer_path(model_dir: Option<&Path>, recipe: &Recipe) -> Result<PathB
 }
 
 /// Read, mix, template and tokenise the recipe's `data.datasets` with `tokenizer`
-/// (a `tokenizer.json`).
+/// (a `tokenizer.json`), through the token cache that [`Cache::from_env`] names.
 pub fn prepare(recipe: &Recipe, tokenizer: &Path) -> Result<Prepared> {
+    prepare_with(recipe, tokenizer, &Cache::from_env(recipe))
+}
+
+/// [`prepare`] with the cache given: [`Cache::Off`] neither reads nor writes one.
+pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<Prepared> {
     let data = &recipe.data;
     let specs = data.specs().map_err(Error::Data)?;
     if specs.is_empty() {
-        return Err(Error::data("data.datasets is empty; name at least one .jsonl or .json file"));
+        return Err(Error::data("data.datasets is empty; name at least one .jsonl, .json or .parquet file"));
     }
     let template = ChatTemplate::from_name(data.template.as_deref())?;
+    let files: Vec<Vec<PathBuf>> = specs.iter().map(|spec| source::resolve(&spec.source)).collect::<Result<_>>()?;
+    let mut notes = Vec::new();
+    let cache_file = match cache {
+        Cache::Off => None,
+        Cache::Dir(dir) => {
+            let mut key = cache::Key::new(recipe);
+            key.file(tokenizer).map_err(|e| Error::file(tokenizer, e))?;
+            for path in files.iter().flatten() {
+                key.file(path).map_err(|e| Error::file(path, e))?;
+            }
+            Some(dir.join(key.file_name()))
+        }
+    };
+    if let Some(path) = &cache_file {
+        match cache::read(path) {
+            Ok(Some(cached)) => return Ok(Prepared::new(cached, recipe, true, notes)),
+            Ok(None) => {}
+            Err(why) => notes.push(format!("{}: token cache file ignored ({why}); rebuilt", path.display())),
+        }
+    }
     let encoder = Encoder::from_file(tokenizer)?;
     let mut skipped_bad_rows = 0;
     let mut sources = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let loaded = source::load(&spec.source, data.skip_bad_rows)?;
-        skipped_bad_rows += loaded.skipped;
-        sources.push(mix::SourceRows { rows: loaded.rows, sample: spec.sample });
+    for (spec, paths) in specs.iter().zip(&files) {
+        let mut rows = Vec::new();
+        for path in paths {
+            let loaded = source::load_file(path, data.skip_bad_rows)?;
+            skipped_bad_rows += loaded.skipped;
+            rows.extend(loaded.rows);
+        }
+        sources.push(mix::SourceRows { rows, sample: spec.sample });
     }
     let split = mix::mix(sources, data.val_split, recipe.train.seed);
     let (train, train_dropped) = tokenize_rows(split.train, recipe, &template, &encoder)?;
@@ -117,15 +166,30 @@ pub fn prepare(recipe: &Recipe, tokenizer: &Path) -> Result<Prepared> {
             recipe.train.max_length, recipe.train.truncation
         )));
     }
-    Ok(Prepared {
-        train,
-        val,
-        pad_id: encoder.pad_id(),
-        skipped_bad_rows,
-        dropped_too_long,
-        max_length: recipe.train.max_length,
-        packing: recipe.train.packing,
-    })
+    let cached = cache::Cached { train, val, pad_id: encoder.pad_id(), skipped_bad_rows, dropped_too_long };
+    if let Some(path) = &cache_file {
+        if let Err(e) = cache::write(path, &cached) {
+            notes.push(format!("{}: token cache not written ({e}); the next run tokenises again", path.display()));
+        }
+    }
+    Ok(Prepared::new(cached, recipe, false, notes))
+}
+
+impl Prepared {
+    fn new(c: cache::Cached, recipe: &Recipe, cache_hit: bool, notes: Vec<String>) -> Prepared {
+        Prepared {
+            train: c.train,
+            val: c.val,
+            pad_id: c.pad_id,
+            skipped_bad_rows: c.skipped_bad_rows,
+            dropped_too_long: c.dropped_too_long,
+            max_length: recipe.train.max_length,
+            packing: recipe.train.packing,
+            padding_free: recipe.train.padding_free,
+            cache_hit,
+            notes,
+        }
+    }
 }
 
 /// Self-cognition, template and tokens for `rows`, in order; returns the kept samples and how

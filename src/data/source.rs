@@ -1,11 +1,11 @@
-//! Reading one `data.datasets` source: a local `.jsonl` (one row a line) or `.json` (an array of
-//! rows) file, each row in one of ms-swift's three shapes, detected per row and normalised to a
-//! [`Conversation`].
+//! Reading one `data.datasets` source: a local `.jsonl` (one row a line), `.json` (an array of
+//! rows) or `.parquet` (see [`super::parquet`]) file, each row in one of ms-swift's three
+//! shapes, detected per row and normalised to a [`Conversation`].
 //!
-//! Hub datasets (`AI-ModelScope/alpaca-gpt4-data-en`) and Parquet / CSV files are not read by
-//! this build: the error says to download the file and name its path.
+//! A hub dataset id (`org/name`) is fetched by [`super::hub`] and read as its local files. CSV
+//! and other formats are not read by this build: the error says which are.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -47,37 +47,59 @@ pub struct Loaded {
     pub skipped: usize,
 }
 
-/// Read `source` (a local path; relative to the working directory). A bad row is an error
+/// The files behind a `data.datasets` source (without its `#N`): the local file itself; for a
+/// hub dataset id (`org/name`, not a local path) the training files fetched into the hub cache
+/// (see [`super::hub`]); else an error naming the missing file.
+pub fn resolve(source: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(source);
+    if path.exists() {
+        Ok(vec![path.to_path_buf()])
+    } else if super::hub::looks_like_dataset_id(source) {
+        super::hub::Hub::from_env().fetch(source)
+    } else {
+        Err(Error::file(source, "no such file (data.datasets names local .jsonl, .json or .parquet files, or hub datasets `org/name`)"))
+    }
+}
+
+/// Read `source` (a `data.datasets` entry without its `#N`): every file [`resolve`] finds,
+/// read with [`load_file`], rows concatenated in file order.
+pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
+    let mut all = Loaded { rows: Vec::new(), skipped: 0 };
+    for path in resolve(source)? {
+        let loaded = load_file(&path, skip_bad_rows)?;
+        all.rows.extend(loaded.rows);
+        all.skipped += loaded.skipped;
+    }
+    Ok(all)
+}
+
+/// Read one local file (relative to the working directory). A bad row is an error
 /// `FILE:LINE: what; expected ...` (for `.json` arrays `FILE:element N:`, 0-based), or skipped
 /// and counted when `skip_bad_rows`.
-pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
-    let path = Path::new(source);
-    if !path.exists() {
-        return Err(missing_source(source));
-    }
+pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     // Each entry: where the row is (for messages) and the parsed value or the parse error.
     let entries: Vec<(String, std::result::Result<Value, String>)> = match ext.as_str() {
-        "jsonl" => text
+        "jsonl" => read_text(path)?
             .lines()
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| (format!("{}", i + 1), serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))))
             .collect(),
-        "json" => match serde_json::from_str::<Value>(&text) {
+        "json" => match serde_json::from_str::<Value>(&read_text(path)?) {
             Ok(Value::Array(items)) => {
                 items.into_iter().enumerate().map(|(i, v)| (format!("element {i}"), Ok(v))).collect()
             }
             Ok(_) => return Err(Error::file(path, "is not a JSON array of rows; a .json source is `[row, row, ...]`")),
             Err(e) => return Err(Error::file(path, format!("is not JSON: {e}"))),
         },
+        "parquet" => super::parquet::rows(path)?,
         _ => {
             return Err(Error::file(
                 path,
                 format!(
-                    "`.{ext}` files are not read by this build (Parquet, CSV and others are not supported); \
-                     expected a .jsonl file (one row a line) or a .json file (an array of rows)"
+                    "`.{ext}` files are not read by this build (CSV and others are not supported); \
+                     expected a .jsonl file (one row a line), a .json file (an array of rows) or a .parquet file"
                 ),
             ))
         }
@@ -94,22 +116,8 @@ pub fn load(source: &str, skip_bad_rows: bool) -> Result<Loaded> {
     Ok(Loaded { rows, skipped })
 }
 
-/// The error for a source that is not a local file: a hub id gets advice, anything else is a
-/// missing file.
-fn missing_source(source: &str) -> Error {
-    let looks_like_hub_id = source.matches('/').count() == 1
-        && !source.starts_with('.')
-        && !source.starts_with('/')
-        && !source.ends_with(".json")
-        && !source.ends_with(".jsonl");
-    if looks_like_hub_id {
-        Error::Unsupported(format!(
-            "data.datasets: `{source}` is not a local file and hub datasets are not fetched in this build; \
-             download the dataset as .jsonl or .json and name its path instead"
-        ))
-    } else {
-        Error::file(source, "no such file (data.datasets names local .jsonl or .json files)")
-    }
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
 }
 
 /// One row to a conversation, or what is wrong with it (without the place or expected shapes).
@@ -271,13 +279,12 @@ mod tests {
     }
 
     #[test]
-    fn hub_ids_and_other_formats_are_refused_with_advice() {
-        let err = load("AI-ModelScope/alpaca-gpt4-data-en", false).unwrap_err().to_string();
-        assert!(err.contains("hub datasets are not fetched in this build"), "{err}");
+    fn missing_files_and_other_formats_are_refused_with_advice() {
         let err = load("missing/data.jsonl", false).unwrap_err().to_string();
         assert!(err.contains("no such file"), "{err}");
         let dir = tempfile::tempdir().unwrap();
-        let parquet = write(&dir, "a.parquet", "PAR1");
-        assert!(load(&parquet, false).unwrap_err().to_string().contains("Parquet"));
+        let csv = write(&dir, "a.csv", "instruction,output\nQ,A\n");
+        let err = load(&csv, false).unwrap_err().to_string();
+        assert!(err.contains("`.csv` files are not read") && err.contains(".parquet file"), "{err}");
     }
 }
