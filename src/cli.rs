@@ -54,6 +54,12 @@ pub fn main() -> ExitCode {
 /// Entry point with a caller's registry: a program that adds its own family (see
 /// `examples/llama3_family.rs`) gets the whole CLI for it.
 pub fn main_with(registry: Registry) -> ExitCode {
+    #[cfg(unix)]
+    // SAFETY: called first thing on the main thread, before any other thread exists; restores
+    // the default disposition Rust's runtime replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match execute(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,

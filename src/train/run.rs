@@ -343,12 +343,16 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     // Data first: a bad row should not wait for the weights.
     let tok = tokenizer(r, plan)?;
     let prepared = data::prepare(r, &tok)?;
+    for note in &prepared.notes {
+        println!("data: {note}");
+    }
     println!(
-        "data: {} training rows, {} validation rows ({} bad rows skipped, {} too long dropped)",
+        "data: {} training rows, {} validation rows ({} bad rows skipped, {} too long dropped){}",
         prepared.train.len(),
         prepared.val.len(),
         prepared.skipped_bad_rows,
-        prepared.dropped_too_long
+        prepared.dropped_too_long,
+        if prepared.cache_hit { "; tokens from the cache" } else { "" }
     );
     let micro = r.train.micro_batch_size;
     let batches = prepared.train_batches(micro);
