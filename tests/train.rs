@@ -107,17 +107,55 @@ fn interrupted_and_resumed_run_is_bit_identical() {
 
 /// A trainer on the tiny recipe's model with fresh adapters (dropout off) and its first rows.
 fn tiny_trainer() -> (Trainer<Cpu>, Vec<Sample>, u32) {
+    tiny_trainer_with(Some(0.0), vec![])
+}
+
+/// As [`tiny_trainer`], with LoRA dropout `Some(p)` or full tuning (`None`), and recompute
+/// groups.
+fn tiny_trainer_with(lora_dropout: Option<f64>, recompute: Vec<std::ops::Range<usize>>) -> (Trainer<Cpu>, Vec<Sample>, u32) {
     let out = tempfile::tempdir().unwrap();
     let r = load(out.path(), &["lora.dropout=0"]).recipe;
     let plan = model::plan(&r.model, &Registry::builtin(), Fetch::All).unwrap();
-    let m = model::build::<Autodiff<Cpu>>(&plan, &r.model, Layout::SINGLE, &Default::default()).unwrap();
-    let cfg = LoraConfig { rank: 8, scale: 4.0, dropout: 0.0, seed: 3 };
-    let (m, _) = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap();
+    let mut m = model::build::<Autodiff<Cpu>>(&plan, &r.model, Layout::SINGLE, &Default::default()).unwrap();
+    if let Some(dropout) = lora_dropout {
+        let cfg = LoraConfig { rank: 8, scale: 4.0, dropout, seed: 3 };
+        m = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap().0;
+    }
     let opt = AdamW::new(AdamWConfig::from(&r.optimizer));
     let schedule = LrSchedule::new(&r.optimizer, &r.schedule, 10);
     let prepared = trainer::data::prepare(&r, Path::new("assets/tiny/tokenizer.json")).unwrap();
-    let t = Trainer::new(m, opt, schedule, 1.0, 5, vec![], Default::default());
+    let t = Trainer::new(m, opt, schedule, 1.0, 5, recompute, Default::default());
     (t, prepared.train[..8].to_vec(), prepared.pad_id)
+}
+
+#[test]
+fn recomputed_layers_give_the_gradients_of_kept_activations() {
+    // LoRA with dropout (the recomputed forward must draw the same masks) and full tuning
+    // (every weight, embeddings and norms included, gets its gradient from the recompute).
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for dropout in [Some(0.1), None] {
+        let reference = {
+            let (t, rows, pad) = tiny_trainer_with(dropout, vec![]);
+            t.gradients(1, &batch::padded(&rows, 4, pad)).unwrap()
+        };
+        for groups in [vec![0..1, 1..2], vec![0..2], vec![0..1]] {
+            let (t, rows, pad) = tiny_trainer_with(dropout, groups.clone());
+            let (loss, grads) = t.gradients(1, &batch::padded(&rows, 4, pad)).unwrap();
+            let what = format!("dropout {dropout:?}, groups {groups:?}");
+            close(loss, reference.0, &format!("{what}: loss"));
+            assert_eq!(grads.by_path.len(), reference.1.by_path.len(), "{what}: the same parameters get gradients");
+            for (path, g) in &grads.by_path {
+                let want: Vec<f32> = reference.1.by_path[path].clone().into_data().to_vec().unwrap();
+                let got: Vec<f32> = g.clone().into_data().to_vec().unwrap();
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-5 * scale, "{what}: gradient of {path} differs by {diff:e} (max {scale:e})");
+            }
+            if dropout.is_none() {
+                assert!(grads.by_path.contains_key("embed_tokens") && grads.by_path.contains_key("layers.0.input_layernorm.weight"));
+            }
+        }
+    }
 }
 
 fn close(a: f64, b: f64, what: &str) {

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
 
@@ -59,18 +59,18 @@ impl<B: Backend> Grads<B> {
 
 use burn::tensor::ElementConversion;
 
-/// Collect the gradients of the parameters of a module (after `backward`) into [`Grads`];
-/// `extra` supplies gradients computed outside the main graph (recomputed layers), by id.
+/// Add the gradients in `grads` (from one `backward`) of the parameters of `module` to
+/// `into`, by module path; `prefix` is the module's own path in the model (`["layers", "3"]`
+/// for a layer visited on its own).
 pub fn collect_grads<B: AutodiffBackend, M: Module<B>>(
     module: &M,
     grads: &B::Gradients,
-    extra: &dyn Fn(ParamId) -> Option<Tensor<B::InnerBackend, 1>>,
+    prefix: &[&str],
     into: &mut Grads<B::InnerBackend>,
 ) {
     struct Collector<'a, B: AutodiffBackend> {
         path: Vec<String>,
         grads: &'a B::Gradients,
-        extra: &'a dyn Fn(ParamId) -> Option<Tensor<B::InnerBackend, 1>>,
         into: &'a mut Grads<B::InnerBackend>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Collector<'_, B> {
@@ -81,16 +81,13 @@ pub fn collect_grads<B: AutodiffBackend, M: Module<B>>(
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let path = self.path.join(".");
             if let Some(g) = param.val().grad(self.grads) {
-                self.into.add(path.clone(), g);
-            }
-            if let Some(g) = (self.extra)(param.id) {
-                self.into.add(path, g);
+                self.into.add(self.path.join("."), g);
             }
         }
     }
-    module.visit(&mut Collector::<B> { path: Vec::new(), grads, extra, into });
+    let path = prefix.iter().map(|s| s.to_string()).collect();
+    module.visit(&mut Collector::<B> { path, grads, into });
 }
 
 /// First and second moments of one parameter and its own step count.

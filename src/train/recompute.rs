@@ -1,48 +1,93 @@
-//! Layer recompute: not in this commit yet; a recipe asking for it gets an error, not a silent
-//! run without it.
-use burn::backend::Autodiff;
-use burn::module::ParamId;
+//! Layer-level activation recompute (Megatron's `--recompute_granularity full`): a group of
+//! decoder layers keeps only its input during the forward pass and runs its forward again when
+//! the backward pass reaches it.
+//!
+//! Burn has no module-level checkpoint, and a nested backward inside an autodiff step
+//! deadlocks on burn-autodiff's graph mutex, so the pass is cut into segments instead (as
+//! PyTorch's `checkpoint_sequential` without reentrancy): the embedding, runs of kept layers,
+//! recomputed groups, and the head, each starting from a fresh leaf. The forward runs
+//! recomputed groups on tensors that track nothing and keeps their input; the backward walks
+//! the segments in reverse, replaying each recomputed group from its input with its
+//! parameters as fresh leaves (same `ParamId`s), and hands each segment the gradient of its
+//! output. Dropout draws the same masks both times: every layer reseeds the backend's
+//! generator with [`layer_seed`].
+
+use std::ops::Range;
+
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::{DecoderLayer, SequenceContext};
-use crate::recipe::{RecomputeGranularity, RecomputeSection};
+use crate::recipe::{RecomputeGranularity, RecomputeMethod, RecomputeSection};
 
-/// Parameter gradients computed inside recomputed groups (none without recompute).
-#[derive(Clone, Default)]
-pub struct GradSink<B: Backend> {
-    _backend: std::marker::PhantomData<B>,
+/// The layer groups recomputed in backward, from the recipe. `uniform`: consecutive groups of
+/// `num_layers` covering every layer; `block`: each of the first `num_layers` layers alone.
+pub fn groups(section: &RecomputeSection, num_layers: usize) -> Result<Vec<Range<usize>>> {
+    let n = section.num_layers.max(1);
+    match (section.granularity, section.method) {
+        (RecomputeGranularity::None, _) => Ok(vec![]),
+        (RecomputeGranularity::Full, RecomputeMethod::Uniform) => {
+            Ok((0..num_layers).step_by(n).map(|s| s..(s + n).min(num_layers)).collect())
+        }
+        (RecomputeGranularity::Full, RecomputeMethod::Block) => Ok((0..n.min(num_layers)).map(|i| i..i + 1).collect()),
+        (RecomputeGranularity::Selective, _) => Err(Error::Unsupported(
+            "train.recompute.granularity = \"selective\" (the attention core only) is not supported yet; use \"full\" \
+             (whole layers) or \"none\""
+                .into(),
+        )),
+    }
 }
 
-impl<B: Backend> GradSink<B> {
-    pub fn new() -> Self {
-        GradSink { _backend: Default::default() }
+/// Every float parameter of `module` cut from its graph (keeping its id); with `leaves`, the
+/// trainable ones become fresh leaves that ask for a gradient.
+pub fn remap<B: Backend, M: Module<B>>(module: M, leaves: bool) -> M {
+    struct Fresh {
+        fresh: bool,
     }
-    pub fn take(&self, _id: ParamId) -> Option<Tensor<B, 1>> {
-        None
+    impl<AB: Backend> ModuleMapper<AB> for Fresh {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+            let (id, t, mapper) = param.consume();
+            let grad = self.fresh && t.is_require_grad();
+            let t = t.detach();
+            Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
+        }
     }
+    module.map(&mut Fresh { fresh: leaves })
 }
 
-/// Forward `layers` in order (only reached with recompute groups, which [`groups`] refuses).
-pub fn checkpointed<B: Backend>(
-    layers: &[DecoderLayer<Autodiff<B>>],
-    mut x: Tensor<Autodiff<B>, 3>,
-    ctx: &SequenceContext<Autodiff<B>>,
-    _seed: u64,
-    _sink: &GradSink<B>,
-) -> Tensor<Autodiff<B>, 3> {
-    for l in layers {
+/// The seed of layer `layer`'s dropout in the pass seeded `seed`: per layer, so grouping
+/// layers for recompute draws exactly the masks a pass without recompute draws.
+pub fn layer_seed(seed: u64, layer: usize) -> u64 {
+    (seed ^ ((layer as u64 + 1) << 40)).wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Layers `first..` in order, each reseeding the backend's generator with its
+/// [`layer_seed`].
+pub fn run_layers<B: Backend>(layers: &[DecoderLayer<B>], first: usize, mut x: Tensor<B, 3>, ctx: &SequenceContext<B>, seed: u64) -> Tensor<B, 3> {
+    let device = x.device();
+    for (i, l) in layers.iter().enumerate() {
+        B::seed(&device, layer_seed(seed, first + i));
         x = l.forward(x, ctx);
     }
     x
 }
 
-pub fn groups(section: &RecomputeSection, _num_layers: usize) -> Result<Vec<std::ops::Range<usize>>> {
-    match section.granularity {
-        RecomputeGranularity::None => Ok(vec![]),
-        _ => Err(Error::Unsupported(
-            "train.recompute: layer recompute is not in this build yet; set train.recompute.granularity = \"none\"".into(),
-        )),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_follow_megatron_methods() {
+        let s = |granularity, method, num_layers| RecomputeSection { granularity, method, num_layers };
+        use RecomputeGranularity::*;
+        use RecomputeMethod::*;
+        assert_eq!(groups(&s(None, Uniform, 1), 4).unwrap(), vec![]);
+        assert_eq!(groups(&s(Full, Uniform, 1), 3).unwrap(), vec![0..1, 1..2, 2..3]);
+        assert_eq!(groups(&s(Full, Uniform, 2), 5).unwrap(), vec![0..2, 2..4, 4..5]);
+        assert_eq!(groups(&s(Full, Block, 2), 5).unwrap(), vec![0..1, 1..2]);
+        assert_eq!(groups(&s(Full, Block, 9), 2).unwrap(), vec![0..1, 1..2]);
+        assert!(groups(&s(Selective, Uniform, 1), 2).unwrap_err().to_string().contains("selective"));
     }
 }

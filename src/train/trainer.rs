@@ -13,11 +13,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use super::optimizer::{collect_grads, AdamW, Grads};
-use super::recompute::{self, GradSink};
+use super::recompute;
 use super::schedule::LrSchedule;
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::model::{causal_lm_loss, CausalLm};
+use crate::model::{causal_lm_loss, CausalLm, SequenceContext};
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +44,6 @@ pub struct Trainer<B: Backend> {
     pub seed: u64,
     /// Layer groups recomputed in backward instead of kept.
     pub recompute: Vec<Range<usize>>,
-    sink: GradSink<B>,
     pub device: B::Device,
 }
 
@@ -98,7 +97,7 @@ fn batch_loss<B: Backend>(
 
 impl<B: Backend> Trainer<B> {
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
-        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, sink: GradSink::new(), device }
+        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, device }
     }
 
     pub fn model(&self) -> &CausalLm<Autodiff<B>> {
@@ -140,33 +139,96 @@ impl<B: Backend> Trainer<B> {
         let mut loss_sum = 0.0f64;
         for (k, b) in micro_batches.iter().enumerate() {
             let seed = stream_seed(self.seed, step, k);
-            <Autodiff<B> as Backend>::seed(&self.device, seed);
-            let groups = &self.recompute;
-            let sink = &self.sink;
-            let layers = |mut x: Tensor<Autodiff<B>, 3>, ctx: &crate::model::SequenceContext<Autodiff<B>>| {
-                let mut i = 0;
-                while i < model.layers.len() {
-                    match groups.iter().find(|g| g.start == i) {
-                        Some(g) => {
-                            let group_seed = seed ^ ((g.start as u64 + 1) << 40);
-                            x = recompute::checkpointed(&model.layers[g.clone()], x, ctx, group_seed, sink);
-                            i = g.end;
-                        }
-                        None => {
-                            x = model.layers[i].forward(x, ctx);
-                            i += 1;
-                        }
-                    }
-                }
-                x
+            let t = upload(b, &self.device);
+            loss_sum += if self.recompute.is_empty() {
+                let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
+                    recompute::run_layers(&model.layers, 0, x, ctx, seed)
+                };
+                let sum = batch_loss(model, t, &layers);
+                let value: f32 = sum.clone().into_scalar().elem();
+                let g = (sum / tokens as f64).backward();
+                collect_grads(model, &g, &[], &mut grads);
+                value as f64
+            } else {
+                self.segmented(model, t, seed, 1.0 / tokens as f64, &mut grads)?
             };
-            let sum = batch_loss(model, upload(b, &self.device), &layers);
-            let value: f32 = sum.clone().into_scalar().elem();
-            loss_sum += value as f64;
-            let g = (sum / tokens as f64).backward();
-            collect_grads(model, &g, &|id| self.sink.take(id), &mut grads);
         }
         Ok((loss_sum / tokens as f64, grads))
+    }
+
+    /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
+    /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
+    fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<f64> {
+        let missing = || Error::Internal("a segment's input received no gradient".into());
+        let ctx = model.context(t.positions, Some(t.segments));
+        let n = model.layers.len();
+        let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
+        let mut i = 0;
+        while i < n {
+            match self.recompute.iter().find(|g| g.start == i) {
+                Some(g) => segments.push((g.clone(), true)),
+                None => {
+                    let end = self.recompute.iter().map(|g| g.start).filter(|&s| s > i).min().unwrap_or(n);
+                    segments.push((i..end, false));
+                }
+            }
+            i = segments.last().map_or(n, |s| s.0.end);
+        }
+        // Forward: kept segments record their graph from a fresh leaf; recomputed ones only
+        // their input.
+        enum Saved<B: Backend> {
+            Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3> },
+            Recomputed { input: Tensor<B, 3> },
+        }
+        let embedded = model.embed(t.ids);
+        let mut prev = embedded.clone().inner();
+        let mut saved = Vec::with_capacity(segments.len());
+        for (r, recomputed) in &segments {
+            if *recomputed {
+                let untracked: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::remap(l.clone(), false)).collect();
+                let y = recompute::run_layers(&untracked, r.start, Tensor::from_inner(prev.clone()), &ctx, seed);
+                saved.push(Saved::Recomputed { input: prev });
+                prev = y.inner();
+            } else {
+                let input = Tensor::from_inner(prev).require_grad();
+                let output = recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed);
+                prev = output.clone().inner();
+                saved.push(Saved::Kept { input, output });
+            }
+        }
+        let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
+        let sum = causal_lm_loss(model.logits(model.norm.forward(h.clone())), t.labels).sum;
+        let value: f32 = sum.clone().into_scalar().elem();
+        let g = (sum * scale).backward();
+        collect_grads(model, &g, &[], grads);
+        let mut grad_out = h.grad(&g).ok_or_else(missing)?;
+        // Backward, segment by segment from the head down.
+        for ((r, _), s) in segments.iter().zip(saved).rev() {
+            let (input, output, fresh) = match s {
+                Saved::Kept { input, output } => (input, output, None),
+                Saved::Recomputed { input } => {
+                    let input = Tensor::<Autodiff<B>, 3>::from_inner(input).require_grad();
+                    let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::remap(l.clone(), true)).collect();
+                    let output = recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed);
+                    (input, output, Some(fresh))
+                }
+            };
+            let g = (output * Tensor::from_inner(grad_out)).sum().backward();
+            match fresh {
+                None => collect_grads(model, &g, &[], grads),
+                Some(layers) => {
+                    for (j, l) in layers.iter().enumerate() {
+                        collect_grads(l, &g, &["layers", &(r.start + j).to_string()], grads);
+                    }
+                }
+            }
+            grad_out = input.grad(&g).ok_or_else(missing)?;
+        }
+        if !embedded.clone().into_primitive().tensor().node.requirement.is_none() {
+            let g = (embedded * Tensor::from_inner(grad_out)).sum().backward();
+            collect_grads(model, &g, &[], grads);
+        }
+        Ok(value as f64)
     }
 
     /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`.
