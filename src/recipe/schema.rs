@@ -474,7 +474,9 @@ pub struct DataSection {
     /// Chat template name (`--template`). Default: the model family's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// Data-loader threads running ahead of the GPU, 1 or more (`--num_workers`). Default 1.
+    /// Data-loader threads, 1 or more (`--num_workers`). Accepted for ms-swift recipes; trainer
+    /// tokenises every row before step 1 (on `num_proc` threads) and takes batches from memory,
+    /// so no loader runs beside the training loop. Default 1.
     pub num_workers: usize,
     /// Tokenisation threads, 1 or more (`--dataset_num_proc`). Default 1.
     pub num_proc: usize,
