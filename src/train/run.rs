@@ -176,13 +176,17 @@ fn is_lora(path: &str) -> bool {
     path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b")
 }
 
-/// The trainable tensors of `model` under their Hugging Face / peft names.
-fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
-    let keep: &dyn Fn(&str) -> bool = match tuning {
+/// Which parameters (by Burn path) `tuning` trains, and so checkpoints hold.
+fn is_trained(tuning: Tuning) -> &'static dyn Fn(&str) -> bool {
+    match tuning {
         Tuning::Lora => &is_lora,
         Tuning::Full => &|_| true,
-    };
-    named_params(model, keep)
+    }
+}
+
+/// The trainable tensors of `model` under their Hugging Face / peft names.
+fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
+    named_params(model, is_trained(tuning))
         .into_iter()
         .map(|(path, t, rank)| {
             let n = hf_name(model, &path);
@@ -202,11 +206,7 @@ fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTenso
 fn load_hf_tensors<B: Backend>(model: CausalLm<B>, file: &Path, tuning: Tuning) -> Result<CausalLm<B>> {
     let mut tensors = ckpt::read_safetensors(file)?;
     let names: BTreeMap<String, (String, bool)> = {
-        let keep: &dyn Fn(&str) -> bool = match tuning {
-            Tuning::Lora => &is_lora,
-            Tuning::Full => &|_| true,
-        };
-        named_params(&model, keep)
+        named_params(&model, is_trained(tuning))
             .into_iter()
             .map(|(path, _, _)| {
                 let n = hf_name(&model, &path);
