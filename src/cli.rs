@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::backend;
 use crate::error::{Error, Result};
+use crate::export;
 use crate::model::{self, hub::Fetch, summary, Registry};
 use crate::recipe::{self, LoadedRecipe, Tuning};
 use crate::train;
@@ -38,9 +39,42 @@ pub enum Command {
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
     },
-    /// Turn a run into Hugging Face / peft artifacts.
+    /// Turn a run into a merged Hugging Face model, a peft adapter, or a merged base for a
+    /// further trainer stage. Reads the recipe the run saved: no flags to repeat.
     Export {
+        /// A run folder (its latest complete checkpoint) or a checkpoint-N folder.
         run_dir: PathBuf,
+        /// What to write.
+        #[arg(long, value_enum)]
+        to: export::Target,
+        /// Folder to create (must not exist or be empty, unless --overwrite).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Stored dtype: default the recipe's model.dtype for hf, f32 for peft and native.
+        #[arg(long, value_parser = ["bf16", "f16", "f32"])]
+        dtype: Option<String>,
+        /// Largest weight file, as transformers' max_shard_size: 5GB, 500MB, 2GiB, bytes.
+        #[arg(long, default_value = "5GB", value_name = "SIZE")]
+        max_shard_size: String,
+        /// Replace a non-empty --out folder (only once the new export is complete).
+        #[arg(long)]
+        overwrite: bool,
+        /// MoE expert adapters with --to peft: `fused` for transformers >= 5 (peft
+        /// target_parameters), `per-expert` for transformers 4.x.
+        #[arg(long, value_enum, default_value = "fused")]
+        peft_experts: export::PeftExperts,
+        /// Compare the trained model and the export on one chat sample; fail when the mean
+        /// |logit diff| on label positions exceeds --precision-threshold.
+        #[arg(long)]
+        test_precision: bool,
+        #[arg(long, default_value_t = 0.1, value_name = "X")]
+        precision_threshold: f64,
+        /// Device of the precision check (cpu, cuda, auto); default the recipe's.
+        #[arg(long)]
+        device: Option<String>,
+        /// Also write the precision sample's ids and both logits to this safetensors file.
+        #[arg(long, value_name = "FILE", requires = "test_precision")]
+        precision_logits: Option<PathBuf>,
     },
     /// List the registered model families.
     Models,
@@ -99,10 +133,69 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             );
             Ok(())
         }
-        Command::Export { run_dir } => Err(Error::Unsupported(format!(
-            "{}: export (merge LoRA, write Hugging Face / peft folders) is not in this build of trainer yet",
-            run_dir.display()
-        ))),
+        Command::Export {
+            run_dir,
+            to,
+            out,
+            dtype,
+            max_shard_size,
+            overwrite,
+            peft_experts,
+            test_precision,
+            precision_threshold,
+            device,
+            precision_logits,
+        } => {
+            let dtype = dtype.map(|d| match d.as_str() {
+                "f16" => recipe::DType::F16,
+                "f32" => recipe::DType::F32,
+                _ => recipe::DType::Bf16,
+            });
+            let max_shard_bytes = export::shards::parse_size(&max_shard_size)
+                .map_err(|e| Error::Unsupported(format!("--max-shard-size: {e}")))?;
+            let device = match device.as_deref() {
+                None => None,
+                Some("cpu") => Some(recipe::Device::Cpu),
+                Some("cuda") => Some(recipe::Device::Cuda),
+                Some("auto") => Some(recipe::Device::Auto),
+                Some(other) => return Err(Error::Unsupported(format!("--device {other}: expected cpu, cuda or auto"))),
+            };
+            let req = export::ExportRequest {
+                run: run_dir,
+                to,
+                out,
+                dtype,
+                max_shard_bytes,
+                overwrite,
+                peft_experts,
+                test_precision: test_precision.then_some(precision_threshold),
+                device,
+                precision_logits,
+            };
+            let report = export::export(&req, registry)?;
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            println!(
+                "exported {} ({} tensors{}, {}) to {}: {}",
+                report.checkpoint.display(),
+                report.tensors,
+                if report.merged > 0 { format!(", {} adapters merged", report.merged) } else { String::new() },
+                format!("{:?}", report.dtype).to_lowercase(),
+                report.out.display(),
+                report.files.join(", ")
+            );
+            if let Some(p) = &report.precision {
+                println!("{p}");
+                if !p.passed() {
+                    return Err(Error::Data(format!(
+                        "precision check failed: mean |logit diff| on label positions {:.3e} > --precision-threshold {}; the export is in {}",
+                        p.label_mean, p.threshold, report.out.display()
+                    )));
+                }
+            }
+            Ok(())
+        }
     }
 }
 

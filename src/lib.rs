@@ -2,12 +2,14 @@
 //!
 //! A TOML [`recipe`] describes the job; [`model`] compiles it into a Burn module tree for a
 //! registered family; [`parallel`] says how layers split across ranks; [`backend`] picks the
-//! device. Hot-path operations live in the `kernels-cubecl` crate.
+//! device; [`train`] runs the job and [`export`] turns its checkpoints into Hugging Face / peft
+//! folders. Hot-path operations live in the `kernels-cubecl` crate.
 
 pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod parallel;

@@ -26,6 +26,11 @@ pub trait ModelFamily: Send + Sync {
     fn ignores_tensor(&self, name: &str) -> bool {
         name.ends_with("rotary_emb.inv_freq")
     }
+    /// The transformers class an exported `config.json` names in `architectures` when the
+    /// base config has none (a model built from an inline `[model.config]`).
+    fn hf_architecture(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The families a binary knows.

@@ -12,6 +12,7 @@ pub mod qwen3;
 pub mod qwen3_moe;
 pub mod spec;
 pub mod summary;
+pub mod tensors;
 pub mod weights;
 
 use std::path::PathBuf;

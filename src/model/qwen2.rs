@@ -16,6 +16,9 @@ impl ModelFamily for Qwen2 {
     fn description(&self) -> &'static str {
         "Qwen2 / Qwen2.5 dense (GQA, q/k/v bias, SwiGLU)"
     }
+    fn hf_architecture(&self) -> Option<&'static str> {
+        Some("Qwen2ForCausalLM")
+    }
     fn model_types(&self) -> &'static [&'static str] {
         &["qwen2"]
     }

@@ -16,6 +16,9 @@ impl ModelFamily for Qwen3 {
     fn description(&self) -> &'static str {
         "Qwen3 dense (GQA, per-head q/k RMSNorm, no bias)"
     }
+    fn hf_architecture(&self) -> Option<&'static str> {
+        Some("Qwen3ForCausalLM")
+    }
     fn model_types(&self) -> &'static [&'static str] {
         &["qwen3"]
     }

@@ -18,6 +18,9 @@ impl ModelFamily for Qwen3Moe {
     fn description(&self) -> &'static str {
         "Qwen3 mixture of experts (router softmax, top-k, norm_topk_prob, per-layer sparse/dense)"
     }
+    fn hf_architecture(&self) -> Option<&'static str> {
+        Some("Qwen3MoeForCausalLM")
+    }
     fn model_types(&self) -> &'static [&'static str] {
         &["qwen3_moe"]
     }

@@ -180,6 +180,83 @@ impl Checkpoint {
     }
 }
 
+/// What a tensor of a checkpoint was when a run read it: enough to tell later whether the same
+/// base weights are still there (`base_weights.json` of a run; export checks it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorPrint {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// SHA-256 of the tensor's bytes as stored.
+    pub sha256: String,
+}
+
+impl Checkpoint {
+    /// The stored dtype and shape of `name`, from the file header.
+    pub fn header(&mut self, name: &str) -> Result<(Dtype, Vec<usize>)> {
+        let file = self.file_of(name)?;
+        let path = self.dir.join(&file);
+        let map = self.map(&file)?;
+        let st = parse(&path, map)?;
+        let view = st.tensor(name).map_err(|e| Error::file(&path, format!("tensor `{name}`: {e}")))?;
+        Ok((view.dtype(), view.shape().to_vec()))
+    }
+
+    /// Tensor `name` in f32 with the shape its file gives (for tensors outside the
+    /// architecture's table, such as old rotary buffers, copied as they are).
+    pub fn read_as_stored(&mut self, name: &str) -> Result<HostTensor> {
+        let (_, shape) = self.header(name)?;
+        self.tensor(TensorRequest { name, shape: &shape, slice: None, init: InitKind::Zeros })
+    }
+
+    fn file_of(&self, name: &str) -> Result<String> {
+        self.index
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::model(format!("{}: tensor `{name}` is not in the checkpoint", self.dir.display())))
+    }
+
+    /// A [`TensorPrint`] of every tensor, hashed on all cores (a 15 GB checkpoint takes seconds).
+    pub fn fingerprints(&mut self) -> Result<BTreeMap<String, TensorPrint>> {
+        let files: BTreeSet<String> = self.index.values().cloned().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut out = BTreeMap::new();
+        for file in files {
+            let names: Vec<String> = self.index.iter().filter(|(_, f)| **f == file).map(|(n, _)| n.clone()).collect();
+            let path = self.dir.join(&file);
+            let map = self.map(&file)?;
+            let st = parse(&path, map)?;
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let results: Vec<Result<Vec<(String, TensorPrint)>>> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..threads.min(names.len()).max(1))
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut mine = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(name) = names.get(i) else { return Ok(mine) };
+                                let view = st
+                                    .tensor(name)
+                                    .map_err(|e| Error::file(&path, format!("tensor `{name}` listed but not readable: {e}")))?;
+                                let print = TensorPrint {
+                                    dtype: format!("{:?}", view.dtype()),
+                                    shape: view.shape().to_vec(),
+                                    sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(view.data())),
+                                };
+                                mine.push((name.clone(), print));
+                            }
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(Error::Internal("hashing thread panicked".into())))).collect()
+            });
+            for r in results {
+                out.extend(r?);
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn map_file(path: &Path) -> Result<Mmap> {
     let f = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
     // SAFETY: the file is opened read-only; a checkpoint modified while training runs is

@@ -14,6 +14,7 @@
 //!     recipe.toml               the record export and resume read
 //!     trainer_state.json        step, data position, seeds, per-parameter optimizer steps
 //!     optimizer.safetensors     AdamW moments by module path (unless save_optimizer = false)
+//!     base_weights.json         SHA-256 of every base tensor (pretrained bases; export checks it)
 //! ```
 
 use std::collections::BTreeMap;

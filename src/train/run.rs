@@ -300,6 +300,11 @@ fn save_checkpoint<B: Backend>(
             }
         }
         ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
+        let prints = run_dir.join(crate::export::BASE_WEIGHTS);
+        if prints.is_file() {
+            let bytes = std::fs::read(&prints).map_err(|e| Error::file(&prints, format!("cannot read: {e}")))?;
+            ckpt::write_synced(&dir.join(crate::export::BASE_WEIGHTS), &bytes)?;
+        }
         let mut state = state.clone();
         if r.checkpoint.save_optimizer {
             let mut moments = Vec::new();
@@ -385,6 +390,11 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
         _ => {
             let dir = new_run_dir(r, &loaded.source)?;
             ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
+            // What the base weights were, so export can tell when they changed under the run.
+            if let Some(prints) = crate::export::base_fingerprints(r, plan)? {
+                let json = serde_json::to_string(&prints).map_err(|e| Error::Internal(e.to_string()))?;
+                ckpt::write_synced(&dir.join(crate::export::BASE_WEIGHTS), json.as_bytes())?;
+            }
             dir
         }
     };
