@@ -111,3 +111,11 @@ fn run_refuses_what_it_cannot_train_with_a_sentence() {
         &["tokenizer.json"],
     );
 }
+
+#[test]
+fn export_refuses_bad_input_with_exit_code_2() {
+    assert_user_error(&["export", "tests/no-such-run", "--to", "hf", "--out", "/tmp/never"], &["tests/no-such-run", "no such folder"]);
+    assert_user_error(&["export", "tests", "--to", "hf", "--out", "/tmp/never"], &["no complete checkpoint-N"]);
+    assert_user_error(&["export", "tests", "--to", "hf", "--out", "/tmp/never", "--max-shard-size", "5XB"], &["--max-shard-size", "unknown unit"]);
+    assert!(!std::path::Path::new("/tmp/never").exists());
+}
