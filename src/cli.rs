@@ -76,6 +76,20 @@ pub enum Command {
         #[arg(long, value_name = "FILE", requires = "test_precision")]
         precision_logits: Option<PathBuf>,
     },
+    /// Time optimizer steps of the recipe's model on synthetic tokens (one micro batch of
+    /// train.micro_batch_size x train.max_length per step) and print one JSON line: s/step,
+    /// tokens/s, model FLOPs per token. `benches/` sets it beside the PyTorch baseline.
+    Bench {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Untimed steps first (CubeCL autotunes each new shape).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// List the registered model families.
     Models,
 }
@@ -110,6 +124,14 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             let loaded = recipe::load(&recipe, &set)?;
             let report = check(&loaded, registry)?;
             println!("{report}");
+            Ok(())
+        }
+        Command::Bench { recipe, set, warmup, steps } => {
+            let loaded = recipe::load(&recipe, &set)?;
+            let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
+            model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
+            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1))?;
+            println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }
         Command::Models => {

@@ -1,6 +1,7 @@
 //! Training: the optimizer step over a global batch ([`trainer`]), AdamW ([`optimizer`]), the
 //! learning-rate schedule, layer recompute, checkpoints and the `trainer run` loop ([`run`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod metrics;
 pub mod names;

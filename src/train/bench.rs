@@ -1,0 +1,193 @@
+//! `trainer bench`: optimizer steps of a recipe's model on synthetic tokens, timed after a
+//! warm-up, for `benches/` to set beside the PyTorch baseline. Each step is one micro batch of
+//! `train.micro_batch_size` x `train.max_length` random token ids, labels = ids (every position
+//! trained), with the recipe's tuning, LoRA, recompute and optimizer.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::optimizer::{AdamW, AdamWConfig};
+use super::{recompute, LrSchedule, Trainer};
+use crate::backend::{self, BackendJob};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::lora::{self, LoraConfig, LoraTargets};
+use crate::model::spec::{ArchSpec, MlpSpec};
+use crate::model::{self, ModelPlan};
+use crate::parallel::Layout;
+use crate::recipe::{LoadedRecipe, Tuning};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub family: String,
+    pub device: String,
+    pub dtype: String,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub tuning: String,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    /// Seconds of each timed step (device synchronised at each end).
+    pub step_seconds: Vec<f64>,
+    pub s_per_step: f64,
+    pub tokens_per_s: f64,
+    /// Model FLOPs per trained token ([`flops_per_token`]).
+    pub flops_per_token: f64,
+    /// Seconds to build the model (random init or load) and attach adapters.
+    pub build_seconds: f64,
+    pub losses: Vec<f64>,
+}
+
+/// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
+/// matmul a token goes through (attention projections, the dense MLP or its top-k experts and
+/// router, the LM head) twice forward and twice more backward for the input gradient, twice
+/// more for weight gradients when the base is trained; the causal attention core
+/// (`QK^T` and `PV`, half of `seq` keys on average) forward and twice that backward. LoRA
+/// factors are counted as trained matmuls.
+pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_per_token: f64) -> f64 {
+    let (h, d) = (spec.hidden_size as f64, (spec.num_heads * spec.head_dim) as f64);
+    let kv = (spec.num_kv_heads * spec.head_dim) as f64;
+    let mut matmul = 0.0;
+    for l in &spec.layers {
+        matmul += h * d * 2.0 + h * kv * 2.0;
+        matmul += match l.mlp {
+            MlpSpec::Dense { intermediate_size } => 3.0 * h * intermediate_size as f64,
+            MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
+                top_k as f64 * 3.0 * h * intermediate_size as f64 + h * num_experts as f64
+            }
+        };
+    }
+    matmul += h * spec.vocab_size as f64;
+    let base = if full { 6.0 } else { 4.0 } * matmul;
+    let attention = 3.0 * 2.0 * seq_len as f64 * d * spec.layers.len() as f64;
+    base + 6.0 * lora_params_per_token + attention
+}
+
+pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize) -> Result<BenchReport> {
+    let r = &loaded.recipe;
+    backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps })
+}
+
+struct Job<'a> {
+    loaded: &'a LoadedRecipe,
+    plan: &'a ModelPlan,
+    warmup: usize,
+    steps: usize,
+}
+
+impl BackendJob for Job<'_> {
+    type Output = BenchReport;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<BenchReport> {
+        let r = &self.loaded.recipe;
+        let sync = |d: &B::Device| B::sync(d).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")));
+        let t0 = Instant::now();
+        let mut m = model::build::<Autodiff<B>>(self.plan, &r.model, Layout::SINGLE, &device)?;
+        let mut lora_params = 0.0;
+        if r.train.tuning == Tuning::Lora {
+            let targets = LoraTargets::parse(&r.lora.targets)?;
+            let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
+            m = lora::apply(m, &targets, &cfg)?.0;
+            // Adapter FLOPs per token: dense layers see every token, experts top_k / E of them.
+            for (path, linear) in m.linears_mut() {
+                if linear.lora.is_some() {
+                    let (i, o) = linear.dims();
+                    let share = expert_share(&self.plan.spec, &path);
+                    lora_params += share * (r.lora.rank * (i + o)) as f64;
+                }
+            }
+        }
+        sync(&device)?;
+        let build_seconds = t0.elapsed().as_secs_f64();
+        let groups = recompute::groups(&r.train.recompute, m.layers.len())?;
+        let schedule = LrSchedule::new(&r.optimizer, &r.schedule, self.warmup + self.steps);
+        let mut trainer = Trainer::new(m, AdamW::new(AdamWConfig::from(&r.optimizer)), schedule, r.train.gradient_clip, r.train.seed, groups, device.clone());
+        let (micro, seq) = (r.train.micro_batch_size, r.train.max_length);
+        let vocab = self.plan.spec.vocab_size as u32;
+        let mut rng = ChaCha8Rng::seed_from_u64(r.train.seed);
+        let mut batch = || {
+            let ids: Vec<u32> = (0..micro * seq).map(|_| rng.random_range(0..vocab)).collect();
+            Batch {
+                batch_size: micro,
+                seq_len: seq,
+                labels: ids.iter().map(|&i| i64::from(i)).collect(),
+                input_ids: ids,
+                position_ids: (0..micro).flat_map(|_| 0..seq as u32).collect(),
+                segment_ids: vec![1; micro * seq],
+            }
+        };
+        let mut step_seconds = Vec::new();
+        let mut losses = Vec::new();
+        for step in 1..=self.warmup + self.steps {
+            let b = batch();
+            sync(&device)?;
+            let t = Instant::now();
+            let stats = trainer.step(step, std::slice::from_ref(&b))?;
+            sync(&device)?;
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
+            losses.push(stats.loss);
+            if step > self.warmup {
+                step_seconds.push(secs);
+            }
+        }
+        let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
+        Ok(BenchReport {
+            family: self.plan.spec.family.clone(),
+            device: format!("{:?}", backend::resolve(r.device)).to_lowercase(),
+            // The CPU backend computes in f32 whatever model.dtype says.
+            dtype: if backend::resolve(r.device) == crate::recipe::Device::Cpu { "f32".into() } else { format!("{:?}", r.model.dtype).to_lowercase() },
+            micro_batch: micro,
+            seq_len: seq,
+            tuning: format!("{:?}", r.train.tuning).to_lowercase(),
+            warmup_steps: self.warmup,
+            steps: self.steps,
+            s_per_step,
+            tokens_per_s: (micro * seq) as f64 / s_per_step,
+            flops_per_token: flops_per_token(&self.plan.spec, seq, r.train.tuning == Tuning::Full, lora_params),
+            step_seconds,
+            build_seconds,
+            losses,
+        })
+    }
+}
+
+/// The fraction of tokens the linear at `path` sees: `top_k / num_experts` for an expert.
+fn expert_share(spec: &ArchSpec, path: &str) -> f64 {
+    let layer = path.strip_prefix("model.layers.").and_then(|p| p.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+    match layer.and_then(|i| spec.layers.get(i)).map(|l| &l.mlp) {
+        Some(MlpSpec::Moe { num_experts, top_k, .. }) if path.contains(".mlp.experts.") => *top_k as f64 / *num_experts as f64,
+        _ => 1.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{hub::Fetch, Registry};
+    use crate::recipe::ModelSection;
+
+    #[test]
+    fn flops_of_qwen2_5_7b_are_about_four_times_its_parameters() {
+        let section = ModelSection { path: Some("tests/data/qwen2.5-7b-instruct".into()), ..Default::default() };
+        let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
+        // 7.62B parameters of which 0.54B are the (untied) embedding lookup: 7.07B in matmuls.
+        let f = flops_per_token(&plan.spec, 2048, false, 0.0);
+        let matmul = (f - 3.0 * 2.0 * 2048.0 * 3584.0 * 28.0) / 4.0;
+        assert!((matmul / 1e9 - 7.07).abs() < 0.01, "{}", matmul / 1e9);
+        assert!(flops_per_token(&plan.spec, 2048, true, 0.0) > f);
+    }
+
+    #[test]
+    fn experts_see_top_k_of_the_tokens() {
+        let section = ModelSection { path: Some("tests/data/qwen3-30b-a3b".into()), ..Default::default() };
+        let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
+        assert_eq!(expert_share(&plan.spec, "model.layers.3.mlp.experts.17.up_proj"), 8.0 / 128.0);
+        assert_eq!(expert_share(&plan.spec, "model.layers.3.self_attn.q_proj"), 1.0);
+    }
+}
