@@ -94,7 +94,7 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = x.clone().matmul(self.weight.val().unsqueeze());
+        let y = crate::backend::linear_matmul(x.clone(), self.weight.val());
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,

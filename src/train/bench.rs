@@ -41,6 +41,9 @@ pub struct BenchReport {
     /// Seconds to build the model (random init or load) and attach adapters.
     pub build_seconds: f64,
     pub losses: Vec<f64>,
+    /// cuBLAS path against Burn's f32 matmul on random bf16 operands (CUDA bf16 runs only):
+    /// max |diff| / max |reference| of the forward and both gradients.
+    pub gemm_check: Option<serde_json::Value>,
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
@@ -70,7 +73,18 @@ pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_
 
 pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize) -> Result<BenchReport> {
     let r = &loaded.recipe;
-    backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps })
+    // First, whether the GEMM path the steps will take computes what Burn's matmul does (bf16
+    // only: Burn fixes a CUDA device's float dtype at its first tensor).
+    #[cfg(feature = "cuda")]
+    let check = (backend::resolve(r.device) == crate::recipe::Device::Cuda && r.model.dtype == crate::recipe::DType::Bf16)
+        .then(|| backend::cublas::self_check(&Default::default()));
+    #[allow(unused_mut)]
+    let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps })?;
+    #[cfg(feature = "cuda")]
+    {
+        report.gemm_check = check.and_then(|c| serde_json::to_value(c).ok());
+    }
+    Ok(report)
 }
 
 struct Job<'a> {
@@ -153,6 +167,7 @@ impl BackendJob for Job<'_> {
             step_seconds,
             build_seconds,
             losses,
+            gemm_check: None,
         })
     }
 }

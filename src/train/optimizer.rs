@@ -45,7 +45,7 @@ impl<B: Backend> Grads<B> {
         if squares.is_empty() {
             return 0.0;
         }
-        let total: f32 = Tensor::cat(squares, 0).sum().into_scalar().elem();
+        let total = super::trainer::scalar_f32(Tensor::cat(squares, 0).sum());
         (total as f64).sqrt()
     }
 
@@ -57,7 +57,6 @@ impl<B: Backend> Grads<B> {
     }
 }
 
-use burn::tensor::ElementConversion;
 
 /// Add the gradients in `grads` (from one `backward`) of the parameters of `module` to
 /// `into`, by module path; `prefix` is the module's own path in the model (`["layers", "3"]`

@@ -10,7 +10,7 @@ use std::ops::Range;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::optimizer::{collect_grads, AdamW, Grads};
 use super::recompute;
@@ -145,7 +145,7 @@ impl<B: Backend> Trainer<B> {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
                 let sum = batch_loss(model, t, &layers);
-                let value: f32 = sum.clone().into_scalar().elem();
+                let value = scalar_f32(sum.clone());
                 let g = (sum / tokens as f64).backward();
                 collect_grads(model, &g, &[], &mut grads);
                 value as f64
@@ -198,7 +198,7 @@ impl<B: Backend> Trainer<B> {
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
         let sum = causal_lm_loss(model.logits(model.norm.forward(h.clone())), t.labels).sum;
-        let value: f32 = sum.clone().into_scalar().elem();
+        let value = scalar_f32(sum.clone());
         let g = (sum * scale).backward();
         collect_grads(model, &g, &[], grads);
         let mut grad_out = h.grad(&g).ok_or_else(missing)?;
@@ -247,10 +247,17 @@ impl<B: Backend> Trainer<B> {
                 }
                 x
             };
-            let s: f32 = batch_loss(&model, upload(b, &self.device), &layers).into_scalar().elem();
+            let s = scalar_f32(batch_loss(&model, upload(b, &self.device), &layers));
             sum += s as f64;
             tokens += n;
         }
         (if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens)
     }
+}
+
+/// The value of a one-element tensor as f32, read in the tensor's own dtype: `into_scalar`
+/// would convert through the backend's float type (bf16 on a bf16 device) and round an f32 loss
+/// sum to 3 significant digits.
+pub(crate) fn scalar_f32<B: Backend>(t: Tensor<B, 1>) -> f32 {
+    t.into_data().convert::<f32>().as_slice::<f32>().ok().and_then(|s| s.first().copied()).unwrap_or(f32::NAN)
 }

@@ -5,6 +5,10 @@
 //! recipe's `model.dtype`.
 
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+#[cfg(feature = "cuda")]
+pub mod cublas;
 
 use crate::error::Result;
 use crate::recipe::{DType, Device};
@@ -57,4 +61,15 @@ fn run_cuda<J: BackendJob>(_dtype: DType, _job: J) -> Result<J::Output> {
          `cargo build --release --features cuda`, or set device = \"cpu\" or \"auto\""
             .into(),
     ))
+}
+
+/// `x @ w` of a linear layer (`x: [..., in]`, `w: [in, out]`): cuBLAS on CUDA in bf16 / f16
+/// (`cublas.rs`), Burn's matmul on every other backend.
+pub fn linear_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    #[cfg(feature = "cuda")]
+    let (x, w) = match cublas::try_matmul(x, w) {
+        Ok(y) => return y,
+        Err(inputs) => inputs,
+    };
+    x.matmul(w.unsqueeze())
 }

@@ -1,0 +1,285 @@
+//! The model's large GEMMs through cuBLAS on CUDA (bf16 / f16 storage, f32 accumulation), on the
+//! memory of Burn's own tensors, as a Burn autodiff op with its own backward.
+//!
+//! Burn's CUDA matmul reaches 218 TFLOP/s on an H200 where cuBLAS reaches 783 on the same memory
+//! (shared/PLATFORM.md). The model stays generic over its backend: [`try_matmul`] recognises the
+//! concrete CUDA backends at run time (a type check, no unsafe casts) and hands every other
+//! backend back unchanged. `TRAINER_CUBLAS=0` turns it off (Burn's matmul everywhere), for
+//! comparisons.
+//!
+//! Ordering with CubeCL: CubeCL runs kernels on its own streams and does not expose them, so a
+//! GEMM waits for the device to finish the work queued before it (`Backend::sync`), runs on a
+//! cuBLAS stream of the same primary context, and waits for that stream before returning, so the
+//! next CubeCL kernel reads a finished result. PLATFORM.md measured such a bracket at ~18 us.
+
+use std::any::{Any, TypeId};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, FloatElement};
+use cubecl::cuda::CudaRuntime;
+use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaStream};
+
+type Cuda<E> = CubeBackend<CudaRuntime, E, i32, u8>;
+
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TRAINER_CUBLAS").map_or(true, |v| v != "0"))
+}
+
+fn same<T: 'static, U: 'static>() -> bool {
+    TypeId::of::<T>() == TypeId::of::<U>()
+}
+
+/// `t` as a `U` when `T` is `U`, else `t` back.
+fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    let mut slot = Some(t);
+    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take);
+    match (taken, slot) {
+        (Some(u), _) => Ok(u),
+        (None, Some(t)) => Err(t),
+        // `taken` is only None when the downcast failed, which leaves `slot` untouched.
+        (None, None) => unreachable!("a failed downcast took the value"),
+    }
+}
+
+/// `x @ w` with `x: [..., k]`, `w: [k, n]` through cuBLAS when `B` is a CUDA backend storing
+/// bf16 or f16 (with or without autodiff); `Err` hands the inputs back for Burn's matmul.
+pub fn try_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    // Only bf16 / f16 storage: f32 stays on Burn (a tensor of a bf16 backend may be cast to f32).
+    let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
+    if !enabled() || !low(x.dtype()) || x.dtype() != w.dtype() {
+        return Err((x, w));
+    }
+    if same::<B, Autodiff<Cuda<half::bf16>>>() {
+        return via::<B, Autodiff<Cuda<half::bf16>>, D>(x, w, tracked::<half::bf16, D>);
+    }
+    if same::<B, Autodiff<Cuda<half::f16>>>() {
+        return via::<B, Autodiff<Cuda<half::f16>>, D>(x, w, tracked::<half::f16, D>);
+    }
+    if same::<B, Cuda<half::bf16>>() {
+        return via::<B, Cuda<half::bf16>, D>(x, w, untracked::<half::bf16, D>);
+    }
+    if same::<B, Cuda<half::f16>>() {
+        return via::<B, Cuda<half::f16>, D>(x, w, untracked::<half::f16, D>);
+    }
+    Err((x, w))
+}
+
+fn via<B: Backend, C: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    f: fn(Tensor<C, D>, Tensor<C, 2>) -> Tensor<C, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    match (cast::<_, Tensor<C, D>>(x), cast::<_, Tensor<C, 2>>(w)) {
+        (Ok(x), Ok(w)) => match cast::<_, Tensor<B, D>>(f(x, w)) {
+            Ok(y) => Ok(y),
+            Err(_) => unreachable!("B is C"),
+        },
+        (Err(x), Err(w)) => Err((x, w)),
+        _ => unreachable!("x and w share a backend"),
+    }
+}
+
+/// Flatten `[..., k]` to `[m, k]`, run `f`, restore the leading dims with `n` last.
+fn flat<C: Backend, const D: usize>(x: Tensor<C, D>, w: Tensor<C, 2>, f: impl FnOnce(Tensor<C, 2>, Tensor<C, 2>) -> Tensor<C, 2>) -> Tensor<C, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m = dims[..D - 1].iter().product::<usize>();
+    let n = w.dims()[1];
+    let y = f(x.reshape([m, k]), w);
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
+}
+
+fn untracked<E: FloatElement, const D: usize>(x: Tensor<Cuda<E>, D>, w: Tensor<Cuda<E>, 2>) -> Tensor<Cuda<E>, D> {
+    flat(x, w, |x, w| {
+        let y = gemm(x.into_primitive().tensor(), false, w.into_primitive().tensor(), false);
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
+}
+
+fn tracked<E: FloatElement, const D: usize>(x: Tensor<Autodiff<Cuda<E>>, D>, w: Tensor<Autodiff<Cuda<E>>, 2>) -> Tensor<Autodiff<Cuda<E>>, D> {
+    flat(x, w, |x, w| {
+        let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+        let y = match GemmBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                // dX needs W, dW needs X: keep only what a tracked parent will ask for.
+                let keep_w = x.is_tracked().then(|| w.primitive.clone());
+                let keep_x = w.is_tracked().then(|| x.primitive.clone());
+                let y = gemm(x.primitive, false, w.primitive, false);
+                prep.finish((keep_x, keep_w), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(gemm(x.primitive, false, w.primitive, false)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
+}
+
+#[derive(Debug)]
+struct GemmBackward;
+
+impl<E: FloatElement> Backward<Cuda<E>, 2> for GemmBackward {
+    /// (x if w is tracked, w if x is tracked).
+    type State = (Option<CubeTensor<CudaRuntime>>, Option<CubeTensor<CudaRuntime>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<Cuda<E>>(&ops.node);
+        let (x, w) = ops.state;
+        if let (Some(node), Some(w)) = (node_x, w) {
+            // dX = dY W^T
+            grads.register::<Cuda<E>>(node.id, gemm(dy.clone(), false, w, true));
+        }
+        if let (Some(node), Some(x)) = (node_w, x) {
+            // dW = X^T dY
+            grads.register::<Cuda<E>>(node.id, gemm(x, true, dy, false));
+        }
+    }
+}
+
+struct Blas {
+    stream: Arc<CudaStream>,
+    handle: CudaBlas,
+}
+
+// SAFETY: the cuBLAS handle is only used under the mutex below, one GEMM at a time.
+unsafe impl Send for Blas {}
+
+fn blas_for(device: usize) -> &'static Mutex<Blas> {
+    static BLAS: OnceLock<Mutex<Blas>> = OnceLock::new();
+    BLAS.get_or_init(|| {
+        // The primary context of the device, which CubeCL uses too: same memory space.
+        let ctx = CudaContext::new(device).unwrap_or_else(|e| panic!("CUDA device {device}: {e:?}"));
+        let stream = ctx.new_stream().unwrap_or_else(|e| panic!("CUDA stream: {e:?}"));
+        let handle = CudaBlas::new(stream.clone()).unwrap_or_else(|e| panic!("cuBLAS (libcublas) could not start: {e:?}"));
+        Mutex::new(Blas { stream, handle })
+    })
+}
+
+/// `op(a) @ op(b)` for row-major 2-D tensors, `op` transposing when asked; bf16 / f16 in and
+/// out, f32 accumulation.
+fn gemm(a: CubeTensor<CudaRuntime>, ta: bool, b: CubeTensor<CudaRuntime>, tb: bool) -> CubeTensor<CudaRuntime> {
+    let (a, b) = (into_contiguous(a), into_contiguous(b));
+    let (sa, sb) = (a.shape(), b.shape());
+    let (ra, ca, rb, cb) = (sa[0], sa[1], sb[0], sb[1]);
+    let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
+    let n = if tb { rb } else { cb };
+    debug_assert_eq!(k, if tb { cb } else { rb }, "inner dimensions");
+    let dtype = a.dtype;
+    let data_type = match dtype {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16, got {other:?}"),
+    };
+    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), dtype);
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    // Work queued on CubeCL's streams (that produced a and b) must be done first.
+    if let Err(e) = <Cuda<half::bf16> as Backend>::sync(&a.device) {
+        panic!("device sync before a cuBLAS GEMM failed: {e:?}");
+    }
+    let res = |t: &CubeTensor<CudaRuntime>| {
+        t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("device memory of a GEMM operand: {e:?}"))
+    };
+    let (ga, gb, gc) = (res(&a), res(&b), res(&out));
+    let (pa, pb, pc) = (ga.resource().ptr, gb.resource().ptr, gc.resource().ptr);
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    let blas = blas_for(a.device.index).lock().unwrap_or_else(|e| e.into_inner());
+    // Column-major cuBLAS computes C^T = op(b)^T op(a)^T: a row-major [r, c] matrix is its own
+    // transpose column-major with leading dimension c.
+    // SAFETY: the pointers are live device allocations of the stated sizes (the guards keep
+    // them alive until the stream is synchronised below); alpha/beta are host f32.
+    let status = unsafe {
+        blas::gemm_ex(
+            *blas.handle.handle(),
+            op(tb),
+            op(ta),
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha as *const f32).cast(),
+            pb as *const std::ffi::c_void,
+            data_type,
+            cb as i32,
+            pa as *const std::ffi::c_void,
+            data_type,
+            ca as i32,
+            (&beta as *const f32).cast(),
+            pc as *mut std::ffi::c_void,
+            data_type,
+            n as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    if let Err(e) = status {
+        panic!("cuBLAS GEMM [{m}, {k}] x [{k}, {n}] failed: {e:?}");
+    }
+    if let Err(e) = blas.stream.synchronize() {
+        panic!("cuBLAS stream: {e:?}");
+    }
+    drop((ga, gb, gc));
+    out
+}
+
+/// How far the cuBLAS path is from Burn's f32 matmul on random bf16 operands: forward and both
+/// gradients, as max |diff| / max |reference|.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct GemmCheck {
+    pub forward: f32,
+    pub grad_x: f32,
+    pub grad_w: f32,
+}
+
+/// Run `x [3, 37, 200] @ w [200, 72]` (odd sizes) with both tracked through the cuBLAS op in
+/// bf16, against the same maths in f32 through Burn.
+pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
+    use burn::tensor::{Distribution, FloatDType};
+    type B = Autodiff<Cuda<half::bf16>>;
+    let x = Tensor::<B, 3>::random([3, 37, 200], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 2>::random([200, 72], Distribution::Normal(0.0, 0.1), device);
+    let r = Tensor::<B, 3>::random([3, 37, 72], Distribution::Normal(0.0, 1.0), device);
+    let rel = |a: Tensor<B, 3>, b: Tensor<B, 3>| {
+        let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
+        let scale = b.clone().abs().max().into_scalar().to_f32();
+        (a - b).abs().max().into_scalar().to_f32() / scale.max(1e-12)
+    };
+    // cuBLAS, bf16.
+    let (xa, wa) = (x.clone().require_grad(), w.clone().require_grad());
+    let y = crate::backend::linear_matmul(xa.clone(), wa.clone());
+    let g = (y.clone().cast(FloatDType::F32) * r.clone().cast(FloatDType::F32)).sum().backward();
+    let (gx, gw) = (xa.grad(&g).map(|t| t.cast(FloatDType::F32)), wa.grad(&g).map(|t| t.cast(FloatDType::F32)));
+    // Burn, f32.
+    let (xb, wb) = (x.cast(FloatDType::F32).require_grad(), w.cast(FloatDType::F32).require_grad());
+    let yb = xb.clone().matmul(wb.clone().unsqueeze());
+    let gb = (yb.clone() * r.cast(FloatDType::F32)).sum().backward();
+    let (gxb, gwb) = (xb.grad(&gb), wb.grad(&gb));
+    let lift = |t: Option<Tensor<Cuda<half::bf16>, 3>>| t.map(Tensor::<B, 3>::from_inner);
+    let lift2 = |t: Option<Tensor<Cuda<half::bf16>, 2>>| t.map(|t| Tensor::<B, 3>::from_inner(t.unsqueeze()));
+    let miss = f32::INFINITY;
+    GemmCheck {
+        forward: rel(y, yb),
+        grad_x: match (lift(gx), lift(gxb)) {
+            (Some(a), Some(b)) => rel(a, b),
+            _ => miss,
+        },
+        grad_w: match (lift2(gw), lift2(gwb)) {
+            (Some(a), Some(b)) => rel(a, b),
+            _ => miss,
+        },
+    }
+}
