@@ -156,7 +156,7 @@ fn expert_of(module: &str) -> Option<(&str, usize, &str)> {
 }
 
 /// transformers 5 / peft 0.21's layout for fused experts (see the module docs).
-pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool) -> Result<PeftLayout> {
+pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool) -> PeftLayout {
     let r = set.modules.values().next().map_or(0, |f| f.rank);
     let has = |p: &[&str]| set.modules.keys().any(|m| expert_of(m).is_some_and(|(_, _, proj)| p.contains(&proj)));
     let (gate_up, down) = (has(&["gate_proj", "up_proj"]), has(&["down_proj"]));
@@ -223,7 +223,7 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
     if down {
         target_parameters.push("mlp.experts.down_proj".to_string());
     }
-    Ok(PeftLayout { tensors, rank: big, alpha: alpha_out, module_paths, target_parameters })
+    PeftLayout { tensors, rank: big, alpha: alpha_out, module_paths, target_parameters }
 }
 
 #[cfg(test)]
@@ -298,7 +298,7 @@ mod tests {
         }
         let alpha = 8.0;
         let set = AdapterSet { modules, scale: alpha / r as f64 };
-        let layout = fused_experts(&set, &spec, alpha, false).unwrap();
+        let layout = fused_experts(&set, &spec, alpha, false);
         assert_eq!((layout.rank, layout.alpha), (2 * r, 2.0 * alpha));
         assert_eq!(layout.target_parameters, vec!["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]);
         let scale_out = layout.alpha / layout.rank as f64;

@@ -306,10 +306,11 @@ fn write_merged(
     dtype: DType,
     max_shard_bytes: u64,
 ) -> Result<(Vec<String>, usize, usize)> {
-    let mut base: Box<dyn WeightSource> = match (r.model.init, &plan.dir) {
-        (Init::Pretrained, Some(d)) => Box::new(Checkpoint::open(d)?),
-        _ => Box::new(RandomInit { seed: r.model.seed, std: plan.spec.init_std }),
+    let mut pretrained = match (r.model.init, &plan.dir) {
+        (Init::Pretrained, Some(d)) => Some(Checkpoint::open(d)?),
+        _ => None,
     };
+    let mut random = RandomInit { seed: r.model.seed, std: plan.spec.init_std };
     // Full tuning: every trained tensor comes from the checkpoint instead of the base.
     let mut full = match r.train.tuning {
         Tuning::Full => {
@@ -329,7 +330,10 @@ fn write_merged(
         let req = TensorRequest { name: if from_full { &t.path } else { &name }, shape: &t.shape, slice: None, init: t.init };
         let mut host = match full.as_mut() {
             Some(f) if from_full => f.tensor(req)?,
-            _ => base.tensor(req)?,
+            _ => match pretrained.as_mut() {
+                Some(ck) => ck.tensor(req)?,
+                None => random.tensor(req)?,
+            },
         };
         if let (Some(set), Some(module)) = (adapters, t.linear_module()) {
             if let Some(factors) = set.modules.get(module) {
@@ -342,8 +346,7 @@ fn write_merged(
     }
     // Tensors of the base outside the architecture's table that a model may carry (a tied head
     // saved anyway, old rotary buffers) are copied as they are, so the names stay the base's.
-    if let (Init::Pretrained, Some(d)) = (r.model.init, &plan.dir) {
-        let mut ck = Checkpoint::open(d)?;
+    if let Some(ck) = pretrained.as_mut() {
         let known: std::collections::BTreeSet<String> = table.iter().map(|t| plan.family.checkpoint_name(&t.path)).collect();
         let extra: Vec<String> = ck.names().filter(|n| !known.contains(*n)).map(String::from).collect();
         for name in extra {
@@ -437,7 +440,7 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
 fn write_peft(tmp: &Path, set: &AdapterSet, r: &Recipe, plan: &ModelPlan, dtype: DType, experts: PeftExperts) -> Result<(Vec<String>, usize, usize)> {
     let has_expert_adapters = set.modules.keys().any(|m| m.contains(".mlp.experts."));
     let layout: PeftLayout = if has_expert_adapters && experts == PeftExperts::Fused {
-        adapters::fused_experts(set, &plan.spec, r.lora.alpha, r.lora.rslora)?
+        adapters::fused_experts(set, &plan.spec, r.lora.alpha, r.lora.rslora)
     } else {
         adapters::per_module(set, r.lora.alpha)
     };
@@ -451,23 +454,11 @@ fn write_peft(tmp: &Path, set: &AdapterSet, r: &Recipe, plan: &ModelPlan, dtype:
             cfg["target_modules"] = serde_json::Value::Null;
         }
     }
-    let mut writer_tensors = Vec::with_capacity(layout.tensors.len());
-    for (name, shape, values) in &layout.tensors {
-        let bytes = shards::encode(values, dtype);
-        writer_tensors.push(ckpt::NamedTensor { name: name.clone(), data: burn::tensor::TensorData::from_bytes_vec(bytes, shape.clone(), dtype_of(dtype)) });
-    }
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    ckpt::write_safetensors(&tmp.join(ckpt::ADAPTER_WEIGHTS), &writer_tensors, meta)?;
+    let encoded: Vec<shards::Encoded> =
+        layout.tensors.iter().map(|(name, shape, values)| (name.clone(), shape.clone(), shards::encode(values, dtype))).collect();
+    shards::write_encoded(&tmp.join(ckpt::ADAPTER_WEIGHTS), &encoded, dtype)?;
     ckpt::write_synced(&tmp.join(ckpt::ADAPTER_CONFIG), pretty(&cfg).as_bytes())?;
     Ok((vec![ckpt::ADAPTER_WEIGHTS.to_string()], layout.tensors.len(), 0))
-}
-
-fn dtype_of(d: DType) -> burn::tensor::DType {
-    match d {
-        DType::Bf16 => burn::tensor::DType::BF16,
-        DType::F16 => burn::tensor::DType::F16,
-        DType::F32 => burn::tensor::DType::F32,
-    }
 }
 
 /// Refuse an output folder that holds anything unless `overwrite`; clear stale partial folders

@@ -34,10 +34,20 @@ pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
-struct Pending {
-    name: String,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+/// A tensor already stored as the file's dtype: name, shape, little-endian bytes.
+pub type Encoded = (String, Vec<usize>, Vec<u8>);
+
+/// Write `tensors` (stored as `dtype`) as one safetensors file with transformers' `format: pt`
+/// metadata, flushed to disk.
+pub fn write_encoded(path: &Path, tensors: &[Encoded], dtype: DType) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, shape, bytes) in tensors {
+        let view = TensorView::new(st_dtype(dtype), shape.clone(), bytes).map_err(|e| Error::Internal(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(meta), path).map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::file(path, format!("cannot flush to disk: {e}")))
 }
 
 /// Tensors streamed into shards of at most `max_bytes` each (a tensor larger than that gets a
@@ -46,7 +56,7 @@ pub struct ShardWriter {
     dir: PathBuf,
     max_bytes: u64,
     dtype: DType,
-    pending: Vec<Pending>,
+    pending: Vec<Encoded>,
     pending_bytes: u64,
     /// Written shards (temporary names) and the tensors in each.
     written: Vec<(PathBuf, Vec<String>)>,
@@ -75,7 +85,7 @@ impl ShardWriter {
         }
         self.pending_bytes += len;
         self.total_bytes += len;
-        self.pending.push(Pending { name: name.to_string(), shape: shape.to_vec(), bytes });
+        self.pending.push((name.to_string(), shape.to_vec(), bytes));
         Ok(())
     }
 
@@ -84,20 +94,8 @@ impl ShardWriter {
             return Ok(());
         }
         let path = self.dir.join(format!("shard-{}.partial", self.written.len() + 1));
-        let dtype = st_dtype(self.dtype);
-        let mut views = Vec::with_capacity(self.pending.len());
-        for p in &self.pending {
-            let view = TensorView::new(dtype, p.shape.clone(), &p.bytes)
-                .map_err(|e| Error::Internal(format!("tensor `{}`: {e}", p.name)))?;
-            views.push((p.name.clone(), view));
-        }
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::tensor::serialize_to_file(views, Some(meta), &path)
-            .map_err(|e| Error::file(&path, format!("cannot write the shard: {e}")))?;
-        fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::file(&path, format!("cannot flush the shard to disk: {e}")))?;
-        let names = self.pending.drain(..).map(|p| p.name).collect();
+        write_encoded(&path, &self.pending, self.dtype)?;
+        let names = self.pending.drain(..).map(|(name, _, _)| name).collect();
         self.written.push((path, names));
         self.pending_bytes = 0;
         Ok(())
