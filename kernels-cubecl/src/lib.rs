@@ -8,9 +8,17 @@
 //! Precision policy, as in transformers: normalisation statistics, softmax and cross-entropy are
 //! computed in f32 whatever the storage dtype, then cast back.
 
+#[cfg(feature = "cubecl")]
+mod cube;
+pub mod linear_cross_entropy;
 pub mod reference;
 
+pub use linear_cross_entropy::{
+    fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
+    WantedGrads,
+};
+
 pub use reference::{
-    attention, attention_mask, causal_attention, cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,
+    attention, attention_mask, causal_attention, cross_entropy, linear_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,
     CrossEntropy,
 };

@@ -180,6 +180,21 @@ pub fn cross_entropy<B: Backend>(
     CrossEntropy { sum: nll.sum(), tokens }
 }
 
+/// Cross-entropy of the LM head's logits `h @ w` against `targets`, skipping `ignore_index`:
+/// [`cross_entropy`] of the full `[n, vocab]` logits. The definition that
+/// [`crate::fused_linear_cross_entropy`] (which never holds all logits at once) is checked against.
+///
+/// # Shapes
+/// - `h`: `[n, hidden]`, `w`: `[hidden, vocab]` (stored `[in, out]`), `targets`: `[n]`
+pub fn linear_cross_entropy<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    ignore_index: i64,
+) -> CrossEntropy<B> {
+    cross_entropy(h.matmul(w), targets, ignore_index)
+}
+
 trait ScalarI64 {
     fn into_scalar_i64(self) -> i64;
 }

@@ -1,0 +1,110 @@
+//! CubeCL implementation of [`crate::fused_linear_cross_entropy`]: per token chunk, the logits
+//! from burn-cubecl's matmul with an f32 output, one kernel that turns each row into its loss and
+//! its gradient in place, and two more matmuls into `dh` and `dw`.
+
+use burn::tensor::{DType, FloatDType, Int, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use super::row_kernel::{cross_entropy_rows, MAX_ROW_UNITS};
+
+use crate::linear_cross_entropy::{check_inputs, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts, WantedGrads};
+
+/// One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
+const MAX_CUBES_X: usize = 65_535;
+
+fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    tensor: CubeTensor<R>,
+) -> Tensor<CubeBackend<R, F, I, BT>, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    tensor.into_primitive().tensor()
+}
+
+fn matmul_into<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, out_dtype: DType) -> CubeTensor<R> {
+    matmul(lhs, rhs, None, MatmulStrategy::default(), out_dtype).expect("matmul launch")
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn linear_cross_entropy_parts(
+        h: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        labels: Tensor<Self, 1, Int>,
+        options: LinearCrossEntropyOptions,
+        wanted: WantedGrads,
+    ) -> LinearCrossEntropyParts<Self> {
+        let (n, hidden, vocab, tokens) = check_inputs(&h, &w, &labels, options.ignore_index);
+        let device = h.device();
+        let (h_dtype, w_dtype) = (h.dtype(), w.dtype());
+        if n == 0 {
+            return LinearCrossEntropyParts {
+                sum: Tensor::<Self, 1>::zeros([1], &device).cast(FloatDType::F32),
+                tokens,
+                grad_h: wanted.h.then(|| Tensor::<Self, 2>::zeros([0, hidden], &device).cast(h_dtype)),
+                grad_w: wanted.w.then(|| Tensor::<Self, 2>::zeros([hidden, vocab], &device).cast(w_dtype)),
+            };
+        }
+        // The matmuls take both operands in one dtype: w's.
+        let h = if h_dtype == w_dtype { h } else { h.cast(w_dtype) };
+        let w = cube_tensor(w);
+        let w_t = cube_tensor(float::<R, F, I, BT>(w.clone()).transpose());
+        let labels = into_contiguous(labels.into_primitive());
+        let client = w.client.clone();
+        let losses = empty_device_dtype(client.clone(), w.device.clone(), Shape::new([n]), DType::F32);
+        let ignore_index = i32::try_from(options.ignore_index).expect("ignore index fits in i32");
+        let units = vocab.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32;
+        // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
+        let chunk = options.chunk_tokens_for(n, hidden, vocab).min(MAX_CUBES_X);
+        let mut grad_h_chunks = Vec::new();
+        let mut grad_w: Option<Tensor<Self, 2>> = None;
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let h_chunk = cube_tensor(h.clone().slice([start..start + rows, 0..hidden]));
+            // A fresh contiguous [rows, vocab] output, as the kernel indexes it.
+            let logits = matmul_into(h_chunk.clone(), w.clone(), DType::F32);
+            cross_entropy_rows::launch::<R>(
+                &client,
+                CubeCount::Static(rows as u32, 1, 1),
+                CubeDim::new_1d(units),
+                logits.clone().into_tensor_arg(),
+                labels.clone().into_tensor_arg(),
+                losses.clone().into_tensor_arg(),
+                start as u32,
+                ignore_index,
+                units,
+                wanted.any(),
+                [DType::F32.into(), labels.dtype.into()],
+            );
+            if !wanted.any() {
+                continue;
+            }
+            // As Liger: the gradient block enters the matmuls in the weights' dtype (f32 accumulation).
+            let dlogits = cube_tensor(float::<R, F, I, BT>(logits).cast(w_dtype));
+            if wanted.h {
+                grad_h_chunks.push(float(matmul_into(dlogits.clone(), w_t.clone(), h_dtype)));
+            }
+            if wanted.w {
+                let h_chunk_t = cube_tensor(float::<R, F, I, BT>(h_chunk).transpose());
+                let part = float(matmul_into(h_chunk_t, dlogits, DType::F32));
+                grad_w = Some(match grad_w {
+                    None => part,
+                    Some(acc) => acc + part,
+                });
+            }
+        }
+        let sum = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(losses)).sum();
+        let grad_h = wanted.h.then(|| Tensor::cat(grad_h_chunks, 0));
+        let grad_w = wanted.w.then(|| grad_w.expect("one chunk at least").cast(w_dtype));
+        LinearCrossEntropyParts { sum, tokens, grad_h, grad_w }
+    }
+}

@@ -1,0 +1,102 @@
+//! The row kernel of the fused linear cross-entropy (its own module: CubeCL's `Tensor` would
+//! clash with burn's).
+
+use cubecl::prelude::*;
+
+/// Units per cube of [`cross_entropy_rows`] at most; a power of two, as its tree reduction needs.
+pub(super) const MAX_ROW_UNITS: u32 = 256;
+
+/// One cube per row of `logits` (`[rows, vocab]`, contiguous, f32): writes the row's
+/// `-log softmax(row)[target]` (0 for an ignored label) to `losses[first_token + row]` and, with
+/// `write_grad`, overwrites the row with `softmax(row) - onehot(target)` (zeros when ignored).
+///
+/// Each unit keeps an online max and sum of exponentials over a strided part of the row; the
+/// cube merges them in shared memory. `units` must be a power of two and the cube's size.
+#[cube(launch)]
+pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
+    logits: &mut Tensor<F>,
+    labels: &Tensor<I>,
+    losses: &mut Tensor<F>,
+    first_token: u32,
+    ignore_index: i32,
+    #[comptime] units: u32,
+    #[comptime] write_grad: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X as usize;
+    let vocab = logits.shape(1);
+    let base = row * vocab;
+    let token = first_token as usize + row;
+    let ignored = i32::cast_from(labels[token]) == ignore_index;
+    let target = u32::cast_from(labels[token]) as usize;
+
+    // A finite floor instead of -inf: WGSL has no -inf literal, and exp(floor - floor) stays
+    // finite for units that saw no element (their sum is 0, so they add nothing).
+    // (Plain assignments throughout: CubeCL refuses `+=` on variables it treats as constants.)
+    let mut max = F::new(-3.0e38);
+    let mut sum = F::new(0.0);
+    let mut j = UNIT_POS_X as usize;
+    while j < vocab {
+        let x = logits[base + j];
+        if x > max {
+            sum = sum * (max - x).exp() + F::new(1.0);
+            max = x;
+        } else {
+            sum = sum + (x - max).exp();
+        }
+        j = j + units as usize;
+    }
+
+    // Read before the barriers below, hence before any unit overwrites the row.
+    let mut target_logit = F::new(0.0);
+    if !ignored {
+        target_logit = logits[base + target];
+    }
+
+    let unit = UNIT_POS_X as usize;
+    let mut maxes = SharedMemory::<F>::new(units as usize);
+    let mut sums = SharedMemory::<F>::new(units as usize);
+    maxes[unit] = max;
+    sums[unit] = sum;
+    sync_cube();
+    let mut half = (CUBE_DIM_X / 2) as usize;
+    while half > 0 {
+        if unit < half {
+            let max_a = maxes[unit];
+            let max_b = maxes[unit + half];
+            let sum_a = sums[unit];
+            let sum_b = sums[unit + half];
+            let merged = F::max(max_a, max_b);
+            sums[unit] = sum_a * (max_a - merged).exp() + sum_b * (max_b - merged).exp();
+            maxes[unit] = merged;
+        }
+        sync_cube();
+        half = half / 2;
+    }
+    let log_sum_exp = maxes[0] + sums[0].ln();
+
+    if unit == 0 {
+        let mut loss = F::new(0.0);
+        if !ignored {
+            loss = log_sum_exp - target_logit;
+        }
+        losses[token] = loss;
+    }
+
+    if write_grad {
+        let mut j = UNIT_POS_X as usize;
+        while j < vocab {
+            let mut grad = F::new(0.0);
+            if !ignored {
+                let p = (logits[base + j] - log_sum_exp).exp();
+                if j == target {
+                    grad = p - F::new(1.0);
+                } else {
+                    grad = p;
+                }
+            }
+            logits[base + j] = grad;
+            j = j + units as usize;
+        }
+    }
+}
