@@ -10,7 +10,7 @@ use trainer::data::{batch, Batch, Sample};
 use trainer::lora::{self, LoraConfig, LoraTargets};
 use trainer::model::{self, hub::Fetch, Registry};
 use trainer::parallel::Layout;
-use trainer::train::optimizer::{AdamW, AdamWConfig};
+use trainer::train::optimizer::{AdamW, AdamWConfig, Grads};
 use trainer::train::{LrSchedule, Trainer};
 use trainer::recipe::{self, LoadedRecipe};
 use trainer::train::checkpoint as ckpt;
@@ -142,18 +142,43 @@ fn recomputed_layers_give_the_gradients_of_kept_activations() {
             let (t, rows, pad) = tiny_trainer_with(dropout, groups.clone());
             let (loss, grads) = t.gradients(1, &batch::padded(&rows, 4, pad)).unwrap();
             let what = format!("dropout {dropout:?}, groups {groups:?}");
-            close(loss, reference.0, &format!("{what}: loss"));
-            assert_eq!(grads.by_path.len(), reference.1.by_path.len(), "{what}: the same parameters get gradients");
-            for (path, g) in &grads.by_path {
-                let want: Vec<f32> = reference.1.by_path[path].clone().into_data().to_vec().unwrap();
-                let got: Vec<f32> = g.clone().into_data().to_vec().unwrap();
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff <= 1e-5 * scale, "{what}: gradient of {path} differs by {diff:e} (max {scale:e})");
-            }
+            same_gradients((loss, &grads), (reference.0, &reference.1), &what);
             if dropout.is_none() {
                 assert!(grads.by_path.contains_key("embed_tokens") && grads.by_path.contains_key("layers.0.input_layernorm.weight"));
             }
+        }
+    }
+}
+
+/// Losses within 1e-5 and every gradient within 1e-5 of its largest element.
+fn same_gradients(got: (f64, &Grads<Cpu>), want: (f64, &Grads<Cpu>), what: &str) {
+    close(got.0, want.0, &format!("{what}: loss"));
+    assert_eq!(got.1.by_path.len(), want.1.by_path.len(), "{what}: the same parameters get gradients");
+    for (path, g) in &got.1.by_path {
+        let w: Vec<f32> = want.1.by_path[path].clone().into_data().to_vec().unwrap();
+        let g: Vec<f32> = g.clone().into_data().to_vec().unwrap();
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let diff = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "{what}: gradient of {path} differs by {diff:e} (max {scale:e})");
+    }
+}
+
+#[test]
+fn fused_cross_entropy_gives_the_loss_and_gradients_of_the_logits() {
+    // Full tuning: the tied head's gradient reaches the embedding through the fused kernel's dW;
+    // with and without recompute (the head is outside the recomputed layers either way).
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for (dropout, groups) in [(None, vec![]), (None, vec![0..2]), (Some(0.0), vec![0..1])] {
+        let run = |fused: bool| {
+            let (mut t, rows, pad) = tiny_trainer_with(dropout, groups.clone());
+            t.fused_cross_entropy = fused;
+            t.gradients(1, &batch::padded(&rows, 4, pad)).unwrap()
+        };
+        let (plain, fused) = (run(false), run(true));
+        let what = format!("lora {dropout:?}, recompute {groups:?}");
+        same_gradients((fused.0, &fused.1), (plain.0, &plain.1), &what);
+        if dropout.is_none() {
+            assert!(fused.1.by_path.contains_key("embed_tokens"), "{what}: the tied head's gradient");
         }
     }
 }

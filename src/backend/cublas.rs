@@ -12,7 +12,6 @@
 //! cuBLAS stream of the same primary context, and waits for that stream before returning, so the
 //! next CubeCL kernel reads a finished result. PLATFORM.md measured such a bracket at ~18 us.
 
-use std::any::{Any, TypeId};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -23,6 +22,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
+
+use super::{cast, same};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, FloatElement};
@@ -35,22 +36,6 @@ type Cuda<E> = CubeBackend<CudaRuntime, E, i32, u8>;
 fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("TRAINER_CUBLAS").map_or(true, |v| v != "0"))
-}
-
-fn same<T: 'static, U: 'static>() -> bool {
-    TypeId::of::<T>() == TypeId::of::<U>()
-}
-
-/// `t` as a `U` when `T` is `U`, else `t` back.
-fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
-    let mut slot = Some(t);
-    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take);
-    match (taken, slot) {
-        (Some(u), _) => Ok(u),
-        (None, Some(t)) => Err(t),
-        // `taken` is only None when the downcast failed, which leaves `slot` untouched.
-        (None, None) => unreachable!("a failed downcast took the value"),
-    }
 }
 
 /// `x @ w` with `x: [..., k]`, `w: [k, n]` through cuBLAS when `B` is a CUDA backend storing

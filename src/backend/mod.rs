@@ -9,6 +9,7 @@ use burn::tensor::Tensor;
 
 #[cfg(feature = "cuda")]
 pub mod cublas;
+pub mod fused;
 
 use crate::error::Result;
 use crate::recipe::{DType, Device};
@@ -72,4 +73,22 @@ pub fn linear_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2
         Err(inputs) => inputs,
     };
     x.matmul(w.unsqueeze())
+}
+
+pub(crate) fn same<T: 'static, U: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()
+}
+
+/// `t` as a `U` when `T` is `U`, else `t` back: how generic model code reaches a kernel that
+/// exists only for concrete backends (a type check, no unsafe casts).
+pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
+    use std::any::Any;
+    let mut slot = Some(t);
+    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take);
+    match (taken, slot) {
+        (Some(u), _) => Ok(u),
+        (None, Some(t)) => Err(t),
+        // `taken` is only None when the downcast failed, which leaves `slot` untouched.
+        (None, None) => unreachable!("a failed downcast took the value"),
+    }
 }

@@ -137,6 +137,32 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// Next-token cross-entropy of the final (normed) hidden states, as [`causal_lm_loss`]
+    /// computes it from logits. With `fused`, and a head without LoRA or bias, the loss comes
+    /// from the hidden states and the head's weight through the fused kernel
+    /// (`kernels_cubecl::fused_linear_cross_entropy`), chunked so the `[tokens, vocab]` logits
+    /// are never resident; otherwise, or on a backend without the kernel, through the logits.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]`, `labels`: `[batch, seq]`
+    pub fn next_token_loss(&self, hidden: Tensor<B, 3>, labels: Tensor<B, 2, Int>, fused: bool) -> ops::CrossEntropy<B> {
+        let head = match &self.lm_head {
+            None => Some(self.embed_tokens.val().transpose()),
+            Some(head) if head.lora.is_none() && head.bias.is_none() => Some(head.weight.val()),
+            Some(_) => None,
+        };
+        let (Some(w), true) = (head, fused) else {
+            return causal_lm_loss(self.logits(hidden), labels);
+        };
+        let [b, s, d] = hidden.dims();
+        let h = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), d]);
+        let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+        match crate::backend::fused::linear_cross_entropy(h, w, target, IGNORE_INDEX) {
+            Ok(ce) => ce,
+            Err((h, w, target)) => ops::cross_entropy(crate::backend::linear_matmul(h, w), target, IGNORE_INDEX),
+        }
+    }
+
     /// Every linear layer with its module path (`model.layers.3.mlp.experts.7.up_proj`,
     /// `lm_head`), in checkpoint order: what LoRA targets match against.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {

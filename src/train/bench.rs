@@ -121,6 +121,7 @@ impl BackendJob for Job<'_> {
         let groups = recompute::groups(&r.train.recompute, m.layers.len())?;
         let schedule = LrSchedule::new(&r.optimizer, &r.schedule, self.warmup + self.steps);
         let mut trainer = Trainer::new(m, AdamW::new(AdamWConfig::from(&r.optimizer)), schedule, r.train.gradient_clip, r.train.seed, groups, device.clone());
+        trainer.fused_cross_entropy = r.train.fused_cross_entropy;
         let (micro, seq) = (r.train.micro_batch_size, r.train.max_length);
         let vocab = self.plan.spec.vocab_size as u32;
         let mut rng = ChaCha8Rng::seed_from_u64(r.train.seed);

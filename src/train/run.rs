@@ -440,6 +440,7 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     let schedule = LrSchedule::new(&r.optimizer, &r.schedule, total_steps);
     let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
+    trainer.fused_cross_entropy = r.train.fused_cross_entropy;
     let mut metrics = Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?;
     metrics.note(&format!(
         "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each) into {}",

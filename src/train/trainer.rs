@@ -17,7 +17,7 @@ use super::recompute;
 use super::schedule::LrSchedule;
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::model::{causal_lm_loss, CausalLm, SequenceContext};
+use crate::model::{CausalLm, SequenceContext};
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,6 +44,9 @@ pub struct Trainer<B: Backend> {
     pub seed: u64,
     /// Layer groups recomputed in backward instead of kept.
     pub recompute: Vec<Range<usize>>,
+    /// The loss from hidden states and the LM head through the fused kernel (no logits
+    /// resident); `train.fused_cross_entropy`.
+    pub fused_cross_entropy: bool,
     pub device: B::Device,
 }
 
@@ -88,16 +91,17 @@ fn batch_loss<B: Backend>(
     model: &CausalLm<B>,
     t: BatchTensors<B>,
     layers: &dyn Fn(Tensor<B, 3>, &crate::model::SequenceContext<B>) -> Tensor<B, 3>,
+    fused: bool,
 ) -> Tensor<B, 1> {
     let ctx = model.context(t.positions, Some(t.segments));
     let x = layers(model.embed(t.ids), &ctx);
     let hidden = model.norm.forward(x);
-    causal_lm_loss(model.logits(hidden), t.labels).sum
+    model.next_token_loss(hidden, t.labels, fused).sum
 }
 
 impl<B: Backend> Trainer<B> {
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
-        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, device }
+        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, fused_cross_entropy: true, device }
     }
 
     pub fn model(&self) -> &CausalLm<Autodiff<B>> {
@@ -144,7 +148,7 @@ impl<B: Backend> Trainer<B> {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
-                let sum = batch_loss(model, t, &layers);
+                let sum = batch_loss(model, t, &layers, self.fused_cross_entropy);
                 let value = scalar_f32(sum.clone());
                 let g = (sum / tokens as f64).backward();
                 collect_grads(model, &g, &[], &mut grads);
@@ -197,7 +201,7 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
-        let sum = causal_lm_loss(model.logits(model.norm.forward(h.clone())), t.labels).sum;
+        let sum = model.next_token_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy).sum;
         let value = scalar_f32(sum.clone());
         let g = (sum * scale).backward();
         collect_grads(model, &g, &[], grads);
@@ -247,7 +251,7 @@ impl<B: Backend> Trainer<B> {
                 }
                 x
             };
-            let s = scalar_f32(batch_loss(&model, upload(b, &self.device), &layers));
+            let s = scalar_f32(batch_loss(&model, upload(b, &self.device), &layers, self.fused_cross_entropy));
             sum += s as f64;
             tokens += n;
         }
