@@ -64,6 +64,31 @@ fn run_cuda<J: BackendJob>(_dtype: DType, _job: J) -> Result<J::Output> {
     ))
 }
 
+/// The device allocator's view of memory, in bytes: what live tensors hold and what its pools
+/// reserve from the driver. Pools grow to a step's peak and are kept, so `reserved` after a step
+/// is the step's high-water mark (torch's `max_memory_reserved`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceMemory {
+    pub in_use: u64,
+    pub reserved: u64,
+}
+
+/// [`DeviceMemory`] of `device` on CUDA; `None` on backends without a device allocator (CPU).
+pub fn device_memory<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::Runtime;
+        let device = cast::<B::Device, cubecl::cuda::CudaDevice>(device.clone()).ok()?;
+        let usage = cubecl::cuda::CudaRuntime::client(&device).memory_usage().ok()?;
+        Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
 /// `x @ w` of a linear layer (`x: [..., in]`, `w: [in, out]`): cuBLAS on CUDA in bf16 / f16
 /// (`cublas.rs`), Burn's matmul on every other backend.
 pub fn linear_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {

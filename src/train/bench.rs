@@ -44,6 +44,11 @@ pub struct BenchReport {
     /// cuBLAS path against Burn's f32 matmul on random bf16 operands (CUDA bf16 runs only):
     /// max |diff| / max |reference| of the forward and both gradients.
     pub gemm_check: Option<serde_json::Value>,
+    /// The device allocator's pool after each step (warm-up included), GiB: the step's
+    /// high-water mark (CUDA only).
+    pub reserved_gib: Vec<f64>,
+    /// Largest of [`BenchReport::reserved_gib`].
+    pub peak_reserved_gib: Option<f64>,
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
@@ -138,6 +143,7 @@ impl BackendJob for Job<'_> {
         };
         let mut step_seconds = Vec::new();
         let mut losses = Vec::new();
+        let mut reserved_gib = Vec::new();
         for step in 1..=self.warmup + self.steps {
             let b = batch();
             sync(&device)?;
@@ -145,8 +151,12 @@ impl BackendJob for Job<'_> {
             let stats = trainer.step(step, std::slice::from_ref(&b))?;
             sync(&device)?;
             let secs = t.elapsed().as_secs_f64();
-            eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
+            let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", m.reserved as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+            eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{mem}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
             losses.push(stats.loss);
+            if let Some(m) = stats.memory {
+                reserved_gib.push(m.reserved as f64 / (1u64 << 30) as f64);
+            }
             if step > self.warmup {
                 step_seconds.push(secs);
             }
@@ -169,6 +179,8 @@ impl BackendJob for Job<'_> {
             build_seconds,
             losses,
             gemm_check: None,
+            peak_reserved_gib: reserved_gib.iter().copied().reduce(f64::max),
+            reserved_gib,
         })
     }
 }

@@ -79,15 +79,21 @@ impl Metrics {
         let eta = per_step * (self.total_steps - step) as f64;
         let last = step == self.total_steps;
         if step % self.interval == 0 || last {
-            self.write(json!({
+            let mut record = json!({
                 "step": step, "epoch": (epoch * 1e4).round() / 1e4, "loss": s.loss, "lr": s.lr,
                 "grad_norm": s.grad_norm, "tokens": s.tokens, "tokens_per_s": tokens_per_s.round(),
                 "s_per_step": per_step, "elapsed_s": elapsed,
-            }))?;
-            let line = format!(
+            });
+            let mut line = format!(
                 "step {step}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {}",
                 self.total_steps, s.loss, s.lr, s.grad_norm, tokens_per_s, clock(eta)
             );
+            if let Some(m) = s.memory {
+                record["mem_reserved_gib"] = json!(gib(m.reserved));
+                record["mem_in_use_gib"] = json!(gib(m.in_use));
+                line.push_str(&format!(" mem {:.1} GiB", gib(m.reserved)));
+            }
+            self.write(record)?;
             if self.bar {
                 eprint!("\r\x1b[2K{line}");
                 if last {
@@ -132,7 +138,7 @@ mod tests {
     fn resumed_metrics_drop_steps_after_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
-        let stats = StepStats { loss: 1.0, lr: 0.1, grad_norm: 0.5, tokens: 3, positions: 8 };
+        let stats = StepStats { loss: 1.0, lr: 0.1, grad_norm: 0.5, tokens: 3, positions: 8, memory: None };
         let mut m = Metrics::open(&path, 0, 4, 1, false).unwrap();
         for s in 1..=3 {
             m.step(s, 0.0, &stats).unwrap();
@@ -149,4 +155,8 @@ mod tests {
         assert_eq!(steps, [1, 2, 2, 3]);
         assert_eq!(clock(3725.0), "1:02:05");
     }
+}
+
+fn gib(bytes: u64) -> f64 {
+    (bytes as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0
 }

@@ -22,6 +22,8 @@ use crate::model::{CausalLm, SequenceContext};
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
+    /// The device allocator after the step (CUDA only).
+    pub memory: Option<crate::backend::DeviceMemory>,
     /// Mean per-token loss over the global batch.
     pub loss: f64,
     pub lr: f64,
@@ -128,7 +130,8 @@ impl<B: Backend> Trainer<B> {
         self.model = Some(self.optimizer.step(model, grads, lr));
         let tokens = micro_batches.iter().map(trained_tokens).sum();
         let positions = micro_batches.iter().map(|b| b.batch_size * b.seq_len).sum();
-        Ok(StepStats { loss, lr, grad_norm, tokens, positions })
+        let memory = crate::backend::device_memory::<B>(&self.device);
+        Ok(StepStats { loss, lr, grad_norm, tokens, positions, memory })
     }
 
     /// The global batch's per-token loss and the summed gradients of every trainable
