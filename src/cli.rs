@@ -90,6 +90,26 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Time the LM-head cross-entropy alone (forward and backward to dh and dW) on random
+    /// bf16 inputs, fused or through materialised logits, and print one JSON line: s/step and
+    /// the device memory it took beyond its inputs. `benches/ce.sh` sets it beside PyTorch.
+    BenchLoss {
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3584)]
+        hidden: usize,
+        #[arg(long, default_value_t = 152064)]
+        vocab: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Materialise the logits instead of the fused kernel.
+        #[arg(long)]
+        unfused: bool,
+        #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+        device: String,
+    },
     /// List the registered model families.
     Models,
 }
@@ -131,6 +151,17 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
             model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
             let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1))?;
+            println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
+            Ok(())
+        }
+        Command::BenchLoss { tokens, hidden, vocab, warmup, steps, unfused, device } => {
+            let device = match device.as_str() {
+                "cpu" => crate::recipe::Device::Cpu,
+                "cuda" => crate::recipe::Device::Cuda,
+                _ => crate::recipe::Device::Auto,
+            };
+            let job = train::bench_loss::LossBench { tokens, hidden, vocab, warmup, steps: steps.max(1), fused: !unfused };
+            let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }

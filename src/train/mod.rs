@@ -2,6 +2,7 @@
 //! learning-rate schedule, layer recompute, checkpoints and the `trainer run` loop ([`run`]).
 
 pub mod bench;
+pub mod bench_loss;
 pub mod checkpoint;
 pub mod metrics;
 pub mod names;
