@@ -5,7 +5,7 @@
 use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 use kernels_cubecl::{memory_efficient_attention, reference, AttentionOptions, FusedAttentionBackend};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
@@ -266,6 +266,35 @@ fn wgpu_forward_only_matches_reference() {
     let options = AttentionOptions { block_q: Some(16), causal: true };
     let got = values(memory_efficient_attention(q, k, v, case.scale(), case.blocked::<Wgpu>(&device), options));
     assert_close("wgpu forward", "output", &got, &want.out, TOLERANCE);
+}
+
+#[test]
+fn other_dtypes_come_back_in_their_dtype() {
+    // f64 inputs (the dtype other than f32 that NdArray has) take every cast: scores and
+    // softmax in f32, matmuls in f64, dK/dV accumulated in f32. Checked against the reference
+    // run in f64 too.
+    let case = Case::random(9, GQA, Mask::Packed);
+    let run_f64 = |attention: Attention<Reference>| {
+        let device = Default::default();
+        let (q, k, v) = case.inputs::<Reference>(&device);
+        let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::F64).require_grad());
+        let out = attention(q.clone(), k.clone(), v.clone(), case.scale(), case.blocked::<Reference>(&device), AttentionOptions {
+            block_q: Some(8),
+            causal: true,
+        });
+        assert_eq!(out.dtype(), DType::F64);
+        let upstream = case.tensor::<Reference>(&case.grad, case.q_heads, &device).cast(FloatDType::F64);
+        let grads = (out.clone() * upstream).sum().backward();
+        let grad = |t: &Tensor<Reference, 4>| {
+            let g = t.grad(&grads).expect("tracked input has a gradient");
+            assert_eq!(g.dtype(), DType::F64);
+            values(g)
+        };
+        Outcome { grad_q: Some(grad(&q)), grad_k: Some(grad(&k)), grad_v: Some(grad(&v)), out: values(out) }
+    };
+    let want = run_f64(|q, k, v, scale, blocked, _| reference::attention(q, k, v, scale, blocked));
+    let got = run_f64(memory_efficient_attention::<Reference>);
+    assert_matches("f64", &got, &want, TOLERANCE);
 }
 
 #[test]
