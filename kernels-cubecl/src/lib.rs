@@ -8,11 +8,15 @@
 //! Precision policy, as in transformers: normalisation statistics, softmax and cross-entropy are
 //! computed in f32 whatever the storage dtype, then cast back.
 
+pub mod attention;
 #[cfg(feature = "cubecl")]
 mod cube;
 pub mod linear_cross_entropy;
 pub mod reference;
 
+pub use attention::{
+    memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
+};
 pub use linear_cross_entropy::{
     fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
     WantedGrads,

@@ -1,5 +1,6 @@
 //! CubeCL kernels: implementations of this crate's fused-op traits for burn-cubecl's
 //! `CubeBackend` (CUDA, wgpu, ...), behind the `cubecl` feature.
 
+mod attention;
 mod linear_cross_entropy;
 mod row_kernel;

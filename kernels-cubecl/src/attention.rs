@@ -1,0 +1,508 @@
+//! Memory-efficient grouped-query attention: [`crate::reference::attention`] without the
+//! `[batch, q_heads, seq, seq]` scores that autodiff would keep for backward.
+//!
+//! FlashAttention's algorithm at the granularity of query blocks, in plain Burn ops. Forward
+//! takes the queries one block of rows at a time; each block sees all the keys it may read, so
+//! its softmax is exact (no online rescaling) and only the block's `[batch, q_heads, rows, keys]`
+//! scores exist at once. Autodiff keeps `q`, `k`, `v`, the mask, the output `O` and each row's
+//! log-sum-exp `L` (`[batch, q_heads, seq]`, f32); backward recomputes one block's probabilities
+//! as `P = exp(S - L)` and accumulates `dK`, `dV` across blocks. With [`AttentionOptions::causal`]
+//! a block of queries `[i0, i1)` reads only keys `[0, i1)`, which halves the work.
+//!
+//! Query head `h` reads key/value head `h / groups`. The kernels never repeat `k` and `v`: a
+//! block of queries `[b, q_heads, rows, d]` is viewed as `[b, kv_heads, groups * rows, d]`, so
+//! one batched matmul per kv head serves all its query heads, and `P^T dO`, `dS^T Q` sum over the
+//! group's query heads inside the matmul.
+//!
+//! [`FusedAttentionBackend`] has this plain-Burn implementation as provided methods (NdArray
+//! and CubeCL backends use it); `Autodiff<B>` turns the inner backend's forward and backward into
+//! one autodiff op.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorPrimitive};
+
+/// Budget for one query block's f32 scores `[batch, q_heads, rows, seq]` (backward holds a few
+/// tensors of this size at once: scores, probabilities, their gradient).
+const SCORE_BLOCK_BYTES: usize = 256 << 20;
+
+/// How [`memory_efficient_attention`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttentionOptions {
+    /// Query rows per block; `None` picks [`AttentionOptions::block_q_for`]'s default.
+    pub block_q: Option<usize>,
+    /// A promise that `blocked` includes the causal mask (as [`crate::attention_mask`]'s does),
+    /// so that a block of queries skips the keys after its last row. With `false` any mask is
+    /// honoured.
+    pub causal: bool,
+}
+
+impl AttentionOptions {
+    /// Default blocks for a causal mask.
+    pub const CAUSAL: Self = Self { block_q: None, causal: true };
+
+    /// Query rows per block. The default is the largest power of two whose f32 scores
+    /// `[batch, q_heads, rows, seq]` fit in 256 MiB (256 rows for batch 4, 28 heads, seq 2048),
+    /// never more than `seq`.
+    pub fn block_q_for(&self, batch: usize, q_heads: usize, seq: usize) -> usize {
+        let block = self.block_q.unwrap_or_else(|| {
+            let row_bytes = (batch * q_heads * seq * size_of::<f32>()).max(1);
+            let rows = (SCORE_BLOCK_BYTES / row_bytes).max(1);
+            1 << rows.ilog2()
+        });
+        block.clamp(1, seq.max(1))
+    }
+}
+
+/// The blockwise forward's results.
+pub struct AttentionForward<B: Backend> {
+    /// `[batch, q_heads, seq, head_dim]` in `q`'s dtype.
+    pub output: Tensor<B, 4>,
+    /// Log-sum-exp of each query row's masked, scaled scores, `[batch, q_heads, seq]`, f32.
+    pub lse: Tensor<B, 3>,
+}
+
+/// Which gradients [`FusedAttentionBackend::blockwise_attention_backward`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionWanted {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+}
+
+/// Gradients of the attention's inputs, each in its input's dtype, when wanted.
+pub struct AttentionGrads<B: Backend> {
+    /// `[batch, q_heads, seq, head_dim]`.
+    pub q: Option<Tensor<B, 4>>,
+    /// `[batch, kv_heads, seq, head_dim]`.
+    pub k: Option<Tensor<B, 4>>,
+    /// `[batch, kv_heads, seq, head_dim]`.
+    pub v: Option<Tensor<B, 4>>,
+}
+
+/// Backends that run [`memory_efficient_attention`].
+pub trait FusedAttentionBackend: Backend {
+    /// Output and row log-sum-exp, one query block at a time; untracked.
+    ///
+    /// # Shapes
+    /// As [`memory_efficient_attention`]; panics on mismatched shapes.
+    fn blockwise_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        options: AttentionOptions,
+    ) -> AttentionForward<Self> {
+        blockwise_forward(q, k, v, scale, blocked, options)
+    }
+
+    /// The wanted gradients given the upstream gradient `grad_output` and the forward's saved
+    /// `output` and `lse`; untracked.
+    #[allow(clippy::too_many_arguments)]
+    fn blockwise_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        saved: AttentionForward<Self>,
+        grad_output: Tensor<Self, 4>,
+        options: AttentionOptions,
+        wanted: AttentionWanted,
+    ) -> AttentionGrads<Self> {
+        blockwise_backward(q, k, v, scale, blocked, saved, grad_output, options, wanted)
+    }
+
+    /// The attention as an operation of the backend: on autodiff backends its gradient flows to
+    /// `q`, `k` and `v`.
+    fn blockwise_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        options: AttentionOptions,
+    ) -> Tensor<Self, 4> {
+        Self::blockwise_attention_forward(q, k, v, scale, blocked, options).output
+    }
+}
+
+/// Grouped-query attention `softmax(q k^T * scale + mask) v` with softmax in f32, equal to
+/// [`crate::reference::attention`] but holding the scores of one block of query rows at a time,
+/// in forward and in backward; differentiable with respect to `q`, `k`, `v` on autodiff backends.
+///
+/// # Shapes
+/// - `q`: `[batch, q_heads, seq, head_dim]`, `k`/`v`: `[batch, kv_heads, seq, head_dim]` with
+///   `q_heads` a multiple of `kv_heads`, `blocked`: `[batch, 1, seq, seq]` (`true` = may not
+///   read) → `[batch, q_heads, seq, head_dim]` in `q`'s dtype
+///
+/// # Panics
+/// On shapes other than these.
+pub fn memory_efficient_attention<B: FusedAttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    blocked: Tensor<B, 4, Bool>,
+    options: AttentionOptions,
+) -> Tensor<B, 4> {
+    B::blockwise_attention(q, k, v, scale, blocked, options)
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn check<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, blocked: &Tensor<B, 4, Bool>) -> Self {
+        let [batch, q_heads, seq, head_dim] = q.dims();
+        let kv_heads = k.dims()[1];
+        assert!(
+            kv_heads > 0 && q_heads % kv_heads == 0,
+            "attention: {q_heads} query heads are not a multiple of {kv_heads} kv heads"
+        );
+        let kv = [batch, kv_heads, seq, head_dim];
+        assert_eq!(k.dims(), kv, "attention: q is {:?} but k is {:?}", q.dims(), k.dims());
+        assert_eq!(v.dims(), kv, "attention: k is {:?} but v is {:?}", k.dims(), v.dims());
+        assert_eq!(blocked.dims(), [batch, 1, seq, seq], "attention: q is {:?} but blocked is {:?}", q.dims(), blocked.dims());
+        Self { batch, q_heads, kv_heads, seq, head_dim }
+    }
+
+    fn groups(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+
+    /// `[b, q_heads, rows, x]` → `[b, kv_heads, groups * rows, x]`: the rows of a kv head's query
+    /// heads one after the other (query head `h` is `kv * groups + j`).
+    fn group<B: Backend>(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, _, rows, x] = t.dims();
+        t.reshape([b, self.kv_heads, self.groups() * rows, x])
+    }
+
+    /// Inverse of [`Dims::group`].
+    fn ungroup<B: Backend>(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, _, grouped, x] = t.dims();
+        t.reshape([b, self.q_heads, grouped / self.groups(), x])
+    }
+
+    /// The query blocks as `(first row, rows, keys it reads)`.
+    fn blocks(&self, options: AttentionOptions) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (seq, causal) = (self.seq, options.causal);
+        let block = options.block_q_for(self.batch, self.q_heads, seq);
+        (0..seq).step_by(block).map(move |i0| {
+            let rows = block.min(seq - i0);
+            (i0, rows, if causal { i0 + rows } else { seq })
+        })
+    }
+}
+
+fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    }
+}
+
+fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}
+
+/// Rows `[i0, i0 + rows)` of a `[b, h, seq, x]` tensor.
+fn rows_of<B: Backend>(t: &Tensor<B, 4>, i0: usize, rows: usize) -> Tensor<B, 4> {
+    t.clone().narrow(2, i0, rows)
+}
+
+/// One query block's scaled scores against keys `[0, keys)`, masked with `-inf`, in f32:
+/// `[b, q_heads, rows, keys]`. `q_blk` is grouped (`[b, kv_heads, groups * rows, d]`), `k_blk`
+/// the keys read. As the reference, `q k^T` in the input dtype, then f32; the scale is applied
+/// in f32.
+fn block_scores<B: Backend>(
+    dims: &Dims,
+    q_blk: Tensor<B, 4>,
+    k_blk: Tensor<B, 4>,
+    blocked: &Tensor<B, 4, Bool>,
+    scale: f64,
+    (i0, rows, keys): (usize, usize, usize),
+) -> Tensor<B, 4> {
+    let scores = dims.ungroup(to_f32(q_blk.matmul(k_blk.swap_dims(2, 3)))) * scale;
+    let mask = blocked.clone().narrow(2, i0, rows).narrow(3, 0, keys);
+    scores.mask_fill(mask.expand([dims.batch, dims.q_heads, rows, keys]), f32::NEG_INFINITY)
+}
+
+/// The plain-Burn blockwise forward: per query block the exact f32 softmax over the keys it
+/// reads, `P v` with `P` in the input dtype (as the reference), and `L = max + ln(sum exp)`.
+pub fn blockwise_forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    blocked: Tensor<B, 4, Bool>,
+    options: AttentionOptions,
+) -> AttentionForward<B> {
+    let dims = Dims::check(&q, &k, &v, &blocked);
+    let dtype = q.dtype();
+    if dims.seq == 0 {
+        let lse = Tensor::<B, 3>::zeros([dims.batch, dims.q_heads, 0], &q.device()).cast(FloatDType::F32);
+        return AttentionForward { output: q, lse };
+    }
+    let mut outputs = Vec::new();
+    let mut lses = Vec::new();
+    for (i0, rows, keys) in dims.blocks(options) {
+        let q_blk = dims.group(rows_of(&q, i0, rows));
+        let scores = block_scores(&dims, q_blk, k.clone().narrow(2, 0, keys), &blocked, scale, (i0, rows, keys));
+        let max = scores.clone().max_dim(3);
+        let exp = (scores - max.clone()).exp();
+        let sum = exp.clone().sum_dim(3);
+        let probs = cast(exp / sum.clone(), dtype);
+        outputs.push(dims.ungroup(dims.group(probs).matmul(v.clone().narrow(2, 0, keys))));
+        lses.push((max + sum.log()).reshape([dims.batch, dims.q_heads, rows]));
+    }
+    AttentionForward { output: Tensor::cat(outputs, 2), lse: Tensor::cat(lses, 2) }
+}
+
+/// Adds `part` (`[b, h, keys, d]`) to the first `keys` rows of the accumulator `acc`.
+fn accumulate<B: Backend>(acc: Tensor<B, 4>, part: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, seq, d] = acc.dims();
+    let keys = part.dims()[2];
+    if keys == seq {
+        return acc + part;
+    }
+    let updated = acc.clone().narrow(2, 0, keys) + part;
+    acc.slice_assign([0..b, 0..h, 0..keys, 0..d], updated)
+}
+
+/// The plain-Burn blockwise backward: per query block, `P = exp(S - L)` recomputed from the
+/// saved `L`, `dV += P^T dO`, `dS = P (dO v^T - rowsum(dO O))`, `dQ = dS k * scale`,
+/// `dK += dS^T q * scale`. Matmul operands in the input dtype, `dK`/`dV` accumulated in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn blockwise_backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    blocked: Tensor<B, 4, Bool>,
+    saved: AttentionForward<B>,
+    grad_output: Tensor<B, 4>,
+    options: AttentionOptions,
+    wanted: AttentionWanted,
+) -> AttentionGrads<B> {
+    let dims = Dims::check(&q, &k, &v, &blocked);
+    assert_eq!(saved.output.dims(), q.dims(), "attention backward: output is {:?}, q {:?}", saved.output.dims(), q.dims());
+    assert_eq!(grad_output.dims(), q.dims(), "attention backward: grad is {:?}, q {:?}", grad_output.dims(), q.dims());
+    let (q_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
+    // The matmul operands share one dtype, q's (the output's, hence dO's).
+    let grad_output = cast(grad_output, q_dtype);
+    let need_ds = wanted.q || wanted.k;
+    if !(need_ds || wanted.v) {
+        return AttentionGrads { q: None, k: None, v: None };
+    }
+    let kv_dims = [dims.batch, dims.kv_heads, dims.seq, dims.head_dim];
+    let zeros = |shape: [usize; 4]| Tensor::<B, 4>::zeros(shape, &q.device()).cast(FloatDType::F32);
+    let mut grad_q = Vec::new();
+    let mut grad_k = wanted.k.then(|| zeros(kv_dims));
+    let mut grad_v = wanted.v.then(|| zeros(kv_dims));
+    for block @ (i0, rows, keys) in dims.blocks(options) {
+        let q_blk = dims.group(rows_of(&q, i0, rows));
+        let k_blk = k.clone().narrow(2, 0, keys);
+        let d_out = rows_of(&grad_output, i0, rows);
+        let lse = saved.lse.clone().narrow(2, i0, rows).reshape([dims.batch, dims.q_heads, rows, 1]);
+        let scores = block_scores(&dims, q_blk.clone(), k_blk.clone(), &blocked, scale, block);
+        let probs = (scores - lse).exp();
+        if wanted.v {
+            let p = dims.group(cast(probs.clone(), q_dtype));
+            let part = p.swap_dims(2, 3).matmul(dims.group(d_out.clone()));
+            grad_v = grad_v.map(|acc| accumulate(acc, to_f32(part)));
+        }
+        if need_ds {
+            // rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax's correction, from d-wide rows.
+            let delta = (to_f32(d_out.clone()) * to_f32(rows_of(&saved.output, i0, rows))).sum_dim(3);
+            let v_blk = cast(v.clone().narrow(2, 0, keys), q_dtype);
+            let d_probs = dims.ungroup(to_f32(dims.group(d_out).matmul(v_blk.swap_dims(2, 3))));
+            let d_scores = dims.group(cast(probs * (d_probs - delta), q_dtype));
+            if wanted.q {
+                let k_blk = cast(k_blk, q_dtype);
+                grad_q.push(cast(to_f32(dims.ungroup(d_scores.clone().matmul(k_blk))) * scale, q_dtype));
+            }
+            if wanted.k {
+                let part = d_scores.swap_dims(2, 3).matmul(q_blk);
+                grad_k = grad_k.map(|acc| accumulate(acc, to_f32(part)));
+            }
+        }
+    }
+    AttentionGrads {
+        q: wanted.q.then(|| match grad_q.is_empty() {
+            true => cast(zeros(q.dims()), q_dtype),
+            false => Tensor::cat(grad_q, 2),
+        }),
+        k: grad_k.map(|g| cast(g * scale, k_dtype)),
+        v: grad_v.map(|g| cast(g, v_dtype)),
+    }
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> FusedAttentionBackend for NdArray<E, I, Q>
+where
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+}
+
+/// What backward needs: the inputs, the mask, the output and the row log-sum-exp.
+#[derive(Debug, Clone)]
+struct AttentionState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    blocked: BoolTensor<B>,
+    output: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    scale: f64,
+    options: AttentionOptions,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+impl<B: FusedAttentionBackend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad_output = float::<B, 4>(grads.consume::<B>(&ops.node));
+        let state = ops.state;
+        let wanted = AttentionWanted { q: node_q.is_some(), k: node_k.is_some(), v: node_v.is_some() };
+        let saved = AttentionForward { output: float(state.output), lse: float(state.lse) };
+        let result = B::blockwise_attention_backward(
+            float(state.q),
+            float(state.k),
+            float(state.v),
+            state.scale,
+            Tensor::from_primitive(state.blocked),
+            saved,
+            grad_output,
+            state.options,
+            wanted,
+        );
+        for (node, grad) in [(node_q, result.q), (node_k, result.k), (node_v, result.v)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+impl<B: FusedAttentionBackend, C: CheckpointStrategy> FusedAttentionBackend for Autodiff<B, C> {
+    /// The inner backend's computation; the results are untracked values.
+    fn blockwise_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        options: AttentionOptions,
+    ) -> AttentionForward<Self> {
+        let f = B::blockwise_attention_forward(q.inner(), k.inner(), v.inner(), scale, blocked.inner(), options);
+        AttentionForward { output: Tensor::from_inner(f.output), lse: Tensor::from_inner(f.lse) }
+    }
+
+    /// The inner backend's computation; the results are untracked values.
+    fn blockwise_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        saved: AttentionForward<Self>,
+        grad_output: Tensor<Self, 4>,
+        options: AttentionOptions,
+        wanted: AttentionWanted,
+    ) -> AttentionGrads<Self> {
+        let saved = AttentionForward { output: saved.output.inner(), lse: saved.lse.inner() };
+        let g = B::blockwise_attention_backward(
+            q.inner(),
+            k.inner(),
+            v.inner(),
+            scale,
+            blocked.inner(),
+            saved,
+            grad_output.inner(),
+            options,
+            wanted,
+        );
+        AttentionGrads { q: g.q.map(Tensor::from_inner), k: g.k.map(Tensor::from_inner), v: g.v.map(Tensor::from_inner) }
+    }
+
+    fn blockwise_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        options: AttentionOptions,
+    ) -> Tensor<Self, 4> {
+        let blocked = blocked.inner();
+        let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+        let outer = |t: FloatTensor<Self>| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+        match AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let f = B::blockwise_attention_forward(
+                    float(q.primitive.clone()),
+                    float(k.primitive.clone()),
+                    float(v.primitive.clone()),
+                    scale,
+                    blocked.clone(),
+                    options,
+                );
+                let output = f.output.into_primitive().tensor();
+                let state = AttentionState {
+                    q: q.primitive,
+                    k: k.primitive,
+                    v: v.primitive,
+                    blocked: blocked.into_primitive(),
+                    output: output.clone(),
+                    lse: f.lse.into_primitive().tensor(),
+                    scale,
+                    options,
+                };
+                outer(prep.finish(state, output))
+            }
+            OpsKind::UnTracked(prep) => {
+                let output = B::blockwise_attention(
+                    float(q.primitive),
+                    float(k.primitive),
+                    float(v.primitive),
+                    scale,
+                    blocked,
+                    options,
+                );
+                outer(prep.finish(output.into_primitive().tensor()))
+            }
+        }
+    }
+}
