@@ -7,10 +7,45 @@
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
-use kernels_cubecl::{fused_linear_cross_entropy, CrossEntropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions};
+use burn::tensor::{Bool, Int, Tensor};
+use kernels_cubecl::{
+    fused_linear_cross_entropy, memory_efficient_attention, AttentionOptions, CrossEntropy, FusedAttentionBackend,
+    FusedCrossEntropyBackend, LinearCrossEntropyOptions,
+};
 
 use super::{cast, same};
+
+/// `$via::<B, $c>(inputs, args..)`, returning from the caller with its output when `B` is `$c`.
+macro_rules! try_backend {
+    ($inputs:ident, $via:ident, [$c:ty] $(, $arg:expr)*) => {
+        let $inputs = match $via::<B, $c>($inputs $(, $arg)*) {
+            Ok(out) => return Ok(out),
+            Err(inputs) => inputs,
+        };
+    };
+}
+
+/// `$via::<B, C>(inputs, args..)` for each concrete backend `C` with the kernels until one takes
+/// the inputs (`B` is `C`); the inputs back when none does.
+macro_rules! first_backend {
+    ($inputs:expr, $via:ident $(, $arg:expr)*) => {{
+        let inputs = $inputs;
+        try_backend!(inputs, $via, [Autodiff<NdArray<f32>>] $(, $arg)*);
+        try_backend!(inputs, $via, [NdArray<f32>] $(, $arg)*);
+        #[cfg(feature = "cuda")]
+        let inputs = {
+            use burn::backend::cuda::Cuda;
+            try_backend!(inputs, $via, [Autodiff<Cuda<half::bf16>>] $(, $arg)*);
+            try_backend!(inputs, $via, [Autodiff<Cuda<half::f16>>] $(, $arg)*);
+            try_backend!(inputs, $via, [Autodiff<Cuda<f32>>] $(, $arg)*);
+            try_backend!(inputs, $via, [Cuda<half::bf16>] $(, $arg)*);
+            try_backend!(inputs, $via, [Cuda<half::f16>] $(, $arg)*);
+            try_backend!(inputs, $via, [Cuda<f32>] $(, $arg)*);
+            inputs
+        };
+        Err(inputs)
+    }};
+}
 
 type LceInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>);
 
@@ -27,38 +62,45 @@ pub fn linear_cross_entropy<B: Backend>(
     ignore_index: i64,
 ) -> Result<CrossEntropy<B>, LceInputs<B>> {
     let options = LinearCrossEntropyOptions { ignore_index, chunk_tokens: None };
-    let inputs = (h, w, labels);
-    let inputs = match lce_via::<B, Autodiff<NdArray<f32>>>(inputs, options) {
-        Ok(ce) => return Ok(ce),
-        Err(inputs) => inputs,
+    first_backend!((h, w, labels), lce_via, options)
+}
+
+/// Grouped-query attention with `kernels_cubecl::reference::attention`'s maths and shapes,
+/// computed in query blocks so that neither forward nor backward holds the `[seq, seq]` scores
+/// of all heads (the op keeps its output and log-sum-exp and recomputes blocks in backward),
+/// when `B` has the kernel; `Err` hands the inputs back. `blocked` must include the causal mask
+/// (it lets each block skip the keys after it).
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    blocked: Tensor<B, 4, Bool>,
+) -> Result<Tensor<B, 4>, AttentionInputs<B>> {
+    first_backend!((q, k, v, blocked), attention_via, scale)
+}
+
+type AttentionInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4, Bool>);
+
+fn attention_via<B: Backend, C: FusedAttentionBackend>(inputs: AttentionInputs<B>, scale: f64) -> Result<Tensor<B, 4>, AttentionInputs<B>> {
+    if !same::<B, C>() {
+        return Err(inputs);
+    }
+    let (q, k, v, blocked) = inputs;
+    let (q, k, v, blocked) = match (
+        cast::<_, Tensor<C, 4>>(q),
+        cast::<_, Tensor<C, 4>>(k),
+        cast::<_, Tensor<C, 4>>(v),
+        cast::<_, Tensor<C, 4, Bool>>(blocked),
+    ) {
+        (Ok(q), Ok(k), Ok(v), Ok(b)) => (q, k, v, b),
+        _ => unreachable!("B is C"),
     };
-    let inputs = match lce_via::<B, NdArray<f32>>(inputs, options) {
-        Ok(ce) => return Ok(ce),
-        Err(inputs) => inputs,
-    };
-    #[cfg(feature = "cuda")]
-    let inputs = {
-        use burn::backend::cuda::Cuda;
-        let mut inputs = inputs;
-        macro_rules! try_cuda {
-            ($($c:ty),*) => {$(
-                inputs = match lce_via::<B, $c>(inputs, options) {
-                    Ok(ce) => return Ok(ce),
-                    Err(inputs) => inputs,
-                };
-            )*};
-        }
-        try_cuda!(
-            Autodiff<Cuda<half::bf16>>,
-            Autodiff<Cuda<half::f16>>,
-            Autodiff<Cuda<f32>>,
-            Cuda<half::bf16>,
-            Cuda<half::f16>,
-            Cuda<f32>
-        );
-        inputs
-    };
-    Err(inputs)
+    let out = memory_efficient_attention(q, k, v, scale, blocked, AttentionOptions::CAUSAL);
+    match cast::<_, Tensor<B, 4>>(out) {
+        Ok(out) => Ok(out),
+        Err(_) => unreachable!("B is C"),
+    }
 }
 
 fn lce_via<B: Backend, C: FusedCrossEntropyBackend>(

@@ -194,7 +194,12 @@ impl<B: Backend> Attention<B> {
         let q = ops::rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
         let k = ops::rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
         let scale = (self.head_dim as f64).powf(-0.5);
-        let y = ops::attention(q, k, v, scale, ctx.blocked.clone());
+        // Blockwise with its own backward where the backend has it: never the [seq, seq] scores
+        // of all heads at once (ctx.blocked is causal by construction).
+        let y = match crate::backend::fused::causal_attention(q, k, v, scale, ctx.blocked.clone()) {
+            Ok(y) => y,
+            Err((q, k, v, blocked)) => ops::attention(q, k, v, scale, blocked),
+        };
         self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
     }
 }

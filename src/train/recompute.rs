@@ -70,8 +70,23 @@ pub fn run_layers<B: Backend>(layers: &[DecoderLayer<B>], first: usize, mut x: T
     for (i, l) in layers.iter().enumerate() {
         B::seed(&device, layer_seed(seed, first + i));
         x = l.forward(x, ctx);
+        trace_memory::<B>(&device, first + i);
     }
     x
+}
+
+/// With `TRAINER_TRACE_MEMORY=1`, the device allocator after each layer's forward (synchronised,
+/// so slow): where a step's memory goes.
+fn trace_memory<B: Backend>(device: &B::Device, layer: usize) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("TRAINER_TRACE_MEMORY").is_ok_and(|v| v == "1")) {
+        return;
+    }
+    let _ = B::sync(device);
+    if let Some(m) = crate::backend::device_memory::<B>(device) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        eprintln!("memory after layer {layer}: {:.2} GiB in use, {:.2} GiB reserved", gib(m.in_use), gib(m.reserved));
+    }
 }
 
 #[cfg(test)]
