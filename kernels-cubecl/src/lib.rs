@@ -11,6 +11,8 @@
 pub mod attention;
 #[cfg(feature = "cubecl")]
 mod cube;
+#[cfg(feature = "cubecl")]
+pub use cube::gemm::{set_gemm, GemmFn};
 pub mod linear_cross_entropy;
 pub mod reference;
 

@@ -12,6 +12,7 @@
 //! cuBLAS stream of the same primary context, and waits for that stream before returning, so the
 //! next CubeCL kernel reads a finished result. PLATFORM.md measured such a bracket at ~18 us.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -156,32 +157,68 @@ fn blas_for(device: usize) -> &'static Mutex<Blas> {
 /// `op(a) @ op(b)` for row-major 2-D tensors, `op` transposing when asked; bf16 / f16 in and
 /// out, f32 accumulation.
 fn gemm(a: CubeTensor<CudaRuntime>, ta: bool, b: CubeTensor<CudaRuntime>, tb: bool) -> CubeTensor<CudaRuntime> {
-    let (a, b) = (into_contiguous(a), into_contiguous(b));
+    let dtype = a.dtype;
+    gemm_general(a, ta, b, tb, dtype, None)
+}
+
+/// A 2-D operand as cuBLAS reads it: row-major contiguous, or the transposed view of one (read
+/// with the other `op` instead of copied), else made contiguous.
+fn operand(t: CubeTensor<CudaRuntime>, transpose: bool) -> (CubeTensor<CudaRuntime>, bool) {
+    if t.is_contiguous() {
+        return (t, transpose);
+    }
+    // [r, c] with strides [1, r] is the row-major [c, r] buffer, transposed.
+    let flipped = burn_cubecl::ops::permute(t, &[1, 0]);
+    if flipped.is_contiguous() {
+        return (flipped, !transpose);
+    }
+    (into_contiguous(burn_cubecl::ops::permute(flipped, &[1, 0])), transpose)
+}
+
+/// `op(a) @ op(b)` with output dtype `out` (bf16 / f16 / f32; the inputs bf16 or f16), added
+/// in place to `acc` (which is returned) when given: `C = op(a) op(b) + C`, one rounding.
+fn gemm_general(
+    a: CubeTensor<CudaRuntime>,
+    ta: bool,
+    b: CubeTensor<CudaRuntime>,
+    tb: bool,
+    out: DType,
+    acc: Option<CubeTensor<CudaRuntime>>,
+) -> CubeTensor<CudaRuntime> {
+    let ((a, ta), (b, tb)) = (operand(a, ta), operand(b, tb));
     let (sa, sb) = (a.shape(), b.shape());
     let (ra, ca, rb, cb) = (sa[0], sa[1], sb[0], sb[1]);
     let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
     let n = if tb { rb } else { cb };
     debug_assert_eq!(k, if tb { cb } else { rb }, "inner dimensions");
-    let dtype = a.dtype;
-    let data_type = match dtype {
+    let cuda_type = |d: DType| match d {
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
         DType::F16 => sys::cudaDataType::CUDA_R_16F,
-        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16, got {other:?}"),
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16 / f32 outputs, got {other:?}"),
     };
-    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), dtype);
+    let (data_type, out_type) = (cuda_type(a.dtype), cuda_type(out));
+    let beta = if acc.is_some() { 1.0f32 } else { 0.0 };
+    let c = match acc {
+        Some(c) => {
+            assert!(c.is_contiguous() && c.shape().dims::<2>() == [m, n] && c.dtype == out, "accumulator must be a contiguous [{m}, {n}] {out:?} tensor");
+            c
+        }
+        None => empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), out),
+    };
     if m == 0 || n == 0 || k == 0 {
-        return out;
+        return c;
     }
-    // Work queued on CubeCL's streams (that produced a and b) must be done first.
+    // Work queued on CubeCL's streams (that produced a, b and c) must be done first.
     if let Err(e) = <Cuda<half::bf16> as Backend>::sync(&a.device) {
         panic!("device sync before a cuBLAS GEMM failed: {e:?}");
     }
     let res = |t: &CubeTensor<CudaRuntime>| {
         t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("device memory of a GEMM operand: {e:?}"))
     };
-    let (ga, gb, gc) = (res(&a), res(&b), res(&out));
+    let (ga, gb, gc) = (res(&a), res(&b), res(&c));
     let (pa, pb, pc) = (ga.resource().ptr, gb.resource().ptr, gc.resource().ptr);
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let alpha = 1.0f32;
     let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     let blas = blas_for(a.device.index).lock().unwrap_or_else(|e| e.into_inner());
     // Column-major cuBLAS computes C^T = op(b)^T op(a)^T: a row-major [r, c] matrix is its own
@@ -205,7 +242,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, ta: bool, b: CubeTensor<CudaRuntime>, tb: bo
             ca as i32,
             (&beta as *const f32).cast(),
             pc as *mut std::ffi::c_void,
-            data_type,
+            out_type,
             n as i32,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -218,7 +255,26 @@ fn gemm(a: CubeTensor<CudaRuntime>, ta: bool, b: CubeTensor<CudaRuntime>, tb: bo
         panic!("cuBLAS stream: {e:?}");
     }
     drop((ga, gb, gc));
-    out
+    c
+}
+
+/// The GEMM `kernels-cubecl`'s kernels use on CUDA (bf16 / f16 operands; anything else goes
+/// back to CubeCL's matmul). Registered once, before the first step.
+pub fn register_with_kernels() {
+    fn hook(a: &dyn Any, ta: bool, b: &dyn Any, tb: bool, out: DType, acc: Option<&dyn Any>) -> Option<Box<dyn Any>> {
+        let a = a.downcast_ref::<CubeTensor<CudaRuntime>>()?;
+        let b = b.downcast_ref::<CubeTensor<CudaRuntime>>()?;
+        let acc = match acc {
+            Some(c) => Some(c.downcast_ref::<CubeTensor<CudaRuntime>>()?.clone()),
+            None => None,
+        };
+        let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
+        if !enabled() || !low(a.dtype) || a.dtype != b.dtype || !matches!(out, DType::BF16 | DType::F16 | DType::F32) {
+            return None;
+        }
+        Some(Box::new(gemm_general(a.clone(), ta, b.clone(), tb, out, acc)))
+    }
+    kernels_cubecl::set_gemm(hook);
 }
 
 /// How far the cuBLAS path is from Burn's f32 matmul on random bf16 operands: forward and both

@@ -48,6 +48,7 @@ pub fn dispatch<J: BackendJob>(device: Device, dtype: DType, job: J) -> Result<J
 fn run_cuda<J: BackendJob>(dtype: DType, job: J) -> Result<J::Output> {
     use burn::backend::cuda::{Cuda, CudaDevice};
     let device = CudaDevice::default();
+    cublas::register_with_kernels();
     match dtype {
         DType::Bf16 => job.run::<Cuda<half::bf16>>(device),
         DType::F16 => job.run::<Cuda<half::f16>>(device),

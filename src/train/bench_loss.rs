@@ -48,6 +48,8 @@ impl BackendJob for LossBench {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<LossBenchReport> {
         let sync = |d: &B::Device| B::sync(d).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")));
+        // The same inputs for the fused and the unfused run: their losses must agree.
+        B::seed(&device, 0);
         let h = Tensor::<Autodiff<B>, 2>::random([self.tokens, self.hidden], Distribution::Normal(0.0, 1.0), &device).require_grad();
         let w = (Tensor::<Autodiff<B>, 2>::random([self.hidden, self.vocab], Distribution::Normal(0.0, 1.0), &device) * 0.02)
             .detach()

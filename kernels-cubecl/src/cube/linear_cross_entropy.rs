@@ -1,15 +1,16 @@
 //! CubeCL implementation of [`crate::fused_linear_cross_entropy`]: per token chunk, the logits
-//! from burn-cubecl's matmul with an f32 output, one kernel that turns each row into its loss and
-//! its gradient in place, and two more matmuls into `dh` and `dw`.
+//! from a GEMM with an f32 output ([`super::gemm`]: cuBLAS when trainer registered it, else
+//! burn-cubecl's matmul), one kernel that turns each row into its loss and its gradient in
+//! place, and two more GEMMs into `dh` and (accumulated in f32, in place) `dw`.
 
 use burn::tensor::{DType, FloatDType, Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
+use super::gemm::gemm;
 use super::row_kernel::{cross_entropy_rows, MAX_ROW_UNITS};
 
 use crate::linear_cross_entropy::{check_inputs, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts, WantedGrads};
@@ -29,9 +30,6 @@ fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, 
     tensor.into_primitive().tensor()
 }
 
-fn matmul_into<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>, out_dtype: DType) -> CubeTensor<R> {
-    matmul(lhs, rhs, None, MatmulStrategy::default(), out_dtype).expect("matmul launch")
-}
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
     for CubeBackend<R, F, I, BT>
@@ -57,7 +55,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         // The matmuls take both operands in one dtype: w's.
         let h = if h_dtype == w_dtype { h } else { h.cast(w_dtype) };
         let w = cube_tensor(w);
-        let w_t = cube_tensor(float::<R, F, I, BT>(w.clone()).transpose());
         let labels = into_contiguous(labels.into_primitive());
         let client = w.client.clone();
         let losses = empty_device_dtype(client.clone(), w.device.clone(), Shape::new([n]), DType::F32);
@@ -65,13 +62,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         let units = vocab.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32;
         // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
         let chunk = options.chunk_tokens_for(n, hidden, vocab).min(MAX_CUBES_X);
+        let gemm = gemm::<R, F, I, BT>;
         let mut grad_h_chunks = Vec::new();
-        let mut grad_w: Option<Tensor<Self, 2>> = None;
+        // Accumulated in f32 across chunks, in place where the GEMM can.
+        let mut grad_w: Option<CubeTensor<R>> = None;
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
             let h_chunk = cube_tensor(h.clone().slice([start..start + rows, 0..hidden]));
             // A fresh contiguous [rows, vocab] output, as the kernel indexes it.
-            let logits = matmul_into(h_chunk.clone(), w.clone(), DType::F32);
+            let logits = gemm(h_chunk.clone(), false, w.clone(), false, DType::F32, None);
             cross_entropy_rows::launch::<R>(
                 &client,
                 CubeCount::Static(rows as u32, 1, 1),
@@ -91,20 +90,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
             // As Liger: the gradient block enters the matmuls in the weights' dtype (f32 accumulation).
             let dlogits = cube_tensor(float::<R, F, I, BT>(logits).cast(w_dtype));
             if wanted.h {
-                grad_h_chunks.push(float(matmul_into(dlogits.clone(), w_t.clone(), h_dtype)));
+                grad_h_chunks.push(float(gemm(dlogits.clone(), false, w.clone(), true, h_dtype, None)));
             }
             if wanted.w {
-                let h_chunk_t = cube_tensor(float::<R, F, I, BT>(h_chunk).transpose());
-                let part = float(matmul_into(h_chunk_t, dlogits, DType::F32));
-                grad_w = Some(match grad_w {
-                    None => part,
-                    Some(acc) => acc + part,
-                });
+                grad_w = Some(gemm(h_chunk, true, dlogits, false, DType::F32, grad_w.take()));
             }
         }
         let sum = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(losses)).sum();
         let grad_h = wanted.h.then(|| Tensor::cat(grad_h_chunks, 0));
-        let grad_w = wanted.w.then(|| grad_w.expect("one chunk at least").cast(w_dtype));
+        let grad_w = wanted.w.then(|| float::<R, F, I, BT>(grad_w.expect("one chunk at least")).cast(w_dtype));
         LinearCrossEntropyParts { sum, tokens, grad_h, grad_w }
     }
 }

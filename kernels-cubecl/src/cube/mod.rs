@@ -2,5 +2,6 @@
 //! `CubeBackend` (CUDA, wgpu, ...), behind the `cubecl` feature.
 
 mod attention;
+pub mod gemm;
 mod linear_cross_entropy;
 mod row_kernel;

@@ -1,0 +1,53 @@
+//! The GEMMs of this crate's CubeCL kernels, with a slot for a faster one.
+//!
+//! CubeCL's own matmul is what every runtime has (wgpu in CI). On CUDA, trainer registers a
+//! cuBLAS GEMM ([`set_gemm`]) working on the same `CubeTensor` memory: it is ~3.5x faster in
+//! bf16 on an H200 (shared/PLATFORM.md) and takes transposed operands without a copy. The slot
+//! is type-erased because this crate does not name the CUDA runtime; a registered GEMM returns
+//! `None` for tensors it does not handle (another runtime, f32), and CubeCL's matmul runs.
+
+use std::any::Any;
+use std::sync::OnceLock;
+
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+/// `op(a) @ op(b)` of 2-D `CubeTensor`s (`op` transposes when its flag is set), with output
+/// dtype `out`, added in place to `acc` (same dtype `out`, returned) when given; `None` when the
+/// operands are not ones it handles.
+pub type GemmFn = fn(a: &dyn Any, ta: bool, b: &dyn Any, tb: bool, out: DType, acc: Option<&dyn Any>) -> Option<Box<dyn Any>>;
+
+static GEMM: OnceLock<GemmFn> = OnceLock::new();
+
+/// Use `gemm` for this crate's kernels' matmuls where it handles the operands. The first
+/// registration wins; returns whether this one did.
+pub fn set_gemm(gemm: GemmFn) -> bool {
+    GEMM.set(gemm).is_ok()
+}
+
+/// `op(a) @ op(b)` (+ `acc`) through the registered GEMM, else CubeCL's matmul.
+pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    a: CubeTensor<R>,
+    ta: bool,
+    b: CubeTensor<R>,
+    tb: bool,
+    out: DType,
+    acc: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    if let Some(f) = GEMM.get() {
+        if let Some(y) = f(&a, ta, &b, tb, out, acc.as_ref().map(|c| c as &dyn Any)) {
+            if let Ok(y) = y.downcast::<CubeTensor<R>>() {
+                return *y;
+            }
+        }
+    }
+    let float = |t: CubeTensor<R>| Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(t));
+    let op = |t: CubeTensor<R>, transpose: bool| if transpose { float(t).transpose().into_primitive().tensor() } else { t };
+    let y = matmul(op(a, ta), op(b, tb), None, MatmulStrategy::default(), out).expect("matmul launch");
+    match acc {
+        Some(acc) => (float(acc) + float(y)).into_primitive().tensor(),
+        None => y,
+    }
+}
