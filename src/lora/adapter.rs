@@ -60,13 +60,14 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     /// The adapter's contribution `s * (dropout(x) A) B`, in `x`'s dtype. Dropout applies only
-    /// while gradients are tracked (training), as Burn's own `Dropout` does.
+    /// while gradients are tracked (training), as Burn's own `Dropout` does, or inside
+    /// [`training_forward`].
     ///
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let train = B::ad_enabled(&x.device());
+        let train = B::ad_enabled(&x.device()) || TRAINING_FORWARD.with(|t| t.get());
         let mut h = x.cast(FloatDType::F32);
         if train && self.dropout > 0.0 {
             let keep = 1.0 - self.dropout;
@@ -81,4 +82,19 @@ impl<B: Backend> LoraAdapter<B> {
     pub fn delta(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scale
     }
+}
+
+thread_local! {
+    static TRAINING_FORWARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` as a training forward pass on a backend without autodiff: the forward of recomputed
+/// layers runs on the inner backend (an untracked pass on `Autodiff` still registers every op in
+/// its graph and keeps the tensors alive until backward), yet must draw the same dropout masks
+/// as its replay under autodiff.
+pub fn training_forward<T>(f: impl FnOnce() -> T) -> T {
+    let before = TRAINING_FORWARD.with(|t| t.replace(true));
+    let out = f();
+    TRAINING_FORWARD.with(|t| t.set(before));
+    out
 }

@@ -8,7 +8,7 @@
 
 mod adapter;
 
-pub use adapter::{LoraAdapter, LoraConfig};
+pub use adapter::{training_forward, LoraAdapter, LoraConfig};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;

@@ -187,15 +187,17 @@ impl<B: Backend> Trainer<B> {
             Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3> },
             Recomputed { input: Tensor<B, 3> },
         }
+        let inner_ctx = SequenceContext { cos: ctx.cos.clone().inner(), sin: ctx.sin.clone().inner(), blocked: ctx.blocked.clone().inner() };
         let embedded = model.embed(t.ids);
         let mut prev = embedded.clone().inner();
         let mut saved = Vec::with_capacity(segments.len());
         for (r, recomputed) in &segments {
             if *recomputed {
-                let untracked: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::remap(l.clone(), false)).collect();
-                let y = recompute::run_layers(&untracked, r.start, Tensor::from_inner(prev.clone()), &ctx, seed);
+                // On the inner backend: no graph at all (see `lora::training_forward`).
+                let plain: Vec<_> = model.layers[r.clone()].iter().map(|l| l.valid()).collect();
+                let y = crate::lora::training_forward(|| recompute::run_layers(&plain, r.start, prev.clone(), &inner_ctx, seed));
                 saved.push(Saved::Recomputed { input: prev });
-                prev = y.inner();
+                prev = y;
             } else {
                 let input = Tensor::from_inner(prev).require_grad();
                 let output = recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed);
