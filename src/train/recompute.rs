@@ -42,21 +42,19 @@ pub fn groups(section: &RecomputeSection, num_layers: usize) -> Result<Vec<Range
     }
 }
 
-/// Every float parameter of `module` cut from its graph (keeping its id); with `leaves`, the
-/// trainable ones become fresh leaves that ask for a gradient.
-pub fn remap<B: Backend, M: Module<B>>(module: M, leaves: bool) -> M {
-    struct Fresh {
-        fresh: bool,
-    }
+/// Every float parameter of `module` cut from its graph (keeping its id), the trainable ones as
+/// fresh leaves that ask for a gradient.
+pub fn fresh_leaves<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Fresh;
     impl<AB: Backend> ModuleMapper<AB> for Fresh {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
             let (id, t, mapper) = param.consume();
-            let grad = self.fresh && t.is_require_grad();
+            let grad = t.is_require_grad();
             let t = t.detach();
             Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
         }
     }
-    module.map(&mut Fresh { fresh: leaves })
+    module.map(&mut Fresh)
 }
 
 /// The seed of layer `layer`'s dropout in the pass seeded `seed`: per layer, so grouping

@@ -217,7 +217,7 @@ impl<B: Backend> Trainer<B> {
                 Saved::Kept { input, output } => (input, output, None),
                 Saved::Recomputed { input } => {
                     let input = Tensor::<Autodiff<B>, 3>::from_inner(input).require_grad();
-                    let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::remap(l.clone(), true)).collect();
+                    let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::fresh_leaves(l.clone())).collect();
                     let output = recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed);
                     (input, output, Some(fresh))
                 }
