@@ -6,7 +6,8 @@
 # The baseline runs first (it starts in seconds; trainer's first CUDA steps autotune).
 # Cases: 7b-mb4 7b-mb16 30b-mb4 (default: 7b-mb4). Each case prints trainer's and the
 # baseline's JSON lines, then benches/compare.py prints the table (tokens/s, s/step, peak GiB
-# by nvidia-smi, MFU on the measured bf16 peak of 783 TFLOP/s).
+# by nvidia-smi, MFU on the measured bf16 peak of 783 TFLOP/s). PROFILE=1 adds trainer's
+# per-op breakdown (`trainer bench --profile`: one more step, synchronised around each op).
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
@@ -34,7 +35,7 @@ r = json.loads(lines[-1]) if lines else {"error": f"exit code {rc}, no result"}
 peak = max([float(x) for x in open(smi).read().split() if x.strip()] or [idle])
 r["peak_gib_smi"] = (peak - idle) / 1024
 json.dump(r, open(path, "w"))
-print(json.dumps({k: v for k, v in r.items() if k not in ("step_seconds", "losses")}))
+print(json.dumps({k: v for k, v in r.items() if k not in ("step_seconds", "losses", "profile", "reserved_gib")}))
 PY
 }
 
@@ -56,6 +57,6 @@ for c in "${@:-7b-mb4}"; do
     --set "model.path=\"$model\"" --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size="$mb" --set train.global_batch_size="$mb" \
-    --set train.max_length=2048
+    --set train.max_length=2048 ${PROFILE:+--profile}
   python3 benches/compare.py "$OUT/$c-trainer.json" "$OUT/$c-baseline.json"
 done

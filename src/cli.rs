@@ -89,6 +89,11 @@ pub enum Command {
         /// Timed steps.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// One more step after the timed ones with the device synchronised around each model
+        /// op (attention projections, core, MLP, LoRA, head, backward, optimizer), printed as a
+        /// per-op breakdown and added to the JSON line as `profile`.
+        #[arg(long)]
+        profile: bool,
     },
     /// Time the LM-head cross-entropy alone (forward and backward to dh and dW) on random
     /// bf16 inputs, fused or through materialised logits, and print one JSON line: s/step and
@@ -146,11 +151,11 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Bench { recipe, set, warmup, steps } => {
+        Command::Bench { recipe, set, warmup, steps, profile } => {
             let loaded = recipe::load(&recipe, &set)?;
             let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
             model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
-            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1))?;
+            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1), profile)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }

@@ -89,6 +89,14 @@ pub struct AttentionGrads<B: Backend> {
 
 /// Backends that run [`memory_efficient_attention`].
 pub trait FusedAttentionBackend: Backend {
+    /// `a @ b` of two `[b1, b2, m, k]` x `[b1, b2, k, n]` tensors (either may be a view: a
+    /// transposed or narrowed one); the blockwise forward and backward run every matmul through
+    /// it. Burn's matmul by default; CubeCL backends take a registered faster GEMM
+    /// (`set_batched_gemm`, with the `cubecl` feature).
+    fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        a.matmul(b)
+    }
+
     /// Output and row log-sum-exp, one query block at a time; untracked.
     ///
     /// # Shapes
@@ -235,7 +243,7 @@ fn rows_of<B: Backend>(t: &Tensor<B, 4>, i0: usize, rows: usize) -> Tensor<B, 4>
 /// `[b, q_heads, rows, keys]`. `q_blk` is grouped (`[b, kv_heads, groups * rows, d]`), `k_blk`
 /// the keys read. As the reference, `q k^T` in the input dtype, then f32; the scale is applied
 /// in f32.
-fn block_scores<B: Backend>(
+fn block_scores<B: FusedAttentionBackend>(
     dims: &Dims,
     q_blk: Tensor<B, 4>,
     k_blk: Tensor<B, 4>,
@@ -243,14 +251,14 @@ fn block_scores<B: Backend>(
     scale: f64,
     (i0, rows, keys): (usize, usize, usize),
 ) -> Tensor<B, 4> {
-    let scores = dims.ungroup(to_f32(q_blk.matmul(k_blk.swap_dims(2, 3)))) * scale;
+    let scores = dims.ungroup(to_f32(B::attention_matmul(q_blk, k_blk.swap_dims(2, 3)))) * scale;
     let mask = blocked.clone().narrow(2, i0, rows).narrow(3, 0, keys);
     scores.mask_fill(mask.expand([dims.batch, dims.q_heads, rows, keys]), f32::NEG_INFINITY)
 }
 
 /// The plain-Burn blockwise forward: per query block the exact f32 softmax over the keys it
 /// reads, `P v` with `P` in the input dtype (as the reference), and `L = max + ln(sum exp)`.
-pub fn blockwise_forward<B: Backend>(
+pub fn blockwise_forward<B: FusedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -273,7 +281,7 @@ pub fn blockwise_forward<B: Backend>(
         let exp = (scores - max.clone()).exp();
         let sum = exp.clone().sum_dim(3);
         let probs = cast(exp / sum.clone(), dtype);
-        outputs.push(dims.ungroup(dims.group(probs).matmul(v.clone().narrow(2, 0, keys))));
+        outputs.push(dims.ungroup(B::attention_matmul(dims.group(probs), v.clone().narrow(2, 0, keys))));
         lses.push((max + sum.log()).reshape([dims.batch, dims.q_heads, rows]));
     }
     AttentionForward { output: Tensor::cat(outputs, 2), lse: Tensor::cat(lses, 2) }
@@ -294,7 +302,7 @@ fn accumulate<B: Backend>(acc: Tensor<B, 4>, part: Tensor<B, 4>) -> Tensor<B, 4>
 /// saved `L`, `dV += P^T dO`, `dS = P (dO v^T - rowsum(dO O))`, `dQ = dS k * scale`,
 /// `dK += dS^T q * scale`. Matmul operands in the input dtype, `dK`/`dV` accumulated in f32.
 #[allow(clippy::too_many_arguments)]
-pub fn blockwise_backward<B: Backend>(
+pub fn blockwise_backward<B: FusedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -329,21 +337,21 @@ pub fn blockwise_backward<B: Backend>(
         let probs = (scores - lse).exp();
         if wanted.v {
             let p = dims.group(cast(probs.clone(), q_dtype));
-            let part = p.swap_dims(2, 3).matmul(dims.group(d_out.clone()));
+            let part = B::attention_matmul(p.swap_dims(2, 3), dims.group(d_out.clone()));
             grad_v = grad_v.map(|acc| accumulate(acc, to_f32(part)));
         }
         if need_ds {
             // rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax's correction, from d-wide rows.
             let delta = (to_f32(d_out.clone()) * to_f32(rows_of(&saved.output, i0, rows))).sum_dim(3);
             let v_blk = cast(v.clone().narrow(2, 0, keys), q_dtype);
-            let d_probs = dims.ungroup(to_f32(dims.group(d_out).matmul(v_blk.swap_dims(2, 3))));
+            let d_probs = dims.ungroup(to_f32(B::attention_matmul(dims.group(d_out), v_blk.swap_dims(2, 3))));
             let d_scores = dims.group(cast(probs * (d_probs - delta), q_dtype));
             if wanted.q {
                 let k_blk = cast(k_blk, q_dtype);
-                grad_q.push(cast(to_f32(dims.ungroup(d_scores.clone().matmul(k_blk))) * scale, q_dtype));
+                grad_q.push(cast(to_f32(dims.ungroup(B::attention_matmul(d_scores.clone(), k_blk))) * scale, q_dtype));
             }
             if wanted.k {
-                let part = d_scores.swap_dims(2, 3).matmul(q_blk);
+                let part = B::attention_matmul(d_scores.swap_dims(2, 3), q_blk);
                 grad_k = grad_k.map(|acc| accumulate(acc, to_f32(part)));
             }
         }

@@ -12,7 +12,7 @@ pub mod attention;
 #[cfg(feature = "cubecl")]
 mod cube;
 #[cfg(feature = "cubecl")]
-pub use cube::gemm::{set_gemm, GemmFn};
+pub use cube::gemm::{set_batched_gemm, set_gemm, BatchedGemmFn, GemmFn};
 pub mod linear_cross_entropy;
 pub mod reference;
 

@@ -40,11 +40,12 @@ fn enabled() -> bool {
 }
 
 /// `x @ w` with `x: [..., k]`, `w: [k, n]` through cuBLAS when `B` is a CUDA backend storing
-/// bf16 or f16 (with or without autodiff); `Err` hands the inputs back for Burn's matmul.
+/// bf16 or f16 (with or without autodiff); `Err` hands the inputs back for Burn's matmul. The
+/// operands may be bf16, f16 or f32 (LoRA's f32 factors on a bf16 model; f32 GEMMs without
+/// TF32), one dtype for both.
 pub fn try_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    // Only bf16 / f16 storage: f32 stays on Burn (a tensor of a bf16 backend may be cast to f32).
-    let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
-    if !enabled() || !low(x.dtype()) || x.dtype() != w.dtype() {
+    let float = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
+    if !enabled() || !float(x.dtype()) || x.dtype() != w.dtype() {
         return Err((x, w));
     }
     if same::<B, Autodiff<Cuda<half::bf16>>>() {
@@ -154,29 +155,76 @@ fn blas_for(device: usize) -> &'static Mutex<Blas> {
     })
 }
 
-/// `op(a) @ op(b)` for row-major 2-D tensors, `op` transposing when asked; bf16 / f16 in and
-/// out, f32 accumulation.
+/// `op(a) @ op(b)` for 2-D tensors, `op` transposing when asked; output in the inputs' dtype,
+/// f32 accumulation.
 fn gemm(a: CubeTensor<CudaRuntime>, ta: bool, b: CubeTensor<CudaRuntime>, tb: bool) -> CubeTensor<CudaRuntime> {
     let dtype = a.dtype;
     gemm_general(a, ta, b, tb, dtype, None)
 }
 
-/// A 2-D operand as cuBLAS reads it: row-major contiguous, or the transposed view of one (read
-/// with the other `op` instead of copied), else made contiguous.
-fn operand(t: CubeTensor<CudaRuntime>, transpose: bool) -> (CubeTensor<CudaRuntime>, bool) {
-    if t.is_contiguous() {
-        return (t, transpose);
-    }
-    // [r, c] with strides [1, r] is the row-major [c, r] buffer, transposed.
-    let flipped = burn_cubecl::ops::permute(t, &[1, 0]);
-    if flipped.is_contiguous() {
-        return (flipped, !transpose);
-    }
-    (into_contiguous(burn_cubecl::ops::permute(flipped, &[1, 0])), transpose)
+/// One operand as cuBLAS reads it: `batch` matrices of `rows x cols`, `batch_stride` elements
+/// apart, each row-major with leading dimension `ld` or, `col_major`, column-major with `ld`
+/// (the transposed view of a row-major buffer, read as such instead of copied).
+struct View {
+    t: CubeTensor<CudaRuntime>,
+    batch: usize,
+    batch_stride: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    col_major: bool,
 }
 
-/// `op(a) @ op(b)` with output dtype `out` (bf16 / f16 / f32; the inputs bf16 or f16), added
-/// in place to `acc` (which is returned) when given: `C = op(a) op(b) + C`, one rounding.
+impl View {
+    /// `t` (`[..., rows, cols]`, any rank >= 2) with its leading dims as the batch, read through
+    /// its strides where cuBLAS can, else from a contiguous copy.
+    fn of(t: CubeTensor<CudaRuntime>) -> View {
+        if let Some(v) = Self::strided(&t) {
+            return v;
+        }
+        let t = into_contiguous(t);
+        Self::strided(&t).unwrap_or_else(|| unreachable!("a contiguous tensor is a strided view"))
+    }
+
+    fn strided(t: &CubeTensor<CudaRuntime>) -> Option<View> {
+        let (shape, strides) = (t.meta.shape(), t.meta.strides());
+        let n = shape.len();
+        let (rows, cols, sr, sc) = (shape[n - 2], shape[n - 1], strides[n - 2], strides[n - 1]);
+        // Leading dims flatten into one batch when each steps over the next (size-1 dims and
+        // zero-stride broadcasts aside).
+        let mut batch = 1;
+        let mut batch_stride = 0;
+        for d in (0..n - 2).rev() {
+            if shape[d] == 1 {
+                continue;
+            }
+            if batch == 1 {
+                batch_stride = strides[d];
+            } else if strides[d] != batch_stride * batch {
+                return None;
+            }
+            batch *= shape[d];
+        }
+        let (ld, col_major) = if (sc == 1 || cols == 1) && (rows == 1 || sr >= cols) {
+            (if rows == 1 { cols } else { sr }, false)
+        } else if (sr == 1 || rows == 1) && (cols == 1 || sc >= rows) {
+            (if cols == 1 { rows } else { sc }, true)
+        } else {
+            return None;
+        };
+        Some(View { t: t.clone(), batch, batch_stride, rows, cols, ld: ld.max(1), col_major })
+    }
+
+    /// The 2-D view of `op(t)`: `t` contiguous, or the transposed view of a contiguous tensor.
+    fn matrix(t: CubeTensor<CudaRuntime>, transpose: bool) -> View {
+        let t = if transpose { burn_cubecl::ops::permute(t, &[1, 0]) } else { t };
+        Self::of(t)
+    }
+}
+
+/// `op(a) @ op(b)` for 2-D tensors, `op` transposing when asked (through strides, no copy), with
+/// output dtype `out` (bf16 / f16 / f32; the inputs bf16, f16 or f32), added in place to `acc`
+/// (which is returned) when given: `C = op(a) op(b) + C`, one rounding.
 fn gemm_general(
     a: CubeTensor<CudaRuntime>,
     ta: bool,
@@ -185,77 +233,110 @@ fn gemm_general(
     out: DType,
     acc: Option<CubeTensor<CudaRuntime>>,
 ) -> CubeTensor<CudaRuntime> {
-    let ((a, ta), (b, tb)) = (operand(a, ta), operand(b, tb));
-    let (sa, sb) = (a.shape(), b.shape());
-    let (ra, ca, rb, cb) = (sa[0], sa[1], sb[0], sb[1]);
-    let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
-    let n = if tb { rb } else { cb };
-    debug_assert_eq!(k, if tb { cb } else { rb }, "inner dimensions");
-    let cuda_type = |d: DType| match d {
-        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F16 => sys::cudaDataType::CUDA_R_16F,
-        DType::F32 => sys::cudaDataType::CUDA_R_32F,
-        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16 / f32 outputs, got {other:?}"),
-    };
-    let (data_type, out_type) = (cuda_type(a.dtype), cuda_type(out));
-    let beta = if acc.is_some() { 1.0f32 } else { 0.0 };
+    let (a, b) = (View::matrix(a, ta), View::matrix(b, tb));
+    let (m, n) = (a.rows, b.cols);
+    let accumulating = acc.is_some();
     let c = match acc {
         Some(c) => {
             assert!(c.is_contiguous() && c.shape().dims::<2>() == [m, n] && c.dtype == out, "accumulator must be a contiguous [{m}, {n}] {out:?} tensor");
             c
         }
-        None => empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), out),
+        None => empty_device_contiguous_dtype(a.t.client.clone(), a.t.device.clone(), Shape::new([m, n]), out),
     };
-    if m == 0 || n == 0 || k == 0 {
-        return c;
+    if a.cols == 0 && !accumulating {
+        // An empty sum: cuBLAS would not touch the output.
+        return burn_cubecl::ops::numeric::zeros_client(c.client.clone(), c.device.clone(), c.shape(), out);
+    }
+    launch(&a, &b, &c, accumulating);
+    c
+}
+
+/// `a @ b` of `[..., m, k]` x `[..., k, n]` tensors with the same leading dims, one strided
+/// batched GEMM, output `[..., m, n]` in the operands' dtype.
+fn gemm_batched(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let dims: Vec<usize> = a.meta.shape().to_vec();
+    let n_dims = dims.len();
+    let mut out_dims = dims.clone();
+    out_dims[n_dims - 1] = b.meta.shape()[n_dims - 1];
+    let dtype = a.dtype;
+    let (a, b) = (View::of(a), View::of(b));
+    assert_eq!(a.batch, b.batch, "batched GEMM: {} against {} matrices", a.batch, b.batch);
+    let shape = Shape::from(out_dims);
+    if a.cols == 0 {
+        return burn_cubecl::ops::numeric::zeros_client(a.t.client.clone(), a.t.device.clone(), shape, dtype);
+    }
+    let c = empty_device_contiguous_dtype(a.t.client.clone(), a.t.device.clone(), shape, dtype);
+    launch(&a, &b, &c, false);
+    c
+}
+
+/// `C = op(A) op(B) (+ C when accumulate)` for every matrix of the batch, `C` contiguous
+/// `[batch, m, n]` in its own dtype.
+fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "GEMM inner dimensions: [{m}, {k}] x [{}, {n}]", b.rows);
+    let cuda_type = |d: DType| match d {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16 / f32, got {other:?}"),
+    };
+    let (data_type, out_type) = (cuda_type(a.t.dtype), cuda_type(c.dtype));
+    let beta = if accumulate { 1.0f32 } else { 0.0 };
+    if m == 0 || n == 0 || k == 0 || a.batch == 0 {
+        return;
     }
     // Work queued on CubeCL's streams (that produced a, b and c) must be done first.
-    if let Err(e) = <Cuda<half::bf16> as Backend>::sync(&a.device) {
+    if let Err(e) = <Cuda<half::bf16> as Backend>::sync(&a.t.device) {
         panic!("device sync before a cuBLAS GEMM failed: {e:?}");
     }
-    let res = |t: &CubeTensor<CudaRuntime>| {
+    let resource = |t: &CubeTensor<CudaRuntime>| {
         t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("device memory of a GEMM operand: {e:?}"))
     };
-    let (ga, gb, gc) = (res(&a), res(&b), res(&c));
+    let (ga, gb, gc) = (resource(&a.t), resource(&b.t), resource(c));
     let (pa, pb, pc) = (ga.resource().ptr, gb.resource().ptr, gc.resource().ptr);
     let alpha = 1.0f32;
-    let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
-    let blas = blas_for(a.device.index).lock().unwrap_or_else(|e| e.into_inner());
-    // Column-major cuBLAS computes C^T = op(b)^T op(a)^T: a row-major [r, c] matrix is its own
-    // transpose column-major with leading dimension c.
-    // SAFETY: the pointers are live device allocations of the stated sizes (the guards keep
-    // them alive until the stream is synchronised below); alpha/beta are host f32.
+    // cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T into C's buffer read as the
+    // column-major [n, m] matrix. A row-major operand is its own transpose column-major (op N);
+    // a column-major one is read with op T.
+    let op = |col_major: bool| if col_major { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    let blas = blas_for(a.t.device.index).lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the pointers are live device allocations holding the views' elements (the guards
+    // keep them alive until the stream is synchronised below); alpha/beta are host f32.
     let status = unsafe {
-        blas::gemm_ex(
+        blas::gemm_strided_batched_ex(
             *blas.handle.handle(),
-            op(tb),
-            op(ta),
+            op(b.col_major),
+            op(a.col_major),
             n as i32,
             m as i32,
             k as i32,
             (&alpha as *const f32).cast(),
             pb as *const std::ffi::c_void,
             data_type,
-            cb as i32,
+            b.ld as i32,
+            b.batch_stride as i64,
             pa as *const std::ffi::c_void,
             data_type,
-            ca as i32,
+            a.ld as i32,
+            a.batch_stride as i64,
             (&beta as *const f32).cast(),
             pc as *mut std::ffi::c_void,
             out_type,
             n as i32,
+            (m * n) as i64,
+            a.batch as i32,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     };
     if let Err(e) = status {
-        panic!("cuBLAS GEMM [{m}, {k}] x [{k}, {n}] failed: {e:?}");
+        panic!("cuBLAS GEMM {} x [{m}, {k}] x [{k}, {n}] failed: {e:?}", a.batch);
     }
     if let Err(e) = blas.stream.synchronize() {
         panic!("cuBLAS stream: {e:?}");
     }
     drop((ga, gb, gc));
-    c
 }
 
 /// The GEMM `kernels-cubecl`'s kernels use on CUDA (bf16 / f16 operands; anything else goes
@@ -274,7 +355,20 @@ pub fn register_with_kernels() {
         }
         Some(Box::new(gemm_general(a.clone(), ta, b.clone(), tb, out, acc)))
     }
+    /// The blockwise attention's batched matmuls: bf16 / f16 operands of one dtype, 4-D.
+    fn batched(a: &dyn Any, b: &dyn Any) -> Option<Box<dyn Any>> {
+        let a = a.downcast_ref::<CubeTensor<CudaRuntime>>()?;
+        let b = b.downcast_ref::<CubeTensor<CudaRuntime>>()?;
+        let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
+        let (sa, sb) = (a.meta.shape(), b.meta.shape());
+        let fits = sa.len() == 4 && sb.len() == 4 && sa[..2] == sb[..2] && sa[3] == sb[2];
+        if !enabled() || !low(a.dtype) || a.dtype != b.dtype || !fits {
+            return None;
+        }
+        Some(Box::new(gemm_batched(a.clone(), b.clone())))
+    }
     kernels_cubecl::set_gemm(hook);
+    kernels_cubecl::set_batched_gemm(batched);
 }
 
 /// How far the cuBLAS path is from Burn's f32 matmul on random bf16 operands: forward and both

@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 #[cfg(feature = "cuda")]
 pub mod cublas;
 pub mod fused;
+pub mod profile;
 
 use crate::error::Result;
 use crate::recipe::{DType, Device};

@@ -74,7 +74,10 @@ impl<B: Backend> LoraAdapter<B> {
             let mask = h.random_like(Distribution::Bernoulli(keep));
             h = h * mask / keep;
         }
-        let y = h.matmul(self.lora_a.val().unsqueeze()).matmul(self.lora_b.val().unsqueeze()) * self.scale;
+        // Through the linear layers' GEMM path (cuBLAS on CUDA, in f32): the token count varies
+        // (MoE experts), and Burn's CUDA matmul autotunes each new shape.
+        let linear = crate::backend::linear_matmul::<B, D>;
+        let y = linear(linear(h, self.lora_a.val()), self.lora_b.val()) * self.scale;
         y.cast(dtype)
     }
 

@@ -9,6 +9,7 @@ use kernels_cubecl as ops;
 use super::layers::{Attention, Linear, Loader, Mlp, RmsNorm, SequenceContext, SparseMoe};
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::InitKind;
+use crate::backend::profile;
 use crate::error::Result;
 use crate::parallel::{Layout, Partition};
 
@@ -30,16 +31,19 @@ impl<B: Backend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
-        let normed = self.post_attention_layernorm.forward(h.clone());
-        let y = match (&self.mlp, &self.moe) {
-            (Some(mlp), _) => mlp.forward(normed),
+        let device = x.device();
+        let span = |name, f: &dyn Fn() -> Tensor<B, 3>| profile::span::<B, _>(name, &device, f);
+        let normed = span("norm", &|| self.input_layernorm.forward(x.clone()));
+        let h = x.clone() + span("attention", &|| self.self_attn.forward(normed.clone(), ctx));
+        let normed = span("norm", &|| self.post_attention_layernorm.forward(h.clone()));
+        let y = span("mlp", &|| match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(normed.clone()),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
-                moe.forward(normed.reshape([b * s, d])).reshape([b, s, d])
+                moe.forward(normed.clone().reshape([b * s, d])).reshape([b, s, d])
             }
             (None, None) => normed.zeros_like(),
-        };
+        });
         h + y
     }
 }

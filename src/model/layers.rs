@@ -11,6 +11,7 @@ use kernels_cubecl as ops;
 
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
+use crate::backend::profile::span;
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::parallel::{Partition, ProcessGroup};
@@ -35,8 +36,14 @@ impl<B: Backend> Loader<'_, B> {
         self.source.tensor(TensorRequest { name: &name, shape, slice, init })
     }
 
+    /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
+    /// has nothing left to convert (it would on one core).
     fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(t.data, t.shape), &self.device)
+        use burn::tensor::ElementConversion;
+        let mut out = vec![B::FloatElem::from_elem(0.0f32); t.data.len()];
+        let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
+        super::weights::parallel_for(parts, |(dst, src)| dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v.elem()));
+        Tensor::from_data(TensorData::new(out, t.shape), &self.device)
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.
@@ -100,7 +107,7 @@ impl<B: Backend> Linear<B> {
             None => y,
         };
         match &self.lora {
-            Some(adapter) => y + adapter.forward(x),
+            Some(adapter) => y + span::<B, _>("lora", &x.device(), || adapter.forward(x)),
             None => y,
         }
     }
@@ -109,11 +116,21 @@ impl<B: Backend> Linear<B> {
 fn transpose(t: HostTensor) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let mut data = vec![0.0; t.data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
+    // Blocks of output rows on all cores, read in tiles (a 7B model transposes 7e9 values).
+    const TILE: usize = 64;
+    let blocks: Vec<(usize, &mut [f32])> = data.chunks_mut(TILE * rows.max(1)).enumerate().collect();
+    super::weights::parallel_for(blocks, |(b, out)| {
+        let c0 = b * TILE;
+        let width = out.len() / rows.max(1);
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let src = &t.data[r * cols + c0..r * cols + c0 + width];
+                for (dc, &v) in src.iter().enumerate() {
+                    out[dc * rows + r] = v;
+                }
+            }
         }
-    }
+    });
     HostTensor { shape: vec![cols, rows], data }
 }
 
@@ -183,24 +200,28 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
+        let device = x.device();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
-        let mut q = heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let mut k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(q);
-            k = kn.forward(k);
-        }
-        let q = ops::rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
-        let k = ops::rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone());
+        let (q, k, v) = span::<B, _>("qkv_proj", &device, || {
+            let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
+            let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
+            (q, k, heads(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2))
+        });
+        let (q, k) = span::<B, _>("rope", &device, || {
+            let (q, k) = match (&self.q_norm, &self.k_norm) {
+                (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
+                _ => (q, k),
+            };
+            (ops::rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()), ops::rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()))
+        });
         let scale = (self.head_dim as f64).powf(-0.5);
         // Blockwise with its own backward where the backend has it: never the [seq, seq] scores
         // of all heads at once (ctx.blocked is causal by construction).
-        let y = match crate::backend::fused::causal_attention(q, k, v, scale, ctx.blocked.clone()) {
+        let y = span::<B, _>("core", &device, || match crate::backend::fused::causal_attention(q, k, v, scale, ctx.blocked.clone()) {
             Ok(y) => y,
             Err((q, k, v, blocked)) => ops::attention(q, k, v, scale, blocked),
-        };
-        self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
+        });
+        span::<B, _>("o_proj", &device, || self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim])))
     }
 }
 
@@ -244,8 +265,10 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(h)
+        let device = x.device();
+        let (gate, up) = span::<B, _>("gate_up_proj", &device, || (self.gate_proj.forward(x.clone()), self.up_proj.forward(x)));
+        let h = span::<B, _>("swiglu", &device, || ops::swiglu(gate, up));
+        span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
     }
 }
 
@@ -308,5 +331,24 @@ impl<B: Backend> SparseMoe<B> {
             out = out.select_assign(0, token_idx, y * w, IndexingUpdateOp::Add);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_moves_every_value_over_odd_and_tiled_shapes() {
+        for (rows, cols) in [(1, 1), (3, 5), (64, 64), (130, 67), (7, 200)] {
+            let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(HostTensor { shape: vec![rows, cols], data: data.clone() });
+            assert_eq!(t.shape, [cols, rows]);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t.data[c * rows + r], data[r * cols + c], "({r}, {c}) of {rows}x{cols}");
+                }
+            }
+        }
     }
 }

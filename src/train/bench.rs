@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use super::optimizer::{AdamW, AdamWConfig};
 use super::{recompute, LrSchedule, Trainer};
-use crate::backend::{self, BackendJob};
+use std::collections::BTreeMap;
+
+use crate::backend::{self, profile, BackendJob};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTargets};
@@ -49,6 +51,12 @@ pub struct BenchReport {
     pub reserved_gib: Vec<f64>,
     /// Largest of [`BenchReport::reserved_gib`].
     pub peak_reserved_gib: Option<f64>,
+    /// Seconds of the build's phases: the model's weights (random init or load, upload), the
+    /// adapters.
+    pub build_phases: BTreeMap<String, f64>,
+    /// With `--profile`: one more step after the timed ones, its spans timed with the device
+    /// synchronised around each ([`crate::backend::profile`]); seconds by span path.
+    pub profile: Vec<profile::SpanTotal>,
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
@@ -76,15 +84,19 @@ pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_
     base + 6.0 * lora_params_per_token + attention
 }
 
-pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize) -> Result<BenchReport> {
+pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize, profile: bool) -> Result<BenchReport> {
     let r = &loaded.recipe;
     // First, whether the GEMM path the steps will take computes what Burn's matmul does (bf16
     // only: Burn fixes a CUDA device's float dtype at its first tensor).
     #[cfg(feature = "cuda")]
-    let check = (backend::resolve(r.device) == crate::recipe::Device::Cuda && r.model.dtype == crate::recipe::DType::Bf16)
-        .then(|| backend::cublas::self_check(&Default::default()));
+    let check = (backend::resolve(r.device) == crate::recipe::Device::Cuda && r.model.dtype == crate::recipe::DType::Bf16).then(|| {
+        let t = Instant::now();
+        let c = backend::cublas::self_check(&Default::default());
+        eprintln!("bench: GEMM self-check {:.1} s", t.elapsed().as_secs_f64());
+        c
+    });
     #[allow(unused_mut)]
-    let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps })?;
+    let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps, profile })?;
     #[cfg(feature = "cuda")]
     {
         report.gemm_check = check.and_then(|c| serde_json::to_value(c).ok());
@@ -97,6 +109,7 @@ struct Job<'a> {
     plan: &'a ModelPlan,
     warmup: usize,
     steps: usize,
+    profile: bool,
 }
 
 impl BackendJob for Job<'_> {
@@ -106,7 +119,11 @@ impl BackendJob for Job<'_> {
         let r = &self.loaded.recipe;
         let sync = |d: &B::Device| B::sync(d).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")));
         let t0 = Instant::now();
+        let mut phases = BTreeMap::new();
         let mut m = model::build::<Autodiff<B>>(self.plan, &r.model, Layout::SINGLE, &device)?;
+        sync(&device)?;
+        phases.insert("weights".to_string(), t0.elapsed().as_secs_f64());
+        eprintln!("bench: weights built in {:.1} s", phases["weights"]);
         let mut lora_params = 0.0;
         if r.train.tuning == Tuning::Lora {
             let targets = LoraTargets::parse(&r.lora.targets)?;
@@ -123,6 +140,7 @@ impl BackendJob for Job<'_> {
         }
         sync(&device)?;
         let build_seconds = t0.elapsed().as_secs_f64();
+        phases.insert("adapters".to_string(), build_seconds - phases["weights"]);
         let groups = recompute::groups(&r.train.recompute, m.layers.len())?;
         let schedule = LrSchedule::new(&r.optimizer, &r.schedule, self.warmup + self.steps);
         let mut trainer = Trainer::new(m, AdamW::new(AdamWConfig::from(&r.optimizer)), schedule, r.train.gradient_clip, r.train.seed, groups, device.clone());
@@ -162,6 +180,24 @@ impl BackendJob for Job<'_> {
             }
         }
         let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
+        let spans = if self.profile {
+            let b = batch();
+            profile::enable(true);
+            let t = Instant::now();
+            let stats = trainer.step(self.warmup + self.steps + 1, std::slice::from_ref(&b));
+            let secs = t.elapsed().as_secs_f64();
+            let spans = profile::totals();
+            profile::enable(false);
+            stats?;
+            eprintln!("bench: profiled step {secs:.3} s (device synchronised around each span)");
+            for s in &spans {
+                let depth = s.path.matches('/').count();
+                eprintln!("  {:>8.1} ms {:>5.1}% {:>6}x  {}{}", s.seconds * 1e3, 100.0 * s.seconds / secs, s.calls, "  ".repeat(depth), s.path.rsplit('/').next().unwrap_or(""));
+            }
+            spans
+        } else {
+            Vec::new()
+        };
         Ok(BenchReport {
             family: self.plan.spec.family.clone(),
             device: format!("{:?}", backend::resolve(r.device)).to_lowercase(),
@@ -181,6 +217,8 @@ impl BackendJob for Job<'_> {
             gemm_check: None,
             peak_reserved_gib: reserved_gib.iter().copied().reduce(f64::max),
             reserved_gib,
+            build_phases: phases,
+            profile: spans,
         })
     }
 }

@@ -15,6 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::optimizer::{collect_grads, AdamW, Grads};
 use super::recompute;
 use super::schedule::LrSchedule;
+use crate::backend::profile::span;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, SequenceContext};
@@ -117,7 +118,7 @@ impl<B: Backend> Trainer<B> {
     /// Optimizer step `step` (counting from 1) over the micro batches of one global batch.
     pub fn step(&mut self, step: usize, micro_batches: &[Batch]) -> Result<StepStats> {
         let (loss, mut grads) = self.gradients(step, micro_batches)?;
-        let grad_norm = grads.global_norm();
+        let grad_norm = span::<B, _>("optimizer", &self.device, || grads.global_norm());
         // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1.
         if self.clip > 0.0 {
             let coef = self.clip / (grad_norm + 1e-6);
@@ -127,7 +128,7 @@ impl<B: Backend> Trainer<B> {
         }
         let lr = self.schedule.at(step);
         let model = self.model.take().ok_or_else(|| Error::Internal("trainer model missing".into()))?;
-        self.model = Some(self.optimizer.step(model, grads, lr));
+        self.model = Some(span::<B, _>("optimizer", &self.device, || self.optimizer.step(model, grads, lr)));
         let tokens = micro_batches.iter().map(trained_tokens).sum();
         let positions = micro_batches.iter().map(|b| b.batch_size * b.seq_len).sum();
         let memory = crate::backend::device_memory::<B>(&self.device);
@@ -151,9 +152,9 @@ impl<B: Backend> Trainer<B> {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
-                let sum = batch_loss(model, t, &layers, self.fused_cross_entropy);
+                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy));
                 let value = scalar_f32(sum.clone());
-                let g = (sum / tokens as f64).backward();
+                let g = span::<B, _>("backward", &self.device, || (sum / tokens as f64).backward());
                 collect_grads(model, &g, &[], &mut grads);
                 value as f64
             } else {
@@ -195,20 +196,23 @@ impl<B: Backend> Trainer<B> {
             if *recomputed {
                 // On the inner backend: no graph at all (see `lora::training_forward`).
                 let plain: Vec<_> = model.layers[r.clone()].iter().map(|l| l.valid()).collect();
-                let y = crate::lora::training_forward(|| recompute::run_layers(&plain, r.start, prev.clone(), &inner_ctx, seed));
+                let y = span::<B, _>("forward", &self.device, || {
+                    crate::lora::training_forward(|| recompute::run_layers(&plain, r.start, prev.clone(), &inner_ctx, seed))
+                });
                 saved.push(Saved::Recomputed { input: prev });
                 prev = y;
             } else {
                 let input = Tensor::from_inner(prev).require_grad();
-                let output = recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed);
+                let output = span::<B, _>("forward", &self.device, || recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed));
                 prev = output.clone().inner();
                 saved.push(Saved::Kept { input, output });
             }
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
-        let sum = model.next_token_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy).sum;
-        let value = scalar_f32(sum.clone());
-        let g = (sum * scale).backward();
+        let (value, g) = span::<B, _>("head", &self.device, || {
+            let sum = model.next_token_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy).sum;
+            (scalar_f32(sum.clone()), (sum * scale).backward())
+        });
         collect_grads(model, &g, &[], grads);
         let mut grad_out = h.grad(&g).ok_or_else(missing)?;
         // Backward, segment by segment from the head down.
@@ -218,11 +222,11 @@ impl<B: Backend> Trainer<B> {
                 Saved::Recomputed { input } => {
                     let input = Tensor::<Autodiff<B>, 3>::from_inner(input).require_grad();
                     let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::fresh_leaves(l.clone())).collect();
-                    let output = recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed);
+                    let output = span::<B, _>("recompute", &self.device, || recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed));
                     (input, output, Some(fresh))
                 }
             };
-            let g = (output * Tensor::from_inner(grad_out)).sum().backward();
+            let g = span::<B, _>("backward", &self.device, || (output * Tensor::from_inner(grad_out)).sum().backward());
             match fresh {
                 None => collect_grads(model, &g, &[], grads),
                 Some(layers) => {

@@ -19,7 +19,35 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 /// operands are not ones it handles.
 pub type GemmFn = fn(a: &dyn Any, ta: bool, b: &dyn Any, tb: bool, out: DType, acc: Option<&dyn Any>) -> Option<Box<dyn Any>>;
 
+/// `a @ b` of 4-D `CubeTensor`s `[b1, b2, m, k]` x `[b1, b2, k, n]` (views allowed: strides say
+/// whether a matrix is read transposed), output in the operands' dtype; `None` when it does not
+/// handle them.
+pub type BatchedGemmFn = fn(a: &dyn Any, b: &dyn Any) -> Option<Box<dyn Any>>;
+
 static GEMM: OnceLock<GemmFn> = OnceLock::new();
+static BATCHED: OnceLock<BatchedGemmFn> = OnceLock::new();
+
+/// Use `gemm` for the batched matmuls of this crate's kernels (the blockwise attention's) where
+/// it handles the operands. The first registration wins; returns whether this one did.
+pub fn set_batched_gemm(gemm: BatchedGemmFn) -> bool {
+    BATCHED.set(gemm).is_ok()
+}
+
+/// `a @ b` of 4-D tensors through the registered batched GEMM, else Burn's (CubeCL's) matmul.
+pub(crate) fn batched_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    a: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    b: Tensor<CubeBackend<R, F, I, BT>, 4>,
+) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
+    if let Some(f) = BATCHED.get() {
+        let (pa, pb) = (a.clone().into_primitive().tensor(), b.clone().into_primitive().tensor());
+        if let Some(y) = f(&pa, &pb) {
+            if let Ok(y) = y.downcast::<CubeTensor<R>>() {
+                return Tensor::from_primitive(TensorPrimitive::Float(*y));
+            }
+        }
+    }
+    a.matmul(b)
+}
 
 /// Use `gemm` for this crate's kernels' matmuls where it handles the operands. The first
 /// registration wins; returns whether this one did.
