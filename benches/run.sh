@@ -55,7 +55,7 @@ for c in "${@:-7b-mb4}"; do
     --micro-batch "$mb" --seq 2048 --warmup "$WARMUP" --steps "$STEPS"
   with_peak "$c-trainer" timeout "${TRAINER_TIMEOUT:-3600}" "$T" bench "$recipe" --warmup "$WARMUP" --steps "$STEPS" \
     --set "model.path=\"$model\"" --set 'model.init="random"' --set 'device="cuda"' \
-    --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
+    --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size="$mb" --set train.global_batch_size="$mb" \
     --set train.max_length=2048 ${PROFILE:+--profile}
   python3 benches/compare.py "$OUT/$c-trainer.json" "$OUT/$c-baseline.json"

@@ -43,7 +43,7 @@ pub struct BenchReport {
     /// Seconds to build the model (random init or load) and attach adapters.
     pub build_seconds: f64,
     pub losses: Vec<f64>,
-    /// cuBLAS path against Burn's f32 matmul on random bf16 operands (CUDA bf16 runs only):
+    /// cuBLAS path against exact (host f64) maths on random bf16 operands (CUDA bf16 runs only):
     /// max |diff| / max |reference| of the forward and both gradients.
     pub gemm_check: Option<serde_json::Value>,
     /// The device allocator's pool after each step (warm-up included), GiB: the step's
