@@ -15,8 +15,10 @@
 //! group's query heads inside the matmul.
 //!
 //! [`FusedAttentionBackend`] has this plain-Burn implementation as provided methods (NdArray
-//! and CubeCL backends use it); `Autodiff<B>` turns the inner backend's forward and backward into
-//! one autodiff op.
+//! uses it all; CubeCL backends replace each block's softmax and its backward, the
+//! [`FusedAttentionBackend::attention_block_softmax`] and
+//! [`FusedAttentionBackend::attention_block_grad`] steps, by row kernels); `Autodiff<B>` turns
+//! the inner backend's forward and backward into one autodiff op.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -3,7 +3,7 @@
 //! each query block's softmax, forward and backward, as one row kernel
 //! ([`super::softmax_rows`]) instead of Burn's chain of element-wise passes over f32 scores.
 
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -43,7 +43,7 @@ fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const 
 fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     t: Tensor<CubeBackend<R, F, I, BT>, 3>,
 ) -> CubeTensor<R> {
-    let t = if t.dtype() == DType::F32 { t } else { t.cast(burn::tensor::FloatDType::F32) };
+    let t = if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
     cube_tensor(t)
 }
 
