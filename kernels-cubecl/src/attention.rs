@@ -15,8 +15,10 @@
 //! group's query heads inside the matmul.
 //!
 //! [`FusedAttentionBackend`] has this plain-Burn implementation as provided methods (NdArray
-//! and CubeCL backends use it); `Autodiff<B>` turns the inner backend's forward and backward into
-//! one autodiff op.
+//! uses it all; CubeCL backends replace each block's softmax and its backward, the
+//! [`FusedAttentionBackend::attention_block_softmax`] and
+//! [`FusedAttentionBackend::attention_block_grad`] steps, by row kernels); `Autodiff<B>` turns
+//! the inner backend's forward and backward into one autodiff op.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -95,6 +97,34 @@ pub trait FusedAttentionBackend: Backend {
     /// (`set_batched_gemm`, with the `cubecl` feature).
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
         a.matmul(b)
+    }
+
+    /// One query block's softmax, [`block_softmax`] by default: from the raw scores `q k^T`
+    /// (`[batch, q_heads, rows, keys]`, input dtype) and the block's mask (`[batch, 1, rows,
+    /// keys]`, `true` = may not read), the probabilities of `scores * scale` in f32, returned in
+    /// the scores' dtype, and each row's log-sum-exp `[batch, q_heads, rows]` in f32.
+    fn attention_block_softmax(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        mask: Tensor<Self, 4, Bool>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        block_softmax(scores, scale, mask)
+    }
+
+    /// One query block's softmax backward, [`block_softmax_grad`] by default: the probabilities
+    /// `P = exp(scores * scale - lse)` rebuilt from the forward's `lse` (`[batch, q_heads, rows]`,
+    /// f32), returned in the scores' dtype when `want_probs`, and with `upstream = (dP, delta)`
+    /// (`dP = dO v^T` like the scores, `delta = rowsum(dO O)` like `lse`) the scores' gradient
+    /// `dS = P (dP - delta)` in the scores' dtype (unscaled).
+    fn attention_block_grad(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        mask: Tensor<Self, 4, Bool>,
+        lse: Tensor<Self, 3>,
+        upstream: Option<(Tensor<Self, 4>, Tensor<Self, 3>)>,
+        want_probs: bool,
+    ) -> (Option<Tensor<Self, 4>>, Option<Tensor<Self, 4>>) {
+        block_softmax_grad(scores, scale, mask, lse, upstream, want_probs)
     }
 
     /// Output and row log-sum-exp, one query block at a time; untracked.
@@ -239,21 +269,54 @@ fn rows_of<B: Backend>(t: &Tensor<B, 4>, i0: usize, rows: usize) -> Tensor<B, 4>
     t.clone().narrow(2, i0, rows)
 }
 
-/// One query block's scaled scores against keys `[0, keys)`, masked with `-inf`, in f32:
-/// `[b, q_heads, rows, keys]`. `q_blk` is grouped (`[b, kv_heads, groups * rows, d]`), `k_blk`
-/// the keys read. As the reference, `q k^T` in the input dtype, then f32; the scale is applied
-/// in f32.
+/// One query block's raw scores `q k^T` against keys `[0, keys)`, `[b, q_heads, rows, keys]` in
+/// the input dtype (as the reference), and its mask `[b, 1, rows, keys]`. `q_blk` is grouped
+/// (`[b, kv_heads, groups * rows, d]`), `k_blk` the keys read.
 fn block_scores<B: FusedAttentionBackend>(
     dims: &Dims,
     q_blk: Tensor<B, 4>,
     k_blk: Tensor<B, 4>,
     blocked: &Tensor<B, 4, Bool>,
-    scale: f64,
     (i0, rows, keys): (usize, usize, usize),
-) -> Tensor<B, 4> {
-    let scores = dims.ungroup(to_f32(B::attention_matmul(q_blk, k_blk.swap_dims(2, 3)))) * scale;
-    let mask = blocked.clone().narrow(2, i0, rows).narrow(3, 0, keys);
-    scores.mask_fill(mask.expand([dims.batch, dims.q_heads, rows, keys]), f32::NEG_INFINITY)
+) -> (Tensor<B, 4>, Tensor<B, 4, Bool>) {
+    let scores = dims.ungroup(B::attention_matmul(q_blk, k_blk.swap_dims(2, 3)));
+    (scores, blocked.clone().narrow(2, i0, rows).narrow(3, 0, keys))
+}
+
+/// `scores * scale` in f32 (the scale applied after the conversion), masked with `-inf`.
+fn masked_scaled<B: Backend>(scores: Tensor<B, 4>, scale: f64, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    let dims = scores.dims();
+    (to_f32(scores) * scale).mask_fill(mask.expand(dims), f32::NEG_INFINITY)
+}
+
+/// The plain-Burn [`FusedAttentionBackend::attention_block_softmax`]: `softmax(scores * scale)`
+/// in f32 over the keys the mask lets each row read, and `L = max + ln(sum exp)`. A row that
+/// may read no key is NaN (probabilities and `L`), as in the reference.
+pub fn block_softmax<B: Backend>(scores: Tensor<B, 4>, scale: f64, mask: Tensor<B, 4, Bool>) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let [b, h, rows, _] = scores.dims();
+    let dtype = scores.dtype();
+    let scores = masked_scaled(scores, scale, mask);
+    let max = scores.clone().max_dim(3);
+    let exp = (scores - max.clone()).exp();
+    let sum = exp.clone().sum_dim(3);
+    let probs = cast(exp / sum.clone(), dtype);
+    (probs, (max + sum.log()).reshape([b, h, rows]))
+}
+
+/// The plain-Burn [`FusedAttentionBackend::attention_block_grad`]: `P = exp(scores * scale - L)`
+/// in f32 (masked entries 0), `dS = P (dP - delta)`, each returned in the scores' dtype.
+pub fn block_softmax_grad<B: Backend>(
+    scores: Tensor<B, 4>,
+    scale: f64,
+    mask: Tensor<B, 4, Bool>,
+    lse: Tensor<B, 3>,
+    upstream: Option<(Tensor<B, 4>, Tensor<B, 3>)>,
+    want_probs: bool,
+) -> (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) {
+    let dtype = scores.dtype();
+    let probs = (masked_scaled(scores, scale, mask) - lse.unsqueeze_dim::<4>(3)).exp();
+    let d_scores = upstream.map(|(d_probs, delta)| cast(probs.clone() * (to_f32(d_probs) - delta.unsqueeze_dim::<4>(3)), dtype));
+    (want_probs.then(|| cast(probs, dtype)), d_scores)
 }
 
 /// The plain-Burn blockwise forward: per query block the exact f32 softmax over the keys it
@@ -276,13 +339,10 @@ pub fn blockwise_forward<B: FusedAttentionBackend>(
     let mut lses = Vec::new();
     for (i0, rows, keys) in dims.blocks(options) {
         let q_blk = dims.group(rows_of(&q, i0, rows));
-        let scores = block_scores(&dims, q_blk, k.clone().narrow(2, 0, keys), &blocked, scale, (i0, rows, keys));
-        let max = scores.clone().max_dim(3);
-        let exp = (scores - max.clone()).exp();
-        let sum = exp.clone().sum_dim(3);
-        let probs = cast(exp / sum.clone(), dtype);
-        outputs.push(dims.ungroup(B::attention_matmul(dims.group(probs), v.clone().narrow(2, 0, keys))));
-        lses.push((max + sum.log()).reshape([dims.batch, dims.q_heads, rows]));
+        let (scores, mask) = block_scores(&dims, q_blk, k.clone().narrow(2, 0, keys), &blocked, (i0, rows, keys));
+        let (probs, lse) = B::attention_block_softmax(scores, scale, mask);
+        outputs.push(dims.ungroup(B::attention_matmul(dims.group(cast(probs, dtype)), v.clone().narrow(2, 0, keys))));
+        lses.push(lse);
     }
     AttentionForward { output: Tensor::cat(outputs, 2), lse: Tensor::cat(lses, 2) }
 }
@@ -332,20 +392,22 @@ pub fn blockwise_backward<B: FusedAttentionBackend>(
         let q_blk = dims.group(rows_of(&q, i0, rows));
         let k_blk = k.clone().narrow(2, 0, keys);
         let d_out = rows_of(&grad_output, i0, rows);
-        let lse = saved.lse.clone().narrow(2, i0, rows).reshape([dims.batch, dims.q_heads, rows, 1]);
-        let scores = block_scores(&dims, q_blk.clone(), k_blk.clone(), &blocked, scale, block);
-        let probs = (scores - lse).exp();
-        if wanted.v {
-            let p = dims.group(cast(probs.clone(), q_dtype));
-            let part = B::attention_matmul(p.swap_dims(2, 3), dims.group(d_out.clone()));
-            grad_v = grad_v.map(|acc| accumulate(acc, to_f32(part)));
-        }
-        if need_ds {
+        let lse = saved.lse.clone().narrow(2, i0, rows);
+        let (scores, mask) = block_scores(&dims, q_blk.clone(), k_blk.clone(), &blocked, block);
+        let upstream = need_ds.then(|| {
             // rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax's correction, from d-wide rows.
             let delta = (to_f32(d_out.clone()) * to_f32(rows_of(&saved.output, i0, rows))).sum_dim(3);
             let v_blk = cast(v.clone().narrow(2, 0, keys), q_dtype);
-            let d_probs = dims.ungroup(to_f32(B::attention_matmul(dims.group(d_out), v_blk.swap_dims(2, 3))));
-            let d_scores = dims.group(cast(probs * (d_probs - delta), q_dtype));
+            let d_probs = dims.ungroup(B::attention_matmul(dims.group(d_out.clone()), v_blk.swap_dims(2, 3)));
+            (d_probs, delta.reshape([dims.batch, dims.q_heads, rows]))
+        });
+        let (probs, d_scores) = B::attention_block_grad(scores, scale, mask, lse, upstream, wanted.v);
+        if let Some(probs) = probs {
+            let part = B::attention_matmul(dims.group(cast(probs, q_dtype)).swap_dims(2, 3), dims.group(d_out));
+            grad_v = grad_v.map(|acc| accumulate(acc, to_f32(part)));
+        }
+        if let Some(d_scores) = d_scores {
+            let d_scores = dims.group(cast(d_scores, q_dtype));
             if wanted.q {
                 let k_blk = cast(k_blk, q_dtype);
                 grad_q.push(cast(to_f32(dims.ungroup(B::attention_matmul(d_scores.clone(), k_blk))) * scale, q_dtype));

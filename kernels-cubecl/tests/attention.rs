@@ -346,3 +346,127 @@ fn heads_not_a_multiple_of_kv_heads_are_refused() {
     let blocked = case.blocked::<NdArray<f32>>(&Default::default());
     memory_efficient_attention(q, k, v, case.scale(), blocked, AttentionOptions::default());
 }
+
+/// Inputs of one query block's softmax, forward and backward, generated on the host.
+struct BlockCase {
+    dims: [usize; 4],
+    /// Raw scores `q k^T`, `[batch, heads, rows, keys]`.
+    scores: Vec<f32>,
+    /// `[batch, 1, rows, keys]`: about a third of the keys blocked, and every key of a few rows.
+    blocked: Vec<bool>,
+    /// `dP` like the scores, `delta` one per row.
+    d_probs: Vec<f32>,
+    delta: Vec<f32>,
+}
+
+impl BlockCase {
+    fn random(seed: u64, dims: [usize; 4]) -> Self {
+        let [b, h, rows, keys] = dims;
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut floats = |n: usize, spread: f32| (0..n).map(|_| rng.unit() * spread).collect::<Vec<_>>();
+        let scores = floats(b * h * rows * keys, 8.0);
+        let d_probs = floats(b * h * rows * keys, 1.0);
+        let delta = floats(b * h * rows, 1.0);
+        let coins = floats(b * rows * keys, 1.0);
+        let empty_row = |row: usize| row % 7 == 3;
+        let blocked = coins.iter().enumerate().map(|(i, &c)| c < -0.33 || empty_row(i / keys % rows)).collect();
+        Self { dims, scores, blocked, d_probs, delta }
+    }
+
+    fn scale(&self) -> f64 {
+        0.35
+    }
+
+    fn scores<B: Backend>(&self, values: &[f32], device: &B::Device) -> Tensor<B, 4> {
+        Tensor::from_data(TensorData::new(values.to_vec(), self.dims), device)
+    }
+
+    /// The mask block as attention takes it: a view of a larger mask (2 rows before the block,
+    /// 3 keys after it).
+    fn mask<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4, Bool> {
+        let [b, _, rows, keys] = self.dims;
+        let block = Tensor::<B, 4, Bool>::from_data(TensorData::new(self.blocked.clone(), [b, 1, rows, keys]), device);
+        let rows_before = Tensor::<B, 4, Bool>::full([b, 1, 2, keys], true, device);
+        let keys_after = Tensor::<B, 4, Bool>::full([b, 1, rows + 2, 3], false, device);
+        let full = Tensor::cat(vec![Tensor::cat(vec![rows_before, block], 2), keys_after], 3);
+        full.narrow(2, 2, rows).narrow(3, 0, keys)
+    }
+
+    /// A per-row `[batch, heads, rows]` tensor as a view: rows from 1 of a longer tensor.
+    fn per_row<B: Backend>(&self, values: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, h, rows] = values.dims();
+        let before = Tensor::<B, 3>::zeros([b, h, 1], &values.device()).cast(values.dtype());
+        Tensor::cat(vec![before, values], 2).narrow(2, 1, rows)
+    }
+}
+
+/// Largest `|got - want|` relative to the largest finite `|want|`, after checking that both are
+/// non-finite (NaN or infinite) at the same places.
+fn assert_same_values(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), want.len(), "{label}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.is_finite(), w.is_finite(), "{label}: element {i} is {g}, the default's {w}");
+    }
+    let finite = |v: &[f32]| v.iter().map(|x| if x.is_finite() { *x } else { 0.0 }).collect::<Vec<_>>();
+    let error = relative_error(&finite(got), &finite(want));
+    assert!(error < tolerance, "{label}: relative error {error}");
+}
+
+/// (batch, heads, rows, keys): odd sizes; keys beyond one cube's units (each unit reads
+/// several); more rows than one grid axis holds.
+const BLOCK_SHAPES: [[usize; 4]; 3] = [[2, 3, 37, 53], [1, 2, 5, 300], [1, 2, 35_000, 3]];
+
+#[test]
+fn wgpu_block_softmax_matches_default() {
+    let device = wgpu_device();
+    for dims in BLOCK_SHAPES {
+        for seed in SEEDS {
+            let case = BlockCase::random(seed, dims);
+            let scores = case.scores::<Wgpu>(&case.scores, &device);
+            let mask = case.mask::<Wgpu>(&device);
+            let (want_p, want_l) = kernels_cubecl::attention::block_softmax(scores.clone(), case.scale(), mask.clone());
+            let (got_p, got_l) = <Wgpu as FusedAttentionBackend>::attention_block_softmax(scores, case.scale(), mask);
+            assert_eq!((got_p.dims(), got_l.dims()), (want_p.dims(), want_l.dims()));
+            let label = format!("softmax {dims:?} seed={seed}");
+            let (got_p, want_p, got_l, want_l) = (values(got_p), values(want_p), values(got_l), values(want_l));
+            assert_same_values(&format!("{label} probs"), &got_p, &want_p, TOLERANCE);
+            assert_same_values(&format!("{label} lse"), &got_l, &want_l, TOLERANCE);
+            // A row that may read no key is NaN, as in the reference.
+            let keys = dims[3];
+            let empty = (0..dims[0] * dims[1] * dims[2]).filter(|r| r % dims[2] % 7 == 3);
+            assert!(empty.clone().all(|r| got_l[r].is_nan() && got_p[r * keys..(r + 1) * keys].iter().all(|p| p.is_nan())));
+        }
+    }
+}
+
+#[test]
+fn wgpu_block_grad_matches_default() {
+    let device = wgpu_device();
+    for dims in BLOCK_SHAPES {
+        for seed in SEEDS {
+            let case = BlockCase::random(seed, dims);
+            let scores = case.scores::<Wgpu>(&case.scores, &device);
+            let mask = case.mask::<Wgpu>(&device);
+            // L as the forward saves it (NaN for rows that may read no key), seen through a view.
+            let lse = case.per_row(kernels_cubecl::attention::block_softmax(scores.clone(), case.scale(), mask.clone()).1);
+            let [b, h, rows, _] = dims;
+            let delta = Tensor::<Wgpu, 3>::from_data(TensorData::new(case.delta.clone(), [b, h, rows]), &device);
+            let upstream = (case.scores::<Wgpu>(&case.d_probs, &device), case.per_row(delta));
+            for (with_upstream, want_probs) in [(true, true), (true, false), (false, true)] {
+                let up = with_upstream.then(|| upstream.clone());
+                let args = (scores.clone(), case.scale(), mask.clone(), lse.clone());
+                let (want_p, want_ds) = kernels_cubecl::attention::block_softmax_grad(args.0.clone(), args.1, args.2.clone(), args.3.clone(), up.clone(), want_probs);
+                let (got_p, got_ds) = <Wgpu as FusedAttentionBackend>::attention_block_grad(args.0, args.1, args.2, args.3, up, want_probs);
+                let label = format!("grad {dims:?} seed={seed} upstream={with_upstream} probs={want_probs}");
+                assert_eq!(got_p.is_some(), want_probs, "{label}");
+                assert_eq!(got_ds.is_some(), with_upstream, "{label}");
+                for (name, got, want) in [("probs", got_p, want_p), ("dS", got_ds, want_ds)] {
+                    if let (Some(got), Some(want)) = (got, want) {
+                        assert_eq!(got.dims(), want.dims(), "{label} {name}");
+                        assert_same_values(&format!("{label} {name}"), &values(got), &values(want), TOLERANCE);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,15 +1,142 @@
-//! [`crate::memory_efficient_attention`] on `CubeBackend`: the trait's plain-Burn blockwise
-//! implementation, whose element-wise ops are CubeCL kernels and whose batched matmuls go
-//! through a registered GEMM (cuBLAS on CUDA) where there is one. A fused attention kernel would
-//! override the trait's other methods here.
+//! [`crate::memory_efficient_attention`] on `CubeBackend`: the trait's blockwise implementation
+//! with its batched matmuls through a registered GEMM (cuBLAS on CUDA) where there is one, and
+//! each query block's softmax, forward and backward, as one row kernel
+//! ([`super::softmax_rows`]) instead of Burn's chain of element-wise passes over f32 scores.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::{CubeCount, CubeDim};
 
-use crate::attention::FusedAttentionBackend;
+use super::softmax_rows::{softmax_grad_rows, softmax_rows, MAX_ROW_UNITS};
+use crate::attention::{block_softmax, block_softmax_grad, FusedAttentionBackend};
+
+/// Cubes per grid axis at most: 65535 is all WebGPU/Vulkan promise.
+const MAX_CUBES_X: usize = 65_535;
+
+/// A 2-D grid of at least `rows` cubes (the kernels skip the surplus).
+fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_CUBES_X);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// Units per row: the keys rounded up to a power of two, at most [`MAX_ROW_UNITS`].
+fn row_units(keys: usize) -> u32 {
+    keys.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32
+}
+
+fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    tensor.into_primitive().tensor()
+}
+
+fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: CubeTensor<R>,
+) -> Tensor<CubeBackend<R, F, I, BT>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+/// The f32 view the kernels read per-row values through (a cast only if not f32 already).
+fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    t: Tensor<CubeBackend<R, F, I, BT>, 3>,
+) -> CubeTensor<R> {
+    let t = if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
+    cube_tensor(t)
+}
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
         super::gemm::batched_matmul(a, b)
+    }
+
+    fn attention_block_softmax(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        mask: Tensor<Self, 4, Bool>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        let [b, h, rows, keys] = scores.dims();
+        if b * h * rows * keys == 0 {
+            return block_softmax(scores, scale, mask);
+        }
+        let scores = into_contiguous(cube_tensor(scores));
+        let mask = mask.into_primitive();
+        let (client, device) = (scores.client.clone(), scores.device.clone());
+        let probs = empty_device_dtype(client.clone(), device.clone(), scores.shape(), scores.dtype);
+        let lse = empty_device_dtype(client.clone(), device, Shape::new([b, h, rows]), DType::F32);
+        let units = row_units(keys);
+        let dtypes = [scores.dtype.into(), mask.dtype.into()];
+        softmax_rows::launch::<R>(
+            &client,
+            row_cubes(b * h * rows),
+            CubeDim::new_1d(units),
+            scores.into_tensor_arg(),
+            mask.into_tensor_arg(),
+            probs.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            scale as f32,
+            f32::NAN,
+            units,
+            dtypes,
+        );
+        (float(probs), float(lse))
+    }
+
+    fn attention_block_grad(
+        scores: Tensor<Self, 4>,
+        scale: f64,
+        mask: Tensor<Self, 4, Bool>,
+        lse: Tensor<Self, 3>,
+        upstream: Option<(Tensor<Self, 4>, Tensor<Self, 3>)>,
+        want_probs: bool,
+    ) -> (Option<Tensor<Self, 4>>, Option<Tensor<Self, 4>>) {
+        let [b, h, rows, keys] = scores.dims();
+        if b * h * rows * keys == 0 || !(want_probs || upstream.is_some()) {
+            return block_softmax_grad(scores, scale, mask, lse, upstream, want_probs);
+        }
+        let write_grad = upstream.is_some();
+        let scores = into_contiguous(cube_tensor(scores));
+        let mask = mask.into_primitive();
+        let lse = f32_rows(lse);
+        let (client, device) = (scores.client.clone(), scores.device.clone());
+        let output = |wanted: bool| {
+            // An output the kernel does not write still takes an argument: one element.
+            let shape = if wanted { scores.shape() } else { Shape::new([1]) };
+            empty_device_dtype(client.clone(), device.clone(), shape, scores.dtype)
+        };
+        let (probs, d_scores) = (output(want_probs), output(write_grad));
+        // Without an upstream gradient the kernel reads neither dP nor delta: any tensors do.
+        let (d_probs, delta) = match upstream {
+            Some((d_probs, delta)) => {
+                let d_probs = into_contiguous(cube_tensor(d_probs));
+                assert_eq!(d_probs.shape(), scores.shape(), "attention block grad: dP and the scores differ in shape");
+                (d_probs, f32_rows(delta))
+            }
+            None => (scores.clone(), lse.clone()),
+        };
+        let units = row_units(keys);
+        let dtypes = [scores.dtype.into(), mask.dtype.into()];
+        softmax_grad_rows::launch::<R>(
+            &client,
+            row_cubes(b * h * rows),
+            CubeDim::new_1d(units),
+            scores.into_tensor_arg(),
+            mask.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            d_probs.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            probs.clone().into_tensor_arg(),
+            d_scores.clone().into_tensor_arg(),
+            scale as f32,
+            f32::NAN,
+            (b * h * rows) as u32,
+            units,
+            want_probs,
+            write_grad,
+            dtypes,
+        );
+        (want_probs.then(|| float(probs)), write_grad.then(|| float(d_scores)))
     }
 }

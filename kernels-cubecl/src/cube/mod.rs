@@ -5,3 +5,4 @@ mod attention;
 pub mod gemm;
 mod linear_cross_entropy;
 mod row_kernel;
+mod softmax_rows;
