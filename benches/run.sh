@@ -7,7 +7,8 @@
 # Cases: 7b-mb4 7b-mb16 30b-mb4 (default: 7b-mb4). Each case prints trainer's and the
 # baseline's JSON lines, then benches/compare.py prints the table (tokens/s, s/step, peak GiB
 # by nvidia-smi, MFU on the measured bf16 peak of 783 TFLOP/s). PROFILE=1 adds trainer's
-# per-op breakdown (`trainer bench --profile`: one more step, synchronised around each op).
+# per-op breakdown (`trainer bench --profile`: one more step, synchronised around each op);
+# CHECK=1 the attention self-check against the CPU reference (minutes on a fresh machine).
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
@@ -57,6 +58,6 @@ for c in "${@:-7b-mb4}"; do
     --set "model.path=\"$model\"" --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size="$mb" --set train.global_batch_size="$mb" \
-    --set train.max_length=2048 ${PROFILE:+--profile}
+    --set train.max_length=2048 ${PROFILE:+--profile} ${CHECK:+--check-attention}
   python3 benches/compare.py "$OUT/$c-trainer.json" "$OUT/$c-baseline.json"
 done

@@ -94,6 +94,12 @@ pub enum Command {
         /// per-op breakdown and added to the JSON line as `profile`.
         #[arg(long)]
         profile: bool,
+        /// On CUDA in bf16, also check the attention (blockwise kernels, batched cuBLAS GEMMs)
+        /// against the f32 reference on the CPU, forward and gradients, before the steps
+        /// (`attention_check` in the JSON line; its kernels compile for minutes on a fresh
+        /// machine).
+        #[arg(long)]
+        check_attention: bool,
     },
     /// Time the LM-head cross-entropy alone (forward and backward to dh and dW) on random
     /// bf16 inputs, fused or through materialised logits, and print one JSON line: s/step and
@@ -151,11 +157,12 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Bench { recipe, set, warmup, steps, profile } => {
+        Command::Bench { recipe, set, warmup, steps, profile, check_attention } => {
             let loaded = recipe::load(&recipe, &set)?;
             let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
             model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
-            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1), profile)?;
+            let extras = train::bench::BenchExtras { profile, check_attention };
+            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1), extras)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }

@@ -419,3 +419,66 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
     };
     GemmCheck { forward: rel(Some(host(y)), &ry), grad_x: rel(gx, &rgx), grad_w: rel(gw, &rgw) }
 }
+
+/// How far the CUDA attention (blockwise, cuBLAS batched GEMMs on strided views, CubeCL softmax
+/// row kernels) is from the plain-Burn reference in f32 on the CPU, on random bf16 q/k/v:
+/// output and the three gradients, as max |diff| / max |reference|.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AttentionCheck {
+    pub output: f32,
+    pub grad_q: f32,
+    pub grad_k: f32,
+    pub grad_v: f32,
+}
+
+/// Causal GQA attention, batch 2, 4 query heads on 2 kv heads, 300 positions (the second row
+/// packed as two segments), head dim 64, query blocks of 64 rows (five blocks, the last
+/// partial), through kernels-cubecl on CUDA in bf16, against `reference::attention` on NdArray
+/// in f32 from the same bf16 values, forward and backward.
+pub fn attention_check(device: &burn::backend::cuda::CudaDevice) -> AttentionCheck {
+    use burn::tensor::{Distribution, FloatDType, Int, TensorData};
+    use kernels_cubecl::{attention_mask, memory_efficient_attention, reference, AttentionOptions};
+    type G = Autodiff<Cuda<half::bf16>>;
+    type C = Autodiff<burn::backend::NdArray<f32>>;
+    let (b, hq, hkv, s, d) = (2, 4, 2, 300, 64);
+    let scale = (d as f64).powf(-0.5);
+    let segments: Vec<i64> = (0..b * s).map(|i| if i >= s && i % s >= 170 { 2 } else { 1 }).collect();
+    let host4 = |t: Tensor<G, 4>| -> (Vec<f32>, [usize; 4]) {
+        let dims = t.dims();
+        (t.cast(FloatDType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default(), dims)
+    };
+    let cpu = Default::default();
+    let to_cpu = |(v, dims): (Vec<f32>, [usize; 4])| Tensor::<C, 4>::from_data(TensorData::new(v, dims), &cpu);
+    let q = Tensor::<G, 4>::random([b, hq, s, d], Distribution::Normal(0.0, 1.0), device);
+    let k = Tensor::<G, 4>::random([b, hkv, s, d], Distribution::Normal(0.0, 1.0), device);
+    let v = Tensor::<G, 4>::random([b, hkv, s, d], Distribution::Normal(0.0, 1.0), device);
+    let r = Tensor::<G, 4>::random([b, hq, s, d], Distribution::Normal(0.0, 1.0), device);
+    let (cq, ck, cv, cr) = (to_cpu(host4(q.clone())), to_cpu(host4(k.clone())), to_cpu(host4(v.clone())), to_cpu(host4(r.clone())));
+    // CUDA, bf16.
+    let seg = || TensorData::new(segments.clone(), [b, s]);
+    let mask = attention_mask::<G>(Some(Tensor::<G, 2, Int>::from_data(seg(), device)), b, s, device);
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let options = AttentionOptions { block_q: Some(64), causal: true };
+    let y = memory_efficient_attention(q.clone(), k.clone(), v.clone(), scale, mask, options);
+    let g = (y.clone().cast(FloatDType::F32) * r.cast(FloatDType::F32)).sum().backward();
+    let grad = |t: &Tensor<G, 4>| t.grad(&g).map(|t| host4(Tensor::<G, 4>::from_inner(t)).0);
+    let (gq, gk, gv) = (grad(&q), grad(&k), grad(&v));
+    // CPU, f32.
+    let cmask = attention_mask::<C>(Some(Tensor::<C, 2, Int>::from_data(seg(), &cpu)), b, s, &cpu);
+    let (cq, ck, cv) = (cq.require_grad(), ck.require_grad(), cv.require_grad());
+    let cy = reference::attention(cq.clone(), ck.clone(), cv.clone(), scale, cmask);
+    let cg = (cy.clone() * cr).sum().backward();
+    let cgrad = |t: &Tensor<C, 4>| t.grad(&cg).map(|t| t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()).unwrap_or_default();
+    let rel = |got: Option<Vec<f32>>, want: Vec<f32>| -> f32 {
+        let Some(got) = got.filter(|g| g.len() == want.len() && !want.is_empty()) else { return f32::INFINITY };
+        let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-12);
+        got.iter().zip(&want).fold(0.0f32, |a, (g, w)| a.max((g - w).abs())) / scale
+    };
+    let want_y = cy.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    AttentionCheck {
+        output: rel(Some(host4(y).0), want_y),
+        grad_q: rel(gq, cgrad(&cq)),
+        grad_k: rel(gk, cgrad(&ck)),
+        grad_v: rel(gv, cgrad(&cv)),
+    }
+}

@@ -46,6 +46,9 @@ pub struct BenchReport {
     /// cuBLAS path against exact (host f64) maths on random bf16 operands (CUDA bf16 runs only):
     /// max |diff| / max |reference| of the forward and both gradients.
     pub gemm_check: Option<serde_json::Value>,
+    /// With `--check-attention` (CUDA bf16 runs only): the attention kernels (blockwise, batched
+    /// cuBLAS GEMMs) in bf16 against the f32 reference on the CPU, output and gradients.
+    pub attention_check: Option<serde_json::Value>,
     /// The device allocator's pool after each step (warm-up included), GiB: the step's
     /// high-water mark (CUDA only).
     pub reserved_gib: Vec<f64>,
@@ -84,7 +87,17 @@ pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_
     base + 6.0 * lora_params_per_token + attention
 }
 
-pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize, profile: bool) -> Result<BenchReport> {
+/// What `trainer bench` does beside the timed steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BenchExtras {
+    /// One more step timed op by op ([`BenchReport::profile`]).
+    pub profile: bool,
+    /// The attention self-check on CUDA bf16 ([`BenchReport::attention_check`]); its kernels
+    /// compile for minutes on a fresh machine, so it is asked for.
+    pub check_attention: bool,
+}
+
+pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usize, extras: BenchExtras) -> Result<BenchReport> {
     let r = &loaded.recipe;
     // First, whether the GEMM path the steps will take computes what Burn's matmul does (bf16
     // only: Burn fixes a CUDA device's float dtype at its first tensor).
@@ -92,14 +105,16 @@ pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usiz
     let check = (backend::resolve(r.device) == crate::recipe::Device::Cuda && r.model.dtype == crate::recipe::DType::Bf16).then(|| {
         let t = Instant::now();
         let c = backend::cublas::self_check(&Default::default());
-        eprintln!("bench: GEMM self-check {:.1} s", t.elapsed().as_secs_f64());
-        c
+        let a = extras.check_attention.then(|| backend::cublas::attention_check(&Default::default()));
+        eprintln!("bench: self-checks {:.1} s: {c:?}, {a:?}", t.elapsed().as_secs_f64());
+        (c, a)
     });
     #[allow(unused_mut)]
-    let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps, profile })?;
+    let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps, profile: extras.profile })?;
     #[cfg(feature = "cuda")]
     {
-        report.gemm_check = check.and_then(|c| serde_json::to_value(c).ok());
+        report.gemm_check = check.and_then(|(c, _)| serde_json::to_value(c).ok());
+        report.attention_check = check.and_then(|(_, a)| a).and_then(|a| serde_json::to_value(a).ok());
     }
     Ok(report)
 }
@@ -215,6 +230,7 @@ impl BackendJob for Job<'_> {
             build_seconds,
             losses,
             gemm_check: None,
+            attention_check: None,
             peak_reserved_gib: reserved_gib.iter().copied().reduce(f64::max),
             reserved_gib,
             build_phases: phases,
