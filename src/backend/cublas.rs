@@ -342,6 +342,10 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, accumulate: bool) {
 /// The GEMM `kernels-cubecl`'s kernels use on CUDA (bf16 / f16 operands; anything else goes
 /// back to CubeCL's matmul). Registered once, before the first step.
 pub fn register_with_kernels() {
+    /// The operand dtypes the kernels' GEMMs hand to cuBLAS.
+    fn low(d: DType) -> bool {
+        matches!(d, DType::BF16 | DType::F16)
+    }
     fn hook(a: &dyn Any, ta: bool, b: &dyn Any, tb: bool, out: DType, acc: Option<&dyn Any>) -> Option<Box<dyn Any>> {
         let a = a.downcast_ref::<CubeTensor<CudaRuntime>>()?;
         let b = b.downcast_ref::<CubeTensor<CudaRuntime>>()?;
@@ -349,7 +353,6 @@ pub fn register_with_kernels() {
             Some(c) => Some(c.downcast_ref::<CubeTensor<CudaRuntime>>()?.clone()),
             None => None,
         };
-        let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
         if !enabled() || !low(a.dtype) || a.dtype != b.dtype || !matches!(out, DType::BF16 | DType::F16 | DType::F32) {
             return None;
         }
@@ -359,7 +362,6 @@ pub fn register_with_kernels() {
     fn batched(a: &dyn Any, b: &dyn Any) -> Option<Box<dyn Any>> {
         let a = a.downcast_ref::<CubeTensor<CudaRuntime>>()?;
         let b = b.downcast_ref::<CubeTensor<CudaRuntime>>()?;
-        let low = |d: DType| matches!(d, DType::BF16 | DType::F16);
         let (sa, sb) = (a.meta.shape(), b.meta.shape());
         let fits = sa.len() == 4 && sb.len() == 4 && sa[..2] == sb[..2] && sa[3] == sb[2];
         if !enabled() || !low(a.dtype) || a.dtype != b.dtype || !fits {
@@ -390,9 +392,7 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
     let x = Tensor::<B, 3>::random([b, m, k], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 0.1), device);
     let r = Tensor::<B, 3>::random([b, m, n], Distribution::Normal(0.0, 1.0), device);
-    let host = |t: Tensor<B, 3>| -> Vec<f64> {
-        t.cast(FloatDType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect()
-    };
+    let host = host_values::<B, 3>;
     let (hx, hw, hr) = (host(x.clone()), host(w.clone().unsqueeze()), host(r.clone()));
     // cuBLAS, bf16.
     let (xa, wa) = (x.require_grad(), w.require_grad());
@@ -412,16 +412,24 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
             }
         }
     }
-    let rel = |got: Option<Vec<f64>>, want: &[f64]| -> f32 {
-        let Some(got) = got.filter(|g| g.len() == want.len()) else { return f32::INFINITY };
-        let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-12);
-        (got.iter().zip(want).fold(0.0f64, |a, (g, w)| a.max((g - w).abs())) / scale) as f32
-    };
-    GemmCheck { forward: rel(Some(host(y)), &ry), grad_x: rel(gx, &rgx), grad_w: rel(gw, &rgw) }
+    GemmCheck { forward: max_rel_error(Some(host(y)), &ry), grad_x: max_rel_error(gx, &rgx), grad_w: max_rel_error(gw, &rgw) }
 }
 
-/// How far the CUDA attention (blockwise, cuBLAS batched GEMMs on strided views, CubeCL softmax
-/// row kernels) is from the plain-Burn reference in f32 on the CPU, on random bf16 q/k/v:
+/// A float tensor's values on the host, as f64.
+fn host_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    let t = t.cast(burn::tensor::FloatDType::F32);
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default().into_iter().map(f64::from).collect()
+}
+
+/// `max |got - want| / max |want|`; infinite when `got` is missing or of another length.
+fn max_rel_error(got: Option<Vec<f64>>, want: &[f64]) -> f32 {
+    let Some(got) = got.filter(|g| g.len() == want.len() && !want.is_empty()) else { return f32::INFINITY };
+    let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-12);
+    (got.iter().zip(want).fold(0.0f64, |a, (g, w)| a.max((g - w).abs())) / scale) as f32
+}
+
+/// How far the CUDA attention (blockwise, cuBLAS batched GEMMs on strided views) is from the
+/// plain-Burn reference in f32 on the CPU, on random bf16 q/k/v:
 /// output and the three gradients, as max |diff| / max |reference|.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct AttentionCheck {
@@ -443,17 +451,16 @@ pub fn attention_check(device: &burn::backend::cuda::CudaDevice) -> AttentionChe
     let (b, hq, hkv, s, d) = (2, 4, 2, 300, 64);
     let scale = (d as f64).powf(-0.5);
     let segments: Vec<i64> = (0..b * s).map(|i| if i >= s && i % s >= 170 { 2 } else { 1 }).collect();
-    let host4 = |t: Tensor<G, 4>| -> (Vec<f32>, [usize; 4]) {
-        let dims = t.dims();
-        (t.cast(FloatDType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default(), dims)
-    };
     let cpu = Default::default();
-    let to_cpu = |(v, dims): (Vec<f32>, [usize; 4])| Tensor::<C, 4>::from_data(TensorData::new(v, dims), &cpu);
+    let to_cpu = |t: &Tensor<G, 4>| {
+        let values: Vec<f32> = host_values(t.clone()).into_iter().map(|v| v as f32).collect();
+        Tensor::<C, 4>::from_data(TensorData::new(values, t.dims()), &cpu)
+    };
     let q = Tensor::<G, 4>::random([b, hq, s, d], Distribution::Normal(0.0, 1.0), device);
     let k = Tensor::<G, 4>::random([b, hkv, s, d], Distribution::Normal(0.0, 1.0), device);
     let v = Tensor::<G, 4>::random([b, hkv, s, d], Distribution::Normal(0.0, 1.0), device);
     let r = Tensor::<G, 4>::random([b, hq, s, d], Distribution::Normal(0.0, 1.0), device);
-    let (cq, ck, cv, cr) = (to_cpu(host4(q.clone())), to_cpu(host4(k.clone())), to_cpu(host4(v.clone())), to_cpu(host4(r.clone())));
+    let (cq, ck, cv, cr) = (to_cpu(&q), to_cpu(&k), to_cpu(&v), to_cpu(&r));
     // CUDA, bf16.
     let seg = || TensorData::new(segments.clone(), [b, s]);
     let mask = attention_mask::<G>(Some(Tensor::<G, 2, Int>::from_data(seg(), device)), b, s, device);
@@ -461,24 +468,17 @@ pub fn attention_check(device: &burn::backend::cuda::CudaDevice) -> AttentionChe
     let options = AttentionOptions { block_q: Some(64), causal: true };
     let y = memory_efficient_attention(q.clone(), k.clone(), v.clone(), scale, mask, options);
     let g = (y.clone().cast(FloatDType::F32) * r.cast(FloatDType::F32)).sum().backward();
-    let grad = |t: &Tensor<G, 4>| t.grad(&g).map(|t| host4(Tensor::<G, 4>::from_inner(t)).0);
-    let (gq, gk, gv) = (grad(&q), grad(&k), grad(&v));
+    let grad = |t: &Tensor<G, 4>| t.grad(&g).map(|t| host_values(Tensor::<G, 4>::from_inner(t)));
     // CPU, f32.
     let cmask = attention_mask::<C>(Some(Tensor::<C, 2, Int>::from_data(seg(), &cpu)), b, s, &cpu);
     let (cq, ck, cv) = (cq.require_grad(), ck.require_grad(), cv.require_grad());
     let cy = reference::attention(cq.clone(), ck.clone(), cv.clone(), scale, cmask);
     let cg = (cy.clone() * cr).sum().backward();
-    let cgrad = |t: &Tensor<C, 4>| t.grad(&cg).map(|t| t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()).unwrap_or_default();
-    let rel = |got: Option<Vec<f32>>, want: Vec<f32>| -> f32 {
-        let Some(got) = got.filter(|g| g.len() == want.len() && !want.is_empty()) else { return f32::INFINITY };
-        let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-12);
-        got.iter().zip(&want).fold(0.0f32, |a, (g, w)| a.max((g - w).abs())) / scale
-    };
-    let want_y = cy.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let cgrad = |t: &Tensor<C, 4>| t.grad(&cg).map(|t| host_values(t)).unwrap_or_default();
     AttentionCheck {
-        output: rel(Some(host4(y).0), want_y),
-        grad_q: rel(gq, cgrad(&cq)),
-        grad_k: rel(gk, cgrad(&ck)),
-        grad_v: rel(gv, cgrad(&cv)),
+        output: max_rel_error(Some(host_values(y)), &host_values(cy)),
+        grad_q: max_rel_error(grad(&q), &cgrad(&cq)),
+        grad_k: max_rel_error(grad(&k), &cgrad(&ck)),
+        grad_v: max_rel_error(grad(&v), &cgrad(&cv)),
     }
 }

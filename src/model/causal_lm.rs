@@ -32,15 +32,14 @@ impl<B: Backend> DecoderLayer<B> {
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
         let device = x.device();
-        let span = |name, f: &dyn Fn() -> Tensor<B, 3>| profile::span::<B, _>(name, &device, f);
-        let normed = span("norm", &|| self.input_layernorm.forward(x.clone()));
-        let h = x.clone() + span("attention", &|| self.self_attn.forward(normed.clone(), ctx));
-        let normed = span("norm", &|| self.post_attention_layernorm.forward(h.clone()));
-        let y = span("mlp", &|| match (&self.mlp, &self.moe) {
-            (Some(mlp), _) => mlp.forward(normed.clone()),
+        let normed = profile::span::<B, _>("norm", &device, || self.input_layernorm.forward(x.clone()));
+        let h = x + profile::span::<B, _>("attention", &device, || self.self_attn.forward(normed, ctx));
+        let normed = profile::span::<B, _>("norm", &device, || self.post_attention_layernorm.forward(h.clone()));
+        let y = profile::span::<B, _>("mlp", &device, || match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => mlp.forward(normed),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
-                moe.forward(normed.clone().reshape([b * s, d])).reshape([b, s, d])
+                moe.forward(normed.reshape([b * s, d])).reshape([b, s, d])
             }
             (None, None) => normed.zeros_like(),
         });

@@ -248,39 +248,27 @@ impl Checkpoint {
     /// A [`TensorPrint`] of every tensor, hashed on all cores (a 15 GB checkpoint takes seconds).
     pub fn fingerprints(&mut self) -> Result<BTreeMap<String, TensorPrint>> {
         let files: BTreeSet<String> = self.index.values().cloned().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut out = BTreeMap::new();
         for file in files {
-            let names: Vec<String> = self.index.iter().filter(|(_, f)| **f == file).map(|(n, _)| n.clone()).collect();
+            let mut slots: Vec<(String, Option<Result<TensorPrint>>)> =
+                self.index.iter().filter(|(_, f)| **f == file).map(|(n, _)| (n.clone(), None)).collect();
             let path = self.dir.join(&file);
             let map = self.map(&file)?;
             let st = parse(&path, map)?;
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let results: Vec<Result<Vec<(String, TensorPrint)>>> = std::thread::scope(|s| {
-                let workers: Vec<_> = (0..threads.min(names.len()).max(1))
-                    .map(|_| {
-                        s.spawn(|| {
-                            let mut mine = Vec::new();
-                            loop {
-                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let Some(name) = names.get(i) else { return Ok(mine) };
-                                let view = st
-                                    .tensor(name)
-                                    .map_err(|e| Error::file(&path, format!("tensor `{name}` listed but not readable: {e}")))?;
-                                let print = TensorPrint {
-                                    dtype: format!("{:?}", view.dtype()),
-                                    shape: view.shape().to_vec(),
-                                    sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(view.data())),
-                                };
-                                mine.push((name.clone(), print));
-                            }
+            parallel_for(slots.iter_mut().collect(), |(name, slot)| {
+                *slot = Some(
+                    st.tensor(name)
+                        .map(|view| TensorPrint {
+                            dtype: format!("{:?}", view.dtype()),
+                            shape: view.shape().to_vec(),
+                            sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(view.data())),
                         })
-                    })
-                    .collect();
-                workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(Error::Internal("hashing thread panicked".into())))).collect()
+                        .map_err(|e| Error::file(&path, format!("tensor `{name}` listed but not readable: {e}"))),
+                );
             });
-            for r in results {
-                out.extend(r?);
+            for (name, print) in slots {
+                let print = print.unwrap_or_else(|| Err(Error::Internal(format!("tensor `{name}` was not hashed"))))?;
+                out.insert(name, print);
             }
         }
         Ok(out)

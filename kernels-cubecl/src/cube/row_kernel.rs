@@ -58,21 +58,7 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
     let mut sums = SharedMemory::<F>::new(units as usize);
     maxes[unit] = max;
     sums[unit] = sum;
-    sync_cube();
-    let mut half = (CUBE_DIM_X / 2) as usize;
-    while half > 0 {
-        if unit < half {
-            let max_a = maxes[unit];
-            let max_b = maxes[unit + half];
-            let sum_a = sums[unit];
-            let sum_b = sums[unit + half];
-            let merged = F::max(max_a, max_b);
-            sums[unit] = sum_a * (max_a - merged).exp() + sum_b * (max_b - merged).exp();
-            maxes[unit] = merged;
-        }
-        sync_cube();
-        half = half / 2;
-    }
+    merge_online_max_sum(&mut maxes, &mut sums, unit);
     let log_sum_exp = maxes[0] + sums[0].ln();
 
     if unit == 0 {
@@ -98,5 +84,27 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
             logits[base + j] = grad;
             j = j + units as usize;
         }
+    }
+}
+
+/// Merges each unit's online `(max, sum of exp(x - max))`, written at `maxes[unit]` /
+/// `sums[unit]`, into the cube's: a tree in shared memory over the cube's units (a power of
+/// two), leaving the row's pair at index 0 for every unit to read.
+#[cube]
+pub(super) fn merge_online_max_sum<F: Float>(maxes: &mut SharedMemory<F>, sums: &mut SharedMemory<F>, unit: usize) {
+    sync_cube();
+    let mut half = (CUBE_DIM_X / 2) as usize;
+    while half > 0 {
+        if unit < half {
+            let max_a = maxes[unit];
+            let max_b = maxes[unit + half];
+            let sum_a = sums[unit];
+            let sum_b = sums[unit + half];
+            let merged = F::max(max_a, max_b);
+            sums[unit] = sum_a * (max_a - merged).exp() + sum_b * (max_b - merged).exp();
+            maxes[unit] = merged;
+        }
+        sync_cube();
+        half = half / 2;
     }
 }

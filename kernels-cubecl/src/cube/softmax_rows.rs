@@ -8,6 +8,8 @@
 
 use cubecl::prelude::*;
 
+use super::row_kernel::merge_online_max_sum;
+
 /// Units per cube at most; a power of two, as the forward's tree reduction needs.
 pub(super) const MAX_ROW_UNITS: u32 = 256;
 
@@ -94,19 +96,7 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
     let mut sums = SharedMemory::<f32>::new(units as usize);
     maxes[unit] = max;
     sums[unit] = sum;
-    sync_cube();
-    let mut half = (CUBE_DIM_X / 2) as usize;
-    while half > 0 {
-        if unit < half {
-            let max_a = maxes[unit];
-            let max_b = maxes[unit + half];
-            let merged = f32::max(max_a, max_b);
-            sums[unit] = sums[unit] * (max_a - merged).exp() + sums[unit + half] * (max_b - merged).exp();
-            maxes[unit] = merged;
-        }
-        sync_cube();
-        half = half / 2;
-    }
+    merge_online_max_sum(&mut maxes, &mut sums, unit);
     let row_max = maxes[0];
     let row_sum = sums[0];
     // A unit that saw the row's max added exp(0) = 1: only a row without a readable key sums to 0.
