@@ -416,21 +416,20 @@ fn assert_same_values(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
 /// several); more rows than one grid axis holds.
 const BLOCK_SHAPES: [[usize; 4]; 3] = [[2, 3, 37, 53], [1, 2, 5, 300], [1, 2, 35_000, 3]];
 
-#[test]
-fn wgpu_block_softmax_matches_default() {
-    let device = wgpu_device();
+/// The row-kernel softmax of `B` against the trait's plain-Burn default on the same backend.
+fn block_softmax_matches_default<B: Backend + FusedAttentionBackend>(device: &B::Device, tolerance: f32) {
     for dims in BLOCK_SHAPES {
         for seed in SEEDS {
             let case = BlockCase::random(seed, dims);
-            let scores = case.scores::<Wgpu>(&case.scores, &device);
-            let mask = case.mask::<Wgpu>(&device);
+            let scores = case.scores::<B>(&case.scores, device);
+            let mask = case.mask::<B>(device);
             let (want_p, want_l) = kernels_cubecl::attention::block_softmax(scores.clone(), case.scale(), mask.clone());
-            let (got_p, got_l) = <Wgpu as FusedAttentionBackend>::attention_block_softmax(scores, case.scale(), mask);
+            let (got_p, got_l) = B::attention_block_softmax(scores, case.scale(), mask);
             assert_eq!((got_p.dims(), got_l.dims()), (want_p.dims(), want_l.dims()));
             let label = format!("softmax {dims:?} seed={seed}");
             let (got_p, want_p, got_l, want_l) = (values(got_p), values(want_p), values(got_l), values(want_l));
-            assert_same_values(&format!("{label} probs"), &got_p, &want_p, TOLERANCE);
-            assert_same_values(&format!("{label} lse"), &got_l, &want_l, TOLERANCE);
+            assert_same_values(&format!("{label} probs"), &got_p, &want_p, tolerance);
+            assert_same_values(&format!("{label} lse"), &got_l, &want_l, tolerance);
             // A row that may read no key is NaN, as in the reference.
             let keys = dims[3];
             let empty = (0..dims[0] * dims[1] * dims[2]).filter(|r| r % dims[2] % 7 == 3);
@@ -439,34 +438,88 @@ fn wgpu_block_softmax_matches_default() {
     }
 }
 
-#[test]
-fn wgpu_block_grad_matches_default() {
-    let device = wgpu_device();
+/// The row-kernel softmax backward of `B` against the trait's plain-Burn default.
+fn block_grad_matches_default<B: Backend + FusedAttentionBackend>(device: &B::Device, tolerance: f32) {
     for dims in BLOCK_SHAPES {
         for seed in SEEDS {
             let case = BlockCase::random(seed, dims);
-            let scores = case.scores::<Wgpu>(&case.scores, &device);
-            let mask = case.mask::<Wgpu>(&device);
+            let scores = case.scores::<B>(&case.scores, device);
+            let mask = case.mask::<B>(device);
             // L as the forward saves it (NaN for rows that may read no key), seen through a view.
             let lse = case.per_row(kernels_cubecl::attention::block_softmax(scores.clone(), case.scale(), mask.clone()).1);
             let [b, h, rows, _] = dims;
-            let delta = Tensor::<Wgpu, 3>::from_data(TensorData::new(case.delta.clone(), [b, h, rows]), &device);
-            let upstream = (case.scores::<Wgpu>(&case.d_probs, &device), case.per_row(delta));
+            let delta = Tensor::<B, 3>::from_data(TensorData::new(case.delta.clone(), [b, h, rows]), device);
+            let upstream = (case.scores::<B>(&case.d_probs, device), case.per_row(delta));
             for (with_upstream, want_probs) in [(true, true), (true, false), (false, true)] {
                 let up = with_upstream.then(|| upstream.clone());
                 let args = (scores.clone(), case.scale(), mask.clone(), lse.clone());
                 let (want_p, want_ds) = kernels_cubecl::attention::block_softmax_grad(args.0.clone(), args.1, args.2.clone(), args.3.clone(), up.clone(), want_probs);
-                let (got_p, got_ds) = <Wgpu as FusedAttentionBackend>::attention_block_grad(args.0, args.1, args.2, args.3, up, want_probs);
+                let (got_p, got_ds) = B::attention_block_grad(args.0, args.1, args.2, args.3, up, want_probs);
                 let label = format!("grad {dims:?} seed={seed} upstream={with_upstream} probs={want_probs}");
                 assert_eq!(got_p.is_some(), want_probs, "{label}");
                 assert_eq!(got_ds.is_some(), with_upstream, "{label}");
                 for (name, got, want) in [("probs", got_p, want_p), ("dS", got_ds, want_ds)] {
                     if let (Some(got), Some(want)) = (got, want) {
                         assert_eq!(got.dims(), want.dims(), "{label} {name}");
-                        assert_same_values(&format!("{label} {name}"), &values(got), &values(want), TOLERANCE);
+                        assert_same_values(&format!("{label} {name}"), &values(got), &values(want), tolerance);
                     }
                 }
             }
         }
+    }
+}
+
+#[test]
+fn wgpu_block_softmax_matches_default() {
+    block_softmax_matches_default::<Wgpu>(&wgpu_device(), TOLERANCE);
+}
+
+#[test]
+fn wgpu_block_grad_matches_default() {
+    block_grad_matches_default::<Wgpu>(&wgpu_device(), TOLERANCE);
+}
+
+/// The same comparisons on CUDA (bool masks stored as u8 there, u32 on wgpu), in f32 and bf16,
+/// with the row kernels forced on (`KERNELS_CUBECL_ROW_KERNELS=1`; CUDA leaves them off by
+/// default): `KERNELS_CUBECL_ROW_KERNELS=1 cargo test -p kernels-cubecl --features cuda -- --ignored`.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn::backend::cuda::CudaDevice;
+
+    type CudaF32 = burn::backend::Cuda<f32, i32>;
+    type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
+
+    fn forced() {
+        assert_eq!(std::env::var("KERNELS_CUBECL_ROW_KERNELS").as_deref(), Ok("1"), "run with KERNELS_CUBECL_ROW_KERNELS=1");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_f32_block_softmax_matches_default() {
+        forced();
+        block_softmax_matches_default::<CudaF32>(&CudaDevice::default(), TOLERANCE);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_f32_block_grad_matches_default() {
+        forced();
+        block_grad_matches_default::<CudaF32>(&CudaDevice::default(), TOLERANCE);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_bf16_block_softmax_matches_default() {
+        forced();
+        // Probabilities stored in bf16 (8 significant bits) by both.
+        block_softmax_matches_default::<CudaBf16>(&CudaDevice::default(), 1e-2);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_bf16_block_grad_matches_default() {
+        forced();
+        block_grad_matches_default::<CudaBf16>(&CudaDevice::default(), 1e-2);
     }
 }

@@ -44,31 +44,50 @@ fn enabled() -> bool {
 /// operands may be bf16, f16 or f32 (LoRA's f32 factors on a bf16 model; f32 GEMMs without
 /// TF32), one dtype for both.
 pub fn try_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    route::<B, Linear2d, D, 2>(x, w)
+}
+
+/// `x @ w` of `[batch, m, k]` x `[batch, k, n]` (the experts of a MoE block), one strided
+/// batched cuBLAS GEMM, on the same terms as [`try_matmul`].
+pub fn try_batched_matmul<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 3>) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)> {
+    route::<B, Batched, 3, 3>(x, w)
+}
+
+/// One shape of GEMM op, with and without autodiff, for each stored dtype.
+trait GemmOp<const D: usize, const DW: usize> {
+    fn tracked<E: FloatElement>(x: Tensor<Autodiff<Cuda<E>>, D>, w: Tensor<Autodiff<Cuda<E>>, DW>) -> Tensor<Autodiff<Cuda<E>>, D>;
+    fn untracked<E: FloatElement>(x: Tensor<Cuda<E>, D>, w: Tensor<Cuda<E>, DW>) -> Tensor<Cuda<E>, D>;
+}
+
+fn route<B: Backend, O: GemmOp<D, DW>, const D: usize, const DW: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, DW>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, DW>)> {
     let float = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
     if !enabled() || !float(x.dtype()) || x.dtype() != w.dtype() {
         return Err((x, w));
     }
     if same::<B, Autodiff<Cuda<half::bf16>>>() {
-        return via::<B, Autodiff<Cuda<half::bf16>>, D>(x, w, tracked::<half::bf16, D>);
+        return via::<B, Autodiff<Cuda<half::bf16>>, D, DW>(x, w, O::tracked::<half::bf16>);
     }
     if same::<B, Autodiff<Cuda<half::f16>>>() {
-        return via::<B, Autodiff<Cuda<half::f16>>, D>(x, w, tracked::<half::f16, D>);
+        return via::<B, Autodiff<Cuda<half::f16>>, D, DW>(x, w, O::tracked::<half::f16>);
     }
     if same::<B, Cuda<half::bf16>>() {
-        return via::<B, Cuda<half::bf16>, D>(x, w, untracked::<half::bf16, D>);
+        return via::<B, Cuda<half::bf16>, D, DW>(x, w, O::untracked::<half::bf16>);
     }
     if same::<B, Cuda<half::f16>>() {
-        return via::<B, Cuda<half::f16>, D>(x, w, untracked::<half::f16, D>);
+        return via::<B, Cuda<half::f16>, D, DW>(x, w, O::untracked::<half::f16>);
     }
     Err((x, w))
 }
 
-fn via<B: Backend, C: Backend, const D: usize>(
+fn via<B: Backend, C: Backend, const D: usize, const DW: usize>(
     x: Tensor<B, D>,
-    w: Tensor<B, 2>,
-    f: fn(Tensor<C, D>, Tensor<C, 2>) -> Tensor<C, D>,
-) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    match (cast::<_, Tensor<C, D>>(x), cast::<_, Tensor<C, 2>>(w)) {
+    w: Tensor<B, DW>,
+    f: fn(Tensor<C, D>, Tensor<C, DW>) -> Tensor<C, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, DW>)> {
+    match (cast::<_, Tensor<C, D>>(x), cast::<_, Tensor<C, DW>>(w)) {
         (Ok(x), Ok(w)) => match cast::<_, Tensor<B, D>>(f(x, w)) {
             Ok(y) => Ok(y),
             Err(_) => unreachable!("B is C"),
@@ -90,32 +109,56 @@ fn flat<C: Backend, const D: usize>(x: Tensor<C, D>, w: Tensor<C, 2>, f: impl Fn
     y.reshape(out)
 }
 
-fn untracked<E: FloatElement, const D: usize>(x: Tensor<Cuda<E>, D>, w: Tensor<Cuda<E>, 2>) -> Tensor<Cuda<E>, D> {
-    flat(x, w, |x, w| {
-        let y = gemm(x.into_primitive().tensor(), false, w.into_primitive().tensor(), false);
-        Tensor::from_primitive(TensorPrimitive::Float(y))
-    })
+/// `[..., k] x [k, n]`: a linear layer's GEMM.
+struct Linear2d;
+
+impl<const D: usize> GemmOp<D, 2> for Linear2d {
+    fn untracked<E: FloatElement>(x: Tensor<Cuda<E>, D>, w: Tensor<Cuda<E>, 2>) -> Tensor<Cuda<E>, D> {
+        flat(x, w, |x, w| {
+            let y = gemm(x.into_primitive().tensor(), false, w.into_primitive().tensor(), false);
+            Tensor::from_primitive(TensorPrimitive::Float(y))
+        })
+    }
+
+    fn tracked<E: FloatElement>(x: Tensor<Autodiff<Cuda<E>>, D>, w: Tensor<Autodiff<Cuda<E>>, 2>) -> Tensor<Autodiff<Cuda<E>>, D> {
+        flat(x, w, |x, w| tracked_gemm(x, w, false))
+    }
 }
 
-fn tracked<E: FloatElement, const D: usize>(x: Tensor<Autodiff<Cuda<E>>, D>, w: Tensor<Autodiff<Cuda<E>>, 2>) -> Tensor<Autodiff<Cuda<E>>, D> {
-    flat(x, w, |x, w| {
-        let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
-        let y = match GemmBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                // dX needs W, dW needs X: keep only what a tracked parent will ask for.
-                let keep_w = x.is_tracked().then(|| w.primitive.clone());
-                let keep_x = w.is_tracked().then(|| x.primitive.clone());
-                let y = gemm(x.primitive, false, w.primitive, false);
-                prep.finish((keep_x, keep_w), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(gemm(x.primitive, false, w.primitive, false)),
-        };
-        Tensor::from_primitive(TensorPrimitive::Float(y))
-    })
+/// `[batch, m, k] x [batch, k, n]`: one GEMM per batch entry.
+struct Batched;
+
+impl GemmOp<3, 3> for Batched {
+    fn untracked<E: FloatElement>(x: Tensor<Cuda<E>, 3>, w: Tensor<Cuda<E>, 3>) -> Tensor<Cuda<E>, 3> {
+        Tensor::from_primitive(TensorPrimitive::Float(gemm_batched(x.into_primitive().tensor(), w.into_primitive().tensor())))
+    }
+
+    fn tracked<E: FloatElement>(x: Tensor<Autodiff<Cuda<E>>, 3>, w: Tensor<Autodiff<Cuda<E>>, 3>) -> Tensor<Autodiff<Cuda<E>>, 3> {
+        tracked_gemm(x, w, true)
+    }
+}
+
+/// `x @ w` as an autodiff op: 2-D operands, or `[batch, ..]` ones when `batched`.
+fn tracked_gemm<E: FloatElement, const D: usize>(x: Tensor<Autodiff<Cuda<E>>, D>, w: Tensor<Autodiff<Cuda<E>>, D>, batched: bool) -> Tensor<Autodiff<Cuda<E>>, D> {
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let forward = |x, w| if batched { gemm_batched(x, w) } else { gemm(x, false, w, false) };
+    let y = match (GemmBackward { batched }).prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            // dX needs W, dW needs X: keep only what a tracked parent will ask for.
+            let keep_w = x.is_tracked().then(|| w.primitive.clone());
+            let keep_x = w.is_tracked().then(|| x.primitive.clone());
+            let y = forward(x.primitive, w.primitive);
+            prep.finish((keep_x, keep_w), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 #[derive(Debug)]
-struct GemmBackward;
+struct GemmBackward {
+    batched: bool,
+}
 
 impl<E: FloatElement> Backward<Cuda<E>, 2> for GemmBackward {
     /// (x if w is tracked, w if x is tracked).
@@ -125,13 +168,17 @@ impl<E: FloatElement> Backward<Cuda<E>, 2> for GemmBackward {
         let [node_x, node_w] = ops.parents;
         let dy = grads.consume::<Cuda<E>>(&ops.node);
         let (x, w) = ops.state;
+        // The batch's matrices transposed in place of their last two dims (a strided view).
+        let t = |m: CubeTensor<CudaRuntime>| burn_cubecl::ops::permute(m, &[0, 2, 1]);
         if let (Some(node), Some(w)) = (node_x, w) {
             // dX = dY W^T
-            grads.register::<Cuda<E>>(node.id, gemm(dy.clone(), false, w, true));
+            let dx = if self.batched { gemm_batched(dy.clone(), t(w)) } else { gemm(dy.clone(), false, w, true) };
+            grads.register::<Cuda<E>>(node.id, dx);
         }
         if let (Some(node), Some(x)) = (node_w, x) {
             // dW = X^T dY
-            grads.register::<Cuda<E>>(node.id, gemm(x, true, dy, false));
+            let dw = if self.batched { gemm_batched(t(x), dy) } else { gemm(x, true, dy, false) };
+            grads.register::<Cuda<E>>(node.id, dw);
         }
     }
 }
@@ -252,7 +299,8 @@ fn gemm_general(
 }
 
 /// `a @ b` of `[..., m, k]` x `[..., k, n]` tensors with the same leading dims, one strided
-/// batched GEMM, output `[..., m, n]` in the operands' dtype.
+/// batched GEMM, output `[..., m, n]` (contiguous) in the operands' dtype. Either operand may
+/// be a strided view, the transposed view of its last two dims included.
 fn gemm_batched(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let dims: Vec<usize> = a.meta.shape().to_vec();
     let n_dims = dims.len();

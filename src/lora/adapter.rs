@@ -67,18 +67,50 @@ impl<B: Backend> LoraAdapter<B> {
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let train = B::ad_enabled(&x.device()) || TRAINING_FORWARD.with(|t| t.get());
-        let mut h = x.cast(FloatDType::F32);
-        if train && self.dropout > 0.0 {
-            let keep = 1.0 - self.dropout;
-            let mask = h.random_like(Distribution::Bernoulli(keep));
-            h = h * mask / keep;
-        }
+        let h = self.dropout_input(x.cast(FloatDType::F32));
         // Through the linear layers' GEMM path (cuBLAS on CUDA, in f32): the token count varies
         // (MoE experts), and Burn's CUDA matmul autotunes each new shape.
         let linear = crate::backend::linear_matmul::<B, D>;
-        let y = linear(linear(h, self.lora_a.val()), self.lora_b.val()) * self.scale;
+        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
+        // one pass over `rank` columns instead of `out` (forward and backward).
+        let y = linear(linear(h, self.lora_a.val()) * self.scale, self.lora_b.val());
         y.cast(dtype)
+    }
+
+    /// [`forward`](Self::forward) of every expert of a MoE block at once: `x[e]` through
+    /// `adapters[e]`, as two batched GEMMs over the stacked factors. An expert without an
+    /// adapter (`None`) contributes zeros. The adapters share scale and dropout (one LoRA
+    /// config per recipe). `None` when no expert has an adapter.
+    ///
+    /// # Shapes
+    /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
+    pub fn forward_stacked(adapters: &[Option<&LoraAdapter<B>>], x: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+        let first = adapters.iter().flatten().next()?;
+        let (device, dtype) = (x.device(), x.dtype());
+        let ([inp, rank], [_, out]) = (first.lora_a.val().dims(), first.lora_b.val().dims());
+        let stack = |factor: fn(&LoraAdapter<B>) -> Tensor<B, 2>, shape: [usize; 2]| {
+            let factors = adapters.iter().map(|a| match a {
+                Some(a) => factor(a),
+                None => Tensor::zeros(shape, (&device, DType::F32)),
+            });
+            Tensor::stack::<3>(factors.collect(), 0)
+        };
+        let a = stack(|a| a.lora_a.val(), [inp, rank]);
+        let b = stack(|a| a.lora_b.val(), [rank, out]);
+        let h = first.dropout_input(x.cast(FloatDType::F32));
+        let linear = crate::backend::batched_matmul::<B>;
+        Some(linear(linear(h, a) * first.scale, b).cast(dtype))
+    }
+
+    /// `dropout(h)` while training (see [`forward`](Self::forward)), `h` otherwise.
+    fn dropout_input<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        let train = B::ad_enabled(&h.device()) || TRAINING_FORWARD.with(|t| t.get());
+        if !train || self.dropout <= 0.0 {
+            return h;
+        }
+        let keep = 1.0 - self.dropout;
+        let mask = h.random_like(Distribution::Bernoulli(keep));
+        h * mask / keep
     }
 
     /// `s * A B`: what merging adds to the base weight in its `[in, out]` layout.

@@ -111,6 +111,32 @@ impl<B: Backend> Linear<B> {
             None => y,
         }
     }
+
+    /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
+    /// `linears[e]`. The frozen weights are stacked for the batched GEMM on each call (a copy
+    /// of the block's expert weights that lives as long as the graph needs it for dX).
+    ///
+    /// # Shapes
+    /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
+    pub fn forward_stacked(linears: &[&Linear<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let w = Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0);
+        let y = crate::backend::batched_matmul(x.clone(), w);
+        let y = if linears.iter().any(|l| l.bias.is_some()) {
+            let [_, out] = linears[0].weight.val().dims();
+            let (device, dtype) = (x.device(), y.dtype());
+            let zeros = || Tensor::zeros([out], (&device, dtype));
+            let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
+            y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
+        } else {
+            y
+        };
+        let adapters: Vec<Option<&LoraAdapter<B>>> = linears.iter().map(|l| l.lora.as_ref()).collect();
+        let device = x.device();
+        match span::<B, _>("lora", &device, || LoraAdapter::forward_stacked(&adapters, x)) {
+            Some(delta) => y + delta,
+            None => y,
+        }
+    }
 }
 
 fn transpose(t: HostTensor) -> HostTensor {
@@ -270,6 +296,18 @@ impl<B: Backend> Mlp<B> {
         let h = span::<B, _>("swiglu", &device, || ops::swiglu(gate, up));
         span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
     }
+
+    /// Every expert's SwiGLU MLP at once: `x[e]` through `experts[e]`, each projection one
+    /// batched GEMM over the experts' stacked weights (and LoRA factors).
+    ///
+    /// # Shapes
+    /// - `x`: `[experts, tokens, hidden]` → `[experts, tokens, hidden]`
+    pub fn forward_stacked(experts: &[Mlp<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let projection = |f: fn(&Mlp<B>) -> &Linear<B>| experts.iter().map(f).collect::<Vec<_>>();
+        let gate = Linear::forward_stacked(&projection(|m| &m.gate_proj), x.clone());
+        let up = Linear::forward_stacked(&projection(|m| &m.up_proj), x);
+        Linear::forward_stacked(&projection(|m| &m.down_proj), ops::swiglu(gate, up))
+    }
 }
 
 /// A sparse mixture of SwiGLU experts (Qwen3-MoE): a linear router, softmax over all experts,
@@ -304,7 +342,7 @@ impl<B: Backend> SparseMoe<B> {
     /// # Shapes
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [t, _] = x.dims();
+        let [t, hidden] = x.dims();
         let device = x.device();
         let logits = self.gate.forward(x.clone());
         let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
@@ -313,30 +351,85 @@ impl<B: Backend> SparseMoe<B> {
             weights = weights.clone() / weights.sum_dim(1);
         }
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
-        // Routing is data-dependent: read the choices on the host to gather each expert's tokens.
+        // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
         let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
-        let mut out = x.zeros_like();
-        for (local, expert) in self.experts.iter().enumerate() {
-            let e = (self.first_expert + local) as i64;
-            let slots: Vec<i64> = (0..chosen.len() as i64).filter(|&i| chosen[i as usize] == e).collect();
-            if slots.is_empty() {
-                continue;
+        let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
+            return x.zeros_like();
+        };
+        let (e, c) = (self.experts.len(), layout.capacity);
+        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.tokens, [e * c]), &device);
+        // Padding rows take the weight appended after the real ones: zero.
+        let padded_weights = Tensor::cat(vec![weights, Tensor::zeros([1], (&device, dtype))], 0);
+        let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.slots, [e * c]), &device);
+        let xs = x.clone().select(0, tokens.clone()).reshape([e, c, hidden]);
+        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
+        let w = padded_weights.select(0, slots).reshape([e * c, 1]);
+        x.zeros_like().select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+    }
+}
+
+/// Where each local expert's tokens sit in the `[experts, capacity, hidden]` layout the experts
+/// run on together: expert `e`'s routed tokens in rows `e * capacity ..`, in token order, then
+/// padding (token 0, weighted by zero).
+#[derive(Debug, PartialEq)]
+struct ExpertLayout {
+    /// The most tokens any local expert got, rounded up to a multiple of 8.
+    capacity: usize,
+    /// `[experts * capacity]`: the token each row reads (0 for padding).
+    tokens: Vec<i64>,
+    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) whose weight scales the row;
+    /// `tokens * top_k` for padding, one past the last slot.
+    slots: Vec<i64>,
+}
+
+impl ExpertLayout {
+    /// From the router's choices (`chosen[token * top_k + k]`, global expert indices) for the
+    /// `local` experts from `first`; `None` when none of them got a token.
+    fn new(chosen: &[i64], top_k: usize, first: usize, local: usize) -> Option<Self> {
+        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); local];
+        for (slot, &expert) in chosen.iter().enumerate() {
+            let e = expert - first as i64;
+            if (0..local as i64).contains(&e) {
+                rows[e as usize].push(slot as i64);
             }
-            let tokens: Vec<i64> = slots.iter().map(|s| s / self.top_k as i64).collect();
-            let n = slots.len();
-            let token_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [n]), &device);
-            let slot_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device);
-            let y = expert.forward(x.clone().select(0, token_idx.clone()));
-            let w = weights.clone().select(0, slot_idx).reshape([n, 1]);
-            out = out.select_assign(0, token_idx, y * w, IndexingUpdateOp::Add);
         }
-        out
+        let most = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if most == 0 {
+            return None;
+        }
+        let capacity = most.next_multiple_of(8);
+        let pad = chosen.len() as i64;
+        let mut slots = Vec::with_capacity(local * capacity);
+        for r in &rows {
+            slots.extend(r.iter().copied().chain(std::iter::repeat(pad).take(capacity - r.len())));
+        }
+        let tokens = slots.iter().map(|&s| if s == pad { 0 } else { s / top_k as i64 }).collect();
+        Some(ExpertLayout { capacity, tokens, slots })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expert_layout_groups_slots_by_local_expert_and_pads_with_the_zero_weight_slot() {
+        // 3 tokens, top 2, experts 2..5 local (global 0..6).
+        let chosen = [2, 0, 3, 2, 5, 4];
+        let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
+        assert_eq!(l.capacity, 8);
+        let pad = 6;
+        let mut want_slots = vec![0, 3];
+        want_slots.resize(8, pad);
+        want_slots.extend([2].iter().chain([pad; 7].iter()));
+        want_slots.extend([5].iter().chain([pad; 7].iter()));
+        assert_eq!(l.slots, want_slots);
+        let want_tokens: Vec<i64> = want_slots.iter().map(|&s| if s == pad { 0 } else { s / 2 }).collect();
+        assert_eq!(l.tokens, want_tokens);
+        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
+        let busy: Vec<i64> = vec![1; 9];
+        assert_eq!(ExpertLayout::new(&busy, 1, 0, 2).map(|l| l.capacity), Some(16));
+    }
 
     #[test]
     fn transpose_moves_every_value_over_odd_and_tiled_shapes() {
