@@ -113,8 +113,10 @@ impl<B: Backend> Linear<B> {
     }
 
     /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
-    /// `linears[e]`. The frozen weights are stacked for the batched GEMM on each call (a copy
-    /// of the block's expert weights that lives as long as the graph needs it for dX).
+    /// `linears[e]`. The frozen weights are stacked for the batched GEMM on each call: a copy
+    /// of the block's expert weights (one copy per expert, as Burn concatenates) that lives as
+    /// long as the graph needs it for dX. Keeping the experts stacked from load time would save
+    /// both, at the price of a module tree unlike the checkpoint's per-expert names.
     ///
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
