@@ -66,15 +66,26 @@ impl<B: Backend> LoraAdapter<B> {
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let h = self.dropout_input(x.cast(FloatDType::F32));
         // Through the linear layers' GEMM path (cuBLAS on CUDA, in f32): the token count varies
         // (MoE experts), and Burn's CUDA matmul autotunes each new shape.
-        let linear = crate::backend::linear_matmul::<B, D>;
+        self.low_rank(x, self.lora_a.val(), self.lora_b.val(), crate::backend::linear_matmul::<B, D>)
+    }
+
+    /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, with `gemm` for both products:
+    /// the one place of the adapter's precision and scale, for one layer (`a`, `b` 2-D) or the
+    /// stacked experts of a MoE block (3-D).
+    fn low_rank<const D: usize, const DW: usize>(
+        &self,
+        x: Tensor<B, D>,
+        a: Tensor<B, DW>,
+        b: Tensor<B, DW>,
+        gemm: fn(Tensor<B, D>, Tensor<B, DW>) -> Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let h = self.dropout_input(x.cast(FloatDType::F32));
         // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
         // one pass over `rank` columns instead of `out` (forward and backward).
-        let y = linear(linear(h, self.lora_a.val()) * self.scale, self.lora_b.val());
-        y.cast(dtype)
+        gemm(gemm(h, a) * self.scale, b).cast(dtype)
     }
 
     /// [`forward`](Self::forward) of every expert of a MoE block at once: `x[e]` through
@@ -86,7 +97,7 @@ impl<B: Backend> LoraAdapter<B> {
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
     pub fn forward_stacked(adapters: &[Option<&LoraAdapter<B>>], x: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
         let first = adapters.iter().flatten().next()?;
-        let (device, dtype) = (x.device(), x.dtype());
+        let device = x.device();
         let ([inp, rank], [_, out]) = (first.lora_a.val().dims(), first.lora_b.val().dims());
         let stack = |factor: fn(&LoraAdapter<B>) -> Tensor<B, 2>, shape: [usize; 2]| {
             let factors = adapters.iter().map(|a| match a {
@@ -95,11 +106,8 @@ impl<B: Backend> LoraAdapter<B> {
             });
             Tensor::stack::<3>(factors.collect(), 0)
         };
-        let a = stack(|a| a.lora_a.val(), [inp, rank]);
-        let b = stack(|a| a.lora_b.val(), [rank, out]);
-        let h = first.dropout_input(x.cast(FloatDType::F32));
-        let linear = crate::backend::batched_matmul::<B>;
-        Some(linear(linear(h, a) * first.scale, b).cast(dtype))
+        let (a, b) = (stack(|a| a.lora_a.val(), [inp, rank]), stack(|a| a.lora_b.val(), [rank, out]));
+        Some(first.low_rank(x, a, b, crate::backend::batched_matmul::<B>))
     }
 
     /// `dropout(h)` while training (see [`forward`](Self::forward)), `h` otherwise.

@@ -121,11 +121,12 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
     pub fn forward_stacked(linears: &[&Linear<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let device = x.device();
         let w = Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0);
         let y = crate::backend::batched_matmul(x.clone(), w);
         let y = if linears.iter().any(|l| l.bias.is_some()) {
             let [_, out] = linears[0].weight.val().dims();
-            let (device, dtype) = (x.device(), y.dtype());
+            let dtype = y.dtype();
             let zeros = || Tensor::zeros([out], (&device, dtype));
             let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
             y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
@@ -133,7 +134,6 @@ impl<B: Backend> Linear<B> {
             y
         };
         let adapters: Vec<Option<&LoraAdapter<B>>> = linears.iter().map(|l| l.lora.as_ref()).collect();
-        let device = x.device();
         match span::<B, _>("lora", &device, || LoraAdapter::forward_stacked(&adapters, x)) {
             Some(delta) => y + delta,
             None => y,
