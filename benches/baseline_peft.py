@@ -28,10 +28,20 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--liger", action="store_true",
+                   help="patch in Liger kernels (rope, rms_norm, swiglu, fused linear cross-entropy) first")
     a = p.parse_args()
 
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(a.config)
+    impl = f"transformers {transformers.__version__} + peft"
+    if a.liger:
+        # Before the model is built: Liger swaps the modeling module's classes and forward.
+        from liger_kernel.transformers import _apply_liger_kernel
+        import liger_kernel
+        _apply_liger_kernel(cfg.model_type, rope=True, rms_norm=True, swiglu=True,
+                            cross_entropy=False, fused_linear_cross_entropy=True)
+        impl += f" + liger {getattr(liger_kernel, '__version__', '0.8.5')}"
     cfg._attn_implementation = "sdpa"
     t0 = time.time()
     with torch.device("cuda"):
@@ -51,11 +61,13 @@ def main():
     opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     torch.cuda.synchronize()
     build = time.time() - t0
-    times, losses = [], []
+    times, losses, window = [], [], [0.0, 0.0]
     for step in range(a.warmup + a.steps):
         ids = torch.randint(0, cfg.vocab_size, (a.micro_batch, a.seq), device="cuda")
         torch.cuda.synchronize()
         t = time.time()
+        if step == a.warmup:
+            window[0] = t
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -66,9 +78,10 @@ def main():
         losses.append(float(out.loss))
         if step >= a.warmup:
             times.append(dt)
+            window[1] = time.time()
     s = sum(times) / len(times)
     print(json.dumps({
-        "impl": f"transformers {transformers.__version__} + peft",
+        "impl": impl, "recompute": not a.no_checkpointing, "timed_unix": window,
         "micro_batch": a.micro_batch, "seq_len": a.seq, "steps": a.steps, "step_seconds": times,
         "s_per_step": s, "tokens_per_s": a.micro_batch * a.seq / s, "build_seconds": build,
         "peak_gib_torch_reserved": torch.cuda.max_memory_reserved() / 2**30,

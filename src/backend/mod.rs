@@ -9,6 +9,8 @@ use burn::tensor::Tensor;
 
 #[cfg(feature = "cuda")]
 pub mod cublas;
+#[cfg(feature = "cuda")]
+mod compute_stream;
 pub mod fused;
 pub mod profile;
 
@@ -130,4 +132,16 @@ pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
         // `taken` is only None when the downcast failed, which leaves `slot` untouched.
         (None, None) => unreachable!("a failed downcast took the value"),
     }
+}
+
+static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Times the host has waited for the device inside trainer's own code (a read of a value, a
+/// synchronised GEMM), since the process started: `trainer bench` reports them per step.
+pub fn host_syncs() -> u64 {
+    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn count_host_syncs(n: u64) {
+    HOST_SYNCS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }

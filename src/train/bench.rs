@@ -60,6 +60,20 @@ pub struct BenchReport {
     /// With `--profile`: one more step after the timed ones, its spans timed with the device
     /// synchronised around each ([`crate::backend::profile`]); seconds by span path.
     pub profile: Vec<profile::SpanTotal>,
+    /// Times per timed step the host waited for the device inside the step
+    /// ([`crate::backend::host_syncs`]: value reads, synchronised GEMMs).
+    pub syncs_per_step: f64,
+    /// How cuBLAS GEMMs were ordered with CubeCL's kernels (CUDA only):
+    /// `compute-stream` or `synchronised: <why>`.
+    pub gemm_ordering: Option<String>,
+    /// Wall-clock seconds since the Unix epoch at the start and end of the timed steps, for
+    /// setting GPU utilisation samples against them (`benches/run.sh`).
+    pub timed_unix: [f64; 2],
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
@@ -109,12 +123,31 @@ pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usiz
         eprintln!("bench: self-checks {:.1} s: {c:?}, {a:?}", t.elapsed().as_secs_f64());
         (c, a)
     });
+    // Timing wrong maths is worthless: a failed self-check ends the bench.
+    #[cfg(feature = "cuda")]
+    if let Some((c, a)) = &check {
+        if let Some((what, err)) = c.failure() {
+            return Err(Error::Internal(format!(
+                "the cuBLAS GEMM self-check failed: {what} is {err:.3e} (max |diff| / max |reference|), above {:.0e}; {c:?}",
+                backend::cublas::GemmCheck::TOLERANCE
+            )));
+        }
+        if let Some((what, err)) = a.as_ref().and_then(|a| a.failure()) {
+            return Err(Error::Internal(format!(
+                "the attention self-check failed: {what} is {err:.3e} (max |diff| / max |reference|), above {:.0e}; {a:?}",
+                backend::cublas::AttentionCheck::TOLERANCE
+            )));
+        }
+    }
     #[allow(unused_mut)]
     let mut report = backend::dispatch(r.device, r.model.dtype, Job { loaded, plan, warmup, steps, profile: extras.profile })?;
     #[cfg(feature = "cuda")]
     {
         report.gemm_check = check.and_then(|(c, _)| serde_json::to_value(c).ok());
         report.attention_check = check.and_then(|(_, a)| a).and_then(|a| serde_json::to_value(a).ok());
+        if backend::resolve(r.device) == crate::recipe::Device::Cuda {
+            report.gemm_ordering = Some(backend::cublas::gemm_ordering());
+        }
     }
     Ok(report)
 }
@@ -177,13 +210,22 @@ impl BackendJob for Job<'_> {
         let mut step_seconds = Vec::new();
         let mut losses = Vec::new();
         let mut reserved_gib = Vec::new();
+        let (mut syncs, mut timed_unix) = (0, [0.0; 2]);
         for step in 1..=self.warmup + self.steps {
             let b = batch();
             sync(&device)?;
+            if step == self.warmup + 1 {
+                timed_unix[0] = unix_now();
+            }
+            let before = backend::host_syncs();
             let t = Instant::now();
             let stats = trainer.step(step, std::slice::from_ref(&b))?;
             sync(&device)?;
             let secs = t.elapsed().as_secs_f64();
+            if step > self.warmup {
+                syncs += backend::host_syncs() - before;
+                timed_unix[1] = unix_now();
+            }
             let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", m.reserved as f64 / (1u64 << 30) as f64)).unwrap_or_default();
             eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{mem}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
             losses.push(stats.loss);
@@ -235,6 +277,9 @@ impl BackendJob for Job<'_> {
             reserved_gib,
             build_phases: phases,
             profile: spans,
+            syncs_per_step: syncs as f64 / self.steps.max(1) as f64,
+            gemm_ordering: None,
+            timed_unix,
         })
     }
 }

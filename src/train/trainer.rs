@@ -115,58 +115,73 @@ impl<B: Backend> Trainer<B> {
         self.model.expect("the model is only absent inside `step`")
     }
 
-    /// Optimizer step `step` (counting from 1) over the micro batches of one global batch.
+    /// Optimizer step `step` (counting from 1) over the micro batches of one global batch. The
+    /// loss, the norm and the clipping stay on the device; both values are read once, after the
+    /// update is queued.
     pub fn step(&mut self, step: usize, micro_batches: &[Batch]) -> Result<StepStats> {
-        let (loss, mut grads) = self.gradients(step, micro_batches)?;
-        let grad_norm = span::<B, _>("optimizer", &self.device, || grads.global_norm());
-        // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is < 1.
-        if self.clip > 0.0 {
-            let coef = self.clip / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                grads.scale(coef);
+        let (loss_sum, tokens, mut grads) = self.device_gradients(step, micro_batches)?;
+        let norm = span::<B, _>("optimizer", &self.device, || {
+            let norm = grads.norm_tensor();
+            if let (Some(norm), true) = (&norm, self.clip > 0.0) {
+                grads.clip_by_norm(norm, self.clip);
             }
-        }
+            norm
+        });
         let lr = self.schedule.at(step);
         let model = self.model.take().ok_or_else(|| Error::Internal("trainer model missing".into()))?;
         self.model = Some(span::<B, _>("optimizer", &self.device, || self.optimizer.step(model, grads, lr)));
-        let tokens = micro_batches.iter().map(trained_tokens).sum();
+        let norm = norm.unwrap_or_else(|| Tensor::<B, 1>::zeros([1], (&self.device, burn::tensor::DType::F32)));
+        let [loss_sum, grad_norm] = read_f32(Tensor::cat(vec![loss_sum, norm], 0));
         let positions = micro_batches.iter().map(|b| b.batch_size * b.seq_len).sum();
         let memory = crate::backend::device_memory::<B>(&self.device);
-        Ok(StepStats { loss, lr, grad_norm, tokens, positions, memory })
+        Ok(StepStats { loss: f64::from(loss_sum) / tokens as f64, lr, grad_norm: f64::from(grad_norm), tokens, positions, memory })
     }
 
     /// The global batch's per-token loss and the summed gradients of every trainable
     /// parameter, by module path (before clipping).
     pub fn gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(f64, Grads<B>)> {
+        let (loss_sum, tokens, grads) = self.device_gradients(step, micro_batches)?;
+        Ok((f64::from(scalar_f32(loss_sum)) / tokens as f64, grads))
+    }
+
+    /// The global batch's summed loss (one f32 element, on the device), its trained tokens and
+    /// the summed gradients.
+    fn device_gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(Tensor<B, 1>, usize, Grads<B>)> {
         let tokens: usize = micro_batches.iter().map(trained_tokens).sum();
         if tokens == 0 {
             return Err(Error::data(format!("step {step}: its {} micro batches have no trained token", micro_batches.len())));
         }
         let model = self.model();
         let mut grads = Grads::<B>::default();
-        let mut loss_sum = 0.0f64;
+        let mut loss_sum: Option<Tensor<B, 1>> = None;
         for (k, b) in micro_batches.iter().enumerate() {
             let seed = stream_seed(self.seed, step, k);
             let t = upload(b, &self.device);
-            loss_sum += if self.recompute.is_empty() {
+            let sum = if self.recompute.is_empty() {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
                 let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy));
-                let value = scalar_f32(sum.clone());
+                let value = sum.clone().inner();
                 let g = span::<B, _>("backward", &self.device, || (sum / tokens as f64).backward());
                 collect_grads(model, &g, &[], &mut grads);
-                value as f64
+                value
             } else {
                 self.segmented(model, t, seed, 1.0 / tokens as f64, &mut grads)?
             };
+            let sum = sum.cast(burn::tensor::FloatDType::F32);
+            loss_sum = Some(match loss_sum {
+                Some(total) => total + sum,
+                None => sum,
+            });
         }
-        Ok((loss_sum / tokens as f64, grads))
+        let loss_sum = loss_sum.ok_or_else(|| Error::Internal("a step without micro batches".into()))?;
+        Ok((loss_sum, tokens, grads))
     }
 
     /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
     /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
-    fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<f64> {
+    fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
         let ctx = model.context(t.positions, Some(t.segments));
         let n = model.layers.len();
@@ -211,7 +226,7 @@ impl<B: Backend> Trainer<B> {
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
         let (value, g) = span::<B, _>("head", &self.device, || {
             let sum = model.next_token_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy).sum;
-            (scalar_f32(sum.clone()), (sum * scale).backward())
+            (sum.clone().inner(), (sum * scale).backward())
         });
         collect_grads(model, &g, &[], grads);
         let mut grad_out = h.grad(&g).ok_or_else(missing)?;
@@ -241,7 +256,7 @@ impl<B: Backend> Trainer<B> {
             let g = (embedded * Tensor::from_inner(grad_out)).sum().backward();
             collect_grads(model, &g, &[], grads);
         }
-        Ok(value as f64)
+        Ok(value)
     }
 
     /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`.
@@ -272,5 +287,15 @@ impl<B: Backend> Trainer<B> {
 /// would convert through the backend's float type (bf16 on a bf16 device) and round an f32 loss
 /// sum to 3 significant digits.
 pub(crate) fn scalar_f32<B: Backend>(t: Tensor<B, 1>) -> f32 {
-    t.into_data().convert::<f32>().as_slice::<f32>().ok().and_then(|s| s.first().copied()).unwrap_or(f32::NAN)
+    let [v] = read_f32(t);
+    v
+}
+
+/// The `N` values of a tensor as f32, in one read of the device (counted in
+/// [`crate::backend::host_syncs`]); NaN where it holds fewer.
+fn read_f32<B: Backend, const N: usize>(t: Tensor<B, 1>) -> [f32; N] {
+    crate::backend::count_host_syncs(1);
+    let data = t.into_data().convert::<f32>();
+    let values = data.as_slice::<f32>().unwrap_or(&[]);
+    std::array::from_fn(|i| values.get(i).copied().unwrap_or(f32::NAN))
 }
