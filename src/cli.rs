@@ -30,12 +30,19 @@ pub enum Command {
         set: Vec<String>,
     },
     /// Train as the recipe says: checkpoints and metrics go to a run folder under
-    /// `checkpoint.output_dir`.
+    /// `checkpoint.output_dir`. Ctrl-C (or SIGTERM) finishes the step in flight, saves a
+    /// checkpoint and exits 130 (143); a second one exits at once.
     Run {
-        recipe: PathBuf,
+        /// The recipe (TOML). Optional with --resume: a run continues with the recipe it saved.
+        #[arg(value_name = "RECIPE", required_unless_present = "resume")]
+        recipe: Option<PathBuf>,
+        /// Override a recipe key, e.g. `--set optimizer.lr=2e-4` (repeatable). On --resume only
+        /// keys that keep the run exact may change: train.max_steps, train.max_epochs,
+        /// train.eval_interval, checkpoint.save_interval, checkpoint.save_total_limit, logging.*.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Continue a run exactly where it stopped: its run folder or a checkpoint-N in it.
+        /// Continue a run exactly where it stopped: its run folder (the newest checkpoint) or a
+        /// checkpoint-N in it (an older one continues in a new run folder beside it).
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
     },
@@ -142,6 +149,10 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     match execute(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::Interrupted { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code())
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
@@ -184,7 +195,11 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             Ok(())
         }
         Command::Run { recipe, set, resume } => {
-            let loaded = recipe::load(&recipe, &set)?;
+            let loaded = match (&resume, &recipe) {
+                (Some(run), given) => crate::run::resume::recipe_for(run, given.as_deref(), &set)?,
+                (None, Some(file)) => recipe::load(file, &set)?,
+                (None, None) => return Err(Error::Unsupported("trainer run needs a RECIPE, or --resume RUN_DIR to continue a run".into())),
+            };
             let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
             model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
             let out = train::run::run(train::run::RunRequest { loaded: &loaded, plan: &plan, resume, stop_after: None })?;

@@ -26,6 +26,10 @@ pub enum Error {
     /// A broken internal invariant: a bug in trainer, not in the input.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Stopped by a signal (Ctrl-C, SIGTERM) after saving what there was to save; exits
+    /// 128 + the signal's number, as shells report a process ended by it.
+    #[error("{message}")]
+    Interrupted { signal: i32, message: String },
 }
 
 impl Error {
@@ -41,13 +45,20 @@ impl Error {
         Error::File { path: path.into(), message: message.to_string() }
     }
 
-    /// Exit code of the `trainer` binary for this error: 2 for bad input, 1 for bugs.
+    /// Exit code of the `trainer` binary for this error: 2 for bad input, 1 for bugs, 128 +
+    /// the signal for an interrupted run.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Internal(_) => 1,
+            Error::Interrupted { signal, .. } => signal_exit_code(*signal),
             _ => 2,
         }
     }
+}
+
+/// The exit code of a process ended by `signal`, as shells report it (130 for SIGINT).
+pub fn signal_exit_code(signal: i32) -> u8 {
+    (128 + signal).clamp(0, 255) as u8
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use trainer::export::{self, ExportRequest, PeftExperts, Target};
 use trainer::model::{self, hub::Fetch, tensors::base_tensors, Registry};
 use trainer::recipe::{self, DType};
-use trainer::train::checkpoint as ckpt;
+use trainer::run::checkpoint as ckpt;
 use trainer::train::run::{run, RunOutcome, RunRequest};
 
 const TINY: &str = "recipes/tiny-qwen3-moe-lora.toml";
@@ -171,7 +171,7 @@ fn bad_input_is_refused_and_leaves_nothing_behind() {
             "model.dtype=\"f32\"".into(),
         ],
     );
-    assert!(o.run_dir.join(export::BASE_WEIGHTS).is_file() && o.last_checkpoint.join(export::BASE_WEIGHTS).is_file());
+    assert!(o.run_dir.join(trainer::run::BASE_WEIGHTS).is_file() && o.last_checkpoint.join(trainer::run::BASE_WEIGHTS).is_file());
     export::export(&request(&o.run_dir, Target::Hf, root.path().join("ok")), &reg).unwrap();
 
     // An adapter tensor for a layer the base does not have.

@@ -15,7 +15,7 @@ use trainer::lora::{self, LoraConfig, LoraTargets};
 use trainer::model::{self, hub::Fetch, Registry};
 use trainer::parallel::Layout;
 use trainer::recipe::{Decay, OptimizerSection, Recipe, ScheduleSection};
-use trainer::train::checkpoint::read_safetensors;
+use trainer::run::checkpoint::read_safetensors;
 use trainer::train::names::hf_name;
 use trainer::train::optimizer::{AdamW, AdamWConfig};
 use trainer::train::run::load_trained;

@@ -13,7 +13,7 @@ use trainer::parallel::Layout;
 use trainer::train::optimizer::{AdamW, AdamWConfig, Grads};
 use trainer::train::{LrSchedule, Trainer};
 use trainer::recipe::{self, LoadedRecipe};
-use trainer::train::checkpoint as ckpt;
+use trainer::run::checkpoint as ckpt;
 use trainer::train::run::{run, RunOutcome, RunRequest};
 
 const TINY: &str = "recipes/tiny-qwen3-moe-lora.toml";

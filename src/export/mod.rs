@@ -29,7 +29,8 @@ use crate::model::tensors::{base_tensors, BaseTensor};
 use crate::model::weights::{Checkpoint, RandomInit, TensorPrint, TensorRequest, WeightSource};
 use crate::model::{self, hub::Fetch, ModelPlan, Registry};
 use crate::recipe::{self, DType, Init, Recipe, Tuning};
-use crate::train::checkpoint as ckpt;
+use crate::run::checkpoint as ckpt;
+use crate::run::{saved_fingerprints, BaseWeights, BASE_WEIGHTS};
 use adapters::{AdapterSet, PeftLayout};
 pub use precision::PrecisionReport;
 
@@ -51,17 +52,6 @@ pub enum PeftExperts {
     Fused,
     /// transformers 4.x (one module per expert): one adapter per expert module.
     PerExpert,
-}
-
-/// The file a run records its base weights' fingerprints in (run folder and each checkpoint).
-pub const BASE_WEIGHTS: &str = "base_weights.json";
-
-/// The fingerprints of a run's base weights.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct BaseWeights {
-    /// `model.path` as the run resolved it.
-    pub source: String,
-    pub tensors: BTreeMap<String, TensorPrint>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,29 +107,6 @@ pub fn find_checkpoint(run: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Fingerprints of the base weights `plan` reads, for a run to save.
-pub fn base_fingerprints(r: &Recipe, plan: &ModelPlan) -> Result<Option<BaseWeights>> {
-    match (r.model.init, &plan.dir) {
-        (Init::Pretrained, Some(dir)) => {
-            let tensors = Checkpoint::open(dir)?.fingerprints()?;
-            Ok(Some(BaseWeights { source: dir.display().to_string(), tensors }))
-        }
-        _ => Ok(None),
-    }
-}
-
-/// The saved fingerprints of the checkpoint at `dir` (its own copy, else its run folder's).
-fn saved_fingerprints(dir: &Path) -> Result<Option<(PathBuf, BaseWeights)>> {
-    for candidate in [Some(dir.join(BASE_WEIGHTS)), dir.parent().map(|p| p.join(BASE_WEIGHTS))].into_iter().flatten() {
-        if candidate.is_file() {
-            let text = fs::read_to_string(&candidate).map_err(|e| Error::file(&candidate, format!("cannot read: {e}")))?;
-            let w: BaseWeights = serde_json::from_str(&text).map_err(|e| Error::file(&candidate, format!("not a base-weights table: {e}")))?;
-            return Ok(Some((candidate, w)));
-        }
-    }
-    Ok(None)
-}
-
 /// The base weights must be the ones the run trained on.
 fn check_base_unchanged(saved: &BaseWeights, table: &Path, now: &BTreeMap<String, TensorPrint>, base: &Path) -> Result<()> {
     let mut problems = Vec::new();
@@ -177,6 +144,8 @@ fn check_base_unchanged(saved: &BaseWeights, table: &Path, now: &BTreeMap<String
 /// Run an export.
 pub fn export(req: &ExportRequest, registry: &Registry) -> Result<ExportReport> {
     let dir = find_checkpoint(&req.run)?;
+    // Never into, over or above the run, a checkpoint or another run: checked first.
+    crate::run::guard_output(&req.out, &req.run)?;
     let loaded = recipe::load(&dir.join(ckpt::RECIPE), &[])?;
     let r = &loaded.recipe;
     let fetch = if r.model.init == Init::Pretrained { Fetch::All } else { Fetch::Config };

@@ -16,7 +16,7 @@ use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::{self, hub::Fetch, ModelPlan, Registry};
 use crate::parallel::Layout;
 use crate::recipe::{self, Init, ModelSection, Recipe, Tuning};
-use crate::train::checkpoint::{self as ckpt, NamedTensor};
+use crate::run::checkpoint::{self as ckpt, NamedTensor};
 
 /// The sample: a short instruction and its answer, so the label positions cover real text.
 pub fn sample_conversation() -> Conversation {

@@ -123,7 +123,7 @@ impl ShardWriter {
                 "weight_map": weight_map,
             });
             let text = serde_json::to_string_pretty(&index).map_err(|e| Error::Internal(e.to_string()))?;
-            crate::train::checkpoint::write_synced(&self.dir.join("model.safetensors.index.json"), text.as_bytes())?;
+            crate::run::checkpoint::write_synced(&self.dir.join("model.safetensors.index.json"), text.as_bytes())?;
         }
         Ok(files)
     }

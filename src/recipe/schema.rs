@@ -553,7 +553,12 @@ pub struct CheckpointSection {
     /// at the end).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_interval: Option<usize>,
+    /// Keep only the newest N complete checkpoints, removing older ones after each save
+    /// (transformers' `save_total_limit`). Default: none (keep all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<usize>,
     /// Save optimizer and scheduler state (`--no_save_optim true` is `false` here). Default true.
+    /// A checkpoint written on an interrupt (Ctrl-C, SIGTERM) always has it, so it resumes.
     pub save_optimizer: bool,
     /// Save RNG and data-order state (`--no_save_rng true` is `false` here). Default true.
     pub save_rng: bool,
@@ -568,6 +573,7 @@ impl Default for CheckpointSection {
         CheckpointSection {
             output_dir: "runs".into(),
             save_interval: None,
+            save_total_limit: None,
             save_optimizer: true,
             save_rng: true,
             resume: None,

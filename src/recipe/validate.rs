@@ -47,6 +47,7 @@ fn check_counts(r: &Recipe) -> Result<(), Problem> {
         ("train.max_steps", t.max_steps, ""),
         ("train.eval_interval", t.eval_interval, " (or remove it to turn evaluation off)"),
         ("checkpoint.save_interval", r.checkpoint.save_interval, " (or remove it to save only at the end)"),
+        ("checkpoint.save_total_limit", r.checkpoint.save_total_limit, " (or remove it to keep every checkpoint)"),
     ];
     for (key, v) in [
         ("parallel.data", p.data),

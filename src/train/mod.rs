@@ -1,9 +1,10 @@
 //! Training: the optimizer step over a global batch ([`trainer`]), AdamW ([`optimizer`]), the
-//! learning-rate schedule, layer recompute, checkpoints and the `trainer run` loop ([`run`]).
+//! learning-rate schedule, layer recompute, interrupts and the `trainer run` loop ([`run`]);
+//! the run folder and its checkpoints are [`crate::run`]'s.
 
 pub mod bench;
 pub mod bench_loss;
-pub mod checkpoint;
+pub mod interrupt;
 pub mod metrics;
 pub mod names;
 pub mod optimizer;

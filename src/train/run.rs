@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::{self as ckpt, NamedTensor, ResumeFrom, TrainerState};
+use super::interrupt;
 use super::metrics::Metrics;
 use super::names::{hf_name, module_path};
 use super::optimizer::{AdamW, AdamWConfig, Moments};
@@ -25,7 +25,10 @@ use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::{self, CausalLm, ModelPlan};
 use crate::parallel::Layout;
-use crate::recipe::{LoadedRecipe, Recipe, Stop, Tuning};
+use crate::recipe::{self, LoadedRecipe, Recipe, Stop, Tuning};
+use crate::run::checkpoint::{self as ckpt, NamedTensor, ResumeFrom, TrainerState};
+use crate::run::resume::{self, Placement};
+use crate::run::{self as rundir, RunLock};
 
 /// A training run to start or continue.
 pub struct RunRequest<'a> {
@@ -101,37 +104,6 @@ fn tokenizer(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
         }
         None => data::tokenizer_path(plan.dir.as_deref(), r),
     }
-}
-
-/// `runs/<recipe name>-<UTC date>-<time>`, made unique.
-fn new_run_dir(r: &Recipe, recipe_path: &Path) -> Result<PathBuf> {
-    let stem = recipe_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    let base = PathBuf::from(&r.checkpoint.output_dir).join(format!("{stem}-{}", utc_stamp()));
-    let mut dir = base.clone();
-    let mut n = 1;
-    while dir.exists() {
-        n += 1;
-        dir = PathBuf::from(format!("{}-{n}", base.display()));
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, format!("cannot create the run folder: {e}")))?;
-    Ok(dir)
-}
-
-/// `YYYYMMDD-HHMMSS` in UTC.
-fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// The order micro batches are visited in during `epoch`: a permutation seeded by the run's
@@ -271,12 +243,15 @@ fn load_hf_tensors<B: Backend>(model: CausalLm<B>, file: &Path, tuning: Tuning) 
     }
 }
 
+/// Write `checkpoint-{state.step}`; with optimizer state when the recipe saves it or
+/// `with_optimizer` (an interrupt's checkpoint, which must resume).
 fn save_checkpoint<B: Backend>(
     run_dir: &Path,
     trainer: &Trainer<B>,
     state: &TrainerState,
     loaded: &LoadedRecipe,
     plan: &ModelPlan,
+    with_optimizer: bool,
 ) -> Result<PathBuf> {
     let r = &loaded.recipe;
     let model = trainer.model().valid();
@@ -300,13 +275,13 @@ fn save_checkpoint<B: Backend>(
             }
         }
         ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
-        let prints = run_dir.join(crate::export::BASE_WEIGHTS);
+        let prints = run_dir.join(rundir::BASE_WEIGHTS);
         if prints.is_file() {
             let bytes = std::fs::read(&prints).map_err(|e| Error::file(&prints, format!("cannot read: {e}")))?;
-            ckpt::write_synced(&dir.join(crate::export::BASE_WEIGHTS), &bytes)?;
+            ckpt::write_synced(&dir.join(rundir::BASE_WEIGHTS), &bytes)?;
         }
         let mut state = state.clone();
-        if r.checkpoint.save_optimizer {
+        if r.checkpoint.save_optimizer || with_optimizer {
             let mut moments = Vec::new();
             for (path, m) in &trainer.optimizer.state {
                 state.optimizer_steps.insert(path.clone(), m.step);
@@ -345,6 +320,32 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     let plan = req.plan;
     check_supported(r)?;
 
+    // Where to start from. A run continued exactly takes the recipe it was trained with: only
+    // keys that keep it exact may differ (run::resume), and its folder is locked first.
+    let resume = match (&req.resume, &r.checkpoint.resume) {
+        (Some(p), _) => Some(ckpt::resolve_resume(p, false)?),
+        (None, Some(p)) => Some(ckpt::resolve_resume(Path::new(p), r.train.finetune)?),
+        (None, None) => None,
+    };
+    let mut changes = Vec::new();
+    let mut placement = None;
+    let mut lock = None;
+    if let Some(ResumeFrom::Checkpoint { dir, state }) = &resume {
+        let saved_at = dir.join(rundir::RECIPE);
+        if saved_at.is_file() {
+            let saved = recipe::load(&saved_at, &[])?;
+            changes = resume::changes(&saved.recipe, r, dir)?;
+        }
+        let p = resume::placement(dir, state.step)?;
+        if let Placement::Continue { run_dir } = &p {
+            lock = Some(RunLock::acquire(run_dir)?);
+            for gone in ckpt::clear_leftovers(run_dir)? {
+                println!("removed {}, left by an interrupted checkpoint write", gone.display());
+            }
+        }
+        placement = Some(p);
+    }
+
     // Data first: a bad row should not wait for the weights.
     let tok = tokenizer(r, plan)?;
     let prepared = data::prepare(r, &tok)?;
@@ -379,26 +380,6 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
         return Err(Error::data("train.eval_interval is set but there are no validation rows; set data.val_split > 0"));
     }
 
-    // Where to start from.
-    let resume = match (&req.resume, &r.checkpoint.resume) {
-        (Some(p), _) => Some(ckpt::resolve_resume(p, false)?),
-        (None, Some(p)) => Some(ckpt::resolve_resume(Path::new(p), r.train.finetune)?),
-        (None, None) => None,
-    };
-    let run_dir = match &resume {
-        Some(ResumeFrom::Checkpoint { dir, .. }) => dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
-        _ => {
-            let dir = new_run_dir(r, &loaded.source)?;
-            ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
-            // What the base weights were, so export can tell when they changed under the run.
-            if let Some(prints) = crate::export::base_fingerprints(r, plan)? {
-                let json = serde_json::to_string(&prints).map_err(|e| Error::Internal(e.to_string()))?;
-                ckpt::write_synced(&dir.join(crate::export::BASE_WEIGHTS), json.as_bytes())?;
-            }
-            dir
-        }
-    };
-
     // The model and what is trained.
     let mut model = model::build::<Autodiff<B>>(plan, &r.model, Layout::SINGLE, &device)?;
     if r.train.tuning == Tuning::Lora {
@@ -412,7 +393,6 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
         Some(ResumeFrom::Checkpoint { dir, state }) => {
             model = load_trained(model, dir, r)?;
             let moments = load_optimizer::<B>(dir, state, &device)?;
-            println!("resuming {} at step {}", dir.display(), state.step);
             (state.step, state.clone(), moments)
         }
         Some(ResumeFrom::Weights { dir }) => {
@@ -431,8 +411,51 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     state.total_steps = total_steps;
     if start_step >= total_steps {
         return Err(Error::Data(format!(
-            "the checkpoint is at step {start_step} and the recipe stops at step {total_steps}: nothing left to train; raise train.max_steps"
+            "the checkpoint is at step {start_step} and the recipe stops at step {total_steps}: nothing left to train; \
+             raise train.max_steps (on resume: --set train.max_steps=N)"
         )));
+    }
+
+    // Everything checkable has passed: now the run folder.
+    let prints = base_prints(r, plan, resume.as_ref())?;
+    let run_dir = match (&resume, placement) {
+        (Some(ResumeFrom::Checkpoint { dir, .. }), Some(Placement::Continue { run_dir })) => {
+            println!("resuming {} at step {start_step}", dir.display());
+            if !changes.is_empty() {
+                // The run's record follows what it now trains with.
+                rundir::write_replacing(&run_dir.join(rundir::RECIPE), loaded.to_toml().as_bytes())?;
+            }
+            run_dir
+        }
+        (Some(ResumeFrom::Checkpoint { dir, .. }), Some(Placement::Branch { from_run, later })) => {
+            let name = format!("{}-from-step-{start_step}", from_run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
+            let parent = from_run.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&r.checkpoint.output_dir));
+            let run_dir = rundir::new_run_dir(&parent, &name)?;
+            lock = Some(RunLock::acquire(&run_dir)?);
+            start_folder(&run_dir, loaded, prints.as_deref())?;
+            let record = serde_json::json!({ "run": from_run, "checkpoint": dir, "step": start_step, "later_checkpoints_left_in_place": later });
+            ckpt::write_synced(&run_dir.join(rundir::BRANCHED_FROM), serde_json::to_string_pretty(&record).unwrap_or_default().as_bytes())?;
+            copy_metrics_through(&from_run.join(&r.logging.metrics_file), &run_dir.join(&r.logging.metrics_file), start_step)?;
+            println!(
+                "{} is older than the run's newest checkpoint{}: continuing at step {start_step} in a new run folder, {}, \
+                 so they stay as they are",
+                dir.display(),
+                later.last().map(|s| format!(" (checkpoint-{s})")).unwrap_or_default(),
+                run_dir.display()
+            );
+            run_dir
+        }
+        _ => {
+            let stem = loaded.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+            let run_dir = rundir::new_run_dir(Path::new(&r.checkpoint.output_dir), &format!("{stem}-{}", rundir::utc_stamp()))?;
+            lock = Some(RunLock::acquire(&run_dir)?);
+            start_folder(&run_dir, loaded, prints.as_deref())?;
+            run_dir
+        }
+    };
+    let _lock = lock;
+    for c in &changes {
+        println!("resume: {c}");
     }
 
     let mut optimizer = AdamW::new(AdamWConfig::from(&r.optimizer));
@@ -450,8 +473,13 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     let stop_at = req.stop_after.unwrap_or(total_steps).min(total_steps);
     let mut losses = Vec::new();
     let mut eval_loss = None;
-    let mut last_checkpoint = None;
+    // The checkpoint holding the newest step: the resumed one until this process saves.
+    let mut last_checkpoint = match &resume {
+        Some(ResumeFrom::Checkpoint { dir, .. }) => Some((start_step, dir.clone())),
+        _ => None,
+    };
     let mut order = (usize::MAX, Vec::new());
+    let armed = interrupt::arm();
     for step in start_step + 1..=stop_at {
         let epoch = (step - 1) / steps_per_epoch;
         if order.0 != epoch {
@@ -478,18 +506,67 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
             metrics.eval(step, loss, tokens)?;
             eval_loss = Some(loss);
         }
-        let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps;
+        let signal = interrupt::requested();
+        let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
         if save_now {
-            let dir = save_checkpoint(&run_dir, &trainer, &state, loaded, plan)?;
+            let dir = save_checkpoint(&run_dir, &trainer, &state, loaded, plan, signal.is_some())?;
             metrics.note(&format!("saved {}", dir.display()));
-            last_checkpoint = Some(dir);
+            last_checkpoint = Some((step, dir));
+            if let Some(keep) = r.checkpoint.save_total_limit {
+                for gone in ckpt::prune(&run_dir, keep)? {
+                    metrics.note(&format!("removed {} (checkpoint.save_total_limit = {keep})", gone.display()));
+                }
+            }
+        }
+        if let Some(signal) = signal {
+            let resume_with = format!("trainer run --resume {}", run_dir.display());
+            return Err(Error::Interrupted {
+                signal,
+                message: format!("interrupted at step {step} of {total_steps}: saved {}; continue with `{resume_with}`", ckpt::checkpoint_dir(&run_dir, step).display()),
+            });
         }
     }
+    drop(armed);
     let last_checkpoint = match last_checkpoint {
-        Some(d) => d,
-        None => save_checkpoint(&run_dir, &trainer, &state, loaded, plan)?,
+        Some((step, dir)) if step == state.step => dir,
+        _ => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
     };
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
+}
+
+/// The base-weight fingerprints a new run folder records: the resumed checkpoint's (or its
+/// run's) when there is one, else hashed from the base the plan reads (pretrained bases only).
+fn base_prints(r: &Recipe, plan: &ModelPlan, resume: Option<&ResumeFrom>) -> Result<Option<Vec<u8>>> {
+    if let Some(ResumeFrom::Checkpoint { dir, .. }) = resume {
+        if let Some((file, _)) = rundir::saved_fingerprints(dir)? {
+            return std::fs::read(&file).map(Some).map_err(|e| Error::file(&file, format!("cannot read: {e}")));
+        }
+    }
+    match rundir::base_fingerprints(r, plan)? {
+        Some(prints) => Ok(Some(serde_json::to_vec(&prints).map_err(|e| Error::Internal(e.to_string()))?)),
+        None => Ok(None),
+    }
+}
+
+/// A new run folder's first files: its recipe and what its base weights were.
+fn start_folder(run_dir: &Path, loaded: &LoadedRecipe, prints: Option<&[u8]>) -> Result<()> {
+    ckpt::write_synced(&run_dir.join(rundir::RECIPE), loaded.to_toml().as_bytes())?;
+    if let Some(bytes) = prints {
+        // What the base weights were, so export can tell when they changed under the run.
+        ckpt::write_synced(&run_dir.join(rundir::BASE_WEIGHTS), bytes)?;
+    }
+    Ok(())
+}
+
+/// A branch's metrics start with the original run's lines up to the step it branched at.
+fn copy_metrics_through(from: &Path, to: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(from) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s as usize <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    ckpt::write_synced(to, kept.as_bytes())
 }
 
 fn fresh_state(r: &Recipe, total_steps: usize) -> TrainerState {
@@ -534,13 +611,5 @@ mod tests {
         assert_eq!(a, epoch_order(10, 1, 0));
         assert_ne!(a, epoch_order(10, 1, 1));
         assert_ne!(a, epoch_order(10, 2, 0));
-    }
-
-    #[test]
-    fn utc_stamp_is_a_date_and_time() {
-        let s = utc_stamp();
-        assert_eq!(s.len(), 15, "{s}");
-        assert!(s.starts_with("20"), "{s}");
-        assert_eq!(&s[8..9], "-");
     }
 }

@@ -1,21 +1,7 @@
 //! Checkpoints in a run folder, written so that a kill at any moment leaves every existing
 //! `checkpoint-N` whole: each is assembled in `checkpoint-N.tmp` (files flushed to disk), then
-//! renamed into place.
-//!
-//! ```text
-//! runs/<recipe>-<date>-<time>/
-//!   recipe.toml                 the resolved recipe the run started with
-//!   metrics.jsonl               one JSON line per logged step and per evaluation
-//!   checkpoint-20/
-//!     adapter_model.safetensors peft tensor names, f32      (LoRA)
-//!     adapter_config.json       peft's LoraConfig           (LoRA)
-//!     model.safetensors         transformers names          (full tuning)
-//!     config.json               the model config            (full tuning)
-//!     recipe.toml               the record export and resume read
-//!     trainer_state.json        step, data position, seeds, per-parameter optimizer steps
-//!     optimizer.safetensors     AdamW moments by module path (unless save_optimizer = false)
-//!     base_weights.json         SHA-256 of every base tensor (pretrained bases; export checks it)
-//! ```
+//! renamed into place. A complete checkpoint is never rewritten: a resumed run only adds later
+//! steps, and a run branched from an earlier step gets a folder of its own ([`super`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -34,7 +20,7 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const MODEL_WEIGHTS: &str = "model.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TRAINER_STATE: &str = "trainer_state.json";
-pub const RECIPE: &str = "recipe.toml";
+pub use super::RECIPE;
 
 /// Where training stood when a checkpoint was written: enough to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,22 +105,24 @@ pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {
 }
 
 /// Build a checkpoint in a temporary folder with `fill`, then move it to `checkpoint-{step}`.
-/// An older checkpoint of the same step is replaced only after the new one is complete.
+/// A complete checkpoint of that step is never replaced (the caller never asks for one); a
+/// failed `fill` (a full disk, say) leaves no `.tmp` folder behind.
 pub fn write_atomically(run_dir: &Path, step: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let dir = checkpoint_dir(run_dir, step);
+    if dir.exists() {
+        return Err(Error::Internal(format!("{} exists: a complete checkpoint is never rewritten", dir.display())));
+    }
     let tmp = run_dir.join(format!("checkpoint-{step}.tmp"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot remove a stale partial checkpoint: {e}")))?;
     }
-    fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    fill(&tmp)?;
-    let old = run_dir.join(format!("checkpoint-{step}.old"));
-    if dir.exists() {
-        fs::rename(&dir, &old).map_err(|e| Error::file(&dir, format!("cannot move the previous checkpoint aside: {e}")))?;
-    }
-    fs::rename(&tmp, &dir).map_err(|e| Error::file(&dir, format!("cannot move the checkpoint into place: {e}")))?;
-    if old.exists() {
-        let _ = fs::remove_dir_all(&old);
+    let filled = fs::create_dir_all(&tmp)
+        .map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))
+        .and_then(|_| fill(&tmp))
+        .and_then(|_| fs::rename(&tmp, &dir).map_err(|e| Error::file(&dir, format!("cannot move the checkpoint into place: {e}"))));
+    if let Err(e) = filled {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
     // Make the rename itself durable.
     if let Ok(d) = fs::File::open(run_dir) {
@@ -143,18 +131,58 @@ pub fn write_atomically(run_dir: &Path, step: usize, fill: impl FnOnce(&Path) ->
     Ok(dir)
 }
 
-/// The newest complete `checkpoint-N` in `run_dir` (partial `.tmp` folders are ignored).
-pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+/// The complete checkpoints of `run_dir` by step, oldest first (partial `.tmp` folders and
+/// anything else are left out).
+pub fn complete(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let entries = fs::read_dir(run_dir).map_err(|e| Error::file(run_dir, format!("cannot list the run folder: {e}")))?;
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            e.path().is_dir().then(|| (n, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Remove the oldest complete checkpoints of `run_dir` until `keep` remain
+/// (`checkpoint.save_total_limit`, as transformers' `save_total_limit`). Each goes by a rename
+/// first, so a kill mid-removal never leaves a half checkpoint under a checkpoint's name.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let all = complete(run_dir)?;
+    let mut removed = Vec::new();
+    for (step, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        let doomed = run_dir.join(format!("checkpoint-{step}.removing"));
+        fs::rename(dir, &doomed).map_err(|e| Error::file(dir, format!("cannot remove an old checkpoint (save_total_limit): {e}")))?;
+        fs::remove_dir_all(&doomed).map_err(|e| Error::file(&doomed, format!("cannot remove: {e}")))?;
+        removed.push(dir.clone());
+    }
+    Ok(removed)
+}
+
+/// What a process killed while writing left in `run_dir`: partial `checkpoint-N.tmp` folders
+/// and checkpoints half removed by [`prune`]. Removed; call with the run's lock held.
+pub fn clear_leftovers(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(run_dir).map_err(|e| Error::file(run_dir, format!("cannot list the run folder: {e}")))?;
+    let mut removed = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(n) = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()) else { continue };
-        if e.path().is_dir() && best.as_ref().is_none_or(|(b, _)| n > *b) {
-            best = Some((n, e.path()));
+        let partial = name.strip_prefix("checkpoint-").is_some_and(|rest| {
+            [".tmp", ".removing"].iter().any(|sfx| rest.strip_suffix(sfx).is_some_and(|n| n.parse::<usize>().is_ok()))
+        });
+        if partial && e.path().is_dir() {
+            fs::remove_dir_all(e.path()).map_err(|err| Error::file(e.path(), format!("cannot remove a partial checkpoint: {err}")))?;
+            removed.push(e.path());
         }
     }
-    Ok(best.map(|(_, p)| p))
+    Ok(removed)
+}
+
+/// The newest complete `checkpoint-N` in `run_dir` (partial `.tmp` folders are ignored).
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(complete(run_dir)?.pop().map(|(_, p)| p))
 }
 
 /// What `checkpoint.resume` / `--resume` points at.
@@ -283,11 +311,31 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(latest(run.path()).unwrap(), None, "a partial checkpoint is never the latest");
+        assert!(!run.path().join("checkpoint-3.tmp").exists(), "a failed write leaves no partial folder");
         let dir = write_atomically(run.path(), 3, |tmp| write_synced(&tmp.join("a"), b"y")).unwrap();
         write_atomically(run.path(), 12, |tmp| write_synced(&tmp.join("a"), b"z")).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"y");
         assert_eq!(latest(run.path()).unwrap(), Some(checkpoint_dir(run.path(), 12)));
-        assert!(!run.path().join("checkpoint-3.tmp").exists());
+        assert!(write_atomically(run.path(), 3, |tmp| write_synced(&tmp.join("a"), b"w")).is_err(), "never rewritten");
+        assert_eq!(fs::read(dir.join("a")).unwrap(), b"y");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_leftovers_are_cleared() {
+        let run = tempfile::tempdir().unwrap();
+        for step in [5, 10, 15, 20] {
+            write_atomically(run.path(), step, |tmp| write_synced(&tmp.join("a"), b"x")).unwrap();
+        }
+        fs::create_dir(run.path().join("checkpoint-25.tmp")).unwrap();
+        fs::create_dir(run.path().join("checkpoint-3.removing")).unwrap();
+        fs::create_dir(run.path().join("checkpoint-notes")).unwrap();
+        let removed = prune(run.path(), 2).unwrap();
+        assert_eq!(removed, vec![checkpoint_dir(run.path(), 5), checkpoint_dir(run.path(), 10)]);
+        let steps: Vec<usize> = complete(run.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![15, 20]);
+        let cleared = clear_leftovers(run.path()).unwrap();
+        assert_eq!(cleared.len(), 2);
+        assert!(run.path().join("checkpoint-notes").is_dir(), "only trainer's own partial folders go");
     }
 
     #[test]

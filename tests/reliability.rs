@@ -1,0 +1,272 @@
+//! No trainer command destroys a run: exports never write into, over or above a run, resuming
+//! an older checkpoint branches instead of rewriting later ones, a resumed run keeps its own
+//! recipe, Ctrl-C saves and resumes, one process at a time trains in a run folder, and old
+//! checkpoints go only as `checkpoint.save_total_limit` says. Each case checks the exit code,
+//! the message and that the run is intact afterwards.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TINY: &str = "recipes/tiny-qwen3-moe-lora.toml";
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRAINER_CACHE", "off")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn sets(root: &Path, extra: &[&str]) -> Vec<String> {
+    let mut s = vec![
+        format!("checkpoint.output_dir={}", root.join("runs").display()),
+        "logging.progress_bar=false".to_string(),
+    ];
+    s.extend(extra.iter().map(|e| e.to_string()));
+    s
+}
+
+fn with_sets<'a>(args: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
+    let mut all: Vec<&str> = args.to_vec();
+    for s in sets {
+        all.extend(["--set", s.as_str()]);
+    }
+    all
+}
+
+/// Train the tiny recipe for `steps` steps saving every 2 into `root/runs`; its run folder.
+fn tiny_run(root: &Path, steps: usize, extra: &[&str]) -> PathBuf {
+    let steps = format!("train.max_steps={steps}");
+    let mut more = vec![steps.as_str(), "checkpoint.save_interval=2"];
+    more.extend(extra);
+    let s = sets(root, &more);
+    let o = trainer(&with_sets(&["run", TINY], &s));
+    assert!(o.status.success(), "{}", text(&o));
+    runs_in(&root.join("runs")).pop().expect("a run folder")
+}
+
+fn runs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.join("recipe.toml").is_file()).collect();
+    v.sort();
+    v
+}
+
+/// Every file under `dir` with its bytes (the lock file aside: it names the last holder).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != ".lock") {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn assert_refused(o: &Output, parts: &[&str]) {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    for p in parts {
+        assert!(t.contains(p), "expected `{p}` in: {t}");
+    }
+}
+
+#[test]
+fn export_never_writes_into_over_or_above_a_run() {
+    let root = tempfile::tempdir().unwrap();
+    let run = tiny_run(root.path(), 4, &[]);
+    let sibling = tiny_run(root.path(), 2, &[]);
+    let before = snapshot(&root.path().join("runs"));
+    let run_s = run.display().to_string();
+    for (out, why) in [
+        (run.clone(), "is the run being exported"),
+        (root.path().join("runs"), "holds the run being exported"),
+        (run.join("checkpoint-2"), "inside the run being exported"),
+        (run.join("exported"), "inside the run being exported"),
+        (sibling.clone(), "is a run folder"),
+        (sibling.join("checkpoint-2"), "is a checkpoint folder"),
+    ] {
+        for to in ["peft", "hf"] {
+            let o = trainer(&["export", &run_s, "--to", to, "--out", &out.display().to_string(), "--overwrite"]);
+            assert_refused(&o, &[why, "whatever --overwrite says"]);
+        }
+    }
+    assert_eq!(snapshot(&root.path().join("runs")), before, "every run and checkpoint intact");
+    // A folder that is none of these: written, and replaced with --overwrite.
+    let out = root.path().join("exports").join("peft");
+    let out_s = out.display().to_string();
+    assert!(trainer(&["export", &run_s, "--to", "peft", "--out", &out_s]).status.success());
+    assert_refused(&trainer(&["export", &run_s, "--to", "peft", "--out", &out_s]), &["not empty"]);
+    let o = trainer(&["export", &run_s, "--to", "peft", "--out", &out_s, "--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("adapter_model.safetensors").is_file());
+}
+
+#[test]
+fn resuming_an_older_checkpoint_branches_and_rewrites_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let run = tiny_run(root.path(), 4, &[]);
+    let before = snapshot(&run);
+    let older = run.join("checkpoint-2").display().to_string();
+    // No recipe argument: the run's own.
+    let o = trainer(&["run", "--resume", &older]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("new run folder"), "{t}");
+    assert_eq!(snapshot(&run), before, "the run's later checkpoint is untouched");
+    let branch = PathBuf::from(format!("{}-from-step-2", run.display()));
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(branch.join("branched_from.json")).unwrap()).unwrap();
+    assert_eq!(record["step"], 2);
+    assert!(record["checkpoint"].as_str().unwrap().ends_with("checkpoint-2"));
+    assert!(branch.join("checkpoint-4").is_dir() && !branch.join("checkpoint-2").exists());
+    // Its metrics start with the original's first two steps.
+    let lines = std::fs::read_to_string(branch.join("metrics.jsonl")).unwrap();
+    assert!(lines.lines().next().unwrap().contains("\"step\":1"), "{lines}");
+    // Resuming the newest continues in place.
+    let o = trainer(&["run", "--resume", &run.display().to_string(), "--set", "train.max_steps=6"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(run.join("checkpoint-6").is_dir());
+    assert_eq!(std::fs::read(run.join("checkpoint-4/adapter_model.safetensors")).unwrap(), before[Path::new("checkpoint-4/adapter_model.safetensors")]);
+}
+
+#[test]
+fn a_resumed_run_keeps_its_own_recipe() {
+    let root = tempfile::tempdir().unwrap();
+    // Started with flags the recipe file does not have.
+    let run = tiny_run(root.path(), 4, &["optimizer.lr=2e-3"]);
+    let run_s = run.display().to_string();
+    // The recipe file alone resolves to another recipe: refused, naming the key.
+    let s = sets(root.path(), &[]);
+    let o = trainer(&with_sets(&["run", TINY, "--resume", &run_s], &s));
+    assert_refused(&o, &["optimizer.lr", "drop the RECIPE argument"]);
+    // Keys that change what a step computes are refused on resume.
+    for bad in ["optimizer.lr=1e-2", "lora.rank=4", "train.seed=1", "data.val_split=0.2"] {
+        let o = trainer(&["run", "--resume", &run_s, "--set", "train.max_steps=6", "--set", bad]);
+        let key = bad.split('=').next().unwrap();
+        assert_refused(&o, &[&format!("key `{key}`"), "continues exactly"]);
+    }
+    assert!(!run.join("checkpoint-6").exists());
+    // More steps and another save interval are allowed, printed, and recorded.
+    let o = trainer(&["run", "--resume", &run_s, "--set", "train.max_steps=7", "--set", "checkpoint.save_interval=3"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("resume: train.max_steps: 4 -> 7") && t.contains("resume: checkpoint.save_interval: 2 -> 3"), "{t}");
+    assert!(run.join("checkpoint-6").is_dir() && run.join("checkpoint-7").is_dir() && !run.join("checkpoint-5").exists());
+    for recipe in [run.join("recipe.toml"), run.join("checkpoint-7/recipe.toml")] {
+        let r = std::fs::read_to_string(&recipe).unwrap();
+        assert!(r.contains("max_steps = 7") && r.contains("lr = 0.002"), "{}: {r}", recipe.display());
+    }
+    // Nothing left: says how to go on.
+    assert_refused(&trainer(&["run", "--resume", &run_s]), &["nothing left to train", "--set train.max_steps"]);
+}
+
+/// Start the tiny recipe for many steps and wait until it has logged `steps` steps.
+fn start_long_run(root: &Path, steps: usize) -> (std::process::Child, PathBuf) {
+    let s = sets(root, &["train.max_steps=100000"]);
+    let child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(with_sets(&["run", TINY], &s))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TRAINER_CACHE", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let runs = root.join("runs");
+        if let Some(run) = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop()) {
+            let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter(|l| l.contains("\"loss\"")).count();
+            if logged >= steps {
+                return (child, run);
+            }
+        }
+        assert!(Instant::now() < deadline, "the run did not log {steps} steps in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn an_interrupt_saves_a_checkpoint_and_the_run_resumes() {
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let root = tempfile::tempdir().unwrap();
+        let (child, run) = start_long_run(root.path(), 2);
+        signal(&child, sig);
+        let o = child.wait_with_output().unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{t}");
+        assert!(t.contains("interrupted at step") && t.contains("trainer run --resume"), "{t}");
+        let (step, ck) = trainer::run::checkpoint::complete(&run).unwrap().pop().expect("a checkpoint");
+        assert!(ck.join("optimizer.safetensors").is_file(), "the interrupt's checkpoint resumes");
+        let more = format!("train.max_steps={}", step + 2);
+        let o = trainer(&["run", "--resume", &run.display().to_string(), "--set", &more]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(run.join(format!("checkpoint-{}", step + 2)).is_dir());
+    }
+    // A second interrupt stops at once; the last complete checkpoint stays valid.
+    let root = tempfile::tempdir().unwrap();
+    let (child, run) = start_long_run(root.path(), 1);
+    signal(&child, libc::SIGINT);
+    signal(&child, libc::SIGINT);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    // Killed mid-write or not, no checkpoint is half there: a resume (if one was complete)
+    // clears whatever partial folder the kill left.
+    if let Some((step, _)) = trainer::run::checkpoint::complete(&run).unwrap().pop() {
+        let more = format!("train.max_steps={}", step + 1);
+        let o = trainer(&["run", "--resume", &run.display().to_string(), "--set", &more]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(!std::fs::read_dir(&run).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
+    }
+}
+
+#[test]
+fn one_process_at_a_time_trains_in_a_run_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let run = tiny_run(root.path(), 2, &[]);
+    let run_s = run.display().to_string();
+    let before = snapshot(&run);
+    {
+        let _held = trainer::run::RunLock::acquire(&run).unwrap();
+        let o = trainer(&["run", "--resume", &run_s, "--set", "train.max_steps=4"]);
+        assert_refused(&o, &[&format!("in use by process {}", std::process::id())]);
+        assert_eq!(snapshot(&run), before);
+    }
+    // The lock of a process that is gone (a file naming a dead PID, no lock held) is taken over.
+    std::fs::write(run.join(".lock"), "4000000000").unwrap();
+    let o = trainer(&["run", "--resume", &run_s, "--set", "train.max_steps=4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A partial checkpoint left by a killed write is cleared on the next start.
+    std::fs::create_dir(run.join("checkpoint-9.tmp")).unwrap();
+    let o = trainer(&["run", "--resume", &run_s, "--set", "train.max_steps=6"]);
+    assert!(o.status.success() && text(&o).contains("checkpoint-9.tmp"), "{}", text(&o));
+    assert!(!run.join("checkpoint-9.tmp").exists());
+}
+
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let run = tiny_run(root.path(), 8, &["checkpoint.save_total_limit=2"]);
+    let steps: Vec<usize> = trainer::run::checkpoint::complete(&run).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![6, 8]);
+    let s = sets(root.path(), &["checkpoint.save_total_limit=0"]);
+    assert_refused(&trainer(&with_sets(&["check", TINY], &s)), &["checkpoint.save_total_limit", "1 or more"]);
+}
