@@ -128,14 +128,14 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_short_and_slows_long_wavelengths() {
-        let cfg = HfConfig {
-            source: "test".into(),
-            values: serde_json::from_str(
+        let cfg = HfConfig::new(
+            "test",
+            serde_json::from_str(
                 r#"{"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#,
             )
             .unwrap(),
-        };
+        );
         let base = default_inv_freq(500000.0, 128);
         let scaled = llama3_rope(&cfg, 128).unwrap();
         assert_eq!(scaled[0], base[0]);

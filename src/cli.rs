@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use crate::backend;
 use crate::error::{Error, Result};
 use crate::export;
-use crate::model::{self, hub::Fetch, summary, Registry};
-use crate::recipe::{self, LoadedRecipe, Tuning};
+use crate::model::{self, hub::Fetch, Registry};
+use crate::recipe::{self, LoadedRecipe};
 use crate::train;
 
 #[derive(Parser, Debug)]
@@ -24,10 +24,14 @@ pub enum Command {
     /// Validate a recipe and show what it builds: the resolved recipe, the model, its shards
     /// and memory per rank. Touches no weights.
     Check {
+        /// The recipe (TOML).
         recipe: PathBuf,
         /// Override a recipe key, e.g. `--set optimizer.lr=2e-4` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Skip the data dry run (reading, mixing and tokenising every row).
+        #[arg(long)]
+        no_data: bool,
     },
     /// Train as the recipe says: checkpoints and metrics go to a run folder under
     /// `checkpoint.output_dir`. Ctrl-C (or SIGTERM) finishes the step in flight, saves a
@@ -74,7 +78,9 @@ pub enum Command {
         /// |logit diff| on label positions exceeds --precision-threshold.
         #[arg(long)]
         test_precision: bool,
-        #[arg(long, default_value_t = 0.1, value_name = "X")]
+        /// The largest mean |logit diff| on label positions the precision check accepts
+        /// (with --test-precision); a number >= 0.
+        #[arg(long, default_value_t = 0.1, value_name = "X", allow_negative_numbers = true)]
         precision_threshold: f64,
         /// Device of the precision check (cpu, cuda, auto); default the recipe's.
         #[arg(long)]
@@ -162,18 +168,21 @@ pub fn main_with(registry: Registry) -> ExitCode {
 
 pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
     match cli.command {
-        Command::Check { recipe, set } => {
+        Command::Check { recipe, set, no_data } => {
             let loaded = recipe::load(&recipe, &set)?;
-            let report = check(&loaded, registry)?;
+            let report = check(&loaded, registry, !no_data)?;
             println!("{report}");
             Ok(())
         }
         Command::Bench { recipe, set, warmup, steps, profile, check_attention } => {
             let loaded = recipe::load(&recipe, &set)?;
-            let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
-            model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
+            if steps == 0 {
+                return Err(Error::Unsupported("--steps 0: expected 1 or more timed steps".into()));
+            }
+            let plan = plan(&loaded, registry, Fetch::All)?;
+            train::preflight::model(&loaded, &plan, true)?;
             let extras = train::bench::BenchExtras { profile, check_attention };
-            let report = train::bench::bench(&loaded, &plan, warmup, steps.max(1), extras)?;
+            let report = train::bench::bench(&loaded, &plan, warmup, steps, extras)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }
@@ -200,8 +209,7 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
                 (None, Some(file)) => recipe::load(file, &set)?,
                 (None, None) => return Err(Error::Unsupported("trainer run needs a RECIPE, or --resume RUN_DIR to continue a run".into())),
             };
-            let plan = model::plan(&loaded.recipe.model, registry, Fetch::All)?;
-            model::check_layout(&plan.spec, &loaded.recipe.parallel)?;
+            let plan = plan(&loaded, registry, Fetch::All)?;
             let out = train::run::run(train::run::RunRequest { loaded: &loaded, plan: &plan, resume, stop_after: None })?;
             let last = out.losses.last().copied().unwrap_or(f64::NAN);
             let first = out.losses.first().copied().unwrap_or(f64::NAN);
@@ -231,6 +239,11 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
                 "f32" => recipe::DType::F32,
                 _ => recipe::DType::Bf16,
             });
+            if test_precision && !(precision_threshold.is_finite() && precision_threshold >= 0.0) {
+                return Err(Error::Unsupported(format!(
+                    "--precision-threshold {precision_threshold}: expected a mean |logit diff| >= 0, such as 0.1"
+                )));
+            }
             let max_shard_bytes = export::shards::parse_size(&max_shard_size)
                 .map_err(|e| Error::Unsupported(format!("--max-shard-size: {e}")))?;
             let device = match device.as_deref() {
@@ -279,29 +292,24 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
     }
 }
 
-/// Everything `trainer check` prints, in order.
-pub fn check(loaded: &LoadedRecipe, registry: &Registry) -> Result<String> {
+/// The recipe's model plan, its warnings printed.
+fn plan(loaded: &LoadedRecipe, registry: &Registry, fetch: Fetch) -> Result<model::ModelPlan> {
+    let plan = model::plan(&loaded.recipe.model, registry, fetch)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(plan)
+}
+
+/// Everything `trainer check` prints, in order: what `run` would refuse is an error here too;
+/// with `with_data`, the data as the run would train on it.
+pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool) -> Result<String> {
     let r = &loaded.recipe;
-    let plan = model::plan(&r.model, registry, Fetch::Config)?;
-    model::check_layout(&plan.spec, &r.parallel)?;
-    let lora = match r.train.tuning {
-        Tuning::Lora => Some((r.lora.rank, crate::lora::LoraTargets::parse(&r.lora.targets)?)),
-        Tuning::Full => None,
-    };
-    let on_gpu = backend::resolve(r.device) == recipe::Device::Cuda;
-    let run = summary::RunShape {
-        tensor: r.parallel.tensor,
-        expert: r.parallel.expert,
-        context: r.parallel.context,
-        sequence_parallel: r.parallel.sequence_parallel,
-        micro_batch: r.train.micro_batch_size,
-        seq_len: r.train.max_length,
-        lora,
-        weight_bytes: if on_gpu || r.device == recipe::Device::Cuda { r.model.dtype.bytes() } else { 4 },
-        recompute: r.train.recompute.granularity != recipe::RecomputeGranularity::None,
-        fused_cross_entropy: r.train.fused_cross_entropy,
-    };
-    let s = summary::ModelSummary::new(&plan.spec, &run)?;
+    let plan = plan(loaded, registry, Fetch::Config)?;
+    let checked = train::preflight::model(loaded, &plan, false)?;
+    train::preflight::settings(r)?;
+    let tokenizer = if with_data { Some(train::preflight::data(r, &plan)?) } else { None };
+    let s = &checked.summary;
     let p = &r.parallel;
     let mut out = String::new();
     out.push_str(&format!("# resolved recipe ({})\n", loaded.source.display()));
@@ -319,5 +327,15 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry) -> Result<String> {
         if p.sequence_parallel { ", sequence parallel" } else { "" }
     ));
     out.push_str(&s.to_string());
+    for note in &checked.notes {
+        out.push_str(&format!("\n{note}"));
+    }
+    match tokenizer {
+        Some(tok) => {
+            out.push_str(&format!("\n\n# data (tokenizer {})\n", tok.display()));
+            out.push_str(&train::preflight::dry_run(r, &tok)?);
+        }
+        None => out.push_str("\n\n# data\nnot checked (--no-data): tokenizer, datasets and the dry run skipped"),
+    }
     Ok(out)
 }

@@ -270,3 +270,119 @@ fn save_total_limit_keeps_the_newest_checkpoints() {
     let s = sets(root.path(), &["checkpoint.save_total_limit=0"]);
     assert_refused(&trainer(&with_sets(&["check", TINY], &s)), &["checkpoint.save_total_limit", "1 or more"]);
 }
+
+/// `check` refuses it with exit 2 and the parts named; `run` refuses it too, before it
+/// creates any run folder.
+fn refused_by_check_and_run(root: &Path, set: &[&str], parts: &[&str]) {
+    let s = sets(root, set);
+    assert_refused(&trainer(&with_sets(&["check", TINY], &s)), parts);
+    assert_refused(&trainer(&with_sets(&["run", TINY], &s)), parts);
+    let runs = root.join("runs");
+    assert!(!runs.is_dir() || runs_in(&runs).is_empty(), "{set:?}: run left a folder behind");
+}
+
+#[test]
+fn values_that_crashed_training_are_refused_before_it_starts() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    refused_by_check_and_run(r, &["model.config.head_dim=0"], &["`head_dim` is 0", "even number"]);
+    refused_by_check_and_run(r, &["model.config.moe_intermediate_size=0"], &["`moe_intermediate_size` is 0"]);
+    refused_by_check_and_run(r, &["model.config.initializer_range=-1"], &["`initializer_range` is -1"]);
+    refused_by_check_and_run(r, &["model.config.hidden_size=1000000000000"], &["`hidden_size` is 1000000000000", "expected 1 to"]);
+    refused_by_check_and_run(r, &["model.config.hidden_size=9223372036854775807"], &["`hidden_size`", "expected 1 to"]);
+    // The tokenizer's ids run to 511.
+    refused_by_check_and_run(r, &["model.config.vocab_size=100"], &["ids up to 511", "vocab_size is 100"]);
+    refused_by_check_and_run(r, &["train.max_length=100000"], &["max_position_embeddings = 512"]);
+    // A model far larger than any machine's memory: refused with the estimate.
+    refused_by_check_and_run(r, &["model.config.moe_intermediate_size=65536", "model.config.hidden_size=8192"], &["GiB per rank", "host memory"]);
+    let s = sets(r, &["train.max_length=1000000"]);
+    assert_refused(&trainer(&with_sets(&["bench", TINY], &s)), &["max_position_embeddings"]);
+    assert_refused(&trainer(&["bench", TINY, "--steps", "0"]), &["--steps 0"]);
+}
+
+#[test]
+fn check_refuses_what_run_would() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    refused_by_check_and_run(r, &["model.tokenizer=\"assets/tiny/nope.json\""], &["assets/tiny/nope.json", "model.tokenizer"]);
+    refused_by_check_and_run(r, &["data.datasets=[\"assets/tiny/missing.jsonl\"]"], &["assets/tiny/missing.jsonl"]);
+    refused_by_check_and_run(r, &["data.template=\"qwen9\""], &["`qwen9`", "qwen2_5"]);
+    refused_by_check_and_run(r, &["train.recompute.granularity=\"selective\""], &["selective", "\"full\""]);
+    refused_by_check_and_run(r, &["train.recompute.granularity=\"full\"", "train.recompute.num_layers=5"], &["num_layers = 5", "2 layers"]);
+    refused_by_check_and_run(r, &["lora.targets=[\"q_projj\"]"], &["lora.targets[0]", "q_projj", "q_proj"]);
+    refused_by_check_and_run(r, &["logging.metrics_file=\"\""], &["logging.metrics_file", "inside the run folder"]);
+    refused_by_check_and_run(r, &["logging.metrics_file=\"../../x.jsonl\""], &["logging.metrics_file", "no `..`"]);
+    refused_by_check_and_run(r, &["lora.rank=9223372036854775807"], &["lora.rank", "expected 1 to"]);
+    refused_by_check_and_run(r, &["lora.rank=100"], &["lora.rank = 100", "smallest layer"]);
+    let file = r.join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let s = vec![format!("checkpoint.output_dir={}", file.display())];
+    for cmd in ["check", "run"] {
+        assert_refused(&trainer(&with_sets(&[cmd, TINY], &s)), &["checkpoint.output_dir is a file"]);
+    }
+    // By default check dry-runs the data.
+    let o = trainer(&with_sets(&["check", TINY], &sets(r, &[])));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("assets/tiny/train.jsonl") && t.contains("tokens per row") && t.contains("optimizer steps"), "{t}");
+    let o = trainer(&with_sets(&["check", TINY, "--no-data"], &sets(r, &[])));
+    assert!(o.status.success() && text(&o).contains("--no-data"), "{}", text(&o));
+}
+
+#[test]
+fn messages_speak_the_recipes_words() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let check = |set: &[&str], parts: &[&str]| assert_refused(&trainer(&with_sets(&["check", TINY, "--no-data"], &sets(r, set))), parts);
+    check(&["data.val_split=-0.5", "train.eval_interval=10"], &["key `data.val_split`", "[0, 1)"]);
+    check(&["train.micro_batch_size=99999999999999999999"], &["too large for an integer"]);
+    check(&["train.micro_batch_size=-1"], &["key `train.micro_batch_size`", "1 or more"]);
+    check(&["train.truncation=\"cut\""], &["`delete`, `left`, `right`"]);
+    // A typo under [model.config] is named, with the key meant.
+    let o = trainer(&with_sets(&["check", TINY, "--no-data"], &sets(r, &["model.config.num_expert=4"])));
+    assert!(o.status.success() && text(&o).contains("`num_expert`") && text(&o).contains("did you mean `num_experts`"), "{}", text(&o));
+    // Data files: empty, all held out, a BOM (read), Latin-1 (the line named).
+    let data = |name: &str, bytes: &[u8]| {
+        let p = r.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        format!("data.datasets=[\"{}\"]", p.display())
+    };
+    let row = br#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    let empty = data("empty.jsonl", b"");
+    check_data(r, &[&empty], &["no training rows", "the files hold no rows", "empty.jsonl"]);
+    let one = data("one.jsonl", row);
+    check_data(r, &[&one, "data.val_split=0.9"], &["data.val_split = 0.9 takes every row"]);
+    let mut bom = vec![0xef, 0xbb, 0xbf];
+    bom.extend_from_slice(row);
+    for _ in 0..8 {
+        bom.push(b'\n');
+        bom.extend_from_slice(row);
+    }
+    let bom = data("bom.jsonl", &bom);
+    assert!(trainer(&with_sets(&["check", TINY], &sets(r, &[&bom]))).status.success());
+    let mut latin = row.to_vec();
+    latin.push(b'\n');
+    latin.extend_from_slice("{\"messages\": [{\"role\": \"user\", \"content\": \"caf".as_bytes());
+    latin.push(0xe9);
+    latin.extend_from_slice(b"\"}]}\n");
+    let latin = data("latin1.jsonl", &latin);
+    check_data(r, &[&latin], &["latin1.jsonl:2", "not UTF-8"]);
+    // Export: a precision threshold that means nothing is refused before anything is written.
+    let run = tiny_run(r, 2, &[]);
+    for bad in ["nan", "-1"] {
+        let out = r.join("never");
+        let o = trainer(&["export", &run.display().to_string(), "--to", "hf", "--out", &out.display().to_string(), "--test-precision", "--precision-threshold", bad]);
+        assert_refused(&o, &["--precision-threshold"]);
+        assert!(!out.exists());
+    }
+    // An adapter_config.json edited by hand shows its own values.
+    let ck = run.join("checkpoint-2");
+    let cfg = std::fs::read_to_string(ck.join("adapter_config.json")).unwrap().replace("\"r\": 8", "\"r\": \"eight\"");
+    std::fs::write(ck.join("adapter_config.json"), cfg).unwrap();
+    let out = r.join("peft");
+    assert_refused(&trainer(&["export", &run.display().to_string(), "--to", "peft", "--out", &out.display().to_string()]), &["\"r\": \"eight\""]);
+}
+
+fn check_data(root: &Path, set: &[&str], parts: &[&str]) {
+    assert_refused(&trainer(&with_sets(&["check", TINY], &sets(root, set))), parts);
+}

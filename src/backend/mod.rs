@@ -145,3 +145,37 @@ pub fn host_syncs() -> u64 {
 pub(crate) fn count_host_syncs(n: u64) {
     HOST_SYNCS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// What one rank has to hold its share of a job, in bytes, and what it is: the machine's
+/// memory for the CPU backend, the first GPU's for CUDA; `None` where this machine cannot tell
+/// (CUDA asked for on a machine without a GPU or without CUDA in this binary).
+pub fn memory_capacity(device: Device) -> Option<(u64, &'static str)> {
+    match resolve(device) {
+        Device::Cuda => gpu_memory().map(|b| (b, "GPU memory")),
+        _ => host_memory().map(|b| (b, "host memory")),
+    }
+}
+
+/// `MemTotal` of /proc/meminfo (Linux).
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_memory() -> Option<u64> {
+    if !cuda_available() {
+        return None;
+    }
+    use cudarc::driver::result;
+    result::init().ok()?;
+    let dev = result::device::get(0).ok()?;
+    // SAFETY: a device handle just returned by the driver.
+    unsafe { result::device::total_mem(dev) }.ok().map(|b| b as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory() -> Option<u64> {
+    None
+}

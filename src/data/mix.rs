@@ -12,11 +12,13 @@ pub struct SourceRows<T> {
     pub sample: Option<usize>,
 }
 
-/// Training and validation rows, each shuffled.
+/// Training and validation rows, each shuffled, and how many of each every source gave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split<T> {
     pub train: Vec<T>,
     pub val: Vec<T>,
+    /// `(train, val)` rows per source, in the sources' order.
+    pub per_source: Vec<(usize, usize)>,
 }
 
 /// Per source: sample (`#N`), then hold out `round(len * val_split)` rows for validation; then
@@ -29,6 +31,7 @@ pub fn mix<T: Clone>(sources: Vec<SourceRows<T>>, val_split: f64, seed: u64) -> 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut train = Vec::new();
     let mut val = Vec::new();
+    let mut per_source = Vec::new();
     for source in sources {
         let mut rows = sample(source.rows, source.sample, &mut rng);
         // Shuffle before holding out so validation is a random subset, not the file's tail.
@@ -36,11 +39,12 @@ pub fn mix<T: Clone>(sources: Vec<SourceRows<T>>, val_split: f64, seed: u64) -> 
         let held_out = ((rows.len() as f64) * val_split).round() as usize;
         let held_out = held_out.min(rows.len());
         val.extend(rows.drain(rows.len() - held_out..));
+        per_source.push((rows.len(), held_out));
         train.extend(rows);
     }
     train.shuffle(&mut rng);
     val.shuffle(&mut rng);
-    Split { train, val }
+    Split { train, val, per_source }
 }
 
 /// `#N` applied to one source's rows.

@@ -65,6 +65,18 @@ pub struct Prepared {
     /// Things the caller should log: a cache file ignored as corrupt, one that could not be
     /// written. Empty when all went well.
     pub notes: Vec<String>,
+    /// Per `data.datasets` entry, what it gave; empty when the rows came from the cache.
+    pub sources: Vec<SourceStats>,
+}
+
+/// What one `data.datasets` entry gave: rows read (bad rows skipped), after its `#N`, and how
+/// many went to training and validation (before `train.max_length` drops).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceStats {
+    pub source: String,
+    pub read: usize,
+    pub train: usize,
+    pub val: usize,
 }
 
 impl Prepared {
@@ -138,7 +150,7 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
     };
     if let Some(path) = &cache_file {
         match cache::read(path) {
-            Ok(Some(cached)) => return Ok(Prepared::new(cached, recipe, true, notes)),
+            Ok(Some(cached)) => return Ok(Prepared::new(cached, recipe, true, notes, Vec::new())),
             Ok(None) => {}
             Err(why) => notes.push(format!("{}: token cache file ignored ({why}); rebuilt", path.display())),
         }
@@ -146,6 +158,7 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
     let encoder = Encoder::from_file(tokenizer)?;
     let mut skipped_bad_rows = 0;
     let mut sources = Vec::with_capacity(specs.len());
+    let mut read = Vec::with_capacity(specs.len());
     for (spec, paths) in specs.iter().zip(&files) {
         let mut rows = Vec::new();
         for path in paths {
@@ -153,17 +166,43 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
             skipped_bad_rows += loaded.skipped;
             rows.extend(loaded.rows);
         }
+        read.push(rows.len());
         sources.push(mix::SourceRows { rows, sample: spec.sample });
     }
     let split = mix::mix(sources, data.val_split, recipe.train.seed);
+    let stats: Vec<SourceStats> = specs
+        .iter()
+        .zip(&read)
+        .zip(&split.per_source)
+        .map(|((spec, &read), &(train, val))| SourceStats { source: spec.source.clone(), read, train, val })
+        .collect();
+    if split.train.is_empty() {
+        let described: Vec<String> = stats.iter().map(|s| format!("{}: {} rows read, {} to validation", s.source, s.read, s.val)).collect();
+        let cause = if stats.iter().all(|s| s.read == 0) {
+            "the files hold no rows".to_string()
+        } else {
+            format!("data.val_split = {} takes every row for validation", data.val_split)
+        };
+        return Err(Error::data(format!(
+            "no training rows: {cause} ({}{}); add rows or lower data.val_split",
+            described.join("; "),
+            if skipped_bad_rows > 0 { format!("; {skipped_bad_rows} bad rows skipped") } else { String::new() }
+        )));
+    }
     let (train, train_dropped) = tokenize_rows(split.train, recipe, &template, &encoder)?;
     let (val, val_dropped) = tokenize_rows(split.val, recipe, &template, &encoder)?;
     let dropped_too_long = train_dropped + val_dropped;
     if train.is_empty() {
+        let how = match recipe.train.truncation {
+            crate::recipe::Truncation::Delete => "dropped as longer than",
+            _ => "left with no trained token by truncation to",
+        };
         return Err(Error::data(format!(
-            "no training rows left from data.datasets: {skipped_bad_rows} bad rows skipped, {dropped_too_long} dropped \
-             as longer than train.max_length = {} (train.truncation = {:?}); add data or raise train.max_length",
-            recipe.train.max_length, recipe.train.truncation
+            "no training rows left from {}: all {train_dropped} dropped: {how} train.max_length = {} \
+             (train.truncation = \"{}\"); raise train.max_length or set train.truncation = \"left\"",
+            specs.iter().map(|s| s.source.as_str()).collect::<Vec<_>>().join(", "),
+            recipe.train.max_length,
+            recipe.train.truncation.as_str()
         )));
     }
     let cached = cache::Cached { train, val, pad_id: encoder.pad_id(), skipped_bad_rows, dropped_too_long };
@@ -172,11 +211,11 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
             notes.push(format!("{}: token cache not written ({e}); the next run tokenises again", path.display()));
         }
     }
-    Ok(Prepared::new(cached, recipe, false, notes))
+    Ok(Prepared::new(cached, recipe, false, notes, stats))
 }
 
 impl Prepared {
-    fn new(c: cache::Cached, recipe: &Recipe, cache_hit: bool, notes: Vec<String>) -> Prepared {
+    fn new(c: cache::Cached, recipe: &Recipe, cache_hit: bool, notes: Vec<String>, sources: Vec<SourceStats>) -> Prepared {
         Prepared {
             train: c.train,
             val: c.val,
@@ -188,6 +227,7 @@ impl Prepared {
             padding_free: recipe.train.padding_free,
             cache_hit,
             notes,
+            sources,
         }
     }
 }

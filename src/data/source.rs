@@ -116,8 +116,26 @@ pub fn load_file(path: &Path, skip_bad_rows: bool) -> Result<Loaded> {
     Ok(Loaded { rows, skipped })
 }
 
+/// The file as UTF-8 text, a leading byte-order mark dropped (editors on Windows write one);
+/// bytes that are not UTF-8 (a Latin-1 or UTF-16 export) are an error naming the line.
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        return Err(Error::file(path, "is UTF-16 text; save it as UTF-8 (one JSON row a line for .jsonl)"));
+    }
+    let body = bytes.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(&bytes);
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(text.to_string()),
+        Err(e) => {
+            let line = body[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            Err(Error::Data(format!(
+                "{}:{line}: byte {:#04x} is not UTF-8 (a Latin-1 or Windows-1252 file?); convert the file to UTF-8, e.g. \
+                 `iconv -f latin1 -t utf-8`",
+                path.display(),
+                body[e.valid_up_to()]
+            )))
+        }
+    }
 }
 
 /// One row to a conversation, or what is wrong with it (without the place or expected shapes).

@@ -68,6 +68,11 @@ impl Encoder {
         &self.tokenizer
     }
 
+    /// The largest id the tokenizer can produce, added tokens included.
+    pub fn max_id(&self) -> u32 {
+        self.tokenizer.get_vocab(true).values().copied().max().unwrap_or(0)
+    }
+
     /// Token ids and labels of a rendered conversation.
     pub fn encode(&self, pieces: &[Piece]) -> Result<Sample> {
         let mut sample = Sample { input_ids: Vec::new(), labels: Vec::new() };

@@ -37,6 +37,11 @@ pub fn read_llama_like(
         Some(d) => d,
         None => hidden / heads.max(1),
     };
+    // Bounded before the rotary table of head_dim / 2 frequencies is made.
+    if head_dim == 0 || head_dim > super::spec::MAX_DIM {
+        let why = if cfg.opt::<usize>("head_dim")?.is_some() { "" } else { " (hidden_size / num_attention_heads)" };
+        return Err(crate::error::Error::model(format!("{}: `head_dim` is {head_dim}{why}; expected an even number from 2 to {}", cfg.source, super::spec::MAX_DIM)));
+    }
     let act: String = cfg.get_or("hidden_act", "silu".to_string())?;
     if act != "silu" {
         return Err(cfg.unsupported("hidden_act", &format!("\"{act}\" is not supported; trainer's MLP is SwiGLU (\"silu\")")));
@@ -45,6 +50,14 @@ pub fn read_llama_like(
         return Err(cfg.unsupported("use_sliding_window", "sliding-window attention is not supported; set it to false"));
     }
     let layers: usize = cfg.get("num_hidden_layers")?;
+    // Checked here, before a layer list of that length is made; the rest in ArchSpec::check.
+    if layers == 0 || layers > super::spec::MAX_LAYERS {
+        return Err(crate::error::Error::model(format!(
+            "{}: `num_hidden_layers` is {layers}; expected 1 to {}",
+            cfg.source,
+            super::spec::MAX_LAYERS
+        )));
+    }
     Ok(ArchSpec {
         family: family.to_string(),
         vocab_size: cfg.get("vocab_size")?,

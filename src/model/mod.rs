@@ -39,6 +39,8 @@ pub struct ModelPlan {
     pub spec: ArchSpec,
     /// The folder holding config and weights, when `model.path` is set.
     pub dir: Option<PathBuf>,
+    /// Things to tell the user: `[model.config]` keys the family does not read.
+    pub warnings: Vec<String>,
 }
 
 /// Read the config (from `model.path` and/or `[model.config]`), pick the family and compile the
@@ -72,8 +74,22 @@ pub fn plan(model: &ModelSection, registry: &Registry, fetch: hub::Fetch) -> Res
     };
     let family = registry.resolve(model.family.as_deref(), &model_type)?;
     let spec = family.arch(&config)?;
-    spec.check()?;
-    Ok(ModelPlan { family, config, spec, dir })
+    spec.check().map_err(|e| Error::model(format!("{}: {e}", config.source)))?;
+    let warnings = match &model.config {
+        Some(table) => config
+            .unread(table)
+            .into_iter()
+            .map(|(key, near)| {
+                format!(
+                    "[model.config] key `{key}` is not read by the {} family{}",
+                    family.name(),
+                    near.map(|n| format!("; did you mean `{n}`?")).unwrap_or_else(|| " (ignored)".into())
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(ModelPlan { family, config, spec, dir, warnings })
 }
 
 /// The layout rules that need the architecture: heads, KV heads and MLP widths divisible by

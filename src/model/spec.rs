@@ -50,32 +50,111 @@ pub fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
     (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect()
 }
 
+/// The largest size of one dimension a config may give (16,777,216): every GEMM dimension fits
+/// cuBLAS's 32-bit sizes with room, and products of two stay far from overflow. Real models
+/// stay below a million (vocabularies) and 200k (widths).
+pub const MAX_DIM: usize = 1 << 24;
+/// The most layers and the most experts a config may give; and the most expert modules
+/// (layers x experts) over the model (Qwen3-235B-A22B has 12,032).
+pub const MAX_LAYERS: usize = 4096;
+pub const MAX_EXPERTS: usize = 4096;
+pub const MAX_EXPERT_MODULES: usize = 1 << 18;
+/// The most parameters a config may describe: 100 T, 200 TB of bf16 weights.
+pub const MAX_PARAMS: u128 = 100_000_000_000_000;
+
 impl ArchSpec {
-    /// Internal consistency a family's config must satisfy before anything is built.
+    /// Internal consistency a family's config must satisfy before anything is built: every
+    /// size positive and within [`MAX_DIM`], head dims even, norms' epsilon and rotary
+    /// frequencies positive and finite, the init spread non-negative. Errors name the config
+    /// key and what would be valid.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::model(format!("{} config: {m}", self.family)));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("num_attention_heads x head_dim", self.num_heads.saturating_mul(self.head_dim)),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (key, v) in sizes {
+            if v == 0 || v > MAX_DIM {
+                return bad(format!("`{key}` is {v}; expected 1 to {MAX_DIM}"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
         if self.head_dim % 2 != 0 || self.rope_inv_freq.len() != self.head_dim / 2 {
-            return bad(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+            return bad(format!("`head_dim` is {}; rotary embeddings need an even head_dim, 2 or more", self.head_dim));
         }
-        if self.layers.is_empty() || self.vocab_size == 0 || self.hidden_size == 0 {
-            return bad("num_hidden_layers, vocab_size and hidden_size must be positive".into());
+        if self.layers.is_empty() || self.layers.len() > MAX_LAYERS {
+            return bad(format!("`num_hidden_layers` is {}; expected 1 to {MAX_LAYERS}", self.layers.len()));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!("`rms_norm_eps` is {}; expected a small positive number such as 1e-6", self.rms_norm_eps));
+        }
+        if let Some(f) = self.rope_inv_freq.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return bad(format!("`rope_theta` gives a rotary frequency of {f}; expected a positive, finite rope_theta such as 10000"));
+        }
+        if !(self.init_std.is_finite() && self.init_std >= 0.0) {
+            return bad(format!("`initializer_range` is {}; expected a standard deviation >= 0, such as 0.02", self.init_std));
         }
         for (i, l) in self.layers.iter().enumerate() {
-            if let MlpSpec::Moe { num_experts, top_k, .. } = l.mlp {
-                if top_k == 0 || top_k > num_experts {
-                    return bad(format!(
-                        "layer {i}: num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})"
-                    ));
+            match l.mlp {
+                MlpSpec::Dense { intermediate_size } if intermediate_size == 0 || intermediate_size > MAX_DIM => {
+                    return bad(format!("layer {i}: `intermediate_size` is {intermediate_size}; expected 1 to {MAX_DIM}"));
                 }
+                MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
+                    if num_experts == 0 || num_experts > MAX_EXPERTS {
+                        return bad(format!("layer {i}: `num_experts` is {num_experts}; expected 1 to {MAX_EXPERTS}"));
+                    }
+                    if intermediate_size == 0 || intermediate_size > MAX_DIM {
+                        return bad(format!("layer {i}: `moe_intermediate_size` is {intermediate_size}; expected 1 to {MAX_DIM}"));
+                    }
+                    if top_k == 0 || top_k > num_experts {
+                        return bad(format!(
+                            "layer {i}: num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})"
+                        ));
+                    }
+                }
+                MlpSpec::Dense { .. } => {}
             }
         }
+        let experts: usize = self.layers.iter().map(|l| if let MlpSpec::Moe { num_experts, .. } = l.mlp { num_experts } else { 0 }).sum();
+        if experts > MAX_EXPERT_MODULES {
+            return bad(format!("{experts} experts over {} layers; expected at most {MAX_EXPERT_MODULES} in all", self.layers.len()));
+        }
+        let params = self.parameter_count();
+        if params > MAX_PARAMS {
+            return bad(format!(
+                "these sizes describe {params} parameters ({:.1e}); expected a model of at most {MAX_PARAMS:.1e} (check hidden_size, \
+                 intermediate_size, vocab_size and num_hidden_layers)",
+                params as f64
+            ));
+        }
         Ok(())
+    }
+
+    /// Parameters of the whole model (embeddings, every linear, norms), in u128 so that no
+    /// config can overflow it.
+    pub fn parameter_count(&self) -> u128 {
+        let (h, v, d) = (self.hidden_size as u128, self.vocab_size as u128, self.head_dim as u128);
+        let attn = h * d * (self.num_heads as u128 * 2 + self.num_kv_heads as u128 * 2) + 2 * h;
+        let mlp: u128 = self
+            .layers
+            .iter()
+            .map(|l| match l.mlp {
+                MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size as u128,
+                MlpSpec::Moe { num_experts, intermediate_size, .. } => num_experts as u128 * (3 * h * intermediate_size as u128 + h),
+            })
+            .sum();
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + head + attn * self.layers.len() as u128 + mlp + h
     }
 
     pub fn num_moe_layers(&self) -> usize {

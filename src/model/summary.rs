@@ -82,6 +82,64 @@ pub struct RunShape {
     pub fused_cross_entropy: bool,
 }
 
+impl RunShape {
+    /// What `r` asks of its model, with the base weights' bytes of the backend it resolves to
+    /// here (the CPU backend holds f32).
+    pub fn of(r: &crate::recipe::Recipe) -> Result<RunShape> {
+        use crate::recipe::{Device, RecomputeGranularity, Tuning};
+        let lora = match r.train.tuning {
+            Tuning::Lora => Some((r.lora.rank, LoraTargets::parse(&r.lora.targets)?)),
+            Tuning::Full => None,
+        };
+        let on_gpu = r.device == Device::Cuda || crate::backend::resolve(r.device) == Device::Cuda;
+        Ok(RunShape {
+            tensor: r.parallel.tensor,
+            expert: r.parallel.expert,
+            context: r.parallel.context,
+            sequence_parallel: r.parallel.sequence_parallel,
+            micro_batch: r.train.micro_batch_size,
+            seq_len: r.train.max_length,
+            lora,
+            weight_bytes: if on_gpu { r.model.dtype.bytes() } else { 4 },
+            recompute: r.train.recompute.granularity != RecomputeGranularity::None,
+            fused_cross_entropy: r.train.fused_cross_entropy,
+        })
+    }
+}
+
+/// Refuse a job whose estimate per rank exceeds what the device it runs on holds, before
+/// anything is allocated; `Ok(Some(note))` when this machine cannot tell (CUDA asked for
+/// without a GPU here), or when `refuse` is false (a check of a job that may run elsewhere):
+/// then the verdict is a note.
+pub fn check_fits(summary: &ModelSummary, device: crate::recipe::Device, refuse: bool) -> Result<Option<String>> {
+    let Some((capacity, what)) = crate::backend::memory_capacity(device) else {
+        return Ok(Some(format!(
+            "memory: {:.1} GiB per rank estimated; not checked against a GPU (none on this machine)",
+            summary.memory.total
+        )));
+    };
+    let cap = capacity as f64 / GIB;
+    if summary.memory.total > cap {
+        let m = &summary.memory;
+        if !refuse {
+            return Ok(Some(format!(
+                "memory: {:.1} GiB per rank estimated, more than this machine's {what} ({cap:.1} GiB): it would not run here",
+                m.total
+            )));
+        }
+        return Err(crate::error::Error::model(format!(
+            "the job needs about {:.1} GiB per rank ({:.1} weights, {:.1} trainable and optimizer, {:.1} activations and \
+             logits) but this machine's {what} is {cap:.1} GiB; shrink the model, train.micro_batch_size or \
+             train.max_length, turn on train.recompute, or run on a larger device",
+            m.total,
+            m.weights,
+            m.trainable_and_optimizer,
+            m.total - m.weights - m.trainable_and_optimizer
+        )));
+    }
+    Ok(None)
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelSummary {
     pub family: String,

@@ -154,11 +154,11 @@ fn read_chain(path: &Path, chain: &mut Vec<(PathBuf, PathBuf)>, origins: &mut Or
         .map_err(|e| RecipeError(format!("{}: cannot read the recipe: {e}", path.display())))?;
     let doc = toml_edit::ImDocument::parse(text.as_str()).map_err(|e| {
         let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
-        RecipeError(format!("{}:{line}:{col}: {}", path.display(), one_line(e.message())))
+        RecipeError(format!("{}:{line}:{col}: {}", path.display(), parse_message(e.message())))
     })?;
     let table: Table = toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
-        RecipeError(format!("{}:{line}:{col}: {}", path.display(), one_line(e.message())))
+        RecipeError(format!("{}:{line}:{col}: {}", path.display(), parse_message(e.message())))
     })?;
     chain.push((path.to_path_buf(), canonical(path)));
     let extends_at = || {
@@ -215,6 +215,16 @@ fn canonical(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// A TOML parser's message on one line, saying what the largest integer is when one was too big.
+fn parse_message(message: &str) -> String {
+    let m = one_line(message);
+    if m.contains("number too large") {
+        format!("{m}: the largest integer a recipe can hold is {}", i64::MAX)
+    } else {
+        m
+    }
+}
+
 fn one_line(message: &str) -> String {
     message.trim().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
@@ -249,6 +259,10 @@ fn apply_override(merged: &mut Table, arg: &str, origins: &mut Origins) -> Resul
     };
     if parts.len() == 1 && last == "extends" {
         return Err(bad("`extends` can only be written in a recipe file; expected another key".to_string()));
+    }
+    let digits = raw.trim().trim_start_matches(['+', '-']);
+    if !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '_') && raw.trim().parse::<i64>().is_err() {
+        return Err(bad(format!("{} is too large for an integer; the largest a recipe can hold is {}", raw.trim(), i64::MAX)));
     }
     let value = parse_value(raw);
     let mut table = merged;
@@ -297,7 +311,11 @@ fn describe(path: &str, message: &str, origins: &Origins) -> String {
         return format!("{}: {}", origins.locate(&full), keys::unknown_key(table, field));
     }
     let what = if path.is_empty() || path == "." { "recipe".to_string() } else { format!("key `{path}`") };
-    format!("{}: {what}: {}", origins.locate(path), keys::reword(message))
+    let mut reworded = keys::reword(message);
+    if validate::must_be_positive(path) {
+        reworded = reworded.replace("a whole number >= 0", "a whole number, 1 or more");
+    }
+    format!("{}: {what}: {reworded}", origins.locate(path))
 }
 
 #[cfg(test)]

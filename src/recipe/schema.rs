@@ -249,6 +249,17 @@ pub enum Truncation {
 }
 
 /// When training stops, from `max_epochs` and `max_steps`.
+impl Truncation {
+    /// The name a recipe writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Truncation::Delete => "delete",
+            Truncation::Left => "left",
+            Truncation::Right => "right",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     /// After this many optimizer steps.

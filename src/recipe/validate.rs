@@ -30,14 +30,38 @@ pub(crate) fn check(mut r: Recipe) -> Result<Recipe, Problem> {
     if r.train.tuning == Tuning::Lora {
         check_lora(&r)?;
     }
+    // Data before train: train.eval_interval's rule reads data.val_split, which must be valid
+    // first to be blamed for itself.
+    check_data(&r)?;
     check_train(&r)?;
     check_optimizer(&r)?;
     check_schedule(&r)?;
-    check_data(&r)?;
     check_model(&r)?;
+    check_logging(&r)?;
     let per_step = r.train.micro_batch_size.saturating_mul(r.parallel.data);
     r.train.global_batch_size = Some(r.train.global_batch_size.unwrap_or(per_step));
     Ok(r)
+}
+
+/// Whether the whole-number key `key` must be 1 or more (so a type error says so rather than
+/// ">= 0").
+pub(crate) fn must_be_positive(key: &str) -> bool {
+    key.starts_with("parallel.")
+        || [
+            "train.micro_batch_size",
+            "train.global_batch_size",
+            "train.max_epochs",
+            "train.max_steps",
+            "train.eval_interval",
+            "train.recompute.num_layers",
+            "checkpoint.save_interval",
+            "checkpoint.save_total_limit",
+            "data.num_workers",
+            "data.num_proc",
+            "logging.interval",
+            "lora.rank",
+        ]
+        .contains(&key)
 }
 
 /// Counts that must be 1 or more.
@@ -102,7 +126,9 @@ fn check_parallel(r: &Recipe) -> Result<(), Problem> {
 
 fn check_lora(r: &Recipe) -> Result<(), Problem> {
     let l = &r.lora;
-    ensure(l.rank >= 1, "lora.rank", || format!("is {}; expected 1 or more", l.rank))?;
+    ensure((1..=MAX_LORA_RANK).contains(&l.rank), "lora.rank", || {
+        format!("is {}; expected 1 to {MAX_LORA_RANK} (8 to 64 is usual)", l.rank)
+    })?;
     finite(l.alpha, "lora.alpha")?;
     finite(l.dropout, "lora.dropout")?;
     ensure(l.alpha > 0.0, "lora.alpha", || format!("is {}; expected > 0", l.alpha))?;
@@ -226,6 +252,21 @@ fn check_model(r: &Recipe) -> Result<(), Problem> {
     Ok(())
 }
 
+/// The largest LoRA rank accepted before the model is known (the model check then bounds it by
+/// the layers it adapts).
+const MAX_LORA_RANK: usize = 1 << 16;
+
+fn check_logging(r: &Recipe) -> Result<(), Problem> {
+    let f = &r.logging.metrics_file;
+    let path = std::path::Path::new(f);
+    let inside = !f.trim().is_empty()
+        && !f.ends_with('/')
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    ensure(inside, "logging.metrics_file", || {
+        format!("is \"{f}\"; expected a file name inside the run folder, such as \"metrics.jsonl\" (no `..`, not absolute)")
+    })
+}
+
 fn finite(v: f64, key: &str) -> Result<(), Problem> {
     ensure(v.is_finite(), key, || format!("is {v}; expected a finite number"))
 }
@@ -289,6 +330,11 @@ mod tests {
             ("checkpoint.save_interval", |r| r.checkpoint.save_interval = Some(0)),
             ("model.config", |r| (r.model.path, r.model.init) = (None, Init::Random)),
             ("model.model_name", |r| r.model.model_name = vec!["a".into(), "b".into(), "c".into()]),
+            ("lora.rank", |r| r.lora.rank = usize::MAX),
+            ("logging.metrics_file", |r| r.logging.metrics_file = String::new()),
+            ("logging.metrics_file", |r| r.logging.metrics_file = "../../x.jsonl".into()),
+            ("logging.metrics_file", |r| r.logging.metrics_file = "/tmp/x.jsonl".into()),
+            ("data.val_split", |r| (r.data.val_split, r.train.eval_interval) = (-0.5, Some(10))),
         ];
         for (key, break_it) in cases {
             let mut r = ok();

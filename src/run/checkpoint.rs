@@ -286,11 +286,16 @@ pub fn check_adapter_config(dir: &Path, lora: &crate::recipe::LoraSection) -> Re
     let alpha = v.get("lora_alpha").and_then(|x| x.as_f64());
     let rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
     if r != Some(lora.rank as u64) || alpha.is_none_or(|a| (a - lora.alpha).abs() > 1e-9) || rslora != lora.rslora {
+        // The file's own values, as written there (a string where a number belongs shows as such).
+        let shown = |k: &str| v.get(k).map_or("(missing)".to_string(), |x| x.to_string());
         return Err(Error::file(
             &path,
             format!(
-                "adapter made with r = {r:?}, lora_alpha = {alpha:?}, use_rslora = {rslora}; the recipe has lora.rank = {}, \
-                 lora.alpha = {}, lora.rslora = {}: make them equal",
+                "adapter made with \"r\": {}, \"lora_alpha\": {}, \"use_rslora\": {}; the recipe has lora.rank = {}, \
+                 lora.alpha = {}, lora.rslora = {}: make them equal (\"r\" and \"lora_alpha\" are numbers)",
+                shown("r"),
+                shown("lora_alpha"),
+                shown("use_rslora"),
                 lora.rank, lora.alpha, lora.rslora
             ),
         ));

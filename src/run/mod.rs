@@ -127,7 +127,10 @@ fn absolute(path: &Path) -> PathBuf {
 pub fn guard_output(out: &Path, source: &Path) -> Result<()> {
     let (o, s) = (absolute(out), absolute(source));
     // The run the source belongs to: the checkpoint's parent when the source is a checkpoint.
-    let run = if is_checkpoint(&s) { s.parent().map(Path::to_path_buf).unwrap_or(s.clone()) } else { s.clone() };
+    let run = match s.parent() {
+        Some(parent) if is_checkpoint(&s) && is_run(parent) => parent.to_path_buf(),
+        _ => s.clone(),
+    };
     let refuse = |why: String| Err(Error::file(out, format!("{why}; an export never writes there, whatever --overwrite says: choose a folder outside any run")));
     if o == run || o == s {
         return refuse(format!("is the run being exported ({})", run.display()));
@@ -218,11 +221,12 @@ mod tests {
         let ck = run.join("checkpoint-3");
         for (out, why) in [
             (run.clone(), "is the run"),
-            (ck.clone(), "is the run"),
+            (ck.clone(), "the run being exported"),
             (runs.clone(), "holds the run being exported"),
             (root.path().to_path_buf(), "holds the run being exported"),
             (run.join("export"), "inside the run"),
             (ck.join("x"), "inside the run"),
+            (run.join("checkpoint-3"), "the run being exported"),
             (run.join("..").join("a"), "is the run"),
             (sibling.clone(), "is a run folder"),
             (sibling.join("checkpoint-3"), "is a checkpoint folder"),

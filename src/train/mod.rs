@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod names;
 pub mod optimizer;
+pub mod preflight;
 pub mod recompute;
 pub mod run;
 pub mod schedule;

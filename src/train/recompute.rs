@@ -28,6 +28,11 @@ use crate::recipe::{RecomputeGranularity, RecomputeMethod, RecomputeSection};
 /// `num_layers` covering every layer; `block`: each of the first `num_layers` layers alone.
 pub fn groups(section: &RecomputeSection, num_layers: usize) -> Result<Vec<Range<usize>>> {
     let n = section.num_layers.max(1);
+    if section.granularity == RecomputeGranularity::Full && n > num_layers {
+        return Err(Error::Unsupported(format!(
+            "train.recompute.num_layers = {n} but the model has {num_layers} layers; expected 1 to {num_layers}"
+        )));
+    }
     match (section.granularity, section.method) {
         (RecomputeGranularity::None, _) => Ok(vec![]),
         (RecomputeGranularity::Full, RecomputeMethod::Uniform) => {
@@ -109,7 +114,8 @@ mod tests {
         assert_eq!(groups(&s(Full, Uniform, 1), 3).unwrap(), vec![0..1, 1..2, 2..3]);
         assert_eq!(groups(&s(Full, Uniform, 2), 5).unwrap(), vec![0..2, 2..4, 4..5]);
         assert_eq!(groups(&s(Full, Block, 2), 5).unwrap(), vec![0..1, 1..2]);
-        assert_eq!(groups(&s(Full, Block, 9), 2).unwrap(), vec![0..1, 1..2]);
+        assert_eq!(groups(&s(Full, Block, 2), 2).unwrap(), vec![0..1, 1..2]);
+        assert!(groups(&s(Full, Block, 9), 2).unwrap_err().to_string().contains("has 2 layers"));
         assert!(groups(&s(Selective, Uniform, 1), 2).unwrap_err().to_string().contains("selective"));
     }
 }

@@ -92,20 +92,6 @@ fn check_supported(r: &Recipe) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
-    match &r.model.tokenizer {
-        Some(p) => {
-            let p = PathBuf::from(p);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(Error::file(p, "model.tokenizer: no such file; point it at a tokenizer.json"))
-            }
-        }
-        None => data::tokenizer_path(plan.dir.as_deref(), r),
-    }
-}
-
 /// The order micro batches are visited in during `epoch`: a permutation seeded by the run's
 /// seed and the epoch, so any step's batches are known without replaying the run.
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -319,6 +305,12 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     let r = &loaded.recipe;
     let plan = req.plan;
     check_supported(r)?;
+    // Everything checkable, before any folder or weight.
+    for note in super::preflight::model(loaded, plan, true)?.notes {
+        println!("check: {note}");
+    }
+    super::preflight::settings(r)?;
+    let tok = super::preflight::data(r, plan)?;
 
     // Where to start from. A run continued exactly takes the recipe it was trained with: only
     // keys that keep it exact may differ (run::resume), and its folder is locked first.
@@ -347,7 +339,6 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
     }
 
     // Data first: a bad row should not wait for the weights.
-    let tok = tokenizer(r, plan)?;
     let prepared = data::prepare(r, &tok)?;
     for note in &prepared.notes {
         println!("data: {note}");
@@ -527,9 +518,11 @@ fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutco
         }
     }
     drop(armed);
+    // The last step always saves; only a stop requested before the end (tests of resume)
+    // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
-        Some((step, dir)) if step == state.step => dir,
-        _ => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
+        Some((_, dir)) => dir,
+        None => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
     };
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
 }
