@@ -525,9 +525,7 @@ impl GemmCheck {
 
     /// The first measure above [`GemmCheck::TOLERANCE`] (or not a number), by name.
     pub fn failure(&self) -> Option<(&'static str, f32)> {
-        [("forward", self.forward), ("grad_x", self.grad_x), ("grad_w", self.grad_w), ("ordering", self.ordering)]
-            .into_iter()
-            .find(|(_, e)| !(*e < Self::TOLERANCE))
+        first_above(Self::TOLERANCE, [("forward", self.forward), ("grad_x", self.grad_x), ("grad_w", self.grad_w), ("ordering", self.ordering)])
     }
 }
 
@@ -626,10 +624,13 @@ impl AttentionCheck {
 
     /// The first measure above [`AttentionCheck::TOLERANCE`] (or not a number), by name.
     pub fn failure(&self) -> Option<(&'static str, f32)> {
-        [("output", self.output), ("grad_q", self.grad_q), ("grad_k", self.grad_k), ("grad_v", self.grad_v)]
-            .into_iter()
-            .find(|(_, e)| !(*e < Self::TOLERANCE))
+        first_above(Self::TOLERANCE, [("output", self.output), ("grad_q", self.grad_q), ("grad_k", self.grad_k), ("grad_v", self.grad_v)])
     }
+}
+
+/// The first named error at or above `tolerance`, or not a number.
+fn first_above<const N: usize>(tolerance: f32, errors: [(&'static str, f32); N]) -> Option<(&'static str, f32)> {
+    errors.into_iter().find(|(_, e)| !(*e < tolerance))
 }
 
 /// Causal GQA attention, batch 2, 4 query heads on 2 kv heads, 300 positions (the second row

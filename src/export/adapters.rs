@@ -12,6 +12,13 @@
 //! share one parameter, so their two rank-r adapters become one of rank 2r (A stacked, B block
 //! diagonal), and every other adapter is padded with zeros to the same rank, with alpha scaled
 //! so `alpha / r` (or `alpha / sqrt(r)` with rslora) stays the trained scale.
+//!
+//! Dense MLPs beside the experts (`decoder_sparse_step` > 1, `mlp_only_layers`) cannot be named in
+//! `target_modules` by their leaf names: peft 0.21 reads `gate_proj` / `up_proj` / `down_proj`
+//! there as transformers 4's per-expert modules, moves them to the fused parameters and doubles
+//! the rank it expects for `gate_up_proj`. They are adapted through `target_parameters`
+//! (`mlp.gate_proj.weight`, ...) instead, under the same tensor names, which peft loads as plain
+//! LoRA on those weights.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -166,6 +173,7 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
     let alpha_out = if rslora { alpha * ratio.sqrt() } else { alpha * ratio };
     let mut tensors = Vec::new();
     let mut module_paths = Vec::new();
+    let mut dense_mlp = std::collections::BTreeSet::new();
     // Modules that stay per-module: padded to `big` with zero rows of A and zero columns of B.
     for (m, f) in &set.modules {
         if expert_of(m).is_some() {
@@ -179,7 +187,12 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
         }
         tensors.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), vec![big, f.inp], a));
         tensors.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), vec![f.out, big], b));
-        module_paths.push(m.clone());
+        match m.rsplit_once(".mlp.").map(|(_, proj)| proj) {
+            Some(proj @ ("gate_proj" | "up_proj" | "down_proj")) => {
+                dense_mlp.insert(format!("mlp.{proj}.weight"));
+            }
+            _ => module_paths.push(m.clone()),
+        }
     }
     for (i, layer) in spec.layers.iter().enumerate() {
         let MlpSpec::Moe { num_experts: e_n, intermediate_size: inter, .. } = layer.mlp else { continue };
@@ -223,6 +236,7 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
     if down {
         target_parameters.push("mlp.experts.down_proj".to_string());
     }
+    target_parameters.extend(dense_mlp);
     PeftLayout { tensors, rank: big, alpha: alpha_out, module_paths, target_parameters }
 }
 
@@ -284,10 +298,16 @@ mod tests {
             qk_norm: true,
             tie_word_embeddings: true,
             init_std: 0.02,
-            layers: vec![LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true } }],
+            layers: vec![
+                LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true } },
+                LayerSpec { mlp: MlpSpec::Dense { intermediate_size: 5 } },
+            ],
         };
         let mut modules = BTreeMap::new();
         modules.insert("model.layers.0.self_attn.q_proj".to_string(), factors(r, h, 8, 1));
+        // A dense layer beside the sparse one.
+        modules.insert("model.layers.1.mlp.gate_proj".to_string(), factors(r, h, 5, 2));
+        modules.insert("model.layers.1.mlp.down_proj".to_string(), factors(r, 5, h, 3));
         for e in 0..e_n {
             // Expert 1 has no up_proj adapter: its slot must stay zero.
             for (p, inp, out) in [("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)] {
@@ -300,7 +320,11 @@ mod tests {
         let set = AdapterSet { modules, scale: alpha / r as f64 };
         let layout = fused_experts(&set, &spec, alpha, false);
         assert_eq!((layout.rank, layout.alpha), (2 * r, 2.0 * alpha));
-        assert_eq!(layout.target_parameters, vec!["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]);
+        assert_eq!(
+            layout.target_parameters,
+            vec!["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.down_proj.weight", "mlp.gate_proj.weight"],
+            "the dense MLP through target_parameters: peft would read its names in target_modules as experts"
+        );
         let scale_out = layout.alpha / layout.rank as f64;
         let get = |n: &str| layout.tensors.iter().find(|t| t.0 == format!("{PEFT_PREFIX}{n}")).unwrap_or_else(|| panic!("{n}"));
         let (ga, gb) = (get("model.layers.0.mlp.experts.base_layer.lora_A.weight"), get("model.layers.0.mlp.experts.base_layer.lora_B.weight"));
@@ -324,6 +348,8 @@ mod tests {
         let padded = Factors { rank: 2 * r, inp: h, out: 8, a: qa.2.clone(), b: qb.2.clone() };
         assert_eq!(delta(&padded, scale_out), delta(&set.modules["model.layers.0.self_attn.q_proj"], set.scale));
         assert_eq!(layout.module_paths, vec!["model.layers.0.self_attn.q_proj"]);
+        let dense = get("model.layers.1.mlp.gate_proj.lora_A.weight");
+        assert_eq!(dense.1, vec![2 * r, h], "padded like every per-module adapter");
     }
 
     #[test]

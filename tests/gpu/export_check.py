@@ -2,10 +2,11 @@
 """`trainer export` against its real consumers: transformers loads the `--to hf` folder and peft
 loads the `--to peft` adapter onto the base, and both give trainer's logits.
 
-Run on the GPU machine (it has torch, transformers and peft) from the repository root, with a
-trainer binary built here (`cargo build --release`, copied to .gpu/trainer, carried):
+Run where torch, transformers 5.17 and peft 0.21 are installed (the GPU machine has them; on a
+CPU machine `pip install torch==2.11.0 transformers==5.17.0 peft==0.21.0` does too: everything
+here runs on the CPU) from the repository root, with a trainer binary:
 
-    python3 tests/gpu/export_check.py .gpu/trainer
+    python3 tests/gpu/export_check.py .gpu/trainer        # EXPORT_CASES=a,b picks cases
 
 Per case: transformers makes and saves a small random base (its own save_pretrained: names,
 dtype, shards as the Hub's files have them); `trainer run` trains LoRA on all linear layers on
@@ -31,21 +32,35 @@ TRAINER = sys.argv[1] if len(sys.argv) > 1 else ".gpu/trainer"
 VOCAB = 512  # assets/tiny/tokenizer.json
 
 
-def cases():
-    # Dense with q/k/v bias, untied head, stored in bf16 and sharded (as Qwen2.5-7B is).
-    yield "qwen2_bf16_sharded", Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
-    ), torch.bfloat16, "100KB"
-    # MoE, every expert adapted (the peft side needs transformers 5's fused-expert layout).
-    yield "qwen3_moe_f32", Qwen3MoeConfig(
+def moe(**kw):
+    base = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
         mlp_only_layers=[], max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, initializer_range=0.2, router_aux_loss_coef=0.0,
-    ), torch.float32, "5GB"
+    )
+    base.update(kw)
+    return Qwen3MoeConfig(**base)
+
+
+def cases():
+    """(name, config, stored dtype, shard size, extra [lora] lines)."""
+    # Dense with q/k/v bias, untied head, stored in bf16 and sharded (as Qwen2.5-7B is).
+    yield "qwen2_bf16_sharded", Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
+    ), torch.bfloat16, "100KB", ""
+    # MoE, every expert adapted (the peft side needs transformers 5's fused-expert layout).
+    yield "qwen3_moe_f32", moe(), torch.float32, "5GB", ""
+    # Dense MLPs beside sparse experts: every other layer sparse, then one layer listed dense;
+    # rslora off and on (the padded rank changes alpha differently).
+    for rslora in ["false", "true"]:
+        yield f"qwen3_moe_sparse_step2_rslora_{rslora}", moe(num_hidden_layers=4, decoder_sparse_step=2), \
+            torch.float32, "5GB", f"rslora = {rslora}"
+        yield f"qwen3_moe_mlp_only_rslora_{rslora}", moe(num_hidden_layers=3, mlp_only_layers=[1]), \
+            torch.float32, "5GB", f"rslora = {rslora}"
 
 
 def sh(*args):
@@ -57,7 +72,7 @@ def sh(*args):
     return r.stdout
 
 
-def recipe(work, base):
+def recipe(work, base, lora_extra=""):
     text = f"""
 device = "cpu"
 [model]
@@ -70,6 +85,7 @@ rank = 8
 alpha = 32
 dropout = 0.05
 targets = ["all-linear"]
+{lora_extra}
 [train]
 micro_batch_size = 4
 max_length = 256
@@ -109,13 +125,16 @@ def main():
     print("versions", "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
     torch.manual_seed(0)
     all_ok = True
-    for name, cfg, dtype, shard in cases():
+    only = [c for c in os.environ.get("EXPORT_CASES", "").split(",") if c]
+    for name, cfg, dtype, shard, lora_extra in cases():
+        if only and name not in only:
+            continue
         work = tempfile.mkdtemp(prefix=f"export-{name}-")
         base = os.path.join(work, "base")
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
         model.save_pretrained(base, max_shard_size=shard)
         print(f"\n## {name}: base saved by transformers ({dtype}):", sorted(os.listdir(base)), flush=True)
-        sh(TRAINER, "run", recipe(work, base))
+        sh(TRAINER, "run", recipe(work, base, lora_extra))
         run = os.path.join(work, "runs", next(d for d in os.listdir(os.path.join(work, "runs")) if d.startswith("recipe-")))
         out = {}
         for label, args in [
