@@ -64,6 +64,9 @@ pub(crate) fn must_be_positive(key: &str) -> bool {
         .contains(&key)
 }
 
+/// The most threads a data key may ask for.
+const MAX_THREADS: usize = 1024;
+
 /// Counts that must be 1 or more.
 fn check_counts(r: &Recipe) -> Result<(), Problem> {
     let (p, t) = (&r.parallel, &r.train);
@@ -91,6 +94,9 @@ fn check_counts(r: &Recipe) -> Result<(), Problem> {
         if let Some(v) = v {
             ensure(v >= 1, key, || format!("is {v}; expected 1 or more{hint}"))?;
         }
+    }
+    for (key, v) in [("data.num_workers", r.data.num_workers), ("data.num_proc", r.data.num_proc)] {
+        ensure(v <= MAX_THREADS, key, || format!("is {v}; expected 1 to {MAX_THREADS} (threads of this process)"))?;
     }
     if t.max_steps.is_none() {
         ensure(t.max_epochs >= 1, "train.max_epochs", || {
@@ -331,6 +337,7 @@ mod tests {
             ("model.config", |r| (r.model.path, r.model.init) = (None, Init::Random)),
             ("model.model_name", |r| r.model.model_name = vec!["a".into(), "b".into(), "c".into()]),
             ("lora.rank", |r| r.lora.rank = usize::MAX),
+            ("data.num_proc", |r| r.data.num_proc = 1_000_000),
             ("logging.metrics_file", |r| r.logging.metrics_file = String::new()),
             ("logging.metrics_file", |r| r.logging.metrics_file = "../../x.jsonl".into()),
             ("logging.metrics_file", |r| r.logging.metrics_file = "/tmp/x.jsonl".into()),
