@@ -9,7 +9,8 @@
 use std::any::Any;
 use std::sync::OnceLock;
 
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -46,7 +47,10 @@ pub(crate) fn batched_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT:
             }
         }
     }
-    a.matmul(b)
+    // CubeCL's matmul on contiguous copies: on CUDA in bf16 it summed wrongly over the
+    // attention's strided views (benches/RESULTS.md, 2026-12-01).
+    let contiguous = |t: Tensor<CubeBackend<R, F, I, BT>, 4>| Tensor::from_primitive(TensorPrimitive::Float(into_contiguous(t.into_primitive().tensor())));
+    contiguous(a).matmul(contiguous(b))
 }
 
 /// Use `gemm` for this crate's kernels' matmuls where it handles the operands. The first
@@ -72,7 +76,23 @@ pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         }
     }
     let float = |t: CubeTensor<R>| Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(t));
-    let op = |t: CubeTensor<R>, transpose: bool| if transpose { float(t).transpose().into_primitive().tensor() } else { t };
+    // CubeCL's matmul from contiguous operands already in the output dtype: on CUDA in bf16 it
+    // gave wrong sums for transposed views with an f32 output (the fused cross-entropy's CUDA test,
+    // benches/RESULTS.md, 2026-12-01).
+    let out_float = match out {
+        DType::F32 => Some(FloatDType::F32),
+        DType::F16 => Some(FloatDType::F16),
+        DType::BF16 => Some(FloatDType::BF16),
+        _ => None,
+    };
+    let op = |t: CubeTensor<R>, transpose: bool| {
+        let t = if transpose { float(t).transpose() } else { float(t) };
+        let t = match out_float {
+            Some(d) => t.cast(d),
+            None => t,
+        };
+        into_contiguous(t.into_primitive().tensor())
+    };
     let y = matmul(op(a, ta), op(b, tb), None, MatmulStrategy::default(), out).expect("matmul launch");
     match acc {
         Some(acc) => (float(acc) + float(y)).into_primitive().tensor(),
