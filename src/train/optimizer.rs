@@ -39,27 +39,15 @@ impl<B: Backend> Grads<B> {
         self.by_path.insert(path, sum);
     }
 
-    /// The global L2 norm over every gradient (one host read).
-    pub fn global_norm(&self) -> f64 {
-        self.norm_tensor().map_or(0.0, |n| f64::from(super::trainer::scalar_f32(n)))
-    }
-
     /// The global L2 norm over every gradient as a one-element f32 tensor, left on the device;
     /// `None` without gradients.
-    pub fn norm_tensor(&self) -> Option<Tensor<B, 1>> {
+    pub fn global_norm(&self) -> Option<Tensor<B, 1>> {
         let squares: Vec<Tensor<B, 1>> = self.by_path.values().map(|g| g.clone().powi_scalar(2).sum()).collect();
         (!squares.is_empty()).then(|| Tensor::cat(squares, 0).sum().sqrt())
     }
 
-    /// Scale every gradient by `factor`.
-    pub fn scale(&mut self, factor: f64) {
-        for g in self.by_path.values_mut() {
-            *g = g.clone() * factor;
-        }
-    }
-
     /// Clip by the global norm as `torch.nn.utils.clip_grad_norm_` does, on the device: every
-    /// gradient times `min(1, max_norm / (norm + 1e-6))`, where `norm` is [`Grads::norm_tensor`].
+    /// gradient times `min(1, max_norm / (norm + 1e-6))`, where `norm` is [`Grads::global_norm`].
     pub fn clip_by_norm(&mut self, norm: &Tensor<B, 1>, max_norm: f64) {
         let coef = (norm.clone().add_scalar(1e-6).recip() * max_norm).clamp_max(1.0);
         for g in self.by_path.values_mut() {

@@ -121,7 +121,7 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self, step: usize, micro_batches: &[Batch]) -> Result<StepStats> {
         let (loss_sum, tokens, mut grads) = self.device_gradients(step, micro_batches)?;
         let norm = span::<B, _>("optimizer", &self.device, || {
-            let norm = grads.norm_tensor();
+            let norm = grads.global_norm();
             if let (Some(norm), true) = (&norm, self.clip > 0.0) {
                 grads.clip_by_norm(norm, self.clip);
             }
