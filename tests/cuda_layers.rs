@@ -12,13 +12,14 @@ use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
+use trainer::backend::TrainBackend;
 use trainer::model::{self, hub::Fetch, CausalLm, Registry};
 use trainer::parallel::Layout;
 
 type G = Cuda<half::bf16, i32>;
 type C = NdArray<f32>;
 
-fn build<B: Backend>(case: &str, device: &B::Device) -> CausalLm<B> {
+fn build<B: TrainBackend>(case: &str, device: &B::Device) -> CausalLm<B> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
     std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();

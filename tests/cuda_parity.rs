@@ -12,6 +12,7 @@ mod common;
 use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use trainer::backend::TrainBackend;
 use trainer::model::{self, causal_lm_loss, hub::Fetch, Registry};
 use trainer::parallel::Layout;
 
@@ -23,7 +24,7 @@ fn cases() -> Vec<&'static str> {
 }
 
 /// Errors against transformers' f32 logits (relative to the largest logit) and loss.
-fn errors<B: Backend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
+fn errors<B: TrainBackend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
     // The kernels' matmuls on cuBLAS, as every trainer command on CUDA has them.
     trainer::backend::cublas::register_with_kernels();
     let dir = tempfile::tempdir().unwrap();

@@ -13,16 +13,20 @@ pub mod attention;
 mod cube;
 #[cfg(feature = "cubecl")]
 pub use cube::gemm::{set_batched_gemm, set_gemm, BatchedGemmFn, GemmFn};
+pub mod layer_ops;
 pub mod linear_cross_entropy;
+pub mod optimizer;
 pub mod reference;
 
 pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
 };
+pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
 pub use linear_cross_entropy::{
     fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
     WantedGrads,
 };
+pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 
 pub use reference::{
     attention, attention_mask, causal_attention, cross_entropy, linear_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,

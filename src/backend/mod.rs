@@ -6,21 +6,30 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use kernels_cubecl::{FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend};
 
 #[cfg(feature = "cuda")]
 pub mod cublas;
 #[cfg(feature = "cuda")]
 mod compute_stream;
-pub mod fused;
 pub mod profile;
 
 use crate::error::Result;
 use crate::recipe::{DType, Device};
 
+/// The backends trainer's models run on: Burn's backend with the hot-path operations of
+/// `kernels-cubecl` (blockwise attention, the fused linear cross-entropy, RMSNorm, SwiGLU,
+/// rotary, the AdamW update and the gradients' sum of squares), each a plain-Burn reference by default and a CubeCL kernel where the backend has one
+/// (CUDA in a `cuda` build, wgpu in kernels-cubecl's tests), with its own backward on
+/// `Autodiff<B>`. Which implementation runs is the backend's declaration, not a run-time test.
+pub trait TrainBackend: FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend {}
+
+impl<B> TrainBackend for B where B: FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend {}
+
 /// Work that can run on any backend.
 pub trait BackendJob {
     type Output;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 pub type Cpu = burn::backend::NdArray<f32>;

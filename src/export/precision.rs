@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::backend::{self, BackendJob};
@@ -169,7 +169,7 @@ impl BackendJob for Compare<'_> {
     /// Trained logits, exported logits (`[seq, vocab]` row-major) and the vocabulary size.
     type Output = (Vec<f32>, Vec<f32>, usize);
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Self::Output> {
         let r = self.r;
         let f32_section = |s: &ModelSection| ModelSection { dtype: recipe::DType::F32, ..s.clone() };
         // (a) the base with the trained tensors, adapters unmerged.
@@ -198,7 +198,7 @@ impl BackendJob for Compare<'_> {
     }
 }
 
-fn logits<B: Backend>(m: &model::CausalLm<B>, ids: &[u32], device: &B::Device) -> Result<Vec<f32>> {
+fn logits<B: TrainBackend>(m: &model::CausalLm<B>, ids: &[u32], device: &B::Device) -> Result<Vec<f32>> {
     let n = ids.len();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), [1, n]), device);
     let out = m.forward(ids).cast(burn::tensor::FloatDType::F32).into_data();

@@ -6,6 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -32,7 +33,7 @@ pub struct LoraAdapter<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: Backend> LoraAdapter<B> {
+impl<B: TrainBackend> LoraAdapter<B> {
     /// A new adapter for a layer with `inp` inputs and `out` outputs (local sizes). `path` (the
     /// module path) keys A's random stream, so the same seed gives the same adapters whatever
     /// the order layers are visited in.

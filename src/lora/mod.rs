@@ -11,7 +11,7 @@ mod adapter;
 pub use adapter::{training_forward, LoraAdapter, LoraConfig};
 
 use burn::module::Module;
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use regex::Regex;
 
 use crate::error::{Error, Result};
@@ -20,7 +20,7 @@ use crate::model::CausalLm;
 /// Freeze every base weight of `model` and attach a fresh adapter to each linear layer that
 /// `targets` matches. Returns the model and the number of adapted layers; an error when nothing
 /// matches (a target list that adapts nothing is a mistake, not a no-op).
-pub fn apply<B: Backend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &LoraConfig) -> Result<(CausalLm<B>, usize)> {
+pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &LoraConfig) -> Result<(CausalLm<B>, usize)> {
     let mut model = model.no_grad();
     let device = model.rope_inv_freq.device();
     let mut adapted = 0;

@@ -3,6 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kernels_cubecl as ops;
 
@@ -27,7 +28,7 @@ pub struct DecoderLayer<B: Backend> {
     pub moe: Option<SparseMoe<B>>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: TrainBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
@@ -59,7 +60,7 @@ pub struct CausalLm<B: Backend> {
     pub rope_inv_freq: Tensor<B, 1>,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: TrainBackend> CausalLm<B> {
     /// Build the model for `spec`, taking every weight from the loader, sharded by `layout`.
     pub fn load(ld: &mut Loader<'_, B>, spec: &ArchSpec, layout: Layout) -> Result<Self> {
         spec.check()?;
@@ -144,7 +145,7 @@ impl<B: Backend> CausalLm<B> {
     /// computes it from logits. With `fused`, and a head without LoRA or bias, the loss comes
     /// from the hidden states and the head's weight through the fused kernel
     /// (`kernels_cubecl::fused_linear_cross_entropy`), chunked so the `[tokens, vocab]` logits
-    /// are never resident; otherwise, or on a backend without the kernel, through the logits.
+    /// are never resident; otherwise through the logits.
     ///
     /// # Shapes
     /// - `hidden`: `[batch, seq, hidden]`, `labels`: `[batch, seq]`
@@ -160,10 +161,7 @@ impl<B: Backend> CausalLm<B> {
         let [b, s, d] = hidden.dims();
         let h = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), d]);
         let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
-        match crate::backend::fused::linear_cross_entropy(h, w, target, IGNORE_INDEX) {
-            Ok(ce) => ce,
-            Err((h, w, target)) => ops::cross_entropy(crate::backend::linear_matmul(h, w), target, IGNORE_INDEX),
-        }
+        ops::fused_linear_cross_entropy(h, w, target, ops::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None })
     }
 
     /// Every linear layer with its module path (`model.layers.3.mlp.experts.7.up_proj`,
@@ -207,7 +205,7 @@ impl<B: Backend> CausalLm<B> {
 }
 
 /// `[[0, 1, .., seq-1]; batch]` on the ids' device.
-pub fn positions_like<B: Backend>(input_ids: &Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+pub fn positions_like<B: TrainBackend>(input_ids: &Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
     let [b, s] = input_ids.dims();
     Tensor::<B, 1, Int>::arange(0..s as i64, &input_ids.device()).unsqueeze::<2>().expand([b, s])
 }
@@ -218,7 +216,7 @@ pub fn positions_like<B: Backend>(input_ids: &Tensor<B, 2, Int>) -> Tensor<B, 2,
 ///
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`, `labels`: `[batch, seq]`
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> ops::CrossEntropy<B> {
+pub fn causal_lm_loss<B: TrainBackend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> ops::CrossEntropy<B> {
     let [b, s, v] = logits.dims();
     let pred = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
     let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);

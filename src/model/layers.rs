@@ -6,6 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 use kernels_cubecl as ops;
 
@@ -24,7 +25,7 @@ pub struct Loader<'a, B: Backend> {
     pub naming: &'a dyn Fn(&str) -> String,
 }
 
-impl<B: Backend> Loader<'_, B> {
+impl<B: TrainBackend> Loader<'_, B> {
     fn host(
         &mut self,
         path: &str,
@@ -70,7 +71,7 @@ pub struct Linear<B: Backend> {
     pub lora: Option<LoraAdapter<B>>,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: TrainBackend> Linear<B> {
     /// Load `{path}.weight` (HF layout `[out, in]`) and optionally `{path}.bias`, keeping the
     /// slice `partition` owns.
     pub fn load(
@@ -168,13 +169,13 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: TrainBackend> RmsNorm<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, len: usize, eps: f64) -> Result<Self> {
         Ok(RmsNorm { weight: ld.vector(&format!("{path}.weight"), len, InitKind::Ones)?, eps })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        ops::rms_norm(x, self.weight.val(), self.eps)
+        ops::fused_rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -195,7 +196,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: TrainBackend> Attention<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, spec: &ArchSpec, tp: ProcessGroup) -> Result<Self> {
         let (h, d) = (spec.hidden_size, spec.head_dim);
         let col = Partition::Column(tp);
@@ -240,15 +241,12 @@ impl<B: Backend> Attention<B> {
                 (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
                 _ => (q, k),
             };
-            (ops::rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()), ops::rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()))
+            (ops::fused_rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()), ops::fused_rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()))
         });
         let scale = (self.head_dim as f64).powf(-0.5);
-        // Blockwise with its own backward where the backend has it: never the [seq, seq] scores
-        // of all heads at once (ctx.blocked is causal by construction).
-        let y = span::<B, _>("core", &device, || match crate::backend::fused::causal_attention(q, k, v, scale, ctx.blocked.clone()) {
-            Ok(y) => y,
-            Err((q, k, v, blocked)) => ops::attention(q, k, v, scale, blocked),
-        });
+        // Blockwise with its own backward: never the [seq, seq] scores of all heads at once
+        // (ctx.blocked is causal by construction).
+        let y = span::<B, _>("core", &device, || ops::memory_efficient_attention(q, k, v, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL));
         span::<B, _>("o_proj", &device, || self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim])))
     }
 }
@@ -264,7 +262,7 @@ pub struct SequenceContext<B: Backend> {
     pub blocked: Tensor<B, 4, Bool>,
 }
 
-impl<B: Backend> SequenceContext<B> {
+impl<B: TrainBackend> SequenceContext<B> {
     /// # Shapes
     /// - `positions`, `segments`: `[batch, seq]`; `inv_freq`: `[head_dim / 2]`
     pub fn new(positions: Tensor<B, 2, Int>, segments: Option<Tensor<B, 2, Int>>, inv_freq: Tensor<B, 1>) -> Self {
@@ -283,7 +281,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: TrainBackend> Mlp<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, inter: usize, tp: ProcessGroup) -> Result<Self> {
         Ok(Mlp {
             gate_proj: Linear::load(ld, &format!("{path}.gate_proj"), hidden, inter, false, Partition::Column(tp))?,
@@ -295,7 +293,7 @@ impl<B: Backend> Mlp<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
         let (gate, up) = span::<B, _>("gate_up_proj", &device, || (self.gate_proj.forward(x.clone()), self.up_proj.forward(x)));
-        let h = span::<B, _>("swiglu", &device, || ops::swiglu(gate, up));
+        let h = span::<B, _>("swiglu", &device, || ops::fused_swiglu(gate, up));
         span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
     }
 
@@ -308,7 +306,7 @@ impl<B: Backend> Mlp<B> {
         let projection = |f: fn(&Mlp<B>) -> &Linear<B>| experts.iter().map(f).collect::<Vec<_>>();
         let gate = Linear::forward_stacked(&projection(|m| &m.gate_proj), x.clone());
         let up = Linear::forward_stacked(&projection(|m| &m.up_proj), x);
-        Linear::forward_stacked(&projection(|m| &m.down_proj), ops::swiglu(gate, up))
+        Linear::forward_stacked(&projection(|m| &m.down_proj), ops::fused_swiglu(gate, up))
     }
 }
 
@@ -327,7 +325,7 @@ pub struct SparseMoe<B: Backend> {
     pub norm_topk_prob: bool,
 }
 
-impl<B: Backend> SparseMoe<B> {
+impl<B: TrainBackend> SparseMoe<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, spec: &MlpSpec, ep: ProcessGroup) -> Result<Self> {
         let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
             return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));

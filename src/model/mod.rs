@@ -18,7 +18,7 @@ pub mod weights;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 
 pub use causal_lm::{causal_lm_loss, CausalLm, DecoderLayer, IGNORE_INDEX};
 pub use layers::SequenceContext;
@@ -126,7 +126,7 @@ pub fn check_layout(spec: &ArchSpec, p: &ParallelSection) -> Result<()> {
 
 /// Build the model on `device` from `plan`, with pretrained weights or a seeded random init as
 /// `model.init` says, keeping the shards `layout` gives this rank.
-pub fn build<B: Backend>(plan: &ModelPlan, model: &ModelSection, layout: Layout, device: &B::Device) -> Result<CausalLm<B>> {
+pub fn build<B: TrainBackend>(plan: &ModelPlan, model: &ModelSection, layout: Layout, device: &B::Device) -> Result<CausalLm<B>> {
     let family = plan.family.clone();
     let naming = move |p: &str| family.checkpoint_name(p);
     match model.init {
@@ -151,7 +151,7 @@ pub fn build<B: Backend>(plan: &ModelPlan, model: &ModelSection, layout: Layout,
     }
 }
 
-fn load_from<B: Backend>(
+fn load_from<B: TrainBackend>(
     src: &mut dyn WeightSource,
     naming: &dyn Fn(&str) -> String,
     plan: &ModelPlan,

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{DType, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ pub struct NamedTensor {
 
 /// Host copy of a tensor, transposing a `[in, out]` matrix to Hugging Face's `[out, in]` when
 /// asked.
-pub fn host_tensor<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>, transpose: bool) -> TensorData {
+pub fn host_tensor<B: TrainBackend, const D: usize>(t: burn::tensor::Tensor<B, D>, transpose: bool) -> TensorData {
     let t = if transpose && D == 2 { t.swap_dims(0, 1) } else { t };
     t.into_data()
 }

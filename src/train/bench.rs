@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -163,7 +163,7 @@ struct Job<'a> {
 impl BackendJob for Job<'_> {
     type Output = BenchReport;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<BenchReport> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<BenchReport> {
         let r = &self.loaded.recipe;
         let sync = |d: &B::Device| B::sync(d).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")));
         let t0 = Instant::now();

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{Distribution, Int, Tensor};
 use serde::Serialize;
 
@@ -46,7 +46,7 @@ pub struct LossBenchReport {
 impl BackendJob for LossBench {
     type Output = LossBenchReport;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<LossBenchReport> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<LossBenchReport> {
         let sync = |d: &B::Device| B::sync(d).map_err(|e| Error::Internal(format!("device sync failed: {e:?}")));
         // The same inputs for the fused and the unfused run: their losses must agree.
         B::seed(&device, 0);
@@ -66,8 +66,8 @@ impl BackendJob for LossBench {
             sync(&device)?;
             let t = Instant::now();
             let ce = if self.fused {
-                crate::backend::fused::linear_cross_entropy(h.clone(), w.clone(), labels.clone(), IGNORE_INDEX)
-                    .map_err(|_| Error::Unsupported("bench-loss: no fused cross-entropy kernel for this backend".into()))?
+                let options = kernels_cubecl::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None };
+                kernels_cubecl::fused_linear_cross_entropy(h.clone(), w.clone(), labels.clone(), options)
             } else {
                 kernels_cubecl::cross_entropy(backend::linear_matmul(h.clone(), w.clone()), labels.clone(), IGNORE_INDEX)
             };

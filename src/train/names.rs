@@ -3,7 +3,7 @@
 //! (`model.layers.3.mlp.experts.5.up_proj.weight`) and peft's for adapters
 //! (`base_model.model.model.layers.3.mlp.experts.5.up_proj.lora_A.weight`).
 
-use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 
 use crate::model::CausalLm;
 
@@ -20,7 +20,7 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// The Hugging Face module path of the module at Burn path `module` (`layers.0.moe.gate` →
 /// `model.layers.0.mlp.gate`), with expert indices made global.
-pub fn module_path<B: Backend>(model: &CausalLm<B>, module: &str) -> String {
+pub fn module_path<B: TrainBackend>(model: &CausalLm<B>, module: &str) -> String {
     let parts: Vec<&str> = module.split('.').collect();
     match parts.as_slice() {
         ["layers", i, rest @ ..] => {
@@ -50,7 +50,7 @@ pub fn module_path<B: Backend>(model: &CausalLm<B>, module: &str) -> String {
 
 /// The Hugging Face name of the parameter at Burn path `path`: a transformers key for model
 /// weights, a peft key for LoRA factors.
-pub fn hf_name<B: Backend>(model: &CausalLm<B>, path: &str) -> HfName {
+pub fn hf_name<B: TrainBackend>(model: &CausalLm<B>, path: &str) -> HfName {
     if let Some(linear) = path.strip_suffix(".lora.lora_a") {
         return HfName { name: format!("{PEFT_PREFIX}{}.lora_A.weight", module_path(model, linear)), transposed: true };
     }

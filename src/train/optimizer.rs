@@ -8,22 +8,27 @@
 //! no gradient in a step (an expert no token was routed to) is skipped, state and all, as torch
 //! skips a parameter whose `.grad` is `None`.
 
+use crate::backend::TrainBackend;
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor};
+use kernels_cubecl::{AdamWStep, FusedOptimizerBackend};
 
 use crate::recipe::OptimizerSection;
 
 /// Summed gradients of one optimizer step, by module path, flattened, f32.
 pub struct Grads<B: Backend> {
     pub by_path: BTreeMap<String, Tensor<B, 1>>,
+    /// What every gradient is multiplied by before the update (the clipping coefficient, a
+    /// one-element f32 tensor on the device); `None` is 1.
+    pub scale: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Default for Grads<B> {
     fn default() -> Self {
-        Grads { by_path: BTreeMap::new() }
+        Grads { by_path: BTreeMap::new(), scale: None }
     }
 }
 
@@ -38,21 +43,25 @@ impl<B: Backend> Grads<B> {
         };
         self.by_path.insert(path, sum);
     }
+}
 
+impl<B: TrainBackend> Grads<B> {
     /// The global L2 norm over every gradient as a one-element f32 tensor, left on the device;
     /// `None` without gradients.
     pub fn global_norm(&self) -> Option<Tensor<B, 1>> {
-        let squares: Vec<Tensor<B, 1>> = self.by_path.values().map(|g| g.clone().powi_scalar(2).sum()).collect();
-        (!squares.is_empty()).then(|| Tensor::cat(squares, 0).sum().sqrt())
+        let grads: Vec<Tensor<B, 1>> = self.by_path.values().cloned().collect();
+        (!grads.is_empty()).then(|| B::sum_of_squares(&grads).sqrt())
     }
 
     /// Clip by the global norm as `torch.nn.utils.clip_grad_norm_` does, on the device: every
     /// gradient times `min(1, max_norm / (norm + 1e-6))`, where `norm` is [`Grads::global_norm`].
+    /// The product is taken inside the update ([`Grads::scale`]), not as a pass of its own.
     pub fn clip_by_norm(&mut self, norm: &Tensor<B, 1>, max_norm: f64) {
         let coef = (norm.clone().add_scalar(1e-6).recip() * max_norm).clamp_max(1.0);
-        for g in self.by_path.values_mut() {
-            *g = g.clone() * coef.clone();
-        }
+        self.scale = Some(match self.scale.take() {
+            Some(scale) => scale * coef,
+            None => coef,
+        });
     }
 }
 
@@ -117,7 +126,7 @@ pub struct AdamW<B: Backend> {
     pub state: BTreeMap<String, Moments<B>>,
 }
 
-impl<B: Backend> AdamW<B> {
+impl<B: TrainBackend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         AdamW { config, state: BTreeMap::new() }
     }
@@ -133,10 +142,15 @@ impl<B: Backend> AdamW<B> {
         struct Update<'a, B: Backend> {
             path: Vec<String>,
             grads: Grads<B>,
+            /// [`Grads::scale`], or 1.
+            scale: Option<Tensor<B, 1>>,
             opt: &'a mut AdamW<B>,
             lr: f64,
         }
-        impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
+        impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend>
+        where
+            AB::InnerBackend: TrainBackend,
+        {
             fn enter_module(&mut self, name: &str, _container: &str) {
                 self.path.push(name.to_string());
             }
@@ -150,9 +164,7 @@ impl<B: Backend> AdamW<B> {
                 };
                 let (id, tensor, mapper) = param.consume();
                 let inner = tensor.inner();
-                let (dims, dtype) = (inner.dims(), inner.dtype());
-                let n = g.dims()[0];
-                let p = inner.cast(FloatDType::F32).reshape([n]);
+                let (dims, n) = (inner.dims(), g.dims()[0]);
                 let c = self.opt.config;
                 let m = self.opt.state.remove(&path).unwrap_or_else(|| Moments {
                     exp_avg: g.zeros_like(),
@@ -160,20 +172,25 @@ impl<B: Backend> AdamW<B> {
                     step: 0,
                 });
                 let step = m.step + 1;
-                let exp_avg = m.exp_avg * c.beta1 + g.clone() * (1.0 - c.beta1);
-                let exp_avg_sq = m.exp_avg_sq * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
-                let decay = if D >= 2 { c.weight_decay } else { 0.0 };
-                let p = if decay > 0.0 { p * (1.0 - self.lr * decay) } else { p };
-                let bc1 = 1.0 - c.beta1.powi(step as i32);
-                let bc2 = 1.0 - c.beta2.powi(step as i32);
-                let denom = exp_avg_sq.clone().sqrt() / bc2.sqrt() + c.eps;
-                let p = p - exp_avg.clone() / denom * (self.lr / bc1);
-                self.opt.state.insert(path, Moments { exp_avg, exp_avg_sq, step });
-                let updated = p.reshape(dims).cast(dtype);
+                let hyper = AdamWStep {
+                    lr: self.lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: if D >= 2 { c.weight_decay } else { 0.0 },
+                    bias_correction1: 1.0 - c.beta1.powi(step as i32),
+                    bias_correction2: 1.0 - c.beta2.powi(step as i32),
+                };
+                let scale = self.scale.clone().expect("made beside the gradients");
+                let u = AB::InnerBackend::adamw_update(inner.reshape([n]), g, scale, m.exp_avg, m.exp_avg_sq, hyper);
+                self.opt.state.insert(path, Moments { exp_avg: u.exp_avg, exp_avg_sq: u.exp_avg_sq, step });
+                let updated = u.param.reshape(dims);
                 Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
             }
         }
-        let mut update = Update { path: Vec::new(), grads, opt: self, lr };
+        let ones = |g: &Tensor<B, 1>| Tensor::ones([1], (&g.device(), DType::F32));
+        let scale = grads.scale.clone().or_else(|| grads.by_path.values().next().map(ones));
+        let mut update = Update { path: Vec::new(), grads, scale, opt: self, lr };
         module.map(&mut update)
     }
 }

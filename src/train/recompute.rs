@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -49,7 +50,7 @@ pub fn groups(section: &RecomputeSection, num_layers: usize) -> Result<Vec<Range
 
 /// Every float parameter of `module` cut from its graph (keeping its id), the trainable ones as
 /// fresh leaves that ask for a gradient.
-pub fn fresh_leaves<B: Backend, M: Module<B>>(module: M) -> M {
+pub fn fresh_leaves<B: TrainBackend, M: Module<B>>(module: M) -> M {
     struct Fresh;
     impl<AB: Backend> ModuleMapper<AB> for Fresh {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
@@ -70,7 +71,7 @@ pub fn layer_seed(seed: u64, layer: usize) -> u64 {
 
 /// Layers `first..` in order, each reseeding the backend's generator with its
 /// [`layer_seed`].
-pub fn run_layers<B: Backend>(layers: &[DecoderLayer<B>], first: usize, mut x: Tensor<B, 3>, ctx: &SequenceContext<B>, seed: u64) -> Tensor<B, 3> {
+pub fn run_layers<B: TrainBackend>(layers: &[DecoderLayer<B>], first: usize, mut x: Tensor<B, 3>, ctx: &SequenceContext<B>, seed: u64) -> Tensor<B, 3> {
     let device = x.device();
     for (i, l) in layers.iter().enumerate() {
         B::seed(&device, layer_seed(seed, first + i));
@@ -82,7 +83,7 @@ pub fn run_layers<B: Backend>(layers: &[DecoderLayer<B>], first: usize, mut x: T
 
 /// With `TRAINER_TRACE_MEMORY=1`, the device allocator after each layer's forward (synchronised,
 /// so slow): where a step's memory goes.
-fn trace_memory<B: Backend>(device: &B::Device, layer: usize) {
+fn trace_memory<B: TrainBackend>(device: &B::Device, layer: usize) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*ON.get_or_init(|| std::env::var("TRAINER_TRACE_MEMORY").is_ok_and(|v| v == "1")) {
         return;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -64,7 +65,7 @@ struct TrainJob<'a> {
 
 impl BackendJob for TrainJob<'_> {
     type Output = RunOutcome;
-    fn run<B: Backend>(self, device: B::Device) -> Result<RunOutcome> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<RunOutcome> {
         let out = train::<B>(&self.req, device.clone());
         // Let queued device work finish before the process exits: CubeCL's CUDA threads panic
         // if the driver shuts down under them.
@@ -101,7 +102,7 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 /// Every float parameter of a module with its Burn path, on the host (`keep` picks them).
-fn named_params<B: Backend, M: Module<B>>(m: &M, keep: &dyn Fn(&str) -> bool) -> Vec<(String, Tensor<B, 2>, usize)> {
+fn named_params<B: TrainBackend, M: Module<B>>(m: &M, keep: &dyn Fn(&str) -> bool) -> Vec<(String, Tensor<B, 2>, usize)> {
     struct Collect<'a, B: Backend> {
         path: Vec<String>,
         keep: &'a dyn Fn(&str) -> bool,
@@ -143,7 +144,7 @@ fn is_trained(tuning: Tuning) -> &'static dyn Fn(&str) -> bool {
 }
 
 /// The trainable tensors of `model` under their Hugging Face / peft names.
-fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
+fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
     named_params(model, is_trained(tuning))
         .into_iter()
         .map(|(path, t, rank)| {
@@ -161,7 +162,7 @@ fn hf_tensors<B: Backend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTenso
 }
 
 /// Replace the trainable parameters of `model` with the tensors of a Hugging Face / peft file.
-fn load_hf_tensors<B: Backend>(model: CausalLm<B>, file: &Path, tuning: Tuning) -> Result<CausalLm<B>> {
+fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tuning) -> Result<CausalLm<B>> {
     let mut tensors = ckpt::read_safetensors(file)?;
     let names: BTreeMap<String, (String, bool)> = {
         named_params(&model, is_trained(tuning))
@@ -231,7 +232,7 @@ fn load_hf_tensors<B: Backend>(model: CausalLm<B>, file: &Path, tuning: Tuning) 
 
 /// Write `checkpoint-{state.step}`; with optimizer state when the recipe saves it or
 /// `with_optimizer` (an interrupt's checkpoint, which must resume).
-fn save_checkpoint<B: Backend>(
+fn save_checkpoint<B: TrainBackend>(
     run_dir: &Path,
     trainer: &Trainer<B>,
     state: &TrainerState,
@@ -282,7 +283,7 @@ fn save_checkpoint<B: Backend>(
     })
 }
 
-fn load_optimizer<B: Backend>(dir: &Path, state: &TrainerState, device: &B::Device) -> Result<BTreeMap<String, Moments<B>>> {
+fn load_optimizer<B: TrainBackend>(dir: &Path, state: &TrainerState, device: &B::Device) -> Result<BTreeMap<String, Moments<B>>> {
     let file = dir.join(ckpt::OPTIMIZER);
     let mut tensors = ckpt::read_safetensors(&file)?;
     let mut out = BTreeMap::new();
@@ -300,7 +301,7 @@ fn load_optimizer<B: Backend>(dir: &Path, state: &TrainerState, device: &B::Devi
     Ok(out)
 }
 
-fn train<B: Backend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutcome> {
+fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutcome> {
     let loaded = req.loaded;
     let r = &loaded.recipe;
     let plan = req.plan;
@@ -577,7 +578,7 @@ fn fresh_state(r: &Recipe, total_steps: usize) -> TrainerState {
 }
 
 /// Load the trained tensors of a checkpoint or adapter folder into `model`.
-pub fn load_trained<B: Backend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
+pub fn load_trained<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
     let (file, what) = match r.train.tuning {
         Tuning::Lora => (dir.join(ckpt::ADAPTER_WEIGHTS), "an adapter (train.tuning = \"lora\")"),
         Tuning::Full => (dir.join(ckpt::MODEL_WEIGHTS), "full weights (train.tuning = \"full\")"),

@@ -10,6 +10,7 @@ use std::ops::Range;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
+use crate::backend::TrainBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::optimizer::{collect_grads, AdamW, Grads};
@@ -77,7 +78,7 @@ struct BatchTensors<B: Backend> {
     labels: Tensor<B, 2, Int>,
 }
 
-fn upload<B: Backend>(b: &Batch, device: &B::Device) -> BatchTensors<B> {
+fn upload<B: TrainBackend>(b: &Batch, device: &B::Device) -> BatchTensors<B> {
     let shape = [b.batch_size, b.seq_len];
     let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), device);
     BatchTensors {
@@ -90,7 +91,7 @@ fn upload<B: Backend>(b: &Batch, device: &B::Device) -> BatchTensors<B> {
 
 /// Summed next-token loss of a batch through `model` (any backend), laying the layers out as
 /// `recompute` says.
-fn batch_loss<B: Backend>(
+fn batch_loss<B: TrainBackend>(
     model: &CausalLm<B>,
     t: BatchTensors<B>,
     layers: &dyn Fn(Tensor<B, 3>, &crate::model::SequenceContext<B>) -> Tensor<B, 3>,
@@ -102,7 +103,7 @@ fn batch_loss<B: Backend>(
     model.next_token_loss(hidden, t.labels, fused).sum
 }
 
-impl<B: Backend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
         Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, fused_cross_entropy: true, device }
     }
@@ -286,14 +287,14 @@ impl<B: Backend> Trainer<B> {
 /// The value of a one-element tensor as f32, read in the tensor's own dtype: `into_scalar`
 /// would convert through the backend's float type (bf16 on a bf16 device) and round an f32 loss
 /// sum to 3 significant digits.
-pub(crate) fn scalar_f32<B: Backend>(t: Tensor<B, 1>) -> f32 {
+pub(crate) fn scalar_f32<B: TrainBackend>(t: Tensor<B, 1>) -> f32 {
     let [v] = read_f32(t);
     v
 }
 
 /// The `N` values of a tensor as f32, in one read of the device (counted in
 /// [`crate::backend::host_syncs`]); NaN where it holds fewer.
-fn read_f32<B: Backend, const N: usize>(t: Tensor<B, 1>) -> [f32; N] {
+fn read_f32<B: TrainBackend, const N: usize>(t: Tensor<B, 1>) -> [f32; N] {
     crate::backend::count_host_syncs(1);
     let data = t.into_data().convert::<f32>();
     let values = data.as_slice::<f32>().unwrap_or(&[]);

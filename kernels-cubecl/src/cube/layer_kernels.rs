@@ -1,0 +1,280 @@
+//! Kernels of [`crate::layer_ops`] (their own module: CubeCL's `Tensor` would clash with
+//! burn's). Arithmetic is in f32 whatever the storage dtype `E` is.
+
+use cubecl::prelude::*;
+
+/// Units per cube of the row kernels at most; a power of two, as their tree reduction needs.
+pub(super) const MAX_ROW_UNITS: u32 = 256;
+
+/// This cube's row: cubes span a 2-D grid, as one axis holds only 65535 of them.
+#[cube]
+fn cube_row() -> usize {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+/// Sums each unit's `parts[unit]` into `parts[0]`: a tree over the cube's `units` (a power of
+/// two), counted by a runtime variable as in [`super::row_kernel::merge_online_max_sum`].
+#[cube]
+fn sum_units(parts: &mut SharedMemory<f32>, unit: usize, #[comptime] units: u32) {
+    sync_cube();
+    let mut half = comptime!(units as usize / 2).runtime();
+    while half > 0 {
+        if unit < half {
+            parts[unit] = parts[unit] + parts[unit + half];
+        }
+        sync_cube();
+        half = half / 2;
+    }
+}
+
+/// One cube per row of `x` (`[rows, n]`, contiguous): `out = round(x * r) * weight` with
+/// `r = 1 / sqrt(mean(x^2) + eps)`, and `rstd[row] = r`. `out` is contiguous like `x`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rms_norm_rows<E: Float, W: Float>(
+    x: &Tensor<E>,
+    weight: &Tensor<W>,
+    out: &mut Tensor<E>,
+    rstd: &mut Tensor<f32>,
+    eps: f32,
+    rows: u32,
+    #[comptime] units: u32,
+    #[define(E, W)] _dtypes: [StorageType; 2],
+) {
+    let row = cube_row();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = x.shape(1);
+    let base = row * n;
+    let unit = UNIT_POS_X as usize;
+    let mut squares = f32::new(0.0);
+    let mut j = unit;
+    while j < n {
+        let v = f32::cast_from(x[base + j]);
+        squares = squares + v * v;
+        j = j + units as usize;
+    }
+    let mut parts = SharedMemory::<f32>::new(units as usize);
+    parts[unit] = squares;
+    sum_units(&mut parts, unit, units);
+    let r = f32::new(1.0) / (parts[0] / f32::cast_from(n) + eps).sqrt();
+    if unit == 0 {
+        rstd[row] = r;
+    }
+    let mut j = unit;
+    while j < n {
+        let normed = E::cast_from(f32::cast_from(x[base + j]) * r);
+        out[base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(weight[j]));
+        j = j + units as usize;
+    }
+}
+
+/// One cube per row: RMSNorm's `dx = r (g - xr mean(g xr))` with `g = dy * weight`, from the
+/// forward's `rstd`. `x`, `grad` and `dx` are `[rows, n]`, contiguous.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rms_norm_grad_rows<E: Float, W: Float>(
+    x: &Tensor<E>,
+    weight: &Tensor<W>,
+    rstd: &Tensor<f32>,
+    grad: &Tensor<E>,
+    dx: &mut Tensor<E>,
+    rows: u32,
+    #[comptime] units: u32,
+    #[define(E, W)] _dtypes: [StorageType; 2],
+) {
+    let row = cube_row();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = x.shape(1);
+    let base = row * n;
+    let unit = UNIT_POS_X as usize;
+    let r = rstd[row];
+    let mut dot = f32::new(0.0);
+    let mut j = unit;
+    while j < n {
+        let g = f32::cast_from(grad[base + j]) * f32::cast_from(weight[j]);
+        dot = dot + g * f32::cast_from(x[base + j]) * r;
+        j = j + units as usize;
+    }
+    let mut parts = SharedMemory::<f32>::new(units as usize);
+    parts[unit] = dot;
+    sum_units(&mut parts, unit, units);
+    let mean = parts[0] / f32::cast_from(n);
+    let mut j = unit;
+    while j < n {
+        let g = f32::cast_from(grad[base + j]) * f32::cast_from(weight[j]);
+        let xr = f32::cast_from(x[base + j]) * r;
+        dx[base + j] = E::cast_from(r * (g - xr * mean));
+        j = j + units as usize;
+    }
+}
+
+/// Offset of element `(i0, i1, i2)` of a rank-3 tensor, through its strides.
+#[cube]
+fn offset3<E: CubePrimitive>(t: &Tensor<E>, i0: usize, i1: usize, i2: usize) -> usize {
+    i0 * t.stride(0) + i1 * t.stride(1) + i2 * t.stride(2)
+}
+
+/// One unit per element of `out` (`[a, b, c]`, contiguous): `silu(gate) * up`; `gate` and `up`
+/// are read through their strides.
+#[cube(launch)]
+pub(super) fn swiglu_elements<E: Float>(gate: &Tensor<E>, up: &Tensor<E>, out: &mut Tensor<E>, #[define(E)] _dtype: StorageType) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let c = out.shape(2);
+    let b = out.shape(1);
+    let i2 = i % c;
+    let i1 = (i / c) % b;
+    let i0 = i / (c * b);
+    let g = f32::cast_from(gate[offset3(gate, i0, i1, i2)]);
+    let u = f32::cast_from(up[offset3(up, i0, i1, i2)]);
+    let s = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
+    out[i] = E::cast_from(g * s * u);
+}
+
+/// One unit per element: SwiGLU's `d gate = dy up s (1 + g (1 - s))` and `d up = dy g s` into
+/// `d_gate` / `d_up` (`[a, b, c]`, contiguous); the inputs through their strides.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn swiglu_grad_elements<E: Float>(
+    gate: &Tensor<E>,
+    up: &Tensor<E>,
+    grad: &Tensor<E>,
+    d_gate: &mut Tensor<E>,
+    d_up: &mut Tensor<E>,
+    #[comptime] want_gate: bool,
+    #[comptime] want_up: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    let n = grad.shape(0) * grad.shape(1) * grad.shape(2);
+    if i >= n {
+        terminate!();
+    }
+    let c = grad.shape(2);
+    let b = grad.shape(1);
+    let i2 = i % c;
+    let i1 = (i / c) % b;
+    let i0 = i / (c * b);
+    let g = f32::cast_from(gate[offset3(gate, i0, i1, i2)]);
+    let dy = f32::cast_from(grad[offset3(grad, i0, i1, i2)]);
+    let s = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
+    if want_up {
+        d_up[i] = E::cast_from(dy * g * s);
+    }
+    if want_gate {
+        let u = f32::cast_from(up[offset3(up, i0, i1, i2)]);
+        d_gate[i] = E::cast_from(dy * u * s * (f32::new(1.0) + g * (f32::new(1.0) - s)));
+    }
+}
+
+/// One unit per element of `out` (`[batch, heads, seq, d]`, contiguous): the rotary embedding of
+/// `x` (any strides) with the f32 tables `cos` / `sin` (`[batch or 1, 1, seq, d]`, any strides),
+/// or with `backward` its gradient from `x` = the upstream gradient:
+/// forward `y_j = x_j cos_j + sign_j x_p sin_j`, backward `dx_j = dy_j cos_j - sign_j dy_p sin_p`,
+/// where `p` is `j`'s partner in the other half and `sign` is -1 in the first half, +1 in the second.
+#[cube(launch)]
+pub(super) fn rotary_elements<E: Float>(
+    x: &Tensor<E>,
+    cos: &Tensor<f32>,
+    sin: &Tensor<f32>,
+    out: &mut Tensor<E>,
+    #[comptime] backward: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let d = out.shape(3);
+    let seq = out.shape(2);
+    let heads = out.shape(1);
+    let j = i % d;
+    let s = (i / d) % seq;
+    let h = (i / (d * seq)) % heads;
+    let b = i / (d * seq * heads);
+    let half = d / 2;
+    let mut p = j + half;
+    let mut sign = f32::new(-1.0);
+    if j >= half {
+        p = j - half;
+        sign = f32::new(1.0);
+    }
+    let x_base = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
+    let table_b = b % cos.shape(0);
+    let cos_base = table_b * cos.stride(0) + s * cos.stride(2);
+    let sin_base = table_b * sin.stride(0) + s * sin.stride(2);
+    let xj = f32::cast_from(x[x_base + j * x.stride(3)]);
+    let xp = f32::cast_from(x[x_base + p * x.stride(3)]);
+    let c = cos[cos_base + j * cos.stride(3)];
+    if backward {
+        out[i] = E::cast_from(xj * c - sign * xp * sin[sin_base + p * sin.stride(3)]);
+    } else {
+        out[i] = E::cast_from(xj * c + sign * xp * sin[sin_base + j * sin.stride(3)]);
+    }
+}
+
+/// One unit per element: AdamW's update of `param` (`E`) with `g = grad * grad_scale[0]` and the
+/// f32 moments, into `param_out`, `m_out`, `v_out` (contiguous, `[n]`), torch's order of
+/// operations: `p *= 1 - lr wd`, then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adamw_elements<E: Float>(
+    param: &Tensor<E>,
+    grad: &Tensor<f32>,
+    grad_scale: &Tensor<f32>,
+    m: &Tensor<f32>,
+    v: &Tensor<f32>,
+    param_out: &mut Tensor<E>,
+    m_out: &mut Tensor<f32>,
+    v_out: &mut Tensor<f32>,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= param_out.len() {
+        terminate!();
+    }
+    let g = grad[i] * grad_scale[0];
+    let m1 = beta1 * m[i] + (f32::new(1.0) - beta1) * g;
+    let v1 = beta2 * v[i] + (f32::new(1.0) - beta2) * g * g;
+    let mut p = f32::cast_from(param[i]);
+    p = p * (f32::new(1.0) - lr * decay);
+    p = p - step_size * m1 / (v1.sqrt() / bc2_sqrt + eps);
+    param_out[i] = E::cast_from(p);
+    m_out[i] = m1;
+    v_out[i] = v1;
+}
+
+/// Cubes of [`sum_of_squares_parts`]' units each stride over `g` (`[n]`, f32) and write their
+/// cube's `sum(g^2)` to `parts[first_part + cube]`.
+#[cube(launch)]
+pub(super) fn sum_of_squares_parts(g: &Tensor<f32>, parts: &mut Tensor<f32>, first_part: u32, #[comptime] units: u32) {
+    let unit = UNIT_POS_X as usize;
+    let cube = CUBE_POS_X as usize;
+    let stride = (CUBE_COUNT_X * units) as usize;
+    let mut sum = f32::new(0.0);
+    let mut j = cube * units as usize + unit;
+    while j < g.len() {
+        let x = g[j];
+        sum = sum + x * x;
+        j = j + stride;
+    }
+    let mut shared = SharedMemory::<f32>::new(units as usize);
+    shared[unit] = sum;
+    sum_units(&mut shared, unit, units);
+    if unit == 0 {
+        parts[first_part as usize + cube] = shared[0];
+    }
+}

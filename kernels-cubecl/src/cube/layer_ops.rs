@@ -1,0 +1,229 @@
+//! [`crate::layer_ops`] on `CubeBackend`: RMSNorm, SwiGLU and the rotary embedding as one
+//! kernel forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
+//! element-wise passes. RMSNorm's weight gradient (trained only in full fine-tuning) stays a
+//! plain-Burn reduction over rows.
+
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::{CubeCount, CubeDim};
+use cubecl::calculate_cube_count_elemwise;
+
+use super::layer_kernels::{rms_norm_grad_rows, rms_norm_rows, rotary_elements, swiglu_elements, swiglu_grad_elements, MAX_ROW_UNITS};
+use crate::layer_ops::{FusedLayerBackend, NormWanted};
+
+/// Cubes per grid axis at most: 65535 is all WebGPU/Vulkan promise.
+const MAX_CUBES_X: usize = 65_535;
+
+/// A 2-D grid of at least `rows` cubes (the kernels skip the surplus).
+fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_CUBES_X);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// Units per row: the row length rounded up to a power of two, at most [`MAX_ROW_UNITS`].
+fn row_units(n: usize) -> u32 {
+    n.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32
+}
+
+fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    tensor.into_primitive().tensor()
+}
+
+fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: CubeTensor<R>,
+) -> Tensor<CubeBackend<R, F, I, BT>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+/// `t` in f32 (a cast only if not f32 already).
+fn f32_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    t: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    cube_tensor(if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) })
+}
+
+/// A fresh contiguous tensor of `shape` in `dtype` beside `like`.
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+/// Grid and cube for one unit per element.
+fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, elements: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&like.client, elements);
+    (calculate_cube_count_elemwise(&like.client, elements, dim), dim)
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayerBackend for CubeBackend<R, F, I, BT> {
+    fn rms_norm_forward(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        let [rows, n] = x.dims();
+        if rows * n == 0 {
+            let device = x.device();
+            return (x, Tensor::<Self, 1>::zeros([rows], &device).cast(FloatDType::F32));
+        }
+        let x = into_contiguous(cube_tensor(x));
+        let weight = into_contiguous(cube_tensor(weight));
+        let out = empty_like(&x, x.shape(), x.dtype);
+        let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
+        let units = row_units(n);
+        let dtypes = [x.dtype.into(), weight.dtype.into()];
+        rms_norm_rows::launch::<R>(
+            &x.client.clone(),
+            row_cubes(rows),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            eps as f32,
+            rows as u32,
+            units,
+            dtypes,
+        );
+        (float(out), float(rstd))
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        rstd: Tensor<Self, 1>,
+        grad: Tensor<Self, 2>,
+        wanted: NormWanted,
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 1>>) {
+        let [rows, n] = x.dims();
+        let w_dtype = weight.dtype();
+        let grad_w = wanted.weight.then(|| {
+            let normed = f32_tensor::<R, F, I, BT, 2>(x.clone());
+            let normed = float::<R, F, I, BT, 2>(normed) * float::<R, F, I, BT, 1>(f32_tensor(rstd.clone())).reshape([rows, 1]);
+            let g = float::<R, F, I, BT, 2>(f32_tensor(grad.clone()));
+            let gw = (g * normed).sum_dim(0).reshape([n]);
+            if w_dtype == DType::F32 { gw } else { gw.cast(w_dtype) }
+        });
+        if !wanted.x || rows * n == 0 {
+            let grad_x = wanted.x.then(|| x);
+            return (grad_x, grad_w);
+        }
+        let x = into_contiguous(cube_tensor(x));
+        let weight = into_contiguous(cube_tensor(weight));
+        let rstd = into_contiguous(f32_tensor(rstd));
+        let grad = into_contiguous(cube_tensor(grad));
+        let dx = empty_like(&x, x.shape(), x.dtype);
+        let units = row_units(n);
+        let dtypes = [x.dtype.into(), weight.dtype.into()];
+        rms_norm_grad_rows::launch::<R>(
+            &x.client.clone(),
+            row_cubes(rows),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            rows as u32,
+            units,
+            dtypes,
+        );
+        (Some(float(dx)), grad_w)
+    }
+
+    fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let dims = gate.dims();
+        assert_eq!(dims, up.dims(), "swiglu: gate and up differ in shape");
+        let elements = dims.iter().product::<usize>();
+        if elements == 0 {
+            return gate;
+        }
+        let gate = cube_tensor(gate);
+        // One dtype for the kernel: gate's.
+        let up = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype));
+        let out = empty_like(&gate, gate.shape(), gate.dtype);
+        let (count, dim) = elementwise(&gate, elements);
+        let dtype = gate.dtype.into();
+        swiglu_elements::launch::<R>(&gate.client.clone(), count, dim, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        float(out)
+    }
+
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        grad: Tensor<Self, 3>,
+        wanted: [bool; 2],
+    ) -> (Option<Tensor<Self, 3>>, Option<Tensor<Self, 3>>) {
+        let dims = gate.dims();
+        let elements = dims.iter().product::<usize>();
+        if elements == 0 || !(wanted[0] || wanted[1]) {
+            return (wanted[0].then(|| gate), wanted[1].then(|| up));
+        }
+        let (g_dtype, u_dtype) = (gate.dtype(), up.dtype());
+        let gate = cube_tensor(gate);
+        let up = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype));
+        let grad = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(grad)).cast(gate.dtype));
+        // An output the kernel does not write still takes an argument: one element.
+        let output = |want: bool| empty_like(&gate, if want { gate.shape() } else { Shape::new([1]) }, gate.dtype);
+        let (d_gate, d_up) = (output(wanted[0]), output(wanted[1]));
+        let (count, dim) = elementwise(&gate, elements);
+        let dtype = gate.dtype.into();
+        swiglu_grad_elements::launch::<R>(
+            &gate.client.clone(),
+            count,
+            dim,
+            gate.into_tensor_arg(),
+            up.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            d_gate.clone().into_tensor_arg(),
+            d_up.clone().into_tensor_arg(),
+            wanted[0],
+            wanted[1],
+            dtype,
+        );
+        let back = |t: CubeTensor<R>, dtype: DType| {
+            let t = float::<R, F, I, BT, 3>(t);
+            if t.dtype() == dtype { t } else { t.cast(dtype) }
+        };
+        (wanted[0].then(|| back(d_gate, g_dtype)), wanted[1].then(|| back(d_up, u_dtype)))
+    }
+
+    fn rotary_forward(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        rotary::<R, F, I, BT>(x, cos, sin, false)
+    }
+
+    fn rotary_backward(grad: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        rotary::<R, F, I, BT>(grad, cos, sin, true)
+    }
+}
+
+fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    cos: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    sin: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    backward: bool,
+) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
+    let [b, h, s, d] = x.dims();
+    let [tb, _, ts, td] = cos.dims();
+    assert!(d % 2 == 0 && ts == s && td == d && (tb == b || tb == 1), "rotary: tables {:?} do not fit x {:?}", cos.dims(), x.dims());
+    let elements = b * h * s * d;
+    if elements == 0 {
+        return x;
+    }
+    let x = cube_tensor(x);
+    let (cos, sin) = (f32_tensor(cos), f32_tensor(sin));
+    let out = empty_like(&x, x.shape(), x.dtype);
+    let (count, dim) = elementwise(&x, elements);
+    let dtype = x.dtype.into();
+    rotary_elements::launch::<R>(
+        &x.client.clone(),
+        count,
+        dim,
+        x.into_tensor_arg(),
+        cos.into_tensor_arg(),
+        sin.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        backward,
+        dtype,
+    );
+    float(out)
+}

@@ -1,0 +1,409 @@
+//! RMSNorm, SwiGLU and the rotary embedding as fused ops, against their definitions:
+//! - each op's written-out backward (the trait's plain-Burn default, on NdArray) against autodiff
+//!   of `kernels_cubecl::reference`, output and every input's gradient;
+//! - each CubeCL kernel (wgpu here: lavapipe on machines without a GPU; CUDA f32 and bf16 in the
+//!   ignored tests) against the plain-Burn default on the same backend, forward and backward;
+//! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray.
+//!
+//! Shapes are odd (no power of two, rows beyond one grid axis for the row kernels), inputs are
+//! views where the model passes views (heads swapped with positions, halves of a wider tensor),
+//! and every case runs for several seeds.
+
+use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use kernels_cubecl::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value};
+use kernels_cubecl::{fused_rms_norm, fused_rotary, fused_swiglu, reference, FusedLayerBackend, NormWanted};
+
+type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+type Reference = Autodiff<NdArray<f32>>;
+
+/// xorshift64*: a few lines of deterministic randomness, the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [-spread, spread).
+    fn values(&mut self, n: usize, spread: f32) -> Vec<f32> {
+        (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * spread).collect()
+    }
+}
+
+const SEEDS: [u64; 3] = [1, 2, 3];
+const EPS: f64 = 1e-6;
+
+fn tensor<B: Backend, const D: usize>(values: &[f32], shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// Largest `|got - want|` relative to the largest `|want|`.
+fn assert_close(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), want.len(), "{label}: lengths");
+    assert!(got.iter().all(|g| g.is_finite()), "{label}: non-finite values");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let error = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
+    assert!(error < tolerance, "{label}: relative error {error}");
+}
+
+/// `[rows, n]` inputs of RMSNorm: rows of varying scale, weights around 1.
+struct NormCase {
+    rows: usize,
+    n: usize,
+    x: Vec<f32>,
+    weight: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+/// (rows, n): a row shorter than a cube, rows longer than one (each unit reads several), a
+/// q/k-norm-like case with more rows than one grid axis holds.
+const NORM_SHAPES: [(usize, usize); 3] = [(7, 5), (33, 700), (70_000, 4)];
+
+impl NormCase {
+    fn random(seed: u64, (rows, n): (usize, usize)) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut x = rng.values(rows * n, 2.0);
+        for (r, row) in x.chunks_mut(n).enumerate() {
+            row.iter_mut().for_each(|v| *v *= 1.0 + (r % 5) as f32);
+        }
+        let weight = rng.values(n, 0.5).into_iter().map(|w| 1.0 + w).collect();
+        let grad = rng.values(rows * n, 1.0);
+        NormCase { rows, n, x, weight, grad }
+    }
+}
+
+/// Output, dx and dweight of `norm` under autodiff, the upstream gradient random.
+fn norm_outcome<B: AutodiffBackend>(case: &NormCase, device: &B::Device, norm: fn(Tensor<B, 3>, Tensor<B, 1>, f64) -> Tensor<B, 3>) -> [Vec<f32>; 3] {
+    // [2, rows / 2, n] where it divides: the public op takes any rank.
+    let shape = if case.rows % 2 == 0 { [2, case.rows / 2, case.n] } else { [1, case.rows, case.n] };
+    let x = tensor::<B, 3>(&case.x, shape, device).require_grad();
+    let w = tensor::<B, 1>(&case.weight, [case.n], device).require_grad();
+    let y = norm(x.clone(), w.clone(), EPS);
+    let grads = (y.clone() * tensor::<B, 3>(&case.grad, shape, device)).sum().backward();
+    [values(y), values(x.grad(&grads).expect("dx")), values(w.grad(&grads).expect("dweight"))]
+}
+
+#[test]
+fn rms_norm_backward_matches_autodiff_of_the_reference() {
+    for dims in NORM_SHAPES {
+        for seed in SEEDS {
+            let case = NormCase::random(seed, dims);
+            let want = norm_outcome::<Reference>(&case, &Default::default(), reference::rms_norm);
+            let got = norm_outcome::<Reference>(&case, &Default::default(), fused_rms_norm);
+            for (name, g, w) in [("output", &got[0], &want[0]), ("dx", &got[1], &want[1]), ("dweight", &got[2], &want[2])] {
+                assert_close(&format!("rms_norm {dims:?} seed={seed} {name}"), g, w, 1e-5);
+            }
+        }
+    }
+}
+
+/// The RMSNorm kernels of `B` against the plain-Burn definitions on the same backend.
+fn rms_norm_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in NORM_SHAPES {
+        for seed in SEEDS {
+            let case = NormCase::random(seed, dims);
+            let x = tensor::<B, 2>(&case.x, [case.rows, case.n], device);
+            let w = tensor::<B, 1>(&case.weight, [case.n], device);
+            let label = format!("rms_norm {dims:?} seed={seed}");
+            let (want_y, want_r) = rms_norm_parts(x.clone(), w.clone(), EPS);
+            let (got_y, got_r) = B::rms_norm_forward(x.clone(), w.clone(), EPS);
+            assert_close(&format!("{label} output"), &values(got_y), &values(want_y), tolerance);
+            assert_close(&format!("{label} rstd"), &values(got_r), &values(want_r.clone()), tolerance);
+            let grad = tensor::<B, 2>(&case.grad, [case.rows, case.n], device);
+            for wanted in [NormWanted { x: true, weight: true }, NormWanted { x: true, weight: false }, NormWanted { x: false, weight: true }] {
+                let want = rms_norm_grad(x.clone(), w.clone(), want_r.clone(), grad.clone(), wanted);
+                let got = B::rms_norm_backward(x.clone(), w.clone(), want_r.clone(), grad.clone(), wanted);
+                assert_eq!((got.0.is_some(), got.1.is_some()), (wanted.x, wanted.weight), "{label} {wanted:?}");
+                if let (Some(g), Some(w)) = (got.0, want.0) {
+                    assert_close(&format!("{label} dx"), &values(g), &values(w), tolerance);
+                }
+                if let (Some(g), Some(w)) = (got.1, want.1) {
+                    assert_close(&format!("{label} dweight"), &values(g), &values(w), tolerance);
+                }
+            }
+        }
+    }
+}
+
+/// SwiGLU inputs `[a, b, c]`, with `strided` gate and up as the two halves of one `[a, b, 2c]`
+/// tensor (a fused gate/up projection's output).
+struct SwigluCase {
+    dims: [usize; 3],
+    strided: bool,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+const SWIGLU_SHAPES: [[usize; 3]; 3] = [[1, 1, 1], [2, 7, 13], [3, 37, 300]];
+
+impl SwigluCase {
+    fn random(seed: u64, dims: [usize; 3], strided: bool) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = dims.iter().product::<usize>();
+        SwigluCase { dims, strided, gate: rng.values(n, 6.0), up: rng.values(n, 2.0), grad: rng.values(n, 1.0) }
+    }
+
+    fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let gate = tensor::<B, 3>(&self.gate, self.dims, device);
+        let up = tensor::<B, 3>(&self.up, self.dims, device);
+        if !self.strided {
+            return (gate, up);
+        }
+        let c = self.dims[2];
+        let both = Tensor::cat(vec![gate, up], 2);
+        (both.clone().narrow(2, 0, c), both.narrow(2, c, c))
+    }
+}
+
+fn swiglu_outcome<B: AutodiffBackend>(case: &SwigluCase, device: &B::Device, op: fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>) -> [Vec<f32>; 3] {
+    let gate = tensor::<B, 3>(&case.gate, case.dims, device).require_grad();
+    let up = tensor::<B, 3>(&case.up, case.dims, device).require_grad();
+    let (g_in, u_in) = if case.strided {
+        let c = case.dims[2];
+        let both = Tensor::cat(vec![gate.clone(), up.clone()], 2);
+        (both.clone().narrow(2, 0, c), both.narrow(2, c, c))
+    } else {
+        (gate.clone(), up.clone())
+    };
+    let y = op(g_in, u_in);
+    let grads = (y.clone() * tensor::<B, 3>(&case.grad, case.dims, device)).sum().backward();
+    [values(y), values(gate.grad(&grads).expect("d gate")), values(up.grad(&grads).expect("d up"))]
+}
+
+#[test]
+fn swiglu_backward_matches_autodiff_of_the_reference() {
+    for dims in SWIGLU_SHAPES {
+        for strided in [false, true] {
+            for seed in SEEDS {
+                let case = SwigluCase::random(seed, dims, strided);
+                let want = swiglu_outcome::<Reference>(&case, &Default::default(), reference::swiglu);
+                let got = swiglu_outcome::<Reference>(&case, &Default::default(), fused_swiglu);
+                for (name, g, w) in [("output", &got[0], &want[0]), ("d gate", &got[1], &want[1]), ("d up", &got[2], &want[2])] {
+                    assert_close(&format!("swiglu {dims:?} strided={strided} seed={seed} {name}"), g, w, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+fn swiglu_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in SWIGLU_SHAPES {
+        for strided in [false, true] {
+            for seed in SEEDS {
+                let case = SwigluCase::random(seed, dims, strided);
+                let (gate, up) = case.inputs::<B>(device);
+                let label = format!("swiglu {dims:?} strided={strided} seed={seed}");
+                let want = swiglu_value(gate.clone(), up.clone());
+                assert_close(&format!("{label} output"), &values(B::swiglu_forward(gate.clone(), up.clone())), &values(want), tolerance);
+                // The upstream gradient as a view too (a transposed one) when strided.
+                let grad = match strided {
+                    false => tensor::<B, 3>(&case.grad, dims, device),
+                    true => tensor::<B, 3>(&case.grad, [dims[0], dims[2], dims[1]], device).swap_dims(1, 2),
+                };
+                for wanted in [[true, true], [true, false], [false, true]] {
+                    let want = swiglu_grad(gate.clone(), up.clone(), grad.clone(), wanted);
+                    let got = B::swiglu_backward(gate.clone(), up.clone(), grad.clone(), wanted);
+                    assert_eq!([got.0.is_some(), got.1.is_some()], wanted, "{label}");
+                    for (name, g, w) in [("d gate", got.0, want.0), ("d up", got.1, want.1)] {
+                        if let (Some(g), Some(w)) = (g, w) {
+                            assert_close(&format!("{label} {name} {wanted:?}"), &values(g), &values(w), tolerance);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rotary inputs `[batch, heads, seq, d]`: `swapped` reads `x` as the model does, `[batch, seq,
+/// heads, d]` with heads and positions swapped. The tables are transformers' (`rope_cos_sin`
+/// of positions that differ per row).
+struct RotaryCase {
+    dims: [usize; 4],
+    swapped: bool,
+    x: Vec<f32>,
+    grad: Vec<f32>,
+    positions: Vec<i64>,
+}
+
+const ROTARY_SHAPES: [[usize; 4]; 3] = [[1, 1, 1, 2], [2, 3, 7, 8], [2, 5, 33, 34]];
+
+impl RotaryCase {
+    fn random(seed: u64, dims: [usize; 4], swapped: bool) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = dims.iter().product::<usize>();
+        let [b, _, s, _] = dims;
+        let positions = (0..b * s).map(|i| (i % s) as i64 * (1 + (i / s) as i64) + (rng.next() % 3) as i64).collect();
+        RotaryCase { dims, swapped, x: rng.values(n, 2.0), grad: rng.values(n, 1.0), positions }
+    }
+
+    fn tables<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, _, s, d] = self.dims;
+        let positions = Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(self.positions.clone(), [b, s]), device);
+        let inv_freq = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect::<Vec<_>>();
+        reference::rope_cos_sin(positions, tensor::<B, 1>(&inv_freq, [d / 2], device))
+    }
+
+    /// `values` as the op's `[batch, heads, seq, d]` input.
+    fn input<B: Backend>(&self, values: &[f32], device: &B::Device) -> Tensor<B, 4> {
+        let [b, h, s, d] = self.dims;
+        match self.swapped {
+            false => tensor::<B, 4>(values, self.dims, device),
+            true => tensor::<B, 4>(values, [b, s, h, d], device).swap_dims(1, 2),
+        }
+    }
+}
+
+fn rotary_outcome<B: AutodiffBackend>(case: &RotaryCase, device: &B::Device, op: fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>) -> [Vec<f32>; 2] {
+    let [b, h, s, d] = case.dims;
+    let leaf = match case.swapped {
+        false => tensor::<B, 4>(&case.x, case.dims, device),
+        true => tensor::<B, 4>(&case.x, [b, s, h, d], device),
+    }
+    .require_grad();
+    let x = if case.swapped { leaf.clone().swap_dims(1, 2) } else { leaf.clone() };
+    let (cos, sin) = case.tables::<B>(device);
+    let y = op(x, cos, sin);
+    let grads = (y.clone() * tensor::<B, 4>(&case.grad, case.dims, device)).sum().backward();
+    [values(y), values(leaf.grad(&grads).expect("dx"))]
+}
+
+#[test]
+fn rotary_backward_matches_autodiff_of_the_reference() {
+    for dims in ROTARY_SHAPES {
+        for swapped in [false, true] {
+            for seed in SEEDS {
+                let case = RotaryCase::random(seed, dims, swapped);
+                let want = rotary_outcome::<Reference>(&case, &Default::default(), reference::rotary);
+                let got = rotary_outcome::<Reference>(&case, &Default::default(), fused_rotary);
+                assert_close(&format!("rotary {dims:?} swapped={swapped} seed={seed} output"), &got[0], &want[0], 1e-5);
+                assert_close(&format!("rotary {dims:?} swapped={swapped} seed={seed} dx"), &got[1], &want[1], 1e-5);
+            }
+        }
+    }
+}
+
+fn rotary_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in ROTARY_SHAPES {
+        for swapped in [false, true] {
+            for seed in SEEDS {
+                let case = RotaryCase::random(seed, dims, swapped);
+                let (cos, sin) = case.tables::<B>(device);
+                let label = format!("rotary {dims:?} swapped={swapped} seed={seed}");
+                let x = case.input::<B>(&case.x, device);
+                let want = rotary_value(x.clone(), cos.clone(), sin.clone());
+                assert_close(&format!("{label} output"), &values(B::rotary_forward(x, cos.clone(), sin.clone())), &values(want), tolerance);
+                let grad = case.input::<B>(&case.grad, device);
+                let want = rotary_grad(grad.clone(), cos.clone(), sin.clone());
+                assert_close(&format!("{label} dx"), &values(B::rotary_backward(grad, cos, sin)), &values(want), tolerance);
+            }
+        }
+    }
+}
+
+/// Every fused op under `Autodiff<B>` against the reference under autodiff on NdArray.
+fn autodiff_ops_match_reference<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for seed in SEEDS {
+        let case = NormCase::random(seed, (33, 700));
+        let want = norm_outcome::<Reference>(&case, &Default::default(), reference::rms_norm);
+        let got = norm_outcome::<Autodiff<B>>(&case, device, fused_rms_norm);
+        for (i, name) in ["output", "dx", "dweight"].iter().enumerate() {
+            assert_close(&format!("autodiff rms_norm seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
+        let case = SwigluCase::random(seed, [2, 7, 13], true);
+        let want = swiglu_outcome::<Reference>(&case, &Default::default(), reference::swiglu);
+        let got = swiglu_outcome::<Autodiff<B>>(&case, device, fused_swiglu);
+        for (i, name) in ["output", "d gate", "d up"].iter().enumerate() {
+            assert_close(&format!("autodiff swiglu seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
+        let case = RotaryCase::random(seed, [2, 3, 7, 8], true);
+        let want = rotary_outcome::<Reference>(&case, &Default::default(), reference::rotary);
+        let got = rotary_outcome::<Autodiff<B>>(&case, device, fused_rotary);
+        for (i, name) in ["output", "dx"].iter().enumerate() {
+            assert_close(&format!("autodiff rotary seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
+    }
+}
+
+#[test]
+fn untracked_weight_gets_no_gradient() {
+    let case = NormCase::random(1, (7, 5));
+    let device = Default::default();
+    let x = tensor::<Reference, 2>(&case.x, [7, 5], &device).require_grad();
+    let w = tensor::<Reference, 1>(&case.weight, [5], &device);
+    let grads = fused_rms_norm(x.clone(), w.clone(), EPS).sum().backward();
+    assert!(x.grad(&grads).is_some());
+    assert!(w.grad(&grads).is_none());
+}
+
+fn wgpu_device() -> WgpuDevice {
+    WgpuDevice::default()
+}
+
+#[test]
+fn wgpu_rms_norm_kernels_match_definition() {
+    rms_norm_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
+fn wgpu_swiglu_kernels_match_definition() {
+    swiglu_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
+fn wgpu_rotary_kernels_match_definition() {
+    rotary_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
+fn wgpu_autodiff_ops_match_reference() {
+    autodiff_ops_match_reference::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+/// The same on CUDA, f32 and bf16 (storage rounded to 8 significant bits on both sides of the
+/// comparison, the arithmetic in f32): `cargo test -p kernels-cubecl --features cuda -- --ignored`.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn::backend::cuda::CudaDevice;
+
+    type CudaF32 = burn::backend::Cuda<f32, i32>;
+    type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_f32_layer_kernels_match_definition() {
+        let device = CudaDevice::default();
+        rms_norm_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        autodiff_ops_match_reference::<CudaF32>(&device, 1e-5);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_bf16_layer_kernels_match_definition() {
+        let device = CudaDevice::default();
+        // Both sides store bf16 (relative spacing 2^-8); the kernels round once, the
+        // definitions after each op.
+        rms_norm_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        swiglu_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        rotary_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        autodiff_ops_match_reference::<CudaBf16>(&device, 3e-2);
+    }
+}

@@ -1,0 +1,124 @@
+//! The fused AdamW update and the global sum of squares against their plain-Burn definitions on
+//! the same backend (wgpu here: lavapipe on machines without a GPU; CUDA in the ignored tests),
+//! over several steps, sizes that are no multiple of a cube, and with and without weight decay
+//! and a clipping scale.
+
+use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use kernels_cubecl::optimizer::{adamw_update_value, sum_of_squares_value};
+use kernels_cubecl::{AdamWStep, FusedOptimizerBackend};
+
+type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+struct Rng(u64);
+
+impl Rng {
+    fn values(&mut self, n: usize, spread: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 >> 12;
+                self.0 ^= self.0 << 25;
+                self.0 ^= self.0 >> 27;
+                ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * spread
+            })
+            .collect()
+    }
+}
+
+fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn assert_close(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), want.len(), "{label}: lengths");
+    assert!(got.iter().all(|g| g.is_finite()), "{label}: non-finite values");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let error = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
+    assert!(error < tolerance, "{label}: relative error {error}");
+}
+
+const SIZES: [usize; 4] = [1, 7, 4_099, 300_001];
+
+/// Five AdamW steps from zero moments by `B`'s kernel and by the definition, the parameter
+/// stored in `dtype`.
+fn adamw_matches_definition<B: FusedOptimizerBackend>(device: &B::Device, dtype: DType, tolerance: f32) {
+    for (i, n) in SIZES.into_iter().enumerate() {
+        for (decay, clip) in [(0.0, 1.0), (0.1, 0.37)] {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
+            let f32_tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32));
+            let param = f32_tensor(rng.values(n, 1.0)).cast(dtype);
+            let scale = Tensor::<B, 1>::from_data(TensorData::new(vec![clip], [1]), (device, DType::F32));
+            let zeros = || Tensor::<B, 1>::zeros([n], (device, DType::F32));
+            let (mut got, mut want) = ((param.clone(), zeros(), zeros()), (param, zeros(), zeros()));
+            for step in 1..=5 {
+                let grad = f32_tensor(rng.values(n, 0.5));
+                let s = AdamWStep {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: decay,
+                    bias_correction1: 1.0 - 0.9f64.powi(step),
+                    bias_correction2: 1.0 - 0.999f64.powi(step),
+                };
+                let g = B::adamw_update(got.0, grad.clone(), scale.clone(), got.1, got.2, s);
+                let w = adamw_update_value(want.0, grad, scale.clone(), want.1, want.2, s);
+                assert_eq!(g.param.dtype(), dtype);
+                let label = format!("adamw n={n} decay={decay} step={step}");
+                assert_close(&format!("{label} param"), &values(g.param.clone()), &values(w.param.clone()), tolerance);
+                assert_close(&format!("{label} exp_avg"), &values(g.exp_avg.clone()), &values(w.exp_avg.clone()), 1e-5);
+                assert_close(&format!("{label} exp_avg_sq"), &values(g.exp_avg_sq.clone()), &values(w.exp_avg_sq.clone()), 1e-5);
+                got = (g.param, g.exp_avg, g.exp_avg_sq);
+                want = (w.param, w.exp_avg, w.exp_avg_sq);
+            }
+        }
+    }
+}
+
+fn sum_of_squares_matches_definition<B: FusedOptimizerBackend>(device: &B::Device) {
+    let mut rng = Rng(7);
+    let grads: Vec<Tensor<B, 1>> =
+        SIZES.iter().chain(&[0, 2_000_003]).map(|&n| Tensor::from_data(TensorData::new(rng.values(n, 1.0), [n]), (device, DType::F32))).collect();
+    for count in [1, 3, grads.len()] {
+        let got = values(B::sum_of_squares(&grads[..count]));
+        let want = values(sum_of_squares_value(&grads[..count]));
+        assert_eq!(got.len(), 1);
+        assert_close(&format!("sum of squares of {count} tensors"), &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn ndarray_defaults_are_the_definitions() {
+    adamw_matches_definition::<NdArray<f32>>(&Default::default(), DType::F32, 1e-7);
+    sum_of_squares_matches_definition::<NdArray<f32>>(&Default::default());
+}
+
+#[test]
+fn wgpu_adamw_matches_definition() {
+    adamw_matches_definition::<Wgpu>(&WgpuDevice::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn wgpu_sum_of_squares_matches_definition() {
+    sum_of_squares_matches_definition::<Wgpu>(&WgpuDevice::default());
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn::backend::cuda::CudaDevice;
+
+    type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_optimizer_kernels_match_definition() {
+        let device = CudaDevice::default();
+        adamw_matches_definition::<CudaBf16>(&device, DType::F32, 1e-5);
+        // A bf16 parameter: both round the f32 update once per step.
+        adamw_matches_definition::<CudaBf16>(&device, DType::BF16, 1e-2);
+        sum_of_squares_matches_definition::<CudaBf16>(&device);
+    }
+}
