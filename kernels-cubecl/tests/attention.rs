@@ -479,8 +479,9 @@ fn wgpu_block_grad_matches_default() {
     block_grad_matches_default::<Wgpu>(&wgpu_device(), TOLERANCE);
 }
 
-/// The same comparisons on CUDA (bool masks stored as u8 there, u32 on wgpu), in f32 and bf16:
-/// `cargo test -p kernels-cubecl --features cuda -- --ignored`.
+/// The same comparisons on CUDA (bool masks stored as u8 there, u32 on wgpu), in f32 and bf16,
+/// with the row kernels forced on (`KERNELS_CUBECL_ROW_KERNELS=1`; CUDA leaves them off by
+/// default): `KERNELS_CUBECL_ROW_KERNELS=1 cargo test -p kernels-cubecl --features cuda -- --ignored`.
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -490,7 +491,7 @@ mod cuda {
     type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
 
     fn forced() {
-        assert_ne!(std::env::var("KERNELS_CUBECL_ROW_KERNELS").as_deref(), Ok("0"), "the row kernels are switched off");
+        assert_eq!(std::env::var("KERNELS_CUBECL_ROW_KERNELS").as_deref(), Ok("1"), "run with KERNELS_CUBECL_ROW_KERNELS=1");
     }
 
     #[test]

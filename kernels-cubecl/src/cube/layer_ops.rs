@@ -1,32 +1,18 @@
-//! [`crate::layer_ops`] on `CubeBackend`: RMSNorm, SwiGLU and the rotary embedding as one
-//! kernel forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
-//! element-wise passes. RMSNorm's weight gradient (trained only in full fine-tuning) stays a
-//! plain-Burn reduction over rows.
+//! [`crate::layer_ops`] on `CubeBackend`: SwiGLU and the rotary embedding as one kernel
+//! forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
+//! element-wise passes. RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
+//! op, its per-row statistic saved): a row kernel with a shared-memory reduction, right on wgpu,
+//! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
 
 use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
-use super::layer_kernels::{rms_norm_grad_rows, rms_norm_rows, rotary_elements, swiglu_elements, swiglu_grad_elements, MAX_ROW_UNITS};
-use crate::layer_ops::{FusedLayerBackend, NormWanted};
-
-/// Cubes per grid axis at most: 65535 is all WebGPU/Vulkan promise.
-const MAX_CUBES_X: usize = 65_535;
-
-/// A 2-D grid of at least `rows` cubes (the kernels skip the surplus).
-fn row_cubes(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, MAX_CUBES_X);
-    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
-}
-
-/// Units per row: the row length rounded up to a power of two, at most [`MAX_ROW_UNITS`].
-fn row_units(n: usize) -> u32 {
-    n.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32
-}
+use super::layer_kernels::{rotary_elements, swiglu_elements, swiglu_grad_elements};
+use crate::layer_ops::FusedLayerBackend;
 
 fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
     tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
@@ -59,77 +45,6 @@ fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, elements: usize) -> (CubeCo
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayerBackend for CubeBackend<R, F, I, BT> {
-    fn rms_norm_forward(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
-        let [rows, n] = x.dims();
-        if rows * n == 0 {
-            let device = x.device();
-            return (x, Tensor::<Self, 1>::zeros([rows], &device).cast(FloatDType::F32));
-        }
-        let x = into_contiguous(cube_tensor(x));
-        let weight = into_contiguous(cube_tensor(weight));
-        let out = empty_like(&x, x.shape(), x.dtype);
-        let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
-        let units = row_units(n);
-        let dtypes = [x.dtype.into(), weight.dtype.into()];
-        rms_norm_rows::launch::<R>(
-            &x.client.clone(),
-            row_cubes(rows),
-            CubeDim::new_1d(units),
-            x.into_tensor_arg(),
-            weight.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            rstd.clone().into_tensor_arg(),
-            eps as f32,
-            rows as u32,
-            units,
-            dtypes,
-        );
-        (float(out), float(rstd))
-    }
-
-    fn rms_norm_backward(
-        x: Tensor<Self, 2>,
-        weight: Tensor<Self, 1>,
-        rstd: Tensor<Self, 1>,
-        grad: Tensor<Self, 2>,
-        wanted: NormWanted,
-    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 1>>) {
-        let [rows, n] = x.dims();
-        let w_dtype = weight.dtype();
-        let grad_w = wanted.weight.then(|| {
-            let normed = f32_tensor::<R, F, I, BT, 2>(x.clone());
-            let normed = float::<R, F, I, BT, 2>(normed) * float::<R, F, I, BT, 1>(f32_tensor(rstd.clone())).reshape([rows, 1]);
-            let g = float::<R, F, I, BT, 2>(f32_tensor(grad.clone()));
-            let gw = (g * normed).sum_dim(0).reshape([n]);
-            if w_dtype == DType::F32 { gw } else { gw.cast(w_dtype) }
-        });
-        if !wanted.x || rows * n == 0 {
-            let grad_x = wanted.x.then(|| x);
-            return (grad_x, grad_w);
-        }
-        let x = into_contiguous(cube_tensor(x));
-        let weight = into_contiguous(cube_tensor(weight));
-        let rstd = into_contiguous(f32_tensor(rstd));
-        let grad = into_contiguous(cube_tensor(grad));
-        let dx = empty_like(&x, x.shape(), x.dtype);
-        let units = row_units(n);
-        let dtypes = [x.dtype.into(), weight.dtype.into()];
-        rms_norm_grad_rows::launch::<R>(
-            &x.client.clone(),
-            row_cubes(rows),
-            CubeDim::new_1d(units),
-            x.into_tensor_arg(),
-            weight.into_tensor_arg(),
-            rstd.into_tensor_arg(),
-            grad.into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            rows as u32,
-            units,
-            dtypes,
-        );
-        (Some(float(dx)), grad_w)
-    }
-
     fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         let dims = gate.dims();
         assert_eq!(dims, up.dims(), "swiglu: gate and up differ in shape");

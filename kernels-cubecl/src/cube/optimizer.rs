@@ -1,24 +1,17 @@
-//! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW, and the global
-//! sum of squares as one kernel per gradient writing its cubes' partial sums into one buffer,
-//! then one reduction of that buffer.
+//! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW. The global sum of
+//! squares keeps the trait's plain-Burn reductions (Burn's reduce is right on CUDA; this
+//! crate's shared-memory reductions are not yet, see `layer_ops`).
 
 use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
+use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::calculate_cube_count_elemwise;
-use cubecl::prelude::{CubeCount, CubeDim};
+use cubecl::prelude::CubeDim;
 
-use super::layer_kernels::{adamw_elements, sum_of_squares_parts};
+use super::layer_kernels::adamw_elements;
 use crate::optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
-
-/// Units per cube of the sum of squares.
-const UNITS: u32 = 256;
-/// Elements each unit reads at least before another cube is worth launching.
-const PER_UNIT: usize = 16;
-/// Cubes per gradient at most.
-const MAX_CUBES: usize = 1024;
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -29,10 +22,6 @@ fn f32_contiguous<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
 
 fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(t: CubeTensor<R>) -> Tensor<Cube<R, F, I, BT>, 1> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn cubes_for(n: usize) -> usize {
-    n.div_ceil(UNITS as usize * PER_UNIT).clamp(1, MAX_CUBES)
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptimizerBackend for CubeBackend<R, F, I, BT> {
@@ -81,31 +70,5 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
             dtype,
         );
         AdamWUpdated { param: float(param_out), exp_avg: float(m_out), exp_avg_sq: float(v_out) }
-    }
-
-    fn sum_of_squares(grads: &[Tensor<Self, 1>]) -> Tensor<Self, 1> {
-        assert!(!grads.is_empty(), "sum_of_squares of no tensors");
-        let total: usize = grads.iter().map(|g| cubes_for(g.dims()[0])).sum();
-        let first = into_contiguous(grads[0].clone().into_primitive().tensor());
-        let parts = zeros_client(first.client.clone(), first.device.clone(), Shape::new([total]), DType::F32);
-        let mut offset = 0;
-        for g in grads {
-            let [n] = g.dims();
-            let cubes = cubes_for(n);
-            if n > 0 {
-                let g = f32_contiguous(g.clone());
-                sum_of_squares_parts::launch::<R>(
-                    &g.client.clone(),
-                    CubeCount::Static(cubes as u32, 1, 1),
-                    CubeDim::new_1d(UNITS),
-                    g.into_tensor_arg(),
-                    parts.clone().into_tensor_arg(),
-                    offset as u32,
-                    UNITS,
-                );
-            }
-            offset += cubes;
-        }
-        float::<R, F, I, BT>(parts).sum()
     }
 }

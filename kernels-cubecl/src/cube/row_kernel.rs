@@ -58,7 +58,7 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
     let mut sums = SharedMemory::<F>::new(units as usize);
     maxes[unit] = max;
     sums[unit] = sum;
-    merge_online_max_sum(&mut maxes, &mut sums, unit, units);
+    merge_online_max_sum(&mut maxes, &mut sums, unit);
     let log_sum_exp = maxes[0] + sums[0].ln();
 
     if unit == 0 {
@@ -89,15 +89,11 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
 
 /// Merges each unit's online `(max, sum of exp(x - max))`, written at `maxes[unit]` /
 /// `sums[unit]`, into the cube's: a tree in shared memory over the cube's units (a power of
-/// two, `units`), leaving the row's pair at index 0 for every unit to read.
-///
-/// The halving counter is a runtime variable made from the comptime `units`, as cubek-reduce
-/// writes its trees: the loop counted from `CUBE_DIM_X` gave wrong sums on CUDA (f32 and bf16;
-/// 2026-12-02, `tests/attention.rs`, `tests/layer_ops.rs`) while wgpu was right.
+/// two), leaving the row's pair at index 0 for every unit to read.
 #[cube]
-pub(super) fn merge_online_max_sum<F: Float>(maxes: &mut SharedMemory<F>, sums: &mut SharedMemory<F>, unit: usize, #[comptime] units: u32) {
+pub(super) fn merge_online_max_sum<F: Float>(maxes: &mut SharedMemory<F>, sums: &mut SharedMemory<F>, unit: usize) {
     sync_cube();
-    let mut half = comptime!(units as usize / 2).runtime();
+    let mut half = (CUBE_DIM_X / 2) as usize;
     while half > 0 {
         if unit < half {
             let max_a = maxes[unit];

@@ -96,7 +96,7 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
     let mut sums = SharedMemory::<f32>::new(units as usize);
     maxes[unit] = max;
     sums[unit] = sum;
-    merge_online_max_sum(&mut maxes, &mut sums, unit, units);
+    merge_online_max_sum(&mut maxes, &mut sums, unit);
     let row_max = maxes[0];
     let row_sum = sums[0];
     // A unit that saw the row's max added exp(0) = 1: only a row without a readable key sums to 0.
