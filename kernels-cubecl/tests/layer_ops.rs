@@ -354,8 +354,9 @@ mod cuda {
     type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
 
     #[test]
-    #[ignore = "needs an NVIDIA GPU"]
+    #[ignore = "needs an NVIDIA GPU; run with KERNELS_CUBECL_CUDA_KERNELS=1"]
     fn cuda_f32_layer_kernels_match_definition() {
+        assert_eq!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("1"), "the kernels are off on CUDA without it");
         let device = CudaDevice::default();
         swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
         rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
@@ -363,8 +364,9 @@ mod cuda {
     }
 
     #[test]
-    #[ignore = "needs an NVIDIA GPU"]
+    #[ignore = "needs an NVIDIA GPU; run with KERNELS_CUBECL_CUDA_KERNELS=1"]
     fn cuda_bf16_layer_kernels_match_definition() {
+        assert_eq!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("1"), "the kernels are off on CUDA without it");
         let device = CudaDevice::default();
         // Both sides store bf16 (relative spacing 2^-8); the kernels round once, the
         // definitions after each op.

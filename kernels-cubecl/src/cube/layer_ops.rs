@@ -1,6 +1,6 @@
 //! [`crate::layer_ops`] on `CubeBackend`: SwiGLU and the rotary embedding as one kernel
 //! forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
-//! element-wise passes. RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
+//! element-wise passes, where [`super::kernels_on`] says they run (not CUDA yet). RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
 //! op, its per-row statistic saved): a row kernel with a shared-memory reduction, right on wgpu,
 //! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
 
@@ -12,7 +12,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
 use super::layer_kernels::{rotary_elements, swiglu_elements, swiglu_grad_elements};
-use crate::layer_ops::FusedLayerBackend;
+use crate::layer_ops::{rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend};
 
 fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
     tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
@@ -38,6 +38,11 @@ fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) 
     empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
+/// Whether the kernels run for `t`'s runtime ([`super::kernels_on`]).
+fn on<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(t: &Tensor<CubeBackend<R, F, I, BT>, D>) -> bool {
+    super::kernels_on(&t.clone().into_primitive().tensor().client)
+}
+
 /// Grid and cube for one unit per element.
 fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, elements: usize) -> (CubeCount, CubeDim) {
     let dim = CubeDim::new(&like.client, elements);
@@ -49,8 +54,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         let dims = gate.dims();
         assert_eq!(dims, up.dims(), "swiglu: gate and up differ in shape");
         let elements = dims.iter().product::<usize>();
-        if elements == 0 {
-            return gate;
+        if elements == 0 || !on(&gate) {
+            return swiglu_value(gate, up);
         }
         let gate = cube_tensor(gate);
         // One dtype for the kernel: gate's.
@@ -70,8 +75,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
     ) -> (Option<Tensor<Self, 3>>, Option<Tensor<Self, 3>>) {
         let dims = gate.dims();
         let elements = dims.iter().product::<usize>();
-        if elements == 0 || !(wanted[0] || wanted[1]) {
-            return (wanted[0].then(|| gate), wanted[1].then(|| up));
+        if elements == 0 || !(wanted[0] || wanted[1]) || !on(&gate) {
+            return swiglu_grad(gate, up, grad, wanted);
         }
         let (g_dtype, u_dtype) = (gate.dtype(), up.dtype());
         let gate = cube_tensor(gate);
@@ -121,8 +126,8 @@ fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     let [tb, _, ts, td] = cos.dims();
     assert!(d % 2 == 0 && ts == s && td == d && (tb == b || tb == 1), "rotary: tables {:?} do not fit x {:?}", cos.dims(), x.dims());
     let elements = b * h * s * d;
-    if elements == 0 {
-        return x;
+    if elements == 0 || !on(&x) {
+        return if backward { rotary_grad(x, cos, sin) } else { rotary_value(x, cos, sin) };
     }
     let x = cube_tensor(x);
     let (cos, sin) = (f32_tensor(cos), f32_tensor(sin));

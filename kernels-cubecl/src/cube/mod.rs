@@ -9,3 +9,14 @@ mod linear_cross_entropy;
 mod optimizer;
 mod row_kernel;
 mod softmax_rows;
+
+/// Whether this crate's layer and optimizer kernels run on `client`'s runtime: everywhere but
+/// CUDA unless `KERNELS_CUBECL_CUDA_KERNELS=1` (the device tests). They match the plain-Burn
+/// definitions on wgpu, but on CUDA (cubecl-cuda 0.10, H200, 2026-12-02) the ones that read a
+/// tensor's shape or strides in the kernel gave garbage and the AdamW launch failed with
+/// `CUDA_ERROR_INVALID_VALUE`; until that is found, CUDA runs the definitions (Burn's own ops)
+/// inside the same single autodiff ops.
+pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "1")) || R::name(client) != "cuda"
+}

@@ -1,4 +1,5 @@
-//! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW. The global sum of
+//! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW where
+//! [`super::kernels_on`] says it runs (not CUDA yet). The global sum of
 //! squares keeps the trait's plain-Burn reductions (Burn's reduce is right on CUDA; this
 //! crate's shared-memory reductions are not yet, see `layer_ops`).
 
@@ -11,7 +12,7 @@ use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::CubeDim;
 
 use super::layer_kernels::adamw_elements;
-use crate::optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
+use crate::optimizer::{adamw_update_value, AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -35,8 +36,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
     ) -> AdamWUpdated<Self> {
         let [n] = param.dims();
         assert!(grad.dims() == [n] && exp_avg.dims() == [n] && exp_avg_sq.dims() == [n], "adamw_update: shapes differ");
-        if n == 0 {
-            return AdamWUpdated { param, exp_avg, exp_avg_sq };
+        if n == 0 || !super::kernels_on(&param.clone().into_primitive().tensor().client) {
+            return adamw_update_value(param, grad, grad_scale, exp_avg, exp_avg_sq, s);
         }
         let param = into_contiguous(param.into_primitive().tensor());
         let (grad, scale) = (f32_contiguous(grad), f32_contiguous(grad_scale));
