@@ -22,7 +22,7 @@ fn plan_and_section() -> (ModelPlan, ModelSection) {
     (plan, section)
 }
 
-fn build<B: burn::tensor::backend::Backend>() -> CausalLm<B> {
+fn build<B: trainer::backend::TrainBackend>() -> CausalLm<B> {
     let (plan, section) = plan_and_section();
     model::build::<B>(&plan, &section, Layout::SINGLE, &Default::default()).unwrap()
 }
