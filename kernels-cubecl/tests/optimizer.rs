@@ -85,7 +85,8 @@ fn sum_of_squares_matches_host<B: FusedOptimizerBackend>(device: &B::Device) {
     for count in [1, 3, grads.len()] {
         let want = host[..count].iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() as f32;
         let got = values(B::sum_of_squares(&grads[..count]));
-        assert_close(&format!("sum of squares of {count} tensors"), &got, &[want], 1e-5);
+        // An f32 sum over up to 2.3 M terms against f64: rounding grows with the count.
+        assert_close(&format!("sum of squares of {count} tensors"), &got, &[want], 1e-3);
     }
 }
 
