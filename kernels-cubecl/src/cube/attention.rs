@@ -3,13 +3,14 @@
 //! each query block's softmax, forward and backward, as one row kernel
 //! ([`super::softmax_rows`]) instead of Burn's chain of element-wise passes over f32 scores.
 
-use burn::tensor::{Bool, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
+use super::{cube_tensor, f32_tensor, float};
 use super::softmax_rows::{softmax_grad_rows, softmax_rows, MAX_ROW_UNITS};
 use crate::attention::{block_softmax, block_softmax_grad, FusedAttentionBackend};
 
@@ -37,24 +38,11 @@ fn row_units(keys: usize) -> u32 {
     keys.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32
 }
 
-fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
-) -> CubeTensor<R> {
-    tensor.into_primitive().tensor()
-}
-
-fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    tensor: CubeTensor<R>,
-) -> Tensor<CubeBackend<R, F, I, BT>, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(tensor))
-}
-
 /// The f32 view the kernels read per-row values through (a cast only if not f32 already).
 fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     t: Tensor<CubeBackend<R, F, I, BT>, 3>,
 ) -> CubeTensor<R> {
-    let t = if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
-    cube_tensor(t)
+    f32_tensor(t)
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {

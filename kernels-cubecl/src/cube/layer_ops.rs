@@ -4,34 +4,16 @@
 //! op, its per-row statistic saved): a row kernel with a shared-memory reduction, right on wgpu,
 //! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
 
-use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
+use super::{cube_tensor, f32_tensor, float};
 use super::layer_kernels::{rotary_elements, swiglu_elements, swiglu_grad_elements};
 use crate::layer_ops::{rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend};
-
-fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
-) -> CubeTensor<R> {
-    tensor.into_primitive().tensor()
-}
-
-fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    tensor: CubeTensor<R>,
-) -> Tensor<CubeBackend<R, F, I, BT>, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(tensor))
-}
-
-/// `t` in f32 (a cast only if not f32 already).
-fn f32_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
-    t: Tensor<CubeBackend<R, F, I, BT>, D>,
-) -> CubeTensor<R> {
-    cube_tensor(if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) })
-}
 
 /// A fresh contiguous tensor of `shape` in `dtype` beside `like`.
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {

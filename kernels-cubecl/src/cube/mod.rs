@@ -20,3 +20,28 @@ pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeCl
     static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "1")) || R::name(client) != "cuda"
 }
+
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+/// The CubeCL tensor under a float tensor of a `CubeBackend`.
+pub(crate) fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    tensor.into_primitive().tensor()
+}
+
+/// A CubeCL tensor as a float tensor of a `CubeBackend`.
+pub(crate) fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    tensor: CubeTensor<R>,
+) -> Tensor<CubeBackend<R, F, I, BT>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+/// `t` in f32 (a cast only if not f32 already), as the CubeCL tensor the kernels read.
+pub(crate) fn f32_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(
+    t: Tensor<CubeBackend<R, F, I, BT>, D>,
+) -> CubeTensor<R> {
+    cube_tensor(if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) })
+}

@@ -3,7 +3,7 @@
 //! squares keeps the trait's plain-Burn reductions (Burn's reduce is right on CUDA; this
 //! crate's shared-memory reductions are not yet, see `layer_ops`).
 
-use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -12,17 +12,13 @@ use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::CubeDim;
 
 use super::layer_kernels::adamw_elements;
+use super::{f32_tensor, float};
 use crate::optimizer::{adamw_update_value, AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
 fn f32_contiguous<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(t: Tensor<Cube<R, F, I, BT>, 1>) -> CubeTensor<R> {
-    let t = if t.dtype() == DType::F32 { t } else { t.cast(FloatDType::F32) };
-    into_contiguous(t.into_primitive().tensor())
-}
-
-fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(t: CubeTensor<R>) -> Tensor<Cube<R, F, I, BT>, 1> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
+    into_contiguous(f32_tensor(t))
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptimizerBackend for CubeBackend<R, F, I, BT> {
