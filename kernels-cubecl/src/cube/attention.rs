@@ -5,7 +5,7 @@
 
 use burn::tensor::{Bool, DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
@@ -23,14 +23,13 @@ fn row_cubes(rows: usize) -> CubeCount {
     CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
 }
 
-/// Whether the row kernels run on this runtime. On CUDA they gave wrong results in trainer's
-/// bench attention self-check (bf16, 2026-11-29: max relative error ~1e2 in the output, NaN
-/// losses at micro batch 16) while they match the plain-Burn defaults on wgpu; until that is
-/// found and tested on the device, CUDA keeps the plain-Burn softmax unless
-/// `KERNELS_CUBECL_ROW_KERNELS=1` forces them on (the device tests, `tests/attention.rs`).
+/// Whether the row kernels run on this runtime: everywhere unless `KERNELS_CUBECL_ROW_KERNELS=0`
+/// turns them off on CUDA. They were wrong on CUDA until 2026-12-02 because their outputs were
+/// allocated with burn-cubecl's padded-row layout and written as if contiguous (see
+/// [`super::kernels_on`]); their outputs are contiguous now.
 fn row_kernels_on<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_ROW_KERNELS").is_ok_and(|v| v == "1")) || R::name(&t.client) != "cuda"
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !(*OFF.get_or_init(|| std::env::var("KERNELS_CUBECL_ROW_KERNELS").is_ok_and(|v| v == "0")) && R::name(&t.client) == "cuda")
 }
 
 /// Units per row: the keys rounded up to a power of two, at most [`MAX_ROW_UNITS`].
@@ -62,8 +61,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAtten
         let scores = into_contiguous(cube_tensor(scores));
         let mask = mask.into_primitive();
         let (client, device) = (scores.client.clone(), scores.device.clone());
-        let probs = empty_device_dtype(client.clone(), device.clone(), scores.shape(), scores.dtype);
-        let lse = empty_device_dtype(client.clone(), device, Shape::new([b, h, rows]), DType::F32);
+        let probs = empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), scores.dtype);
+        let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, h, rows]), DType::F32);
         let units = row_units(keys);
         let dtypes = [scores.dtype.into(), mask.dtype.into()];
         softmax_rows::launch::<R>(
@@ -102,7 +101,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAtten
         let output = |wanted: bool| {
             // An output the kernel does not write still takes an argument: one element.
             let shape = if wanted { scores.shape() } else { Shape::new([1]) };
-            empty_device_dtype(client.clone(), device.clone(), shape, scores.dtype)
+            empty_device_contiguous_dtype(client.clone(), device.clone(), shape, scores.dtype)
         };
         let (probs, d_scores) = (output(want_probs), output(write_grad));
         // Without an upstream gradient the kernel reads neither dP nor delta: any tensors do.

@@ -5,7 +5,7 @@
 //! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
@@ -17,7 +17,7 @@ use crate::layer_ops::{rotary_grad, rotary_value, swiglu_grad, swiglu_value, Fus
 
 /// A fresh contiguous tensor of `shape` in `dtype` beside `like`.
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
 /// Whether the kernels run for `t`'s runtime ([`super::kernels_on`]).

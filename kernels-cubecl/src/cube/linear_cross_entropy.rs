@@ -5,7 +5,7 @@
 
 use burn::tensor::{DType, FloatDType, Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
@@ -57,7 +57,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         let w = cube_tensor(w);
         let labels = into_contiguous(labels.into_primitive());
         let client = w.client.clone();
-        let losses = empty_device_dtype(client.clone(), w.device.clone(), Shape::new([n]), DType::F32);
+        let losses = empty_device_contiguous_dtype(client.clone(), w.device.clone(), Shape::new([n]), DType::F32);
         let ignore_index = i32::try_from(options.ignore_index).expect("ignore index fits in i32");
         let units = vocab.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32;
         // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
@@ -69,7 +69,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
             let h_chunk = cube_tensor(h.clone().slice([start..start + rows, 0..hidden]));
-            // A fresh contiguous [rows, vocab] output, as the kernel indexes it.
+            // A fresh [rows, vocab] output; the kernel reads and writes it through its strides.
             let logits = gemm(h_chunk.clone(), false, w.clone(), false, DType::F32, None);
             cross_entropy_rows::launch::<R>(
                 &client,

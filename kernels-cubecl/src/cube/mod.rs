@@ -10,15 +10,15 @@ mod optimizer;
 mod row_kernel;
 mod softmax_rows;
 
-/// Whether this crate's layer and optimizer kernels run on `client`'s runtime: everywhere but
-/// CUDA unless `KERNELS_CUBECL_CUDA_KERNELS=1` (the device tests). They match the plain-Burn
-/// definitions on wgpu, but on CUDA (cubecl-cuda 0.10, H200, 2026-12-02) the ones that read a
-/// tensor's shape or strides in the kernel gave garbage and the AdamW launch failed with
-/// `CUDA_ERROR_INVALID_VALUE`; until that is found, CUDA runs the definitions (Burn's own ops)
-/// inside the same single autodiff ops.
+/// Whether this crate's layer and optimizer kernels run on `client`'s runtime: everywhere, unless
+/// `KERNELS_CUBECL_CUDA_KERNELS=0` turns them off on CUDA (then CUDA runs the plain-Burn
+/// definitions inside the same single autodiff ops, to compare). On CUDA (cubecl-cuda 0.10)
+/// burn-cubecl lays out new tensors with padded rows: every kernel here reads its inputs through
+/// their strides and writes outputs it allocates contiguous (`empty_device_contiguous_dtype`),
+/// which is what made them wrong there until 2026-12-02 (`tests/launch_patterns.rs`).
 pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "1")) || R::name(client) != "cuda"
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !(*OFF.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "0")) && R::name(client) == "cuda")
 }
 
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};

@@ -5,7 +5,7 @@
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::calculate_cube_count_elemwise;
@@ -39,9 +39,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
         let (grad, scale) = (f32_contiguous(grad), f32_contiguous(grad_scale));
         let (m, v) = (f32_contiguous(exp_avg), f32_contiguous(exp_avg_sq));
         let (client, device) = (param.client.clone(), param.device.clone());
-        let param_out = empty_device_dtype(client.clone(), device.clone(), param.shape(), param.dtype);
-        let m_out = empty_device_dtype(client.clone(), device.clone(), Shape::new([n]), DType::F32);
-        let v_out = empty_device_dtype(client.clone(), device, Shape::new([n]), DType::F32);
+        let param_out = empty_device_contiguous_dtype(client.clone(), device.clone(), param.shape(), param.dtype);
+        let m_out = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([n]), DType::F32);
+        let v_out = empty_device_contiguous_dtype(client.clone(), device, Shape::new([n]), DType::F32);
         let dim = CubeDim::new(&client, n);
         let count = calculate_cube_count_elemwise(&client, n, dim);
         let dtype = param.dtype.into();

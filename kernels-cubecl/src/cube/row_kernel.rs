@@ -6,7 +6,8 @@ use cubecl::prelude::*;
 /// Units per cube of [`cross_entropy_rows`] at most; a power of two, as its tree reduction needs.
 pub(super) const MAX_ROW_UNITS: u32 = 256;
 
-/// One cube per row of `logits` (`[rows, vocab]`, contiguous, f32): writes the row's
+/// One cube per row of `logits` (`[rows, vocab]`, f32, read and written through its strides: a
+/// GEMM's output may have padded rows, as burn-cubecl lays tensors out on CUDA): writes the row's
 /// `-log softmax(row)[target]` (0 for an ignored label) to `losses[first_token + row]` and, with
 /// `write_grad`, overwrites the row with `softmax(row) - onehot(target)` (zeros when ignored).
 ///
@@ -25,7 +26,8 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
 ) {
     let row = CUBE_POS_X as usize;
     let vocab = logits.shape(1);
-    let base = row * vocab;
+    let base = row * logits.stride(0);
+    let step = logits.stride(1);
     let token = first_token as usize + row;
     let ignored = i32::cast_from(labels[token]) == ignore_index;
     let target = u32::cast_from(labels[token]) as usize;
@@ -37,7 +39,7 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
     let mut sum = F::new(0.0);
     let mut j = UNIT_POS_X as usize;
     while j < vocab {
-        let x = logits[base + j];
+        let x = logits[base + j * step];
         if x > max {
             sum = sum * (max - x).exp() + F::new(1.0);
             max = x;
@@ -50,7 +52,7 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
     // Read before the barriers below, hence before any unit overwrites the row.
     let mut target_logit = F::new(0.0);
     if !ignored {
-        target_logit = logits[base + target];
+        target_logit = logits[base + target * step];
     }
 
     let unit = UNIT_POS_X as usize;
@@ -74,14 +76,14 @@ pub(super) fn cross_entropy_rows<F: Float, I: Numeric>(
         while j < vocab {
             let mut grad = F::new(0.0);
             if !ignored {
-                let p = (logits[base + j] - log_sum_exp).exp();
+                let p = (logits[base + j * step] - log_sum_exp).exp();
                 if j == target {
                     grad = p - F::new(1.0);
                 } else {
                     grad = p;
                 }
             }
-            logits[base + j] = grad;
+            logits[base + j * step] = grad;
             j = j + units as usize;
         }
     }
