@@ -32,6 +32,14 @@ pub enum Command {
         /// Skip the data dry run (reading, mixing and tokenising every row).
         #[arg(long)]
         no_data: bool,
+        /// Show the first N rows as the model sees them (rendered text with the trained text
+        /// marked, token ids, labels), as ms-swift logs [INPUT] and [LABELS]. Default 1.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        show_rows: usize,
+        /// Print the shown rows as JSON (chat template, text, trained ranges, ids, labels)
+        /// instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Train as the recipe says: checkpoints and metrics go to a run folder under
     /// `checkpoint.output_dir`. Ctrl-C (or SIGTERM) finishes the step in flight, saves a
@@ -168,10 +176,17 @@ pub fn main_with(registry: Registry) -> ExitCode {
 
 pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
     match cli.command {
-        Command::Check { recipe, set, no_data } => {
+        Command::Check { recipe, set, no_data, show_rows, json } => {
             let loaded = recipe::load(&recipe, &set)?;
-            let report = check(&loaded, registry, !no_data)?;
-            println!("{report}");
+            if json && no_data {
+                return Err(Error::Unsupported("--json shows data rows; it cannot go with --no-data".into()));
+            }
+            let (report, rows) = check(&loaded, registry, !no_data, show_rows)?;
+            if json {
+                println!("{rows}");
+            } else {
+                println!("{report}");
+            }
             Ok(())
         }
         Command::Bench { recipe, set, warmup, steps, profile, check_attention } => {
@@ -302,8 +317,9 @@ fn plan(loaded: &LoadedRecipe, registry: &Registry, fetch: Fetch) -> Result<mode
 }
 
 /// Everything `trainer check` prints, in order: what `run` would refuse is an error here too;
-/// with `with_data`, the data as the run would train on it.
-pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool) -> Result<String> {
+/// with `with_data`, the data as the run would train on it and its first `show_rows` rows as
+/// the model sees them (also as JSON, `Value::Null` without data).
+pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool, show_rows: usize) -> Result<(String, serde_json::Value)> {
     let r = &loaded.recipe;
     let plan = plan(loaded, registry, Fetch::Config)?;
     let checked = train::preflight::model(loaded, &plan, false)?;
@@ -330,12 +346,16 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool) -> Res
     for note in &checked.notes {
         out.push_str(&format!("\n{note}"));
     }
+    let mut rows = serde_json::Value::Null;
     match tokenizer {
         Some(tok) => {
             out.push_str(&format!("\n\n# data (tokenizer {})\n", tok.display()));
             out.push_str(&train::preflight::dry_run(r, &tok)?);
+            let (text, json) = train::preflight::show_rows(r, &tok, show_rows)?;
+            out.push_str(&text);
+            rows = json;
         }
         None => out.push_str("\n\n# data\nnot checked (--no-data): tokenizer, datasets and the dry run skipped"),
     }
-    Ok(out)
+    Ok((out, rows))
 }

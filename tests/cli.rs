@@ -120,3 +120,30 @@ fn export_refuses_bad_input_with_exit_code_2() {
     assert_user_error(&["export", "tests", "--to", "hf", "--out", "/tmp/never", "--max-shard-size", "5XB"], &["--max-shard-size", "unknown unit"]);
     assert!(!std::path::Path::new("/tmp/never").exists());
 }
+
+#[test]
+fn check_shows_the_first_rows_as_the_model_sees_them() {
+    let tiny = "recipes/tiny-qwen3-moe-lora.toml";
+    let o = trainer(&["check", tiny, "--show-rows", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("chat template     built-in `qwen2_5` (the model folder has no chat template"), "{out}");
+    assert_eq!(out.matches("[INPUT] <|im_start|>system\n").count(), 2, "{out}");
+    // The trained text is marked and matches the labels' decoded text.
+    let input = &out[out.find("[INPUT] ").unwrap()..out.find("[INPUT_IDS]").unwrap()];
+    assert!(input.contains("⟦") && input.contains("<|im_end|>⟧"), "{input}");
+    let labels = out.lines().find(|l| l.starts_with("[LABELS] ")).unwrap();
+    assert!(labels.starts_with("[LABELS] [-100 * "), "{labels}");
+
+    let o = trainer(&["check", tiny, "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let row = &v["rows"][0];
+    assert!(row["place"].as_str().unwrap().ends_with("assets/tiny/train.jsonl:1"), "{row}");
+    let (ids, labels) = (row["input_ids"].as_array().unwrap(), row["labels"].as_array().unwrap());
+    assert_eq!(ids.len(), labels.len());
+    assert!(labels.iter().zip(ids).all(|(l, i)| l == -100 || l == i));
+    assert_user_error(&["check", tiny, "--json", "--no-data"], &["--json"]);
+    assert_user_error(&["check", tiny, "--set", "data.template=\"vicuna\""], &["data.template", "vicuna", "qwen3"]);
+}

@@ -89,6 +89,8 @@ impl Key {
             "val_split": recipe.data.val_split,
             "system": recipe.data.system,
             "template": recipe.data.template,
+            "template_kwargs": recipe.data.template_kwargs,
+            "ignore_empty_think": recipe.data.ignore_empty_think,
             "skip_bad_rows": recipe.data.skip_bad_rows,
             "model_name": recipe.model.model_name,
             "model_author": recipe.model.model_author,
@@ -109,6 +111,11 @@ impl Key {
     }
 
     /// Add a file: its name as given and its bytes.
+    /// The chat template's text (a model's template may change under the same recipe).
+    pub fn text(&mut self, text: &str) {
+        self.field("template text", text.as_bytes());
+    }
+
     pub fn file(&mut self, path: &Path) -> std::io::Result<()> {
         let bytes = std::fs::read(path)?;
         self.field(&path.to_string_lossy(), &bytes);

@@ -8,11 +8,13 @@ use crate::error::{Error, Result};
 
 const NAME: &str = "{{NAME}}";
 const AUTHOR: &str = "{{AUTHOR}}";
+/// The message keys whose text may hold a placeholder.
+const TEXT_KEYS: [&str; 2] = ["content", "reasoning_content"];
 
 /// Fill the placeholders of `conv` in place. A placeholder with its recipe key empty is an error
 /// naming the key.
 pub fn fill(conv: &mut Conversation, names: &[String], authors: &[String]) -> Result<()> {
-    let texts = || conv.system.iter().chain(conv.turns.iter().map(|(_, t)| t));
+    let texts = || conv.messages.iter().flat_map(|m| TEXT_KEYS.iter().filter_map(|k| m.get(*k)?.as_str()));
     let has = |needle: &str| texts().any(|t| t.contains(needle));
     let (need_name, need_author) = (has(NAME), has(AUTHOR));
     if !need_name && !need_author {
@@ -29,11 +31,12 @@ pub fn fill(conv: &mut Conversation, names: &[String], authors: &[String]) -> Re
             *text = text.replace(AUTHOR, author);
         }
     };
-    if let Some(system) = conv.system.as_mut() {
-        replace(system);
-    }
-    for (_, text) in conv.turns.iter_mut() {
-        replace(text);
+    for m in conv.messages.iter_mut() {
+        for key in TEXT_KEYS {
+            if let Some(serde_json::Value::String(text)) = m.get_mut(key) {
+                replace(text);
+            }
+        }
     }
     Ok(())
 }
@@ -60,7 +63,7 @@ mod tests {
     use crate::data::source::Role;
 
     fn conv(user: &str, assistant: &str) -> Conversation {
-        Conversation { system: None, turns: vec![(Role::User, user.into()), (Role::Assistant, assistant.into())] }
+        Conversation::new(None, &[(Role::User, user), (Role::Assistant, assistant)])
     }
 
     #[test]
@@ -69,13 +72,13 @@ mod tests {
         let authors = vec!["某实验室".to_string(), "Some Lab".to_string()];
         let mut en = conv("Who are you?", "I am {{NAME}}, made by {{AUTHOR}}.");
         fill(&mut en, &names, &authors).unwrap();
-        assert_eq!(en.turns[1].1, "I am Tong, made by Some Lab.");
+        assert_eq!(en.messages[1]["content"], "I am Tong, made by Some Lab.");
         let mut zh = conv("你是谁？", "我是{{NAME}}，由{{AUTHOR}}开发。");
         fill(&mut zh, &names, &authors).unwrap();
-        assert_eq!(zh.turns[1].1, "我是小通，由某实验室开发。");
+        assert_eq!(zh.messages[1]["content"], "我是小通，由某实验室开发。");
         let mut one = conv("Who?", "{{NAME}}");
         fill(&mut one, &["Solo".to_string()], &[]).unwrap();
-        assert_eq!(one.turns[1].1, "Solo");
+        assert_eq!(one.messages[1]["content"], "Solo");
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! 2. [`mix`]: `#N` sampling, the `data.val_split` hold-out per source, shuffling (seeded by
 //!    `train.seed`);
 //! 3. [`cognition`]: `{{NAME}}` / `{{AUTHOR}}` from `model.model_name` / `model.model_author`;
-//! 4. [`template`]: Qwen ChatML with the system prompt from the row, `data.system` or the
-//!    template default (`data.template`, default `qwen2_5`);
-//! 5. [`tokenize`]: ids and labels (loss on assistant content and its `<|im_end|>`), on
-//!    `data.num_proc` threads, `train.max_length` / `train.truncation` applied;
+//! 4. [`template`]: the model's own Jinja chat template (or `data.template`: a built-in or a
+//!    file), rendered as transformers renders it, the system prompt from the row or
+//!    `data.system` (else the template's default), and the trained ranges (each assistant
+//!    reply through its end-of-turn token);
+//! 5. [`tokenize`]: ids and labels, on `data.num_proc` threads, `train.max_length` /
+//!    `train.truncation` applied;
 //! 6. [`batch`]: padded, packed (`train.packing`) or padding-free (`train.padding_free`)
 //!    micro batches. With both `packing` and `padding_free` set, packing wins: a packed
 //!    sequence already keeps its rows apart by segment id, as a padding-free one does.
@@ -34,7 +36,7 @@ use std::path::{Path, PathBuf};
 pub use batch::Batch;
 pub use cache::Cache;
 pub use source::{Conversation, Role};
-pub use template::ChatTemplate;
+pub use template::{ChatTemplate, Rendered};
 pub use tokenize::{Encoder, Sample, IGNORE};
 
 use crate::error::{Error, Result};
@@ -134,7 +136,7 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
     if specs.is_empty() {
         return Err(Error::data("data.datasets is empty; name at least one .jsonl, .json or .parquet file"));
     }
-    let template = ChatTemplate::from_name(data.template.as_deref())?;
+    let template = ChatTemplate::for_data(&data.template_options(), tokenizer)?;
     let files: Vec<Vec<PathBuf>> = specs.iter().map(|spec| source::resolve(&spec.source)).collect::<Result<_>>()?;
     let mut notes = Vec::new();
     let cache_file = match cache {
@@ -142,6 +144,7 @@ pub fn prepare_with(recipe: &Recipe, tokenizer: &Path, cache: &Cache) -> Result<
         Cache::Dir(dir) => {
             let mut key = cache::Key::new(recipe);
             key.file(tokenizer).map_err(|e| Error::file(tokenizer, e))?;
+            key.text(template.source());
             for path in files.iter().flatten() {
                 key.file(path).map_err(|e| Error::file(path, e))?;
             }
@@ -243,8 +246,7 @@ fn tokenize_rows(
     for row in rows.iter_mut() {
         cognition::fill(row, &recipe.model.model_name, &recipe.model.model_author)?;
     }
-    let system = recipe.data.system.as_deref();
-    let samples = tokenize::par_map(&rows, recipe.data.num_proc, |row| encoder.encode(&template.render(row, system)))?;
+    let samples = tokenize::par_map(&rows, recipe.data.num_proc, |row| sample(row, recipe.data.system.as_deref(), template, encoder))?;
     let total = samples.len();
     let kept: Vec<Sample> = samples
         .into_iter()
@@ -252,6 +254,30 @@ fn tokenize_rows(
         .collect();
     let dropped = total - kept.len();
     Ok((kept, dropped))
+}
+
+/// One row's token ids and labels: `system` (`data.system`) as its system prompt when it has
+/// none, rendered by `template`. An error names the row.
+pub fn sample(row: &Conversation, system: Option<&str>, template: &ChatTemplate, encoder: &Encoder) -> Result<Sample> {
+    let rendered = render(row, system, template)?;
+    encoder.encode(&rendered).map_err(|e| Error::Data(format!("{}: {e}", row.place)))
+}
+
+/// `row` rendered by `template`, `system` its system prompt when it has none.
+pub fn render(row: &Conversation, system: Option<&str>, template: &ChatTemplate) -> Result<Rendered> {
+    let filled;
+    let row = match system {
+        Some(system) if row.system().is_none() => {
+            filled = {
+                let mut r = row.clone();
+                r.set_default_system(system);
+                r
+            };
+            &filled
+        }
+        _ => row,
+    };
+    template.render(row).map_err(|e| Error::Data(if row.place.is_empty() { e } else { format!("{}: {e}", row.place) }))
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ mod tests {
     }
 
     fn conv(system: Option<&str>, turns: &[(Role, &str)]) -> Conversation {
-        Conversation { system: system.map(String::from), turns: turns.iter().map(|(r, t)| (*r, t.to_string())).collect() }
+        Conversation::new(system, turns)
     }
 
     #[test]

@@ -53,7 +53,8 @@ fn self_cognition_and_system_prompts_reach_the_text() {
     assert!(texts.iter().any(|t| t.contains("I am Tiny, an assistant trained by the trainer tests.")));
     assert!(texts.iter().any(|t| t.contains("我是小通，由测试组训练的助手。")));
     assert!(!texts.iter().any(|t| t.contains("{{")));
-    assert!(texts[0].starts_with(&format!("<|im_start|>system\n{}<|im_end|>\n", template::QWEN2_5_DEFAULT_SYSTEM)));
+    // Qwen2.5's template writes its default system prompt when a row has none.
+    assert!(texts[0].starts_with("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"));
     r.data.system = Some("Be brief.".into());
     let first = decode(&prepare(&r).unwrap().train[0]);
     assert!(first.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"), "{first}");

@@ -1,15 +1,16 @@
-//! Rendered pieces to token ids and labels with a Hugging Face `tokenizer.json`.
+//! A rendered conversation to token ids and labels with a Hugging Face `tokenizer.json`.
 //!
-//! Each piece is encoded on its own and the ids concatenated, the way ms-swift encodes its
-//! template's context pieces: a piece's tokens then carry exactly that piece's label, with no
-//! offset bookkeeping. Control tokens are looked up by name (`<|im_start|>`, `<|im_end|>` must
-//! each be one id). Text pieces are encoded without added special tokens.
+//! The whole rendered text is encoded at once, without added special tokens, as transformers'
+//! `apply_chat_template(..., tokenize=True)` encodes it, so the ids are the ones transformers
+//! gives. A token is trained when it starts inside a trained range of the text; a token that
+//! starts inside one and ends outside it (the ranges are not on token boundaries) is an error
+//! naming the text, since its label would train on prompt text or leave out part of a reply.
 
 use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use super::template::{Piece, Special};
+use super::template::Rendered;
 use crate::error::{Error, Result};
 use crate::recipe::Truncation;
 
@@ -34,30 +35,24 @@ impl Sample {
     }
 }
 
-/// A tokenizer with the ids the template and the batches need.
+/// A tokenizer and the pad id of the batches.
 pub struct Encoder {
     tokenizer: Tokenizer,
-    im_start: u32,
-    im_end: u32,
     pad_id: u32,
 }
 
 impl Encoder {
     /// Load `tokenizer.json`. The pad id is the file's padding id, else `<|endoftext|>`
-    /// (Qwen's pad token).
+    /// (Qwen's pad token), else the end-of-text token of Llama 3 (`<|end_of_text|>`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::file(path, format!("is not a tokenizer.json: {e}")))?;
-        let id = |token: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| {
-                Error::file(path, format!("has no `{token}` token; the Qwen chat template needs it as one id"))
-            })
-        };
-        let (im_start, im_end) = (id(Special::ImStart.as_str())?, id(Special::ImEnd.as_str())?);
         let pad_id = match tokenizer.get_padding() {
             Some(p) => p.pad_id,
-            None => id("<|endoftext|>")?,
+            None => ["<|endoftext|>", "<|end_of_text|>"].iter().find_map(|t| tokenizer.token_to_id(t)).ok_or_else(|| {
+                Error::file(path, "has no padding id and no `<|endoftext|>` or `<|end_of_text|>` token to pad batches with")
+            })?,
         };
-        Ok(Encoder { tokenizer, im_start, im_end, pad_id })
+        Ok(Encoder { tokenizer, pad_id })
     }
 
     pub fn pad_id(&self) -> u32 {
@@ -74,25 +69,30 @@ impl Encoder {
     }
 
     /// Token ids and labels of a rendered conversation.
-    pub fn encode(&self, pieces: &[Piece]) -> Result<Sample> {
-        let mut sample = Sample { input_ids: Vec::new(), labels: Vec::new() };
-        for piece in pieces {
-            let (ids, train) = match piece {
-                Piece::Special { token: Special::ImStart, train } => (vec![self.im_start], *train),
-                Piece::Special { token: Special::ImEnd, train } => (vec![self.im_end], *train),
-                Piece::Text { text, .. } if text.is_empty() => continue,
-                Piece::Text { text, train } => {
-                    let encoding = self
-                        .tokenizer
-                        .encode(text.as_str(), false)
-                        .map_err(|e| Error::data(format!("tokenizer failed on {text:?}: {e}")))?;
-                    (encoding.get_ids().to_vec(), *train)
-                }
-            };
-            sample.labels.extend(ids.iter().map(|&id| if train { i64::from(id) } else { IGNORE }));
-            sample.input_ids.extend(ids);
+    pub fn encode(&self, rendered: &Rendered) -> Result<Sample> {
+        let encoding = self
+            .tokenizer
+            .encode(rendered.text.as_str(), false)
+            .map_err(|e| Error::data(format!("tokenizer failed on {:?}: {e}", rendered.text)))?;
+        let ids = encoding.get_ids();
+        let mut labels = Vec::with_capacity(ids.len());
+        let mut ranges = rendered.trained.iter().peekable();
+        for (&id, &(start, end)) in ids.iter().zip(encoding.get_offsets()) {
+            while ranges.peek().is_some_and(|r| r.end <= start) {
+                ranges.next();
+            }
+            let inside = ranges.peek().is_some_and(|r| r.start <= start && start < r.end);
+            if inside && end > ranges.peek().map_or(end, |r| r.end) {
+                let r = ranges.peek().expect("inside a range");
+                return Err(Error::data(format!(
+                    "a token ({:?}) runs past the end of the trained text {:?}; the reply and what follows it merge into                      one token in this tokenizer",
+                    &rendered.text[start..end],
+                    &rendered.text[(*r).clone()]
+                )));
+            }
+            labels.push(if inside { i64::from(id) } else { IGNORE });
         }
-        Ok(sample)
+        Ok(Sample { input_ids: ids.to_vec(), labels })
     }
 }
 
@@ -141,28 +141,28 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> 
 mod tests {
     use super::*;
     use crate::data::source::{Conversation, Role};
-    use crate::data::template::{to_text, ChatTemplate};
+    use crate::data::template::{ChatTemplate, Options};
 
     pub(crate) fn tiny() -> Encoder {
         Encoder::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny/tokenizer.json"))).unwrap()
     }
 
     fn conv(user: &str, assistant: &str) -> Conversation {
-        Conversation { system: Some("S".into()), turns: vec![(Role::User, user.into()), (Role::Assistant, assistant.into())] }
+        Conversation::new(Some("S"), &[(Role::User, user), (Role::Assistant, assistant)])
     }
 
     #[test]
     fn control_tokens_are_single_ids_and_labels_cover_the_answer() {
         let enc = tiny();
-        let pieces = ChatTemplate::from_name(None).unwrap().render(&conv("What is 2 + 3?", "5 apples"), None);
-        let s = enc.encode(&pieces).unwrap();
+        let rendered = ChatTemplate::builtin("qwen2_5", &Options::default()).unwrap().render(&conv("What is 2 + 3?", "5 apples")).unwrap();
+        let s = enc.encode(&rendered).unwrap();
         let vocab = enc.tokenizer();
         let (start, end) = (vocab.token_to_id("<|im_start|>").unwrap(), vocab.token_to_id("<|im_end|>").unwrap());
         // One <|im_start|> and one <|im_end|> per turn (system, user, assistant).
         assert_eq!(s.input_ids.iter().filter(|&&i| i == start).count(), 3);
         assert_eq!(s.input_ids.iter().filter(|&&i| i == end).count(), 3);
         // The ids decode back to exactly the rendered text (byte-level BPE is lossless).
-        assert_eq!(vocab.decode(&s.input_ids, false).unwrap(), to_text(&pieces));
+        assert_eq!(vocab.decode(&s.input_ids, false).unwrap(), rendered.text);
         // Trained tokens decode to the answer plus its <|im_end|>, and sit at the end but one (`\n`).
         let trained: Vec<u32> = s.labels.iter().filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
         assert_eq!(vocab.decode(&trained, false).unwrap(), "5 apples<|im_end|>");
@@ -196,9 +196,9 @@ mod tests {
     #[test]
     fn parallel_results_do_not_depend_on_thread_count() {
         let enc = tiny();
-        let template = ChatTemplate::from_name(None).unwrap();
+        let template = ChatTemplate::builtin("qwen2_5", &Options::default()).unwrap();
         let rows: Vec<Conversation> = (0..37).map(|i| conv(&format!("{i} + {i}?"), &format!("{}", 2 * i))).collect();
-        let run = |threads| par_map(&rows, threads, |c| enc.encode(&template.render(c, None))).unwrap();
+        let run = |threads| par_map(&rows, threads, |c| enc.encode(&template.render(c).map_err(Error::Data)?)).unwrap();
         let one = run(1);
         assert_eq!(one.len(), 37);
         assert_eq!(run(3), one);

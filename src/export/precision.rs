@@ -20,17 +20,16 @@ use crate::run::checkpoint::{self as ckpt, NamedTensor};
 
 /// The sample: a short instruction and its answer, so the label positions cover real text.
 pub fn sample_conversation() -> Conversation {
-    Conversation {
-        system: None,
-        turns: vec![
-            (Role::User, "Give three tips for staying healthy.".to_string()),
+    Conversation::new(
+        None,
+        &[
+            (Role::User, "Give three tips for staying healthy."),
             (
                 Role::Assistant,
-                "1. Eat a balanced diet with plenty of fruit and vegetables.\n2. Exercise regularly.\n3. Sleep seven to eight hours a night."
-                    .to_string(),
+                "1. Eat a balanced diet with plenty of fruit and vegetables.\n2. Exercise regularly.\n3. Sleep seven to eight hours a night.",
             ),
         ],
-    }
+    )
 }
 
 /// How far the exported model's logits are from the trained one's on the sample.
@@ -100,8 +99,8 @@ pub fn check(
         None => data::tokenizer_path(plan.dir.as_deref(), r)?,
     };
     let encoder = Encoder::from_file(&tokenizer)?;
-    let template = ChatTemplate::from_name(r.data.template.as_deref())?;
-    let sample = encoder.encode(&template.render(&sample_conversation(), r.data.system.as_deref()))?;
+    let template = ChatTemplate::for_data(&r.data.template_options(), &tokenizer)?;
+    let sample = data::sample(&sample_conversation(), r.data.system.as_deref(), &template, &encoder)?;
     let job = Compare { r, plan, checkpoint, exported, registry, ids: &sample.input_ids };
     let (trained, merged, vocab) = backend::dispatch(device, recipe::DType::F32, job)?;
     let s = sample.len();

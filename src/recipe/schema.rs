@@ -482,9 +482,20 @@ pub struct DataSection {
     /// Default system prompt for rows without one (`--system`). Default: the template's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    /// Chat template name (`--template`). Default: the model family's.
+    /// Chat template (`--template`): a built-in name (`qwen2_5`, `qwen2`, `qwen3`,
+    /// `chatml`, `llama3_1`) or a `.jinja` file. Default: the model's
+    /// own (`chat_template.jinja` or `tokenizer_config.json` beside the tokenizer), else
+    /// `qwen2_5`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Extra variables for the chat template, as transformers' `apply_chat_template(**kwargs)`
+    /// passes them, e.g. `{ enable_thinking = false }` for Qwen3. Default: none.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Leave an empty `<think>\n\n</think>\n\n` block (Qwen3's template writes one before a
+    /// reply without reasoning) out of the loss, as ms-swift's `--loss_scale
+    /// ignore_empty_think`. Default false: the whole reply is trained, as ms-swift's default.
+    pub ignore_empty_think: bool,
     /// Data-loader threads, 1 or more (`--num_workers`). Accepted for ms-swift recipes; trainer
     /// tokenises every row before step 1 (on `num_proc` threads) and takes batches from memory,
     /// so no loader runs beside the training loop. Default 1.
@@ -502,6 +513,8 @@ impl Default for DataSection {
             val_split: 0.0,
             system: None,
             template: None,
+            template_kwargs: serde_json::Map::new(),
+            ignore_empty_think: false,
             num_workers: 1,
             num_proc: 1,
             skip_bad_rows: false,
@@ -510,6 +523,15 @@ impl Default for DataSection {
 }
 
 impl DataSection {
+    /// What the chat template is rendered with.
+    pub fn template_options(&self) -> crate::data::template::Options {
+        crate::data::template::Options {
+            template: self.template.clone(),
+            kwargs: self.template_kwargs.clone(),
+            ignore_empty_think: self.ignore_empty_think,
+        }
+    }
+
     /// `datasets` parsed; the first bad entry is reported with its index.
     pub fn specs(&self) -> Result<Vec<DatasetSpec>, String> {
         self.datasets

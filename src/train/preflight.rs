@@ -102,7 +102,7 @@ pub fn data(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
 /// What needs no file read: the chat template is one this build has, and
 /// `checkpoint.output_dir` is a folder or does not exist yet.
 pub fn settings(r: &Recipe) -> Result<()> {
-    data::ChatTemplate::from_name(r.data.template.as_deref())?;
+    data::template::check_name(r.data.template.as_deref())?;
     let dir = Path::new(&r.checkpoint.output_dir);
     if dir.exists() && !dir.is_dir() {
         return Err(Error::file(dir, "checkpoint.output_dir is a file; expected a folder (or a path to create)"));
@@ -128,8 +128,90 @@ pub fn tokenizer(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
 
 /// `trainer check`'s data dry run: the rows as a run would train on them, described.
 pub fn dry_run(r: &Recipe, tokenizer: &Path) -> Result<String> {
+    let template = data::ChatTemplate::for_data(&r.data.template_options(), tokenizer)?;
     let p = data::prepare_with(r, tokenizer, &data::Cache::Off)?;
-    Ok(describe(&p, r))
+    Ok(format!("chat template     {}\n{}", template.origin(), describe(&p, r)))
+}
+
+/// The first `n` rows of the recipe's data (in file order, before any mixing) as the model
+/// sees them, as ms-swift logs `[INPUT]` and `[LABELS]` at start: the rendered text with the
+/// trained ranges between `⟦` and `⟧`, the token ids, and the labels decoded with runs of
+/// untrained positions as `[-100 * N]`. Also the same as JSON (`trainer check --json`).
+pub fn show_rows(r: &Recipe, tokenizer: &Path, n: usize) -> Result<(String, serde_json::Value)> {
+    let template = data::ChatTemplate::for_data(&r.data.template_options(), tokenizer)?;
+    let encoder = data::Encoder::from_file(tokenizer)?;
+    let mut rows = Vec::new();
+    for spec in r.data.specs().map_err(Error::Data)? {
+        if rows.len() >= n {
+            break;
+        }
+        for path in data::source::resolve(&spec.source)? {
+            let loaded = data::source::load_file(&path, r.data.skip_bad_rows)?;
+            rows.extend(loaded.rows.into_iter().take(n - rows.len()));
+            if rows.len() >= n {
+                break;
+            }
+        }
+    }
+    let mut text = String::new();
+    let mut json_rows = Vec::new();
+    for row in rows.iter_mut() {
+        data::cognition::fill(row, &r.model.model_name, &r.model.model_author)?;
+        let rendered = data::render(row, r.data.system.as_deref(), &template)?;
+        let sample = encoder.encode(&rendered).map_err(|e| Error::Data(format!("{}: {e}", row.place)))?;
+        let labels = decoded_labels(&encoder, &sample.labels)?;
+        text.push_str(&format!(
+            "\n\n# {} as trained (⟦ ⟧: the trained text; {} tokens, {} trained)\n[INPUT] {}\n[INPUT_IDS] {:?}\n[LABELS] {}\n[LABELS_IDS] {:?}",
+            row.place,
+            sample.len(),
+            sample.labels.iter().filter(|&&l| l != data::IGNORE).count(),
+            marked(&rendered),
+            sample.input_ids,
+            labels,
+            sample.labels
+        ));
+        json_rows.push(serde_json::json!({
+            "place": row.place,
+            "text": rendered.text,
+            "trained": rendered.trained.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+            "input_ids": sample.input_ids,
+            "labels": sample.labels,
+        }));
+    }
+    let json = serde_json::json!({ "chat_template": template.origin().to_string(), "rows": json_rows });
+    Ok((text, json))
+}
+
+/// The rendered text with each trained range between `⟦` and `⟧`.
+fn marked(rendered: &data::Rendered) -> String {
+    let mut out = String::with_capacity(rendered.text.len() + 8 * rendered.trained.len());
+    let mut at = 0;
+    for range in &rendered.trained {
+        out.push_str(&rendered.text[at..range.start]);
+        out.push('⟦');
+        out.push_str(&rendered.text[range.clone()]);
+        out.push('⟧');
+        at = range.end;
+    }
+    out.push_str(&rendered.text[at..]);
+    out
+}
+
+/// Labels as ms-swift prints them: trained ids decoded, untrained runs as `[-100 * N]`.
+fn decoded_labels(encoder: &data::Encoder, labels: &[i64]) -> Result<String> {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < labels.len() {
+        let j = labels[i..].iter().position(|&l| (l == data::IGNORE) != (labels[i] == data::IGNORE)).map_or(labels.len(), |k| i + k);
+        if labels[i] == data::IGNORE {
+            out.push_str(&format!("[-100 * {}]", j - i));
+        } else {
+            let ids: Vec<u32> = labels[i..j].iter().map(|&l| l as u32).collect();
+            out.push_str(&encoder.tokenizer().decode(&ids, false).map_err(|e| Error::data(format!("tokenizer: {e}")))?);
+        }
+        i = j;
+    }
+    Ok(out)
 }
 
 fn describe(p: &Prepared, r: &Recipe) -> String {

@@ -1,156 +1,319 @@
-//! The Qwen ChatML chat template, rendered into pieces that say which text is trained on.
+//! Chat templates: the model's own Jinja `chat_template`, rendered as transformers'
+//! `apply_chat_template(messages, tools=..., add_generation_prompt=False, **kwargs)` renders it
+//! ([`jinja`]), and the byte ranges of the rendered text that are trained on.
 //!
-//! The text is byte-for-byte what Qwen2.5-Instruct's Jinja `chat_template` renders through
-//! transformers' `apply_chat_template(..., add_generation_prompt=False)` for conversations
-//! without tools (checked against `tests/fixtures/chat_template/rendered.json`):
+//! Which template applies ([`ChatTemplate::for_data`]): `data.template` when set, as a built-in
+//! name ([`BUILTIN`]) or a `.jinja` file; else the model folder's own (`chat_template.jinja`
+//! beside `tokenizer.json`, else `chat_template` in `tokenizer_config.json`); else the built-in
+//! `qwen2_5` (random-init models, the tiny default).
 //!
-//! ```text
-//! <|im_start|>system\n{system}<|im_end|>\n
-//! <|im_start|>user\n{user}<|im_end|>\n
-//! <|im_start|>assistant\n{assistant}<|im_end|>\n      (repeated per turn)
-//! ```
-//!
-//! Trained (labelled) pieces, as ms-swift's default loss: every assistant turn's content and its
-//! closing `<|im_end|>`. Not trained: the system and user turns, every `<|im_start|>`, the role
-//! headers (`assistant\n`) and the `\n` after each `<|im_end|>`.
+//! Trained text, as ms-swift's default loss: each assistant turn as the model would produce it,
+//! through its end-of-turn token, and nothing else. Found from the template itself, not from a
+//! hand-written layout ([`spans`]): the turn starts where the rendered text leaves the rendering
+//! of the conversation before it with `add_generation_prompt = true` (the prompt the model
+//! answers at inference), and ends after the first end-of-turn token from there.
 
-use super::source::{Conversation, Role};
+pub mod jinja;
+pub mod spans;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::source::Conversation;
 use crate::error::{Error, Result};
 
-/// The two ChatML control tokens; each must be a single id in the tokenizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Special {
-    ImStart,
-    ImEnd,
+/// The built-in templates: each a model's own `chat_template` text (provenance in
+/// `tests/fixtures/chat_template/templates/README.md`), except `chatml`, plain ChatML without a
+/// default system prompt. Each with the special tokens of its model's tokenizer.
+pub const BUILTIN: [(&str, &str, SpecialTokens<'static>); 5] = [
+    ("qwen2_5", include_str!("builtin/qwen2_5.jinja"), QWEN),
+    ("qwen2", include_str!("builtin/qwen2.jinja"), QWEN),
+    ("qwen3", include_str!("builtin/qwen3.jinja"), QWEN),
+    ("chatml", include_str!("builtin/chatml.jinja"), QWEN),
+    ("llama3_1", include_str!("builtin/llama3_1.jinja"), LLAMA3),
+];
+
+/// Whether `data.template` names something this build can use, without reading the model
+/// folder: a built-in or an existing file (unset: the model's own, checked with the data).
+pub fn check_name(name: Option<&str>) -> Result<()> {
+    match name {
+        None => Ok(()),
+        Some(n) if BUILTIN.iter().any(|(b, _, _)| *b == n) => Ok(()),
+        Some(n) if Path::new(n).is_file() => Ok(()),
+        Some(n) if n.ends_with(".jinja") => Err(Error::file(n, "data.template: no such file")),
+        Some(n) => Err(Error::data(format!(
+            "data.template: `{n}` is neither a built-in template ({}) nor a .jinja file",
+            BUILTIN.iter().map(|(b, _, _)| *b).collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
-impl Special {
-    pub fn as_str(self) -> &'static str {
+/// Special tokens a template prints (`bos_token`, ...), as in a `tokenizer_config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialTokens<'a> {
+    pub bos: Option<&'a str>,
+    pub eos: Option<&'a str>,
+    pub pad: Option<&'a str>,
+    pub unk: Option<&'a str>,
+}
+
+const QWEN: SpecialTokens<'static> = SpecialTokens { bos: None, eos: Some("<|im_end|>"), pad: Some("<|endoftext|>"), unk: None };
+const LLAMA3: SpecialTokens<'static> =
+    SpecialTokens { bos: Some("<|begin_of_text|>"), eos: Some("<|eot_id|>"), pad: None, unk: None };
+
+/// End-of-turn tokens of the common chat formats; a trained turn ends after the first of these
+/// (or the tokenizer's `eos_token`) from its start.
+const END_OF_TURN: [&str; 6] = ["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "</s>"];
+
+/// Where a template came from, as `trainer check` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A built-in, by name; `implied` when no recipe key named it (the model has none).
+    Builtin { name: String, implied: bool },
+    /// The model folder's (a `chat_template.jinja` or a `tokenizer_config.json`).
+    Model(PathBuf),
+    /// A file named by `data.template`.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Special::ImStart => "<|im_start|>",
-            Special::ImEnd => "<|im_end|>",
+            Origin::Builtin { name, implied: false } => write!(f, "built-in `{name}` (data.template)"),
+            Origin::Builtin { name, implied: true } => {
+                write!(f, "built-in `{name}` (the model folder has no chat template; set data.template to choose)")
+            }
+            Origin::Model(path) => write!(f, "the model's own, from {}", path.display()),
+            Origin::File(path) => write!(f, "{} (data.template)", path.display()),
         }
     }
 }
 
-/// One piece of a rendered conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece {
-    /// A control token, trained when `train`.
-    Special { token: Special, train: bool },
-    /// Ordinary text, trained when `train`.
-    Text { text: String, train: bool },
+/// A compiled chat template with what it renders with.
+pub struct ChatTemplate {
+    origin: Origin,
+    source: String,
+    env: minijinja::Environment<'static>,
+    specials: Map<String, Value>,
+    kwargs: Map<String, Value>,
+    end_of_turn: Vec<String>,
+    ignore_empty_think: bool,
 }
 
-/// Qwen2.5-Instruct's default system prompt (its template inserts it when a conversation has
-/// no system turn).
-pub const QWEN2_5_DEFAULT_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
-/// Qwen2-Instruct's (and Qwen1.5-Chat's) default system prompt.
-pub const QWEN2_DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("kwargs", &self.kwargs).finish()
+    }
+}
 
-/// A ChatML template and the system prompt it inserts when neither the row nor `data.system`
-/// gives one (`None`: no system turn then).
+/// A rendered conversation: its text and the byte ranges trained on (in order, disjoint).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatTemplate {
-    pub default_system: Option<String>,
+pub struct Rendered {
+    pub text: String,
+    pub trained: Vec<Range<usize>>,
+}
+
+impl Rendered {
+    /// The trained pieces of the text.
+    pub fn trained_text(&self) -> Vec<&str> {
+        self.trained.iter().map(|r| &self.text[r.clone()]).collect()
+    }
+}
+
+/// What the template is rendered with besides the conversation (from the recipe's `data`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Options {
+    /// `data.template`.
+    pub template: Option<String>,
+    /// `data.template_kwargs`: extra variables, as `apply_chat_template(**kwargs)` passes them
+    /// (`enable_thinking`, `date_string`, ...).
+    pub kwargs: Map<String, Value>,
+    /// `data.ignore_empty_think`: leave an empty `<think>\n\n</think>\n\n` block out of the loss
+    /// (ms-swift's `--loss_scale ignore_empty_think`).
+    pub ignore_empty_think: bool,
 }
 
 impl ChatTemplate {
-    /// The template named by `data.template`: `qwen2_5` (the default when unset; default system
-    /// [`QWEN2_5_DEFAULT_SYSTEM`]), `qwen2` (default system [`QWEN2_DEFAULT_SYSTEM`]) or `chatml`
-    /// (no default system). Qwen3's template (`<think>` blocks) is not implemented.
-    pub fn from_name(name: Option<&str>) -> Result<Self> {
-        let default_system = match name.unwrap_or("qwen2_5") {
-            "qwen2_5" => Some(QWEN2_5_DEFAULT_SYSTEM),
-            "qwen2" | "qwen" => Some(QWEN2_DEFAULT_SYSTEM),
-            "chatml" => None,
-            other => {
-                return Err(Error::data(format!(
-                    "data.template: `{other}` is not a template of this build; expected qwen2_5, qwen2 or chatml"
-                )))
-            }
+    /// The template for data tokenised with `tokenizer` (a `tokenizer.json`; its folder is the
+    /// model's), as the module doc says.
+    pub fn for_data(options: &Options, tokenizer: &Path) -> Result<Self> {
+        let dir = tokenizer.parent().unwrap_or(Path::new("."));
+        let config = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        let (origin, source, builtin_specials) = match options.template.as_deref() {
+            Some(name) => match BUILTIN.iter().find(|(n, _, _)| *n == name) {
+                Some((n, text, specials)) => (Origin::Builtin { name: n.to_string(), implied: false }, text.to_string(), Some(*specials)),
+                None if name.ends_with(".jinja") || Path::new(name).is_file() => {
+                    let text = std::fs::read_to_string(name).map_err(|e| Error::file(name, format!("data.template: {e}")))?;
+                    (Origin::File(PathBuf::from(name)), text, None)
+                }
+                None => {
+                    return Err(Error::data(format!(
+                        "data.template: `{name}` is neither a built-in template ({}) nor a .jinja file",
+                        BUILTIN.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+            },
+            None => match model_template(dir, config.as_ref())? {
+                Some((path, text)) => (Origin::Model(path), text, None),
+                None => (Origin::Builtin { name: "qwen2_5".into(), implied: true }, BUILTIN[0].1.to_string(), Some(QWEN)),
+            },
         };
-        Ok(ChatTemplate { default_system: default_system.map(str::to_string) })
-    }
-
-    /// The pieces of `conv`. System prompt: the row's own, else `fallback_system`
-    /// (`data.system`), else the template default.
-    pub fn render(&self, conv: &Conversation, fallback_system: Option<&str>) -> Vec<Piece> {
-        let system = conv.system.as_deref().or(fallback_system).or(self.default_system.as_deref());
-        let mut pieces = Vec::with_capacity(4 * conv.turns.len() + 4);
-        if let Some(system) = system {
-            push_turn(&mut pieces, "system", system, false);
-        }
-        for (role, text) in &conv.turns {
-            push_turn(&mut pieces, role.as_str(), text, *role == Role::Assistant);
-        }
-        pieces
-    }
-}
-
-/// `<|im_start|>{role}\n{text}<|im_end|>\n`; `train` labels the text and the `<|im_end|>`.
-fn push_turn(pieces: &mut Vec<Piece>, role: &str, text: &str, train: bool) {
-    pieces.push(Piece::Special { token: Special::ImStart, train: false });
-    pieces.push(Piece::Text { text: format!("{role}\n"), train: false });
-    pieces.push(Piece::Text { text: text.to_string(), train });
-    pieces.push(Piece::Special { token: Special::ImEnd, train });
-    pieces.push(Piece::Text { text: "\n".into(), train: false });
-}
-
-/// The rendered text, control tokens written out (what the Jinja template produces).
-pub fn to_text(pieces: &[Piece]) -> String {
-    pieces
-        .iter()
-        .map(|p| match p {
-            Piece::Special { token, .. } => token.as_str(),
-            Piece::Text { text, .. } => text.as_str(),
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::source::parse_row;
-
-    #[derive(serde::Deserialize)]
-    struct Case {
-        template: String,
-        messages: serde_json::Value,
-        rendered: String,
-    }
-
-    /// Rendered by the real Jinja templates (tests/fixtures/chat_template/make_chat_fixture.py).
-    #[test]
-    fn matches_the_jinja_templates_byte_for_byte() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_template/rendered.json");
-        let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        assert!(cases.len() >= 8);
-        for case in cases {
-            let conv = parse_row(&serde_json::json!({ "messages": case.messages })).unwrap();
-            let template = ChatTemplate::from_name(Some(&case.template)).unwrap();
-            assert_eq!(to_text(&template.render(&conv, None)), case.rendered, "{}", case.messages);
-        }
-    }
-
-    #[test]
-    fn trains_assistant_content_and_its_im_end_only() {
-        let conv = Conversation {
-            system: None,
-            turns: vec![(Role::User, "hi".into()), (Role::Assistant, "yo".into()), (Role::User, "q".into()), (Role::Assistant, "a".into())],
+        // The tokenizer's own special tokens when it has a config, else the built-in's.
+        let specials = match (&config, builtin_specials) {
+            (Some(config), _) => specials_of(config),
+            (None, Some(s)) => specials_map(s),
+            (None, None) => Map::new(),
         };
-        let pieces = ChatTemplate::from_name(None).unwrap().render(&conv, Some("S"));
-        let trained: Vec<&str> = pieces
+        Self::new(origin, source, specials, options)
+    }
+
+    /// A built-in by name, with its model's special tokens.
+    pub fn builtin(name: &str, options: &Options) -> Result<Self> {
+        let (n, text, specials) = BUILTIN
             .iter()
-            .filter_map(|p| match p {
-                Piece::Special { token, train: true } => Some(token.as_str()),
-                Piece::Text { text, train: true } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(trained, ["yo", "<|im_end|>", "a", "<|im_end|>"]);
-        assert!(to_text(&pieces).starts_with("<|im_start|>system\nS<|im_end|>\n"));
-        assert!(ChatTemplate::from_name(Some("llama3")).is_err());
-        assert_eq!(ChatTemplate::from_name(Some("chatml")).unwrap().render(&conv, None).len(), 20);
+            .find(|(n, _, _)| *n == name)
+            .ok_or_else(|| Error::data(format!("`{name}` is not a built-in template")))?;
+        Self::new(Origin::Builtin { name: n.to_string(), implied: false }, text.to_string(), specials_map(*specials), options)
     }
+
+    fn new(origin: Origin, source: String, specials: Map<String, Value>, options: &Options) -> Result<Self> {
+        let env = jinja::environment(source.clone())
+            .map_err(|e| Error::data(format!("chat template {origin}: does not compile: {}", describe(&e))))?;
+        let mut end_of_turn: Vec<String> = END_OF_TURN.iter().map(|s| s.to_string()).collect();
+        if let Some(Value::String(eos)) = specials.get("eos_token") {
+            if !end_of_turn.contains(eos) {
+                end_of_turn.push(eos.clone());
+            }
+        }
+        Ok(ChatTemplate {
+            origin,
+            source,
+            env,
+            specials,
+            kwargs: options.kwargs.clone(),
+            end_of_turn,
+            ignore_empty_think: options.ignore_empty_think,
+        })
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The template text (part of the token cache's key).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The text of `messages` (with the conversation's tools), as transformers renders it.
+    pub fn render_text(&self, conv: &Conversation, upto: usize, add_generation_prompt: bool) -> std::result::Result<String, String> {
+        let mut ctx = self.specials.clone();
+        for (k, v) in &self.kwargs {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(conv.messages[..upto].iter().cloned().map(Value::Object).collect()));
+        ctx.insert("tools".into(), conv.tools.clone().unwrap_or(Value::Null));
+        ctx.insert("documents".into(), Value::Null);
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        let template = self.env.get_template("chat").map_err(|e| describe(&e))?;
+        template.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| describe(&e))
+    }
+
+    /// The rendered conversation and its trained ranges (see the module doc), or what went
+    /// wrong, in words that name the template.
+    pub fn render(&self, conv: &Conversation) -> std::result::Result<Rendered, String> {
+        let full = self.render_text(conv, conv.messages.len(), false).map_err(|e| format!("chat template {}: {e}", self.origin))?;
+        let trained = spans::trained(self, conv, &full).map_err(|e| format!("chat template {}: {e}", self.origin))?;
+        Ok(Rendered { text: full, trained })
+    }
+
+    pub(crate) fn end_of_turn(&self) -> &[String] {
+        &self.end_of_turn
+    }
+
+    pub(crate) fn ignore_empty_think(&self) -> bool {
+        self.ignore_empty_think
+    }
+}
+
+/// A MiniJinja error with its place in the template.
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(line) = e.line() {
+        if !s.contains("line") {
+            s.push_str(&format!(" (template line {line})"));
+        }
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    s
+}
+
+/// `tokenizer_config.json` as JSON, if the file exists.
+fn read_tokenizer_config(path: &Path) -> Result<Option<Map<String, Value>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(map)) => Ok(Some(map)),
+        Ok(_) => Err(Error::file(path, "is not a JSON object")),
+        Err(e) => Err(Error::file(path, format!("is not JSON: {e}"))),
+    }
+}
+
+/// The model folder's template: `chat_template.jinja`, else `tokenizer_config.json`'s
+/// `chat_template` (a string, or a list of `{name, template}` of which `default` is used).
+fn model_template(dir: &Path, config: Option<&Map<String, Value>>) -> Result<Option<(PathBuf, String)>> {
+    let file = dir.join("chat_template.jinja");
+    if file.is_file() {
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::file(&file, e))?;
+        return Ok(Some((file, text)));
+    }
+    let path = dir.join("tokenizer_config.json");
+    match config.and_then(|c| c.get("chat_template")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some((path, text.clone()))),
+        Some(Value::Array(named)) => {
+            let default = named.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
+            match default.and_then(|t| t.get("template")).and_then(Value::as_str) {
+                Some(text) => Ok(Some((path, text.to_string()))),
+                None => Err(Error::file(path, "chat_template is a list of named templates without one named `default`")),
+            }
+        }
+        Some(_) => Err(Error::file(path, "chat_template is neither a string nor a list of {name, template}")),
+    }
+}
+
+/// `bos_token`, `eos_token`, `pad_token`, `unk_token` of a tokenizer config, each a string or
+/// an added-token object `{"content": ...}`; unset or null ones left out (as transformers leaves
+/// them out of the template's variables).
+fn specials_of(config: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+        let value = match config.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        if let Some(v) = value {
+            out.insert(key.into(), Value::String(v));
+        }
+    }
+    out
+}
+
+fn specials_map(s: SpecialTokens) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, v) in [("bos_token", s.bos), ("eos_token", s.eos), ("pad_token", s.pad), ("unk_token", s.unk)] {
+        if let Some(v) = v {
+            out.insert(key.into(), Value::String(v.into()));
+        }
+    }
+    out
 }
