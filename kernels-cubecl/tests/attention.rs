@@ -480,8 +480,8 @@ fn wgpu_block_grad_matches_default() {
 }
 
 /// The same comparisons on CUDA (bool masks stored as u8 there, u32 on wgpu), in f32 and bf16,
-/// with the row kernels on (as by default; `KERNELS_CUBECL_ROW_KERNELS=0` would turn them
-/// off): `cargo test -p kernels-cubecl --features cuda -- --ignored`.
+/// with the row kernels forced on (`KERNELS_CUBECL_ROW_KERNELS=1`; CUDA leaves them off by
+/// default): `KERNELS_CUBECL_ROW_KERNELS=1 cargo test -p kernels-cubecl --features cuda -- --ignored`.
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -491,7 +491,7 @@ mod cuda {
     type CudaBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
 
     fn forced() {
-        assert_ne!(std::env::var("KERNELS_CUBECL_ROW_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_ROW_KERNELS=0 turns the kernels off on CUDA");
+        assert_eq!(std::env::var("KERNELS_CUBECL_ROW_KERNELS").as_deref(), Ok("1"), "run with KERNELS_CUBECL_ROW_KERNELS=1: CUDA leaves the row kernels off by default");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`crate::layer_ops`] on `CubeBackend`: SwiGLU and the rotary embedding as one kernel
 //! forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
-//! element-wise passes, where [`super::kernels_on`] says they run (not CUDA yet). RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
+//! element-wise passes, where [`super::kernels_on`] says they run (everywhere by default). RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
 //! op, its per-row statistic saved): a row kernel with a shared-memory reduction, right on wgpu,
 //! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
 

@@ -16,6 +16,15 @@ mod softmax_rows;
 /// burn-cubecl lays out new tensors with padded rows: every kernel here reads its inputs through
 /// their strides and writes outputs it allocates contiguous (`empty_device_contiguous_dtype`),
 /// which is what made them wrong there until 2026-12-02 (`tests/launch_patterns.rs`).
+/// Whether the AdamW kernel runs on `client`'s runtime: everywhere but CUDA, unless
+/// `KERNELS_CUBECL_CUDA_ADAMW=1` forces it (the device tests). On CUDA its launch fails with
+/// `CUDA_ERROR_INVALID_VALUE` (2026-12-02, eight tensors and seven f32 scalars), not yet found;
+/// CUDA runs the definition inside the same op.
+pub(crate) fn adamw_kernel_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_ADAMW").is_ok_and(|v| v == "1")) || R::name(client) != "cuda"
+}
+
 pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !(*OFF.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "0")) && R::name(client) == "cuda")

@@ -1,5 +1,5 @@
 //! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW where
-//! [`super::kernels_on`] says it runs (not CUDA yet). The global sum of
+//! [`super::adamw_kernel_on`] says it runs (not CUDA yet). The global sum of
 //! squares keeps the trait's plain-Burn reductions (Burn's reduce is right on CUDA; this
 //! crate's shared-memory reductions are not yet, see `layer_ops`).
 
@@ -32,7 +32,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
     ) -> AdamWUpdated<Self> {
         let [n] = param.dims();
         assert!(grad.dims() == [n] && exp_avg.dims() == [n] && exp_avg_sq.dims() == [n], "adamw_update: shapes differ");
-        if n == 0 || !super::kernels_on(&param.clone().into_primitive().tensor().client) {
+        if n == 0 || !super::adamw_kernel_on(&param.clone().into_primitive().tensor().client) {
             return adamw_update_value(param, grad, grad_scale, exp_avg, exp_avg_sq, s);
         }
         let param = into_contiguous(param.into_primitive().tensor());
