@@ -350,8 +350,7 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool, show_r
     match tokenizer {
         Some(tok) => {
             out.push_str(&format!("\n\n# data (tokenizer {})\n", tok.display()));
-            out.push_str(&train::preflight::dry_run(r, &tok)?);
-            let (text, json) = train::preflight::show_rows(r, &tok, show_rows)?;
+            let (text, json) = train::preflight::dry_run(r, &tok, show_rows)?;
             out.push_str(&text);
             rows = json;
         }

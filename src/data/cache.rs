@@ -213,12 +213,9 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        if self.bytes.len() < N {
-            return Err("ends early".into());
-        }
-        let (head, rest) = self.bytes.split_at(N);
+        let (head, rest) = self.bytes.split_first_chunk::<N>().ok_or("ends early")?;
         self.bytes = rest;
-        Ok(head.try_into().expect("split_at(N) gives N bytes"))
+        Ok(*head)
     }
 
     fn u64(&mut self) -> Result<u64, String> {

@@ -299,7 +299,7 @@ fn dialogue(list: &Value, key: &str, role_key: &str, text_key: &str) -> std::res
             None => return Err(format!("`{key}[{i}]`: `{text_key}` is missing")),
         }
         for (k, v) in obj {
-            if k != role_key && k != text_key && !(k == "role" || k == "content") {
+            if ![role_key, text_key, "role", "content"].contains(&k.as_str()) {
                 m.insert(k.clone(), v.clone());
             }
         }
@@ -325,9 +325,11 @@ fn normalise_tool_calls(calls: &mut Value) -> std::result::Result<(), String> {
             return Err("a call is not an object".into());
         }
         let function = if call.get("function").is_some() { &mut call["function"] } else { call };
-        if let Some(Value::String(args)) = function.get("arguments") {
-            if let Ok(parsed @ Value::Object(_)) = serde_json::from_str::<Value>(args) {
-                function.as_object_mut().expect("an object").insert("arguments".into(), parsed);
+        if let Some(function) = function.as_object_mut() {
+            if let Some(Value::String(args)) = function.get("arguments") {
+                if let Ok(parsed @ Value::Object(_)) = serde_json::from_str::<Value>(args) {
+                    function.insert("arguments".into(), parsed);
+                }
             }
         }
     }

@@ -81,16 +81,16 @@ impl Encoder {
             while ranges.peek().is_some_and(|r| r.end <= start) {
                 ranges.next();
             }
-            let inside = ranges.peek().is_some_and(|r| r.start <= start && start < r.end);
-            if inside && end > ranges.peek().map_or(end, |r| r.end) {
-                let r = ranges.peek().expect("inside a range");
+            let range = ranges.peek().filter(|r| r.start <= start);
+            if let Some(r) = range.filter(|r| end > r.end) {
                 return Err(Error::data(format!(
-                    "a token ({:?}) runs past the end of the trained text {:?}; the reply and what follows it merge into                      one token in this tokenizer",
+                    "a token ({:?}) runs past the end of the trained text {:?}; the reply and what follows it merge into \
+                     one token in this tokenizer",
                     &rendered.text[start..end],
                     &rendered.text[(*r).clone()]
                 )));
             }
-            labels.push(if inside { i64::from(id) } else { IGNORE });
+            labels.push(if range.is_some() { i64::from(id) } else { IGNORE });
         }
         Ok(Sample { input_ids: ids.to_vec(), labels })
     }

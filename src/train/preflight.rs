@@ -126,19 +126,15 @@ pub fn tokenizer(r: &Recipe, plan: &ModelPlan) -> Result<PathBuf> {
     }
 }
 
-/// `trainer check`'s data dry run: the rows as a run would train on them, described.
-pub fn dry_run(r: &Recipe, tokenizer: &Path) -> Result<String> {
+/// `trainer check`'s data dry run: the rows as a run would train on them, described, then the
+/// first `n` rows of the data (in file order, before any mixing) as the model sees them, as
+/// ms-swift logs `[INPUT]` and `[LABELS]` at start: the rendered text with the trained ranges
+/// between `⟦` and `⟧`, the token ids, and the labels decoded with runs of untrained positions
+/// as `[-100 * N]`. Also those rows as JSON (`trainer check --json`).
+pub fn dry_run(r: &Recipe, tokenizer: &Path, n: usize) -> Result<(String, serde_json::Value)> {
     let template = data::ChatTemplate::for_data(&r.data.template_options(), tokenizer)?;
     let p = data::prepare_with(r, tokenizer, &data::Cache::Off)?;
-    Ok(format!("chat template     {}\n{}", template.origin(), describe(&p, r)))
-}
-
-/// The first `n` rows of the recipe's data (in file order, before any mixing) as the model
-/// sees them, as ms-swift logs `[INPUT]` and `[LABELS]` at start: the rendered text with the
-/// trained ranges between `⟦` and `⟧`, the token ids, and the labels decoded with runs of
-/// untrained positions as `[-100 * N]`. Also the same as JSON (`trainer check --json`).
-pub fn show_rows(r: &Recipe, tokenizer: &Path, n: usize) -> Result<(String, serde_json::Value)> {
-    let template = data::ChatTemplate::for_data(&r.data.template_options(), tokenizer)?;
+    let mut text = format!("chat template     {}\n{}", template.origin(), describe(&p, r));
     let encoder = data::Encoder::from_file(tokenizer)?;
     let mut rows = Vec::new();
     for spec in r.data.specs().map_err(Error::Data)? {
@@ -153,7 +149,6 @@ pub fn show_rows(r: &Recipe, tokenizer: &Path, n: usize) -> Result<(String, serd
             }
         }
     }
-    let mut text = String::new();
     let mut json_rows = Vec::new();
     for row in rows.iter_mut() {
         data::cognition::fill(row, &r.model.model_name, &r.model.model_author)?;

@@ -30,7 +30,7 @@ fn row_cubes(rows: usize) -> CubeCount {
 /// the default gives NaN for a row's masked entries (2026-12-02), so CUDA keeps the default.
 fn row_kernels_on<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_ROW_KERNELS").is_ok_and(|v| v == "1")) || R::name(&t.client) != "cuda"
+    R::name(&t.client) != "cuda" || *FORCED.get_or_init(|| super::env_is("KERNELS_CUBECL_ROW_KERNELS", "1"))
 }
 
 /// Units per row: the keys rounded up to a power of two, at most [`MAX_ROW_UNITS`].

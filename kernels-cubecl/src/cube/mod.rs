@@ -22,12 +22,17 @@ mod softmax_rows;
 /// CUDA runs the definition inside the same op.
 pub(crate) fn adamw_kernel_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
     static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_ADAMW").is_ok_and(|v| v == "1")) || R::name(client) != "cuda"
+    R::name(client) != "cuda" || *FORCED.get_or_init(|| env_is("KERNELS_CUBECL_CUDA_ADAMW", "1"))
+}
+
+/// Whether the environment variable `name` is set to `value`.
+pub(crate) fn env_is(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == value)
 }
 
 pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !(*OFF.get_or_init(|| std::env::var("KERNELS_CUBECL_CUDA_KERNELS").is_ok_and(|v| v == "0")) && R::name(client) == "cuda")
+    R::name(client) != "cuda" || !*OFF.get_or_init(|| env_is("KERNELS_CUBECL_CUDA_KERNELS", "0"))
 }
 
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};

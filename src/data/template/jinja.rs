@@ -56,47 +56,34 @@ fn dump(value: &Value, indent: Option<usize>, sort: bool, depth: usize, out: &mu
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number(value)),
         ValueKind::String => string(value.as_str().unwrap_or_default(), out),
-        ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
+        ValueKind::Seq | ValueKind::Iterable | ValueKind::Map => {
+            let map = value.kind() == ValueKind::Map;
+            let mut items: Vec<Value> = value.try_iter()?.collect();
+            if map && sort {
+                items.sort();
             }
-            out.push('[');
+            let (open, close) = if map { ('{', '}') } else { ('[', ']') };
+            out.push(open);
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                dump(item, indent, sort, depth + 1, out)?;
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        ValueKind::Map => {
-            let mut keys: Vec<Value> = value.try_iter()?.collect();
-            if sort {
-                keys.sort();
-            }
-            if keys.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            out.push('{');
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
+                if map {
+                    match item.as_str() {
+                        Some(k) => string(k, out),
+                        None => string(&item.to_string(), out),
+                    }
+                    out.push_str(": ");
+                    dump(&value.get_item(item)?, indent, sort, depth + 1, out)?;
+                } else {
+                    dump(item, indent, sort, depth + 1, out)?;
                 }
-                newline(out, depth + 1);
-                match key.as_str() {
-                    Some(k) => string(k, out),
-                    None => string(&key.to_string(), out),
-                }
-                out.push_str(": ");
-                dump(&value.get_item(key)?, indent, sort, depth + 1, out)?;
             }
-            newline(out, depth);
-            out.push('}');
+            if !items.is_empty() {
+                newline(out, depth);
+            }
+            out.push(close);
         }
         other => return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson cannot write a {other}"))),
     }

@@ -16,6 +16,7 @@
 pub mod jinja;
 pub mod spans;
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -43,11 +44,15 @@ pub fn check_name(name: Option<&str>) -> Result<()> {
         Some(n) if BUILTIN.iter().any(|(b, _, _)| *b == n) => Ok(()),
         Some(n) if Path::new(n).is_file() => Ok(()),
         Some(n) if n.ends_with(".jinja") => Err(Error::file(n, "data.template: no such file")),
-        Some(n) => Err(Error::data(format!(
-            "data.template: `{n}` is neither a built-in template ({}) nor a .jinja file",
-            BUILTIN.iter().map(|(b, _, _)| *b).collect::<Vec<_>>().join(", ")
-        ))),
+        Some(n) => Err(not_a_template(n)),
     }
+}
+
+fn not_a_template(name: &str) -> Error {
+    Error::data(format!(
+        "data.template: `{name}` is neither a built-in template ({}) nor a .jinja file",
+        BUILTIN.iter().map(|(b, _, _)| *b).collect::<Vec<_>>().join(", ")
+    ))
 }
 
 /// Special tokens a template prints (`bos_token`, ...), as in a `tokenizer_config.json`.
@@ -96,15 +101,15 @@ pub struct ChatTemplate {
     origin: Origin,
     source: String,
     env: minijinja::Environment<'static>,
-    specials: Map<String, Value>,
-    kwargs: Map<String, Value>,
+    /// The variables every rendering gets: the special tokens and `data.template_kwargs`.
+    base: BTreeMap<String, minijinja::Value>,
     end_of_turn: Vec<String>,
     ignore_empty_think: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("kwargs", &self.kwargs).finish()
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("variables", &self.base.keys()).finish()
     }
 }
 
@@ -148,12 +153,7 @@ impl ChatTemplate {
                     let text = std::fs::read_to_string(name).map_err(|e| Error::file(name, format!("data.template: {e}")))?;
                     (Origin::File(PathBuf::from(name)), text, None)
                 }
-                None => {
-                    return Err(Error::data(format!(
-                        "data.template: `{name}` is neither a built-in template ({}) nor a .jinja file",
-                        BUILTIN.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
-                    )))
-                }
+                None => return Err(not_a_template(name)),
             },
             None => match model_template(dir, config.as_ref())? {
                 Some((path, text)) => (Origin::Model(path), text, None),
@@ -187,12 +187,14 @@ impl ChatTemplate {
                 end_of_turn.push(eos.clone());
             }
         }
+        let mut base: BTreeMap<String, minijinja::Value> =
+            specials.iter().chain(&options.kwargs).map(|(k, v)| (k.clone(), minijinja::Value::from_serialize(v))).collect();
+        base.insert("documents".into(), minijinja::Value::from(()));
         Ok(ChatTemplate {
             origin,
             source,
             env,
-            specials,
-            kwargs: options.kwargs.clone(),
+            base,
             end_of_turn,
             ignore_empty_think: options.ignore_empty_think,
         })
@@ -207,25 +209,22 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// The text of `messages` (with the conversation's tools), as transformers renders it.
-    pub fn render_text(&self, conv: &Conversation, upto: usize, add_generation_prompt: bool) -> std::result::Result<String, String> {
-        let mut ctx = self.specials.clone();
-        for (k, v) in &self.kwargs {
-            ctx.insert(k.clone(), v.clone());
-        }
-        ctx.insert("messages".into(), Value::Array(conv.messages[..upto].iter().cloned().map(Value::Object).collect()));
-        ctx.insert("tools".into(), conv.tools.clone().unwrap_or(Value::Null));
-        ctx.insert("documents".into(), Value::Null);
-        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+    /// The text of the first `upto` messages of `row` (with its tools), as transformers renders it.
+    pub(crate) fn render_prefix(&self, row: &RowValues, upto: usize, add_generation_prompt: bool) -> std::result::Result<String, String> {
+        let mut ctx = self.base.clone();
+        ctx.insert("messages".into(), minijinja::Value::from(row.messages[..upto].to_vec()));
+        ctx.insert("tools".into(), row.tools.clone());
+        ctx.insert("add_generation_prompt".into(), minijinja::Value::from(add_generation_prompt));
         let template = self.env.get_template("chat").map_err(|e| describe(&e))?;
-        template.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| describe(&e))
+        template.render(minijinja::Value::from(ctx)).map_err(|e| describe(&e))
     }
 
     /// The rendered conversation and its trained ranges (see the module doc), or what went
     /// wrong, in words that name the template.
     pub fn render(&self, conv: &Conversation) -> std::result::Result<Rendered, String> {
-        let full = self.render_text(conv, conv.messages.len(), false).map_err(|e| format!("chat template {}: {e}", self.origin))?;
-        let trained = spans::trained(self, conv, &full).map_err(|e| format!("chat template {}: {e}", self.origin))?;
+        let row = RowValues::new(conv);
+        let full = self.render_prefix(&row, conv.messages.len(), false).map_err(|e| format!("chat template {}: {e}", self.origin))?;
+        let trained = spans::trained(self, conv, &row, &full).map_err(|e| format!("chat template {}: {e}", self.origin))?;
         Ok(Rendered { text: full, trained })
     }
 
@@ -235,6 +234,21 @@ impl ChatTemplate {
 
     pub(crate) fn ignore_empty_think(&self) -> bool {
         self.ignore_empty_think
+    }
+}
+
+/// A row's messages and tools as template values, made once for all its prefix renderings.
+pub(crate) struct RowValues {
+    messages: Vec<minijinja::Value>,
+    tools: minijinja::Value,
+}
+
+impl RowValues {
+    fn new(conv: &Conversation) -> Self {
+        RowValues {
+            messages: conv.messages.iter().map(minijinja::Value::from_serialize).collect(),
+            tools: conv.tools.as_ref().map_or(minijinja::Value::from(()), minijinja::Value::from_serialize),
+        }
     }
 }
 

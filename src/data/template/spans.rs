@@ -13,14 +13,14 @@
 
 use std::ops::Range;
 
-use super::ChatTemplate;
+use super::{ChatTemplate, RowValues};
 use crate::data::source::{role_of, Conversation, Role};
 
 /// Qwen3's empty reasoning block, left out of the loss with `data.ignore_empty_think`.
 const EMPTY_THINK: &str = "<think>\n\n</think>\n\n";
 
 /// The trained byte ranges of `full` (the rendering of all of `conv`).
-pub fn trained(template: &ChatTemplate, conv: &Conversation, full: &str) -> Result<Vec<Range<usize>>, String> {
+pub(crate) fn trained(template: &ChatTemplate, conv: &Conversation, row: &RowValues, full: &str) -> Result<Vec<Range<usize>>, String> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
     for (k, m) in conv.messages.iter().enumerate() {
         if role_of(m) != Some(Role::Assistant) {
@@ -29,7 +29,7 @@ pub fn trained(template: &ChatTemplate, conv: &Conversation, full: &str) -> Resu
         if k == 0 {
             return Err("the first message is an assistant turn; a reply needs a user message before it".into());
         }
-        let prompt = template.render_text(conv, k, true).map_err(|e| format!("rendering messages[..{k}] as a prompt: {e}"))?;
+        let prompt = template.render_prefix(row, k, true).map_err(|e| format!("rendering messages[..{k}] as a prompt: {e}"))?;
         let mut start = common_prefix(&prompt, full);
         let floor = ranges.last().map_or(0, |r| r.end);
         if start < floor {
