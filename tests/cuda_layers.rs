@@ -77,15 +77,12 @@ fn attention_matmuls(report: &mut Report, label: &str, gpu: &CudaDevice) {
 fn cuda_bf16_layer_pieces_match_cpu_f32() {
     let gpu = CudaDevice::default();
     let mut report = Report(Vec::new());
-    // Informational first: the kernels' matmuls on CubeCL's own matmul (`TRAINER_CUBLAS=0`).
-    // On 2026-12-01 this put the attention of the 5-query-heads-on-1-kv-head fixture off by
-    // order one (RESULTS.md), while the same matmuls on fresh contiguous operands were right.
-    attention_matmuls(&mut report, "CubeCL matmul", &gpu);
-    pieces(&mut report, &gpu, "CubeCL matmul");
+    // Informational first: Burn's own CUDA matmul at the attention's shapes. On 2026-12-01 it
+    // put the attention of the 5-query-heads-on-1-kv-head fixture off by order one (RESULTS.md).
+    attention_matmuls(&mut report, "Burn matmul", &gpu);
     let informational = report.0.len();
-    // Then with trainer's cuBLAS GEMMs registered for the kernels' matmuls, as every trainer
-    // command on CUDA has them: this is what must hold.
-    trainer::backend::cublas::register_with_kernels();
+    // Then the pieces as every trainer command on CUDA runs them (the GEMMs on cuBLAS, by the
+    // backend's declaration): this is what must hold.
     pieces(&mut report, &gpu, "cuBLAS");
     // bf16 keeps 8 significant bits: one rounding of each output is 2^-8 of the largest value;
     // a few roundings inside a piece stay well under 5e-2. A wrong op is off by order one. A

@@ -25,8 +25,6 @@ fn cases() -> Vec<&'static str> {
 
 /// Errors against transformers' f32 logits (relative to the largest logit) and loss.
 fn errors<B: TrainBackend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
-    // The kernels' matmuls on cuBLAS, as every trainer command on CUDA has them.
-    trainer::backend::cublas::register_with_kernels();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
     std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();

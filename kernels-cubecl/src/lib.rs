@@ -12,7 +12,12 @@ pub mod attention;
 #[cfg(feature = "cubecl")]
 mod cube;
 #[cfg(feature = "cubecl")]
-pub use cube::gemm::{set_batched_gemm, set_gemm, BatchedGemmFn, GemmFn};
+pub use cube::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
+#[cfg(feature = "cuda")]
+pub use cube::cublas::{gemm_host_syncs, gemm_ordering};
+pub mod device;
+pub mod linear;
+pub mod lora_linear;
 pub mod layer_ops;
 pub mod linear_cross_entropy;
 pub mod optimizer;
@@ -21,11 +26,14 @@ pub mod reference;
 pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
 };
+pub use device::{DeviceMemory, DeviceMemoryBackend};
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
+pub use linear::{reference_gemm, LinearBackend};
 pub use linear_cross_entropy::{
     fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
     WantedGrads,
 };
+pub use lora_linear::{lora_forward, LoraFactors};
 pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 
 pub use reference::{

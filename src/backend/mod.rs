@@ -4,27 +4,33 @@
 //! CPU is burn-ndarray in f32. CUDA (built with `--features cuda`) stores and computes in the
 //! recipe's `model.dtype`.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
-use kernels_cubecl::{FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend};
+use kernels_cubecl::{
+    DeviceMemoryBackend, FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend, LinearBackend,
+};
 
 #[cfg(feature = "cuda")]
-pub mod cublas;
-#[cfg(feature = "cuda")]
-mod compute_stream;
+pub mod gpu_check;
 pub mod profile;
 
 use crate::error::Result;
 use crate::recipe::{DType, Device};
 
 /// The backends trainer's models run on: Burn's backend with the hot-path operations of
-/// `kernels-cubecl` (blockwise attention, the fused linear cross-entropy, RMSNorm, SwiGLU,
-/// rotary, the AdamW update and the gradients' sum of squares), each a plain-Burn reference by default and a CubeCL kernel where the backend has one
-/// (CUDA in a `cuda` build, wgpu in kernels-cubecl's tests), with its own backward on
-/// `Autodiff<B>`. Which implementation runs is the backend's declaration, not a run-time test.
-pub trait TrainBackend: FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend {}
+/// `kernels-cubecl` (the linear layers' GEMMs and the LoRA linear layer, blockwise attention,
+/// the fused linear cross-entropy, RMSNorm, SwiGLU, rotary, the AdamW update and the gradients'
+/// sum of squares) and its device memory, each a plain-Burn reference by default and a CubeCL
+/// kernel or cuBLAS where the backend has one (CUDA in a `cuda` build, wgpu in kernels-cubecl's
+/// tests), with its own backward on `Autodiff<B>`. Which implementation runs is the backend's
+/// declaration, not a run-time test.
+pub trait TrainBackend:
+    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend
+{
+}
 
-impl<B> TrainBackend for B where B: FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend {}
+impl<B> TrainBackend for B where
+    B: LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend
+{
+}
 
 /// Work that can run on any backend.
 pub trait BackendJob {
@@ -60,7 +66,6 @@ pub fn dispatch<J: BackendJob>(device: Device, dtype: DType, job: J) -> Result<J
 fn run_cuda<J: BackendJob>(dtype: DType, job: J) -> Result<J::Output> {
     use burn::backend::cuda::{Cuda, CudaDevice};
     let device = CudaDevice::default();
-    cublas::register_with_kernels();
     match dtype {
         DType::Bf16 => job.run::<Cuda<half::bf16>>(device),
         DType::F16 => job.run::<Cuda<half::f16>>(device),
@@ -87,60 +92,8 @@ pub struct DeviceMemory {
 }
 
 /// [`DeviceMemory`] of `device` on CUDA; `None` on backends without a device allocator (CPU).
-pub fn device_memory<B: Backend>(device: &B::Device) -> Option<DeviceMemory> {
-    #[cfg(feature = "cuda")]
-    {
-        use cubecl::Runtime;
-        let device = cast::<B::Device, cubecl::cuda::CudaDevice>(device.clone()).ok()?;
-        let usage = cubecl::cuda::CudaRuntime::client(&device).memory_usage().ok()?;
-        Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = device;
-        None
-    }
-}
-
-/// `x @ w` of a linear layer (`x: [..., in]`, `w: [in, out]`): cuBLAS on CUDA in bf16 / f16
-/// (`cublas.rs`), Burn's matmul on every other backend.
-pub fn linear_matmul<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
-    #[cfg(feature = "cuda")]
-    let (x, w) = match cublas::try_matmul(x, w) {
-        Ok(y) => return y,
-        Err(inputs) => inputs,
-    };
-    x.matmul(w.unsqueeze())
-}
-
-/// `x @ w` for a batch of matrices (`x: [batch, m, k]`, `w: [batch, k, n]`; a MoE block's
-/// experts): one strided batched cuBLAS GEMM on CUDA in bf16 / f16 / f32, Burn's matmul on every
-/// other backend.
-pub fn batched_matmul<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 3>) -> Tensor<B, 3> {
-    #[cfg(feature = "cuda")]
-    let (x, w) = match cublas::try_batched_matmul(x, w) {
-        Ok(y) => return y,
-        Err(inputs) => inputs,
-    };
-    x.matmul(w)
-}
-
-pub(crate) fn same<T: 'static, U: 'static>() -> bool {
-    std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()
-}
-
-/// `t` as a `U` when `T` is `U`, else `t` back: how generic model code reaches a kernel that
-/// exists only for concrete backends (a type check, no unsafe casts).
-pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
-    use std::any::Any;
-    let mut slot = Some(t);
-    let taken = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>().and_then(Option::take);
-    match (taken, slot) {
-        (Some(u), _) => Ok(u),
-        (None, Some(t)) => Err(t),
-        // `taken` is only None when the downcast failed, which leaves `slot` untouched.
-        (None, None) => unreachable!("a failed downcast took the value"),
-    }
+pub fn device_memory<B: TrainBackend>(device: &B::Device) -> Option<DeviceMemory> {
+    B::device_memory(device).map(|m| DeviceMemory { in_use: m.in_use, reserved: m.reserved })
 }
 
 static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -148,7 +101,11 @@ static HOST_SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// Times the host has waited for the device inside trainer's own code (a read of a value, a
 /// synchronised GEMM), since the process started: `trainer bench` reports them per step.
 pub fn host_syncs() -> u64 {
-    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+    #[cfg(feature = "cuda")]
+    let gemms = kernels_cubecl::gemm_host_syncs();
+    #[cfg(not(feature = "cuda"))]
+    let gemms = 0;
+    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed) + gemms
 }
 
 pub(crate) fn count_host_syncs(n: u64) {

@@ -1,12 +1,14 @@
 //! A LoRA adapter on one linear layer: `y = x W + s * (dropout(x) A) B`, as peft computes it.
 //!
 //! A and B are trainable and kept in f32 whatever the base weights' dtype; the adapter's input is
-//! cast to f32 and its output back. Initialised as peft does: A Kaiming-uniform with a = sqrt(5)
+//! cast to f32, and its rank-r product is added into the base layer's output (see
+//! `kernels_cubecl::lora_linear` for the precision). Initialised as peft does: A Kaiming-uniform with a = sqrt(5)
 //! (bound 1 / sqrt(in)), B zero, so a freshly adapted model computes exactly the base model.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
+use kernels_cubecl::LoraFactors;
 use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,37 +62,41 @@ impl<B: TrainBackend> LoraAdapter<B> {
         }
     }
 
-    /// The adapter's contribution `s * (dropout(x) A) B`, in `x`'s dtype. Dropout applies only
-    /// while gradients are tracked (training), as Burn's own `Dropout` does, or inside
-    /// [`training_forward`].
+    /// The adapted layer `x w + s * (dropout(x) A) B` in `x`'s dtype, as one backend operation
+    /// ([`LinearBackend::lora_linear`]: four GEMMs, no f32 tensor of the output's width).
+    /// Dropout applies only while gradients are tracked (training), as Burn's own `Dropout`
+    /// does, or inside [`training_forward`].
     ///
     /// # Shapes
-    /// - `x`: `[..., in_local]` → `[..., out_local]`
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // Through the linear layers' GEMM path (cuBLAS on CUDA, in f32): the token count varies
-        // (MoE experts), and Burn's CUDA matmul autotunes each new shape.
-        self.low_rank(x, self.lora_a.val(), self.lora_b.val(), crate::backend::linear_matmul::<B, D>)
+    /// - `x`: `[..., in_local]`, `w`: `[in_local, out_local]` → `[..., out_local]`
+    pub fn linear<const D: usize>(&self, x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+        let out = w.dims()[1];
+        let dims = x.dims();
+        let m = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([m, dims[D - 1]]);
+        let dropout_mask = self.dropout_mask([m, dims[D - 1]], &x.device());
+        let lora = LoraFactors { a: self.lora_a.val(), b: self.lora_b.val(), scale: self.scale, dropout_mask };
+        let mut shape = dims;
+        shape[D - 1] = out;
+        B::lora_linear(x, w, lora).reshape(shape)
     }
 
-    /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, with `gemm` for both products:
-    /// the one place of the adapter's precision and scale, for one layer (`a`, `b` 2-D) or the
-    /// stacked experts of a MoE block (3-D).
-    fn low_rank<const D: usize, const DW: usize>(
-        &self,
-        x: Tensor<B, D>,
-        a: Tensor<B, DW>,
-        b: Tensor<B, DW>,
-        gemm: fn(Tensor<B, D>, Tensor<B, DW>) -> Tensor<B, D>,
-    ) -> Tensor<B, D> {
+    /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, for the stacked experts of a MoE
+    /// block (batched GEMMs over `[experts, ..]`).
+    fn low_rank(&self, x: Tensor<B, 3>, a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
-        let h = self.dropout_input(x.cast(FloatDType::F32));
+        let h = x.cast(FloatDType::F32);
+        let h = match self.dropout_mask(h.shape(), &h.device()) {
+            Some(mask) => h * mask,
+            None => h,
+        };
         // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
         // one pass over `rank` columns instead of `out` (forward and backward).
-        gemm(gemm(h, a) * self.scale, b).cast(dtype)
+        B::batched_matmul(B::batched_matmul(h, a) * self.scale, b).cast(dtype)
     }
 
-    /// [`forward`](Self::forward) of every expert of a MoE block at once: `x[e]` through
-    /// `adapters[e]`, as two batched GEMMs over the stacked factors. An expert without an
+    /// The adapter term `s * (dropout(x[e]) A_e) B_e` of every expert of a MoE block at once,
+    /// `adapters[e]` for `x[e]`, as two batched GEMMs over the stacked factors. An expert without an
     /// adapter (`None`) contributes zeros. The adapters share scale and dropout (one LoRA
     /// config per recipe). `None` when no expert has an adapter.
     ///
@@ -108,18 +114,18 @@ impl<B: TrainBackend> LoraAdapter<B> {
             Tensor::stack::<3>(factors.collect(), 0)
         };
         let (a, b) = (stack(|a| a.lora_a.val(), [inp, rank]), stack(|a| a.lora_b.val(), [rank, out]));
-        Some(first.low_rank(x, a, b, crate::backend::batched_matmul::<B>))
+        Some(first.low_rank(x, a, b))
     }
 
-    /// `dropout(h)` while training (see [`forward`](Self::forward)), `h` otherwise.
-    fn dropout_input<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
-        let train = B::ad_enabled(&h.device()) || TRAINING_FORWARD.with(|t| t.get());
+    /// The dropout mask of an adapter input of `shape` while training (see
+    /// [`linear`](Self::linear)): f32 values 0 or `1 / keep`; `None` otherwise.
+    fn dropout_mask<const D: usize>(&self, shape: impl Into<burn::tensor::Shape>, device: &B::Device) -> Option<Tensor<B, D>> {
+        let train = B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get());
         if !train || self.dropout <= 0.0 {
-            return h;
+            return None;
         }
         let keep = 1.0 - self.dropout;
-        let mask = h.random_like(Distribution::Bernoulli(keep));
-        h * mask / keep
+        Some(Tensor::<B, D>::random(shape, Distribution::Bernoulli(keep), (device, DType::F32)) / keep)
     }
 
     /// `s * A B`: what merging adds to the base weight in its `[in, out]` layout.

@@ -102,13 +102,12 @@ impl<B: TrainBackend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = crate::backend::linear_matmul(x.clone(), self.weight.val());
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
-            None => y,
+        let y = match &self.lora {
+            Some(adapter) => adapter.linear(x, self.weight.val()),
+            None => B::linear_matmul(x, self.weight.val()),
         };
-        match &self.lora {
-            Some(adapter) => y + span::<B, _>("lora", &x.device(), || adapter.forward(x)),
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
             None => y,
         }
     }
@@ -124,7 +123,7 @@ impl<B: TrainBackend> Linear<B> {
     pub fn forward_stacked(linears: &[&Linear<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
         let device = x.device();
         let w = Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0);
-        let y = crate::backend::batched_matmul(x.clone(), w);
+        let y = B::batched_matmul(x.clone(), w);
         let y = if linears.iter().any(|l| l.bias.is_some()) {
             let [_, out] = linears[0].weight.val().dims();
             let dtype = y.dtype();

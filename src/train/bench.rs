@@ -118,8 +118,8 @@ pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usiz
     #[cfg(feature = "cuda")]
     let check = (backend::resolve(r.device) == crate::recipe::Device::Cuda && r.model.dtype == crate::recipe::DType::Bf16).then(|| {
         let t = Instant::now();
-        let c = backend::cublas::self_check(&Default::default());
-        let a = extras.check_attention.then(|| backend::cublas::attention_check(&Default::default()));
+        let c = backend::gpu_check::self_check(&Default::default());
+        let a = extras.check_attention.then(|| backend::gpu_check::attention_check(&Default::default()));
         eprintln!("bench: self-checks {:.1} s: {c:?}, {a:?}", t.elapsed().as_secs_f64());
         (c, a)
     });
@@ -129,13 +129,13 @@ pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usiz
         if let Some((what, err)) = c.failure() {
             return Err(Error::Internal(format!(
                 "the cuBLAS GEMM self-check failed: {what} is {err:.3e} (max |diff| / max |reference|), above {:.0e}; {c:?}",
-                backend::cublas::GemmCheck::TOLERANCE
+                backend::gpu_check::GemmCheck::TOLERANCE
             )));
         }
         if let Some((what, err)) = a.as_ref().and_then(|a| a.failure()) {
             return Err(Error::Internal(format!(
                 "the attention self-check failed: {what} is {err:.3e} (max |diff| / max |reference|), above {:.0e}; {a:?}",
-                backend::cublas::AttentionCheck::TOLERANCE
+                backend::gpu_check::AttentionCheck::TOLERANCE
             )));
         }
     }
@@ -146,7 +146,7 @@ pub fn bench(loaded: &LoadedRecipe, plan: &ModelPlan, warmup: usize, steps: usiz
         report.gemm_check = check.and_then(|(c, _)| serde_json::to_value(c).ok());
         report.attention_check = check.and_then(|(_, a)| a).and_then(|a| serde_json::to_value(a).ok());
         if backend::resolve(r.device) == crate::recipe::Device::Cuda {
-            report.gemm_ordering = Some(backend::cublas::gemm_ordering());
+            report.gemm_ordering = Some(kernels_cubecl::gemm_ordering());
         }
     }
     Ok(report)

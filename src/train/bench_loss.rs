@@ -69,7 +69,7 @@ impl BackendJob for LossBench {
                 let options = kernels_cubecl::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None };
                 kernels_cubecl::fused_linear_cross_entropy(h.clone(), w.clone(), labels.clone(), options)
             } else {
-                kernels_cubecl::cross_entropy(backend::linear_matmul(h.clone(), w.clone()), labels.clone(), IGNORE_INDEX)
+                kernels_cubecl::cross_entropy(<Autodiff<B> as kernels_cubecl::LinearBackend>::linear_matmul(h.clone(), w.clone()), labels.clone(), IGNORE_INDEX)
             };
             let mean = ce.sum / ce.tokens.max(1) as f64;
             let grads = mean.clone().backward();

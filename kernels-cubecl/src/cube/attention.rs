@@ -1,5 +1,5 @@
 //! [`crate::memory_efficient_attention`] on `CubeBackend`: the trait's blockwise implementation
-//! with its batched matmuls through a registered GEMM (cuBLAS on CUDA) where there is one, and
+//! with its batched matmuls on the runtime's GEMM (cuBLAS on CUDA, `gemm.rs`), and
 //! each query block's softmax, forward and backward, as one row kernel
 //! ([`super::softmax_rows`]) instead of Burn's chain of element-wise passes over f32 scores.
 
@@ -45,7 +45,7 @@ fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     f32_tensor(t)
 }
 
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {
+impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
         super::gemm::batched_matmul(a, b)
     }

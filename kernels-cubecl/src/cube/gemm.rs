@@ -1,13 +1,7 @@
-//! The GEMMs of this crate's CubeCL kernels, with a slot for a faster one.
-//!
-//! CubeCL's own matmul is what every runtime has (wgpu in CI). On CUDA, trainer registers a
-//! cuBLAS GEMM ([`set_gemm`]) working on the same `CubeTensor` memory: it is ~3.5x faster in
-//! bf16 on an H200 (shared/PLATFORM.md) and takes transposed operands without a copy. The slot
-//! is type-erased because this crate does not name the CUDA runtime; a registered GEMM returns
-//! `None` for tensors it does not handle (another runtime, f32), and CubeCL's matmul runs.
-
-use std::any::Any;
-use std::sync::OnceLock;
+//! The GEMMs of CubeCL backends, per runtime: [`GemmRuntime`] defaults to CubeCL's matmul (what
+//! every runtime has; wgpu in CI), CUDA brings cuBLAS (`cublas.rs`). `CubeBackend` takes its
+//! [`LinearBackend`] primitives and its device memory from here, and this crate's kernels (the
+//! fused cross-entropy, the blockwise attention) call the same primitives.
 
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -15,52 +9,48 @@ use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-/// `op(a) @ op(b)` of 2-D `CubeTensor`s (`op` transposes when its flag is set), with output
-/// dtype `out`, added in place to `acc` (same dtype `out`, returned) when given; `None` when the
-/// operands are not ones it handles.
-pub type GemmFn = fn(a: &dyn Any, ta: bool, b: &dyn Any, tb: bool, out: DType, acc: Option<&dyn Any>) -> Option<Box<dyn Any>>;
+use crate::device::{DeviceMemory, DeviceMemoryBackend};
+use crate::linear::LinearBackend;
 
-/// `a @ b` of 4-D `CubeTensor`s `[b1, b2, m, k]` x `[b1, b2, k, n]` (views allowed: strides say
-/// whether a matrix is read transposed), output in the operands' dtype; `None` when it does not
-/// handle them.
-pub type BatchedGemmFn = fn(a: &dyn Any, b: &dyn Any) -> Option<Box<dyn Any>>;
-
-static GEMM: OnceLock<GemmFn> = OnceLock::new();
-static BATCHED: OnceLock<BatchedGemmFn> = OnceLock::new();
-
-/// Use `gemm` for the batched matmuls of this crate's kernels (the blockwise attention's) where
-/// it handles the operands. The first registration wins; returns whether this one did.
-pub fn set_batched_gemm(gemm: BatchedGemmFn) -> bool {
-    BATCHED.set(gemm).is_ok()
-}
-
-/// `a @ b` of 4-D tensors through the registered batched GEMM, else Burn's (CubeCL's) matmul.
-pub(crate) fn batched_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    a: Tensor<CubeBackend<R, F, I, BT>, 4>,
-    b: Tensor<CubeBackend<R, F, I, BT>, 4>,
-) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
-    if let Some(f) = BATCHED.get() {
-        let (pa, pb) = (a.clone().into_primitive().tensor(), b.clone().into_primitive().tensor());
-        if let Some(y) = f(&pa, &pb) {
-            if let Ok(y) = y.downcast::<CubeTensor<R>>() {
-                return Tensor::from_primitive(TensorPrimitive::Float(*y));
-            }
-        }
+/// A CubeCL runtime's GEMMs on `CubeTensor`s, with the contracts of [`LinearBackend::gemm`] and
+/// [`LinearBackend::gemm_batched`]. The defaults are CubeCL's matmul ([`cubecl_gemm`],
+/// [`cubecl_gemm_batched`]).
+pub trait GemmRuntime: CubeRuntime {
+    fn gemm<F: FloatElement, I: IntElement, BT: BoolElement>(
+        a: CubeTensor<Self>,
+        ta: bool,
+        b: CubeTensor<Self>,
+        tb: bool,
+        out: DType,
+        acc: Option<CubeTensor<Self>>,
+    ) -> CubeTensor<Self> {
+        cubecl_gemm::<Self, F, I, BT>(a, ta, b, tb, out, acc)
     }
-    // CubeCL's matmul on contiguous copies: on CUDA in bf16 it summed wrongly over the
-    // attention's strided views (benches/RESULTS.md, 2026-12-01).
-    let contiguous = |t: Tensor<CubeBackend<R, F, I, BT>, 4>| Tensor::from_primitive(TensorPrimitive::Float(into_contiguous(t.into_primitive().tensor())));
-    contiguous(a).matmul(contiguous(b))
+
+    fn gemm_batched<F: FloatElement, I: IntElement, BT: BoolElement>(a: CubeTensor<Self>, b: CubeTensor<Self>) -> CubeTensor<Self> {
+        cubecl_gemm_batched::<Self, F, I, BT>(a, b)
+    }
 }
 
-/// Use `gemm` for this crate's kernels' matmuls where it handles the operands. The first
-/// registration wins; returns whether this one did.
-pub fn set_gemm(gemm: GemmFn) -> bool {
-    GEMM.set(gemm).is_ok()
+#[cfg(feature = "wgpu")]
+impl GemmRuntime for cubecl::wgpu::WgpuRuntime {}
+
+fn float<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(t: CubeTensor<R>) -> Tensor<CubeBackend<R, F, I, BT>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// `op(a) @ op(b)` (+ `acc`) through the registered GEMM, else CubeCL's matmul.
-pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+/// `a @ b` with the leading dims as the batch, by CubeCL's matmul on contiguous copies: on CUDA
+/// in bf16 it summed wrongly over the attention's strided views (benches/RESULTS.md,
+/// 2026-12-01).
+pub fn cubecl_gemm_batched<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>) -> CubeTensor<R> {
+    let dtype = a.dtype;
+    matmul(into_contiguous(a), into_contiguous(b), None, MatmulStrategy::default(), dtype).expect("CubeCL matmul launch")
+}
+
+/// `op(a) @ op(b)` (+ `acc`) by CubeCL's matmul, from contiguous operands already in the output
+/// dtype: on CUDA in bf16 it gave wrong sums for transposed views with an f32 output (the fused
+/// cross-entropy's CUDA test, benches/RESULTS.md, 2026-12-01).
+pub fn cubecl_gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     a: CubeTensor<R>,
     ta: bool,
     b: CubeTensor<R>,
@@ -68,17 +58,6 @@ pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     out: DType,
     acc: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
-    if let Some(f) = GEMM.get() {
-        if let Some(y) = f(&a, ta, &b, tb, out, acc.as_ref().map(|c| c as &dyn Any)) {
-            if let Ok(y) = y.downcast::<CubeTensor<R>>() {
-                return *y;
-            }
-        }
-    }
-    let float = |t: CubeTensor<R>| Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(t));
-    // CubeCL's matmul from contiguous operands already in the output dtype: on CUDA in bf16 it
-    // gave wrong sums for transposed views with an f32 output (the fused cross-entropy's CUDA test,
-    // benches/RESULTS.md, 2026-12-01).
     let out_float = match out {
         DType::F32 => Some(FloatDType::F32),
         DType::F16 => Some(FloatDType::F16),
@@ -86,16 +65,55 @@ pub(crate) fn gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         _ => None,
     };
     let op = |t: CubeTensor<R>, transpose: bool| {
-        let t = if transpose { float(t).transpose() } else { float(t) };
+        let t = float::<R, F, I, BT, 2>(t);
+        let t = if transpose { t.transpose() } else { t };
         let t = match out_float {
             Some(d) => t.cast(d),
             None => t,
         };
         into_contiguous(t.into_primitive().tensor())
     };
-    let y = matmul(op(a, ta), op(b, tb), None, MatmulStrategy::default(), out).expect("matmul launch");
+    let y = matmul(op(a, ta), op(b, tb), None, MatmulStrategy::default(), out).expect("CubeCL matmul launch");
     match acc {
-        Some(acc) => (float(acc) + float(y)).into_primitive().tensor(),
+        Some(acc) => (float::<R, F, I, BT, 2>(acc) + float(y)).into_primitive().tensor(),
         None => y,
+    }
+}
+
+/// The batched matmuls of the blockwise attention.
+pub(crate) fn batched_matmul<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    a: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    b: Tensor<CubeBackend<R, F, I, BT>, 4>,
+) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
+    float(R::gemm_batched::<F, I, BT>(a.into_primitive().tensor(), b.into_primitive().tensor()))
+}
+
+/// `op(a) @ op(b)` (+ `acc`) on the runtime's GEMM.
+pub(crate) fn gemm<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    a: CubeTensor<R>,
+    ta: bool,
+    b: CubeTensor<R>,
+    tb: bool,
+    out: DType,
+    acc: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    R::gemm::<F, I, BT>(a, ta, b, tb, out, acc)
+}
+
+impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LinearBackend for CubeBackend<R, F, I, BT> {
+    fn gemm(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
+        let acc = acc.map(|c| c.into_primitive().tensor());
+        float(R::gemm::<F, I, BT>(a.into_primitive().tensor(), ta, b.into_primitive().tensor(), tb, out, acc))
+    }
+
+    fn gemm_batched<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        float(R::gemm_batched::<F, I, BT>(a.into_primitive().tensor(), b.into_primitive().tensor()))
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceMemoryBackend for CubeBackend<R, F, I, BT> {
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        let usage = <R as cubecl::Runtime>::client(device).memory_usage().ok()?;
+        Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
     }
 }

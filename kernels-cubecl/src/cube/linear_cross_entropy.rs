@@ -1,5 +1,5 @@
 //! CubeCL implementation of [`crate::fused_linear_cross_entropy`]: per token chunk, the logits
-//! from a GEMM with an f32 output ([`super::gemm`]: cuBLAS when trainer registered it, else
+//! from a GEMM with an f32 output (the runtime's, [`super::gemm`]: cuBLAS on CUDA, else
 //! burn-cubecl's matmul), one kernel that turns each row into its loss and its gradient in
 //! place, and two more GEMMs into `dh` and (accumulated in f32, in place) `dw`.
 
@@ -31,7 +31,7 @@ fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, 
 }
 
 
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
+impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
     for CubeBackend<R, F, I, BT>
 {
     fn linear_cross_entropy_parts(

@@ -2,9 +2,13 @@
 //! `CubeBackend` (CUDA, wgpu, ...), behind the `cubecl` feature.
 
 mod attention;
+#[cfg(feature = "cuda")]
+mod compute_stream;
+#[cfg(feature = "cuda")]
+pub mod cublas;
+pub mod gemm;
 mod layer_kernels;
 mod layer_ops;
-pub mod gemm;
 mod linear_cross_entropy;
 mod optimizer;
 mod row_kernel;

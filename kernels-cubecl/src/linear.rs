@@ -1,0 +1,206 @@
+//! The model's GEMMs as backend operations: a linear layer's `x @ w`, the batched GEMM of a MoE
+//! block's experts, and the LoRA linear layer ([`crate::lora_linear`]).
+//!
+//! [`LinearBackend::gemm`] and [`LinearBackend::gemm_batched`] are the primitives; their
+//! defaults are Burn's matmul (every backend, NdArray in CI). CubeCL backends take them from
+//! their runtime (`cube/gemm.rs`): cuBLAS on CUDA, CubeCL's matmul elsewhere. `Autodiff<B>`
+//! turns the inner backend's primitives into one autodiff op per layer GEMM, with the backward
+//! written as two more GEMMs of the same primitives, so a backend that brings a GEMM brings it
+//! forward and backward. Which GEMM runs is the backend's declaration, not a run-time test.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+
+use crate::lora_linear::{lora_forward, LoraFactors};
+
+/// Backends that run the model's GEMMs. Every method has a plain-Burn default.
+pub trait LinearBackend: Backend {
+    /// `op(a) @ op(b)` of 2-D tensors (`op` transposes when its flag is set), accumulated in f32
+    /// and returned in dtype `out`, plus `acc` when given (`[m, n]` in dtype `out`, one rounding
+    /// of the sum; an implementation may write the sum into `acc`'s memory). The operands share
+    /// one dtype and may be views.
+    ///
+    /// # Shapes
+    /// - `op(a)`: `[m, k]`, `op(b)`: `[k, n]` → `[m, n]`
+    fn gemm(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
+        reference_gemm(a, ta, b, tb, out, acc)
+    }
+
+    /// `a @ b` for each matrix of a batch, in the operands' dtype; either operand may be a view
+    /// (the transposed view of its last two dims included).
+    ///
+    /// # Shapes
+    /// - `a`: `[..., m, k]`, `b`: `[..., k, n]` (same leading dims) → `[..., m, n]`
+    fn gemm_batched<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        a.matmul(b)
+    }
+
+    /// A linear layer's `x @ w` in `x`'s dtype; on autodiff backends its gradient flows to both.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]`, `w`: `[in, out]` → `[..., out]`
+    fn linear_matmul<const D: usize>(x: Tensor<Self, D>, w: Tensor<Self, 2>) -> Tensor<Self, D> {
+        let dtype = x.dtype();
+        let n = w.dims()[1];
+        over_rows(x, n, |x| Self::gemm(x, false, w, false, dtype, None))
+    }
+
+    /// `x[e] @ w[e]` for each matrix of a batch (the experts of a MoE block); on autodiff
+    /// backends its gradient flows to both.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, m, k]`, `w`: `[batch, k, n]` → `[batch, m, n]`
+    fn batched_matmul(x: Tensor<Self, 3>, w: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        Self::gemm_batched(x, w)
+    }
+
+    /// A linear layer with a LoRA adapter, `x w + s (dropout(x) A) B`, as one operation: see
+    /// [`crate::lora_linear`] for the maths, the precision and the backward.
+    ///
+    /// # Shapes
+    /// - `x`: `[m, in]`, `w`: `[in, out]`, `a`: `[in, r]`, `b`: `[r, out]` → `[m, out]`
+    fn lora_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>, lora: LoraFactors<Self>) -> Tensor<Self, 2> {
+        lora_forward(x, w, &lora).0
+    }
+}
+
+/// The definition of [`LinearBackend::gemm`] in Burn's ops: the operands cast to f32 (exact for
+/// bf16 / f16), multiplied, added to `acc` in f32, cast to `out`.
+pub fn reference_gemm<B: Backend>(a: Tensor<B, 2>, ta: bool, b: Tensor<B, 2>, tb: bool, out: DType, acc: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    let op = |t: Tensor<B, 2>, transpose: bool| to_dtype(if transpose { t.transpose() } else { t }, DType::F32);
+    let y = op(a, ta).matmul(op(b, tb));
+    let y = match acc {
+        Some(acc) => to_dtype(acc, DType::F32) + y,
+        None => y,
+    };
+    to_dtype(y, out)
+}
+
+/// `f` over `x` flattened to rows `[m, in]`, its `[m, n]` result given `x`'s leading dims back.
+pub(crate) fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, n: usize, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m = dims[..D - 1].iter().product::<usize>();
+    let y = f(x.reshape([m, k]));
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
+}
+
+pub(crate) fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    let float = match dtype {
+        DType::F64 => FloatDType::F64,
+        DType::F32 => FloatDType::F32,
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => return x,
+    };
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(float)
+    }
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> LinearBackend for NdArray<E, I, Q>
+where
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+}
+
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// The layer GEMMs as autodiff ops over the inner backend's primitives; `gemm` and
+/// `gemm_batched` themselves keep their defaults (Burn's differentiable matmul), since the
+/// kernels that call them run on the inner backend.
+impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
+    fn linear_matmul<const D: usize>(x: Tensor<Self, D>, w: Tensor<Self, 2>) -> Tensor<Self, D> {
+        let n = w.dims()[1];
+        over_rows(x, n, |x| tracked_gemm::<B, C, 2>(x, w, false))
+    }
+
+    fn batched_matmul(x: Tensor<Self, 3>, w: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        tracked_gemm::<B, C, 3>(x, w, true)
+    }
+
+    fn lora_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>, lora: LoraFactors<Self>) -> Tensor<Self, 2> {
+        crate::lora_linear::tracked::<B, C>(x, w, lora)
+    }
+}
+
+/// `x @ w` as one autodiff op: 2-D operands, or 3-D ones multiplied per batch entry.
+fn tracked_gemm<B: LinearBackend, C: CheckpointStrategy, const D: usize>(x: Tensor<Autodiff<B, C>, D>, w: Tensor<Autodiff<B, C>, D>, batched: bool) -> Tensor<Autodiff<B, C>, D> {
+    let (x, w) = (primitive(x), primitive(w));
+    let forward = |x: FloatTensor<B>, w: FloatTensor<B>| -> FloatTensor<B> {
+        if batched {
+            primitive(B::gemm_batched(float::<B, 3>(x), float(w)))
+        } else {
+            let dtype = x.dtype();
+            primitive(B::gemm(float(x), false, float(w), false, dtype, None))
+        }
+    };
+    let y = match (GemmBackward { batched }).prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            // dX needs W, dW needs X: keep only what a tracked parent will ask for.
+            let keep_w = x.is_tracked().then(|| w.primitive.clone());
+            let keep_x = w.is_tracked().then(|| x.primitive.clone());
+            let y = forward(x.primitive, w.primitive);
+            prep.finish((keep_x, keep_w), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
+    };
+    float(y)
+}
+
+#[derive(Debug)]
+struct GemmBackward {
+    batched: bool,
+}
+
+impl<B: LinearBackend> Backward<B, 2> for GemmBackward {
+    /// (x if w is tracked, w if x is tracked).
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        if let (Some(node), Some(w)) = (node_x, w) {
+            // dX = dY W^T
+            let dx = if self.batched {
+                primitive(B::gemm_batched(float::<B, 3>(dy.clone()), float::<B, 3>(w).swap_dims(1, 2)))
+            } else {
+                let dy = float::<B, 2>(dy.clone());
+                let dtype = dy.dtype();
+                primitive(B::gemm(dy, false, float(w), true, dtype, None))
+            };
+            grads.register::<B>(node.id, dx);
+        }
+        if let (Some(node), Some(x)) = (node_w, x) {
+            // dW = X^T dY
+            let dw = if self.batched {
+                primitive(B::gemm_batched(float::<B, 3>(x).swap_dims(1, 2), float::<B, 3>(dy)))
+            } else {
+                let x = float::<B, 2>(x);
+                let dtype = x.dtype();
+                primitive(B::gemm(x, true, float(dy), false, dtype, None))
+            };
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
