@@ -4,7 +4,7 @@
 //!   w, A and B, with and without a dropout mask, on NdArray, on wgpu (CubeCL's matmul as the
 //!   runtime's GEMM), and on CUDA f32 and bf16 (cuBLAS) in the ignored tests;
 //! - `linear_matmul` and `batched_matmul` (autodiff ops over the backend's GEMM) against
-//!   autodiff of Burn's matmul;
+//!   autodiff of Burn's matmul on NdArray;
 //! - the GEMM primitive itself with transposed operands, an f32 output and an accumulator.
 //!
 //! Shapes are odd, several seeds each.
@@ -209,7 +209,8 @@ fn matmuls_match_burn<B: AutodiffBackend + LinearBackend>(device: &B::Device, to
     for seed in SEEDS {
         for batched in [false, true] {
             let got = matmul_outcome::<B>(seed, batched, device, true);
-            let want = matmul_outcome::<B>(seed, batched, device, false);
+            // Burn's matmul on NdArray (on CUDA in f32 it rounds like TF32: 4e-4).
+            let want = matmul_outcome::<Reference>(seed, batched, &Default::default(), false);
             for (i, name) in ["output", "dx", "dw"].iter().enumerate() {
                 assert_close(&format!("matmul batched={batched} seed={seed} {name}"), &got[i], &want[i], tolerance);
             }
