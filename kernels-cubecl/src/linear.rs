@@ -17,8 +17,9 @@ use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTens
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata};
 
+use crate::layer_ops::{float, primitive, to_dtype};
 use crate::lora_linear::{lora_forward, LoraFactors};
 
 /// Backends that run the model's GEMMs. Every method has a plain-Burn default.
@@ -85,7 +86,7 @@ pub fn reference_gemm<B: Backend>(a: Tensor<B, 2>, ta: bool, b: Tensor<B, 2>, tb
 }
 
 /// `f` over `x` flattened to rows `[m, in]`, its `[m, n]` result given `x`'s leading dims back.
-pub(crate) fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, n: usize, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
+pub fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, n: usize, f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
     let dims = x.dims();
     let k = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
@@ -95,34 +96,11 @@ pub(crate) fn over_rows<B: Backend, const D: usize>(x: Tensor<B, D>, n: usize, f
     y.reshape(out)
 }
 
-pub(crate) fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    let float = match dtype {
-        DType::F64 => FloatDType::F64,
-        DType::F32 => FloatDType::F32,
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => return x,
-    };
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(float)
-    }
-}
-
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> LinearBackend for NdArray<E, I, Q>
 where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
-}
-
-pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
 }
 
 /// The layer GEMMs as autodiff ops over the inner backend's primitives; `gemm` and

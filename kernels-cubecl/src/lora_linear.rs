@@ -20,7 +20,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
-use crate::linear::{float, primitive, to_dtype, LinearBackend};
+use crate::layer_ops::{float, primitive, to_dtype};
+use crate::linear::LinearBackend;
 
 /// A LoRA adapter's factors and settings for [`LinearBackend::lora_linear`].
 #[derive(Debug, Clone)]

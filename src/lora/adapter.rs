@@ -71,14 +71,11 @@ impl<B: TrainBackend> LoraAdapter<B> {
     /// - `x`: `[..., in_local]`, `w`: `[in_local, out_local]` → `[..., out_local]`
     pub fn linear<const D: usize>(&self, x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
         let out = w.dims()[1];
-        let dims = x.dims();
-        let m = dims[..D - 1].iter().product::<usize>();
-        let x = x.reshape([m, dims[D - 1]]);
-        let dropout_mask = self.dropout_mask([m, dims[D - 1]], &x.device());
-        let lora = LoraFactors { a: self.lora_a.val(), b: self.lora_b.val(), scale: self.scale, dropout_mask };
-        let mut shape = dims;
-        shape[D - 1] = out;
-        B::lora_linear(x, w, lora).reshape(shape)
+        kernels_cubecl::linear::over_rows(x, out, |x| {
+            let dropout_mask = self.dropout_mask(x.shape(), &x.device());
+            let lora = LoraFactors { a: self.lora_a.val(), b: self.lora_b.val(), scale: self.scale, dropout_mask };
+            B::lora_linear(x, w, lora)
+        })
     }
 
     /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, for the stacked experts of a MoE

@@ -47,7 +47,7 @@ fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
 
 impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
-        super::gemm::batched_matmul(a, b)
+        <Self as crate::linear::LinearBackend>::gemm_batched(a, b)
     }
 
     fn attention_block_softmax(

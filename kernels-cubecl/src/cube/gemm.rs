@@ -80,26 +80,6 @@ pub fn cubecl_gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     }
 }
 
-/// The batched matmuls of the blockwise attention.
-pub(crate) fn batched_matmul<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    a: Tensor<CubeBackend<R, F, I, BT>, 4>,
-    b: Tensor<CubeBackend<R, F, I, BT>, 4>,
-) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
-    float(R::gemm_batched::<F, I, BT>(a.into_primitive().tensor(), b.into_primitive().tensor()))
-}
-
-/// `op(a) @ op(b)` (+ `acc`) on the runtime's GEMM.
-pub(crate) fn gemm<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    a: CubeTensor<R>,
-    ta: bool,
-    b: CubeTensor<R>,
-    tb: bool,
-    out: DType,
-    acc: Option<CubeTensor<R>>,
-) -> CubeTensor<R> {
-    R::gemm::<F, I, BT>(a, ta, b, tb, out, acc)
-}
-
 impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LinearBackend for CubeBackend<R, F, I, BT> {
     fn gemm(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
         let acc = acc.map(|c| c.into_primitive().tensor());

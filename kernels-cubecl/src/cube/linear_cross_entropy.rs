@@ -10,7 +10,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::gemm::gemm;
+use super::gemm::GemmRuntime;
 use super::row_kernel::{cross_entropy_rows, MAX_ROW_UNITS};
 
 use crate::linear_cross_entropy::{check_inputs, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts, WantedGrads};
@@ -31,7 +31,7 @@ fn cube_tensor<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, 
 }
 
 
-impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
+impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCrossEntropyBackend
     for CubeBackend<R, F, I, BT>
 {
     fn linear_cross_entropy_parts(
@@ -62,7 +62,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         let units = vocab.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32;
         // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
         let chunk = options.chunk_tokens_for(n, hidden, vocab).min(MAX_CUBES_X);
-        let gemm = gemm::<R, F, I, BT>;
+        let gemm = R::gemm::<F, I, BT>;
         let mut grad_h_chunks = Vec::new();
         // Accumulated in f32 across chunks, in place where the GEMM can.
         let mut grad_w: Option<CubeTensor<R>> = None;
