@@ -291,20 +291,30 @@ fn masked_scaled<B: Backend>(scores: Tensor<B, 4>, scale: f64, mask: Tensor<B, 4
 
 /// The plain-Burn [`FusedAttentionBackend::attention_block_softmax`]: `softmax(scores * scale)`
 /// in f32 over the keys the mask lets each row read, and `L = max + ln(sum exp)`. A row that
-/// may read no key is NaN (probabilities and `L`), as in the reference.
+/// may read no key gets probabilities 0 and `L = +inf`, as flash-attention keeps it: its output
+/// and every gradient through it are 0, never NaN (the masks of [`crate::reference`] leave no
+/// such row; a caller's own mask may).
 pub fn block_softmax<B: Backend>(scores: Tensor<B, 4>, scale: f64, mask: Tensor<B, 4, Bool>) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let [b, h, rows, _] = scores.dims();
     let dtype = scores.dtype();
     let scores = masked_scaled(scores, scale, mask);
     let max = scores.clone().max_dim(3);
+    // -inf only where every key is masked; any readable score is above the finite floor.
+    let empty = max.clone().lower_elem(EMPTY_ROW_FLOOR);
+    let max = max.mask_fill(empty.clone(), 0.0);
     let exp = (scores - max.clone()).exp();
     let sum = exp.clone().sum_dim(3);
-    let probs = cast(exp / sum.clone(), dtype);
-    (probs, (max + sum.log()).reshape([b, h, rows]))
+    let probs = cast(exp / sum.clone().mask_fill(empty.clone(), 1.0), dtype);
+    let lse = (max + sum.log()).mask_fill(empty, f32::INFINITY);
+    (probs, lse.reshape([b, h, rows]))
 }
 
+/// Below any readable scaled score: a row's max under it means the row reads no key.
+pub(crate) const EMPTY_ROW_FLOOR: f32 = -3.0e38;
+
 /// The plain-Burn [`FusedAttentionBackend::attention_block_grad`]: `P = exp(scores * scale - L)`
-/// in f32 (masked entries 0), `dS = P (dP - delta)`, each returned in the scores' dtype.
+/// in f32 (masked entries 0, and every entry of a row whose `L` is `+inf`), `dS = P (dP -
+/// delta)`, each returned in the scores' dtype.
 pub fn block_softmax_grad<B: Backend>(
     scores: Tensor<B, 4>,
     scale: f64,

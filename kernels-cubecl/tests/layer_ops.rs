@@ -1,7 +1,7 @@
 //! RMSNorm, SwiGLU and the rotary embedding as fused ops, against their definitions:
 //! - each op's written-out backward (the trait's plain-Burn default, on NdArray) against autodiff
 //!   of `kernels_cubecl::reference`, output and every input's gradient;
-//! - each CubeCL kernel (SwiGLU, rotary; wgpu here: lavapipe on machines without a GPU; CUDA f32
+//! - each CubeCL kernel (RMSNorm, SwiGLU, rotary; wgpu here: lavapipe on machines without a GPU; CUDA f32
 //!   and bf16 in the ignored tests) against the plain-Burn default on the same backend, forward
 //!   and backward;
 //! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray.
@@ -14,7 +14,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use kernels_cubecl::layer_ops::{rotary_grad, rotary_value, swiglu_grad, swiglu_value};
+use kernels_cubecl::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, NormWanted};
 use kernels_cubecl::{fused_rms_norm, fused_rotary, fused_swiglu, reference, FusedLayerBackend};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
@@ -113,6 +113,48 @@ fn rms_norm_backward_matches_autodiff_of_the_reference() {
             }
         }
     }
+}
+
+/// The RMSNorm row kernels of `B` against the plain-Burn definitions on the same backend, with
+/// `x` and the upstream gradient as views when `strided` (the transpose of an `[n, rows]`
+/// tensor: every element a stride apart).
+fn norm_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in NORM_SHAPES {
+        for strided in [false, true] {
+            for seed in SEEDS {
+                let case = NormCase::random(seed, dims);
+                let (rows, n) = dims;
+                let input = |v: &[f32]| match strided {
+                    false => tensor::<B, 2>(v, [rows, n], device),
+                    true => tensor::<B, 2>(&transposed(v, rows, n), [n, rows], device).transpose(),
+                };
+                let (x, grad) = (input(&case.x), input(&case.grad));
+                let weight = tensor::<B, 1>(&case.weight, [n], device);
+                let label = format!("rms_norm {dims:?} strided={strided} seed={seed}");
+                let (want_y, want_r) = rms_norm_parts(x.clone(), weight.clone(), EPS);
+                let (got_y, got_r) = B::rms_norm_forward(x.clone(), weight.clone(), EPS);
+                assert_close(&format!("{label} output"), &values(got_y), &values(want_y), tolerance);
+                assert_close(&format!("{label} rstd"), &values(got_r.clone()), &values(want_r), tolerance);
+                for wanted in [NormWanted { x: true, weight: true }, NormWanted { x: true, weight: false }, NormWanted { x: false, weight: true }] {
+                    let args = (x.clone(), weight.clone(), got_r.clone(), grad.clone());
+                    let want = rms_norm_grad(args.0.clone(), args.1.clone(), args.2.clone(), args.3.clone(), wanted);
+                    let got = B::rms_norm_backward(args.0, args.1, args.2, args.3, wanted);
+                    assert_eq!((got.0.is_some(), got.1.is_some()), (wanted.x, wanted.weight), "{label}");
+                    if let (Some(g), Some(w)) = (got.0, want.0) {
+                        assert_close(&format!("{label} dx {wanted:?}"), &values(g), &values(w), tolerance);
+                    }
+                    if let (Some(g), Some(w)) = (got.1, want.1) {
+                        assert_close(&format!("{label} dweight {wanted:?}"), &values(g), &values(w), tolerance);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `v` (`[rows, n]`, row-major) as `[n, rows]`.
+fn transposed(v: &[f32], rows: usize, n: usize) -> Vec<f32> {
+    (0..n * rows).map(|i| v[(i % rows) * n + i / rows]).collect()
 }
 
 /// SwiGLU inputs `[a, b, c]`, with `strided` gate and up as the two halves of one `[a, b, 2c]`
@@ -332,6 +374,11 @@ fn wgpu_device() -> WgpuDevice {
 }
 
 #[test]
+fn wgpu_norm_kernels_match_definition() {
+    norm_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
 fn wgpu_swiglu_kernels_match_definition() {
     swiglu_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
 }
@@ -361,6 +408,7 @@ mod cuda {
     fn cuda_f32_layer_kernels_match_definition() {
         assert_ne!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_CUDA_KERNELS=0 turns the kernels off on CUDA");
         let device = CudaDevice::default();
+        norm_kernels_match_definition::<CudaF32>(&device, 1e-5);
         swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
         rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
         autodiff_ops_match_reference::<CudaF32>(&device, 1e-5);
@@ -373,6 +421,7 @@ mod cuda {
         let device = CudaDevice::default();
         // Both sides store bf16 (relative spacing 2^-8); the kernels round once, the
         // definitions after each op.
+        norm_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         swiglu_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         rotary_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         autodiff_ops_match_reference::<CudaBf16>(&device, 3e-2);

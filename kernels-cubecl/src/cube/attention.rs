@@ -8,35 +8,12 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::prelude::{CubeCount, CubeDim};
+use cubecl::prelude::CubeDim;
 
 use super::{cube_tensor, f32_tensor, float};
+use super::row_kernel::{row_cubes, row_units};
 use super::softmax_rows::{softmax_grad_rows, softmax_rows, MAX_ROW_UNITS};
 use crate::attention::{block_softmax, block_softmax_grad, FusedAttentionBackend};
-
-/// Cubes per grid axis at most: 65535 is all WebGPU/Vulkan promise.
-const MAX_CUBES_X: usize = 65_535;
-
-/// A 2-D grid of at least `rows` cubes (the kernels skip the surplus).
-fn row_cubes(rows: usize) -> CubeCount {
-    let x = rows.clamp(1, MAX_CUBES_X);
-    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
-}
-
-/// Whether the row kernels run on this runtime: everywhere but CUDA, unless
-/// `KERNELS_CUBECL_ROW_KERNELS=1` forces them on (the device tests, `tests/attention.rs`). Their
-/// outputs are contiguous now (the padded-row fault of [`super::kernels_on`]), and the softmax
-/// forward matches the plain-Burn default on CUDA bf16; the backward still differs there where
-/// the default gives NaN for a row's masked entries (2026-12-02), so CUDA keeps the default.
-fn row_kernels_on<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    R::name(&t.client) != "cuda" || *FORCED.get_or_init(|| super::env_is("KERNELS_CUBECL_ROW_KERNELS", "1"))
-}
-
-/// Units per row: the keys rounded up to a power of two, at most [`MAX_ROW_UNITS`].
-fn row_units(keys: usize) -> u32 {
-    keys.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32
-}
 
 /// The f32 view the kernels read per-row values through (a cast only if not f32 already).
 fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -56,7 +33,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         mask: Tensor<Self, 4, Bool>,
     ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
         let [b, h, rows, keys] = scores.dims();
-        if b * h * rows * keys == 0 || !row_kernels_on(&cube_tensor(scores.clone())) {
+        if b * h * rows * keys == 0 || !super::kernels_on(&cube_tensor(scores.clone()).client) {
             return block_softmax(scores, scale, mask);
         }
         let scores = into_contiguous(cube_tensor(scores));
@@ -64,7 +41,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         let (client, device) = (scores.client.clone(), scores.device.clone());
         let probs = empty_device_contiguous_dtype(client.clone(), device.clone(), scores.shape(), scores.dtype);
         let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, h, rows]), DType::F32);
-        let units = row_units(keys);
+        let units = row_units(keys, MAX_ROW_UNITS);
         let dtypes = [scores.dtype.into(), mask.dtype.into()];
         softmax_rows::launch::<R>(
             &client,
@@ -75,7 +52,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
             probs.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             scale as f32,
-            f32::NAN,
+            f32::INFINITY,
             units,
             dtypes,
         );
@@ -91,7 +68,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         want_probs: bool,
     ) -> (Option<Tensor<Self, 4>>, Option<Tensor<Self, 4>>) {
         let [b, h, rows, keys] = scores.dims();
-        if b * h * rows * keys == 0 || !(want_probs || upstream.is_some()) || !row_kernels_on(&cube_tensor(scores.clone())) {
+        if b * h * rows * keys == 0 || !(want_probs || upstream.is_some()) || !super::kernels_on(&cube_tensor(scores.clone()).client) {
             return block_softmax_grad(scores, scale, mask, lse, upstream, want_probs);
         }
         let write_grad = upstream.is_some();
@@ -114,7 +91,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
             }
             None => (scores.clone(), lse.clone()),
         };
-        let units = row_units(keys);
+        let units = row_units(keys, MAX_ROW_UNITS);
         let dtypes = [scores.dtype.into(), mask.dtype.into()];
         softmax_grad_rows::launch::<R>(
             &client,
@@ -128,7 +105,6 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
             probs.clone().into_tensor_arg(),
             d_scores.clone().into_tensor_arg(),
             scale as f32,
-            f32::NAN,
             (b * h * rows) as u32,
             units,
             want_probs,

@@ -1,8 +1,8 @@
-//! [`crate::layer_ops`] on `CubeBackend`: SwiGLU and the rotary embedding as one kernel
-//! forward and one backward each ([`super::layer_kernels`]) instead of Burn's chains of
-//! element-wise passes, where [`super::kernels_on`] says they run (everywhere by default). RMSNorm keeps the trait's plain-Burn forward and backward (one autodiff
-//! op, its per-row statistic saved): a row kernel with a shared-memory reduction, right on wgpu,
-//! gave wrong rows on CUDA (2026-12-02), as this crate's other row kernels do there.
+//! [`crate::layer_ops`] on `CubeBackend`: RMSNorm, SwiGLU and the rotary embedding as one
+//! kernel forward and one backward each ([`super::layer_kernels`], [`super::norm_rows`]) instead
+//! of Burn's chains of element-wise passes, where [`super::kernels_on`] says they run (everywhere
+//! by default). RMSNorm's weight gradient (unused by LoRA, whose norms are frozen) stays the
+//! plain-Burn column sum.
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -13,7 +13,12 @@ use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
 use super::layer_kernels::{rotary_elements, swiglu_elements, swiglu_grad_elements};
-use crate::layer_ops::{rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend};
+use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
+use super::row_kernel::{row_cubes, row_units};
+use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
+
+/// Units per cube of the RMSNorm row kernels at most (a power of two).
+const NORM_UNITS: u32 = 256;
 
 /// A fresh contiguous tensor of `shape` in `dtype` beside `like`.
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
@@ -32,6 +37,71 @@ fn elementwise<R: CubeRuntime>(like: &CubeTensor<R>, elements: usize) -> (CubeCo
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayerBackend for CubeBackend<R, F, I, BT> {
+    fn rms_norm_forward(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        let [rows, n] = x.dims();
+        assert_eq!(weight.dims(), [n], "rms_norm: weight does not fit the rows");
+        if rows * n == 0 || !on(&x) {
+            return rms_norm_parts(x, weight, eps);
+        }
+        let (x, weight) = (cube_tensor(x), f32_tensor(weight));
+        let out = empty_like(&x, x.shape(), x.dtype);
+        let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
+        let units = row_units(n, NORM_UNITS);
+        let dtype = x.dtype.into();
+        rms_norm_rows::launch::<R>(
+            &x.client.clone(),
+            row_cubes(rows),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            eps as f32,
+            n as f32,
+            units,
+            dtype,
+        );
+        (float(out), float(rstd))
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        rstd: Tensor<Self, 1>,
+        grad: Tensor<Self, 2>,
+        wanted: NormWanted,
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 1>>) {
+        let [rows, n] = x.dims();
+        if rows * n == 0 || !wanted.x || !on(&x) {
+            return rms_norm_grad(x, weight, rstd, grad, wanted);
+        }
+        let grad_w = wanted.weight.then(|| {
+            let only_weight = NormWanted { x: false, weight: true };
+            rms_norm_grad(x.clone(), weight.clone(), rstd.clone(), grad.clone(), only_weight).1.expect("asked for")
+        });
+        let x = cube_tensor(x);
+        let grad = cube_tensor(float::<R, F, I, BT, 2>(cube_tensor(grad)).cast(x.dtype));
+        let (weight, rstd) = (f32_tensor(weight), f32_tensor(rstd));
+        let dx = empty_like(&x, x.shape(), x.dtype);
+        let units = row_units(n, NORM_UNITS);
+        let dtype = x.dtype.into();
+        rms_norm_grad_rows::launch::<R>(
+            &x.client.clone(),
+            row_cubes(rows),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            n as f32,
+            rows as u32,
+            units,
+            dtype,
+        );
+        (Some(float(dx)), grad_w)
+    }
+
     fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         let dims = gate.dims();
         assert_eq!(dims, up.dims(), "swiglu: gate and up differ in shape");

@@ -10,16 +10,11 @@ pub mod gemm;
 mod layer_kernels;
 mod layer_ops;
 mod linear_cross_entropy;
+mod norm_rows;
 mod optimizer;
 mod row_kernel;
 mod softmax_rows;
 
-/// Whether this crate's layer and optimizer kernels run on `client`'s runtime: everywhere, unless
-/// `KERNELS_CUBECL_CUDA_KERNELS=0` turns them off on CUDA (then CUDA runs the plain-Burn
-/// definitions inside the same single autodiff ops, to compare). On CUDA (cubecl-cuda 0.10)
-/// burn-cubecl lays out new tensors with padded rows: every kernel here reads its inputs through
-/// their strides and writes outputs it allocates contiguous (`empty_device_contiguous_dtype`),
-/// which is what made them wrong there until 2026-12-02 (`tests/launch_patterns.rs`).
 /// Whether the AdamW kernel runs on `client`'s runtime: everywhere but CUDA, unless
 /// `KERNELS_CUBECL_CUDA_ADAMW=1` forces it (the device tests). On CUDA its launch fails with
 /// `CUDA_ERROR_INVALID_VALUE` (2026-12-02, eight tensors and seven f32 scalars), not yet found;
@@ -34,6 +29,13 @@ pub(crate) fn env_is(name: &str, value: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == value)
 }
 
+/// Whether this crate's layer, norm and attention-softmax kernels run on
+/// `client`'s runtime: everywhere, unless `KERNELS_CUBECL_CUDA_KERNELS=0` turns them off on CUDA
+/// (then CUDA runs the plain-Burn definitions inside the same single autodiff ops, to compare).
+/// On CUDA (cubecl-cuda 0.10) burn-cubecl lays out new tensors with padded rows: every kernel
+/// here reads its inputs through their strides and writes outputs it allocates contiguous
+/// (`empty_device_contiguous_dtype`), which is what made them wrong there until 2026-12-02
+/// (`tests/launch_patterns.rs`).
 pub(crate) fn kernels_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     R::name(client) != "cuda" || !*OFF.get_or_init(|| env_is("KERNELS_CUBECL_CUDA_KERNELS", "0"))

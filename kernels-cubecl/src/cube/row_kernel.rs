@@ -1,5 +1,5 @@
-//! The row kernel of the fused linear cross-entropy (its own module: CubeCL's `Tensor` would
-//! clash with burn's).
+//! The row kernel of the fused linear cross-entropy, and the grid and shared-memory sums every
+//! row kernel here uses (their own module: CubeCL's `Tensor` would clash with burn's).
 
 use cubecl::prelude::*;
 
@@ -109,4 +109,39 @@ pub(super) fn merge_online_max_sum<F: Float>(maxes: &mut SharedMemory<F>, sums: 
         sync_cube();
         half = half / 2;
     }
+}
+
+/// Sums each unit's `sums[unit]` into `sums[0]`: a tree in shared memory over the cube's units
+/// (a power of two), left for every unit to read.
+#[cube]
+pub(super) fn merge_sum<F: Float>(sums: &mut SharedMemory<F>, unit: usize) {
+    sync_cube();
+    let mut half = (CUBE_DIM_X / 2) as usize;
+    while half > 0 {
+        if unit < half {
+            sums[unit] = sums[unit] + sums[unit + half];
+        }
+        sync_cube();
+        half = half / 2;
+    }
+}
+
+/// This cube's row: cubes span a 2-D grid ([`row_cubes`]), as one axis holds only 65535 of them.
+#[cube]
+pub(super) fn cube_row() -> usize {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+/// Cubes per grid axis at most: 65535 is all WebGPU/Vulkan promise.
+const MAX_CUBES_X: usize = 65_535;
+
+/// A 2-D grid of at least `rows` cubes, one per row ([`cube_row`]; the kernels skip the surplus).
+pub(super) fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_CUBES_X);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// Units per row of `n` elements: `n` rounded up to a power of two, at most `max`.
+pub(super) fn row_units(n: usize, max: u32) -> u32 {
+    n.next_power_of_two().min(max as usize) as u32
 }

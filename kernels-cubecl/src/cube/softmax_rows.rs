@@ -8,19 +8,13 @@
 
 use cubecl::prelude::*;
 
-use super::row_kernel::merge_online_max_sum;
+use super::row_kernel::{cube_row, merge_online_max_sum};
 
 /// Units per cube at most; a power of two, as the forward's tree reduction needs.
 pub(super) const MAX_ROW_UNITS: u32 = 256;
 
 /// A finite floor instead of -inf: WGSL has no -inf literal. Any unmasked score is above it.
 const FLOOR: f32 = -3.0e38;
-
-/// This cube's row: cubes span a 2-D grid, as one axis holds only 65535 of them.
-#[cube]
-fn cube_row() -> usize {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
-}
 
 /// Offset of row `row`'s element in a `[batch, heads, rows, ..]` tensor (a mask block has
 /// `heads = 1` and is broadcast, hence `head_stride = 0` there).
@@ -46,8 +40,8 @@ fn mask_offset<M: Int>(mask: &Tensor<M>, row: usize, heads: usize, block_rows: u
 /// One cube per row of `scores` (`[batch, heads, block_rows, keys]`, contiguous): writes
 /// `softmax(scores * scale)` over the keys the mask lets the row read (masked entries 0) to
 /// `probs` (same shape, contiguous) and `L = max + ln(sum exp)` to `lse` (`[batch, heads,
-/// block_rows]`, contiguous). A row that may read no key gets `nan` everywhere, as the plain
-/// Burn softmax gives (`nan` is an argument because WGSL has no NaN literal either).
+/// block_rows]`, contiguous). A row that may read no key gets probabilities 0 and `L = inf`, as
+/// the plain-Burn default (`inf` is an argument because WGSL has no infinity literal).
 ///
 /// Each unit keeps an online max and sum of exponentials over a strided part of the row; the
 /// cube merges them in shared memory. `units` must be a power of two and the cube's size.
@@ -59,7 +53,7 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
     probs: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     scale: f32,
-    nan: f32,
+    inf: f32,
     #[comptime] units: u32,
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
@@ -103,7 +97,7 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
     let empty = row_sum == 0.0;
 
     if unit == 0 {
-        let mut l = nan;
+        let mut l = inf;
         if !empty {
             l = row_max + row_sum.ln();
         }
@@ -111,12 +105,9 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
     }
     let mut j = unit;
     while j < keys {
-        let mut p = nan;
-        if !empty {
-            p = f32::new(0.0);
-            if mask[mask_base + j * mask_step] == M::new(0) {
-                p = (f32::cast_from(scores[base + j]) * scale - row_max).exp() / row_sum;
-            }
+        let mut p = f32::new(0.0);
+        if !empty && mask[mask_base + j * mask_step] == M::new(0) {
+            p = (f32::cast_from(scores[base + j]) * scale - row_max).exp() / row_sum;
         }
         probs[base + j] = E::cast_from(p);
         j = j + units as usize;
@@ -126,9 +117,9 @@ pub(super) fn softmax_rows<E: Float, M: Int>(
 /// One cube per row of `scores` (`[batch, heads, block_rows, keys]`, contiguous): with
 /// `P = exp(scores * scale - L)` (masked entries 0) writes `P` to `probs` when `write_probs` and
 /// `dS = P (dP - delta)` to `d_scores` when `write_grad` (both like `scores`; `d_probs` too).
-/// `lse` and `delta` are `[batch, heads, block_rows]`, any strides. Where `L` is NaN or -inf
-/// (a row that may read no key) masked entries are `nan` rather than 0, as the plain-Burn
-/// `exp(-inf - L)` gives. Element-wise: the units stride along the row without meeting.
+/// `lse` and `delta` are `[batch, heads, block_rows]`, any strides. A row that may read no key
+/// has `L = inf` and every entry 0; no NaN test is needed (CUDA's fast maths may drop one).
+/// Element-wise: the units stride along the row without meeting.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn softmax_grad_rows<E: Float, M: Int>(
@@ -140,7 +131,6 @@ pub(super) fn softmax_grad_rows<E: Float, M: Int>(
     probs: &mut Tensor<E>,
     d_scores: &mut Tensor<E>,
     scale: f32,
-    nan: f32,
     rows: u32,
     #[comptime] units: u32,
     #[comptime] write_probs: bool,
@@ -162,14 +152,9 @@ pub(super) fn softmax_grad_rows<E: Float, M: Int>(
     if write_grad {
         d = delta[per_row_offset(delta, row, heads, block_rows)];
     }
-    let mut masked_p = f32::new(0.0);
-    if l.is_nan() || l < FLOOR {
-        masked_p = nan;
-    }
-
     let mut j = UNIT_POS_X as usize;
     while j < keys {
-        let mut p = masked_p;
+        let mut p = f32::new(0.0);
         if mask[mask_base + j * mask_step] == M::new(0) {
             p = (f32::cast_from(scores[base + j]) * scale - l).exp();
         }
