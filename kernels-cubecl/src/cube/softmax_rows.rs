@@ -13,8 +13,9 @@ use super::row_kernel::{cube_row, merge_online_max_sum};
 /// Units per cube at most; a power of two, as the forward's tree reduction needs.
 pub(super) const MAX_ROW_UNITS: u32 = 256;
 
-/// A finite floor instead of -inf: WGSL has no -inf literal. Any unmasked score is above it.
-const FLOOR: f32 = -3.0e38;
+/// A finite floor instead of -inf: WGSL has no -inf literal. Any unmasked score is above it
+/// (the plain-Burn softmax's test for a row that reads no key).
+const FLOOR: f32 = crate::attention::EMPTY_ROW_FLOOR;
 
 /// Offset of row `row`'s element in a `[batch, heads, rows, ..]` tensor (a mask block has
 /// `heads = 1` and is broadcast, hence `head_stride = 0` there).
