@@ -1,7 +1,6 @@
 #!/bin/bash
-# kernels-cubecl's CUDA tests on the GPU machine, every CubeCL kernel on
-# (the layer, norm and attention row kernels by default, AdamW forced: KERNELS_CUBECL_CUDA_ADAMW=1),
-# each test in a process of its own (a process that made a bf16
+# kernels-cubecl's CUDA tests on the GPU machine, every CubeCL kernel on (as by default:
+# KERNELS_CUBECL_CUDA_KERNELS unset), each test in a process of its own (a process that made a bf16
 # CUDA tensor keeps later f32 tests' tensors in bf16, seen 2026-12-02): the binaries carried in
 # .gpu/kc_* (built here with `cargo test --release -p kernels-cubecl --features cuda --no-run`,
 # stripped, xz'd). CubeCL's compilation log (the CUDA source of each kernel) goes to
@@ -11,7 +10,7 @@ set -u
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/kernel-check}
 mkdir -p "$OUT"
-export KERNELS_CUBECL_CUDA_ADAMW=1; unset KERNELS_CUBECL_CUDA_KERNELS
+unset KERNELS_CUBECL_CUDA_KERNELS
 fail=0
 for bin in .gpu/kc_*; do
   [ -x "$bin" ] || continue

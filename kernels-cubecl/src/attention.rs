@@ -324,8 +324,10 @@ pub fn block_softmax_grad<B: Backend>(
     want_probs: bool,
 ) -> (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) {
     let dtype = scores.dtype();
-    let probs = (masked_scaled(scores, scale, mask) - lse.unsqueeze_dim::<4>(3)).exp();
-    let d_scores = upstream.map(|(d_probs, delta)| cast(probs.clone() * (to_f32(d_probs) - delta.unsqueeze_dim::<4>(3)), dtype));
+    // Every operand in f32: Burn's binary ops take one dtype, and on CUDA an f32 minus a bf16
+    // `delta` gave -inf where both were finite (2026-12-02).
+    let probs = (masked_scaled(scores, scale, mask) - to_f32(lse).unsqueeze_dim::<4>(3)).exp();
+    let d_scores = upstream.map(|(d_probs, delta)| cast(probs.clone() * (to_f32(d_probs) - to_f32(delta).unsqueeze_dim::<4>(3)), dtype));
     (want_probs.then(|| cast(probs, dtype)), d_scores)
 }
 

@@ -67,7 +67,12 @@ pub trait FusedOptimizerBackend: Backend {
 /// [`FusedOptimizerBackend::sum_of_squares`] in plain Burn.
 pub fn sum_of_squares_value<B: Backend>(grads: &[Tensor<B, 1>]) -> Tensor<B, 1> {
     assert!(!grads.is_empty(), "sum_of_squares of no tensors");
-    Tensor::cat(grads.iter().map(|g| g.clone().powi_scalar(2).sum()).collect(), 0).sum()
+    // Empty gradients add nothing; on CUDA a launch over no elements fails.
+    let sums: Vec<_> = grads.iter().filter(|g| g.dims()[0] > 0).map(|g| g.clone().powi_scalar(2).sum()).collect();
+    if sums.is_empty() {
+        return Tensor::zeros([1], (&grads[0].device(), DType::F32));
+    }
+    Tensor::cat(sums, 0).sum()
 }
 
 /// [`FusedOptimizerBackend::adamw_update`] in plain Burn.

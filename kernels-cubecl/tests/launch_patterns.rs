@@ -124,6 +124,74 @@ mod kernels {
     }
 }
 
+
+mod wide_kernels {
+    //! AdamW's launch shape (eight tensors, seven f32 scalars) and its halves: on CUDA the AdamW
+    //! kernel's launch fails with `CUDA_ERROR_INVALID_VALUE` (2026-12-02); these say which half.
+    use cubecl::prelude::*;
+
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn scalars_seven(x: &Tensor<f32>, out: &mut Tensor<f32>, a: f32, b: f32, c: f32, d: f32, e: f32, f: f32, g: f32) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        out[i] = x[i] * a + b + c + d + e + f + g;
+    }
+
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn tensors_eight(
+        x0: &Tensor<f32>,
+        x1: &Tensor<f32>,
+        x2: &Tensor<f32>,
+        x3: &Tensor<f32>,
+        x4: &Tensor<f32>,
+        o0: &mut Tensor<f32>,
+        o1: &mut Tensor<f32>,
+        o2: &mut Tensor<f32>,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= o0.len() {
+            terminate!();
+        }
+        let s = x0[i] + x1[i] + x2[i] + x3[i] + x4[0];
+        o0[i] = s;
+        o1[i] = s * f32::new(2.0);
+        o2[i] = s * f32::new(3.0);
+    }
+
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn tensors_eight_scalars_seven(
+        x0: &Tensor<f32>,
+        x1: &Tensor<f32>,
+        x2: &Tensor<f32>,
+        x3: &Tensor<f32>,
+        x4: &Tensor<f32>,
+        o0: &mut Tensor<f32>,
+        o1: &mut Tensor<f32>,
+        o2: &mut Tensor<f32>,
+        a: f32,
+        b: f32,
+        c: f32,
+        d: f32,
+        e: f32,
+        f: f32,
+        g: f32,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= o0.len() {
+            terminate!();
+        }
+        let s = (x0[i] + x1[i] + x2[i] + x3[i] + x4[0]) * a + b + c + d + e + f + g;
+        o0[i] = s;
+        o1[i] = s * f32::new(2.0);
+        o2[i] = s * f32::new(3.0);
+    }
+}
+
 fn cube<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(t: Tensor<burn_cubecl::CubeBackend<R, F, I, BT>, 2>) -> CubeTensor<R> {
     into_contiguous(t.into_primitive().tensor())
 }
@@ -216,6 +284,28 @@ fn patterns_hold<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
     kernels::row_sums::launch::<R>(&client, CubeCount::Static(ROWS as u32, 1, 1), CubeDim::new_1d(units), x.clone().into_tensor_arg(), sums.clone().into_tensor_arg(), units);
     let want: Vec<f32> = (0..ROWS).map(|r| values[r * COLS..(r + 1) * COLS].iter().sum()).collect();
     check("row_sums", read::<R, F, I, BT>(sums), &|r| want[r]);
+
+    // Last, since a failed launch can leave the context unusable: seven scalars, eight tensors, both.
+    let o = out();
+    let k = [2.0f32, 0.5, 0.25, 0.125, 1.0, 2.0, 4.0];
+    let shift: f32 = k[1..].iter().sum();
+    wide_kernels::scalars_seven::launch::<R>(&client, count.clone(), dim, x.clone().into_tensor_arg(), o.clone().into_tensor_arg(), k[0], k[1], k[2], k[3], k[4], k[5], k[6]);
+    check("scalars_seven", read::<R, F, I, BT>(o), &|i| values[i] * k[0] + shift);
+    let outs = || [out(), out(), out()];
+    let arg = || x.clone().into_tensor_arg();
+    let o = outs();
+    let [a, b, c] = o.clone().map(|t| t.into_tensor_arg());
+    wide_kernels::tensors_eight::launch::<R>(&client, count.clone(), dim, arg(), arg(), arg(), arg(), arg(), a, b, c);
+    let [o0, o1, o2] = o;
+    check("tensors_eight", read::<R, F, I, BT>(o2), &|i| 3.0 * (4.0 * values[i] + values[0]));
+    drop((o0, o1));
+    let o = outs();
+    let [a, b, c] = o.clone().map(|t| t.into_tensor_arg());
+    wide_kernels::tensors_eight_scalars_seven::launch::<R>(
+        &client, count, dim, arg(), arg(), arg(), arg(), arg(), a, b, c, k[0], k[1], k[2], k[3], k[4], k[5], k[6],
+    );
+    let [o0, _, _] = o;
+    check("tensors_eight_scalars_seven", read::<R, F, I, BT>(o0), &|i| (4.0 * values[i] + values[0]) * k[0] + shift);
 
     assert!(failures.is_empty(), "launch patterns wrong on this runtime: {failures:?}");
 }

@@ -167,7 +167,7 @@ struct SwigluCase {
     grad: Vec<f32>,
 }
 
-const SWIGLU_SHAPES: [[usize; 3]; 3] = [[1, 1, 1], [2, 7, 13], [3, 37, 300]];
+const SWIGLU_SHAPES: [[usize; 3]; 4] = [[1, 1, 1], [2, 7, 13], [3, 37, 300], [2, 5, 64]];
 
 impl SwigluCase {
     fn random(seed: u64, dims: [usize; 3], strided: bool) -> Self {
@@ -259,7 +259,7 @@ struct RotaryCase {
     positions: Vec<i64>,
 }
 
-const ROTARY_SHAPES: [[usize; 4]; 3] = [[1, 1, 1, 2], [2, 3, 7, 8], [2, 5, 33, 34]];
+const ROTARY_SHAPES: [[usize; 4]; 4] = [[1, 1, 1, 2], [2, 3, 7, 8], [2, 5, 33, 34], [1, 4, 6, 128]];
 
 impl RotaryCase {
     fn random(seed: u64, dims: [usize; 4], swapped: bool) -> Self {

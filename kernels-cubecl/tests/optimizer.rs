@@ -77,7 +77,8 @@ fn adamw_matches_definition<B: FusedOptimizerBackend>(device: &B::Device, dtype:
     }
 }
 
-/// The plain-Burn sum of squares against the same sum in f64 on the host.
+/// `B`'s sum of squares (the plain-Burn one on NdArray, the chunk kernel on CubeCL) against the
+/// same sum in f64 on the host, an empty gradient among them; and one gradient alone that is empty.
 fn sum_of_squares_matches_host<B: FusedOptimizerBackend>(device: &B::Device) {
     let mut rng = Rng(7);
     let host: Vec<Vec<f32>> = SIZES.iter().chain(&[0, 2_000_003]).map(|&n| rng.values(n, 1.0)).collect();
@@ -88,6 +89,7 @@ fn sum_of_squares_matches_host<B: FusedOptimizerBackend>(device: &B::Device) {
         // An f32 sum over up to 2.3 M terms against f64: rounding grows with the count.
         assert_close(&format!("sum of squares of {count} tensors"), &got, &[want], 1e-3);
     }
+    assert_eq!(values(B::sum_of_squares(&grads[4..5])), [0.0], "an empty gradient alone");
 }
 
 /// torch.optim.AdamW's update in f64 on the host: the definition the plain-Burn one follows.
@@ -142,6 +144,11 @@ fn wgpu_adamw_matches_definition() {
     adamw_matches_definition::<Wgpu>(&WgpuDevice::default(), DType::F32, 1e-5);
 }
 
+#[test]
+fn wgpu_sum_of_squares_matches_host() {
+    sum_of_squares_matches_host::<Wgpu>(&WgpuDevice::default());
+}
+
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -153,7 +160,7 @@ mod cuda {
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_optimizer_kernels_match_definition() {
-        assert_eq!(std::env::var("KERNELS_CUBECL_CUDA_ADAMW").as_deref(), Ok("1"), "run with KERNELS_CUBECL_CUDA_ADAMW=1: CUDA leaves the AdamW kernel off by default");
+        assert_ne!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_CUDA_KERNELS=0 turns the kernels under test off");
         let device = CudaDevice::default();
         adamw_matches_definition::<CudaBf16>(&device, DType::F32, 1e-4);
         // A bf16 parameter: both round the f32 update once per step.

@@ -148,3 +148,101 @@ pub(super) fn adamw_elements<E: Float>(
     m_out[i] = m1;
     v_out[i] = v1;
 }
+
+/// [`swiglu_elements`] on vectors of `N`: one unit per vector of contiguous `gate`, `up` and
+/// `out` (the launcher checks that they are), so no index arithmetic and wide loads.
+#[cube(launch)]
+pub(super) fn swiglu_vectors<E: Float, N: Size>(
+    gate: &Tensor<Vector<E, N>>,
+    up: &Tensor<Vector<E, N>>,
+    out: &mut Tensor<Vector<E, N>>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let g = Vector::<f32, N>::cast_from(gate[i]);
+    let u = Vector::<f32, N>::cast_from(up[i]);
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    let s = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
+    out[i] = Vector::<E, N>::cast_from(g * s * u);
+}
+
+/// [`swiglu_grad_elements`] on vectors of `N` of contiguous tensors; an output not wanted is a
+/// one-vector placeholder.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
+    gate: &Tensor<Vector<E, N>>,
+    up: &Tensor<Vector<E, N>>,
+    grad: &Tensor<Vector<E, N>>,
+    d_gate: &mut Tensor<Vector<E, N>>,
+    d_up: &mut Tensor<Vector<E, N>>,
+    #[comptime] want_gate: bool,
+    #[comptime] want_up: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= grad.len() {
+        terminate!();
+    }
+    let g = Vector::<f32, N>::cast_from(gate[i]);
+    let dy = Vector::<f32, N>::cast_from(grad[i]);
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    let s = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
+    if want_up {
+        d_up[i] = Vector::<E, N>::cast_from(dy * g * s);
+    }
+    if want_gate {
+        let u = Vector::<f32, N>::cast_from(up[i]);
+        d_gate[i] = Vector::<E, N>::cast_from(dy * u * s * (one + g * (one - s)));
+    }
+}
+
+/// [`rotary_elements`] on vectors of `N`: one unit per vector of `out` (contiguous). The launcher
+/// checks that `x`, `cos` and `sin` have unit last strides and other strides that are multiples
+/// of `N`, and that `N` divides `d / 2`, so a vector and its partner lie each in one half.
+#[cube(launch)]
+pub(super) fn rotary_vectors<E: Float, N: Size>(
+    x: &Tensor<Vector<E, N>>,
+    cos: &Tensor<Vector<f32, N>>,
+    sin: &Tensor<Vector<f32, N>>,
+    out: &mut Tensor<Vector<E, N>>,
+    #[comptime] backward: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let width = out.vector_size();
+    let d = out.shape(3);
+    let seq = out.shape(2);
+    let heads = out.shape(1);
+    let e = i * width;
+    let j = e % d;
+    let s = (e / d) % seq;
+    let h = (e / (d * seq)) % heads;
+    let b = e / (d * seq * heads);
+    let half = d / 2;
+    let mut p = j + half;
+    let mut sign = f32::new(-1.0);
+    if j >= half {
+        p = j - half;
+        sign = f32::new(1.0);
+    }
+    let x_base = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
+    let table_b = b % cos.shape(0);
+    let cos_base = table_b * cos.stride(0) + s * cos.stride(2);
+    let sin_base = table_b * sin.stride(0) + s * sin.stride(2);
+    let xj = Vector::<f32, N>::cast_from(x[(x_base + j) / width]);
+    let xp = Vector::<f32, N>::cast_from(x[(x_base + p) / width]);
+    let c = cos[(cos_base + j) / width];
+    let sign = Vector::<f32, N>::new(sign);
+    if backward {
+        out[i] = Vector::<E, N>::cast_from(xj * c - sign * xp * sin[(sin_base + p) / width]);
+    } else {
+        out[i] = Vector::<E, N>::cast_from(xj * c + sign * xp * sin[(sin_base + j) / width]);
+    }
+}

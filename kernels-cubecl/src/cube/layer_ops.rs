@@ -12,7 +12,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
-use super::layer_kernels::{rotary_elements, swiglu_elements, swiglu_grad_elements};
+use super::layer_kernels::{rotary_elements, rotary_vectors, swiglu_elements, swiglu_grad_elements, swiglu_grad_vectors, swiglu_vectors};
 use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
@@ -28,6 +28,33 @@ fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) 
 /// Whether the kernels run for `t`'s runtime ([`super::kernels_on`]).
 fn on<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(t: &Tensor<CubeBackend<R, F, I, BT>, D>) -> bool {
     super::kernels_on(&t.clone().into_primitive().tensor().client)
+}
+
+/// The widest vector (elements) in which the vector kernels can read every one of `tensors`: at
+/// most the runtime's widest load for each dtype, dividing `divides`, with unit last strides and
+/// other strides and byte offsets that are multiples of it; `None` where a last stride is not 1.
+fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], divides: usize) -> Option<usize> {
+    let fits = |t: &CubeTensor<R>, n: usize| {
+        let strides = t.meta.strides();
+        let last = strides.len() - 1;
+        let offset = t.handle.offset_start.unwrap_or(0);
+        strides[last] == 1 && strides[..last].iter().all(|s| s % n == 0) && offset % (n * t.dtype.size()) as u64 == 0
+    };
+    let widest = |t: &&CubeTensor<R>| t.client.io_optimized_vector_sizes(t.dtype.size()).max().unwrap_or(1);
+    let mut n = tensors.iter().map(widest).min().unwrap_or(1);
+    while n > 1 && !(divides % n == 0 && tensors.iter().all(|t| fits(t, n))) {
+        n /= 2;
+    }
+    tensors.iter().all(|t| fits(t, n)).then_some(n)
+}
+
+/// The vector width for element-wise kernels over `tensors` of one shape indexed alike: all
+/// contiguous, `None` otherwise.
+fn contiguous_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> Option<usize> {
+    let shape = tensors[0].meta.shape();
+    let alike = tensors.iter().all(|t| t.is_contiguous() && t.meta.shape() == shape);
+    let last = shape[shape.len() - 1];
+    if alike { vector_width(tensors, last) } else { None }
 }
 
 /// Grid and cube for one unit per element.
@@ -113,9 +140,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         // One dtype for the kernel: gate's.
         let up = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype));
         let out = empty_like(&gate, gate.shape(), gate.dtype);
-        let (count, dim) = elementwise(&gate, elements);
         let dtype = gate.dtype.into();
-        swiglu_elements::launch::<R>(&gate.client.clone(), count, dim, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        let client = gate.client.clone();
+        if let Some(n) = contiguous_width(&[&gate, &up]) {
+            let (count, dim) = elementwise(&gate, elements / n);
+            let (gate, up, o) = (gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg());
+            swiglu_vectors::launch::<R>(&client, count, dim, n, gate, up, o, dtype);
+        } else {
+            let (count, dim) = elementwise(&gate, elements);
+            swiglu_elements::launch::<R>(&client, count, dim, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        }
         float(out)
     }
 
@@ -137,21 +171,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         // An output the kernel does not write still takes an argument: one element.
         let output = |want: bool| empty_like(&gate, if want { gate.shape() } else { Shape::new([1]) }, gate.dtype);
         let (d_gate, d_up) = (output(wanted[0]), output(wanted[1]));
-        let (count, dim) = elementwise(&gate, elements);
         let dtype = gate.dtype.into();
-        swiglu_grad_elements::launch::<R>(
-            &gate.client.clone(),
-            count,
-            dim,
-            gate.into_tensor_arg(),
-            up.into_tensor_arg(),
-            grad.into_tensor_arg(),
-            d_gate.clone().into_tensor_arg(),
-            d_up.clone().into_tensor_arg(),
-            wanted[0],
-            wanted[1],
-            dtype,
-        );
+        let client = gate.client.clone();
+        if let Some(n) = contiguous_width(&[&gate, &up, &grad]) {
+            let (count, dim) = elementwise(&gate, elements / n);
+            let (g, u, dy) = (gate.into_tensor_arg(), up.into_tensor_arg(), grad.into_tensor_arg());
+            let (dg, du) = (d_gate.clone().into_tensor_arg(), d_up.clone().into_tensor_arg());
+            swiglu_grad_vectors::launch::<R>(&client, count, dim, n, g, u, dy, dg, du, wanted[0], wanted[1], dtype);
+        } else {
+            let (count, dim) = elementwise(&gate, elements);
+            swiglu_grad_elements::launch::<R>(
+                &client,
+                count,
+                dim,
+                gate.into_tensor_arg(),
+                up.into_tensor_arg(),
+                grad.into_tensor_arg(),
+                d_gate.clone().into_tensor_arg(),
+                d_up.clone().into_tensor_arg(),
+                wanted[0],
+                wanted[1],
+                dtype,
+            );
+        }
         let back = |t: CubeTensor<R>, dtype: DType| {
             let t = float::<R, F, I, BT, 3>(t);
             if t.dtype() == dtype { t } else { t.cast(dtype) }
@@ -184,10 +226,17 @@ fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     let x = cube_tensor(x);
     let (cos, sin) = (f32_tensor(cos), f32_tensor(sin));
     let out = empty_like(&x, x.shape(), x.dtype);
-    let (count, dim) = elementwise(&x, elements);
     let dtype = x.dtype.into();
+    let client = x.client.clone();
+    if let Some(n) = vector_width(&[&x, &cos, &sin], d / 2) {
+        let (count, dim) = elementwise(&x, elements / n);
+        let (xa, c, s, o) = (x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), out.clone().into_tensor_arg());
+        rotary_vectors::launch::<R>(&client, count, dim, n, xa, c, s, o, backward, dtype);
+        return float(out);
+    }
+    let (count, dim) = elementwise(&x, elements);
     rotary_elements::launch::<R>(
-        &x.client.clone(),
+        &client,
         count,
         dim,
         x.into_tensor_arg(),

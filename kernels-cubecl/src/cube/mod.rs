@@ -15,21 +15,12 @@ mod optimizer;
 mod row_kernel;
 mod softmax_rows;
 
-/// Whether the AdamW kernel runs on `client`'s runtime: everywhere but CUDA, unless
-/// `KERNELS_CUBECL_CUDA_ADAMW=1` forces it (the device tests). On CUDA its launch fails with
-/// `CUDA_ERROR_INVALID_VALUE` (2026-12-02, eight tensors and seven f32 scalars), not yet found;
-/// CUDA runs the definition inside the same op.
-pub(crate) fn adamw_kernel_on<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    R::name(client) != "cuda" || *FORCED.get_or_init(|| env_is("KERNELS_CUBECL_CUDA_ADAMW", "1"))
-}
-
 /// Whether the environment variable `name` is set to `value`.
 pub(crate) fn env_is(name: &str, value: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == value)
 }
 
-/// Whether this crate's layer, norm and attention-softmax kernels run on
+/// Whether this crate's layer, norm, attention-softmax and optimizer kernels run on
 /// `client`'s runtime: everywhere, unless `KERNELS_CUBECL_CUDA_KERNELS=0` turns them off on CUDA
 /// (then CUDA runs the plain-Burn definitions inside the same single autodiff ops, to compare).
 /// On CUDA (cubecl-cuda 0.10) burn-cubecl lays out new tensors with padded rows: every kernel

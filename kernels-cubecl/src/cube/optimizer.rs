@@ -1,7 +1,6 @@
-//! [`crate::optimizer`] on `CubeBackend`: one kernel per parameter for AdamW where
-//! [`super::adamw_kernel_on`] says it runs (not CUDA yet). The global sum of
-//! squares keeps the trait's plain-Burn reductions (Burn's reduce is right on CUDA; this
-//! crate's shared-memory reductions are not yet, see `layer_ops`).
+//! [`crate::optimizer`] on `CubeBackend`, where [`super::kernels_on`] says the kernels run: one
+//! kernel per parameter for AdamW, and for the global gradient norm one launch per gradient
+//! (each cube's sum of squares of a chunk into one buffer of partial sums) and one sum.
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
@@ -12,8 +11,14 @@ use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::CubeDim;
 
 use super::layer_kernels::adamw_elements;
-use super::{f32_tensor, float};
-use crate::optimizer::{adamw_update_value, AdamWStep, AdamWUpdated, FusedOptimizerBackend};
+use super::norm_rows::square_sum_chunks;
+use super::row_kernel::row_cubes;
+use super::{cube_tensor, f32_tensor, float};
+use crate::optimizer::{adamw_update_value, sum_of_squares_value, AdamWStep, AdamWUpdated, FusedOptimizerBackend};
+
+/// Units per cube of the sum-of-squares chunks, and elements each unit reads.
+const SUM_UNITS: u32 = 256;
+const SUM_PER_UNIT: u32 = 16;
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -32,7 +37,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
     ) -> AdamWUpdated<Self> {
         let [n] = param.dims();
         assert!(grad.dims() == [n] && exp_avg.dims() == [n] && exp_avg_sq.dims() == [n], "adamw_update: shapes differ");
-        if n == 0 || !super::adamw_kernel_on(&param.clone().into_primitive().tensor().client) {
+        if n == 0 || !super::kernels_on(&param.clone().into_primitive().tensor().client) {
             return adamw_update_value(param, grad, grad_scale, exp_avg, exp_avg_sq, s);
         }
         let param = into_contiguous(param.into_primitive().tensor());
@@ -67,5 +72,27 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
             dtype,
         );
         AdamWUpdated { param: float(param_out), exp_avg: float(m_out), exp_avg_sq: float(v_out) }
+    }
+
+    fn sum_of_squares(grads: &[Tensor<Self, 1>]) -> Tensor<Self, 1> {
+        assert!(!grads.is_empty(), "sum_of_squares of no tensors");
+        let live: Vec<_> = grads.iter().filter(|g| g.dims()[0] > 0).cloned().collect();
+        if live.is_empty() || !super::kernels_on(&live[0].clone().into_primitive().tensor().client) {
+            return sum_of_squares_value(grads);
+        }
+        let chunk = (SUM_UNITS * SUM_PER_UNIT) as usize;
+        let chunks: Vec<usize> = live.iter().map(|g| g.dims()[0].div_ceil(chunk)).collect();
+        let first = cube_tensor(live[0].clone());
+        let (client, device) = (first.client.clone(), first.device.clone());
+        let partials = empty_device_contiguous_dtype(client.clone(), device, Shape::new([chunks.iter().sum()]), DType::F32);
+        let mut offset = 0;
+        for (g, &c) in live.into_iter().zip(&chunks) {
+            let g = into_contiguous(cube_tensor(g));
+            let dtype = g.dtype.into();
+            let (g, p) = (g.into_tensor_arg(), partials.clone().into_tensor_arg());
+            square_sum_chunks::launch::<R>(&client, row_cubes(c), CubeDim::new_1d(SUM_UNITS), g, p, offset as u32, c as u32, SUM_UNITS, SUM_PER_UNIT, dtype);
+            offset += c;
+        }
+        float::<R, F, I, BT, 1>(partials).sum()
     }
 }
