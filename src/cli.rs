@@ -160,6 +160,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    crate::backend::out_of_memory::install_hook();
     let cli = Cli::parse();
     match execute(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ use kernels_cubecl::{
 
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
+pub mod out_of_memory;
 pub mod profile;
 
 use crate::error::Result;
