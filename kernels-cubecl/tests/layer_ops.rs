@@ -328,7 +328,13 @@ fn rotary_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tol
                 assert_close(&format!("{label} output"), &values(B::rotary_forward(x, cos.clone(), sin.clone())), &values(want), tolerance);
                 let grad = case.input::<B>(&case.grad, device);
                 let want = rotary_grad(grad.clone(), cos.clone(), sin.clone());
-                assert_close(&format!("{label} dx"), &values(B::rotary_backward(grad, cos, sin)), &values(want), tolerance);
+                assert_close(&format!("{label} dx"), &values(B::rotary_backward(grad, cos.clone(), sin.clone())), &values(want), tolerance);
+                // `x` whose last dimension is not unit-stride: the view of a `[.., d, seq]` tensor.
+                let [b, h, s, d] = dims;
+                let blocks: Vec<f32> = case.x.chunks(s * d).flat_map(|block| transposed(block, s, d)).collect();
+                let x = tensor::<B, 4>(&blocks, [b, h, d, s], device).swap_dims(2, 3);
+                let want = rotary_value(x.clone(), cos.clone(), sin.clone());
+                assert_close(&format!("{label} output, x transposed"), &values(B::rotary_forward(x, cos, sin)), &values(want), tolerance);
             }
         }
     }

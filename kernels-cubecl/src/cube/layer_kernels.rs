@@ -65,52 +65,6 @@ pub(super) fn swiglu_grad_elements<E: Float>(
     }
 }
 
-/// One unit per element of `out` (`[batch, heads, seq, d]`, contiguous): the rotary embedding of
-/// `x` (any strides) with the f32 tables `cos` / `sin` (`[batch or 1, 1, seq, d]`, any strides),
-/// or with `backward` its gradient from `x` = the upstream gradient:
-/// forward `y_j = x_j cos_j + sign_j x_p sin_j`, backward `dx_j = dy_j cos_j - sign_j dy_p sin_p`,
-/// where `p` is `j`'s partner in the other half and `sign` is -1 in the first half, +1 in the second.
-#[cube(launch)]
-pub(super) fn rotary_elements<E: Float>(
-    x: &Tensor<E>,
-    cos: &Tensor<f32>,
-    sin: &Tensor<f32>,
-    out: &mut Tensor<E>,
-    #[comptime] backward: bool,
-    #[define(E)] _dtype: StorageType,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
-        terminate!();
-    }
-    let d = out.shape(3);
-    let seq = out.shape(2);
-    let heads = out.shape(1);
-    let j = i % d;
-    let s = (i / d) % seq;
-    let h = (i / (d * seq)) % heads;
-    let b = i / (d * seq * heads);
-    let half = d / 2;
-    let mut p = j + half;
-    let mut sign = f32::new(-1.0);
-    if j >= half {
-        p = j - half;
-        sign = f32::new(1.0);
-    }
-    let x_base = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
-    let table_b = b % cos.shape(0);
-    let cos_base = table_b * cos.stride(0) + s * cos.stride(2);
-    let sin_base = table_b * sin.stride(0) + s * sin.stride(2);
-    let xj = f32::cast_from(x[x_base + j * x.stride(3)]);
-    let xp = f32::cast_from(x[x_base + p * x.stride(3)]);
-    let c = cos[cos_base + j * cos.stride(3)];
-    if backward {
-        out[i] = E::cast_from(xj * c - sign * xp * sin[sin_base + p * sin.stride(3)]);
-    } else {
-        out[i] = E::cast_from(xj * c + sign * xp * sin[sin_base + j * sin.stride(3)]);
-    }
-}
-
 /// One unit per element: AdamW's update of `param` (`E`) with `g = grad * grad_scale[0]` and the
 /// f32 moments, into `param_out`, `m_out`, `v_out` (contiguous, `[n]`), torch's order of
 /// operations: `p *= 1 - lr wd`, then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
@@ -200,9 +154,14 @@ pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
     }
 }
 
-/// [`rotary_elements`] on vectors of `N`: one unit per vector of `out` (contiguous). The launcher
-/// checks that `x`, `cos` and `sin` have unit last strides and other strides that are multiples
-/// of `N`, and that `N` divides `d / 2`, so a vector and its partner lie each in one half.
+/// One unit per vector of `N` elements of `out` (`[batch, heads, seq, d]`, contiguous): the
+/// rotary embedding of `x` with the f32 tables `cos` / `sin` (`[batch or 1, 1, seq, d]`), or
+/// with `backward` its gradient from `x` = the upstream gradient: forward
+/// `y_j = x_j cos_j + sign_j x_p sin_j`, backward `dx_j = dy_j cos_j - sign_j dy_p sin_p`, where
+/// `p` is `j`'s partner in the other half and `sign` is -1 in the first half, +1 in the second.
+/// The launcher sees that `x`, `cos` and `sin` have unit last strides and other strides that are
+/// multiples of `N`, and that `N` divides `d / 2`, so a vector and its partner lie each in one
+/// half (`N` = 1 always does).
 #[cube(launch)]
 pub(super) fn rotary_vectors<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,

@@ -5,6 +5,7 @@
 //! plain-Burn column sum.
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -12,7 +13,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
-use super::layer_kernels::{rotary_elements, rotary_vectors, swiglu_elements, swiglu_grad_elements, swiglu_grad_vectors, swiglu_vectors};
+use super::layer_kernels::{rotary_vectors, swiglu_elements, swiglu_grad_elements, swiglu_grad_vectors, swiglu_vectors};
 use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
@@ -30,22 +31,21 @@ fn on<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D: 
     super::kernels_on(&t.clone().into_primitive().tensor().client)
 }
 
-/// The widest vector (elements) in which the vector kernels can read every one of `tensors`: at
-/// most the runtime's widest load for each dtype, dividing `divides`, with unit last strides and
-/// other strides and byte offsets that are multiples of it; `None` where a last stride is not 1.
-fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], divides: usize) -> Option<usize> {
+/// The widest vector (elements) in which the vector kernels can read every one of `tensors`
+/// (each with a unit last stride): at most the runtime's widest load for each dtype, dividing
+/// `divides`, with the other strides and the byte offsets multiples of it; 1 at the least.
+fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], divides: usize) -> usize {
     let fits = |t: &CubeTensor<R>, n: usize| {
         let strides = t.meta.strides();
-        let last = strides.len() - 1;
         let offset = t.handle.offset_start.unwrap_or(0);
-        strides[last] == 1 && strides[..last].iter().all(|s| s % n == 0) && offset % (n * t.dtype.size()) as u64 == 0
+        strides[..strides.len() - 1].iter().all(|s| s % n == 0) && offset % (n * t.dtype.size()) as u64 == 0
     };
     let widest = |t: &&CubeTensor<R>| t.client.io_optimized_vector_sizes(t.dtype.size()).max().unwrap_or(1);
     let mut n = tensors.iter().map(widest).min().unwrap_or(1);
     while n > 1 && !(divides % n == 0 && tensors.iter().all(|t| fits(t, n))) {
         n /= 2;
     }
-    tensors.iter().all(|t| fits(t, n)).then_some(n)
+    n
 }
 
 /// The vector width for element-wise kernels over `tensors` of one shape indexed alike: all
@@ -53,8 +53,12 @@ fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], divides: usize) -> O
 fn contiguous_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> Option<usize> {
     let shape = tensors[0].meta.shape();
     let alike = tensors.iter().all(|t| t.is_contiguous() && t.meta.shape() == shape);
-    let last = shape[shape.len() - 1];
-    if alike { vector_width(tensors, last) } else { None }
+    alike.then(|| vector_width(tensors, shape[shape.len() - 1]))
+}
+
+/// `t` itself if its last stride is 1 (what the vector kernels read), else a contiguous copy.
+fn unit_last_stride<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if t.meta.strides().last() == Some(&1) { t } else { into_contiguous(t) }
 }
 
 /// Grid and cube for one unit per element.
@@ -223,28 +227,16 @@ fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     if elements == 0 || !on(&x) {
         return if backward { rotary_grad(x, cos, sin) } else { rotary_value(x, cos, sin) };
     }
-    let x = cube_tensor(x);
-    let (cos, sin) = (f32_tensor(cos), f32_tensor(sin));
+    // Heads and positions may come swapped (the model's layout); a last dimension that is not
+    // unit-stride (never in the model) is copied first.
+    let x = unit_last_stride(cube_tensor(x));
+    let (cos, sin) = (unit_last_stride(f32_tensor(cos)), unit_last_stride(f32_tensor(sin)));
     let out = empty_like(&x, x.shape(), x.dtype);
+    let n = vector_width(&[&x, &cos, &sin], d / 2);
+    let (count, dim) = elementwise(&x, elements / n);
     let dtype = x.dtype.into();
     let client = x.client.clone();
-    if let Some(n) = vector_width(&[&x, &cos, &sin], d / 2) {
-        let (count, dim) = elementwise(&x, elements / n);
-        let (xa, c, s, o) = (x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), out.clone().into_tensor_arg());
-        rotary_vectors::launch::<R>(&client, count, dim, n, xa, c, s, o, backward, dtype);
-        return float(out);
-    }
-    let (count, dim) = elementwise(&x, elements);
-    rotary_elements::launch::<R>(
-        &client,
-        count,
-        dim,
-        x.into_tensor_arg(),
-        cos.into_tensor_arg(),
-        sin.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        backward,
-        dtype,
-    );
+    let (xa, c, s, o) = (x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), out.clone().into_tensor_arg());
+    rotary_vectors::launch::<R>(&client, count, dim, n, xa, c, s, o, backward, dtype);
     float(out)
 }
