@@ -10,61 +10,6 @@ fn offset3<E: CubePrimitive>(t: &Tensor<E>, i0: usize, i1: usize, i2: usize) -> 
     i0 * t.stride(0) + i1 * t.stride(1) + i2 * t.stride(2)
 }
 
-/// One unit per element of `out` (`[a, b, c]`, contiguous): `silu(gate) * up`; `gate` and `up`
-/// are read through their strides.
-#[cube(launch)]
-pub(super) fn swiglu_elements<E: Float>(gate: &Tensor<E>, up: &Tensor<E>, out: &mut Tensor<E>, #[define(E)] _dtype: StorageType) {
-    let i = ABSOLUTE_POS;
-    if i >= out.len() {
-        terminate!();
-    }
-    let c = out.shape(2);
-    let b = out.shape(1);
-    let i2 = i % c;
-    let i1 = (i / c) % b;
-    let i0 = i / (c * b);
-    let g = f32::cast_from(gate[offset3(gate, i0, i1, i2)]);
-    let u = f32::cast_from(up[offset3(up, i0, i1, i2)]);
-    let s = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
-    out[i] = E::cast_from(g * s * u);
-}
-
-/// One unit per element: SwiGLU's `d gate = dy up s (1 + g (1 - s))` and `d up = dy g s` into
-/// `d_gate` / `d_up` (`[a, b, c]`, contiguous); the inputs through their strides.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn swiglu_grad_elements<E: Float>(
-    gate: &Tensor<E>,
-    up: &Tensor<E>,
-    grad: &Tensor<E>,
-    d_gate: &mut Tensor<E>,
-    d_up: &mut Tensor<E>,
-    #[comptime] want_gate: bool,
-    #[comptime] want_up: bool,
-    #[define(E)] _dtype: StorageType,
-) {
-    let i = ABSOLUTE_POS;
-    let n = grad.shape(0) * grad.shape(1) * grad.shape(2);
-    if i >= n {
-        terminate!();
-    }
-    let c = grad.shape(2);
-    let b = grad.shape(1);
-    let i2 = i % c;
-    let i1 = (i / c) % b;
-    let i0 = i / (c * b);
-    let g = f32::cast_from(gate[offset3(gate, i0, i1, i2)]);
-    let dy = f32::cast_from(grad[offset3(grad, i0, i1, i2)]);
-    let s = f32::new(1.0) / (f32::new(1.0) + (f32::new(0.0) - g).exp());
-    if want_up {
-        d_up[i] = E::cast_from(dy * g * s);
-    }
-    if want_gate {
-        let u = f32::cast_from(up[offset3(up, i0, i1, i2)]);
-        d_gate[i] = E::cast_from(dy * u * s * (f32::new(1.0) + g * (f32::new(1.0) - s)));
-    }
-}
-
 /// One unit per element: AdamW's update of `param` (`E`) with `g = grad * grad_scale[0]` and the
 /// f32 moments, into `param_out`, `m_out`, `v_out` (contiguous, `[n]`), torch's order of
 /// operations: `p *= 1 - lr wd`, then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
@@ -103,8 +48,24 @@ pub(super) fn adamw_elements<E: Float>(
     v_out[i] = v1;
 }
 
-/// [`swiglu_elements`] on vectors of `N`: one unit per vector of contiguous `gate`, `up` and
-/// `out` (the launcher checks that they are), so no index arithmetic and wide loads.
+/// Index in `t` (rank 3, unit last stride, other strides multiples of `width`) of the vector
+/// of `width` elements that starts at element `e` of a contiguous `[a, b, c]` tensor.
+#[cube]
+fn vector_at3<E: CubePrimitive>(t: &Tensor<E>, e: usize, b: usize, c: usize, width: usize) -> usize {
+    offset3(t, e / (c * b), (e / c) % b, e % c) / width
+}
+
+/// `1 / (1 + exp(-g))` lane by lane.
+#[cube]
+fn sigmoid<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp())
+}
+
+/// One unit per vector of `N` elements of `out` (`[a, b, c]`, contiguous): `silu(gate) * up`.
+/// The launcher sees that `gate` and `up` have unit last strides and other strides (and
+/// offsets) that are multiples of `N`, and that `N` divides `c`: the two halves of a fused
+/// gate/up output qualify.
 #[cube(launch)]
 pub(super) fn swiglu_vectors<E: Float, N: Size>(
     gate: &Tensor<Vector<E, N>>,
@@ -116,15 +77,16 @@ pub(super) fn swiglu_vectors<E: Float, N: Size>(
     if i >= out.len() {
         terminate!();
     }
-    let g = Vector::<f32, N>::cast_from(gate[i]);
-    let u = Vector::<f32, N>::cast_from(up[i]);
-    let one = Vector::<f32, N>::new(f32::new(1.0));
-    let s = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
-    out[i] = Vector::<E, N>::cast_from(g * s * u);
+    let width = out.vector_size();
+    let (b, c, e) = (out.shape(1), out.shape(2), i * width);
+    let g = Vector::<f32, N>::cast_from(gate[vector_at3(gate, e, b, c, width)]);
+    let u = Vector::<f32, N>::cast_from(up[vector_at3(up, e, b, c, width)]);
+    out[i] = Vector::<E, N>::cast_from(g * sigmoid(g) * u);
 }
 
-/// [`swiglu_grad_elements`] on vectors of `N` of contiguous tensors; an output not wanted is a
-/// one-vector placeholder.
+/// One unit per vector of `N` elements: SwiGLU's `d gate = dy up s (1 + g (1 - s))` and
+/// `d up = dy g s` into `d_gate` / `d_up` (`[a, b, c]`, contiguous; one that is not wanted is a
+/// placeholder never written); the inputs as [`swiglu_vectors`] reads them.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
@@ -141,15 +103,17 @@ pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
     if i >= grad.len() {
         terminate!();
     }
-    let g = Vector::<f32, N>::cast_from(gate[i]);
-    let dy = Vector::<f32, N>::cast_from(grad[i]);
-    let one = Vector::<f32, N>::new(f32::new(1.0));
-    let s = one / (one + (Vector::<f32, N>::new(f32::new(0.0)) - g).exp());
+    let width = grad.vector_size();
+    let (b, c, e) = (grad.shape(1), grad.shape(2), i * width);
+    let g = Vector::<f32, N>::cast_from(gate[vector_at3(gate, e, b, c, width)]);
+    let dy = Vector::<f32, N>::cast_from(grad[vector_at3(grad, e, b, c, width)]);
+    let s = sigmoid(g);
     if want_up {
         d_up[i] = Vector::<E, N>::cast_from(dy * g * s);
     }
     if want_gate {
-        let u = Vector::<f32, N>::cast_from(up[i]);
+        let u = Vector::<f32, N>::cast_from(up[vector_at3(up, e, b, c, width)]);
+        let one = Vector::<f32, N>::new(f32::new(1.0));
         d_gate[i] = Vector::<E, N>::cast_from(dy * u * s * (one + g * (one - s)));
     }
 }

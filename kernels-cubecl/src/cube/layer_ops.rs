@@ -13,7 +13,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
-use super::layer_kernels::{rotary_vectors, swiglu_elements, swiglu_grad_elements, swiglu_grad_vectors, swiglu_vectors};
+use super::layer_kernels::{rotary_vectors, swiglu_grad_vectors, swiglu_vectors};
 use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
@@ -46,14 +46,6 @@ fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], divides: usize) -> u
         n /= 2;
     }
     n
-}
-
-/// The vector width for element-wise kernels over `tensors` of one shape indexed alike: all
-/// contiguous, `None` otherwise.
-fn contiguous_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> Option<usize> {
-    let shape = tensors[0].meta.shape();
-    let alike = tensors.iter().all(|t| t.is_contiguous() && t.meta.shape() == shape);
-    alike.then(|| vector_width(tensors, shape[shape.len() - 1]))
 }
 
 /// `t` itself if its last stride is 1 (what the vector kernels read), else a contiguous copy.
@@ -106,10 +98,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         if rows * n == 0 || !wanted.x || !on(&x) {
             return rms_norm_grad(x, weight, rstd, grad, wanted);
         }
-        let grad_w = wanted.weight.then(|| {
-            let only_weight = NormWanted { x: false, weight: true };
-            rms_norm_grad(x.clone(), weight.clone(), rstd.clone(), grad.clone(), only_weight).1.expect("asked for")
-        });
+        let only_weight = NormWanted { x: false, weight: true };
+        let grad_w = if wanted.weight { rms_norm_grad(x.clone(), weight.clone(), rstd.clone(), grad.clone(), only_weight).1 } else { None };
         let x = cube_tensor(x);
         let grad = cube_tensor(float::<R, F, I, BT, 2>(cube_tensor(grad)).cast(x.dtype));
         let (weight, rstd) = (f32_tensor(weight), f32_tensor(rstd));
@@ -140,20 +130,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         if elements == 0 || !on(&gate) {
             return swiglu_value(gate, up);
         }
-        let gate = cube_tensor(gate);
-        // One dtype for the kernel: gate's.
-        let up = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype));
+        // One dtype for the kernel: gate's. A last dimension that is not unit-stride is copied.
+        let gate = unit_last_stride(cube_tensor(gate));
+        let up = unit_last_stride(cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype)));
         let out = empty_like(&gate, gate.shape(), gate.dtype);
-        let dtype = gate.dtype.into();
-        let client = gate.client.clone();
-        if let Some(n) = contiguous_width(&[&gate, &up]) {
-            let (count, dim) = elementwise(&gate, elements / n);
-            let (gate, up, o) = (gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg());
-            swiglu_vectors::launch::<R>(&client, count, dim, n, gate, up, o, dtype);
-        } else {
-            let (count, dim) = elementwise(&gate, elements);
-            swiglu_elements::launch::<R>(&client, count, dim, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
-        }
+        let n = vector_width(&[&gate, &up], dims[2]);
+        let (count, dim) = elementwise(&gate, elements / n);
+        let (dtype, client) = (gate.dtype.into(), gate.client.clone());
+        swiglu_vectors::launch::<R>(&client, count, dim, n, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
         float(out)
     }
 
@@ -169,35 +153,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
             return swiglu_grad(gate, up, grad, wanted);
         }
         let (g_dtype, u_dtype) = (gate.dtype(), up.dtype());
-        let gate = cube_tensor(gate);
-        let up = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(up)).cast(gate.dtype));
-        let grad = cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(grad)).cast(gate.dtype));
+        let gate = unit_last_stride(cube_tensor(gate));
+        let cast = |t: Tensor<Self, 3>| unit_last_stride(cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(t)).cast(gate.dtype)));
+        let (up, grad) = (cast(up), cast(grad));
         // An output the kernel does not write still takes an argument: one element.
         let output = |want: bool| empty_like(&gate, if want { gate.shape() } else { Shape::new([1]) }, gate.dtype);
         let (d_gate, d_up) = (output(wanted[0]), output(wanted[1]));
-        let dtype = gate.dtype.into();
-        let client = gate.client.clone();
-        if let Some(n) = contiguous_width(&[&gate, &up, &grad]) {
-            let (count, dim) = elementwise(&gate, elements / n);
-            let (g, u, dy) = (gate.into_tensor_arg(), up.into_tensor_arg(), grad.into_tensor_arg());
-            let (dg, du) = (d_gate.clone().into_tensor_arg(), d_up.clone().into_tensor_arg());
-            swiglu_grad_vectors::launch::<R>(&client, count, dim, n, g, u, dy, dg, du, wanted[0], wanted[1], dtype);
-        } else {
-            let (count, dim) = elementwise(&gate, elements);
-            swiglu_grad_elements::launch::<R>(
-                &client,
-                count,
-                dim,
-                gate.into_tensor_arg(),
-                up.into_tensor_arg(),
-                grad.into_tensor_arg(),
-                d_gate.clone().into_tensor_arg(),
-                d_up.clone().into_tensor_arg(),
-                wanted[0],
-                wanted[1],
-                dtype,
-            );
-        }
+        let n = vector_width(&[&gate, &up, &grad], dims[2]);
+        let (count, dim) = elementwise(&gate, elements / n);
+        let (dtype, client) = (gate.dtype.into(), gate.client.clone());
+        let (g, u, dy) = (gate.into_tensor_arg(), up.into_tensor_arg(), grad.into_tensor_arg());
+        let (dg, du) = (d_gate.clone().into_tensor_arg(), d_up.clone().into_tensor_arg());
+        swiglu_grad_vectors::launch::<R>(&client, count, dim, n, g, u, dy, dg, du, wanted[0], wanted[1], dtype);
         let back = |t: CubeTensor<R>, dtype: DType| {
             let t = float::<R, F, I, BT, 3>(t);
             if t.dtype() == dtype { t } else { t.cast(dtype) }

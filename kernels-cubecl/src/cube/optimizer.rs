@@ -77,14 +77,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOptim
     fn sum_of_squares(grads: &[Tensor<Self, 1>]) -> Tensor<Self, 1> {
         assert!(!grads.is_empty(), "sum_of_squares of no tensors");
         let live: Vec<_> = grads.iter().filter(|g| g.dims()[0] > 0).cloned().collect();
-        if live.is_empty() || !super::kernels_on(&live[0].clone().into_primitive().tensor().client) {
+        let Some(first) = live.first().map(|g| cube_tensor(g.clone())) else {
+            return sum_of_squares_value(grads);
+        };
+        if !super::kernels_on(&first.client) {
             return sum_of_squares_value(grads);
         }
         let chunk = (SUM_UNITS * SUM_PER_UNIT) as usize;
         let chunks: Vec<usize> = live.iter().map(|g| g.dims()[0].div_ceil(chunk)).collect();
-        let first = cube_tensor(live[0].clone());
-        let (client, device) = (first.client.clone(), first.device.clone());
-        let partials = empty_device_contiguous_dtype(client.clone(), device, Shape::new([chunks.iter().sum()]), DType::F32);
+        let client = first.client.clone();
+        let partials = empty_device_contiguous_dtype(client.clone(), first.device, Shape::new([chunks.iter().sum()]), DType::F32);
         let mut offset = 0;
         for (g, &c) in live.into_iter().zip(&chunks) {
             let g = into_contiguous(cube_tensor(g));
