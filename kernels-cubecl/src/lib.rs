@@ -33,7 +33,7 @@ pub use linear_cross_entropy::{
     fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
     WantedGrads,
 };
-pub use lora_linear::{lora_forward, LoraFactors};
+pub use lora_linear::{lora_forward, DropoutMask, LoraFactors};
 pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 
 pub use reference::{

@@ -1,15 +1,19 @@
 //! A linear layer with a LoRA adapter as one operation: `y = x w + s (dropout(x) A) B`, as peft
 //! computes it, in four GEMMs forward and at most six backward, with no tensor of the layer's
-//! output width in f32.
+//! output width in f32 and, on bf16 storage, no f32 copy of the layer's input.
 //!
-//! Precision (A and B are f32, `x` and `w` in the storage dtype): the adapter's input is `x` in
-//! f32 (times the dropout mask), `t = s (h A)` is an f32 GEMM, and the rank-r product `t B` is
-//! added into the base GEMM's output by a GEMM with f32 accumulation over the base output
-//! (`t` and `B` in the storage dtype, one rounding of the sum). peft rounds `x w` and `s h A B`
-//! to the storage dtype separately and rounds their sum again; on f32 storage (CPU) both are the
-//! same f32 maths. Backward, with `dy` in the storage dtype and `g = s (dy B^T)` in f32:
-//! `dB = t^T dy`, `dA = h^T g` (f32, from `x` in f32), `dx = dy w^T + (g A^T) * mask` (the
-//! adapter's term accumulated into the base GEMM's output when there is no dropout mask).
+//! Precision (A and B are f32, `x` and `w` in the storage dtype): the adapter's input `h` is `x`
+//! times the dropout mask's 0 or 1 (exact in any dtype; `1 / keep` goes into the scale).
+//! `t = s (h A)` accumulates in f32 from `h` as stored: on bf16 with A rounded to bf16, as torch's
+//! autocast computes peft's adapter (`t` is rounded to bf16 for `t B` right after, which bounds
+//! what a finer A could give); other dtypes take `h` to f32 and A as it is. The rank-r product
+//! `t B` (`t` and `B` in the storage dtype) is rounded to the storage dtype and the base GEMM
+//! accumulates `x w` onto it in f32, one rounding of the sum. peft rounds `x w` and `s h A B` to
+//! the storage dtype separately and rounds their sum again; on f32 storage (CPU) both are the same
+//! f32 maths. Backward, with `dy` in the storage dtype and `g = s (dy B^T)` in f32: `dB = t^T dy`,
+//! `dA = h^T g` (f32; on bf16, `h` as stored and `g` as the sum of two bf16 tensors, `g` to about
+//! 2^-17 relative, in one GEMM), `dx = dy w^T + (g A^T) * mask` (the adapter's term rounded to
+//! the storage dtype, the base GEMM accumulating onto it).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -32,29 +36,65 @@ pub struct LoraFactors<B: Backend> {
     pub b: Tensor<B, 2>,
     /// `alpha / r` (or rslora's `alpha / sqrt(r)`).
     pub scale: f64,
-    /// Dropout on the adapter's input as a mask of `[m, in]` f32 values, 0 (dropped) or
-    /// `1 / keep`; `None` without dropout (evaluation, or a dropout of 0).
-    pub dropout_mask: Option<Tensor<B, 2>>,
+    /// Dropout on the adapter's input; `None` without dropout (evaluation, or a dropout of 0).
+    pub dropout: Option<DropoutMask<B>>,
+}
+
+/// Which inputs of a LoRA adapter dropout keeps, and with what probability.
+#[derive(Debug, Clone)]
+pub struct DropoutMask<B: Backend> {
+    /// `[m, in]`: 1 where the input is kept, 0 where dropped, in the input's dtype.
+    pub kept: Tensor<B, 2>,
+    /// The probability of keeping an input: kept inputs are scaled by `1 / keep`.
+    pub keep: f64,
+}
+
+impl<B: Backend> LoraFactors<B> {
+    /// The scale of the rank-r product with dropout's `1 / keep` folded in.
+    fn scale_with_dropout(&self) -> f64 {
+        self.scale / self.dropout.as_ref().map_or(1.0, |d| d.keep)
+    }
 }
 
 /// `(x w + t B, t)` with `t = s (h A)` in f32 and `h` the adapter's input: the forward of
 /// [`LinearBackend::lora_linear`], on any backend.
 pub fn lora_forward<B: LinearBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>, lora: &LoraFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let dtype = x.dtype();
-    let y = B::gemm(x.clone(), false, w, false, dtype, None);
-    let h = adapter_input(x, lora.dropout_mask.clone());
-    let t = B::gemm(h, false, to_dtype(lora.a.clone(), DType::F32), false, DType::F32, None) * lora.scale;
-    let y = B::gemm(to_dtype(t.clone(), dtype), false, to_dtype(lora.b.clone(), dtype), false, dtype, Some(y));
-    (y, t)
+    let h = adapter_input(x.clone(), lora.dropout.as_ref().map(|d| d.kept.clone()));
+    let a = lora.a.clone();
+    let t = match dtype {
+        DType::BF16 => B::gemm(h, false, to_dtype(a, dtype), false, DType::F32, None),
+        _ => B::gemm(to_dtype(h, DType::F32), false, to_dtype(a, DType::F32), false, DType::F32, None),
+    } * lora.scale_with_dropout();
+    // The adapter's term first, the base GEMM accumulating onto it: the output is written twice
+    // and read once, not written twice and read twice.
+    let tb = B::gemm(to_dtype(t.clone(), dtype), false, to_dtype(lora.b.clone(), dtype), false, dtype, None);
+    (B::gemm(x, false, w, false, dtype, Some(tb)), t)
 }
 
-/// `x` in f32, times the dropout mask when there is one.
-fn adapter_input<B: Backend>(x: Tensor<B, 2>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-    let h = to_dtype(x, DType::F32);
-    match mask {
-        Some(m) => h * m,
-        None => h,
+/// `x` times the dropout mask's 0s and 1s when there is one, in `x`'s dtype (exact).
+fn adapter_input<B: Backend>(x: Tensor<B, 2>, kept: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    match kept {
+        Some(m) => x * m,
+        None => x,
     }
+}
+
+/// `op(p) @ f` in f32, for `p` in the storage dtype and an f32 factor `f` of a few columns (the
+/// adapter's gradient `g`). On bf16, `f = hi + lo` with both bf16 (`f` to about 2^-17
+/// relative) and `op(p) [hi | lo]` is one GEMM with f32 accumulation, its halves summed: `p` is
+/// read once as stored. Other dtypes: `p` in f32 (f16's exponent range would flush `lo`).
+fn times_f32<B: LinearBackend>(p: Tensor<B, 2>, tp: bool, f: Tensor<B, 2>) -> Tensor<B, 2> {
+    let dtype = p.dtype();
+    let f = to_dtype(f, DType::F32);
+    if dtype != DType::BF16 {
+        return B::gemm(to_dtype(p, DType::F32), tp, f, false, DType::F32, None);
+    }
+    let cols = f.dims()[1];
+    let hi = to_dtype(f.clone(), dtype);
+    let lo = to_dtype(f - to_dtype(hi.clone(), DType::F32), dtype);
+    let both = B::gemm(p, tp, Tensor::cat(vec![hi, lo], 1), false, DType::F32, None);
+    both.clone().narrow(1, 0, cols) + both.narrow(1, cols, cols)
 }
 
 /// What the backward reads: the op's inputs (the mask's values, not a node) and `t`.
@@ -91,7 +131,7 @@ impl<B: LinearBackend> Backward<B, 4> for LoraBackward {
         }
         if let (Some(node), Some(g)) = (node_a, &g) {
             let h = adapter_input(x.clone(), mask.clone());
-            let da = B::gemm(h, true, g.clone(), false, a_dtype, None);
+            let da = to_dtype(times_f32(h, true, g.clone()), a_dtype);
             grads.register::<B>(node.id, primitive(da));
         }
         if let Some(node) = node_w {
@@ -101,12 +141,13 @@ impl<B: LinearBackend> Backward<B, 4> for LoraBackward {
         }
         if let (Some(node), Some(g)) = (node_x, g) {
             let x_dtype = x.dtype();
-            let dx = B::gemm(dy, false, w, true, x_dtype, None);
-            let dx = match mask {
-                None => B::gemm(to_dtype(g, x_dtype), false, to_dtype(a, x_dtype), true, x_dtype, Some(dx)),
-                Some(m) => dx + to_dtype(B::gemm(g, false, to_dtype(a, DType::F32), true, DType::F32, None) * m, x_dtype),
+            // The adapter's term first, as in the forward, the base GEMM accumulating onto it.
+            let term = B::gemm(to_dtype(g, x_dtype), false, to_dtype(a, x_dtype), true, x_dtype, None);
+            let term = match mask {
+                Some(m) => term * m,
+                None => term,
             };
-            grads.register::<B>(node.id, primitive(dx));
+            grads.register::<B>(node.id, primitive(B::gemm(dy, false, w, true, x_dtype, Some(term))));
         }
     }
 }
@@ -118,10 +159,13 @@ pub(crate) fn tracked<B: LinearBackend, C: CheckpointStrategy>(
     w: Tensor<Autodiff<B, C>, 2>,
     lora: LoraFactors<Autodiff<B, C>>,
 ) -> Tensor<Autodiff<B, C>, 2> {
+    let scale = lora.scale_with_dropout();
     let (x, w, a, b) = (primitive(x), primitive(w), primitive(lora.a), primitive(lora.b));
-    let mask = lora.dropout_mask.map(|m| m.inner());
+    let keep = lora.dropout.as_ref().map(|d| d.keep);
+    let mask = lora.dropout.map(|d| d.kept.inner());
     let inner = |x: &FloatTensor<B>, w: &FloatTensor<B>, a: &FloatTensor<B>, b: &FloatTensor<B>| {
-        let factors = LoraFactors { a: float(a.clone()), b: float(b.clone()), scale: lora.scale, dropout_mask: mask.clone() };
+        let dropout = mask.clone().zip(keep).map(|(kept, keep)| DropoutMask { kept, keep });
+        let factors = LoraFactors { a: float(a.clone()), b: float(b.clone()), scale: lora.scale, dropout };
         lora_forward(float(x.clone()), float(w.clone()), &factors)
     };
     let nodes = [x.node.clone(), w.node.clone(), a.node.clone(), b.node.clone()];
@@ -135,7 +179,7 @@ pub(crate) fn tracked<B: LinearBackend, C: CheckpointStrategy>(
                 b: b.primitive,
                 t: primitive(t),
                 mask: mask.clone().map(primitive),
-                scale: lora.scale,
+                scale,
             };
             prep.finish(state, primitive(y))
         }

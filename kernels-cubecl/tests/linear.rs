@@ -1,6 +1,6 @@
 //! The GEMM operations of [`LinearBackend`] against plain Burn:
 //! - the LoRA linear layer (one op with its own backward) against autodiff of peft's maths
-//!   written in Burn ops (`x w + cast(s ((x_f32 * mask) A) B)`), output and the gradients of x,
+//!   written in Burn ops (`x w + cast(s ((x_f32 * mask / keep) A) B)`), output and the gradients of x,
 //!   w, A and B, with and without a dropout mask, on NdArray, on wgpu (CubeCL's matmul as the
 //!   runtime's GEMM), and on CUDA f32 and bf16 (cuBLAS) in the ignored tests;
 //! - `linear_matmul` and `batched_matmul` (autodiff ops over the backend's GEMM) against
@@ -13,7 +13,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use kernels_cubecl::{reference_gemm, LinearBackend, LoraFactors};
+use kernels_cubecl::{reference_gemm, DropoutMask, LinearBackend, LoraFactors};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32>;
@@ -74,7 +74,8 @@ fn assert_close(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
 }
 
 /// A LoRA layer's inputs: `x [m, k]`, `w [k, n]`, `a [k, r]`, `b [r, n]` (B non-zero, as after
-/// some training), the upstream gradient `dy [m, n]`, and a dropout mask (keep 0.75) or none.
+/// some training), the upstream gradient `dy [m, n]`, and a dropout mask (1 kept, 0 dropped;
+/// kept inputs scaled by `1 / KEEP`) or none.
 struct LoraCase {
     m: usize,
     k: usize,
@@ -89,13 +90,15 @@ struct LoraCase {
     scale: f64,
 }
 
+const KEEP: f64 = 0.75;
+
 /// (m, k, n, r): tiny, LoRA-like (a narrow rank), and wider outputs than inputs.
 const LORA_SHAPES: [(usize, usize, usize, usize); 3] = [(7, 5, 3, 2), (33, 70, 41, 8), (130, 19, 260, 4)];
 
 impl LoraCase {
     fn random(seed: u64, (m, k, n, r): (usize, usize, usize, usize), dropout: bool) -> Self {
         let mut rng = Rng::new(seed);
-        let mask = dropout.then(|| rng.values(m * k, 1.0).into_iter().map(|u| if u < 0.5 { 1.0 / 0.75 } else { 0.0 }).collect());
+        let mask = dropout.then(|| rng.values(m * k, 1.0).into_iter().map(|u| if u < 0.5 { 1.0 } else { 0.0 }).collect());
         LoraCase {
             m,
             k,
@@ -133,14 +136,15 @@ fn lora_outcome<B: AutodiffBackend + LinearBackend>(case: &LoraCase, device: &B:
     let w = tensor::<B, 2>(&case.w, [k, n], device).require_grad();
     let a = f32_tensor::<B, 2>(&case.a, [k, r], device).require_grad();
     let b = f32_tensor::<B, 2>(&case.b, [r, n], device).require_grad();
-    let mask = case.mask.as_ref().map(|v| f32_tensor::<B, 2>(v, [m, k], device));
     let y = if fused {
-        let lora = LoraFactors { a: a.clone(), b: b.clone(), scale: case.scale, dropout_mask: mask };
+        let kept = case.mask.as_ref().map(|v| tensor::<B, 2>(v, [m, k], device));
+        let dropout = kept.map(|kept| DropoutMask { kept, keep: KEEP });
+        let lora = LoraFactors { a: a.clone(), b: b.clone(), scale: case.scale, dropout };
         B::lora_linear(x.clone(), w.clone(), lora)
     } else {
         let h = x.clone().cast(FloatDType::F32);
-        let h = match mask {
-            Some(m) => h * m,
+        let h = match case.mask.as_ref().map(|v| f32_tensor::<B, 2>(v, [m, k], device)) {
+            Some(m) => h * m / KEEP,
             None => h,
         };
         let dtype = x.dtype();

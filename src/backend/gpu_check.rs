@@ -104,7 +104,7 @@ fn lora_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 4] {
     let host = |t: &Tensor<B, 2>| host_values(t.clone());
     let (hx, hw, ha, hb, hr) = (host(&x), host(&w), host(&a), host(&b), host(&dy));
     let (x, a, b) = (x.require_grad(), a.require_grad(), b.require_grad());
-    let lora = LoraFactors { a: a.clone(), b: b.clone(), scale: s, dropout_mask: None };
+    let lora = LoraFactors { a: a.clone(), b: b.clone(), scale: s, dropout: None };
     let y = B::lora_linear(x.clone(), w, lora);
     let g = (y.clone().cast(FloatDType::F32) * dy.cast(FloatDType::F32)).sum().backward();
     let grad = |t: &Tensor<B, 2>| t.grad(&g).map(|t| host_values(Tensor::<B, 2>::from_inner(t)));

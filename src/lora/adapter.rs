@@ -1,14 +1,14 @@
 //! A LoRA adapter on one linear layer: `y = x W + s * (dropout(x) A) B`, as peft computes it.
 //!
-//! A and B are trainable and kept in f32 whatever the base weights' dtype; the adapter's input is
-//! cast to f32, and its rank-r product is added into the base layer's output (see
-//! `kernels_cubecl::lora_linear` for the precision). Initialised as peft does: A Kaiming-uniform with a = sqrt(5)
+//! A and B are trainable and kept in f32 whatever the base weights' dtype; the rank-r product of
+//! the adapter's input with A is taken in f32 and added, times B, into the base layer's output
+//! (see `kernels_cubecl::lora_linear` for the precision). Initialised as peft does: A Kaiming-uniform with a = sqrt(5)
 //! (bound 1 / sqrt(in)), B zero, so a freshly adapted model computes exactly the base model.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
-use kernels_cubecl::LoraFactors;
+use kernels_cubecl::{DropoutMask, LoraFactors};
 use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -72,8 +72,8 @@ impl<B: TrainBackend> LoraAdapter<B> {
     pub fn linear<const D: usize>(&self, x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
         let out = w.dims()[1];
         kernels_cubecl::linear::over_rows(x, out, |x| {
-            let dropout_mask = self.dropout_mask(x.shape(), &x.device());
-            let lora = LoraFactors { a: self.lora_a.val(), b: self.lora_b.val(), scale: self.scale, dropout_mask };
+            let dropout = self.dropout_mask(x.shape(), &x.device(), x.dtype()).map(|(kept, keep)| DropoutMask { kept, keep });
+            let lora = LoraFactors { a: self.lora_a.val(), b: self.lora_b.val(), scale: self.scale, dropout };
             B::lora_linear(x, w, lora)
         })
     }
@@ -83,13 +83,13 @@ impl<B: TrainBackend> LoraAdapter<B> {
     fn low_rank(&self, x: Tensor<B, 3>, a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
         let h = x.cast(FloatDType::F32);
-        let h = match self.dropout_mask(h.shape(), &h.device()) {
-            Some(mask) => h * mask,
-            None => h,
+        let (h, scale) = match self.dropout_mask(h.shape(), &h.device(), DType::F32) {
+            Some((kept, keep)) => (h * kept, self.scale / keep),
+            None => (h, self.scale),
         };
         // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
         // one pass over `rank` columns instead of `out` (forward and backward).
-        B::batched_matmul(B::batched_matmul(h, a) * self.scale, b).cast(dtype)
+        B::batched_matmul(B::batched_matmul(h, a) * scale, b).cast(dtype)
     }
 
     /// The adapter term `s * (dropout(x[e]) A_e) B_e` of every expert of a MoE block at once,
@@ -115,14 +115,15 @@ impl<B: TrainBackend> LoraAdapter<B> {
     }
 
     /// The dropout mask of an adapter input of `shape` while training (see
-    /// [`linear`](Self::linear)): f32 values 0 or `1 / keep`; `None` otherwise.
-    fn dropout_mask<const D: usize>(&self, shape: impl Into<burn::tensor::Shape>, device: &B::Device) -> Option<Tensor<B, D>> {
+    /// [`linear`](Self::linear)) with the probability of keeping an input: values 1 (kept) or
+    /// 0 in `dtype` (exact in any), the `1 / keep` left to the caller's scale; `None` otherwise.
+    fn dropout_mask<const D: usize>(&self, shape: impl Into<burn::tensor::Shape>, device: &B::Device, dtype: DType) -> Option<(Tensor<B, D>, f64)> {
         let train = B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get());
         if !train || self.dropout <= 0.0 {
             return None;
         }
         let keep = 1.0 - self.dropout;
-        Some(Tensor::<B, D>::random(shape, Distribution::Bernoulli(keep), (device, DType::F32)) / keep)
+        Some((Tensor::<B, D>::random(shape, Distribution::Bernoulli(keep), (device, dtype)), keep))
     }
 
     /// `s * A B`: what merging adds to the base weight in its `[in, out]` layout.
