@@ -31,6 +31,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorPrimitive};
 
+use crate::qkv::QkvLayout;
+
 /// Budget for one query block's f32 scores `[batch, q_heads, rows, seq]` (backward holds a few
 /// tensors of this size at once: scores, probabilities, their gradient).
 const SCORE_BLOCK_BYTES: usize = 256 << 20;
@@ -170,6 +172,13 @@ pub trait FusedAttentionBackend: Backend {
         options: AttentionOptions,
     ) -> Tensor<Self, 4> {
         Self::blockwise_attention_forward(q, k, v, scale, blocked, options).output
+    }
+
+    /// [`FusedAttentionBackend::blockwise_attention`] of the q, k and v of a packed tensor
+    /// ([`crate::qkv`]); on autodiff backends its gradient flows to the packed tensor, as one.
+    fn qkv_attention(packed: Tensor<Self, 1>, layout: QkvLayout, scale: f64, blocked: Tensor<Self, 4, Bool>, options: AttentionOptions) -> Tensor<Self, 4> {
+        let [q, k, v] = layout.split(packed);
+        Self::blockwise_attention(q, k, v, scale, blocked, options)
     }
 }
 
@@ -496,6 +505,10 @@ impl<B: FusedAttentionBackend> Backward<B, 3> for AttentionBackward {
 }
 
 impl<B: FusedAttentionBackend, C: CheckpointStrategy> FusedAttentionBackend for Autodiff<B, C> {
+    fn qkv_attention(packed: Tensor<Self, 1>, layout: QkvLayout, scale: f64, blocked: Tensor<Self, 4, Bool>, options: AttentionOptions) -> Tensor<Self, 4> {
+        crate::qkv::tracked_attention::<B, C>(packed, layout, scale, blocked, options)
+    }
+
     /// The inner backend's computation; the results are untracked values.
     fn blockwise_attention_forward(
         q: Tensor<Self, 4>,

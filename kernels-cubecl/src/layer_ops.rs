@@ -21,6 +21,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
+use crate::qkv::{qkv_rotary_grad, qkv_rotary_value, QkvLayout};
+
 fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     if x.dtype() == DType::F32 {
         x
@@ -117,6 +119,28 @@ pub trait FusedLayerBackend: Backend {
     /// (the tables are constants).
     fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
         Self::rotary_forward(x, cos, sin)
+    }
+
+    /// The rotary embedding of q and k from one projection's output, packed with v head-major
+    /// ([`crate::qkv`]), in the projection's dtype.
+    ///
+    /// # Shapes
+    /// - `projected`: `[batch, seq, heads * head_dim]` (token-major, as the GEMM writes it) →
+    ///   `[layout.len()]`
+    fn qkv_rotary_forward(projected: Tensor<Self, 3>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 1> {
+        qkv_rotary_value(projected, cos, sin, layout)
+    }
+
+    /// [`FusedLayerBackend::qkv_rotary_forward`]'s backward: the packed gradient back in the
+    /// projection's token-major layout, `[batch, seq, heads * head_dim]`.
+    fn qkv_rotary_backward(grad: Tensor<Self, 1>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 3> {
+        qkv_rotary_grad(grad, cos, sin, layout)
+    }
+
+    /// [`FusedLayerBackend::qkv_rotary_forward`]; on autodiff backends its gradient flows to
+    /// `projected`.
+    fn qkv_rotary(projected: Tensor<Self, 3>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 1> {
+        Self::qkv_rotary_forward(projected, cos, sin, layout)
     }
 }
 
@@ -333,6 +357,10 @@ impl<B: FusedLayerBackend> Backward<B, 1> for RotaryBackward {
 /// The inner backend's forward and backward as one autodiff op each; the `_forward` and
 /// `_backward` methods are the inner backend's, on untracked values.
 impl<B: FusedLayerBackend, C: CheckpointStrategy> FusedLayerBackend for Autodiff<B, C> {
+    fn qkv_rotary(projected: Tensor<Self, 3>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 1> {
+        crate::qkv::tracked_rotary::<B, C>(projected, cos, sin, layout)
+    }
+
     fn rms_norm_forward(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
         let (y, rstd) = B::rms_norm_forward(x.inner(), weight.inner(), eps);
         (Tensor::from_inner(y), Tensor::from_inner(rstd))

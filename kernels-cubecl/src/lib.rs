@@ -21,6 +21,7 @@ pub mod lora_linear;
 pub mod layer_ops;
 pub mod linear_cross_entropy;
 pub mod optimizer;
+pub mod qkv;
 pub mod reference;
 
 pub use attention::{
@@ -35,6 +36,7 @@ pub use linear_cross_entropy::{
 };
 pub use lora_linear::{lora_forward, DropoutMask, LoraFactors};
 pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
+pub use qkv::{qkv_attention, qkv_rotary, QkvLayout};
 
 pub use reference::{
     attention, attention_mask, causal_attention, cross_entropy, linear_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,

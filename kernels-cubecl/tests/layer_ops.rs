@@ -4,7 +4,8 @@
 //! - each CubeCL kernel (RMSNorm, SwiGLU, rotary; wgpu here: lavapipe on machines without a GPU; CUDA f32
 //!   and bf16 in the ignored tests) against the plain-Burn default on the same backend, forward
 //!   and backward;
-//! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray.
+//! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray;
+//! - q/k/v packed (the projection to the attention as one tensor) against the ops it replaces.
 //!
 //! Shapes are odd (no power of two, rows beyond one grid axis for the row kernels), inputs are
 //! views where the model passes views (heads swapped with positions, halves of a wider tensor),
@@ -15,7 +16,11 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use kernels_cubecl::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, NormWanted};
-use kernels_cubecl::{fused_rms_norm, fused_rotary, fused_swiglu, reference, FusedLayerBackend};
+use kernels_cubecl::qkv::{qkv_rotary_grad, qkv_rotary_value};
+use kernels_cubecl::{
+    fused_rms_norm, fused_rotary, fused_swiglu, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
+    FusedAttentionBackend, FusedLayerBackend, QkvLayout,
+};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Reference = Autodiff<NdArray<f32>>;
@@ -364,6 +369,97 @@ fn autodiff_ops_match_reference<B: FusedLayerBackend>(device: &B::Device, tolera
     }
 }
 
+/// A packed q/k/v case: the projection's output `[batch, seq, heads * d]`, the upstream
+/// gradient of the attention's output and of the packed tensor, and positions for the tables.
+struct QkvCase {
+    layout: QkvLayout,
+    projected: Vec<f32>,
+    grad_output: Vec<f32>,
+    grad_packed: Vec<f32>,
+    rotary: RotaryCase,
+}
+
+/// `(batch, seq, q_heads, kv_heads, head_dim)`: GQA ratios 2, 3 and 1, odd lengths, one head
+/// dim that is not a power of two.
+const QKV_LAYOUTS: [(usize, usize, usize, usize, usize); 3] = [(2, 5, 4, 2, 8), (1, 7, 3, 1, 6), (2, 9, 2, 2, 34)];
+
+impl QkvCase {
+    fn random(seed: u64, (batch, seq, q_heads, kv_heads, head_dim): (usize, usize, usize, usize, usize)) -> Self {
+        let layout = QkvLayout { batch, seq, q_heads, kv_heads, head_dim };
+        let mut rng = Rng::new(seed + 100);
+        QkvCase {
+            layout,
+            projected: rng.values(layout.len(), 2.0),
+            grad_output: rng.values(batch * q_heads * seq * head_dim, 1.0),
+            grad_packed: rng.values(layout.len(), 1.0),
+            rotary: RotaryCase::random(seed, [batch, 1, seq, head_dim], false),
+        }
+    }
+
+    fn projected<B: Backend>(&self, device: &B::Device) -> Tensor<B, 3> {
+        let l = self.layout;
+        tensor::<B, 3>(&self.projected, [l.batch, l.seq, l.heads() * l.head_dim], device)
+    }
+}
+
+/// The attention's output and the projection's gradient, through the packed ops or (`apart`)
+/// through the ops they replace: q, k, v narrowed from the projection, each rotated apart.
+fn qkv_outcome<B: AutodiffBackend + FusedLayerBackend + FusedAttentionBackend>(case: &QkvCase, device: &B::Device, apart: bool) -> [Vec<f32>; 2] {
+    let l = case.layout;
+    let projected = case.projected::<B>(device).require_grad();
+    let (cos, sin) = case.rotary.tables::<B>(device);
+    let blocked = reference::attention_mask::<B>(None, l.batch, l.seq, device);
+    let scale = (l.head_dim as f64).powf(-0.5);
+    let options = AttentionOptions { block_q: Some(3), causal: true };
+    let y = if apart {
+        let heads = projected.clone().reshape([l.batch, l.seq, l.heads(), l.head_dim]);
+        let [q, k, v] = l.parts().map(|part| heads.clone().narrow(2, part.first_head, part.heads).swap_dims(1, 2));
+        let (q, k) = (fused_rotary(q, cos.clone(), sin.clone()), fused_rotary(k, cos, sin));
+        memory_efficient_attention(q, k, v, scale, blocked, options)
+    } else {
+        qkv_attention(qkv_rotary(projected.clone(), cos, sin, l), l, scale, blocked, options)
+    };
+    let upstream = tensor::<B, 4>(&case.grad_output, [l.batch, l.q_heads, l.seq, l.head_dim], device);
+    let grads = (y.clone() * upstream).sum().backward();
+    [values(y), values(projected.grad(&grads).expect("d projected"))]
+}
+
+#[test]
+fn packed_qkv_matches_the_ops_it_replaces() {
+    for seed in SEEDS {
+        for dims in QKV_LAYOUTS {
+            let case = QkvCase::random(seed, dims);
+            let want = qkv_outcome::<Reference>(&case, &Default::default(), true);
+            let got = qkv_outcome::<Reference>(&case, &Default::default(), false);
+            assert_close(&format!("packed qkv {dims:?} seed={seed} output"), &got[0], &want[0], 1e-5);
+            assert_close(&format!("packed qkv {dims:?} seed={seed} d projected"), &got[1], &want[1], 1e-5);
+        }
+    }
+}
+
+/// The packed rotary's kernels against its plain-Burn definition on `B`, both directions, and
+/// the packed ops under `Autodiff<B>` against the reference on NdArray.
+fn qkv_kernels_match_definition<B: FusedLayerBackend + FusedAttentionBackend>(device: &B::Device, tolerance: f32) {
+    for seed in SEEDS {
+        for dims in QKV_LAYOUTS {
+            let case = QkvCase::random(seed, dims);
+            let label = format!("qkv rotary {dims:?} seed={seed}");
+            let (cos, sin) = case.rotary.tables::<B>(device);
+            let want = qkv_rotary_value(case.projected::<B>(device), cos.clone(), sin.clone(), case.layout);
+            let got = B::qkv_rotary_forward(case.projected::<B>(device), cos.clone(), sin.clone(), case.layout);
+            assert_close(&format!("{label} output"), &values(got), &values(want), tolerance);
+            let grad = || tensor::<B, 1>(&case.grad_packed, [case.layout.len()], device);
+            let want = qkv_rotary_grad(grad(), cos.clone(), sin.clone(), case.layout);
+            let got = B::qkv_rotary_backward(grad(), cos, sin, case.layout);
+            assert_close(&format!("{label} d projected"), &values(got), &values(want), tolerance);
+            let want = qkv_outcome::<Reference>(&case, &Default::default(), true);
+            let got = qkv_outcome::<Autodiff<B>>(&case, device, false);
+            assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} output"), &got[0], &want[0], tolerance);
+            assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} d projected"), &got[1], &want[1], tolerance);
+        }
+    }
+}
+
 #[test]
 fn untracked_weight_gets_no_gradient() {
     let case = NormCase::random(1, (7, 5));
@@ -395,6 +491,11 @@ fn wgpu_rotary_kernels_match_definition() {
 }
 
 #[test]
+fn wgpu_qkv_kernels_match_definition() {
+    qkv_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
 fn wgpu_autodiff_ops_match_reference() {
     autodiff_ops_match_reference::<Wgpu>(&wgpu_device(), 1e-5);
 }
@@ -417,6 +518,7 @@ mod cuda {
         norm_kernels_match_definition::<CudaF32>(&device, 1e-5);
         swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
         rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        qkv_kernels_match_definition::<CudaF32>(&device, 1e-5);
         autodiff_ops_match_reference::<CudaF32>(&device, 1e-5);
     }
 
@@ -430,6 +532,7 @@ mod cuda {
         norm_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         swiglu_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         rotary_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        qkv_kernels_match_definition::<CudaBf16>(&device, 3e-2);
         autodiff_ops_match_reference::<CudaBf16>(&device, 3e-2);
     }
 }

@@ -78,6 +78,43 @@ impl<B: TrainBackend> LoraAdapter<B> {
         })
     }
 
+    /// The adapters of linear layers that read one input and whose outputs are concatenated (an
+    /// attention's q, k and v) as one adapter of the concatenated layer: A side by side
+    /// `[in, sum of ranks]`, B block-diagonal `[sum of ranks, sum of outs]` (zeros off the blocks),
+    /// so `s * (x A) B` is each layer's term in its own columns and autodiff hands each factor its
+    /// own gradient. `parts` are the layers' adapters (`None`: no adapter) and output widths.
+    pub fn joined(parts: &[(Option<&LoraAdapter<B>>, usize)], device: &B::Device) -> JoinedAdapter<B> {
+        let present: Vec<&LoraAdapter<B>> = parts.iter().filter_map(|(a, _)| *a).collect();
+        let Some(first) = present.first() else { return JoinedAdapter::None };
+        // peft draws one dropout mask per layer; one adapter would share it.
+        if present.iter().any(|a| a.scale != first.scale || a.dropout_active(device)) {
+            return JoinedAdapter::Apart;
+        }
+        let total: usize = parts.iter().map(|(_, out)| out).sum();
+        let zeros = |rows: usize, cols: usize| Tensor::<B, 2>::zeros([rows, cols], (device, DType::F32));
+        let mut blocks = Vec::new();
+        let mut offset = 0;
+        for (adapter, out) in parts {
+            if let Some(adapter) = adapter {
+                let b = adapter.lora_b.val();
+                let rank = b.dims()[0];
+                let row: Vec<Tensor<B, 2>> = [(offset > 0).then(|| zeros(rank, offset)), Some(b), (offset + out < total).then(|| zeros(rank, total - offset - out))]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                blocks.push(Tensor::cat(row, 1));
+            }
+            offset += out;
+        }
+        let a = Tensor::cat(present.iter().map(|a| a.lora_a.val()).collect(), 1);
+        JoinedAdapter::One(LoraFactors { a, b: Tensor::cat(blocks, 0), scale: first.scale, dropout: None })
+    }
+
+    /// Whether [`linear`](Self::linear) draws a dropout mask now.
+    fn dropout_active(&self, device: &B::Device) -> bool {
+        self.dropout > 0.0 && (B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get()))
+    }
+
     /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, for the stacked experts of a MoE
     /// block (batched GEMMs over `[experts, ..]`).
     fn low_rank(&self, x: Tensor<B, 3>, a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -118,8 +155,7 @@ impl<B: TrainBackend> LoraAdapter<B> {
     /// [`linear`](Self::linear)) with the probability of keeping an input: values 1 (kept) or
     /// 0 in `dtype` (exact in any), the `1 / keep` left to the caller's scale; `None` otherwise.
     fn dropout_mask<const D: usize>(&self, shape: impl Into<burn::tensor::Shape>, device: &B::Device, dtype: DType) -> Option<(Tensor<B, D>, f64)> {
-        let train = B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get());
-        if !train || self.dropout <= 0.0 {
+        if !self.dropout_active(device) {
             return None;
         }
         let keep = 1.0 - self.dropout;
@@ -130,6 +166,18 @@ impl<B: TrainBackend> LoraAdapter<B> {
     pub fn delta(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scale
     }
+}
+
+/// What [`LoraAdapter::joined`] makes of several layers' adapters.
+#[derive(Debug)]
+pub enum JoinedAdapter<B: Backend> {
+    /// No layer has an adapter.
+    None,
+    /// One adapter of the concatenated layer.
+    One(LoraFactors<B>),
+    /// The adapters cannot act as one (different scales, or dropout while training): each
+    /// layer runs on its own.
+    Apart,
 }
 
 thread_local! {

@@ -118,54 +118,62 @@ pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
     }
 }
 
-/// One unit per vector of `N` elements of `out` (`[batch, heads, seq, d]`, contiguous): the
-/// rotary embedding of `x` with the f32 tables `cos` / `sin` (`[batch or 1, 1, seq, d]`), or
-/// with `backward` its gradient from `x` = the upstream gradient: forward
-/// `y_j = x_j cos_j + sign_j x_p sin_j`, backward `dx_j = dy_j cos_j - sign_j dy_p sin_p`, where
-/// `p` is `j`'s partner in the other half and `sign` is -1 in the first half, +1 in the second.
-/// The launcher sees that `x`, `cos` and `sin` have unit last strides and other strides that are
-/// multiples of `N`, and that `N` divides `d / 2`, so a vector and its partner lie each in one
-/// half (`N` = 1 always does).
+/// One unit per vector of `N` elements of `out` (`[batch, heads, seq, d]`, any strides, from
+/// element `out_offset` of its buffer: a view of a packed tensor): the rotary embedding of `x` with the f32 tables `cos` / `sin`
+/// (`[batch or 1, 1, seq, d]`), or with `backward` its gradient from `x` = the upstream
+/// gradient: forward `y_j = x_j cos_j + sign_j x_p sin_j`, backward
+/// `dx_j = dy_j cos_j - sign_j dy_p sin_p`, where `p` is `j`'s partner in the other half and
+/// `sign` is -1 in the first half, +1 in the second; without `rotate`, `x` copied (the v heads
+/// of a packed q/k/v). The launcher sees that `x`, `out`, `cos` and `sin` have unit last strides
+/// and other strides (and `out_offset`) that are multiples of `N`, and that `N` divides `d / 2`, so a vector and
+/// its partner lie each in one half (`N` = 1 always does).
 #[cube(launch)]
 pub(super) fn rotary_vectors<E: Float, N: Size>(
     x: &Tensor<Vector<E, N>>,
     cos: &Tensor<Vector<f32, N>>,
     sin: &Tensor<Vector<f32, N>>,
     out: &mut Tensor<Vector<E, N>>,
+    out_offset: usize,
     #[comptime] backward: bool,
+    #[comptime] rotate: bool,
     #[define(E)] _dtype: StorageType,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= out.len() {
-        terminate!();
-    }
     let width = out.vector_size();
     let d = out.shape(3);
     let seq = out.shape(2);
     let heads = out.shape(1);
+    if i * width >= out.shape(0) * heads * seq * d {
+        terminate!();
+    }
     let e = i * width;
     let j = e % d;
     let s = (e / d) % seq;
     let h = (e / (d * seq)) % heads;
     let b = e / (d * seq * heads);
-    let half = d / 2;
-    let mut p = j + half;
-    let mut sign = f32::new(-1.0);
-    if j >= half {
-        p = j - half;
-        sign = f32::new(1.0);
-    }
     let x_base = b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
-    let table_b = b % cos.shape(0);
-    let cos_base = table_b * cos.stride(0) + s * cos.stride(2);
-    let sin_base = table_b * sin.stride(0) + s * sin.stride(2);
-    let xj = Vector::<f32, N>::cast_from(x[(x_base + j) / width]);
-    let xp = Vector::<f32, N>::cast_from(x[(x_base + p) / width]);
-    let c = cos[(cos_base + j) / width];
-    let sign = Vector::<f32, N>::new(sign);
-    if backward {
-        out[i] = Vector::<E, N>::cast_from(xj * c - sign * xp * sin[(sin_base + p) / width]);
+    let at = (out_offset + b * out.stride(0) + h * out.stride(1) + s * out.stride(2) + j) / width;
+    if rotate {
+        let half = d / 2;
+        let mut p = j + half;
+        let mut sign = f32::new(-1.0);
+        if j >= half {
+            p = j - half;
+            sign = f32::new(1.0);
+        }
+        let table_b = b % cos.shape(0);
+        let cos_base = table_b * cos.stride(0) + s * cos.stride(2);
+        let sin_base = table_b * sin.stride(0) + s * sin.stride(2);
+        let xj = Vector::<f32, N>::cast_from(x[(x_base + j) / width]);
+        let xp = Vector::<f32, N>::cast_from(x[(x_base + p) / width]);
+        let c = cos[(cos_base + j) / width];
+        let sign = Vector::<f32, N>::new(sign);
+        if backward {
+            out[at] = Vector::<E, N>::cast_from(xj * c - sign * xp * sin[(sin_base + p) / width]);
+        } else {
+            out[at] = Vector::<E, N>::cast_from(xj * c + sign * xp * sin[(sin_base + j) / width]);
+        }
     } else {
-        out[i] = Vector::<E, N>::cast_from(xj * c + sign * xp * sin[(sin_base + j) / width]);
+        out[at] = x[(x_base + j) / width];
     }
 }

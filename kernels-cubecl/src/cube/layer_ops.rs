@@ -16,6 +16,7 @@ use super::{cube_tensor, f32_tensor, float};
 use super::layer_kernels::{rotary_vectors, swiglu_grad_vectors, swiglu_vectors};
 use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
+use crate::qkv::{qkv_rotary_grad, qkv_rotary_value, QkvLayout};
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
 
 /// Units per cube of the RMSNorm row kernels at most (a power of two).
@@ -179,6 +180,45 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
     fn rotary_backward(grad: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
         rotary::<R, F, I, BT>(grad, cos, sin, true)
     }
+
+    /// One launch per part: q and k rotated, v copied, each from its heads of the projection
+    /// into its contiguous part of the packed tensor.
+    fn qkv_rotary_forward(projected: Tensor<Self, 3>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 1> {
+        if layout.is_empty() || !on(&projected) {
+            return qkv_rotary_value(projected, cos, sin, layout);
+        }
+        let QkvLayout { batch, seq, head_dim, .. } = layout;
+        assert_eq!(projected.dims(), [batch, seq, layout.heads() * head_dim], "qkv rotary: the projection does not fit the layout");
+        let like = cube_tensor(projected.clone());
+        let packed = empty_like(&like, Shape::new([layout.len()]), like.dtype);
+        let heads = projected.reshape([batch, seq, layout.heads(), head_dim]);
+        for part in layout.parts() {
+            let x = heads.clone().narrow(2, part.first_head, part.heads).swap_dims(1, 2);
+            let strides = [part.heads * seq * head_dim, seq * head_dim, head_dim, 1];
+            let out = OutView { base: packed.clone(), offset: part.offset, strides };
+            rotary_into(x, cos.clone(), sin.clone(), out, false, part.rotated);
+        }
+        float(packed)
+    }
+
+    /// One launch per part, each from its contiguous part of the packed gradient into its heads of
+    /// the projection's (token-major) gradient.
+    fn qkv_rotary_backward(grad: Tensor<Self, 1>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>, layout: QkvLayout) -> Tensor<Self, 3> {
+        if layout.is_empty() || !on(&grad) {
+            return qkv_rotary_grad(grad, cos, sin, layout);
+        }
+        let QkvLayout { batch, seq, head_dim, .. } = layout;
+        let like = cube_tensor(grad.clone());
+        let shape = Shape::new([batch, seq, layout.heads(), head_dim]);
+        let dx = empty_like(&like, shape, like.dtype);
+        let heads = layout.heads();
+        for part in layout.parts() {
+            let strides = [seq * heads * head_dim, head_dim, heads * head_dim, 1];
+            let out = OutView { base: dx.clone(), offset: part.first_head * head_dim, strides };
+            rotary_into(layout.view(grad.clone(), part), cos.clone(), sin.clone(), out, true, part.rotated);
+        }
+        float::<R, F, I, BT, 4>(dx).reshape([batch, seq, heads * head_dim])
+    }
 }
 
 fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -187,23 +227,53 @@ fn rotary<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     sin: Tensor<CubeBackend<R, F, I, BT>, 4>,
     backward: bool,
 ) -> Tensor<CubeBackend<R, F, I, BT>, 4> {
+    let dims = x.dims();
+    if dims.iter().product::<usize>() == 0 || !on(&x) {
+        return if backward { rotary_grad(x, cos, sin) } else { rotary_value(x, cos, sin) };
+    }
+    let like = cube_tensor(x.clone());
+    let out = empty_like(&like, like.shape(), like.dtype);
+    let [_, h, s, d] = dims;
+    rotary_into(x, cos, sin, OutView { base: out.clone(), offset: 0, strides: [h * s * d, s * d, d, 1] }, backward, true);
+    float(out)
+}
+
+/// Where [`rotary_vectors`] writes: `[batch, heads, seq, d]` with `strides`, from element
+/// `offset` of `base`'s buffer. The kernel takes the offset itself: Burn's `narrow` copies a view
+/// whose byte offset is not a multiple of the runtime's alignment, and a kernel writing into that
+/// copy would leave `base` unwritten.
+struct OutView<R: CubeRuntime> {
+    base: CubeTensor<R>,
+    offset: usize,
+    strides: [usize; 4],
+}
+
+/// Launches [`rotary_vectors`] from `x` into `out` (`x` any strides).
+fn rotary_into<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    cos: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    sin: Tensor<CubeBackend<R, F, I, BT>, 4>,
+    out: OutView<R>,
+    backward: bool,
+    rotate: bool,
+) {
     let [b, h, s, d] = x.dims();
     let [tb, _, ts, td] = cos.dims();
     assert!(d % 2 == 0 && ts == s && td == d && (tb == b || tb == 1), "rotary: tables {:?} do not fit x {:?}", cos.dims(), x.dims());
-    let elements = b * h * s * d;
-    if elements == 0 || !on(&x) {
-        return if backward { rotary_grad(x, cos, sin) } else { rotary_value(x, cos, sin) };
-    }
+    assert!(out.strides[3] == 1 && out.base.handle.offset_start.unwrap_or(0) == 0, "rotary: the output view must start a buffer and have a unit last stride");
     // Heads and positions may come swapped (the model's layout); a last dimension that is not
     // unit-stride (never in the model) is copied first.
     let x = unit_last_stride(cube_tensor(x));
+    let mut view = out.base;
+    *view.meta = cubecl::zspace::metadata::Metadata::new([b, h, s, d], out.strides);
     let (cos, sin) = (unit_last_stride(f32_tensor(cos)), unit_last_stride(f32_tensor(sin)));
-    let out = empty_like(&x, x.shape(), x.dtype);
-    let n = vector_width(&[&x, &cos, &sin], d / 2);
-    let (count, dim) = elementwise(&x, elements / n);
+    let mut n = vector_width(&[&x, &view, &cos, &sin], d / 2);
+    while out.offset % n != 0 {
+        n /= 2;
+    }
+    let (count, dim) = elementwise(&x, b * h * s * d / n);
     let dtype = x.dtype.into();
     let client = x.client.clone();
-    let (xa, c, s, o) = (x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), out.clone().into_tensor_arg());
-    rotary_vectors::launch::<R>(&client, count, dim, n, xa, c, s, o, backward, dtype);
-    float(out)
+    let (xa, c, s, o) = (x.into_tensor_arg(), cos.into_tensor_arg(), sin.into_tensor_arg(), view.into_tensor_arg());
+    rotary_vectors::launch::<R>(&client, count, dim, n, xa, c, s, o, out.offset, backward, rotate, dtype);
 }
