@@ -101,6 +101,28 @@ pub trait FusedLayerBackend: Backend {
         Self::swiglu_forward(gate, up)
     }
 
+    /// SwiGLU of a gate/up projection's packed output ([`crate::gate_up`]): `silu(g) * u` with
+    /// `g` the first half of the last dimension and `u` the second, as
+    /// [`FusedLayerBackend::swiglu_forward`] computes it, contiguous.
+    ///
+    /// # Shapes
+    /// - `packed`: `[a, b, 2c]` → `[a, b, c]`
+    fn swiglu_packed_forward(packed: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let (gate, up) = crate::gate_up::halves(packed);
+        Self::swiglu_forward(gate, up)
+    }
+
+    /// Its backward: `[d g | d u]` `[a, b, 2c]` in `packed`'s dtype.
+    fn swiglu_packed_backward(packed: Tensor<Self, 3>, grad: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        crate::gate_up::swiglu_packed_grad(packed, grad)
+    }
+
+    /// [`FusedLayerBackend::swiglu_packed_forward`]; on autodiff backends one op whose
+    /// gradient flows to `packed` as one tensor.
+    fn swiglu_packed(packed: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        Self::swiglu_packed_forward(packed)
+    }
+
     /// Rotary embedding in the "rotate half" layout, [`crate::reference::rotary`]'s maths in f32,
     /// returned in `x`'s dtype, contiguous (`x` may be a view, e.g. heads swapped with positions).
     ///
@@ -414,6 +436,18 @@ impl<B: FusedLayerBackend, C: CheckpointStrategy> FusedLayerBackend for Autodiff
             }
             OpsKind::UnTracked(prep) => float(prep.finish(primitive(B::swiglu(float(gate.primitive), float(up.primitive))))),
         }
+    }
+
+    fn swiglu_packed_forward(packed: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        Tensor::from_inner(B::swiglu_packed_forward(packed.inner()))
+    }
+
+    fn swiglu_packed_backward(packed: Tensor<Self, 3>, grad: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        Tensor::from_inner(B::swiglu_packed_backward(packed.inner(), grad.inner()))
+    }
+
+    fn swiglu_packed(packed: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        crate::gate_up::tracked_swiglu_packed::<B, C>(packed)
     }
 
     fn rotary_forward(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {

@@ -16,6 +16,7 @@ pub use cube::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
 #[cfg(feature = "cuda")]
 pub use cube::cublas::{gemm_host_syncs, gemm_ordering};
 pub mod device;
+pub mod gate_up;
 pub mod linear;
 pub mod lora_linear;
 pub mod layer_ops;
@@ -28,6 +29,7 @@ pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
 };
 pub use device::{DeviceMemory, DeviceMemoryBackend};
+pub use gate_up::fused_swiglu_packed;
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
 pub use linear::{reference_gemm, LinearBackend};
 pub use linear_cross_entropy::{

@@ -5,7 +5,8 @@
 //!   and bf16 in the ignored tests) against the plain-Burn default on the same backend, forward
 //!   and backward;
 //! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray;
-//! - q/k/v packed (the projection to the attention as one tensor) against the ops it replaces.
+//! - q/k/v packed (the projection to the attention as one tensor), and gate/up packed (SwiGLU
+//!   of one gate/up projection), against the ops they replace.
 //!
 //! Shapes are odd (no power of two, rows beyond one grid axis for the row kernels), inputs are
 //! views where the model passes views (heads swapped with positions, halves of a wider tensor),
@@ -16,9 +17,10 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use kernels_cubecl::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, NormWanted};
+use kernels_cubecl::gate_up::{swiglu_packed_grad, swiglu_packed_value};
 use kernels_cubecl::qkv::{qkv_rotary_grad, qkv_rotary_value};
 use kernels_cubecl::{
-    fused_rms_norm, fused_rotary, fused_swiglu, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
+    fused_rms_norm, fused_rotary, fused_swiglu, fused_swiglu_packed, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
     FusedAttentionBackend, FusedLayerBackend, QkvLayout,
 };
 
@@ -253,6 +255,58 @@ fn swiglu_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tol
     }
 }
 
+/// SwiGLU of the packed gate/up tensor `[a, b, 2c]` (a leaf) under autodiff: the packed op, or
+/// the reference on its two halves as `narrow` views; the output and the packed gradient.
+fn swiglu_packed_outcome<B: AutodiffBackend + FusedLayerBackend>(case: &SwigluCase, device: &B::Device, packed_op: bool) -> [Vec<f32>; 2] {
+    let c = case.dims[2];
+    let gate = tensor::<B, 3>(&case.gate, case.dims, device);
+    let up = tensor::<B, 3>(&case.up, case.dims, device);
+    let packed = Tensor::cat(vec![gate, up], 2).require_grad();
+    let y = match packed_op {
+        true => fused_swiglu_packed(packed.clone()),
+        false => reference::swiglu(packed.clone().narrow(2, 0, c), packed.clone().narrow(2, c, c)),
+    };
+    let grads = (y.clone() * tensor::<B, 3>(&case.grad, case.dims, device)).sum().backward();
+    [values(y), values(packed.grad(&grads).expect("d packed"))]
+}
+
+#[test]
+fn packed_swiglu_matches_swiglu_of_the_halves() {
+    for dims in SWIGLU_SHAPES {
+        for seed in SEEDS {
+            let case = SwigluCase::random(seed, dims, false);
+            let want = swiglu_packed_outcome::<Reference>(&case, &Default::default(), false);
+            let got = swiglu_packed_outcome::<Reference>(&case, &Default::default(), true);
+            assert_close(&format!("packed swiglu {dims:?} seed={seed} output"), &got[0], &want[0], 1e-5);
+            assert_close(&format!("packed swiglu {dims:?} seed={seed} d packed"), &got[1], &want[1], 1e-5);
+        }
+    }
+}
+
+/// The packed SwiGLU kernels against their plain-Burn definitions: the packed input contiguous
+/// and as a view (a narrowed wider tensor), the upstream gradient as a transposed view.
+fn swiglu_packed_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in SWIGLU_SHAPES {
+        for strided in [false, true] {
+            for seed in SEEDS {
+                let case = SwigluCase::random(seed, dims, false);
+                let [a, b, c] = dims;
+                let (gate, up) = case.inputs::<B>(device);
+                let packed = match strided {
+                    false => Tensor::cat(vec![gate, up], 2),
+                    true => Tensor::cat(vec![gate, up, Tensor::ones([a, b, 3], device)], 2).narrow(2, 0, 2 * c),
+                };
+                let label = format!("packed swiglu {dims:?} strided={strided} seed={seed}");
+                let want = swiglu_packed_value(packed.clone());
+                assert_close(&format!("{label} output"), &values(B::swiglu_packed_forward(packed.clone())), &values(want), tolerance);
+                let grad = tensor::<B, 3>(&case.grad, [a, c, b], device).swap_dims(1, 2);
+                let want = swiglu_packed_grad(packed.clone(), grad.clone());
+                assert_close(&format!("{label} d packed"), &values(B::swiglu_packed_backward(packed, grad)), &values(want), tolerance);
+            }
+        }
+    }
+}
+
 /// Rotary inputs `[batch, heads, seq, d]`: `swapped` reads `x` as the model does, `[batch, seq,
 /// heads, d]` with heads and positions swapped. The tables are transformers' (`rope_cos_sin`
 /// of positions that differ per row).
@@ -359,6 +413,12 @@ fn autodiff_ops_match_reference<B: FusedLayerBackend>(device: &B::Device, tolera
         let got = swiglu_outcome::<Autodiff<B>>(&case, device, fused_swiglu);
         for (i, name) in ["output", "d gate", "d up"].iter().enumerate() {
             assert_close(&format!("autodiff swiglu seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
+        let case = SwigluCase::random(seed, [2, 7, 12], false);
+        let want = swiglu_packed_outcome::<Reference>(&case, &Default::default(), false);
+        let got = swiglu_packed_outcome::<Autodiff<B>>(&case, device, true);
+        for (i, name) in ["output", "d packed"].iter().enumerate() {
+            assert_close(&format!("autodiff packed swiglu seed={seed} {name}"), &got[i], &want[i], tolerance);
         }
         let case = RotaryCase::random(seed, [2, 3, 7, 8], true);
         let want = rotary_outcome::<Reference>(&case, &Default::default(), reference::rotary);
@@ -486,6 +546,11 @@ fn wgpu_swiglu_kernels_match_definition() {
 }
 
 #[test]
+fn wgpu_swiglu_packed_kernels_match_definition() {
+    swiglu_packed_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
 fn wgpu_rotary_kernels_match_definition() {
     rotary_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
 }
@@ -517,6 +582,7 @@ mod cuda {
         let device = CudaDevice::default();
         norm_kernels_match_definition::<CudaF32>(&device, 1e-5);
         swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        swiglu_packed_kernels_match_definition::<CudaF32>(&device, 1e-5);
         rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
         qkv_kernels_match_definition::<CudaF32>(&device, 1e-5);
         autodiff_ops_match_reference::<CudaF32>(&device, 1e-5);
@@ -531,6 +597,7 @@ mod cuda {
         // definitions after each op.
         norm_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         swiglu_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        swiglu_packed_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         rotary_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         qkv_kernels_match_definition::<CudaBf16>(&device, 3e-2);
         autodiff_ops_match_reference::<CudaBf16>(&device, 3e-2);

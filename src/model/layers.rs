@@ -124,22 +124,27 @@ impl<B: TrainBackend> Linear<B> {
         let device = x.device();
         let parts: Vec<(Option<&LoraAdapter<B>>, usize)> = linears.iter().map(|l| (l.lora.as_ref(), l.dims().1)).collect();
         let total = parts.iter().map(|(_, out)| out).sum();
-        let joined = LoraAdapter::joined(&parts, &device);
-        let w = Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1);
-        let y = match joined {
-            JoinedAdapter::Apart => return None,
-            JoinedAdapter::None => B::linear_matmul(x, w),
+        // Sub-spans (`--profile` only) to tell the concatenations from the GEMM.
+        let joined = span::<B, _>("join_adapters", &device, || LoraAdapter::joined(&parts, &device));
+        if matches!(joined, JoinedAdapter::Apart) {
+            return None;
+        }
+        let w = span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1));
+        let y = span::<B, _>("gemm", &device, || match joined {
             JoinedAdapter::One(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
-        };
+            _ => B::linear_matmul(x, w),
+        });
         if linears.iter().all(|l| l.bias.is_none()) {
             return Some(y);
         }
         let dtype = y.dtype();
-        let bias = linears.iter().map(|l| match &l.bias {
-            Some(b) => b.val(),
-            None => Tensor::zeros([l.dims().1], (&device, dtype)),
-        });
-        Some(y + Tensor::cat(bias.collect(), 0).unsqueeze())
+        span::<B, _>("bias", &device, || {
+            let bias = linears.iter().map(|l| match &l.bias {
+                Some(b) => b.val(),
+                None => Tensor::zeros([l.dims().1], (&device, dtype)),
+            });
+            Some(y + Tensor::cat(bias.collect(), 0).unsqueeze())
+        })
     }
 
     /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
@@ -341,11 +346,24 @@ impl<B: TrainBackend> Mlp<B> {
         })
     }
 
+    /// Gate and up as one GEMM over their weights side by side when their adapters can act as
+    /// one ([`Linear::forward_joined`]), SwiGLU reading the packed output (one gradient back,
+    /// so one `dx` GEMM); else the two projections apart.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
-        let (gate, up) = span::<B, _>("gate_up_proj", &device, || (self.gate_proj.forward(x.clone()), self.up_proj.forward(x)));
-        let h = span::<B, _>("swiglu", &device, || ops::fused_swiglu(gate, up));
+        let packed = span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&[&self.gate_proj, &self.up_proj], x.clone()));
+        let h = match packed {
+            Some(packed) => span::<B, _>("swiglu", &device, || ops::fused_swiglu_packed(packed)),
+            None => self.forward_apart(x),
+        };
         span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
+    }
+
+    /// SwiGLU's input projections each on its own: `silu(gate(x)) * up(x)`.
+    fn forward_apart<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let device = x.device();
+        let (gate, up) = span::<B, _>("gate_up_proj", &device, || (self.gate_proj.forward(x.clone()), self.up_proj.forward(x)));
+        span::<B, _>("swiglu", &device, || ops::fused_swiglu(gate, up))
     }
 
     /// Every expert's SwiGLU MLP at once: `x[e]` through `experts[e]`, each projection one
@@ -509,6 +527,43 @@ mod tests {
         Linear { weight: Param::from_tensor(random([inp, out], seed)), bias, lora }
     }
 
+    fn close(label: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{label}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
+        assert!(err < 1e-5, "{label}: packed differs from apart by {err:.2e} of the largest value");
+    }
+
+    fn grad_values<const D: usize>(t: Tensor<Ad, D>, grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients) -> Vec<f32> {
+        t.grad(grads).expect("a gradient").into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// Gate and up as one GEMM and SwiGLU of the packed output give what the projections give
+    /// apart: the output and the gradients of the input and of every adapter (gate and up of
+    /// different ranks).
+    #[test]
+    fn packed_mlp_equals_the_projections_apart() {
+        let (hidden, inter, b, s) = (10, 14, 2, 3);
+        let mlp = Mlp { gate_proj: linear(hidden, inter, false, Some(3), 70), up_proj: linear(hidden, inter, false, Some(2), 80), down_proj: linear(inter, hidden, false, Some(3), 90) };
+        let upstream = random([b, s, hidden], 100);
+        let outcome = |packed: bool| {
+            let x = random([b, s, hidden], 110).require_grad();
+            let y = if packed { mlp.forward(x.clone()) } else { mlp.down_proj.forward(mlp.forward_apart(x.clone())) };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let adapter = |l: &Linear<Ad>| l.lora.as_ref().map(|a| [grad_values(a.lora_a.val(), &grads), grad_values(a.lora_b.val(), &grads)]).expect("an adapter");
+            (y.into_data().to_vec::<f32>().unwrap(), grad_values(x, &grads), [adapter(&mlp.gate_proj), adapter(&mlp.up_proj), adapter(&mlp.down_proj)])
+        };
+        let joins = Linear::forward_joined(&[&mlp.gate_proj, &mlp.up_proj], random([b, s, hidden], 110)).is_some();
+        assert!(joins, "adapters without dropout join, so forward takes the packed path");
+        let (want, got) = (outcome(false), outcome(true));
+        close("output", &got.0, &want.0);
+        close("dx", &got.1, &want.1);
+        for (i, name) in ["gate", "up", "down"].iter().enumerate() {
+            close(&format!("{name} dA"), &got.2[i][0], &want.2[i][0]);
+            close(&format!("{name} dB"), &got.2[i][1], &want.2[i][1]);
+        }
+    }
+
     /// q, k and v as one GEMM, one adapter and one packed tensor give what the three layers give
     /// apart: the output and the gradients of the input, the adapters (an adapter on q and v,
     /// of different ranks, none on k) and the biases.
@@ -544,12 +599,6 @@ mod tests {
                 [lora(&attn.q_proj), lora(&attn.k_proj), lora(&attn.v_proj)],
                 [bias(&attn.q_proj), bias(&attn.k_proj), bias(&attn.v_proj)],
             )
-        };
-        let close = |label: &str, got: &[f32], want: &[f32]| {
-            assert_eq!(got.len(), want.len(), "{label}");
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-            let err = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
-            assert!(err < 1e-5, "{label}: packed differs from apart by {err:.2e} of the largest value");
         };
         let (want, got) = (outcome(false), outcome(true));
         close("output", &got.0, &want.0);

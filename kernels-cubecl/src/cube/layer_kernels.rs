@@ -84,6 +84,48 @@ pub(super) fn swiglu_vectors<E: Float, N: Size>(
     out[i] = Vector::<E, N>::cast_from(g * sigmoid(g) * u);
 }
 
+/// One unit per vector of `N` elements of `out` (`[a, b, c]`, contiguous): `silu(g) * u` with
+/// `g` and `u` the halves of the contiguous packed gate/up output `packed` (`[a, b, 2c]`). The
+/// launcher sees that `N` divides `c`.
+#[cube(launch)]
+pub(super) fn swiglu_packed_vectors<E: Float, N: Size>(packed: &Tensor<Vector<E, N>>, out: &mut Tensor<Vector<E, N>>, #[define(E)] _dtype: StorageType) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let c = out.shape(2) / out.vector_size();
+    let gate_at = (i / c) * 2 * c + i % c;
+    let g = Vector::<f32, N>::cast_from(packed[gate_at]);
+    let u = Vector::<f32, N>::cast_from(packed[gate_at + c]);
+    out[i] = Vector::<E, N>::cast_from(g * sigmoid(g) * u);
+}
+
+/// One unit per vector of `N` elements of `grad` (`[a, b, c]`, contiguous): SwiGLU's gradient
+/// of the packed input ([`swiglu_packed_vectors`]) into `d_packed` (`[a, b, 2c]`, contiguous),
+/// `d g` in the first half of each row and `d u` in the second, as [`swiglu_grad_vectors`]
+/// computes them.
+#[cube(launch)]
+pub(super) fn swiglu_packed_grad_vectors<E: Float, N: Size>(
+    packed: &Tensor<Vector<E, N>>,
+    grad: &Tensor<Vector<E, N>>,
+    d_packed: &mut Tensor<Vector<E, N>>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= grad.len() {
+        terminate!();
+    }
+    let c = grad.shape(2) / grad.vector_size();
+    let gate_at = (i / c) * 2 * c + i % c;
+    let g = Vector::<f32, N>::cast_from(packed[gate_at]);
+    let u = Vector::<f32, N>::cast_from(packed[gate_at + c]);
+    let dy = Vector::<f32, N>::cast_from(grad[i]);
+    let s = sigmoid(g);
+    let one = Vector::<f32, N>::new(f32::new(1.0));
+    d_packed[gate_at] = Vector::<E, N>::cast_from(dy * u * s * (one + g * (one - s)));
+    d_packed[gate_at + c] = Vector::<E, N>::cast_from(dy * g * s);
+}
+
 /// One unit per vector of `N` elements: SwiGLU's `d gate = dy up s (1 + g (1 - s))` and
 /// `d up = dy g s` into `d_gate` / `d_up` (`[a, b, c]`, contiguous; one that is not wanted is a
 /// placeholder never written); the inputs as [`swiglu_vectors`] reads them.

@@ -13,10 +13,11 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
-use super::layer_kernels::{rotary_vectors, swiglu_grad_vectors, swiglu_vectors};
+use super::layer_kernels::{rotary_vectors, swiglu_grad_vectors, swiglu_packed_grad_vectors, swiglu_packed_vectors, swiglu_vectors};
 use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
 use crate::qkv::{qkv_rotary_grad, qkv_rotary_value, QkvLayout};
+use crate::gate_up::{swiglu_packed_grad, swiglu_packed_value};
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
 
 /// Units per cube of the RMSNorm row kernels at most (a power of two).
@@ -140,6 +141,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
         let (dtype, client) = (gate.dtype.into(), gate.client.clone());
         swiglu_vectors::launch::<R>(&client, count, dim, n, gate.into_tensor_arg(), up.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
         float(out)
+    }
+
+    fn swiglu_packed_forward(packed: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let [a, b, width] = packed.dims();
+        let c = width / 2;
+        if a * b * c == 0 || width % 2 != 0 || !on(&packed) {
+            return swiglu_packed_value(packed);
+        }
+        let packed = into_contiguous(cube_tensor(packed));
+        let out = empty_like(&packed, Shape::new([a, b, c]), packed.dtype);
+        let n = vector_width(&[&packed], c);
+        let (count, dim) = elementwise(&packed, a * b * c / n);
+        let (dtype, client) = (packed.dtype.into(), packed.client.clone());
+        swiglu_packed_vectors::launch::<R>(&client, count, dim, n, packed.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        float(out)
+    }
+
+    fn swiglu_packed_backward(packed: Tensor<Self, 3>, grad: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let [a, b, width] = packed.dims();
+        let c = width / 2;
+        if a * b * c == 0 || width % 2 != 0 || !on(&packed) {
+            return swiglu_packed_grad(packed, grad);
+        }
+        let packed = into_contiguous(cube_tensor(packed));
+        let grad = into_contiguous(cube_tensor(float::<R, F, I, BT, 3>(cube_tensor(grad)).cast(packed.dtype)));
+        let d_packed = empty_like(&packed, packed.shape(), packed.dtype);
+        let n = vector_width(&[&packed, &grad], c);
+        let (count, dim) = elementwise(&packed, a * b * c / n);
+        let (dtype, client) = (packed.dtype.into(), packed.client.clone());
+        let args = (packed.into_tensor_arg(), grad.into_tensor_arg(), d_packed.clone().into_tensor_arg());
+        swiglu_packed_grad_vectors::launch::<R>(&client, count, dim, n, args.0, args.1, args.2, dtype);
+        float(d_packed)
     }
 
     fn swiglu_backward(
