@@ -76,6 +76,23 @@ pub trait FusedLayerBackend: Backend {
         Self::rms_norm_forward(x, weight, eps).0
     }
 
+    /// The residual add and RMSNorm of its result ([`crate::residual_norm`]): `h = x + delta` in
+    /// `x`'s dtype, then [`FusedLayerBackend::rms_norm_forward`] of `h`: `(h, normed, rstd)`.
+    ///
+    /// # Shapes
+    /// - `x`, `delta`: `[rows, n]`, `weight`: `[n]` → `[rows, n]`, `[rows, n]`, `[rows]` f32
+    fn add_rms_norm_forward(x: Tensor<Self, 2>, delta: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
+        crate::residual_norm::add_rms_norm_parts(x, delta, weight, eps)
+    }
+
+    /// [`FusedLayerBackend::add_rms_norm_forward`]'s `(h, normed)`; on autodiff backends the
+    /// gradients of both flow to `x`, `delta` and `weight` (RMSNorm's backward, no op of its
+    /// own for the add).
+    fn add_rms_norm(x: Tensor<Self, 2>, delta: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let (h, normed, _) = Self::add_rms_norm_forward(x, delta, weight, eps);
+        (h, normed)
+    }
+
     /// `silu(gate) * up` in f32, returned in `gate`'s dtype, contiguous. `gate` and `up` may be
     /// views (e.g. the halves of one fused projection).
     ///
@@ -300,15 +317,16 @@ pub(crate) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTen
     t.into_primitive().tensor()
 }
 
+/// What RMSNorm's backward keeps: its input, weight and per-row `1 / rms`.
 #[derive(Debug, Clone)]
-struct NormState<B: Backend> {
-    x: FloatTensor<B>,
-    weight: FloatTensor<B>,
-    rstd: FloatTensor<B>,
+pub(crate) struct NormState<B: Backend> {
+    pub(crate) x: FloatTensor<B>,
+    pub(crate) weight: FloatTensor<B>,
+    pub(crate) rstd: FloatTensor<B>,
 }
 
 #[derive(Debug)]
-struct NormBackward;
+pub(crate) struct NormBackward;
 
 impl<B: FusedLayerBackend> Backward<B, 2> for NormBackward {
     type State = NormState<B>;
@@ -411,6 +429,15 @@ impl<B: FusedLayerBackend, C: CheckpointStrategy> FusedLayerBackend for Autodiff
                 float(prep.finish(primitive(B::rms_norm(float(x.primitive), float(weight.primitive), eps))))
             }
         }
+    }
+
+    fn add_rms_norm_forward(x: Tensor<Self, 2>, delta: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
+        let (h, normed, rstd) = B::add_rms_norm_forward(x.inner(), delta.inner(), weight.inner(), eps);
+        (Tensor::from_inner(h), Tensor::from_inner(normed), Tensor::from_inner(rstd))
+    }
+
+    fn add_rms_norm(x: Tensor<Self, 2>, delta: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        crate::residual_norm::tracked_add_rms_norm::<B, C>(x, delta, weight, eps)
     }
 
     fn swiglu_forward(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {

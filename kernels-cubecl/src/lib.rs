@@ -24,6 +24,7 @@ pub mod linear_cross_entropy;
 pub mod optimizer;
 pub mod qkv;
 pub mod reference;
+pub mod residual_norm;
 
 pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
@@ -39,6 +40,7 @@ pub use linear_cross_entropy::{
 pub use lora_linear::{lora_forward, DropoutMask, LoraFactors};
 pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
 pub use qkv::{qkv_attention, qkv_rotary, QkvLayout};
+pub use residual_norm::fused_add_rms_norm;
 
 pub use reference::{
     attention, attention_mask, causal_attention, cross_entropy, linear_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,

@@ -5,8 +5,8 @@
 //!   and bf16 in the ignored tests) against the plain-Burn default on the same backend, forward
 //!   and backward;
 //! - the whole op under `Autodiff` of the CubeCL backend against the reference on NdArray;
-//! - q/k/v packed (the projection to the attention as one tensor), and gate/up packed (SwiGLU
-//!   of one gate/up projection), against the ops they replace.
+//! - q/k/v packed (the projection to the attention as one tensor), gate/up packed (SwiGLU of one
+//!   gate/up projection), and the residual add fused with RMSNorm, against the ops they replace.
 //!
 //! Shapes are odd (no power of two, rows beyond one grid axis for the row kernels), inputs are
 //! views where the model passes views (heads swapped with positions, halves of a wider tensor),
@@ -19,8 +19,9 @@ use burn::tensor::{Tensor, TensorData};
 use kernels_cubecl::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, NormWanted};
 use kernels_cubecl::gate_up::{swiglu_packed_grad, swiglu_packed_value};
 use kernels_cubecl::qkv::{qkv_rotary_grad, qkv_rotary_value};
+use kernels_cubecl::residual_norm::add_rms_norm_parts;
 use kernels_cubecl::{
-    fused_rms_norm, fused_rotary, fused_swiglu, fused_swiglu_packed, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
+    fused_add_rms_norm, fused_rms_norm, fused_rotary, fused_swiglu, fused_swiglu_packed, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
     FusedAttentionBackend, FusedLayerBackend, QkvLayout,
 };
 
@@ -154,6 +155,73 @@ fn norm_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, toler
                         assert_close(&format!("{label} dweight {wanted:?}"), &values(g), &values(w), tolerance);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// What is added to a [`NormCase`]'s `x` (the residual) and the upstream gradient of the sum.
+fn residual_parts(case: &NormCase, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    (rng.values(case.rows * case.n, 3.0), rng.values(case.rows * case.n, 1.0))
+}
+
+/// `h = x + delta` and `rms_norm(h)` under autodiff, both outputs in the loss: the fused op, or
+/// the add then the reference norm; h, the norm's output, dx, d delta and dweight.
+fn add_norm_outcome<B: AutodiffBackend + FusedLayerBackend>(case: &NormCase, seed: u64, device: &B::Device, fused: bool) -> [Vec<f32>; 5] {
+    let shape = if case.rows % 2 == 0 { [2, case.rows / 2, case.n] } else { [1, case.rows, case.n] };
+    let (delta, grad_h) = residual_parts(case, seed);
+    let x = tensor::<B, 3>(&case.x, shape, device).require_grad();
+    let delta = tensor::<B, 3>(&delta, shape, device).require_grad();
+    let w = tensor::<B, 1>(&case.weight, [case.n], device).require_grad();
+    let (h, y) = match fused {
+        true => fused_add_rms_norm(x.clone(), delta.clone(), w.clone(), EPS),
+        false => {
+            let h = x.clone() + delta.clone();
+            (h.clone(), reference::rms_norm(h, w.clone(), EPS))
+        }
+    };
+    let loss = (h.clone() * tensor::<B, 3>(&grad_h, shape, device)).sum() + (y.clone() * tensor::<B, 3>(&case.grad, shape, device)).sum();
+    let grads = loss.backward();
+    [values(h), values(y), values(x.grad(&grads).expect("dx")), values(delta.grad(&grads).expect("d delta")), values(w.grad(&grads).expect("dweight"))]
+}
+
+const ADD_NORM_OUTPUTS: [&str; 5] = ["h", "output", "dx", "d delta", "dweight"];
+
+#[test]
+fn add_rms_norm_matches_the_add_then_the_norm() {
+    for dims in NORM_SHAPES {
+        for seed in SEEDS {
+            let case = NormCase::random(seed, dims);
+            let want = add_norm_outcome::<Reference>(&case, seed, &Default::default(), false);
+            let got = add_norm_outcome::<Reference>(&case, seed, &Default::default(), true);
+            for (i, name) in ADD_NORM_OUTPUTS.iter().enumerate() {
+                assert_close(&format!("add_rms_norm {dims:?} seed={seed} {name}"), &got[i], &want[i], 1e-5);
+            }
+        }
+    }
+}
+
+/// The fused add + RMSNorm row kernel of `B` against its plain-Burn definition, `x` and
+/// `delta` as views when `strided`.
+fn add_norm_kernel_matches_definition<B: FusedLayerBackend>(device: &B::Device, tolerance: f32) {
+    for dims in NORM_SHAPES {
+        for strided in [false, true] {
+            for seed in SEEDS {
+                let case = NormCase::random(seed, dims);
+                let (rows, n) = dims;
+                let input = |v: &[f32]| match strided {
+                    false => tensor::<B, 2>(v, [rows, n], device),
+                    true => tensor::<B, 2>(&transposed(v, rows, n), [n, rows], device).transpose(),
+                };
+                let (x, delta) = (input(&case.x), input(&residual_parts(&case, seed).0));
+                let weight = tensor::<B, 1>(&case.weight, [n], device);
+                let label = format!("add_rms_norm {dims:?} strided={strided} seed={seed}");
+                let want = add_rms_norm_parts(x.clone(), delta.clone(), weight.clone(), EPS);
+                let got = B::add_rms_norm_forward(x, delta, weight, EPS);
+                assert_close(&format!("{label} h"), &values(got.0), &values(want.0), tolerance);
+                assert_close(&format!("{label} output"), &values(got.1), &values(want.1), tolerance);
+                assert_close(&format!("{label} rstd"), &values(got.2), &values(want.2), tolerance);
             }
         }
     }
@@ -408,6 +476,12 @@ fn autodiff_ops_match_reference<B: FusedLayerBackend>(device: &B::Device, tolera
         for (i, name) in ["output", "dx", "dweight"].iter().enumerate() {
             assert_close(&format!("autodiff rms_norm seed={seed} {name}"), &got[i], &want[i], tolerance);
         }
+        let case = NormCase::random(seed, (33, 700));
+        let want = add_norm_outcome::<Reference>(&case, seed, &Default::default(), false);
+        let got = add_norm_outcome::<Autodiff<B>>(&case, seed, device, true);
+        for (i, name) in ADD_NORM_OUTPUTS.iter().enumerate() {
+            assert_close(&format!("autodiff add_rms_norm seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
         let case = SwigluCase::random(seed, [2, 7, 13], true);
         let want = swiglu_outcome::<Reference>(&case, &Default::default(), reference::swiglu);
         let got = swiglu_outcome::<Autodiff<B>>(&case, device, fused_swiglu);
@@ -541,6 +615,11 @@ fn wgpu_norm_kernels_match_definition() {
 }
 
 #[test]
+fn wgpu_add_norm_kernel_matches_definition() {
+    add_norm_kernel_matches_definition::<Wgpu>(&wgpu_device(), 1e-5);
+}
+
+#[test]
 fn wgpu_swiglu_kernels_match_definition() {
     swiglu_kernels_match_definition::<Wgpu>(&wgpu_device(), 1e-5);
 }
@@ -581,6 +660,7 @@ mod cuda {
         assert_ne!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_CUDA_KERNELS=0 turns the kernels off on CUDA");
         let device = CudaDevice::default();
         norm_kernels_match_definition::<CudaF32>(&device, 1e-5);
+        add_norm_kernel_matches_definition::<CudaF32>(&device, 1e-5);
         swiglu_kernels_match_definition::<CudaF32>(&device, 1e-5);
         swiglu_packed_kernels_match_definition::<CudaF32>(&device, 1e-5);
         rotary_kernels_match_definition::<CudaF32>(&device, 1e-5);
@@ -596,6 +676,7 @@ mod cuda {
         // Both sides store bf16 (relative spacing 2^-8); the kernels round once, the
         // definitions after each op.
         norm_kernels_match_definition::<CudaBf16>(&device, 2e-2);
+        add_norm_kernel_matches_definition::<CudaBf16>(&device, 2e-2);
         swiglu_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         swiglu_packed_kernels_match_definition::<CudaBf16>(&device, 2e-2);
         rotary_kernels_match_definition::<CudaBf16>(&device, 2e-2);

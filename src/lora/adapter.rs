@@ -78,36 +78,44 @@ impl<B: TrainBackend> LoraAdapter<B> {
         })
     }
 
+    /// Whether the adapters of linear layers that read one input can act as one adapter of the
+    /// concatenated layer ([`joined`](Self::joined)): one scale, and no dropout drawn now (peft
+    /// draws one mask per layer; one adapter would share it).
+    pub fn can_join(adapters: &[Option<&LoraAdapter<B>>], device: &B::Device) -> bool {
+        let mut present = adapters.iter().flatten();
+        let Some(first) = present.next() else { return true };
+        !first.dropout_active(device) && present.all(|a| a.scale == first.scale && !a.dropout_active(device))
+    }
+
     /// The adapters of linear layers that read one input and whose outputs are concatenated (an
     /// attention's q, k and v) as one adapter of the concatenated layer: A side by side
     /// `[in, sum of ranks]`, B block-diagonal `[sum of ranks, sum of outs]` (zeros off the blocks),
     /// so `s * (x A) B` is each layer's term in its own columns and autodiff hands each factor its
     /// own gradient. `parts` are the layers' adapters (`None`: no adapter) and output widths.
     pub fn joined(parts: &[(Option<&LoraAdapter<B>>, usize)], device: &B::Device) -> JoinedAdapter<B> {
-        let present: Vec<&LoraAdapter<B>> = parts.iter().filter_map(|(a, _)| *a).collect();
+        let adapters: Vec<Option<&LoraAdapter<B>>> = parts.iter().map(|(a, _)| *a).collect();
+        let present: Vec<&LoraAdapter<B>> = adapters.iter().flatten().copied().collect();
         let Some(first) = present.first() else { return JoinedAdapter::None };
-        // peft draws one dropout mask per layer; one adapter would share it.
-        if present.iter().any(|a| a.scale != first.scale || a.dropout_active(device)) {
+        if !Self::can_join(&adapters, device) {
             return JoinedAdapter::Apart;
         }
         let total: usize = parts.iter().map(|(_, out)| out).sum();
-        let zeros = |rows: usize, cols: usize| Tensor::<B, 2>::zeros([rows, cols], (device, DType::F32));
-        let mut blocks = Vec::new();
-        let mut offset = 0;
+        let ranks: usize = present.iter().map(|a| a.lora_b.val().dims()[0]).sum();
+        // One zero fill and one copy per block (a launch each), not a zero tensor per gap
+        // and two rounds of concatenation.
+        let mut b = Tensor::<B, 2>::zeros([ranks, total], (device, DType::F32));
+        let (mut row, mut col) = (0, 0);
         for (adapter, out) in parts {
             if let Some(adapter) = adapter {
-                let b = adapter.lora_b.val();
-                let rank = b.dims()[0];
-                let row: Vec<Tensor<B, 2>> = [(offset > 0).then(|| zeros(rank, offset)), Some(b), (offset + out < total).then(|| zeros(rank, total - offset - out))]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                blocks.push(Tensor::cat(row, 1));
+                let block = adapter.lora_b.val();
+                let rank = block.dims()[0];
+                b = b.slice_assign([row..row + rank, col..col + out], block);
+                row += rank;
             }
-            offset += out;
+            col += out;
         }
         let a = Tensor::cat(present.iter().map(|a| a.lora_a.val()).collect(), 1);
-        JoinedAdapter::One(LoraFactors { a, b: Tensor::cat(blocks, 0), scale: first.scale, dropout: None })
+        JoinedAdapter::One(LoraFactors { a, b, scale: first.scale, dropout: None })
     }
 
     /// Whether [`linear`](Self::linear) draws a dropout mask now.

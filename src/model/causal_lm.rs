@@ -34,8 +34,8 @@ impl<B: TrainBackend> DecoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
         let device = x.device();
         let normed = profile::span::<B, _>("norm", &device, || self.input_layernorm.forward(x.clone()));
-        let h = x + profile::span::<B, _>("attention", &device, || self.self_attn.forward(normed, ctx));
-        let normed = profile::span::<B, _>("norm", &device, || self.post_attention_layernorm.forward(h.clone()));
+        let attended = profile::span::<B, _>("attention", &device, || self.self_attn.forward(normed, ctx));
+        let (h, normed) = profile::span::<B, _>("norm", &device, || self.post_attention_layernorm.forward_residual(x, attended));
         let y = profile::span::<B, _>("mlp", &device, || match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(normed),
             (None, Some(moe)) => {

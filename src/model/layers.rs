@@ -112,11 +112,18 @@ impl<B: TrainBackend> Linear<B> {
         }
     }
 
+    /// Whether [`forward_joined`](Self::forward_joined) runs `linears` as one layer now
+    /// ([`LoraAdapter::can_join`]).
+    pub fn joinable(linears: &[&Linear<B>], device: &B::Device) -> bool {
+        LoraAdapter::can_join(&linears.iter().map(|l| l.lora.as_ref()).collect::<Vec<_>>(), device)
+    }
+
     /// [`forward`](Self::forward) of layers that read one input (an attention's q, k and v) as
     /// one GEMM over their weights side by side, and one adapter (see [`LoraAdapter::joined`]):
     /// each layer's output in its columns of `[..., sum of outs]`. The frozen weights are
     /// concatenated on each call (33 MB a layer for Qwen2.5-7B's q/k/v, a fraction of the GEMM's
-    /// time). `None` when the adapters cannot act as one; the caller runs the layers apart.
+    /// time). `None` when the adapters cannot act as one ([`joinable`](Self::joinable)); the
+    /// caller runs the layers apart.
     ///
     /// # Shapes
     /// - `x`: `[..., in]` → `[..., sum of outs]`
@@ -211,6 +218,11 @@ impl<B: TrainBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         ops::fused_rms_norm(x, self.weight.val(), self.eps)
     }
+
+    /// The residual add before the norm and the norm, in one pass: `(x + delta, norm(x + delta))`.
+    pub fn forward_residual<const D: usize>(&self, x: Tensor<B, D>, delta: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
+        ops::fused_add_rms_norm(x, delta, self.weight.val(), self.eps)
+    }
 }
 
 /// Causal self-attention with grouped-query heads, rotary positions, optional q/k bias and
@@ -298,6 +310,9 @@ impl<B: TrainBackend> Attention<B> {
         let [b, s, _] = x.dims();
         let device = x.device();
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if !Linear::joinable(&projections, &device) {
+            return None;
+        }
         let projected = span::<B, _>("qkv_proj", &device, || Linear::forward_joined(&projections, x))?;
         let layout = ops::QkvLayout { batch: b, seq: s, q_heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         let packed = span::<B, _>("rope", &device, || ops::qkv_rotary(projected, ctx.cos.clone(), ctx.sin.clone(), layout));
@@ -351,7 +366,13 @@ impl<B: TrainBackend> Mlp<B> {
     /// so one `dx` GEMM); else the two projections apart.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
-        let packed = span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&[&self.gate_proj, &self.up_proj], x.clone()));
+        let projections = [&self.gate_proj, &self.up_proj];
+        // Decided first, so that `--profile` records one `gate_up_proj` span either way.
+        let packed = if Linear::joinable(&projections, &device) {
+            span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&projections, x.clone()))
+        } else {
+            None
+        };
         let h = match packed {
             Some(packed) => span::<B, _>("swiglu", &device, || ops::fused_swiglu_packed(packed)),
             None => self.forward_apart(x),

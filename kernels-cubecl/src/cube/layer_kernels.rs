@@ -121,9 +121,21 @@ pub(super) fn swiglu_packed_grad_vectors<E: Float, N: Size>(
     let u = Vector::<f32, N>::cast_from(packed[gate_at + c]);
     let dy = Vector::<f32, N>::cast_from(grad[i]);
     let s = sigmoid(g);
+    d_packed[gate_at] = Vector::<E, N>::cast_from(swiglu_d_gate(g, u, s, dy));
+    d_packed[gate_at + c] = Vector::<E, N>::cast_from(swiglu_d_up(g, s, dy));
+}
+
+/// SwiGLU's `d gate = dy up s (1 + g (1 - s))`, with `s = sigmoid(g)`.
+#[cube]
+fn swiglu_d_gate<N: Size>(g: Vector<f32, N>, u: Vector<f32, N>, s: Vector<f32, N>, dy: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(f32::new(1.0));
-    d_packed[gate_at] = Vector::<E, N>::cast_from(dy * u * s * (one + g * (one - s)));
-    d_packed[gate_at + c] = Vector::<E, N>::cast_from(dy * g * s);
+    dy * u * s * (one + g * (one - s))
+}
+
+/// SwiGLU's `d up = dy g s`, with `s = sigmoid(g)`.
+#[cube]
+fn swiglu_d_up<N: Size>(g: Vector<f32, N>, s: Vector<f32, N>, dy: Vector<f32, N>) -> Vector<f32, N> {
+    dy * g * s
 }
 
 /// One unit per vector of `N` elements: SwiGLU's `d gate = dy up s (1 + g (1 - s))` and
@@ -151,12 +163,11 @@ pub(super) fn swiglu_grad_vectors<E: Float, N: Size>(
     let dy = Vector::<f32, N>::cast_from(grad[vector_at3(grad, e, b, c, width)]);
     let s = sigmoid(g);
     if want_up {
-        d_up[i] = Vector::<E, N>::cast_from(dy * g * s);
+        d_up[i] = Vector::<E, N>::cast_from(swiglu_d_up(g, s, dy));
     }
     if want_gate {
         let u = Vector::<f32, N>::cast_from(up[vector_at3(up, e, b, c, width)]);
-        let one = Vector::<f32, N>::new(f32::new(1.0));
-        d_gate[i] = Vector::<E, N>::cast_from(dy * u * s * (one + g * (one - s)));
+        d_gate[i] = Vector::<E, N>::cast_from(swiglu_d_gate(g, u, s, dy));
     }
 }
 

@@ -14,10 +14,11 @@ use cubecl::calculate_cube_count_elemwise;
 
 use super::{cube_tensor, f32_tensor, float};
 use super::layer_kernels::{rotary_vectors, swiglu_grad_vectors, swiglu_packed_grad_vectors, swiglu_packed_vectors, swiglu_vectors};
-use super::norm_rows::{rms_norm_grad_rows, rms_norm_rows};
+use super::norm_rows::{add_rms_norm_rows, rms_norm_grad_rows, rms_norm_rows};
 use super::row_kernel::{row_cubes, row_units};
 use crate::qkv::{qkv_rotary_grad, qkv_rotary_value, QkvLayout};
 use crate::gate_up::{swiglu_packed_grad, swiglu_packed_value};
+use crate::residual_norm::add_rms_norm_parts;
 use crate::layer_ops::{rms_norm_grad, rms_norm_parts, rotary_grad, rotary_value, swiglu_grad, swiglu_value, FusedLayerBackend, NormWanted};
 
 /// Units per cube of the RMSNorm row kernels at most (a power of two).
@@ -87,6 +88,37 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedLayer
             dtype,
         );
         (float(out), float(rstd))
+    }
+
+    fn add_rms_norm_forward(x: Tensor<Self, 2>, delta: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 1>) {
+        let [rows, n] = x.dims();
+        assert_eq!(delta.dims(), [rows, n], "add_rms_norm: the residual and what is added to it differ in shape");
+        assert_eq!(weight.dims(), [n], "add_rms_norm: weight does not fit the rows");
+        if rows * n == 0 || !on(&x) || x.dtype() != delta.dtype() {
+            return add_rms_norm_parts(x, delta, weight, eps);
+        }
+        let (x, delta, weight) = (cube_tensor(x), cube_tensor(delta), f32_tensor(weight));
+        let sum = empty_like(&x, x.shape(), x.dtype);
+        let out = empty_like(&x, x.shape(), x.dtype);
+        let rstd = empty_like(&x, Shape::new([rows]), DType::F32);
+        let units = row_units(n, NORM_UNITS);
+        let dtype = x.dtype.into();
+        add_rms_norm_rows::launch::<R>(
+            &x.client.clone(),
+            row_cubes(rows),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            sum.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            eps as f32,
+            n as f32,
+            units,
+            dtype,
+        );
+        (float(sum), float(out), float(rstd))
     }
 
     fn rms_norm_backward(

@@ -58,6 +58,60 @@ pub(super) fn rms_norm_rows<E: Float>(
     }
 }
 
+/// [`rms_norm_rows`] of `h = round(x + delta)`, with `h` written to `sum` (`[rows, n]`,
+/// contiguous) on the way: [`crate::residual_norm::add_rms_norm_parts`]. `x` and `delta` have
+/// any strides. Each unit reads back in the second pass only the elements of `sum` it wrote in
+/// the first.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn add_rms_norm_rows<E: Float>(
+    x: &Tensor<E>,
+    delta: &Tensor<E>,
+    weight: &Tensor<f32>,
+    sum: &mut Tensor<E>,
+    out: &mut Tensor<E>,
+    rstd: &mut Tensor<f32>,
+    eps: f32,
+    n_f32: f32,
+    #[comptime] units: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let row = cube_row();
+    if row >= rstd.len() {
+        terminate!();
+    }
+    let n = x.shape(1);
+    let (x_base, x_step) = (row * x.stride(0), x.stride(1));
+    let (d_base, d_step) = (row * delta.stride(0), delta.stride(1));
+    let out_base = row * n;
+    let unit = UNIT_POS_X as usize;
+
+    let mut squares = f32::new(0.0);
+    let mut j = unit;
+    while j < n {
+        let h = E::cast_from(f32::cast_from(x[x_base + j * x_step]) + f32::cast_from(delta[d_base + j * d_step]));
+        sum[out_base + j] = h;
+        let v = f32::cast_from(h);
+        squares = squares + v * v;
+        j = j + units as usize;
+    }
+    let mut sums = SharedMemory::<f32>::new(units as usize);
+    sums[unit] = squares;
+    merge_sum(&mut sums, unit);
+    let r = f32::new(1.0) / (sums[0] / n_f32 + eps).sqrt();
+    if unit == 0 {
+        rstd[row] = r;
+    }
+
+    let mut j = unit;
+    while j < n {
+        let normed = E::cast_from(f32::cast_from(sum[out_base + j]) * r);
+        let w = E::cast_from(weight[j * weight.stride(0)]);
+        out[out_base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(w));
+        j = j + units as usize;
+    }
+}
+
 /// RMSNorm's `dx` from the forward's `rstd` (`[rows]`, any stride) and the upstream `grad`
 /// (`[rows, n]`, any strides) into `dx` (`[rows, n]`, contiguous): with `xr = x rstd` and
 /// `g = grad w`, `dx = (g - xr mean(g xr)) rstd`, as [`crate::layer_ops::rms_norm_grad`].
