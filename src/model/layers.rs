@@ -4,7 +4,7 @@
 //! the checkpoint's key paths and loading needs no mapping table. Linear layers take a
 //! [`Partition`] and load only the slice they own; the MoE block can own a subset of experts.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -84,13 +84,47 @@ impl<B: TrainBackend> Linear<B> {
     ) -> Result<Self> {
         let w = ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)?;
         let weight = Param::from_tensor(ld.upload(transpose(w)));
-        let bias = if bias {
-            let b = ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)?;
-            Some(Param::from_tensor(ld.upload(b)))
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias, lora: None })
+        Ok(Linear { weight, bias: Self::load_bias(ld, path, out, bias, partition)?, lora: None })
+    }
+
+    fn load_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, bias: bool, partition: Partition) -> Result<Option<Param<Tensor<B, 1>>>> {
+        if !bias {
+            return Ok(None);
+        }
+        let b = ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)?;
+        Ok(Some(Param::from_tensor(ld.upload(b))))
+    }
+
+    /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),
+    /// their weights uploaded side by side as one [`JoinedWeight`], the matrix
+    /// [`forward_joined`](Self::forward_joined) multiplies by; each layer's `weight` is a view
+    /// of its columns (no second copy where the columns start at the device's alignment, as
+    /// they do at these models' widths).
+    pub fn load_joined(
+        ld: &mut Loader<'_, B>,
+        parts: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+        partition: Partition,
+    ) -> Result<(Vec<Self>, JoinedWeight<B>)> {
+        // `[out, in]` row-major each: stacked rows are the concatenated data.
+        let (mut data, mut widths) = (Vec::new(), Vec::new());
+        for (path, out) in parts {
+            let w = ld.host(&format!("{path}.weight"), &[*out, inp], partition.weight_slice(*out, inp), InitKind::Normal)?;
+            widths.push(w.shape[0]);
+            data.extend(w.data);
+        }
+        let total = widths.iter().sum();
+        let joined: Tensor<B, 2> = ld.upload(transpose(HostTensor { shape: vec![total, inp], data }));
+        let mut linears = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for ((path, out), width) in parts.iter().zip(widths) {
+            let weight = Param::from_tensor(joined.clone().narrow(1, offset, width));
+            linears.push(Linear { weight, bias: Self::load_bias(ld, path, *out, bias, partition)?, lora: None });
+            offset += width;
+        }
+        let views = linears.iter().map(|l| l.weight.id).collect();
+        Ok((linears, JoinedWeight { weight: joined, views }))
     }
 
     /// `(in_local, out_local)`.
@@ -120,14 +154,15 @@ impl<B: TrainBackend> Linear<B> {
 
     /// [`forward`](Self::forward) of layers that read one input (an attention's q, k and v) as
     /// one GEMM over their weights side by side, and one adapter (see [`LoraAdapter::joined`]):
-    /// each layer's output in its columns of `[..., sum of outs]`. The frozen weights are
-    /// concatenated on each call (33 MB a layer for Qwen2.5-7B's q/k/v, a fraction of the GEMM's
-    /// time). `None` when the adapters cannot act as one ([`joinable`](Self::joinable)); the
-    /// caller runs the layers apart.
+    /// each layer's output in its columns of `[..., sum of outs]`. `joined_weight` is the weights side
+    /// by side as [`load_joined`](Self::load_joined) keeps them, used while it backs the
+    /// layers' weights ([`JoinedWeight::backing`]); else, or without it, the weights are
+    /// concatenated on the call. `None` when the adapters cannot act as one
+    /// ([`joinable`](Self::joinable)); the caller runs the layers apart.
     ///
     /// # Shapes
     /// - `x`: `[..., in]` → `[..., sum of outs]`
-    pub fn forward_joined<const D: usize>(linears: &[&Linear<B>], x: Tensor<B, D>) -> Option<Tensor<B, D>> {
+    pub fn forward_joined<const D: usize>(linears: &[&Linear<B>], joined_weight: Option<&JoinedWeight<B>>, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
         let device = x.device();
         let parts: Vec<(Option<&LoraAdapter<B>>, usize)> = linears.iter().map(|l| (l.lora.as_ref(), l.dims().1)).collect();
         let total = parts.iter().map(|(_, out)| out).sum();
@@ -136,7 +171,10 @@ impl<B: TrainBackend> Linear<B> {
         if matches!(joined, JoinedAdapter::Apart) {
             return None;
         }
-        let w = span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1));
+        let w = match joined_weight.and_then(|j| j.backing(linears)) {
+            Some(w) => w,
+            _ => span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1)),
+        };
         let y = span::<B, _>("gemm", &device, || match joined {
             JoinedAdapter::One(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
             _ => B::linear_matmul(x, w),
@@ -225,6 +263,28 @@ impl<B: TrainBackend> RmsNorm<B> {
     }
 }
 
+/// The frozen weights of linear layers that read one input, side by side `[in, sum of outs]`,
+/// as [`Linear::load_joined`] uploads them: each layer's `weight` is a view of its columns. A
+/// plain tensor, not a parameter, so that the weights count once (and no mapper or optimizer
+/// sees it); the views' parameter ids tell whether the layers still hold them.
+#[derive(Module, Debug)]
+pub struct JoinedWeight<B: Backend> {
+    pub weight: Tensor<B, 2>,
+    #[module(skip)]
+    pub views: Vec<ParamId>,
+}
+
+impl<B: Backend> JoinedWeight<B> {
+    /// The joined weight when it still backs `linears`' weights: the same parameters (a weight
+    /// replaced, e.g. by merging an adapter into it, is a new parameter) and frozen (trained
+    /// weights move away from the load-time values).
+    pub fn backing(&self, linears: &[&Linear<B>]) -> Option<Tensor<B, 2>> {
+        let same = linears.len() == self.views.len() && linears.iter().zip(&self.views).all(|(l, id)| l.weight.id == *id);
+        let frozen = linears.iter().all(|l| !l.weight.val().is_require_grad());
+        (same && frozen).then(|| self.weight.clone())
+    }
+}
+
 /// Causal self-attention with grouped-query heads, rotary positions, optional q/k bias and
 /// optional per-head q/k RMSNorm. Under tensor parallelism the heads are split: q/k/v are
 /// column-parallel, o is row-parallel.
@@ -234,6 +294,9 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// q's, k's and v's frozen weights side by side (their `weight`s are views of it), for the
+    /// packed projection; `None` where the layers were built apart.
+    pub qkv_weight: Option<JoinedWeight<B>>,
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
     /// Heads held by this rank.
@@ -246,9 +309,10 @@ impl<B: TrainBackend> Attention<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, spec: &ArchSpec, tp: ProcessGroup) -> Result<Self> {
         let (h, d) = (spec.hidden_size, spec.head_dim);
         let col = Partition::Column(tp);
-        let q_proj = Linear::load(ld, &format!("{path}.q_proj"), h, spec.num_heads * d, spec.qkv_bias, col)?;
-        let k_proj = Linear::load(ld, &format!("{path}.k_proj"), h, spec.num_kv_heads * d, spec.qkv_bias, col)?;
-        let v_proj = Linear::load(ld, &format!("{path}.v_proj"), h, spec.num_kv_heads * d, spec.qkv_bias, col)?;
+        let (q, k, v) = (format!("{path}.q_proj"), format!("{path}.k_proj"), format!("{path}.v_proj"));
+        let parts = [(q.as_str(), spec.num_heads * d), (k.as_str(), spec.num_kv_heads * d), (v.as_str(), spec.num_kv_heads * d)];
+        let (qkv, qkv_weight) = Linear::load_joined(ld, &parts, h, spec.qkv_bias, col)?;
+        let [q_proj, k_proj, v_proj]: [Linear<B>; 3] = qkv.try_into().unwrap_or_else(|_| unreachable!("three parts, three layers"));
         let o_proj = Linear::load(ld, &format!("{path}.o_proj"), spec.num_heads * d, h, false, Partition::Row(tp))?;
         let (q_norm, k_norm) = if spec.qk_norm {
             (
@@ -263,6 +327,7 @@ impl<B: TrainBackend> Attention<B> {
             k_proj,
             v_proj,
             o_proj,
+            qkv_weight: Some(qkv_weight),
             q_norm,
             k_norm,
             num_heads: spec.num_heads / tp.size,
@@ -313,7 +378,7 @@ impl<B: TrainBackend> Attention<B> {
         if !Linear::joinable(&projections, &device) {
             return None;
         }
-        let projected = span::<B, _>("qkv_proj", &device, || Linear::forward_joined(&projections, x))?;
+        let projected = span::<B, _>("qkv_proj", &device, || Linear::forward_joined(&projections, self.qkv_weight.as_ref(), x))?;
         let layout = ops::QkvLayout { batch: b, seq: s, q_heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         let packed = span::<B, _>("rope", &device, || ops::qkv_rotary(projected, ctx.cos.clone(), ctx.sin.clone(), layout));
         let scale = (self.head_dim as f64).powf(-0.5);
@@ -350,14 +415,21 @@ pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// gate's and up's frozen weights side by side (their `weight`s are views of it), for the
+    /// packed projection; `None` where the layers were built apart.
+    pub gate_up_weight: Option<JoinedWeight<B>>,
 }
 
 impl<B: TrainBackend> Mlp<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, inter: usize, tp: ProcessGroup) -> Result<Self> {
+        let (gate, up) = (format!("{path}.gate_proj"), format!("{path}.up_proj"));
+        let (gate_up, gate_up_weight) = Linear::load_joined(ld, &[(gate.as_str(), inter), (up.as_str(), inter)], hidden, false, Partition::Column(tp))?;
+        let [gate_proj, up_proj]: [Linear<B>; 2] = gate_up.try_into().unwrap_or_else(|_| unreachable!("two parts, two layers"));
         Ok(Mlp {
-            gate_proj: Linear::load(ld, &format!("{path}.gate_proj"), hidden, inter, false, Partition::Column(tp))?,
-            up_proj: Linear::load(ld, &format!("{path}.up_proj"), hidden, inter, false, Partition::Column(tp))?,
+            gate_proj,
+            up_proj,
             down_proj: Linear::load(ld, &format!("{path}.down_proj"), inter, hidden, false, Partition::Row(tp))?,
+            gate_up_weight: Some(gate_up_weight),
         })
     }
 
@@ -369,7 +441,7 @@ impl<B: TrainBackend> Mlp<B> {
         let projections = [&self.gate_proj, &self.up_proj];
         // Decided first, so that `--profile` records one `gate_up_proj` span either way.
         let packed = if Linear::joinable(&projections, &device) {
-            span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&projections, x.clone()))
+            span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&projections, self.gate_up_weight.as_ref(), x.clone()))
         } else {
             None
         };
@@ -559,13 +631,39 @@ mod tests {
         t.grad(grads).expect("a gradient").into_data().to_vec::<f32>().unwrap()
     }
 
+    /// `linears` with frozen weights that are views of one joined tensor, as
+    /// [`Linear::load_joined`] leaves them, and that tensor.
+    fn frozen_and_joined(linears: [Linear<Ad>; 2]) -> ([Linear<Ad>; 2], JoinedWeight<Ad>) {
+        let joined = Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1).set_require_grad(false);
+        let mut offset = 0;
+        let linears = linears.map(|mut l| {
+            let width = l.dims().1;
+            l.weight = Param::from_tensor(joined.clone().narrow(1, offset, width)).set_require_grad(false);
+            offset += width;
+            l
+        });
+        let views = linears.iter().map(|l| l.weight.id).collect();
+        (linears, JoinedWeight { weight: joined, views })
+    }
+
     /// Gate and up as one GEMM and SwiGLU of the packed output give what the projections give
     /// apart: the output and the gradients of the input and of every adapter (gate and up of
-    /// different ranks).
+    /// different ranks), with the weights concatenated on the call and with the joined weight
+    /// kept from load time.
     #[test]
     fn packed_mlp_equals_the_projections_apart() {
         let (hidden, inter, b, s) = (10, 14, 2, 3);
-        let mlp = Mlp { gate_proj: linear(hidden, inter, false, Some(3), 70), up_proj: linear(hidden, inter, false, Some(2), 80), down_proj: linear(inter, hidden, false, Some(3), 90) };
+        let gate_up = || [linear(hidden, inter, false, Some(3), 70), linear(hidden, inter, false, Some(2), 80)];
+        let [gate_proj, up_proj] = gate_up();
+        let concatenated = Mlp { gate_proj, up_proj, down_proj: linear(inter, hidden, false, Some(3), 90), gate_up_weight: None };
+        let ([gate_proj, up_proj], joined) = frozen_and_joined(gate_up());
+        let kept = Mlp { gate_proj, up_proj, down_proj: linear(inter, hidden, false, Some(3), 90), gate_up_weight: Some(joined) };
+        for mlp in [concatenated, kept] {
+            packed_mlp_case(&mlp, b, s, hidden);
+        }
+    }
+
+    fn packed_mlp_case(mlp: &Mlp<Ad>, b: usize, s: usize, hidden: usize) {
         let upstream = random([b, s, hidden], 100);
         let outcome = |packed: bool| {
             let x = random([b, s, hidden], 110).require_grad();
@@ -574,7 +672,7 @@ mod tests {
             let adapter = |l: &Linear<Ad>| l.lora.as_ref().map(|a| [grad_values(a.lora_a.val(), &grads), grad_values(a.lora_b.val(), &grads)]).expect("an adapter");
             (y.into_data().to_vec::<f32>().unwrap(), grad_values(x, &grads), [adapter(&mlp.gate_proj), adapter(&mlp.up_proj), adapter(&mlp.down_proj)])
         };
-        let joins = Linear::forward_joined(&[&mlp.gate_proj, &mlp.up_proj], random([b, s, hidden], 110)).is_some();
+        let joins = Linear::forward_joined(&[&mlp.gate_proj, &mlp.up_proj], mlp.gate_up_weight.as_ref(), random([b, s, hidden], 110)).is_some();
         assert!(joins, "adapters without dropout join, so forward takes the packed path");
         let (want, got) = (outcome(false), outcome(true));
         close("output", &got.0, &want.0);
@@ -596,6 +694,7 @@ mod tests {
             k_proj: linear(hidden, kv_heads * d, true, None, 20),
             v_proj: linear(hidden, kv_heads * d, true, Some(2), 30),
             o_proj: linear(heads * d, hidden, false, Some(3), 40),
+            qkv_weight: None,
             q_norm: None,
             k_norm: None,
             num_heads: heads,
@@ -631,6 +730,35 @@ mod tests {
                 close(&format!("{name} dB"), &g[1], &w[1]);
             }
             close(&format!("{name} d bias"), &got.3[i], &want.3[i]);
+        }
+    }
+
+    /// Layers loaded joined hold what they hold loaded apart (a rank's slice under tensor
+    /// parallelism included), and the joined weight is theirs side by side.
+    #[test]
+    fn joined_load_is_the_layers_loaded_apart_side_by_side() {
+        let values = |t: Tensor<Ad, 2>| t.into_data().to_vec::<f32>().unwrap();
+        for partition in [Partition::Replicated, Partition::Column(crate::parallel::ProcessGroup::new(1, 2))] {
+            let mut source = super::super::weights::RandomInit { seed: 5, std: 0.02 };
+            let naming = |p: &str| p.to_string();
+            let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };
+            let parts = [("q", 12), ("k", 4), ("v", 4)];
+            let apart: Vec<Linear<Ad>> = parts.iter().map(|(p, out)| Linear::load(&mut ld, p, 6, *out, true, partition).unwrap()).collect();
+            let (joined, weight) = Linear::load_joined(&mut ld, &parts, 6, true, partition).unwrap();
+            for (a, j) in apart.iter().zip(&joined) {
+                assert_eq!(values(j.weight.val()), values(a.weight.val()), "{partition:?}");
+                let bias = |l: &Linear<Ad>| l.bias.as_ref().map(|b| b.val().into_data().to_vec::<f32>().unwrap());
+                assert_eq!(bias(j), bias(a));
+            }
+            let cat = || Tensor::cat(apart.iter().map(|l| l.weight.val()).collect(), 1);
+            assert_eq!(values(weight.weight.clone()), values(cat()));
+            let joined: Vec<&Linear<Ad>> = joined.iter().collect();
+            let frozen: Vec<Linear<Ad>> = joined.iter().map(|l| (*l).clone().no_grad()).collect();
+            assert!(weight.backing(&frozen.iter().collect::<Vec<_>>()).is_some(), "frozen views are backed");
+            assert!(weight.backing(&joined).is_none(), "weights that train are not");
+            let mut replaced = frozen.clone();
+            replaced[1].weight = Param::from_tensor(replaced[1].weight.val() * 2.0).set_require_grad(false);
+            assert!(weight.backing(&replaced.iter().collect::<Vec<_>>()).is_none(), "a replaced weight is not");
         }
     }
 
