@@ -10,7 +10,6 @@
 mod common;
 
 use burn::backend::cuda::{Cuda, CudaDevice};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use trainer::backend::TrainBackend;
 use trainer::model::{self, causal_lm_loss, hub::Fetch, Registry};
