@@ -116,15 +116,25 @@ impl<B: TrainBackend> Linear<B> {
         }
         let total = widths.iter().sum();
         let joined: Tensor<B, 2> = ld.upload(transpose(HostTensor { shape: vec![total, inp], data }));
+        let joined_bias: Option<Tensor<B, 1>> = if bias {
+            let mut data = Vec::with_capacity(total);
+            for (path, out) in parts {
+                data.extend(ld.host(&format!("{path}.bias"), &[*out], partition.bias_slice(*out), InitKind::Zeros)?.data);
+            }
+            Some(ld.upload(HostTensor { shape: vec![total], data }))
+        } else {
+            None
+        };
         let mut linears = Vec::with_capacity(parts.len());
         let mut offset = 0;
-        for ((path, out), width) in parts.iter().zip(widths) {
+        for width in widths {
             let weight = Param::from_tensor(joined.clone().narrow(1, offset, width));
-            linears.push(Linear { weight, bias: Self::load_bias(ld, path, *out, bias, partition)?, lora: None });
+            let bias = joined_bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)));
+            linears.push(Linear { weight, bias, lora: None });
             offset += width;
         }
-        let views = linears.iter().map(|l| l.weight.id).collect();
-        Ok((linears, JoinedWeight { weight: joined, views }))
+        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
+        Ok((linears, JoinedWeight { weight: joined, bias: joined_bias, views }))
     }
 
     /// `(in_local, out_local)`.
@@ -171,9 +181,10 @@ impl<B: TrainBackend> Linear<B> {
         if matches!(joined, JoinedAdapter::Apart) {
             return None;
         }
-        let w = match joined_weight.and_then(|j| j.backing(linears)) {
-            Some(w) => w,
-            _ => span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1)),
+        let backing = joined_weight.and_then(|j| j.backing(linears));
+        let (w, joined_bias) = match backing {
+            Some((w, bias)) => (w, bias),
+            None => (span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1)), None),
         };
         let y = span::<B, _>("gemm", &device, || match joined {
             JoinedAdapter::One(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
@@ -184,6 +195,9 @@ impl<B: TrainBackend> Linear<B> {
         }
         let dtype = y.dtype();
         span::<B, _>("bias", &device, || {
+            if let Some(bias) = joined_bias {
+                return Some(y + bias.unsqueeze());
+            }
             let bias = linears.iter().map(|l| match &l.bias {
                 Some(b) => b.val(),
                 None => Tensor::zeros([l.dims().1], (&device, dtype)),
@@ -263,25 +277,29 @@ impl<B: TrainBackend> RmsNorm<B> {
     }
 }
 
-/// The frozen weights of linear layers that read one input, side by side `[in, sum of outs]`,
-/// as [`Linear::load_joined`] uploads them: each layer's `weight` is a view of its columns. A
-/// plain tensor, not a parameter, so that the weights count once (and no mapper or optimizer
-/// sees it); the views' parameter ids tell whether the layers still hold them.
+/// The frozen weights (and biases) of linear layers that read one input, side by side
+/// `[in, sum of outs]` (`[sum of outs]`), as [`Linear::load_joined`] uploads them: each layer's
+/// `weight` and `bias` are views of its columns. Plain tensors, not parameters, so that the
+/// weights count once (and no mapper or optimizer sees them); the views' parameter ids tell
+/// whether the layers still hold them.
 #[derive(Module, Debug)]
 pub struct JoinedWeight<B: Backend> {
     pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    /// Each layer's weight and bias parameter ids.
     #[module(skip)]
-    pub views: Vec<ParamId>,
+    pub views: Vec<(ParamId, Option<ParamId>)>,
 }
 
 impl<B: Backend> JoinedWeight<B> {
-    /// The joined weight when it still backs `linears`' weights: the same parameters (a weight
-    /// replaced, e.g. by merging an adapter into it, is a new parameter) and frozen (trained
-    /// weights move away from the load-time values).
-    pub fn backing(&self, linears: &[&Linear<B>]) -> Option<Tensor<B, 2>> {
-        let same = linears.len() == self.views.len() && linears.iter().zip(&self.views).all(|(l, id)| l.weight.id == *id);
-        let frozen = linears.iter().all(|l| !l.weight.val().is_require_grad());
-        (same && frozen).then(|| self.weight.clone())
+    /// The joined weight and bias when they still back `linears`' own: the same parameters (a
+    /// weight replaced, e.g. by merging an adapter into it, is a new parameter) and frozen
+    /// (trained ones move away from the load-time values).
+    pub fn backing(&self, linears: &[&Linear<B>]) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        let ids = |l: &Linear<B>| (l.weight.id, l.bias.as_ref().map(|b| b.id));
+        let same = linears.len() == self.views.len() && linears.iter().zip(&self.views).all(|(l, v)| ids(l) == *v);
+        let frozen = linears.iter().all(|l| !l.weight.val().is_require_grad() && l.bias.as_ref().is_none_or(|b| !b.val().is_require_grad()));
+        (same && frozen).then(|| (self.weight.clone(), self.bias.clone()))
     }
 }
 
@@ -633,17 +651,19 @@ mod tests {
 
     /// `linears` with frozen weights that are views of one joined tensor, as
     /// [`Linear::load_joined`] leaves them, and that tensor.
-    fn frozen_and_joined(linears: [Linear<Ad>; 2]) -> ([Linear<Ad>; 2], JoinedWeight<Ad>) {
+    fn frozen_and_joined<const N: usize>(linears: [Linear<Ad>; N]) -> ([Linear<Ad>; N], JoinedWeight<Ad>) {
         let joined = Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1).set_require_grad(false);
+        let bias = linears.iter().map(|l| l.bias.as_ref().map(|b| b.val())).collect::<Option<Vec<_>>>().map(|b| Tensor::cat(b, 0).set_require_grad(false));
         let mut offset = 0;
         let linears = linears.map(|mut l| {
             let width = l.dims().1;
             l.weight = Param::from_tensor(joined.clone().narrow(1, offset, width)).set_require_grad(false);
+            l.bias = bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)).set_require_grad(false));
             offset += width;
             l
         });
-        let views = linears.iter().map(|l| l.weight.id).collect();
-        (linears, JoinedWeight { weight: joined, views })
+        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
+        (linears, JoinedWeight { weight: joined, bias, views })
     }
 
     /// Gate and up as one GEMM and SwiGLU of the packed output give what the projections give
@@ -731,6 +751,16 @@ mod tests {
             }
             close(&format!("{name} d bias"), &got.3[i], &want.3[i]);
         }
+        // The same layers frozen, their weights and biases views of joined tensors kept from
+        // load time: the packed path reads those.
+        let ([q_proj, k_proj, v_proj], joined) = frozen_and_joined([attn.q_proj.clone(), attn.k_proj.clone(), attn.v_proj.clone()]);
+        let kept = Attention { q_proj, k_proj, v_proj, qkv_weight: Some(joined), ..attn.clone() };
+        assert!(kept.qkv_weight.as_ref().and_then(|j| j.backing(&[&kept.q_proj, &kept.k_proj, &kept.v_proj])).is_some());
+        let x = random([b, s, hidden], 60).require_grad();
+        let y = kept.forward_packed(x.clone(), &ctx).expect("adapters without dropout join");
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        close("kept output", &y.into_data().to_vec::<f32>().unwrap(), &want.0);
+        close("kept dx", &x.grad(&grads).expect("dx").into_data().to_vec::<f32>().unwrap(), &want.1);
     }
 
     /// Layers loaded joined hold what they hold loaded apart (a rank's slice under tensor
@@ -752,6 +782,8 @@ mod tests {
             }
             let cat = || Tensor::cat(apart.iter().map(|l| l.weight.val()).collect(), 1);
             assert_eq!(values(weight.weight.clone()), values(cat()));
+            let biases = Tensor::cat(apart.iter().map(|l| l.bias.as_ref().expect("bias").val()).collect(), 0);
+            assert_eq!(weight.bias.clone().map(|b| b.into_data().to_vec::<f32>().unwrap()), Some(biases.into_data().to_vec::<f32>().unwrap()));
             let joined: Vec<&Linear<Ad>> = joined.iter().collect();
             let frozen: Vec<Linear<Ad>> = joined.iter().map(|l| (*l).clone().no_grad()).collect();
             assert!(weight.backing(&frozen.iter().collect::<Vec<_>>()).is_some(), "frozen views are backed");
