@@ -6,6 +6,7 @@ pub mod family;
 pub mod hf_config;
 pub mod hub;
 pub mod layers;
+pub mod linear;
 pub mod llama_like;
 pub mod qwen2;
 pub mod qwen3;

@@ -40,22 +40,35 @@ pub(super) fn rms_norm_rows<E: Float>(
         sum = sum + v * v;
         j = j + units as usize;
     }
+    let r = row_rstd(sum, rstd, row, unit, eps, n_f32, units);
+
+    let out_base = row * n;
+    let mut j = unit;
+    while j < n {
+        out[out_base + j] = normed_element::<E>(x[base + j * step], r, weight[j * weight.stride(0)]);
+        j = j + units as usize;
+    }
+}
+
+/// The row's `rstd = 1 / sqrt(mean(x^2) + eps)` from each unit's partial sum of squares (a tree
+/// in shared memory), written to `rstd[row]` by unit 0.
+#[cube]
+fn row_rstd(partial: f32, rstd: &mut Tensor<f32>, row: usize, unit: usize, eps: f32, n_f32: f32, #[comptime] units: u32) -> f32 {
     let mut sums = SharedMemory::<f32>::new(units as usize);
-    sums[unit] = sum;
+    sums[unit] = partial;
     merge_sum(&mut sums, unit);
     let r = f32::new(1.0) / (sums[0] / n_f32 + eps).sqrt();
     if unit == 0 {
         rstd[row] = r;
     }
+    r
+}
 
-    let out_base = row * n;
-    let mut j = unit;
-    while j < n {
-        let normed = E::cast_from(f32::cast_from(x[base + j * step]) * r);
-        let w = E::cast_from(weight[j * weight.stride(0)]);
-        out[out_base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(w));
-        j = j + units as usize;
-    }
+/// `round(round(x * rstd) * round(w))`: transformers' order of rounding.
+#[cube]
+fn normed_element<E: Float>(x: E, r: f32, w: f32) -> E {
+    let normed = E::cast_from(f32::cast_from(x) * r);
+    E::cast_from(f32::cast_from(normed) * f32::cast_from(E::cast_from(w)))
 }
 
 /// [`rms_norm_rows`] of `h = round(x + delta)`, with `h` written to `sum` (`[rows, n]`,
@@ -95,19 +108,11 @@ pub(super) fn add_rms_norm_rows<E: Float>(
         squares = squares + v * v;
         j = j + units as usize;
     }
-    let mut sums = SharedMemory::<f32>::new(units as usize);
-    sums[unit] = squares;
-    merge_sum(&mut sums, unit);
-    let r = f32::new(1.0) / (sums[0] / n_f32 + eps).sqrt();
-    if unit == 0 {
-        rstd[row] = r;
-    }
+    let r = row_rstd(squares, rstd, row, unit, eps, n_f32, units);
 
     let mut j = unit;
     while j < n {
-        let normed = E::cast_from(f32::cast_from(sum[out_base + j]) * r);
-        let w = E::cast_from(weight[j * weight.stride(0)]);
-        out[out_base + j] = E::cast_from(f32::cast_from(normed) * f32::cast_from(w));
+        out[out_base + j] = normed_element::<E>(sum[out_base + j], r, weight[j * weight.stride(0)]);
         j = j + units as usize;
     }
 }

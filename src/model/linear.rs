@@ -1,0 +1,331 @@
+//! Linear layers as the checkpoint stores them (`[out, in]`, kept transposed), their loading
+//! from a weight source, and the joined form of layers that read one input.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use kernels_cubecl as ops;
+
+use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
+use crate::backend::profile::span;
+use crate::backend::TrainBackend;
+use crate::error::Result;
+use crate::lora::{JoinedAdapter, LoraAdapter};
+use crate::parallel::Partition;
+
+/// Builds parameters from a weight source, translating internal paths to checkpoint names.
+pub struct Loader<'a, B: Backend> {
+    pub source: &'a mut dyn WeightSource,
+    pub device: B::Device,
+    /// Maps an internal (Hugging Face-shaped) path to the checkpoint's tensor name.
+    pub naming: &'a dyn Fn(&str) -> String,
+}
+
+impl<B: TrainBackend> Loader<'_, B> {
+    fn host(
+        &mut self,
+        path: &str,
+        shape: &[usize],
+        slice: Option<(usize, std::ops::Range<usize>)>,
+        init: InitKind,
+    ) -> Result<HostTensor> {
+        let name = (self.naming)(path);
+        self.source.tensor(TensorRequest { name: &name, shape, slice, init })
+    }
+
+    /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
+    /// has nothing left to convert (it would on one core).
+    fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
+        use burn::tensor::ElementConversion;
+        let mut out = vec![B::FloatElem::from_elem(0.0f32); t.data.len()];
+        let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
+        super::weights::parallel_for(parts, |(dst, src)| dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v.elem()));
+        Tensor::from_data(TensorData::new(out, t.shape), &self.device)
+    }
+
+    /// A whole (unsharded) tensor as stored, e.g. the token embedding.
+    pub fn host_tensor<const D: usize>(&mut self, path: &str, shape: &[usize], init: InitKind) -> Result<Tensor<B, D>> {
+        let t = self.host(path, shape, None, init)?;
+        Ok(self.upload(t))
+    }
+
+    /// A 1-D parameter (norm scale, bias).
+    pub fn vector(&mut self, path: &str, len: usize, init: InitKind) -> Result<Param<Tensor<B, 1>>> {
+        let t = self.host(path, &[len], None, init)?;
+        Ok(Param::from_tensor(self.upload(t)))
+    }
+}
+
+/// `y = x W^T + b` with `W` stored transposed as `[in, out]` so the forward is one matmul, plus
+/// a LoRA adapter's `s * (x A) B` when one is attached.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in_local, out_local]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out_local]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+impl<B: TrainBackend> Linear<B> {
+    /// Load `{path}.weight` (HF layout `[out, in]`) and optionally `{path}.bias`, keeping the
+    /// slice `partition` owns.
+    pub fn load(
+        ld: &mut Loader<'_, B>,
+        path: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+        partition: Partition,
+    ) -> Result<Self> {
+        let w = ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)?;
+        let weight = Param::from_tensor(ld.upload(transpose(w)));
+        Ok(Linear { weight, bias: Self::load_bias(ld, path, out, bias, partition)?, lora: None })
+    }
+
+    fn load_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, bias: bool, partition: Partition) -> Result<Option<Param<Tensor<B, 1>>>> {
+        if !bias {
+            return Ok(None);
+        }
+        let b = ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)?;
+        Ok(Some(Param::from_tensor(ld.upload(b))))
+    }
+
+    /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),
+    /// their weights uploaded side by side as one [`JoinedWeight`], the matrix
+    /// [`forward_joined`](Self::forward_joined) multiplies by; each layer's `weight` is a view
+    /// of its columns (no second copy where the columns start at the device's alignment, as
+    /// they do at these models' widths).
+    pub fn load_joined(
+        ld: &mut Loader<'_, B>,
+        parts: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+        partition: Partition,
+    ) -> Result<(Vec<Self>, JoinedWeight<B>)> {
+        // `[out, in]` row-major each: stacked rows are the concatenated data.
+        let (mut data, mut widths) = (Vec::new(), Vec::new());
+        for (path, out) in parts {
+            let w = ld.host(&format!("{path}.weight"), &[*out, inp], partition.weight_slice(*out, inp), InitKind::Normal)?;
+            widths.push(w.shape[0]);
+            data.extend(w.data);
+        }
+        let total = widths.iter().sum();
+        let joined: Tensor<B, 2> = ld.upload(transpose(HostTensor { shape: vec![total, inp], data }));
+        let joined_bias: Option<Tensor<B, 1>> = if bias {
+            let mut data = Vec::with_capacity(total);
+            for (path, out) in parts {
+                data.extend(ld.host(&format!("{path}.bias"), &[*out], partition.bias_slice(*out), InitKind::Zeros)?.data);
+            }
+            Some(ld.upload(HostTensor { shape: vec![total], data }))
+        } else {
+            None
+        };
+        let mut linears = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for width in widths {
+            let weight = Param::from_tensor(joined.clone().narrow(1, offset, width));
+            let bias = joined_bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)));
+            linears.push(Linear { weight, bias, lora: None });
+            offset += width;
+        }
+        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
+        Ok((linears, JoinedWeight { weight: joined, bias: joined_bias, views }))
+    }
+
+    /// `(in_local, out_local)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.val().dims();
+        (i, o)
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., in_local]` → `[..., out_local]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let y = match &self.lora {
+            Some(adapter) => adapter.linear(x, self.weight.val()),
+            None => B::linear_matmul(x, self.weight.val()),
+        };
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+
+    /// Whether [`forward_joined`](Self::forward_joined) runs `linears` as one layer now
+    /// ([`LoraAdapter::can_join`]).
+    pub fn joinable(linears: &[&Linear<B>], device: &B::Device) -> bool {
+        LoraAdapter::can_join(&linears.iter().map(|l| l.lora.as_ref()).collect::<Vec<_>>(), device)
+    }
+
+    /// [`forward`](Self::forward) of layers that read one input (an attention's q, k and v) as
+    /// one GEMM over their weights side by side, and one adapter (see [`LoraAdapter::joined`]):
+    /// each layer's output in its columns of `[..., sum of outs]`. `joined_weight` is the weights side
+    /// by side as [`load_joined`](Self::load_joined) keeps them, used while it backs the
+    /// layers' weights ([`JoinedWeight::backing`]); else, or without it, the weights are
+    /// concatenated on the call. `None` when the adapters cannot act as one
+    /// ([`joinable`](Self::joinable)); the caller runs the layers apart.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]` → `[..., sum of outs]`
+    pub fn forward_joined<const D: usize>(linears: &[&Linear<B>], joined_weight: Option<&JoinedWeight<B>>, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
+        let device = x.device();
+        let parts: Vec<(Option<&LoraAdapter<B>>, usize)> = linears.iter().map(|l| (l.lora.as_ref(), l.dims().1)).collect();
+        let total = parts.iter().map(|(_, out)| out).sum();
+        // Sub-spans (`--profile` only) to tell the concatenations from the GEMM.
+        let joined = span::<B, _>("join_adapters", &device, || LoraAdapter::joined(&parts, &device));
+        if matches!(joined, JoinedAdapter::Apart) {
+            return None;
+        }
+        let backing = joined_weight.and_then(|j| j.backing(linears));
+        let (w, joined_bias) = match backing {
+            Some((w, bias)) => (w, bias),
+            None => (span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1)), None),
+        };
+        let y = span::<B, _>("gemm", &device, || match joined {
+            JoinedAdapter::One(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
+            _ => B::linear_matmul(x, w),
+        });
+        if linears.iter().all(|l| l.bias.is_none()) {
+            return Some(y);
+        }
+        let dtype = y.dtype();
+        span::<B, _>("bias", &device, || {
+            if let Some(bias) = joined_bias {
+                return Some(y + bias.unsqueeze());
+            }
+            let bias = linears.iter().map(|l| match &l.bias {
+                Some(b) => b.val(),
+                None => Tensor::zeros([l.dims().1], (&device, dtype)),
+            });
+            Some(y + Tensor::cat(bias.collect(), 0).unsqueeze())
+        })
+    }
+
+    /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
+    /// `linears[e]`. The frozen weights are stacked for the batched GEMM on each call: a copy
+    /// of the block's expert weights (one copy per expert, as Burn concatenates) that lives as
+    /// long as the graph needs it for dX. Keeping the experts stacked from load time would save
+    /// both, at the price of a module tree unlike the checkpoint's per-expert names.
+    ///
+    /// # Shapes
+    /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
+    pub fn forward_stacked(linears: &[&Linear<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let device = x.device();
+        let w = Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0);
+        let y = B::batched_matmul(x.clone(), w);
+        let y = if linears.iter().any(|l| l.bias.is_some()) {
+            let [_, out] = linears[0].weight.val().dims();
+            let dtype = y.dtype();
+            let zeros = || Tensor::zeros([out], (&device, dtype));
+            let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
+            y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
+        } else {
+            y
+        };
+        let adapters: Vec<Option<&LoraAdapter<B>>> = linears.iter().map(|l| l.lora.as_ref()).collect();
+        match span::<B, _>("lora", &device, || LoraAdapter::forward_stacked(&adapters, x)) {
+            Some(delta) => y + delta,
+            None => y,
+        }
+    }
+}
+
+fn transpose(t: HostTensor) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut data = vec![0.0; t.data.len()];
+    // Blocks of output rows on all cores, read in tiles (a 7B model transposes 7e9 values).
+    const TILE: usize = 64;
+    let blocks: Vec<(usize, &mut [f32])> = data.chunks_mut(TILE * rows.max(1)).enumerate().collect();
+    super::weights::parallel_for(blocks, |(b, out)| {
+        let c0 = b * TILE;
+        let width = out.len() / rows.max(1);
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let src = &t.data[r * cols + c0..r * cols + c0 + width];
+                for (dc, &v) in src.iter().enumerate() {
+                    out[dc * rows + r] = v;
+                }
+            }
+        }
+    });
+    HostTensor { shape: vec![cols, rows], data }
+}
+
+/// The frozen weights (and biases) of linear layers that read one input, side by side
+/// `[in, sum of outs]` (`[sum of outs]`), as [`Linear::load_joined`] uploads them: each layer's
+/// `weight` and `bias` are views of its columns. Plain tensors, not parameters, so that the
+/// weights count once (and no mapper or optimizer sees them); the views' parameter ids tell
+/// whether the layers still hold them.
+#[derive(Module, Debug)]
+pub struct JoinedWeight<B: Backend> {
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    /// Each layer's weight and bias parameter ids.
+    #[module(skip)]
+    pub views: Vec<(ParamId, Option<ParamId>)>,
+}
+
+impl<B: Backend> JoinedWeight<B> {
+    /// The joined weight and bias when they still back `linears`' own: the same parameters (a
+    /// weight replaced, e.g. by merging an adapter into it, is a new parameter) and frozen
+    /// (trained ones move away from the load-time values).
+    pub fn backing(&self, linears: &[&Linear<B>]) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        let ids = |l: &Linear<B>| (l.weight.id, l.bias.as_ref().map(|b| b.id));
+        let same = linears.len() == self.views.len() && linears.iter().zip(&self.views).all(|(l, v)| ids(l) == *v);
+        let frozen = linears.iter().all(|l| !l.weight.val().is_require_grad() && l.bias.as_ref().is_none_or(|b| !b.val().is_require_grad()));
+        (same && frozen).then(|| (self.weight.clone(), self.bias.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
+
+    /// Layers loaded joined hold what they hold loaded apart (a rank's slice under tensor
+    /// parallelism included), and the joined weight is theirs side by side.
+    #[test]
+    fn joined_load_is_the_layers_loaded_apart_side_by_side() {
+        let values = |t: Tensor<Ad, 2>| t.into_data().to_vec::<f32>().unwrap();
+        for partition in [Partition::Replicated, Partition::Column(crate::parallel::ProcessGroup::new(1, 2))] {
+            let mut source = super::super::weights::RandomInit { seed: 5, std: 0.02 };
+            let naming = |p: &str| p.to_string();
+            let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };
+            let parts = [("q", 12), ("k", 4), ("v", 4)];
+            let apart: Vec<Linear<Ad>> = parts.iter().map(|(p, out)| Linear::load(&mut ld, p, 6, *out, true, partition).unwrap()).collect();
+            let (joined, weight) = Linear::load_joined(&mut ld, &parts, 6, true, partition).unwrap();
+            for (a, j) in apart.iter().zip(&joined) {
+                assert_eq!(values(j.weight.val()), values(a.weight.val()), "{partition:?}");
+                let bias = |l: &Linear<Ad>| l.bias.as_ref().map(|b| b.val().into_data().to_vec::<f32>().unwrap());
+                assert_eq!(bias(j), bias(a));
+            }
+            let cat = || Tensor::cat(apart.iter().map(|l| l.weight.val()).collect(), 1);
+            assert_eq!(values(weight.weight.clone()), values(cat()));
+            let biases = Tensor::cat(apart.iter().map(|l| l.bias.as_ref().expect("bias").val()).collect(), 0);
+            assert_eq!(weight.bias.clone().map(|b| b.into_data().to_vec::<f32>().unwrap()), Some(biases.into_data().to_vec::<f32>().unwrap()));
+            let joined: Vec<&Linear<Ad>> = joined.iter().collect();
+            let frozen: Vec<Linear<Ad>> = joined.iter().map(|l| (*l).clone().no_grad()).collect();
+            assert!(weight.backing(&frozen.iter().collect::<Vec<_>>()).is_some(), "frozen views are backed");
+            assert!(weight.backing(&joined).is_none(), "weights that train are not");
+            let mut replaced = frozen.clone();
+            replaced[1].weight = Param::from_tensor(replaced[1].weight.val() * 2.0).set_require_grad(false);
+            assert!(weight.backing(&replaced.iter().collect::<Vec<_>>()).is_none(), "a replaced weight is not");
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_value_over_odd_and_tiled_shapes() {
+        for (rows, cols) in [(1, 1), (3, 5), (64, 64), (130, 67), (7, 200)] {
+            let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(HostTensor { shape: vec![rows, cols], data: data.clone() });
+            assert_eq!(t.shape, [cols, rows]);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t.data[c * rows + r], data[r * cols + c], "({r}, {c}) of {rows}x{cols}");
+                }
+            }
+        }
+    }
+}
