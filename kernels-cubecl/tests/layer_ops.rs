@@ -132,10 +132,7 @@ fn norm_kernels_match_definition<B: FusedLayerBackend>(device: &B::Device, toler
             for seed in SEEDS {
                 let case = NormCase::random(seed, dims);
                 let (rows, n) = dims;
-                let input = |v: &[f32]| match strided {
-                    false => tensor::<B, 2>(v, [rows, n], device),
-                    true => tensor::<B, 2>(&transposed(v, rows, n), [n, rows], device).transpose(),
-                };
+                let input = |v: &[f32]| rows_input::<B>(v, (rows, n), strided, device);
                 let (x, grad) = (input(&case.x), input(&case.grad));
                 let weight = tensor::<B, 1>(&case.weight, [n], device);
                 let label = format!("rms_norm {dims:?} strided={strided} seed={seed}");
@@ -210,10 +207,7 @@ fn add_norm_kernel_matches_definition<B: FusedLayerBackend>(device: &B::Device, 
             for seed in SEEDS {
                 let case = NormCase::random(seed, dims);
                 let (rows, n) = dims;
-                let input = |v: &[f32]| match strided {
-                    false => tensor::<B, 2>(v, [rows, n], device),
-                    true => tensor::<B, 2>(&transposed(v, rows, n), [n, rows], device).transpose(),
-                };
+                let input = |v: &[f32]| rows_input::<B>(v, (rows, n), strided, device);
                 let (x, delta) = (input(&case.x), input(&residual_parts(&case, seed).0));
                 let weight = tensor::<B, 1>(&case.weight, [n], device);
                 let label = format!("add_rms_norm {dims:?} strided={strided} seed={seed}");
@@ -224,6 +218,15 @@ fn add_norm_kernel_matches_definition<B: FusedLayerBackend>(device: &B::Device, 
                 assert_close(&format!("{label} rstd"), &values(got.2), &values(want.2), tolerance);
             }
         }
+    }
+}
+
+/// `v` as a `[rows, n]` tensor: contiguous, or when `strided` the transpose of an `[n, rows]`
+/// one (every element a stride apart).
+fn rows_input<B: Backend>(v: &[f32], (rows, n): (usize, usize), strided: bool, device: &B::Device) -> Tensor<B, 2> {
+    match strided {
+        false => tensor::<B, 2>(v, [rows, n], device),
+        true => tensor::<B, 2>(&transposed(v, rows, n), [n, rows], device).transpose(),
     }
 }
 

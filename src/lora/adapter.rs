@@ -91,14 +91,11 @@ impl<B: TrainBackend> LoraAdapter<B> {
     /// attention's q, k and v) as one adapter of the concatenated layer: A side by side
     /// `[in, sum of ranks]`, B block-diagonal `[sum of ranks, sum of outs]` (zeros off the blocks),
     /// so `s * (x A) B` is each layer's term in its own columns and autodiff hands each factor its
-    /// own gradient. `parts` are the layers' adapters (`None`: no adapter) and output widths.
-    pub fn joined(parts: &[(Option<&LoraAdapter<B>>, usize)], device: &B::Device) -> JoinedAdapter<B> {
-        let adapters: Vec<Option<&LoraAdapter<B>>> = parts.iter().map(|(a, _)| *a).collect();
-        let present: Vec<&LoraAdapter<B>> = adapters.iter().flatten().copied().collect();
-        let Some(first) = present.first() else { return JoinedAdapter::None };
-        if !Self::can_join(&adapters, device) {
-            return JoinedAdapter::Apart;
-        }
+    /// own gradient. `parts` are the layers' adapters (`None`: no adapter) and output widths,
+    /// adapters that [`can_join`](Self::can_join); `None` when no layer has an adapter.
+    pub fn joined(parts: &[(Option<&LoraAdapter<B>>, usize)], device: &B::Device) -> Option<LoraFactors<B>> {
+        let present: Vec<&LoraAdapter<B>> = parts.iter().filter_map(|(a, _)| *a).collect();
+        let first = present.first()?;
         let total: usize = parts.iter().map(|(_, out)| out).sum();
         let ranks: usize = present.iter().map(|a| a.lora_b.val().dims()[0]).sum();
         // One zero fill and one copy per block (a launch each), not a zero tensor per gap
@@ -115,7 +112,7 @@ impl<B: TrainBackend> LoraAdapter<B> {
             col += out;
         }
         let a = Tensor::cat(present.iter().map(|a| a.lora_a.val()).collect(), 1);
-        JoinedAdapter::One(LoraFactors { a, b, scale: first.scale, dropout: None })
+        Some(LoraFactors { a, b, scale: first.scale, dropout: None })
     }
 
     /// Whether [`linear`](Self::linear) draws a dropout mask now.
@@ -174,18 +171,6 @@ impl<B: TrainBackend> LoraAdapter<B> {
     pub fn delta(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scale
     }
-}
-
-/// What [`LoraAdapter::joined`] makes of several layers' adapters.
-#[derive(Debug)]
-pub enum JoinedAdapter<B: Backend> {
-    /// No layer has an adapter.
-    None,
-    /// One adapter of the concatenated layer.
-    One(LoraFactors<B>),
-    /// The adapters cannot act as one (different scales, or dropout while training): each
-    /// layer runs on its own.
-    Apart,
 }
 
 thread_local! {

@@ -8,7 +8,7 @@
 
 mod adapter;
 
-pub use adapter::{training_forward, JoinedAdapter, LoraAdapter, LoraConfig};
+pub use adapter::{training_forward, LoraAdapter, LoraConfig};
 
 use burn::module::Module;
 use crate::backend::TrainBackend;

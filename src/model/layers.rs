@@ -64,8 +64,7 @@ impl<B: TrainBackend> Attention<B> {
         let col = Partition::Column(tp);
         let (q, k, v) = (format!("{path}.q_proj"), format!("{path}.k_proj"), format!("{path}.v_proj"));
         let parts = [(q.as_str(), spec.num_heads * d), (k.as_str(), spec.num_kv_heads * d), (v.as_str(), spec.num_kv_heads * d)];
-        let (qkv, qkv_weight) = Linear::load_joined(ld, &parts, h, spec.qkv_bias, col)?;
-        let [q_proj, k_proj, v_proj]: [Linear<B>; 3] = qkv.try_into().unwrap_or_else(|_| unreachable!("three parts, three layers"));
+        let ([q_proj, k_proj, v_proj], qkv_weight) = Linear::load_joined(ld, parts, h, spec.qkv_bias, col)?;
         let o_proj = Linear::load(ld, &format!("{path}.o_proj"), spec.num_heads * d, h, false, Partition::Row(tp))?;
         let (q_norm, k_norm) = if spec.qk_norm {
             (
@@ -131,7 +130,7 @@ impl<B: TrainBackend> Attention<B> {
         if !Linear::joinable(&projections, &device) {
             return None;
         }
-        let projected = span::<B, _>("qkv_proj", &device, || Linear::forward_joined(&projections, self.qkv_weight.as_ref(), x))?;
+        let projected = span::<B, _>("qkv_proj", &device, || Linear::forward_joined(&projections, self.qkv_weight.as_ref(), x));
         let layout = ops::QkvLayout { batch: b, seq: s, q_heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         let packed = span::<B, _>("rope", &device, || ops::qkv_rotary(projected, ctx.cos.clone(), ctx.sin.clone(), layout));
         let scale = (self.head_dim as f64).powf(-0.5);
@@ -176,8 +175,7 @@ pub struct Mlp<B: Backend> {
 impl<B: TrainBackend> Mlp<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, inter: usize, tp: ProcessGroup) -> Result<Self> {
         let (gate, up) = (format!("{path}.gate_proj"), format!("{path}.up_proj"));
-        let (gate_up, gate_up_weight) = Linear::load_joined(ld, &[(gate.as_str(), inter), (up.as_str(), inter)], hidden, false, Partition::Column(tp))?;
-        let [gate_proj, up_proj]: [Linear<B>; 2] = gate_up.try_into().unwrap_or_else(|_| unreachable!("two parts, two layers"));
+        let ([gate_proj, up_proj], gate_up_weight) = Linear::load_joined(ld, [(gate.as_str(), inter), (up.as_str(), inter)], hidden, false, Partition::Column(tp))?;
         Ok(Mlp {
             gate_proj,
             up_proj,
@@ -192,15 +190,11 @@ impl<B: TrainBackend> Mlp<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
         let projections = [&self.gate_proj, &self.up_proj];
-        // Decided first, so that `--profile` records one `gate_up_proj` span either way.
-        let packed = if Linear::joinable(&projections, &device) {
-            span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&projections, self.gate_up_weight.as_ref(), x.clone()))
+        let h = if Linear::joinable(&projections, &device) {
+            let packed = span::<B, _>("gate_up_proj", &device, || Linear::forward_joined(&projections, self.gate_up_weight.as_ref(), x));
+            span::<B, _>("swiglu", &device, || ops::fused_swiglu_packed(packed))
         } else {
-            None
-        };
-        let h = match packed {
-            Some(packed) => span::<B, _>("swiglu", &device, || ops::fused_swiglu_packed(packed)),
-            None => self.forward_apart(x),
+            self.forward_apart(x)
         };
         span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
     }
@@ -390,16 +384,9 @@ mod tests {
     fn frozen_and_joined<const N: usize>(linears: [Linear<Ad>; N]) -> ([Linear<Ad>; N], JoinedWeight<Ad>) {
         let joined = Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1).set_require_grad(false);
         let bias = linears.iter().map(|l| l.bias.as_ref().map(|b| b.val())).collect::<Option<Vec<_>>>().map(|b| Tensor::cat(b, 0).set_require_grad(false));
-        let mut offset = 0;
-        let linears = linears.map(|mut l| {
-            let width = l.dims().1;
-            l.weight = Param::from_tensor(joined.clone().narrow(1, offset, width)).set_require_grad(false);
-            l.bias = bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)).set_require_grad(false));
-            offset += width;
-            l
-        });
-        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
-        (linears, JoinedWeight { weight: joined, bias, views })
+        let (views, joined) = JoinedWeight::split(joined, bias, linears.each_ref().map(|l| l.dims().1));
+        let mut adapters = linears.map(|l| l.lora).into_iter();
+        (views.map(|view| Linear { lora: adapters.next().flatten(), ..view.no_grad() }), joined)
     }
 
     /// Gate and up as one GEMM and SwiGLU of the packed output give what the projections give
@@ -428,7 +415,7 @@ mod tests {
             let adapter = |l: &Linear<Ad>| l.lora.as_ref().map(|a| [grad_values(a.lora_a.val(), &grads), grad_values(a.lora_b.val(), &grads)]).expect("an adapter");
             (y.into_data().to_vec::<f32>().unwrap(), grad_values(x, &grads), [adapter(&mlp.gate_proj), adapter(&mlp.up_proj), adapter(&mlp.down_proj)])
         };
-        let joins = Linear::forward_joined(&[&mlp.gate_proj, &mlp.up_proj], mlp.gate_up_weight.as_ref(), random([b, s, hidden], 110)).is_some();
+        let joins = Linear::joinable(&[&mlp.gate_proj, &mlp.up_proj], &Default::default());
         assert!(joins, "adapters without dropout join, so forward takes the packed path");
         let (want, got) = (outcome(false), outcome(true));
         close("output", &got.0, &want.0);

@@ -10,7 +10,7 @@ use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
 use crate::backend::profile::span;
 use crate::backend::TrainBackend;
 use crate::error::Result;
-use crate::lora::{JoinedAdapter, LoraAdapter};
+use crate::lora::LoraAdapter;
 use crate::parallel::Partition;
 
 /// Builds parameters from a weight source, translating internal paths to checkpoint names.
@@ -78,17 +78,20 @@ impl<B: TrainBackend> Linear<B> {
         bias: bool,
         partition: Partition,
     ) -> Result<Self> {
-        let w = ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)?;
+        let w = Self::host_weight(ld, path, inp, out, partition)?;
         let weight = Param::from_tensor(ld.upload(transpose(w)));
-        Ok(Linear { weight, bias: Self::load_bias(ld, path, out, bias, partition)?, lora: None })
+        let bias = if bias { Some(Self::host_bias(ld, path, out, partition)?) } else { None };
+        Ok(Linear { weight, bias: bias.map(|b| Param::from_tensor(ld.upload(b))), lora: None })
     }
 
-    fn load_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, bias: bool, partition: Partition) -> Result<Option<Param<Tensor<B, 1>>>> {
-        if !bias {
-            return Ok(None);
-        }
-        let b = ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)?;
-        Ok(Some(Param::from_tensor(ld.upload(b))))
+    /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
+    fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
+        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+    }
+
+    /// `{path}.bias`'s slice that `partition` owns.
+    fn host_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, partition: Partition) -> Result<HostTensor> {
+        ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)
     }
 
     /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),
@@ -96,41 +99,32 @@ impl<B: TrainBackend> Linear<B> {
     /// [`forward_joined`](Self::forward_joined) multiplies by; each layer's `weight` is a view
     /// of its columns (no second copy where the columns start at the device's alignment, as
     /// they do at these models' widths).
-    pub fn load_joined(
+    pub fn load_joined<const N: usize>(
         ld: &mut Loader<'_, B>,
-        parts: &[(&str, usize)],
+        parts: [(&str, usize); N],
         inp: usize,
         bias: bool,
         partition: Partition,
-    ) -> Result<(Vec<Self>, JoinedWeight<B>)> {
+    ) -> Result<([Self; N], JoinedWeight<B>)> {
         // `[out, in]` row-major each: stacked rows are the concatenated data.
-        let (mut data, mut widths) = (Vec::new(), Vec::new());
-        for (path, out) in parts {
-            let w = ld.host(&format!("{path}.weight"), &[*out, inp], partition.weight_slice(*out, inp), InitKind::Normal)?;
-            widths.push(w.shape[0]);
+        let (mut data, mut widths) = (Vec::new(), [0; N]);
+        for (i, (path, out)) in parts.iter().enumerate() {
+            let w = Self::host_weight(ld, path, inp, *out, partition)?;
+            widths[i] = w.shape[0];
             data.extend(w.data);
         }
         let total = widths.iter().sum();
-        let joined: Tensor<B, 2> = ld.upload(transpose(HostTensor { shape: vec![total, inp], data }));
-        let joined_bias: Option<Tensor<B, 1>> = if bias {
+        let joined = ld.upload(transpose(HostTensor { shape: vec![total, inp], data }));
+        let joined_bias = if bias {
             let mut data = Vec::with_capacity(total);
             for (path, out) in parts {
-                data.extend(ld.host(&format!("{path}.bias"), &[*out], partition.bias_slice(*out), InitKind::Zeros)?.data);
+                data.extend(Self::host_bias(ld, path, out, partition)?.data);
             }
             Some(ld.upload(HostTensor { shape: vec![total], data }))
         } else {
             None
         };
-        let mut linears = Vec::with_capacity(parts.len());
-        let mut offset = 0;
-        for width in widths {
-            let weight = Param::from_tensor(joined.clone().narrow(1, offset, width));
-            let bias = joined_bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)));
-            linears.push(Linear { weight, bias, lora: None });
-            offset += width;
-        }
-        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
-        Ok((linears, JoinedWeight { weight: joined, bias: joined_bias, views }))
+        Ok(JoinedWeight::split(joined, joined_bias, widths))
     }
 
     /// `(in_local, out_local)`.
@@ -152,8 +146,8 @@ impl<B: TrainBackend> Linear<B> {
         }
     }
 
-    /// Whether [`forward_joined`](Self::forward_joined) runs `linears` as one layer now
-    /// ([`LoraAdapter::can_join`]).
+    /// Whether `linears` can run as one layer now ([`forward_joined`](Self::forward_joined);
+    /// [`LoraAdapter::can_join`]); else the caller runs them apart.
     pub fn joinable(linears: &[&Linear<B>], device: &B::Device) -> bool {
         LoraAdapter::can_join(&linears.iter().map(|l| l.lora.as_ref()).collect::<Vec<_>>(), device)
     }
@@ -163,42 +157,40 @@ impl<B: TrainBackend> Linear<B> {
     /// each layer's output in its columns of `[..., sum of outs]`. `joined_weight` is the weights side
     /// by side as [`load_joined`](Self::load_joined) keeps them, used while it backs the
     /// layers' weights ([`JoinedWeight::backing`]); else, or without it, the weights are
-    /// concatenated on the call. `None` when the adapters cannot act as one
-    /// ([`joinable`](Self::joinable)); the caller runs the layers apart.
+    /// concatenated on the call. The layers are [`joinable`](Self::joinable) (the caller asks
+    /// first, to run them apart otherwise).
     ///
     /// # Shapes
     /// - `x`: `[..., in]` → `[..., sum of outs]`
-    pub fn forward_joined<const D: usize>(linears: &[&Linear<B>], joined_weight: Option<&JoinedWeight<B>>, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
+    pub fn forward_joined<const D: usize>(linears: &[&Linear<B>], joined_weight: Option<&JoinedWeight<B>>, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
+        debug_assert!(Self::joinable(linears, &device), "forward_joined: adapters that cannot act as one");
         let parts: Vec<(Option<&LoraAdapter<B>>, usize)> = linears.iter().map(|l| (l.lora.as_ref(), l.dims().1)).collect();
         let total = parts.iter().map(|(_, out)| out).sum();
         // Sub-spans (`--profile` only) to tell the concatenations from the GEMM.
         let joined = span::<B, _>("join_adapters", &device, || LoraAdapter::joined(&parts, &device));
-        if matches!(joined, JoinedAdapter::Apart) {
-            return None;
-        }
         let backing = joined_weight.and_then(|j| j.backing(linears));
         let (w, joined_bias) = match backing {
             Some((w, bias)) => (w, bias),
             None => (span::<B, _>("join_weights", &device, || Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1)), None),
         };
         let y = span::<B, _>("gemm", &device, || match joined {
-            JoinedAdapter::One(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
-            _ => B::linear_matmul(x, w),
+            Some(factors) => ops::linear::over_rows(x, total, |x| B::lora_linear(x, w, factors)),
+            None => B::linear_matmul(x, w),
         });
         if linears.iter().all(|l| l.bias.is_none()) {
-            return Some(y);
+            return y;
         }
         let dtype = y.dtype();
         span::<B, _>("bias", &device, || {
-            if let Some(bias) = joined_bias {
-                return Some(y + bias.unsqueeze());
-            }
-            let bias = linears.iter().map(|l| match &l.bias {
-                Some(b) => b.val(),
-                None => Tensor::zeros([l.dims().1], (&device, dtype)),
+            let bias = joined_bias.unwrap_or_else(|| {
+                let parts = linears.iter().map(|l| match &l.bias {
+                    Some(b) => b.val(),
+                    None => Tensor::zeros([l.dims().1], (&device, dtype)),
+                });
+                Tensor::cat(parts.collect(), 0)
             });
-            Some(y + Tensor::cat(bias.collect(), 0).unsqueeze())
+            y + bias.unsqueeze()
         })
     }
 
@@ -267,6 +259,20 @@ pub struct JoinedWeight<B: Backend> {
 }
 
 impl<B: Backend> JoinedWeight<B> {
+    /// Layers of `widths` output columns each whose weights (and biases) are views of
+    /// `weight`'s (`bias`'s) columns, in order, and the joined tensors that back them.
+    pub fn split<const N: usize>(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, widths: [usize; N]) -> ([Linear<B>; N], Self) {
+        let mut offset = 0;
+        let linears = widths.map(|width| {
+            let view = Param::from_tensor(weight.clone().narrow(1, offset, width));
+            let bias = bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)));
+            offset += width;
+            Linear { weight: view, bias, lora: None }
+        });
+        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
+        (linears, JoinedWeight { weight, bias, views })
+    }
+
     /// The joined weight and bias when they still back `linears`' own: the same parameters (a
     /// weight replaced, e.g. by merging an adapter into it, is a new parameter) and frozen
     /// (trained ones move away from the load-time values).
@@ -295,7 +301,7 @@ mod tests {
             let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };
             let parts = [("q", 12), ("k", 4), ("v", 4)];
             let apart: Vec<Linear<Ad>> = parts.iter().map(|(p, out)| Linear::load(&mut ld, p, 6, *out, true, partition).unwrap()).collect();
-            let (joined, weight) = Linear::load_joined(&mut ld, &parts, 6, true, partition).unwrap();
+            let (joined, weight) = Linear::load_joined(&mut ld, parts, 6, true, partition).unwrap();
             for (a, j) in apart.iter().zip(&joined) {
                 assert_eq!(values(j.weight.val()), values(a.weight.val()), "{partition:?}");
                 let bias = |l: &Linear<Ad>| l.bias.as_ref().map(|b| b.val().into_data().to_vec::<f32>().unwrap());
