@@ -1,22 +1,34 @@
-//! Where a step's time goes: named spans timed with the device synchronised at both ends.
+//! Where a step's time and memory go: named spans timed with the device synchronised at both
+//! ends, and on a device with an allocator the memory live tensors hold when each span ends and
+//! how much the pools grew inside it.
 //!
 //! Off unless [`enable`]d (`trainer bench --profile`), and then only the calling thread's
 //! spans count. Synchronising serialises the host with the device, so a profiled step is slower
 //! than a timed one; the breakdown is meant for shares, not totals. Spans nest: a span's name is
-//! its path (`layer/attention/core`), and a parent's time includes its children's.
+//! its path (`layer/attention/core`), and a parent's time includes its children's. The pools
+//! keep what they reserve, so the spans whose growth is not zero are where the step's
+//! high-water mark was set.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
+use kernels_cubecl::DeviceMemoryBackend;
 
 #[derive(Default)]
 struct State {
     on: bool,
     stack: Vec<&'static str>,
-    /// Path → (seconds, calls).
-    spans: BTreeMap<String, (f64, usize)>,
+    spans: BTreeMap<String, Totals>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    seconds: f64,
+    calls: usize,
+    /// The most bytes in use at the span's end, and the pools' growth inside it.
+    in_use: Option<u64>,
+    growth: u64,
 }
 
 thread_local! {
@@ -36,24 +48,30 @@ pub fn enable(on: bool) {
 }
 
 /// Run `f` as span `name`: when recording, the device is synchronised before and after, and the
-/// time between is added to the span's path.
-pub fn span<B: Backend, T>(name: &'static str, device: &B::Device, f: impl FnOnce() -> T) -> T {
+/// time between is added to the span's path, with the device's memory after it.
+pub fn span<B: DeviceMemoryBackend, T>(name: &'static str, device: &B::Device, f: impl FnOnce() -> T) -> T {
     if !STATE.with(|s| s.borrow().on) {
         return f();
     }
     let _ = B::sync(device);
+    let before = B::device_memory(device);
     STATE.with(|s| s.borrow_mut().stack.push(name));
     let t = Instant::now();
     let out = f();
     let _ = B::sync(device);
     let secs = t.elapsed().as_secs_f64();
+    let after = B::device_memory(device);
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let path = s.stack.join("/");
         s.stack.pop();
-        let e = s.spans.entry(path).or_insert((0.0, 0));
-        e.0 += secs;
-        e.1 += 1;
+        let e = s.spans.entry(path).or_default();
+        e.seconds += secs;
+        e.calls += 1;
+        if let Some(after) = after {
+            e.in_use = Some(e.in_use.unwrap_or(0).max(after.in_use));
+            e.growth += after.reserved.saturating_sub(before.map_or(0, |b| b.reserved));
+        }
     });
     out
 }
@@ -64,11 +82,30 @@ pub struct SpanTotal {
     pub path: String,
     pub seconds: f64,
     pub calls: usize,
+    /// The most GiB live tensors held at the span's end; `None` without a device allocator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_use_gib: Option<f64>,
+    /// GiB the allocator's pools grew by inside the span, over all its calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_growth_gib: Option<f64>,
 }
 
 /// The spans recorded since [`enable`], by path.
 pub fn totals() -> Vec<SpanTotal> {
-    STATE.with(|s| s.borrow().spans.iter().map(|(p, &(seconds, calls))| SpanTotal { path: p.clone(), seconds, calls }).collect())
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    STATE.with(|s| {
+        let spans = &s.borrow().spans;
+        spans
+            .iter()
+            .map(|(p, t)| SpanTotal {
+                path: p.clone(),
+                seconds: t.seconds,
+                calls: t.calls,
+                in_use_gib: t.in_use.map(gib),
+                reserved_growth_gib: t.in_use.map(|_| gib(t.growth)),
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -88,6 +125,7 @@ mod tests {
         enable(false);
         let paths: Vec<_> = t.iter().map(|s| (s.path.as_str(), s.calls)).collect();
         assert_eq!(paths, [("layer", 2), ("layer/mlp", 2)]);
+        assert!(t.iter().all(|s| s.in_use_gib.is_none() && s.reserved_growth_gib.is_none()), "no device allocator on NdArray");
         assert!(t[0].seconds >= t[1].seconds && t[1].seconds >= 0.004, "{t:?}");
         span::<B, _>("after", &d, || ());
         assert_eq!(totals().len(), 2);

@@ -239,6 +239,10 @@ impl BackendJob for Job<'_> {
         let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
         let spans = if self.profile {
             let b = batch();
+            // The pools give back what no tensor holds, so the profiled step regrows them and
+            // each span's growth says where the step's high-water mark is set.
+            sync(&device)?;
+            B::memory_cleanup(&device);
             profile::enable(true);
             let t = Instant::now();
             let stats = trainer.step(self.warmup + self.steps + 1, std::slice::from_ref(&b));
@@ -246,10 +250,15 @@ impl BackendJob for Job<'_> {
             let spans = profile::totals();
             profile::enable(false);
             stats?;
-            eprintln!("bench: profiled step {secs:.3} s (device synchronised around each span)");
+            eprintln!("bench: profiled step {secs:.3} s (device synchronised around each span; GiB: in use at the span's end, the pools' growth in it)");
             for s in &spans {
                 let depth = s.path.matches('/').count();
-                eprintln!("  {:>8.1} ms {:>5.1}% {:>6}x  {}{}", s.seconds * 1e3, 100.0 * s.seconds / secs, s.calls, "  ".repeat(depth), s.path.rsplit('/').next().unwrap_or(""));
+                // Device memory: the most in use at the span's end, and the pools' growth in it.
+                let memory = match (s.in_use_gib, s.reserved_growth_gib) {
+                    (Some(used), Some(grew)) => format!(" {used:>6.2} GiB {:>+7.2}", grew),
+                    _ => String::new(),
+                };
+                eprintln!("  {:>8.1} ms {:>5.1}% {:>6}x{memory}  {}{}", s.seconds * 1e3, 100.0 * s.seconds / secs, s.calls, "  ".repeat(depth), s.path.rsplit('/').next().unwrap_or(""));
             }
             spans
         } else {
