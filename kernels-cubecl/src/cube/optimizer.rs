@@ -1,7 +1,7 @@
 //! [`crate::optimizer`] on `CubeBackend`, where [`super::kernels_on`] says the kernels run:
 //! AdamW over lists of parameters and the global gradient norm over lists of gradients, each
 //! list one launch of a multi-tensor kernel (`multi_tensor.rs`), as many tensors per launch as
-//! the runtime's bindings allow (at most [`MAX_LIST`]).
+//! the runtime's bindings and CUDA's parameter space allow ([`list_len`]).
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
@@ -15,9 +15,13 @@ use super::row_kernel::row_cubes;
 use super::{cube_tensor, f32_tensor, float};
 use crate::optimizer::{adamw_update_value, sum_of_squares_value, AdamWStep, AdamWTensors, AdamWUpdated, FusedOptimizerBackend};
 
-/// Tensors per launch at most: each is a kernel parameter per binding (CUDA's parameter space is
-/// 4 KiB), and the kernel unrolls its lookup once per tensor.
+/// Tensors per launch at most (the kernel unrolls its lookup once per tensor), and bindings per
+/// launch at most: on CUDA each binding is a pointer among the kernel's parameters and its
+/// lengths are in the metadata passed there too, all within CUDA's 4 KiB of parameter space
+/// (32 AdamW tensors, 160 bindings, were refused with CUDA_ERROR_INVALID_VALUE on an H200,
+/// 2026-12-03; 28 ran).
 const MAX_LIST: usize = 32;
+const MAX_BINDINGS: usize = 80;
 /// Units per cube, and elements each cube covers, of both kernels.
 const UNITS: u32 = 256;
 const PER_CUBE: usize = 4096;
@@ -26,7 +30,7 @@ type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
 /// Tensors per launch for a kernel with `per_tensor` bindings a tensor and a few of its own.
 fn list_len<R: CubeRuntime>(client: &ComputeClient<R>, per_tensor: usize) -> usize {
-    let bindings = client.properties().hardware.max_bindings as usize;
+    let bindings = (client.properties().hardware.max_bindings as usize).min(MAX_BINDINGS);
     (bindings.saturating_sub(4) / per_tensor).clamp(1, MAX_LIST)
 }
 
