@@ -56,7 +56,8 @@ fn adamw_matches_definition<B: FusedOptimizerBackend>(device: &B::Device, dtype:
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ decay.to_bits());
         let f32_tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), (device, DType::F32));
         let scale = Tensor::<B, 1>::from_data(TensorData::new(vec![clip], [1]), (device, DType::F32));
-        let zeros = |n: usize| Tensor::<B, 1>::zeros([n], (device, DType::F32));
+        // (From data: CUDA refuses a zero-filling launch over no elements.)
+        let zeros = |n: usize| f32_tensor(vec![0.0; n]);
         let state: Vec<_> = sizes.iter().map(|&n| (f32_tensor(rng.values(n, 1.0)).cast(dtype), zeros(n), zeros(n))).collect();
         let (mut got, mut want) = (state.clone(), state);
         for step in 1..=5 {

@@ -16,10 +16,9 @@ use super::{cube_tensor, f32_tensor, float};
 use crate::optimizer::{adamw_update_value, sum_of_squares_value, AdamWStep, AdamWTensors, AdamWUpdated, FusedOptimizerBackend};
 
 /// Tensors per launch at most (the kernel unrolls its lookup once per tensor), and bindings per
-/// launch at most: on CUDA each binding is a pointer among the kernel's parameters and its
-/// lengths are in the metadata passed there too, all within CUDA's 4 KiB of parameter space
-/// (32 AdamW tensors, 160 bindings, were refused with CUDA_ERROR_INVALID_VALUE on an H200,
-/// 2026-12-03; 28 ran).
+/// launch at most: on CUDA each binding is a pointer among the kernel's parameters and the
+/// tensors' lengths are in the metadata passed there too, all within CUDA's 4 KiB of parameter
+/// space; 80 bindings keep well inside it.
 const MAX_LIST: usize = 32;
 const MAX_BINDINGS: usize = 80;
 /// Units per cube, and elements each cube covers, of both kernels.
