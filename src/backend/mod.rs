@@ -92,6 +92,11 @@ pub struct DeviceMemory {
     pub reserved: u64,
 }
 
+/// `bytes` in GiB (2^30 bytes).
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// [`DeviceMemory`] of `device` on CUDA; `None` on backends without a device allocator (CPU).
 pub fn device_memory<B: TrainBackend>(device: &B::Device) -> Option<DeviceMemory> {
     B::device_memory(device).map(|m| DeviceMemory { in_use: m.in_use, reserved: m.reserved })

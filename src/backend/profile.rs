@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use kernels_cubecl::DeviceMemoryBackend;
 
+use super::gib;
+
 #[derive(Default)]
 struct State {
     on: bool,
@@ -26,8 +28,14 @@ struct State {
 struct Totals {
     seconds: f64,
     calls: usize,
-    /// The most bytes in use at the span's end, and the pools' growth inside it.
-    in_use: Option<u64>,
+    /// `None` on a backend without a device allocator.
+    memory: Option<SpanMemory>,
+}
+
+/// Bytes: the most in use at the span's end, and the pools' growth inside it over its calls.
+#[derive(Default, Clone, Copy)]
+struct SpanMemory {
+    in_use: u64,
     growth: u64,
 }
 
@@ -68,9 +76,10 @@ pub fn span<B: DeviceMemoryBackend, T>(name: &'static str, device: &B::Device, f
         let e = s.spans.entry(path).or_default();
         e.seconds += secs;
         e.calls += 1;
-        if let Some(after) = after {
-            e.in_use = Some(e.in_use.unwrap_or(0).max(after.in_use));
-            e.growth += after.reserved.saturating_sub(before.map_or(0, |b| b.reserved));
+        if let (Some(before), Some(after)) = (before, after) {
+            let m = e.memory.get_or_insert_with(SpanMemory::default);
+            m.in_use = m.in_use.max(after.in_use);
+            m.growth += after.reserved.saturating_sub(before.reserved);
         }
     });
     out
@@ -92,7 +101,6 @@ pub struct SpanTotal {
 
 /// The spans recorded since [`enable`], by path.
 pub fn totals() -> Vec<SpanTotal> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     STATE.with(|s| {
         let spans = &s.borrow().spans;
         spans
@@ -101,8 +109,8 @@ pub fn totals() -> Vec<SpanTotal> {
                 path: p.clone(),
                 seconds: t.seconds,
                 calls: t.calls,
-                in_use_gib: t.in_use.map(gib),
-                reserved_growth_gib: t.in_use.map(|_| gib(t.growth)),
+                in_use_gib: t.memory.map(|m| gib(m.in_use)),
+                reserved_growth_gib: t.memory.map(|m| gib(m.growth)),
             })
             .collect()
     })

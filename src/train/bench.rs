@@ -226,11 +226,11 @@ impl BackendJob for Job<'_> {
                 syncs += backend::host_syncs() - before;
                 timed_unix[1] = unix_now();
             }
-            let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", m.reserved as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+            let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", backend::gib(m.reserved))).unwrap_or_default();
             eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{mem}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
             losses.push(stats.loss);
             if let Some(m) = stats.memory {
-                reserved_gib.push(m.reserved as f64 / (1u64 << 30) as f64);
+                reserved_gib.push(backend::gib(m.reserved));
             }
             if step > self.warmup {
                 step_seconds.push(secs);
@@ -239,9 +239,9 @@ impl BackendJob for Job<'_> {
         let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
         let spans = if self.profile {
             let b = batch();
-            // The pools give back what no tensor holds, so the profiled step regrows them and
-            // each span's growth says where the step's high-water mark is set.
-            sync(&device)?;
+            // (The last step ended synchronised.) The pools give back what no tensor holds, so
+            // the profiled step regrows them and each span's growth says where the step's
+            // high-water mark is set.
             B::memory_cleanup(&device);
             profile::enable(true);
             let t = Instant::now();

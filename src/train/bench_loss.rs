@@ -10,7 +10,7 @@ use crate::backend::TrainBackend;
 use burn::tensor::{Distribution, Int, Tensor};
 use serde::Serialize;
 
-use crate::backend::{self, BackendJob};
+use crate::backend::{self, gib, BackendJob};
 use crate::error::{Error, Result};
 use crate::model::IGNORE_INDEX;
 
@@ -88,7 +88,6 @@ impl BackendJob for LossBench {
                 step_seconds.push(secs);
             }
         }
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         Ok(LossBenchReport {
             fused: self.fused,
             tokens: self.tokens,

@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
-use crate::backend::TrainBackend;
+use crate::backend::{gib, TrainBackend};
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
@@ -89,7 +89,6 @@ fn trace_memory<B: TrainBackend>(device: &B::Device, layer: usize) {
         return;
     }
     let _ = B::sync(device);
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::backend::device_memory::<B>(device) {
         Some(m) => eprintln!("memory after layer {layer}: {:.2} GiB in use, {:.2} GiB reserved", gib(m.in_use), gib(m.reserved)),
         // CPU: the process's resident memory (Linux).
