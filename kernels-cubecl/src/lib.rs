@@ -38,7 +38,7 @@ pub use linear_cross_entropy::{
     WantedGrads,
 };
 pub use lora_linear::{lora_forward, DropoutMask, LoraFactors};
-pub use optimizer::{AdamWStep, AdamWUpdated, FusedOptimizerBackend};
+pub use optimizer::{AdamWStep, AdamWTensors, AdamWUpdated, FusedOptimizerBackend};
 pub use qkv::{qkv_attention, qkv_rotary, QkvLayout};
 pub use residual_norm::fused_add_rms_norm;
 

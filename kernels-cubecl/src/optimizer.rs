@@ -1,12 +1,13 @@
-//! The optimizer's per-parameter arithmetic as single operations: AdamW's update of one
-//! parameter with its moments (gradient clipping folded in), and a gradient's sum of squares
-//! for the global norm.
+//! The optimizer's arithmetic over many tensors at once: AdamW's update of a list of parameters
+//! with their moments (gradient clipping folded in), and the sum of squares of a list of
+//! gradients for the global norm.
 //!
 //! A LoRA step updates hundreds of small tensors; as chains of Burn ops each update is a dozen
-//! launches over a few thousand elements, so the step is bound by launches, not by memory.
-//! [`FusedOptimizerBackend`]'s provided methods are those chains (NdArray uses them); CubeCL
-//! backends run one kernel per parameter for each. Optimizer state is never tracked, so no
-//! autodiff implementation is needed beyond forwarding.
+//! launches over a few thousand elements, and even one kernel per tensor leaves the step's end
+//! bound by the host's launches. [`FusedOptimizerBackend`]'s provided methods are the chains
+//! (NdArray uses them); CubeCL backends run multi-tensor kernels, dozens of tensors per launch,
+//! as torch's fused AdamW does. Optimizer state is never tracked, so no autodiff implementation
+//! is needed beyond forwarding.
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
@@ -41,20 +42,26 @@ pub struct AdamWUpdated<B: Backend> {
     pub exp_avg_sq: Tensor<B, 1>,
 }
 
-/// Backends that run the optimizer's fused per-parameter operations.
+/// One parameter of an AdamW update with its gradient and moments.
+pub struct AdamWTensors<B: Backend> {
+    /// `[n]`, any float dtype (updated in f32).
+    pub param: Tensor<B, 1>,
+    /// `[n]`, f32.
+    pub grad: Tensor<B, 1>,
+    /// `[n]`, f32.
+    pub exp_avg: Tensor<B, 1>,
+    /// `[n]`, f32.
+    pub exp_avg_sq: Tensor<B, 1>,
+}
+
+/// Backends that run the optimizer's fused operations.
 pub trait FusedOptimizerBackend: Backend {
-    /// One AdamW update of `param` (`[n]`, any float dtype, updated in f32) from `grad` (`[n]`,
-    /// f32) times `grad_scale` (a one-element f32 tensor: the clipping coefficient, left on the
-    /// device) and the f32 moments.
-    fn adamw_update(
-        param: Tensor<Self, 1>,
-        grad: Tensor<Self, 1>,
-        grad_scale: Tensor<Self, 1>,
-        exp_avg: Tensor<Self, 1>,
-        exp_avg_sq: Tensor<Self, 1>,
-        step: AdamWStep,
-    ) -> AdamWUpdated<Self> {
-        adamw_update_value(param, grad, grad_scale, exp_avg, exp_avg_sq, step)
+    /// One AdamW update of each of `tensors` with the same scalars, every gradient times
+    /// `grad_scale` (a one-element f32 tensor: the clipping coefficient, left on the device);
+    /// the updated tensors in `tensors`' order. CubeCL backends update a list of tensors per
+    /// launch (moments in place when nothing else holds them).
+    fn adamw_update_many(tensors: Vec<AdamWTensors<Self>>, grad_scale: Tensor<Self, 1>, step: AdamWStep) -> Vec<AdamWUpdated<Self>> {
+        tensors.into_iter().map(|t| adamw_update_value(t, grad_scale.clone(), step)).collect()
     }
 
     /// `sum(g^2)` over every element of every tensor of `grads` (each `[n]`, f32) as a
@@ -75,15 +82,13 @@ pub fn sum_of_squares_value<B: Backend>(grads: &[Tensor<B, 1>]) -> Tensor<B, 1> 
     Tensor::cat(sums, 0).sum()
 }
 
-/// [`FusedOptimizerBackend::adamw_update`] in plain Burn.
-pub fn adamw_update_value<B: Backend>(
-    param: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    grad_scale: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
-    s: AdamWStep,
-) -> AdamWUpdated<B> {
+/// One parameter's update of [`FusedOptimizerBackend::adamw_update_many`] in plain Burn.
+pub fn adamw_update_value<B: Backend>(t: AdamWTensors<B>, grad_scale: Tensor<B, 1>, s: AdamWStep) -> AdamWUpdated<B> {
+    let AdamWTensors { param, grad, exp_avg, exp_avg_sq } = t;
+    if param.dims()[0] == 0 {
+        // Nothing to update; on CUDA a launch over no elements fails.
+        return AdamWUpdated { param, exp_avg, exp_avg_sq };
+    }
     let dtype = param.dtype();
     let p = if dtype == DType::F32 { param } else { param.cast(FloatDType::F32) };
     let g = grad * grad_scale;
@@ -105,20 +110,20 @@ where
 
 /// The inner backend's operations on the untracked values.
 impl<B: FusedOptimizerBackend, C: CheckpointStrategy> FusedOptimizerBackend for Autodiff<B, C> {
-    fn adamw_update(
-        param: Tensor<Self, 1>,
-        grad: Tensor<Self, 1>,
-        grad_scale: Tensor<Self, 1>,
-        exp_avg: Tensor<Self, 1>,
-        exp_avg_sq: Tensor<Self, 1>,
-        step: AdamWStep,
-    ) -> AdamWUpdated<Self> {
-        let u = B::adamw_update(param.inner(), grad.inner(), grad_scale.inner(), exp_avg.inner(), exp_avg_sq.inner(), step);
-        AdamWUpdated {
-            param: Tensor::from_inner(u.param),
-            exp_avg: Tensor::from_inner(u.exp_avg),
-            exp_avg_sq: Tensor::from_inner(u.exp_avg_sq),
-        }
+    fn adamw_update_many(tensors: Vec<AdamWTensors<Self>>, grad_scale: Tensor<Self, 1>, step: AdamWStep) -> Vec<AdamWUpdated<Self>> {
+        let inner = tensors
+            .into_iter()
+            .map(|t| AdamWTensors { param: t.param.inner(), grad: t.grad.inner(), exp_avg: t.exp_avg.inner(), exp_avg_sq: t.exp_avg_sq.inner() })
+            .collect();
+        let updated = B::adamw_update_many(inner, grad_scale.inner(), step);
+        updated
+            .into_iter()
+            .map(|u| AdamWUpdated {
+                param: Tensor::from_inner(u.param),
+                exp_avg: Tensor::from_inner(u.exp_avg),
+                exp_avg_sq: Tensor::from_inner(u.exp_avg_sq),
+            })
+            .collect()
     }
 
     fn sum_of_squares(grads: &[Tensor<Self, 1>]) -> Tensor<Self, 1> {

@@ -1,14 +1,15 @@
-//! The fused AdamW update against its plain-Burn definition on the same backend (wgpu here:
-//! lavapipe on machines without a GPU; CUDA in the ignored tests) over several steps, sizes that
-//! are no multiple of a cube, with and without weight decay and a clipping scale; the definition
-//! and the global sum of squares against the same maths in f64 on the host.
+//! The multi-tensor AdamW update against its plain-Burn definition on the same backend (wgpu
+//! here: lavapipe on machines without a GPU; CUDA in the ignored tests) over several steps, lists
+//! longer than one launch takes, sizes that are no multiple of a cube (an empty one among them),
+//! with and without weight decay and a clipping scale; the definition and the global sum of
+//! squares against the same maths in f64 on the host.
 
 use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use kernels_cubecl::optimizer::adamw_update_value;
-use kernels_cubecl::{AdamWStep, FusedOptimizerBackend};
+use kernels_cubecl::{AdamWStep, AdamWTensors, FusedOptimizerBackend};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
@@ -41,52 +42,83 @@ fn assert_close(label: &str, got: &[f32], want: &[f32], tolerance: f32) {
 
 const SIZES: [usize; 4] = [1, 7, 4_099, 300_001];
 
-/// Five AdamW steps from zero moments by `B`'s kernel and by the definition, the parameter
-/// stored in `dtype`.
+/// The sizes of one AdamW list: more tensors than a launch takes (15 on CUDA, up to 32
+/// elsewhere), every size of [`SIZES`] and an empty tensor among them.
+fn list_sizes() -> Vec<usize> {
+    (0..45).map(|i| if i == 5 { 0 } else { SIZES[i % SIZES.len()] + i }).collect()
+}
+
+/// Five AdamW steps of a list of parameters from zero moments by `B`'s multi-tensor kernel and
+/// by the definition, the parameters stored in `dtype`.
 fn adamw_matches_definition<B: FusedOptimizerBackend>(device: &B::Device, dtype: DType, tolerance: f32) {
-    for (i, n) in SIZES.into_iter().enumerate() {
-        for (decay, clip) in [(0.0, 1.0), (0.1, 0.37)] {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
-            let f32_tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32));
-            let param = f32_tensor(rng.values(n, 1.0)).cast(dtype);
-            let scale = Tensor::<B, 1>::from_data(TensorData::new(vec![clip], [1]), (device, DType::F32));
-            let zeros = || Tensor::<B, 1>::zeros([n], (device, DType::F32));
-            let (mut got, mut want) = ((param.clone(), zeros(), zeros()), (param, zeros(), zeros()));
-            for step in 1..=5 {
-                let grad = f32_tensor(rng.values(n, 0.5));
-                let s = AdamWStep {
-                    lr: 1e-2,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: decay,
-                    bias_correction1: 1.0 - 0.9f64.powi(step),
-                    bias_correction2: 1.0 - 0.999f64.powi(step),
-                };
-                let g = B::adamw_update(got.0, grad.clone(), scale.clone(), got.1, got.2, s);
-                let w = adamw_update_value(want.0, grad, scale.clone(), want.1, want.2, s);
-                assert_eq!(g.param.dtype(), dtype);
-                let label = format!("adamw n={n} decay={decay} step={step}");
+    let sizes = list_sizes();
+    for (decay, clip) in [(0.0f64, 1.0f32), (0.1, 0.37)] {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ decay.to_bits());
+        let f32_tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), (device, DType::F32));
+        let scale = Tensor::<B, 1>::from_data(TensorData::new(vec![clip], [1]), (device, DType::F32));
+        // (From data, in their dtype: CUDA refuses a fill or a cast over no elements.)
+        let zeros = |n: usize| f32_tensor(vec![0.0; n]);
+        let param = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), (device, dtype));
+        let state: Vec<_> = sizes.iter().map(|&n| (param(rng.values(n, 1.0)), zeros(n), zeros(n))).collect();
+        let (mut got, mut want) = (state.clone(), state);
+        for step in 1..=5 {
+            let grads: Vec<_> = sizes.iter().map(|&n| f32_tensor(rng.values(n, 0.5))).collect();
+            let s = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: decay,
+                bias_correction1: 1.0 - 0.9f64.powi(step),
+                bias_correction2: 1.0 - 0.999f64.powi(step),
+            };
+            let list = |state: Vec<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>)>| -> Vec<AdamWTensors<B>> {
+                state.into_iter().zip(&grads).map(|((param, exp_avg, exp_avg_sq), g)| AdamWTensors { param, grad: g.clone(), exp_avg, exp_avg_sq }).collect()
+            };
+            // Step 1's moments are shared by both (the kernel copies them); later ones are its own.
+            let g = B::adamw_update_many(list(got), scale.clone(), s);
+            let w: Vec<_> = list(want).into_iter().map(|t| adamw_update_value(t, scale.clone(), s)).collect();
+            assert_eq!(g.len(), sizes.len());
+            for (i, (g, w)) in g.iter().zip(&w).enumerate() {
+                assert_eq!((g.param.dtype(), g.param.dims()), (dtype, [sizes[i]]));
+                if sizes[i] == 0 {
+                    // (Burn's wgpu reads an empty tensor as one element.)
+                    continue;
+                }
+                let label = format!("adamw tensor {i} of n={} decay={decay} step={step}", sizes[i]);
                 assert_close(&format!("{label} param"), &values(g.param.clone()), &values(w.param.clone()), tolerance);
                 assert_close(&format!("{label} exp_avg"), &values(g.exp_avg.clone()), &values(w.exp_avg.clone()), tolerance.max(1e-4));
                 assert_close(&format!("{label} exp_avg_sq"), &values(g.exp_avg_sq.clone()), &values(w.exp_avg_sq.clone()), tolerance.max(1e-4));
-                got = (g.param, g.exp_avg, g.exp_avg_sq);
-                want = (w.param, w.exp_avg, w.exp_avg_sq);
             }
+            got = g.into_iter().map(|u| (u.param, u.exp_avg, u.exp_avg_sq)).collect();
+            want = w.into_iter().map(|u| (u.param, u.exp_avg, u.exp_avg_sq)).collect();
         }
     }
+}
+
+/// A moment another tensor still holds is not written in place: the other keeps its values.
+fn adamw_keeps_shared_moments<B: FusedOptimizerBackend>(device: &B::Device) {
+    let t = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), (device, DType::F32));
+    let (m, v) = (t(vec![0.5; 9]), t(vec![0.25; 9]));
+    let s = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, bias_correction1: 0.1, bias_correction2: 0.001 };
+    let tensors = vec![AdamWTensors { param: t(vec![1.0; 9]), grad: t(vec![2.0; 9]), exp_avg: m.clone(), exp_avg_sq: v.clone() }];
+    let u = B::adamw_update_many(tensors, t(vec![1.0]), s);
+    assert_close("updated exp_avg", &values(u[0].exp_avg.clone()), &[0.65; 9], 1e-6);
+    assert_eq!(values(m), [0.5; 9], "the shared exp_avg kept its values");
+    assert_eq!(values(v), [0.25; 9], "the shared exp_avg_sq kept its values");
 }
 
 /// `B`'s sum of squares (the plain-Burn one on NdArray, the chunk kernel on CubeCL) against the
 /// same sum in f64 on the host, an empty gradient among them; and one gradient alone that is empty.
 fn sum_of_squares_matches_host<B: FusedOptimizerBackend>(device: &B::Device) {
     let mut rng = Rng(7);
-    let host: Vec<Vec<f32>> = SIZES.iter().chain(&[0, 2_000_003]).map(|&n| rng.values(n, 1.0)).collect();
+    let sizes: Vec<usize> = SIZES.iter().chain(&[0, 2_000_003]).copied().chain(list_sizes()).collect();
+    let host: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.values(n, 1.0)).collect();
     let grads: Vec<Tensor<B, 1>> = host.iter().map(|v| Tensor::from_data(TensorData::new(v.clone(), [v.len()]), (device, DType::F32))).collect();
-    for count in [1, 3, grads.len()] {
+    for count in [1, 3, 6, grads.len()] {
         let want = host[..count].iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() as f32;
         let got = values(B::sum_of_squares(&grads[..count]));
-        // An f32 sum over up to 2.3 M terms against f64: rounding grows with the count.
+        // An f32 sum over up to 3.8 M terms against f64: rounding grows with the count.
         assert_close(&format!("sum of squares of {count} tensors"), &got, &[want], 1e-3);
     }
     assert_eq!(values(B::sum_of_squares(&grads[4..5])), [0.0], "an empty gradient alone");
@@ -128,7 +160,8 @@ fn ndarray_adamw_matches_torch_formula() {
             bias_correction2: 1.0 - 0.999f64.powi(step),
         };
         p = adamw_host(&p, &g, 0.5, &mut m, &mut v, &s);
-        let u = NdArray::<f32>::adamw_update(tp, t(g), t(vec![0.5]), tm, tv, s);
+        let list = vec![AdamWTensors { param: tp, grad: t(g), exp_avg: tm, exp_avg_sq: tv }];
+        let u = NdArray::<f32>::adamw_update_many(list, t(vec![0.5]), s).pop().unwrap();
         assert_close(&format!("step {step}"), &values(u.param.clone()), &p, 1e-5);
         (tp, tm, tv) = (u.param, u.exp_avg, u.exp_avg_sq);
     }
@@ -142,6 +175,11 @@ fn ndarray_sum_of_squares_matches_host() {
 #[test]
 fn wgpu_adamw_matches_definition() {
     adamw_matches_definition::<Wgpu>(&WgpuDevice::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn wgpu_adamw_keeps_shared_moments() {
+    adamw_keeps_shared_moments::<Wgpu>(&WgpuDevice::default());
 }
 
 #[test]
@@ -165,6 +203,7 @@ mod cuda {
         adamw_matches_definition::<CudaBf16>(&device, DType::F32, 1e-4);
         // A bf16 parameter: both round the f32 update once per step.
         adamw_matches_definition::<CudaBf16>(&device, DType::BF16, 1e-2);
+        adamw_keeps_shared_moments::<CudaBf16>(&device);
         sum_of_squares_matches_host::<CudaBf16>(&device);
     }
 }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor};
-use kernels_cubecl::{AdamWStep, FusedOptimizerBackend};
+use kernels_cubecl::{AdamWStep, AdamWTensors};
 
 use crate::recipe::OptimizerSection;
 
@@ -126,71 +126,153 @@ pub struct AdamW<B: Backend> {
     pub state: BTreeMap<String, Moments<B>>,
 }
 
+/// Parameters per list handed to the backend's multi-tensor update at most (it may split a list
+/// further), and the bytes of parameters per list.
+const LIST_TENSORS: usize = 64;
+const LIST_BYTES: usize = 256 << 20;
+/// Updated parameters are put into the module whenever this many bytes of them wait: the old
+/// values are freed as they go, so a full fine-tuning step holds at most this much twice.
+const FLUSH_BYTES: usize = 1 << 30;
+
+/// One parameter to update: its module path, its value flattened and its rank.
+struct Trained<B: Backend> {
+    path: String,
+    value: Tensor<B, 1>,
+    rank: usize,
+}
+
+/// The trained parameters of `module` that have a gradient in `grads`, in the module's order.
+fn trained<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &Grads<AB::InnerBackend>) -> Vec<Trained<AB::InnerBackend>> {
+    struct Finder<'a, B: AutodiffBackend> {
+        path: Vec<String>,
+        grads: &'a Grads<B::InnerBackend>,
+        found: Vec<Trained<B::InnerBackend>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Finder<'_, B> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let path = self.path.join(".");
+            if self.grads.by_path.contains_key(&path) {
+                let value = param.val().inner();
+                let n = value.shape().num_elements();
+                self.found.push(Trained { path, value: value.reshape([n]), rank: D });
+            }
+        }
+    }
+    let mut finder = Finder::<AB> { path: Vec::new(), grads, found: Vec::new() };
+    module.visit(&mut finder);
+    finder.found
+}
+
+/// `module` with the parameters at the paths of `updated` replaced by those values (reshaped to
+/// the parameters' shapes, `updated` emptied).
+fn put_back<AB: AutodiffBackend, M: Module<AB>>(module: M, updated: &mut BTreeMap<String, Tensor<AB::InnerBackend, 1>>) -> M {
+    struct Replace<'a, B: Backend> {
+        path: Vec<String>,
+        updated: &'a mut BTreeMap<String, Tensor<B, 1>>,
+    }
+    impl<AB: AutodiffBackend> ModuleMapper<AB> for Replace<'_, AB::InnerBackend> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+            let Some(value) = self.updated.remove(&self.path.join(".")) else {
+                return param;
+            };
+            let (id, tensor, mapper) = param.consume();
+            let value = value.reshape(tensor.shape());
+            Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
+        }
+    }
+    if updated.is_empty() {
+        return module;
+    }
+    module.map(&mut Replace::<AB::InnerBackend> { path: Vec::new(), updated })
+}
+
 impl<B: TrainBackend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         AdamW { config, state: BTreeMap::new() }
     }
 
+    /// The scalars of the next update of a parameter of `rank` at its step `step`. Weight decay
+    /// applies to matrices only, never to biases or norm scales (Megatron's default, and
+    /// transformers' Trainer's).
+    fn scalars(&self, rank: usize, step: u64, lr: f64) -> AdamWStep {
+        let c = self.config;
+        AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: if rank >= 2 { c.weight_decay } else { 0.0 },
+            bias_correction1: 1.0 - c.beta1.powi(step as i32),
+            bias_correction2: 1.0 - c.beta2.powi(step as i32),
+        }
+    }
+
     /// One update of every parameter of `module` that has a gradient in `grads`, at learning
-    /// rate `lr`. Weight decay applies to matrices only, never to biases or norm scales
-    /// (Megatron's default, and transformers' Trainer's).
-    pub fn step<AB, M>(&mut self, module: M, grads: Grads<B>, lr: f64) -> M
+    /// rate `lr`: the parameters in lists of the same scalars, each list one multi-tensor update
+    /// of the backend ([`FusedOptimizerBackend::adamw_update_many`]).
+    pub fn step<AB, M>(&mut self, module: M, mut grads: Grads<B>, lr: f64) -> M
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: Module<AB>,
     {
-        struct Update<'a, B: Backend> {
-            path: Vec<String>,
-            grads: Grads<B>,
-            /// [`Grads::scale`], or 1.
-            scale: Option<Tensor<B, 1>>,
-            opt: &'a mut AdamW<B>,
-            lr: f64,
-        }
-        impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend>
-        where
-            AB::InnerBackend: TrainBackend,
-        {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.push(name.to_string());
+        let found = trained::<AB, M>(&module, &grads);
+        let Some(first) = found.first() else {
+            return module;
+        };
+        let scale = grads.scale.take().unwrap_or_else(|| Tensor::ones([1], (&first.value.device(), DType::F32)));
+        let mut module = module;
+        let (mut updated, mut waiting) = (BTreeMap::new(), 0);
+        // Lists being filled, one per set of scalars, each with its bytes.
+        // (The parameters of a list share their step count: it is in the scalars.)
+        let mut lists: Vec<(AdamWStep, u64, Vec<(String, AdamWTensors<B>)>, usize)> = Vec::new();
+        let count = found.len();
+        for (i, t) in found.into_iter().enumerate() {
+            let grad = grads.by_path.remove(&t.path).expect("found by its gradient");
+            let m = self.state.remove(&t.path).unwrap_or_else(|| Moments { exp_avg: grad.zeros_like(), exp_avg_sq: grad.zeros_like(), step: 0 });
+            let step = m.step + 1;
+            let scalars = self.scalars(t.rank, step, lr);
+            let bytes = t.value.shape().num_elements() * t.value.dtype().size();
+            let tensors = AdamWTensors { param: t.value, grad, exp_avg: m.exp_avg, exp_avg_sq: m.exp_avg_sq };
+            match lists.iter_mut().find(|(s, n, _, _)| *s == scalars && *n == step) {
+                Some((_, _, list, list_bytes)) => {
+                    list.push((t.path, tensors));
+                    *list_bytes += bytes;
+                }
+                None => lists.push((scalars, step, vec![(t.path, tensors)], bytes)),
             }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.pop();
+            let last = i + 1 == count;
+            // Run the lists that are full (all of them after the last parameter).
+            let mut k = 0;
+            while k < lists.len() {
+                if last || lists[k].2.len() >= LIST_TENSORS || lists[k].3 >= LIST_BYTES {
+                    let (scalars, step, list, bytes) = lists.swap_remove(k);
+                    let (paths, tensors): (Vec<String>, Vec<AdamWTensors<B>>) = list.into_iter().unzip();
+                    for (path, u) in paths.into_iter().zip(B::adamw_update_many(tensors, scale.clone(), scalars)) {
+                        self.state.insert(path.clone(), Moments { exp_avg: u.exp_avg, exp_avg_sq: u.exp_avg_sq, step });
+                        updated.insert(path, u.param);
+                    }
+                    waiting += bytes;
+                } else {
+                    k += 1;
+                }
             }
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-                let path = self.path.join(".");
-                let Some(g) = self.grads.by_path.remove(&path) else {
-                    return param;
-                };
-                let (id, tensor, mapper) = param.consume();
-                let inner = tensor.inner();
-                let (dims, n) = (inner.dims(), g.dims()[0]);
-                let c = self.opt.config;
-                let m = self.opt.state.remove(&path).unwrap_or_else(|| Moments {
-                    exp_avg: g.zeros_like(),
-                    exp_avg_sq: g.zeros_like(),
-                    step: 0,
-                });
-                let step = m.step + 1;
-                let hyper = AdamWStep {
-                    lr: self.lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    eps: c.eps,
-                    weight_decay: if D >= 2 { c.weight_decay } else { 0.0 },
-                    bias_correction1: 1.0 - c.beta1.powi(step as i32),
-                    bias_correction2: 1.0 - c.beta2.powi(step as i32),
-                };
-                let scale = self.scale.clone().expect("made beside the gradients");
-                let u = AB::InnerBackend::adamw_update(inner.reshape([n]), g, scale, m.exp_avg, m.exp_avg_sq, hyper);
-                self.opt.state.insert(path, Moments { exp_avg: u.exp_avg, exp_avg_sq: u.exp_avg_sq, step });
-                let updated = u.param.reshape(dims);
-                Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
+            if waiting >= FLUSH_BYTES || last {
+                module = put_back::<AB, M>(module, &mut updated);
+                waiting = 0;
             }
         }
-        let ones = |g: &Tensor<B, 1>| Tensor::ones([1], (&g.device(), DType::F32));
-        let scale = grads.scale.clone().or_else(|| grads.by_path.values().next().map(ones));
-        let mut update = Update { path: Vec::new(), grads, scale, opt: self, lr };
-        module.map(&mut update)
+        module
     }
 }

@@ -10,44 +10,6 @@ fn offset3<E: CubePrimitive>(t: &Tensor<E>, i0: usize, i1: usize, i2: usize) -> 
     i0 * t.stride(0) + i1 * t.stride(1) + i2 * t.stride(2)
 }
 
-/// One unit per element: AdamW's update of `param` (`E`) with `g = grad * grad_scale[0]` and the
-/// f32 moments, into `param_out`, `m_out`, `v_out` (contiguous, `[n]`), torch's order of
-/// operations: `p *= 1 - lr wd`, then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn adamw_elements<E: Float>(
-    param: &Tensor<E>,
-    grad: &Tensor<f32>,
-    grad_scale: &Tensor<f32>,
-    m: &Tensor<f32>,
-    v: &Tensor<f32>,
-    param_out: &mut Tensor<E>,
-    m_out: &mut Tensor<f32>,
-    v_out: &mut Tensor<f32>,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    decay: f32,
-    step_size: f32,
-    bc2_sqrt: f32,
-    #[define(E)] _dtype: StorageType,
-) {
-    let i = ABSOLUTE_POS;
-    if i >= param_out.len() {
-        terminate!();
-    }
-    let g = grad[i] * grad_scale[0];
-    let m1 = beta1 * m[i] + (f32::new(1.0) - beta1) * g;
-    let v1 = beta2 * v[i] + (f32::new(1.0) - beta2) * g * g;
-    let mut p = f32::cast_from(param[i]);
-    p = p * (f32::new(1.0) - lr * decay);
-    p = p - step_size * m1 / (v1.sqrt() / bc2_sqrt + eps);
-    param_out[i] = E::cast_from(p);
-    m_out[i] = m1;
-    v_out[i] = v1;
-}
-
 /// Index in `t` (rank 3, unit last stride, other strides multiples of `width`) of the vector
 /// of `width` elements that starts at element `e` of a contiguous `[a, b, c]` tensor.
 #[cube]

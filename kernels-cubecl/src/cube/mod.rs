@@ -11,6 +11,7 @@ mod layer_kernels;
 mod layer_ops;
 mod linear_cross_entropy;
 mod norm_rows;
+mod multi_tensor;
 mod optimizer;
 mod row_kernel;
 mod softmax_rows;

@@ -167,39 +167,3 @@ pub(super) fn rms_norm_grad_rows<E: Float>(
         j = j + units as usize;
     }
 }
-
-/// The gradient norm's partial sums: cube `c` (of `chunks`, [`cube_row`]) writes the sum of
-/// squares of `g`'s elements `[c * units * per_unit, (c + 1) * units * per_unit)` (`g`
-/// contiguous, any float dtype) to `partials[first + c]`. `units` is a power of two and the
-/// cube's size.
-#[cube(launch)]
-pub(super) fn square_sum_chunks<E: Float>(
-    g: &Tensor<E>,
-    partials: &mut Tensor<f32>,
-    first: u32,
-    chunks: u32,
-    #[comptime] units: u32,
-    #[comptime] per_unit: u32,
-    #[define(E)] _dtype: StorageType,
-) {
-    let chunk = cube_row();
-    if chunk >= chunks as usize {
-        terminate!();
-    }
-    let unit = UNIT_POS_X as usize;
-    let n = g.len();
-    let mut i = chunk * (units * per_unit) as usize + unit;
-    let end = (chunk + 1) * (units * per_unit) as usize;
-    let mut sum = f32::new(0.0);
-    while i < end && i < n {
-        let v = f32::cast_from(g[i]);
-        sum = sum + v * v;
-        i = i + units as usize;
-    }
-    let mut sums = SharedMemory::<f32>::new(units as usize);
-    sums[unit] = sum;
-    merge_sum(&mut sums, unit);
-    if unit == 0 {
-        partials[first as usize + chunk] = sums[0];
-    }
-}
