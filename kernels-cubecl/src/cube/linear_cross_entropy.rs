@@ -11,7 +11,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use super::gemm::GemmRuntime;
-use super::row_kernel::{cross_entropy_rows, MAX_ROW_UNITS};
+use super::row_kernel::{cross_entropy_rows, cross_entropy_width, MAX_ROW_UNITS};
 
 use crate::linear_cross_entropy::{check_inputs, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts, WantedGrads};
 
@@ -69,26 +69,32 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
             let h_chunk = cube_tensor(h.clone().slice([start..start + rows, 0..hidden]));
-            // A fresh [rows, vocab] output; the kernel reads and writes it through its strides.
+            // A fresh [rows, vocab] output; the kernel reads it through its strides.
             let logits = gemm(h_chunk.clone(), false, w.clone(), false, DType::F32, None);
+            let width = cross_entropy_width(vocab, logits.meta.strides());
+            // As Liger: the gradient block enters the matmuls in the weights' dtype (f32
+            // accumulation); the kernel writes it so. Forward only, it writes nothing: a
+            // placeholder of one load stands in.
+            let dlogits_shape = if wanted.any() { Shape::new([rows, vocab]) } else { Shape::new([width]) };
+            let dlogits = empty_device_contiguous_dtype(client.clone(), w.device.clone(), dlogits_shape, w_dtype);
             cross_entropy_rows::launch::<R>(
                 &client,
                 CubeCount::Static(rows as u32, 1, 1),
                 CubeDim::new_1d(units),
-                logits.clone().into_tensor_arg(),
+                width,
+                logits.into_tensor_arg(),
                 labels.clone().into_tensor_arg(),
                 losses.clone().into_tensor_arg(),
+                dlogits.clone().into_tensor_arg(),
                 start as u32,
                 ignore_index,
                 units,
                 wanted.any(),
-                [DType::F32.into(), labels.dtype.into()],
+                [DType::F32.into(), w_dtype.into(), labels.dtype.into()],
             );
             if !wanted.any() {
                 continue;
             }
-            // As Liger: the gradient block enters the matmuls in the weights' dtype (f32 accumulation).
-            let dlogits = cube_tensor(float::<R, F, I, BT>(logits).cast(w_dtype));
             if wanted.h {
                 grad_h_chunks.push(float(gemm(dlogits.clone(), false, w.clone(), true, h_dtype, None)));
             }
