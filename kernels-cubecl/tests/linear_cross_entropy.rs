@@ -138,10 +138,11 @@ fn assert_matches(label: &str, got: &Outcome, want: &Outcome, tolerance: f32) {
     }
 }
 
-/// (tokens, hidden, vocab): tokens not a multiple of the chunks below, vocab not a multiple of
-/// the kernel's 256 units per row (and one vocab below it); the row kernel reads 1, 2 and 4
-/// logits a load at these vocabularies (1028: 257 loads a row, one unit takes two).
-const SHAPES: [(usize, usize, usize); 3] = [(37, 24, 1001), (5, 8, 130), (23, 16, 1028)];
+/// (tokens, hidden, vocab): tokens not a multiple of the chunks below, rows of loads not a
+/// multiple of the row kernel's units (up to 1024, or the device's limit) and one row of fewer
+/// loads than units; the kernel reads 1, 2 and 4 logits a load at these vocabularies (4100:
+/// 1025 loads a row, so some unit takes two or more).
+const SHAPES: [(usize, usize, usize); 3] = [(37, 24, 1001), (5, 8, 130), (23, 16, 4100)];
 const SEEDS: [u64; 3] = [1, 2, 3];
 /// `None` is the default chunk (Liger's rule), `Some(1)` a chunk per token.
 const CHUNKS: [Option<usize>; 4] = [None, Some(1), Some(8), Some(64)];

@@ -11,7 +11,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use super::gemm::GemmRuntime;
-use super::row_kernel::{cross_entropy_rows, cross_entropy_width, MAX_ROW_UNITS};
+use super::row_kernel::{cross_entropy_rows, cross_entropy_units, cross_entropy_width};
 
 use crate::linear_cross_entropy::{check_inputs, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts, WantedGrads};
 
@@ -59,7 +59,7 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         let client = w.client.clone();
         let losses = empty_device_contiguous_dtype(client.clone(), w.device.clone(), Shape::new([n]), DType::F32);
         let ignore_index = i32::try_from(options.ignore_index).expect("ignore index fits in i32");
-        let units = vocab.next_power_of_two().min(MAX_ROW_UNITS as usize) as u32;
+        let max_units = client.properties().hardware.max_units_per_cube;
         // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
         let chunk = options.chunk_tokens_for(n, hidden, vocab).min(MAX_CUBES_X);
         let gemm = R::gemm::<F, I, BT>;
@@ -72,6 +72,7 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
             // A fresh [rows, vocab] output; the kernel reads it through its strides.
             let logits = gemm(h_chunk.clone(), false, w.clone(), false, DType::F32, None);
             let width = cross_entropy_width(vocab, logits.meta.strides());
+            let units = cross_entropy_units(vocab / width, max_units);
             // As Liger: the gradient block enters the matmuls in the weights' dtype (f32
             // accumulation); the kernel writes it so. Forward only, it writes nothing: a
             // placeholder of one load stands in.

@@ -3,8 +3,10 @@
 
 use cubecl::prelude::*;
 
-/// Units per cube of [`cross_entropy_rows`] at most; a power of two, as its tree reduction needs.
-pub(super) const MAX_ROW_UNITS: u32 = 256;
+/// Units per cube of [`cross_entropy_rows`] at most (and at most the device's limit); a power of
+/// two, as its tree reduction needs. A chunk of the head is a few hundred rows, one cube each:
+/// 1024 units a row keep enough loads in flight to fill the H200's bandwidth, 256 cannot.
+pub(super) const MAX_ROW_UNITS: u32 = 1024;
 
 /// One cube per row of `logits` (`[rows, vocab]`, f32, read through its strides: a GEMM's output
 /// may have padded rows, as burn-cubecl lays tensors out on CUDA): writes the row's
@@ -118,6 +120,15 @@ pub(super) fn cross_entropy_width(vocab: usize, strides: &[usize]) -> usize {
         return 1;
     }
     [4, 2].into_iter().find(|&w| vocab % w == 0 && strides[0] % w == 0).unwrap_or(1)
+}
+
+/// Units per cube of [`cross_entropy_rows`] for rows of `loads` loads each: a power of two, no
+/// more than the loads need, [`MAX_ROW_UNITS`] or the device's `max_units` (wgpu may allow 256).
+pub(super) fn cross_entropy_units(loads: usize, max_units: u32) -> u32 {
+    let limit = MAX_ROW_UNITS.min(max_units);
+    // The largest power of two within the limit.
+    let limit = 1u32 << (31 - limit.max(1).leading_zeros());
+    loads.next_power_of_two().min(limit as usize) as u32
 }
 
 /// Merges each unit's online `(max, sum of exp(x - max))`, written at `maxes[unit]` /
