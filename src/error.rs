@@ -23,6 +23,10 @@ pub enum Error {
     /// A request the build or the machine cannot serve (no CUDA in this binary, say).
     #[error("{0}")]
     Unsupported(String),
+    /// A parallel launch or collective that failed: a port in use, an unreachable master, ranks
+    /// launched with different recipes, a rank that died or hangs. The message names the rank.
+    #[error("{0}")]
+    Parallel(String),
     /// A broken internal invariant: a bug in trainer, not in the input.
     #[error("internal error: {0}")]
     Internal(String),

@@ -7,6 +7,12 @@
 
 use serde::Serialize;
 
+pub mod comm;
+pub mod rendezvous;
+pub mod tcp;
+#[cfg(test)]
+mod comm_tests;
+
 /// A handle on a group of ranks that cooperate on one parallel dimension (tensor, expert, data).
 ///
 /// Only the coordinates live here; the communicator that carries collectives is attached by the
