@@ -32,7 +32,7 @@ pub use attention::{
 pub use device::{DeviceMemory, DeviceMemoryBackend};
 pub use gate_up::fused_swiglu_packed;
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
-pub use linear::{reference_gemm, LinearBackend};
+pub use linear::{reference_gemm, reference_gemm_scaled, LinearBackend};
 pub use linear_cross_entropy::{
     fused_linear_cross_entropy, FusedCrossEntropyBackend, LinearCrossEntropyOptions, LinearCrossEntropyParts,
     WantedGrads,

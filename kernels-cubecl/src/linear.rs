@@ -32,7 +32,13 @@ pub trait LinearBackend: Backend {
     /// # Shapes
     /// - `op(a)`: `[m, k]`, `op(b)`: `[k, n]` → `[m, n]`
     fn gemm(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
-        reference_gemm(a, ta, b, tb, out, acc)
+        Self::gemm_scaled(a, ta, b, tb, 1.0, out, acc)
+    }
+
+    /// [`gemm`](Self::gemm) of `alpha op(a) @ op(b)` (+ `acc`): the scale applied to the f32
+    /// accumulation before the one rounding to `out`, as cuBLAS's alpha (no pass of its own).
+    fn gemm_scaled(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, alpha: f64, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
+        reference_gemm_scaled(a, ta, b, tb, alpha, out, acc)
     }
 
     /// `a @ b` for each matrix of a batch, in the operands' dtype; either operand may be a view
@@ -76,8 +82,15 @@ pub trait LinearBackend: Backend {
 /// The definition of [`LinearBackend::gemm`] in Burn's ops: the operands cast to f32 (exact for
 /// bf16 / f16), multiplied, added to `acc` in f32, cast to `out`.
 pub fn reference_gemm<B: Backend>(a: Tensor<B, 2>, ta: bool, b: Tensor<B, 2>, tb: bool, out: DType, acc: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    reference_gemm_scaled(a, ta, b, tb, 1.0, out, acc)
+}
+
+/// The definition of [`LinearBackend::gemm_scaled`]: [`reference_gemm`] with the product
+/// times `alpha` in f32 before `acc` is added.
+pub fn reference_gemm_scaled<B: Backend>(a: Tensor<B, 2>, ta: bool, b: Tensor<B, 2>, tb: bool, alpha: f64, out: DType, acc: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
     let op = |t: Tensor<B, 2>, transpose: bool| to_dtype(if transpose { t.transpose() } else { t }, DType::F32);
     let y = op(a, ta).matmul(op(b, tb));
+    let y = if alpha == 1.0 { y } else { y * alpha };
     let y = match acc {
         Some(acc) => to_dtype(acc, DType::F32) + y,
         None => y,

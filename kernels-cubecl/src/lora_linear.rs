@@ -4,13 +4,15 @@
 //!
 //! Precision (A and B are f32, `x` and `w` in the storage dtype): the adapter's input `h` is `x`
 //! times the dropout mask's 0 or 1 (exact in any dtype; `1 / keep` goes into the scale).
-//! `t = s (h A)` accumulates in f32 from `h` as stored: on bf16 with A rounded to bf16, as torch's
-//! autocast computes peft's adapter (`t` is rounded to bf16 for `t B` right after, which bounds
-//! what a finer A could give); other dtypes take `h` to f32 and A as it is. The rank-r product
-//! `t B` (`t` and `B` in the storage dtype) is rounded to the storage dtype and the base GEMM
-//! accumulates `x w` onto it in f32, one rounding of the sum. peft rounds `x w` and `s h A B` to
-//! the storage dtype separately and rounds their sum again; on f32 storage (CPU) both are the same
-//! f32 maths. Backward, with `dy` in the storage dtype and `g = s (dy B^T)` in f32: `dB = t^T dy`,
+//! `t = s (h A)` accumulates in f32 from `h` as stored, the scale applied to the accumulation
+//! (the GEMM's alpha, no pass of its own): on bf16 with A rounded to bf16, as torch's autocast
+//! computes peft's adapter, and `t` written in bf16 (the dtype `t B` and `dB` read it in, which
+//! bounds what a finer A could give); other dtypes take `h` to f32 and A as it is, `t` in f32.
+//! The rank-r product `t B` (`t` and `B` in the storage dtype) is rounded to the storage dtype
+//! and the base GEMM accumulates `x w` onto it in f32, one rounding of the sum. peft rounds `x w`
+//! and `s h A B` to the storage dtype separately and rounds their sum again; on f32 storage (CPU)
+//! both are the same f32 maths. Backward, with `dy` in the storage dtype and `g = s (dy B^T)` in
+//! f32 (the scale again the GEMM's alpha): `dB = t^T dy`,
 //! `dA = h^T g` (f32; on bf16, `h` as stored and `g` as the sum of two bf16 tensors, `g` to about
 //! 2^-17 relative, in one GEMM), `dx = dy w^T + (g A^T) * mask` (the adapter's term rounded to
 //! the storage dtype, the base GEMM accumulating onto it).
@@ -56,16 +58,16 @@ impl<B: Backend> LoraFactors<B> {
     }
 }
 
-/// `(x w + t B, t)` with `t = s (h A)` in f32 and `h` the adapter's input: the forward of
-/// [`LinearBackend::lora_linear`], on any backend.
+/// `(x w + t B, t)` with `t = s (h A)` (bf16 on bf16 storage, else f32) and `h` the adapter's
+/// input: the forward of [`LinearBackend::lora_linear`], on any backend.
 pub fn lora_forward<B: LinearBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>, lora: &LoraFactors<B>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let dtype = x.dtype();
     let h = adapter_input(x.clone(), lora.dropout.as_ref().map(|d| d.kept.clone()));
-    let a = lora.a.clone();
+    let (a, scale) = (lora.a.clone(), lora.scale_with_dropout());
     let t = match dtype {
-        DType::BF16 => B::gemm(h, false, to_dtype(a, dtype), false, DType::F32, None),
-        _ => B::gemm(to_dtype(h, DType::F32), false, to_dtype(a, DType::F32), false, DType::F32, None),
-    } * lora.scale_with_dropout();
+        DType::BF16 => B::gemm_scaled(h, false, to_dtype(a, dtype), false, scale, dtype, None),
+        _ => B::gemm_scaled(to_dtype(h, DType::F32), false, to_dtype(a, DType::F32), false, scale, DType::F32, None),
+    };
     // The adapter's term first, the base GEMM accumulating onto it: the output is written twice
     // and read once, not written twice and read twice.
     let tb = B::gemm(to_dtype(t.clone(), dtype), false, to_dtype(lora.b.clone(), dtype), false, dtype, None);
@@ -124,7 +126,7 @@ impl<B: LinearBackend> Backward<B, 4> for LoraBackward {
         let mask = s.mask.map(float::<B, 2>);
         let (a_dtype, b_dtype) = (a.dtype(), b.dtype());
         let g = (node_x.is_some() || node_a.is_some())
-            .then(|| B::gemm(dy.clone(), false, to_dtype(b, dtype), true, DType::F32, None) * s.scale);
+            .then(|| B::gemm_scaled(dy.clone(), false, to_dtype(b, dtype), true, s.scale, DType::F32, None));
         if let Some(node) = node_b {
             let db = B::gemm(to_dtype(t, dtype), true, dy.clone(), false, b_dtype, None);
             grads.register::<B>(node.id, primitive(db));

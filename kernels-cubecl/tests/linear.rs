@@ -13,7 +13,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use kernels_cubecl::{reference_gemm, DropoutMask, LinearBackend, LoraFactors};
+use kernels_cubecl::{reference_gemm_scaled, DropoutMask, LinearBackend, LoraFactors};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32>;
@@ -227,8 +227,9 @@ fn linear_and_batched_matmul_match_autodiff_of_burn_matmul() {
     matmuls_match_burn::<Reference>(&Default::default(), 1e-5);
 }
 
-/// `op(a) op(b) (+ acc)` through `B::gemm` for every transpose pair, with and without an
-/// accumulator, output f32 and the storage dtype, against [`reference_gemm`] on NdArray.
+/// `alpha op(a) op(b) (+ acc)` through `B::gemm_scaled` for every transpose pair, with and
+/// without an accumulator, alpha 1 and not, output f32 and the storage dtype, against
+/// [`reference_gemm_scaled`] on NdArray.
 fn gemm_matches_reference<B: LinearBackend>(device: &B::Device, tolerance: f32) {
     let (m, k, n) = (37, 45, 29);
     for seed in SEEDS {
@@ -239,20 +240,23 @@ fn gemm_matches_reference<B: LinearBackend>(device: &B::Device, tolerance: f32) 
             let sb = if tb { [n, k] } else { [k, n] };
             let storage = tensor::<B, 1>(&[0.0], [1], device).dtype();
             for out in [DType::F32, storage] {
-                for with_acc in [false, true] {
+                for (with_acc, alpha) in [(false, 1.0), (true, 1.0), (false, 0.37), (true, -2.5)] {
                     let acc = with_acc.then(|| tensor::<B, 2>(&vc, [m, n], device).cast(dtype_of(out)));
-                    let got = values(B::gemm(tensor(&va, sa, device), ta, tensor(&vb, sb, device), tb, out, acc));
+                    let (a, b) = (tensor(&va, sa, device), tensor(&vb, sb, device));
+                    let got = values(if alpha == 1.0 { B::gemm(a, ta, b, tb, out, acc) } else { B::gemm_scaled(a, ta, b, tb, alpha, out, acc) });
                     let cpu = Default::default();
                     let racc = with_acc.then(|| tensor::<Cpu, 2>(&stored::<B>(&vc, device), [m, n], &cpu));
-                    let want = values(reference_gemm::<Cpu>(
+                    let want = values(reference_gemm_scaled::<Cpu>(
                         tensor(&stored::<B>(&va, device), sa, &cpu),
                         ta,
                         tensor(&stored::<B>(&vb, device), sb, &cpu),
                         tb,
+                        alpha,
                         DType::F32,
                         racc,
                     ));
-                    assert_close(&format!("gemm ta={ta} tb={tb} out={out:?} acc={with_acc} seed={seed}"), &got, &want, tolerance);
+                    let case = format!("gemm ta={ta} tb={tb} out={out:?} acc={with_acc} alpha={alpha} seed={seed}");
+                    assert_close(&case, &got, &want, tolerance);
                 }
             }
         }

@@ -45,6 +45,7 @@ impl GemmRuntime for CudaRuntime {
         ta: bool,
         b: CubeTensor<Self>,
         tb: bool,
+        alpha: f64,
         out: DType,
         acc: Option<CubeTensor<Self>>,
     ) -> CubeTensor<Self> {
@@ -53,14 +54,14 @@ impl GemmRuntime for CudaRuntime {
                 // cuBLAS adds into the accumulator's memory: only when it is the sole owner
                 // of a contiguous buffer; else the sum goes into new memory.
                 Some(c) if !(c.is_contiguous() && c.can_mut()) => {
-                    let y = gemm_general(a, ta, b, tb, out, None);
+                    let y = gemm_general(a, ta, b, tb, alpha, out, None);
                     let sum = |t| burn::tensor::Tensor::<CubeBackend<Self, F, I, BT>, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(t));
                     (sum(c) + sum(y)).into_primitive().tensor()
                 }
-                acc => gemm_general(a, ta, b, tb, out, acc),
+                acc => gemm_general(a, ta, b, tb, alpha, out, acc),
             }
         } else {
-            cubecl_gemm::<Self, F, I, BT>(a, ta, b, tb, out, acc)
+            cubecl_gemm::<Self, F, I, BT>(a, ta, b, tb, alpha, out, acc)
         }
     }
 
@@ -209,14 +210,15 @@ impl View {
     }
 }
 
-/// `op(a) @ op(b)` for 2-D tensors, `op` transposing when asked (through strides, no copy), with
-/// output dtype `out` (bf16 / f16 / f32; the inputs bf16, f16 or f32), added in place to `acc`
-/// (which is returned) when given: `C = op(a) op(b) + C`, one rounding.
+/// `alpha op(a) @ op(b)` for 2-D tensors, `op` transposing when asked (through strides, no copy),
+/// with output dtype `out` (bf16 / f16 / f32; the inputs bf16, f16 or f32), added in place to
+/// `acc` (which is returned) when given: `C = alpha op(a) op(b) + C`, one rounding.
 fn gemm_general(
     a: CubeTensor<CudaRuntime>,
     ta: bool,
     b: CubeTensor<CudaRuntime>,
     tb: bool,
+    alpha: f64,
     out: DType,
     acc: Option<CubeTensor<CudaRuntime>>,
 ) -> CubeTensor<CudaRuntime> {
@@ -234,7 +236,7 @@ fn gemm_general(
         // An empty sum: cuBLAS would not touch the output.
         return burn_cubecl::ops::numeric::zeros_client(c.client.clone(), c.device.clone(), c.shape(), out);
     }
-    launch(&a, &b, &c, accumulating);
+    launch(&a, &b, &c, alpha as f32, accumulating);
     c
 }
 
@@ -254,13 +256,13 @@ fn gemm_batched(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeT
         return burn_cubecl::ops::numeric::zeros_client(a.t.client.clone(), a.t.device.clone(), shape, dtype);
     }
     let c = empty_device_contiguous_dtype(a.t.client.clone(), a.t.device.clone(), shape, dtype);
-    launch(&a, &b, &c, false);
+    launch(&a, &b, &c, 1.0, false);
     c
 }
 
-/// `C = op(A) op(B) (+ C when accumulate)` for every matrix of the batch, `C` contiguous
+/// `C = alpha op(A) op(B) (+ C when accumulate)` for every matrix of the batch, `C` contiguous
 /// `[batch, m, n]` in its own dtype.
-fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, accumulate: bool) {
+fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "GEMM inner dimensions: [{m}, {k}] x [{}, {n}]", b.rows);
     let cuda_type = |d: DType| match d {
@@ -274,7 +276,6 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, accumulate: bool) {
     if m == 0 || n == 0 || k == 0 || a.batch == 0 {
         return;
     }
-    let alpha = 1.0f32;
     // cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T into C's buffer read as the
     // column-major [n, m] matrix. A row-major operand is its own transpose column-major (op N);
     // a column-major one is read with op T.

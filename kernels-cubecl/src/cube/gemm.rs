@@ -21,10 +21,11 @@ pub trait GemmRuntime: CubeRuntime {
         ta: bool,
         b: CubeTensor<Self>,
         tb: bool,
+        alpha: f64,
         out: DType,
         acc: Option<CubeTensor<Self>>,
     ) -> CubeTensor<Self> {
-        cubecl_gemm::<Self, F, I, BT>(a, ta, b, tb, out, acc)
+        cubecl_gemm::<Self, F, I, BT>(a, ta, b, tb, alpha, out, acc)
     }
 
     fn gemm_batched<F: FloatElement, I: IntElement, BT: BoolElement>(a: CubeTensor<Self>, b: CubeTensor<Self>) -> CubeTensor<Self> {
@@ -47,17 +48,27 @@ pub fn cubecl_gemm_batched<R: CubeRuntime, F: FloatElement, I: IntElement, BT: B
     matmul(into_contiguous(a), into_contiguous(b), None, MatmulStrategy::default(), dtype).expect("CubeCL matmul launch")
 }
 
-/// `op(a) @ op(b)` (+ `acc`) by CubeCL's matmul, from contiguous operands already in the output
-/// dtype: on CUDA in bf16 it gave wrong sums for transposed views with an f32 output (the fused
-/// cross-entropy's CUDA test, benches/RESULTS.md, 2026-12-01).
+/// `alpha op(a) @ op(b)` (+ `acc`) by CubeCL's matmul, from contiguous operands already in the
+/// output dtype: on CUDA in bf16 it gave wrong sums for transposed views with an f32 output (the
+/// fused cross-entropy's CUDA test, benches/RESULTS.md, 2026-12-01). A scale other than 1 takes
+/// the product in f32 and scales it there, then rounds to `out` once.
 pub fn cubecl_gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     a: CubeTensor<R>,
     ta: bool,
     b: CubeTensor<R>,
     tb: bool,
+    alpha: f64,
     out: DType,
     acc: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
+    if alpha != 1.0 {
+        let y = float::<R, F, I, BT, 2>(cubecl_gemm::<R, F, I, BT>(a, ta, b, tb, 1.0, DType::F32, None)) * alpha;
+        let y = crate::layer_ops::to_dtype(y, out);
+        return match acc {
+            Some(acc) => (float::<R, F, I, BT, 2>(acc) + y).into_primitive().tensor(),
+            None => y.into_primitive().tensor(),
+        };
+    }
     let out_float = match out {
         DType::F32 => Some(FloatDType::F32),
         DType::F16 => Some(FloatDType::F16),
@@ -81,9 +92,9 @@ pub fn cubecl_gemm<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
 }
 
 impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LinearBackend for CubeBackend<R, F, I, BT> {
-    fn gemm(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
+    fn gemm_scaled(a: Tensor<Self, 2>, ta: bool, b: Tensor<Self, 2>, tb: bool, alpha: f64, out: DType, acc: Option<Tensor<Self, 2>>) -> Tensor<Self, 2> {
         let acc = acc.map(|c| c.into_primitive().tensor());
-        float(R::gemm::<F, I, BT>(a.into_primitive().tensor(), ta, b.into_primitive().tensor(), tb, out, acc))
+        float(R::gemm::<F, I, BT>(a.into_primitive().tensor(), ta, b.into_primitive().tensor(), tb, alpha, out, acc))
     }
 
     fn gemm_batched<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {

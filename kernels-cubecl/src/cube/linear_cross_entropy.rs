@@ -62,7 +62,7 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCross
         let max_units = client.properties().hardware.max_units_per_cube;
         // One cube per row along x, and 65535 cubes per dimension is all WebGPU/Vulkan promise.
         let chunk = options.chunk_tokens_for(n, hidden, vocab).min(MAX_CUBES_X);
-        let gemm = R::gemm::<F, I, BT>;
+        let gemm = |a, ta, b, tb, out, acc| R::gemm::<F, I, BT>(a, ta, b, tb, 1.0, out, acc);
         let mut grad_h_chunks = Vec::new();
         // Accumulated in f32 across chunks, in place where the GEMM can.
         let mut grad_w: Option<CubeTensor<R>> = None;
