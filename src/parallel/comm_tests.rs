@@ -27,7 +27,7 @@ fn config(port: u16, rank: usize, world: usize) -> RendezvousConfig {
 }
 
 /// Runs `f` on `world` ranks joined by a rendezvous on a free port; each rank's result, by rank.
-fn on_ranks<T: Send + 'static>(world: usize, f: impl Fn(TcpCommunicator) -> T + Send + Sync + 'static) -> Vec<T> {
+pub(super) fn on_ranks<T: Send + 'static>(world: usize, f: impl Fn(TcpCommunicator) -> T + Send + Sync + 'static) -> Vec<T> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let f = Arc::new(f);

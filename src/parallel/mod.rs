@@ -8,10 +8,15 @@
 use serde::Serialize;
 
 pub mod comm;
+pub mod layers;
+pub mod mesh;
+pub mod regions;
 pub mod rendezvous;
 pub mod tcp;
 #[cfg(test)]
 mod comm_tests;
+#[cfg(test)]
+mod layers_tests;
 
 /// A handle on a group of ranks that cooperate on one parallel dimension (tensor, expert, data).
 ///

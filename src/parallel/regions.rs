@@ -1,0 +1,235 @@
+//! Megatron's region ops: the collectives that enter and leave the tensor- and sequence-parallel
+//! regions of a layer, each one autodiff op whose backward is its dual collective.
+//!
+//! | region op | forward | backward |
+//! | --- | --- | --- |
+//! | [`Region::CopyToTensor`] | identity | all-reduce |
+//! | [`Region::ReduceFromTensor`] | all-reduce | identity |
+//! | [`Region::ScatterToSequence`] | this rank's block of `dim` | all-gather along `dim` |
+//! | [`Region::GatherFromSequence`] | all-gather along `dim` | reduce-scatter along `dim` |
+//! | [`Region::ReduceScatterToSequence`] | reduce-scatter along `dim` | all-gather along `dim` |
+//! | [`Region::GatherFromTensor`] | all-gather along `dim` | this rank's block of `dim` |
+//! | [`Region::ScatterToTensor`] | this rank's block of `dim` | all-gather along `dim` |
+//!
+//! (`GatherFromSequence`'s backward reduce-scatters because what reads its output is
+//! column-parallel: each rank's gradient is a partial sum, Megatron's
+//! `tensor_parallel_output_grad=True`.) The collectives run on the backend's own tensors; on
+//! `Autodiff<B>` on the inner backend's, with the output kept (a collective is never recomputed
+//! by a checkpointing strategy: every rank would have to recompute it at once). A collective that
+//! fails in a backward cannot return its error through Burn's backward pass: it is kept in the
+//! [`GroupComm`] (the gradient is zeros) and [`GroupComm::check`] returns it after the backward.
+
+use std::sync::{Arc, Mutex};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::comm::{CommError, Communicator, ReduceOp};
+use super::ProcessGroup;
+
+/// One process group's communicator, shared by the layers that talk over it, with the first
+/// collective failure of a backward kept for [`check`](Self::check).
+#[derive(Debug, Clone)]
+pub struct GroupComm<B: Backend> {
+    comm: Arc<dyn Communicator<B>>,
+    failure: Arc<Mutex<Option<CommError>>>,
+}
+
+impl<B: Backend> GroupComm<B> {
+    pub fn new(comm: Arc<dyn Communicator<B>>) -> Self {
+        GroupComm { comm, failure: Arc::new(Mutex::new(None)) }
+    }
+
+    pub fn group(&self) -> ProcessGroup {
+        self.comm.group()
+    }
+
+    pub fn communicator(&self) -> &dyn Communicator<B> {
+        self.comm.as_ref()
+    }
+
+    /// The first collective of a backward that failed since the last check, if any.
+    pub fn check(&self) -> Result<(), CommError> {
+        match self.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn latch(&self, e: CommError) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    }
+}
+
+/// A region op, named as Megatron names it (see the module's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    CopyToTensor,
+    ReduceFromTensor,
+    ScatterToSequence,
+    GatherFromSequence,
+    ReduceScatterToSequence,
+    GatherFromTensor,
+    ScatterToTensor,
+}
+
+/// One collective over a group, along one dimension where it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    Identity,
+    AllReduce,
+    /// This rank's block of the dimension.
+    Split(usize),
+    AllGather(usize),
+    ReduceScatter(usize),
+}
+
+impl Region {
+    /// The forward's and the backward's collectives, along `dim`.
+    pub fn collectives(self, dim: usize) -> (Collective, Collective) {
+        use Collective::*;
+        match self {
+            Region::CopyToTensor => (Identity, AllReduce),
+            Region::ReduceFromTensor => (AllReduce, Identity),
+            Region::ScatterToSequence | Region::ScatterToTensor => (Split(dim), AllGather(dim)),
+            Region::GatherFromSequence => (AllGather(dim), ReduceScatter(dim)),
+            Region::ReduceScatterToSequence => (ReduceScatter(dim), AllGather(dim)),
+            Region::GatherFromTensor => (AllGather(dim), Split(dim)),
+        }
+    }
+}
+
+impl Collective {
+    /// The collective on `x` over `comm`'s group (sums in the communicator's order).
+    pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>, comm: &dyn Communicator<B>) -> Result<Tensor<B, D>, CommError> {
+        let size = comm.group().size;
+        let dims = x.dims();
+        let check_dim = |dim: usize| {
+            if dim >= D {
+                return Err(CommError::Invalid(format!("dimension {dim} of a {D}-d tensor")));
+            }
+            Ok(dim)
+        };
+        match self {
+            Collective::Identity => Ok(x),
+            _ if size == 1 => Ok(x),
+            Collective::AllReduce => Ok(comm.all_reduce(flat(x), ReduceOp::Sum)?.reshape(dims)),
+            Collective::Split(dim) => {
+                let dim = check_dim(dim)?;
+                let len = divided(dims[dim], size, "split")?;
+                Ok(x.narrow(dim, comm.group().rank * len, len))
+            }
+            Collective::AllGather(dim) => {
+                let dim = check_dim(dim)?;
+                let front = x.swap_dims(0, dim);
+                let mut gathered = front.dims();
+                gathered[0] *= size;
+                Ok(comm.all_gather(flat(front))?.reshape(gathered).swap_dims(0, dim))
+            }
+            Collective::ReduceScatter(dim) => {
+                let dim = check_dim(dim)?;
+                let front = x.swap_dims(0, dim);
+                let mut scattered = front.dims();
+                scattered[0] = divided(scattered[0], size, "reduce-scatter")?;
+                Ok(comm.reduce_scatter(flat(front), ReduceOp::Sum)?.reshape(scattered).swap_dims(0, dim))
+            }
+        }
+    }
+}
+
+fn flat<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    let n = x.dims().iter().product::<usize>();
+    x.reshape([n])
+}
+
+fn divided(n: usize, size: usize, what: &str) -> Result<usize, CommError> {
+    if !n.is_multiple_of(size) {
+        return Err(CommError::Invalid(format!("{what} of {n} rows over {size} ranks: expected a multiple of {size}")));
+    }
+    Ok(n / size)
+}
+
+/// Backends that run region ops. `Wire` is the backend whose tensors the collectives move: the
+/// backend itself, or autodiff's inner backend.
+pub trait RegionBackend: Backend {
+    type Wire: Backend;
+
+    /// `region`'s forward collective along `dim` (see the module); on autodiff backends its
+    /// backward is the dual collective.
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, D>, CommError>;
+}
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> RegionBackend for NdArray<E, I, Q>
+where
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+    type Wire = Self;
+
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
+        region.collectives(dim).0.apply(x, comm.communicator())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> RegionBackend
+    for burn_cubecl::CubeBackend<R, F, I, BT>
+{
+    type Wire = Self;
+
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
+        region.collectives(dim).0.apply(x, comm.communicator())
+    }
+}
+
+impl<B: RegionBackend<Wire = B>, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
+    type Wire = B;
+
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<B>) -> Result<Tensor<Self, D>, CommError> {
+        let (forward, backward) = region.collectives(dim);
+        let x = x.into_primitive().tensor();
+        let inner = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let dims = inner.dims();
+        let y = forward.apply(inner, comm.communicator())?.into_primitive().tensor();
+        let out = match RegionBackward::<D>.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(RegionState { backward, comm: comm.clone(), dims }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+}
+
+/// What a region op's backward needs: its collective, the group, and the input's shape (for
+/// the zeros it hands back when the collective fails).
+#[derive(Debug, Clone)]
+struct RegionState<B: Backend, const D: usize> {
+    backward: Collective,
+    comm: GroupComm<B>,
+    dims: [usize; D],
+}
+
+#[derive(Debug)]
+struct RegionBackward<const D: usize>;
+
+impl<B: Backend, const D: usize> Backward<B, 1> for RegionBackward<D> {
+    type State = RegionState<B, D>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let Some(node) = node else { return };
+        let RegionState { backward, comm, dims } = ops.state;
+        let (device, dtype) = (grad.device(), grad.dtype());
+        let dx = backward.apply(grad, comm.communicator()).unwrap_or_else(|e| {
+            comm.latch(e);
+            Tensor::zeros(dims, (&device, dtype))
+        });
+        grads.register::<B>(node.id, dx.into_primitive().tensor());
+    }
+}
