@@ -1,6 +1,6 @@
 //! The `trainer` command line: `check`, `models`, `run`, `export`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +57,16 @@ pub enum Command {
         /// checkpoint-N in it (an older one continues in a new run folder beside it).
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Start N ranks on this machine, one process each, as torchrun does (the recipe's
+        /// parallel layout must need N ranks). Rank 0 keeps this terminal; rank k writes
+        /// `rank-logs/rank-k.log` under checkpoint.output_dir. Ranks started by another launcher
+        /// read WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT instead.
+        #[arg(long = "nproc-per-node", value_name = "N")]
+        nproc_per_node: Option<usize>,
+        /// The port rank 0 serves the ranks' rendezvous on, with --nproc-per-node (default: a
+        /// free one).
+        #[arg(long = "master-port", value_name = "PORT", requires = "nproc_per_node")]
+        master_port: Option<u16>,
     },
     /// Turn a run into a merged Hugging Face model, a peft adapter, or a merged base for a
     /// further trainer stage. Reads the recipe the run saved: no flags to repeat.
@@ -219,12 +229,21 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { recipe, set, resume } => {
+        Command::Run { recipe, set, resume, nproc_per_node, master_port } => {
             let loaded = match (&resume, &recipe) {
                 (Some(run), given) => crate::run::resume::recipe_for(run, given.as_deref(), &set)?,
                 (None, Some(file)) => recipe::load(file, &set)?,
                 (None, None) => return Err(Error::Unsupported("trainer run needs a RECIPE, or --resume RUN_DIR to continue a run".into())),
             };
+            if let (Some(n), None) = (nproc_per_node.filter(|&n| n != 1), crate::parallel::launch::RankEnv::from_env()?) {
+                // This process only launches: the ranks run this same command without the
+                // launcher's flags.
+                let args = launcher_free_args(std::env::args().skip(1));
+                let logs = Path::new(&loaded.recipe.checkpoint.output_dir).join("rank-logs");
+                crate::parallel::launch::launch(n, &args, master_port, &logs)?;
+                println!("done: {n} ranks finished");
+                return Ok(());
+            }
             let plan = plan(&loaded, registry, Fetch::All)?;
             let out = train::run::run(train::run::RunRequest { loaded: &loaded, plan: &plan, resume, stop_after: None })?;
             let last = out.losses.last().copied().unwrap_or(f64::NAN);
@@ -358,4 +377,32 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool, show_r
         None => out.push_str("\n\n# data\nnot checked (--no-data): tokenizer, datasets and the dry run skipped"),
     }
     Ok((out, rows))
+}
+
+/// The command line without the launcher's own flags (`--nproc-per-node`, `--master-port`, in
+/// either `--flag value` or `--flag=value` form): what each rank runs.
+fn launcher_free_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    const FLAGS: [&str; 2] = ["--nproc-per-node", "--master-port"];
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if FLAGS.contains(&a.as_str()) {
+            skip_value = true;
+        } else if !FLAGS.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod launcher_tests {
+    #[test]
+    fn ranks_run_the_command_without_the_launchers_flags() {
+        let args = ["run", "r.toml", "--nproc-per-node", "2", "--set", "a=1", "--master-port=29500"].map(String::from);
+        assert_eq!(super::launcher_free_args(args.into_iter()), ["run", "r.toml", "--set", "a=1"].map(String::from).to_vec());
+    }
 }

@@ -103,7 +103,7 @@ fn run_refuses_what_it_cannot_train_with_a_sentence() {
     assert_user_error(&["run", tiny, "--set", &dir, "--resume", "no/such/run"], &["no/such/run", "no such folder"]);
     assert_user_error(
         &["run", tiny, "--set", &dir, "--set", "parallel.data=2", "--set", "train.global_batch_size=8"],
-        &["one device", "2 ranks"],
+        &["layout needs 2 ranks", "--nproc-per-node 2"],
     );
     // A random-init model has no folder to find a tokenizer in.
     assert_user_error(

@@ -386,3 +386,135 @@ fn messages_speak_the_recipes_words() {
 fn check_data(root: &Path, set: &[&str], parts: &[&str]) {
     assert_refused(&trainer(&with_sets(&["check", TINY], &sets(root, set))), parts);
 }
+
+/// A free loopback port for a job's rendezvous.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One rank of a 2-rank job started as a launcher (torchrun) would: its variables set.
+fn rank_process(rank: usize, port: u16, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TRAINER_CACHE", "off")
+        .env("WORLD_SIZE", "2")
+        .env("RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The losses of a run's metrics, by step.
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
+}
+
+/// Every tensor of a safetensors file as f32 values, by name.
+fn tensors(file: &Path) -> BTreeMap<String, Vec<f32>> {
+    trainer::run::checkpoint::read_safetensors(file).unwrap().into_iter().map(|(name, (_, values))| (name, values)).collect()
+}
+
+/// `trainer run --nproc-per-node 2` with `parallel.data = 2` trains as one process does with the
+/// same global batch (dropout on: the masks follow the global micro batch): the same loss at
+/// every step and the same adapter (1e-5 relative); only rank 0 writes the run folder, rank 1
+/// its log.
+#[test]
+fn data_parallel_ranks_train_as_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let common = ["train.max_steps=6", "train.global_batch_size=8", "checkpoint.save_interval=3"];
+    let one = tiny_run(&root.path().join("one"), 6, &common[1..]);
+    let two_root = root.path().join("two");
+    let mut more = common.to_vec();
+    more.push("parallel.data=2");
+    let s = sets(&two_root, &more);
+    let mut args = with_sets(&["run", TINY], &s);
+    args.extend(["--nproc-per-node", "2"]);
+    let o = trainer(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let runs = runs_in(&two_root.join("runs"));
+    assert_eq!(runs.len(), 1, "one run folder, rank 0's");
+    let log = std::fs::read_to_string(two_root.join("runs/rank-logs/rank-1.log")).unwrap();
+    assert!(log.contains("rank 1: training 6 steps"), "{log}");
+    let (want, got) = (losses(&one), losses(&runs[0]));
+    assert_eq!(want.len(), 6);
+    assert_eq!(got.len(), 6);
+    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 * w.abs(), "step {}: loss {g} with 2 ranks, {w} with one", s + 1);
+    }
+    let adapter = |run: &Path| tensors(&run.join("checkpoint-6").join("adapter_model.safetensors"));
+    let (want, got) = (adapter(&one), adapter(&runs[0]));
+    assert_eq!(want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>());
+    for (name, w) in &want {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let diff = got[name].iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "{name} differs by {diff:e} (max {scale:e})");
+    }
+}
+
+/// A layout that does not match the ranks started, and ranks whose recipes differ: exit 2 with
+/// a sentence, from the launcher and from ranks started by hand.
+#[test]
+fn ranks_that_do_not_match_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let s = sets(root.path(), &["train.max_steps=2"]);
+    let mut args = with_sets(&["run", TINY], &s);
+    args.extend(["--nproc-per-node", "2"]);
+    let o = trainer(&args);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("2 ranks were started but the recipe's layout needs 1") && t.contains("exited with code 2"), "{t}");
+    let o = trainer(&with_sets(&["run", TINY], &sets(root.path(), &["parallel.data=2"])));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("--nproc-per-node 2"), "{t}");
+    // Rank 1 with another learning rate: both refuse to start.
+    let port = free_port();
+    let base = sets(root.path(), &["parallel.data=2", "train.max_steps=2"]);
+    let mut other = base.clone();
+    other.push("optimizer.lr=1e-3".into());
+    let r0 = rank_process(0, port, &with_sets(&["run", TINY], &base));
+    let r1 = rank_process(1, port, &with_sets(&["run", TINY], &other));
+    for (rank, child) in [(0, r0), (1, r1)] {
+        let o = child.wait_with_output().unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "rank {rank}: {t}");
+        assert!(t.contains("recipe"), "rank {rank}: {t}");
+    }
+}
+
+/// A rank killed mid-run ends the job: the other rank exits non-zero within 60 s naming it.
+#[test]
+fn a_killed_rank_ends_the_job_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let s = sets(root.path(), &["parallel.data=2", "train.max_steps=100000", "train.global_batch_size=8"]);
+    let args = with_sets(&["run", TINY], &s);
+    let r0 = rank_process(0, port, &args);
+    let mut r1 = rank_process(1, port, &args);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let runs = root.path().join("runs");
+        let run = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop());
+        if run.is_some_and(|run| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().contains("\"loss\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not train a step in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r1.kill().unwrap();
+    r1.wait().unwrap();
+    let killed = Instant::now();
+    let o = r0.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(killed.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to notice", killed.elapsed());
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("rank 1"), "{t}");
+}

@@ -252,3 +252,80 @@ fn finetune_start_from_an_adapter_checks_it() {
     let e = train(&load(out.path(), &["train.max_steps=4", "train.seed=1"]), Some(o.run_dir.clone()), None).unwrap_err().to_string();
     assert!(e.contains("train.seed"), "{e}");
 }
+
+/// Every float parameter of the trainer's model, in visiting order.
+fn parameter_values(t: &Trainer<Cpu>) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+            self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    burn::module::Module::visit(t.model(), &mut c);
+    c.0
+}
+
+/// Data parallelism on 2 thread ranks over loopback TCP: each rank runs one of the global
+/// batch's two micro batches; every step's loss, token count and gradient norm, and every
+/// parameter after the steps, equal one rank running both (1e-5 relative: the ranks' sums meet
+/// in another order).
+#[test]
+fn data_parallel_ranks_train_as_one_rank() {
+    use std::sync::Arc;
+    use trainer::parallel::comm::Communicator;
+    use trainer::parallel::rendezvous::{self, RendezvousConfig};
+    const STEPS: usize = 3;
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |t: &mut Trainer<Cpu>, micro: &[Batch]| (1..=STEPS).map(|s| t.step(s, micro).unwrap()).collect::<Vec<_>>();
+    let (want_stats, want_params) = {
+        let (mut t, rows, pad) = tiny_trainer();
+        let micro = batch::padded(&rows, 4, pad);
+        assert_eq!(micro.len(), 2);
+        (run(&mut t, &micro), parameter_values(&t))
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut listener = Some(listener);
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let listener = if rank == 0 { listener.take() } else { None };
+            std::thread::spawn(move || {
+                let cfg = RendezvousConfig {
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    rank,
+                    world: 2,
+                    fingerprint: "tiny".into(),
+                    timeout: std::time::Duration::from_secs(60),
+                    collective_timeout: std::time::Duration::from_secs(60),
+                };
+                let comm = match listener {
+                    Some(l) => rendezvous::serve(l, &cfg),
+                    None => rendezvous::connect(&cfg),
+                }
+                .unwrap();
+                let (mut t, rows, pad) = tiny_trainer();
+                t.data_parallel = Some(Arc::new(comm) as Arc<dyn Communicator<Cpu>>);
+                let micro = batch::padded(&rows, 4, pad);
+                let stats = run(&mut t, &micro[rank..rank + 1]);
+                (stats, parameter_values(&t))
+            })
+        })
+        .collect();
+    for (rank, handle) in ranks.into_iter().enumerate() {
+        let (stats, params) = handle.join().unwrap();
+        for (s, (got, want)) in stats.iter().zip(&want_stats).enumerate() {
+            let what = format!("rank {rank}, step {}", s + 1);
+            assert_eq!(got.tokens, want.tokens, "{what}: the global batch's tokens");
+            close(got.loss, want.loss, &format!("{what}: loss"));
+            close(got.grad_norm, want.grad_norm, &format!("{what}: gradient norm"));
+        }
+        assert_eq!(params.len(), want_params.len());
+        for (i, (g, w)) in params.iter().zip(&want_params).enumerate() {
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-5 * scale, "rank {rank}: parameter {i} differs by {diff:e} (max {scale:e})");
+        }
+    }
+}

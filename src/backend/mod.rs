@@ -66,7 +66,11 @@ pub fn dispatch<J: BackendJob>(device: Device, dtype: DType, job: J) -> Result<J
 #[cfg(feature = "cuda")]
 fn run_cuda<J: BackendJob>(dtype: DType, job: J) -> Result<J::Output> {
     use burn::backend::cuda::{Cuda, CudaDevice};
-    let device = CudaDevice::default();
+    // Ranks on one machine take one GPU each, by their local rank, as torchrun's do.
+    let device = match crate::parallel::launch::RankEnv::from_env()? {
+        Some(env) => CudaDevice::new(env.local_rank),
+        None => CudaDevice::default(),
+    };
     match dtype {
         DType::Bf16 => job.run::<Cuda<half::bf16>>(device),
         DType::F16 => job.run::<Cuda<half::f16>>(device),

@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 pub mod comm;
+pub mod launch;
 pub mod layers;
 pub mod mesh;
 pub mod regions;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
@@ -18,13 +19,15 @@ use super::interrupt;
 use super::metrics::Metrics;
 use super::names::{hf_name, module_path};
 use super::optimizer::{AdamW, AdamWConfig, Moments};
-use super::trainer::{trained_tokens, Trainer};
+use super::trainer::Trainer;
 use super::{recompute, LrSchedule};
 use crate::backend::{self, BackendJob};
 use crate::data::{self, Batch};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::{self, CausalLm, ModelPlan};
+use crate::parallel::comm::Communicator;
+use crate::parallel::launch::{self, RankEnv};
 use crate::parallel::Layout;
 use crate::recipe::{self, LoadedRecipe, Recipe, Stop, Tuning};
 use crate::run::checkpoint::{self as ckpt, NamedTensor, ResumeFrom, TrainerState};
@@ -74,14 +77,35 @@ impl BackendJob for TrainJob<'_> {
     }
 }
 
-/// Which recipe features this build cannot train with, as one sentence each.
-fn check_supported(r: &Recipe) -> Result<()> {
-    if r.parallel.world_size() > 1 || r.parallel.expert > 1 {
+/// Which recipe features this build cannot train with, as one sentence each; and whether the
+/// ranks started (`ranks`, from the launcher's variables) are the ones the layout names.
+fn check_supported(r: &Recipe, ranks: Option<&RankEnv>) -> Result<()> {
+    let p = &r.parallel;
+    if p.tensor > 1 || p.context > 1 || p.expert > 1 {
         return Err(Error::Unsupported(format!(
-            "this build trains on one device; the recipe asks for {} ranks (parallel.data/tensor/context/expert); \
-             set them to 1 to train on one device",
-            r.parallel.world_size().max(r.parallel.expert)
+            "parallel.tensor = {}, parallel.context = {}, parallel.expert = {}: this build splits a job over \
+             data-parallel ranks only (tensor, sequence, context and expert parallelism are not in the model yet); \
+             set them to 1, and parallel.data to the number of ranks",
+            p.tensor, p.context, p.expert
         )));
+    }
+    let world = p.world_size();
+    match ranks {
+        None if world > 1 => {
+            return Err(Error::Parallel(format!(
+                "the recipe's layout needs {world} ranks (parallel.data = {}): start it with `trainer run RECIPE \
+                 --nproc-per-node {world}`, or from a launcher that sets WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT",
+                p.data
+            )))
+        }
+        Some(env) if env.world != world => {
+            return Err(Error::Parallel(format!(
+                "{} ranks were started but the recipe's layout needs {world} (parallel.data = {}); start {world} ranks \
+                 or set parallel.data = {}",
+                env.world, p.data, env.world
+            )))
+        }
+        _ => {}
     }
     if r.train.tuning == Tuning::Lora && !r.lora.modules_to_save.is_empty() {
         return Err(Error::Unsupported(format!(
@@ -305,13 +329,25 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let loaded = req.loaded;
     let r = &loaded.recipe;
     let plan = req.plan;
-    check_supported(r)?;
+    let ranks = RankEnv::from_env()?;
+    check_supported(r, ranks.as_ref())?;
+    // Rank 0 writes the run folder, the metrics and the checkpoints; every rank trains.
+    let (rank, dp_size) = (ranks.as_ref().map_or(0, |e| e.rank), r.parallel.data);
+    let writer = rank == 0;
     // Everything checkable, before any folder or weight.
     for note in super::preflight::model(loaded, plan, true)?.notes {
         println!("check: {note}");
     }
     super::preflight::settings(r)?;
     let tok = super::preflight::data(r, plan)?;
+    // The ranks meet before any folder or weight: a rank with another recipe is refused here.
+    let world = match &ranks {
+        Some(env) => {
+            println!("rank {} of {}: joining the job at {}:{}", env.rank, env.world, env.master_addr, env.master_port);
+            Some(env.connect(&launch::fingerprint(&loaded.to_toml()))?)
+        }
+        None => None,
+    };
 
     // Where to start from. A run continued exactly takes the recipe it was trained with: only
     // keys that keep it exact may differ (run::resume), and its folder is locked first.
@@ -330,7 +366,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
             changes = resume::changes(&saved.recipe, r, dir)?;
         }
         let p = resume::placement(dir, state.step)?;
-        if let Placement::Continue { run_dir } = &p {
+        if let (Placement::Continue { run_dir }, true) = (&p, writer) {
             lock = Some(RunLock::acquire(run_dir)?);
             for gone in ckpt::clear_leftovers(run_dir)? {
                 println!("removed {}, left by an interrupted checkpoint write", gone.display());
@@ -355,11 +391,13 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let micro = r.train.micro_batch_size;
     let batches = prepared.train_batches(micro);
     let val_batches = prepared.val_batches(micro);
+    // Micro batches per rank and step, and over all data-parallel ranks.
     let accum = r.gradient_accumulation_steps();
-    let steps_per_epoch = batches.len() / accum;
+    let per_step = accum * dp_size;
+    let steps_per_epoch = batches.len() / per_step;
     if steps_per_epoch == 0 {
         return Err(Error::data(format!(
-            "{} micro batches of training data, but one optimizer step needs {accum} (train.global_batch_size / \
+            "{} micro batches of training data, but one optimizer step needs {per_step} (train.global_batch_size / \
              train.micro_batch_size); add data or lower train.global_batch_size",
             batches.len()
         )));
@@ -408,9 +446,10 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         )));
     }
 
-    // Everything checkable has passed: now the run folder.
+    // Everything checkable has passed: now the run folder (rank 0's, named to the others).
     let prints = base_prints(r, plan, resume.as_ref())?;
     let run_dir = match (&resume, placement) {
+        _ if !writer => PathBuf::new(),
         (Some(ResumeFrom::Checkpoint { dir, .. }), Some(Placement::Continue { run_dir })) => {
             println!("resuming {} at step {start_step}", dir.display());
             if !changes.is_empty() {
@@ -446,6 +485,13 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         }
     };
     let _lock = lock;
+    let run_dir = match &world {
+        Some(comm) => {
+            let name = comm.broadcast_bytes(run_dir.to_string_lossy().as_bytes(), 0)?;
+            PathBuf::from(String::from_utf8_lossy(&name).into_owned())
+        }
+        None => run_dir,
+    };
     for c in &changes {
         println!("resume: {c}");
     }
@@ -456,11 +502,21 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
     trainer.fused_cross_entropy = r.train.fused_cross_entropy;
-    let mut metrics = Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?;
-    metrics.note(&format!(
-        "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each) into {}",
+    trainer.data_parallel = world.map(|c| Arc::new(c) as Arc<dyn Communicator<B>>);
+    trainer.micro_batch_place = (rank, dp_size);
+    let mut metrics = match writer {
+        true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?),
+        false => None,
+    };
+    let ranks_note = if dp_size > 1 { format!(" on each of {dp_size} data-parallel ranks") } else { String::new() };
+    let note = format!(
+        "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each{ranks_note}) into {}",
         run_dir.display()
-    ));
+    );
+    match metrics.as_mut() {
+        Some(m) => m.note(&note),
+        None => println!("rank {rank}: {note}"),
+    }
 
     let stop_at = req.stop_after.unwrap_or(total_steps).min(total_steps);
     let mut losses = Vec::new();
@@ -477,8 +533,10 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         if order.0 != epoch {
             order = (epoch, epoch_order(batches.len(), r.train.seed, epoch));
         }
-        let first = ((step - 1) % steps_per_epoch) * accum;
-        let step_batches: Vec<Batch> = order.1[first..first + accum].iter().map(|&i| batches[i].clone()).collect();
+        let first = ((step - 1) % steps_per_epoch) * per_step;
+        // This rank's share of the step's micro batches: every `dp_size`-th.
+        let step_batches: Vec<Batch> =
+            order.1[first..first + per_step].iter().skip(rank).step_by(dp_size).map(|&i| batches[i].clone()).collect();
         let stats = trainer.step(step, &step_batches)?;
         if !stats.loss.is_finite() {
             return Err(Error::Data(format!(
@@ -488,27 +546,38 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         }
         losses.push(stats.loss);
         state.step = step;
-        state.micro_batches_consumed = step * accum;
-        state.tokens_seen += step_batches.iter().map(trained_tokens).sum::<usize>() as u64;
+        state.micro_batches_consumed = step * per_step;
+        state.tokens_seen += stats.tokens as u64;
         state.loss = stats.loss;
-        metrics.step(step, step as f64 / steps_per_epoch as f64, &stats)?;
+        if let Some(m) = metrics.as_mut() {
+            m.step(step, step as f64 / steps_per_epoch as f64, &stats)?;
+        }
         let eval_now = r.train.eval_interval.is_some_and(|n| step % n == 0) || (step == total_steps && !val_batches.is_empty());
-        if eval_now {
+        if let (true, Some(m)) = (eval_now, metrics.as_mut()) {
             let (loss, tokens) = trainer.evaluate(&val_batches);
-            metrics.eval(step, loss, tokens)?;
+            m.eval(step, loss, tokens)?;
             eval_loss = Some(loss);
         }
-        let signal = interrupt::requested();
+        // A stop asked of any rank stops them all at this step.
+        let signal = match &trainer.data_parallel {
+            Some(dp) => {
+                let asked = interrupt::requested().map_or(0, |s| s as usize + 1);
+                dp.all_to_all_counts(&vec![asked; dp.group().size])?.into_iter().max().filter(|&v| v > 0).map(|v| (v - 1) as i32)
+            }
+            None => interrupt::requested(),
+        };
         let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
-        if save_now {
+        if let (true, Some(m)) = (save_now, metrics.as_mut()) {
             let dir = save_checkpoint(&run_dir, &trainer, &state, loaded, plan, signal.is_some())?;
-            metrics.note(&format!("saved {}", dir.display()));
+            m.note(&format!("saved {}", dir.display()));
             last_checkpoint = Some((step, dir));
             if let Some(keep) = r.checkpoint.save_total_limit {
                 for gone in ckpt::prune(&run_dir, keep)? {
-                    metrics.note(&format!("removed {} (checkpoint.save_total_limit = {keep})", gone.display()));
+                    m.note(&format!("removed {} (checkpoint.save_total_limit = {keep})", gone.display()));
                 }
             }
+        } else if save_now {
+            last_checkpoint = Some((step, ckpt::checkpoint_dir(&run_dir, step)));
         }
         if let Some(signal) = signal {
             let resume_with = format!("trainer run --resume {}", run_dir.display());
@@ -523,7 +592,8 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
         Some((_, dir)) => dir,
-        None => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
+        None if writer => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
+        None => ckpt::checkpoint_dir(&run_dir, state.step),
     };
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
 }

@@ -4,8 +4,14 @@
 //! with `--calculate_per_token_loss` and transformers with `num_items_in_batch`: each micro
 //! batch contributes `sum(nll) / tokens(global batch)`, so a micro batch of long answers
 //! weighs more than one of short answers, and accumulation does not change the result.
+//!
+//! Under data parallelism each rank runs its share of the global batch's micro batches: the
+//! trained tokens are counted over every rank first (the normaliser is the global batch's), and
+//! the summed gradients and loss are all-reduced in one bucket before the norm, the clipping and
+//! the update, which every rank then computes from the same values (the same update everywhere).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
@@ -20,6 +26,7 @@ use crate::backend::profile::span;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, SequenceContext};
+use crate::parallel::comm::{Communicator, ReduceOp};
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +59,12 @@ pub struct Trainer<B: Backend> {
     /// resident); `train.fused_cross_entropy`.
     pub fused_cross_entropy: bool,
     pub device: B::Device,
+    /// The data-parallel group's communicator; `None` on one rank.
+    pub data_parallel: Option<Arc<dyn Communicator<B>>>,
+    /// `(first, stride)`: this rank's `k`-th micro batch of a step is micro batch
+    /// `first + k stride` of the global batch, whose index seeds its dropout stream (so the masks
+    /// are one rank's whatever the layout). `(0, 1)` on one rank.
+    pub micro_batch_place: (usize, usize),
 }
 
 /// Labels that count in the loss after the one-token shift.
@@ -105,7 +118,7 @@ fn batch_loss<B: TrainBackend>(
 
 impl<B: TrainBackend> Trainer<B> {
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
-        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, fused_cross_entropy: true, device }
+        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, fused_cross_entropy: true, device, data_parallel: None, micro_batch_place: (0, 1) }
     }
 
     pub fn model(&self) -> &CausalLm<Autodiff<B>> {
@@ -146,9 +159,13 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// The global batch's summed loss (one f32 element, on the device), its trained tokens and
-    /// the summed gradients.
+    /// the summed gradients (`micro_batches` are this rank's share of it).
     fn device_gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(Tensor<B, 1>, usize, Grads<B>)> {
-        let tokens: usize = micro_batches.iter().map(trained_tokens).sum();
+        let local: usize = micro_batches.iter().map(trained_tokens).sum();
+        let tokens = match &self.data_parallel {
+            Some(dp) => dp.all_to_all_counts(&vec![local; dp.group().size])?.iter().sum(),
+            None => local,
+        };
         if tokens == 0 {
             return Err(Error::data(format!("step {step}: its {} micro batches have no trained token", micro_batches.len())));
         }
@@ -156,7 +173,7 @@ impl<B: TrainBackend> Trainer<B> {
         let mut grads = Grads::<B>::default();
         let mut loss_sum: Option<Tensor<B, 1>> = None;
         for (k, b) in micro_batches.iter().enumerate() {
-            let seed = stream_seed(self.seed, step, k);
+            let seed = stream_seed(self.seed, step, self.micro_batch_place.0 + k * self.micro_batch_place.1);
             let t = upload(b, &self.device);
             let sum = if self.recompute.is_empty() {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
@@ -177,7 +194,13 @@ impl<B: TrainBackend> Trainer<B> {
             });
         }
         let loss_sum = loss_sum.ok_or_else(|| Error::Internal("a step without micro batches".into()))?;
-        Ok((loss_sum, tokens, grads))
+        match &self.data_parallel {
+            Some(dp) => {
+                let (loss_sum, grads) = span::<B, _>("data_parallel", &self.device, || all_reduce_bucket(dp.as_ref(), loss_sum, grads))?;
+                Ok((loss_sum, tokens, grads))
+            }
+            None => Ok((loss_sum, tokens, grads)),
+        }
     }
 
     /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
@@ -282,6 +305,23 @@ impl<B: TrainBackend> Trainer<B> {
         }
         (if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens)
     }
+}
+
+/// Every rank's gradients and loss summed, as one collective over one flat f32 bucket (the
+/// gradients in path order, the same on every rank of one model, then the loss).
+fn all_reduce_bucket<B: Backend>(dp: &dyn Communicator<B>, loss_sum: Tensor<B, 1>, grads: Grads<B>) -> Result<(Tensor<B, 1>, Grads<B>)> {
+    let Grads { by_path, scale } = grads;
+    let sizes: Vec<(String, usize)> = by_path.iter().map(|(p, g)| (p.clone(), g.dims()[0])).collect();
+    let mut parts: Vec<Tensor<B, 1>> = by_path.into_values().collect();
+    parts.push(loss_sum);
+    let summed = dp.all_reduce(Tensor::cat(parts, 0), ReduceOp::Sum)?;
+    let mut offset = 0;
+    let mut by_path = std::collections::BTreeMap::new();
+    for (path, n) in sizes {
+        by_path.insert(path, summed.clone().narrow(0, offset, n));
+        offset += n;
+    }
+    Ok((summed.narrow(0, offset, 1), Grads { by_path, scale }))
 }
 
 /// The value of a one-element tensor as f32, read in the tensor's own dtype: `into_scalar`
