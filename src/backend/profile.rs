@@ -4,7 +4,10 @@
 //!
 //! Off unless [`enable`]d (`trainer bench --profile`), and then only the calling thread's
 //! spans count. Synchronising serialises the host with the device, so a profiled step is slower
-//! than a timed one; the breakdown is meant for shares, not totals. Spans nest: a span's name is
+//! than a timed one; the breakdown is meant for shares, not totals. [`Level::Coarse`] times only
+//! the step's phases and the attention core ([`COARSE`]): a few synchronisations per layer
+//! instead of ~15, so the phases' totals (the forward outside the core, say) are close to what
+//! an unprofiled step spends on them. Spans nest: a span's name is
 //! its path (`layer/attention/core`), and a parent's time includes its children's. The pools
 //! keep what they reserve, so the spans whose growth is not zero are where the step's
 //! high-water mark was set.
@@ -17,9 +20,23 @@ use kernels_cubecl::DeviceMemoryBackend;
 
 use super::gib;
 
+/// How much of a step [`span`] times.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    #[default]
+    Off,
+    /// Only the spans named in [`COARSE`].
+    Coarse,
+    /// Every span.
+    Fine,
+}
+
+/// The spans [`Level::Coarse`] times: a step's phases and the attention core.
+pub const COARSE: [&str; 7] = ["forward", "recompute", "backward", "head", "optimizer", "data_parallel", "core"];
+
 #[derive(Default)]
 struct State {
-    on: bool,
+    level: Level,
     stack: Vec<&'static str>,
     spans: BTreeMap<String, Totals>,
 }
@@ -43,22 +60,29 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
 }
 
-/// Start (or stop) recording spans on this thread; starting clears what was recorded.
-pub fn enable(on: bool) {
+/// Start (or stop: [`Level::Off`]) recording spans on this thread; starting clears what was
+/// recorded.
+pub fn enable(level: Level) {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        s.on = on;
-        if on {
+        s.level = level;
+        if level != Level::Off {
             s.spans.clear();
             s.stack.clear();
         }
     });
 }
 
-/// Run `f` as span `name`: when recording, the device is synchronised before and after, and the
-/// time between is added to the span's path, with the device's memory after it.
+/// Run `f` as span `name`: when recording it (see [`Level`]), the device is synchronised before
+/// and after, and the time between is added to the span's path (the recorded spans it runs
+/// in), with the device's memory after it.
 pub fn span<B: DeviceMemoryBackend, T>(name: &'static str, device: &B::Device, f: impl FnOnce() -> T) -> T {
-    if !STATE.with(|s| s.borrow().on) {
+    let recorded = STATE.with(|s| match s.borrow().level {
+        Level::Off => false,
+        Level::Coarse => COARSE.contains(&name),
+        Level::Fine => true,
+    });
+    if !recorded {
         return f();
     }
     let _ = B::sync(device);
@@ -125,17 +149,28 @@ mod tests {
     fn spans_nest_by_path_and_count_calls_only_while_enabled() {
         let d = Default::default();
         span::<B, _>("ignored", &d, || ());
-        enable(true);
+        enable(Level::Fine);
         for _ in 0..2 {
             span::<B, _>("layer", &d, || span::<B, _>("mlp", &d, || std::thread::sleep(std::time::Duration::from_millis(2))));
         }
         let t = totals();
-        enable(false);
+        enable(Level::Off);
         let paths: Vec<_> = t.iter().map(|s| (s.path.as_str(), s.calls)).collect();
         assert_eq!(paths, [("layer", 2), ("layer/mlp", 2)]);
         assert!(t.iter().all(|s| s.in_use_gib.is_none() && s.reserved_growth_gib.is_none()), "no device allocator on NdArray");
         assert!(t[0].seconds >= t[1].seconds && t[1].seconds >= 0.004, "{t:?}");
         span::<B, _>("after", &d, || ());
         assert_eq!(totals().len(), 2);
+    }
+
+    #[test]
+    fn coarse_level_times_only_the_phases_and_the_core() {
+        let d = Default::default();
+        enable(Level::Coarse);
+        span::<B, _>("forward", &d, || span::<B, _>("layer", &d, || span::<B, _>("attention", &d, || span::<B, _>("core", &d, || ()))));
+        span::<B, _>("mlp", &d, || ());
+        let paths: Vec<_> = totals().into_iter().map(|s| s.path).collect();
+        enable(Level::Off);
+        assert_eq!(paths, ["forward", "forward/core"]);
     }
 }

@@ -60,6 +60,9 @@ pub struct BenchReport {
     /// With `--profile`: one more step after the timed ones, its spans timed with the device
     /// synchronised around each ([`crate::backend::profile`]); seconds by span path.
     pub profile: Vec<profile::SpanTotal>,
+    /// With `--profile`: one more step at [`profile::Level::Coarse`] (the phases and the
+    /// attention core, few synchronisations), for totals close to an unprofiled step's.
+    pub profile_coarse: Vec<profile::SpanTotal>,
     /// Times per timed step the host waited for the device inside the step
     /// ([`crate::backend::host_syncs`]: value reads, synchronised GEMMs).
     pub syncs_per_step: f64,
@@ -237,32 +240,33 @@ impl BackendJob for Job<'_> {
             }
         }
         let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
-        let spans = if self.profile {
-            let b = batch();
-            // (The last step ended synchronised.) The pools give back what no tensor holds, so
-            // the profiled step regrows them and each span's growth says where the step's
-            // high-water mark is set.
-            B::memory_cleanup(&device);
-            profile::enable(true);
-            let t = Instant::now();
-            let stats = trainer.step(self.warmup + self.steps + 1, std::slice::from_ref(&b));
-            let secs = t.elapsed().as_secs_f64();
-            let spans = profile::totals();
-            profile::enable(false);
-            stats?;
+        let (spans, spans_coarse) = if self.profile {
+            // (The last step ended synchronised.) Fine first: the pools give back what no tensor
+            // holds, so the profiled step regrows them and each span's growth says where the
+            // step's high-water mark is set.
+            let mut profiled = |level: profile::Level| -> Result<(f64, Vec<profile::SpanTotal>)> {
+                let b = batch();
+                B::memory_cleanup(&device);
+                profile::enable(level);
+                let t = Instant::now();
+                let stats = trainer.step(self.warmup + self.steps + 1, std::slice::from_ref(&b));
+                let secs = t.elapsed().as_secs_f64();
+                let spans = profile::totals();
+                profile::enable(profile::Level::Off);
+                stats?;
+                Ok((secs, spans))
+            };
+            let (secs, spans) = profiled(profile::Level::Fine)?;
             eprintln!("bench: profiled step {secs:.3} s (device synchronised around each span; GiB: in use at the span's end, the pools' growth in it)");
-            for s in &spans {
-                let depth = s.path.matches('/').count();
-                // Device memory: the most in use at the span's end, and the pools' growth in it.
-                let memory = match (s.in_use_gib, s.reserved_growth_gib) {
-                    (Some(used), Some(grew)) => format!(" {used:>6.2} GiB {:>+7.2}", grew),
-                    _ => String::new(),
-                };
-                eprintln!("  {:>8.1} ms {:>5.1}% {:>6}x{memory}  {}{}", s.seconds * 1e3, 100.0 * s.seconds / secs, s.calls, "  ".repeat(depth), s.path.rsplit('/').next().unwrap_or(""));
-            }
-            spans
+            print_spans(&spans, secs);
+            let (secs, coarse) = profiled(profile::Level::Coarse)?;
+            eprintln!("bench: coarse profiled step {secs:.3} s (synchronised around the phases and the attention core only)");
+            print_spans(&coarse, secs);
+            let ms = |path: &str| coarse.iter().find(|s| s.path == path).map_or(0.0, |s| s.seconds * 1e3);
+            eprintln!("bench: forward outside the attention core {:.1} ms (coarse: forward {:.1} - core {:.1})", ms("forward") - ms("forward/core"), ms("forward"), ms("forward/core"));
+            (spans, coarse)
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         Ok(BenchReport {
             family: self.plan.spec.family.clone(),
@@ -286,10 +290,24 @@ impl BackendJob for Job<'_> {
             reserved_gib,
             build_phases: phases,
             profile: spans,
+            profile_coarse: spans_coarse,
             syncs_per_step: syncs as f64 / self.steps.max(1) as f64,
             gemm_ordering: None,
             timed_unix,
         })
+    }
+}
+
+/// The profiled spans, one line each, indented by depth, with their share of the step's `secs`.
+fn print_spans(spans: &[profile::SpanTotal], secs: f64) {
+    for s in spans {
+        let depth = s.path.matches('/').count();
+        // Device memory: the most in use at the span's end, and the pools' growth in it.
+        let memory = match (s.in_use_gib, s.reserved_growth_gib) {
+            (Some(used), Some(grew)) => format!(" {used:>6.2} GiB {:>+7.2}", grew),
+            _ => String::new(),
+        };
+        eprintln!("  {:>8.1} ms {:>5.1}% {:>6}x{memory}  {}{}", s.seconds * 1e3, 100.0 * s.seconds / secs, s.calls, "  ".repeat(depth), s.path.rsplit('/').next().unwrap_or(""));
     }
 }
 
