@@ -19,6 +19,8 @@ STEPS=${STEPS:-3}
 OUT=${OUT:-/tmp/bench}
 BASELINES=${BASELINES-peft liger}
 mkdir -p "$OUT"
+# Which card each row ran on (H100 and H200 calls are not comparable with each other).
+export GPU_NAME=${GPU_NAME:-$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null)}
 if [[ " $BASELINES " == *" liger "* ]] && ! python3 -c 'import liger_kernel' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/liger .whl/liger_kernel-*.whl \
     && export PYTHONPATH=/tmp/liger:${PYTHONPATH:-}
@@ -61,7 +63,7 @@ fpt = r.get("flops_per_token")
 row = {
     "date": datetime.date.today().isoformat(), "commit": os.environ.get("COMMIT", "unknown"), "case": case,
     "impl": "trainer" if "-trainer" in name else r.get("impl", name),
-    "gpus": 1, "micro_batch": r.get("micro_batch"), "seq_len": r.get("seq_len"), "recompute": recompute == "1",
+    "gpus": 1, "device": os.environ.get("GPU_NAME"), "micro_batch": r.get("micro_batch"), "seq_len": r.get("seq_len"), "recompute": recompute == "1",
     "s_per_step": r.get("s_per_step"), "tokens_per_s": r.get("tokens_per_s"), "peak_gib": round(peak, 2),
     "mfu": round(fpt * r["tokens_per_s"] / PEAK, 4) if fpt and r.get("tokens_per_s") else None,
     "gpu_busy": round(r["gpu_busy"], 3) if r["gpu_busy"] is not None else None,
