@@ -18,7 +18,7 @@ use trainer::recipe::{Decay, OptimizerSection, Recipe, ScheduleSection};
 use trainer::run::checkpoint::read_safetensors;
 use trainer::train::names::hf_name;
 use trainer::train::optimizer::{AdamW, AdamWConfig};
-use trainer::train::run::load_trained;
+use trainer::train::checkpoints::load_trained;
 use trainer::train::{LrSchedule, Trainer};
 
 fn case_dir(case: &str) -> PathBuf {

@@ -459,6 +459,74 @@ fn data_parallel_ranks_train_as_one_process() {
     }
 }
 
+/// Max |got - want| over max |want| of every tensor two safetensors files share, which must be
+/// the same names.
+fn worst_difference(got: &Path, want: &Path) -> (String, f32) {
+    let (got, want) = (tensors(got), tensors(want));
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    let mut worst = (String::new(), 0f32);
+    for (name, w) in &want {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let diff = got[name].iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        if diff > worst.1 {
+            worst = (name.clone(), diff);
+        }
+    }
+    worst
+}
+
+/// `trainer run --nproc-per-node N` with the layers split over tensor-parallel ranks (2 ranks
+/// with sequence parallelism; 4 ranks as 2 data-parallel replicas of 2 tensor ranks), full layer
+/// recompute and evaluation, trains as one process does: every step's loss within 1e-5
+/// relative, the gathered checkpoint's adapter (peft's names and one device's shapes) within
+/// 2e-4 of each tensor's largest value (AdamW's scale-free update turns last-bit differences of
+/// near-zero gradients into weight differences up to the learning rate), and a tensor-parallel
+/// run resumed from its checkpoint (adapter and optimizer moments sliced back out) ends where
+/// one process does. Dropout is off: a row-parallel layer draws its mask over its own slice of
+/// the inputs, so masks are not one process's.
+#[test]
+fn tensor_parallel_ranks_train_as_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let common = ["train.global_batch_size=8", "checkpoint.save_interval=3", "lora.dropout=0.0", "train.recompute.granularity=\"full\"", "train.eval_interval=3"];
+    let one = tiny_run(&root.path().join("one"), 8, &common);
+    let adapter = |run: &Path, step: usize| run.join(format!("checkpoint-{step}")).join("adapter_model.safetensors");
+    for (name, nproc, layout) in [("tp2-sp", "2", &["parallel.tensor=2", "parallel.sequence_parallel=true"][..]), ("dp2-tp2", "4", &["parallel.data=2", "parallel.tensor=2"][..])] {
+        let dir = root.path().join(name);
+        let mut more: Vec<&str> = common.to_vec();
+        more.push("train.max_steps=8");
+        more.extend(layout);
+        let s = sets(&dir, &more);
+        let mut args = with_sets(&["run", TINY], &s);
+        args.extend(["--nproc-per-node", nproc]);
+        let o = trainer(&args);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let runs = runs_in(&dir.join("runs"));
+        assert_eq!(runs.len(), 1, "{name}: one run folder, rank 0's");
+        let got = losses(&runs[0]);
+        assert_eq!(got.len(), 8, "{name}");
+        for (s, (g, w)) in got.iter().zip(losses(&one)).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{name}: step {}: loss {g}, one process {w}", s + 1);
+        }
+        let (tensor, diff) = worst_difference(&adapter(&runs[0], 8), &adapter(&one, 8));
+        assert!(diff <= 2e-4, "{name}: {tensor} differs by {diff:e} of its largest value");
+        if name == "tp2-sp" {
+            // Resumed on the same layout from checkpoint-6: a branch that ends where one
+            // process does.
+            let from = runs[0].join("checkpoint-6").display().to_string();
+            let o = trainer(&["run", "--resume", &from, "--nproc-per-node", "2"]);
+            assert!(o.status.success(), "{name} resumed: {}", text(&o));
+            let branch = runs_in(&dir.join("runs")).into_iter().find(|r| r.display().to_string().ends_with("-from-step-6")).expect("the branch folder");
+            let (want, got) = (losses(&one), losses(&branch));
+            assert_eq!(got.len(), 8, "{name} resumed: steps 1-6 copied, 7-8 trained");
+            for s in 6..8 {
+                assert!((got[s] - want[s]).abs() <= 1e-5 * want[s].abs(), "{name} resumed: step {}: loss {}, one process {}", s + 1, got[s], want[s]);
+            }
+            let (tensor, diff) = worst_difference(&adapter(&branch, 8), &adapter(&one, 8));
+            assert!(diff <= 2e-4, "{name} resumed: {tensor} differs by {diff:e} of its largest value");
+        }
+    }
+}
+
 /// A layout that does not match the ranks started, and ranks whose recipes differ: exit 2 with
 /// a sentence, from the launcher and from ranks started by hand.
 #[test]

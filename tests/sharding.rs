@@ -42,10 +42,10 @@ fn max_diff<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
 #[test]
 fn tensor_parallel_mlp_partials_sum_to_the_full_mlp() {
     let x = Tensor::<Cpu, 3>::random([2, 5, 24], Distribution::Normal(0.0, 1.0), &Default::default());
-    let full = with_loader(|ld| Mlp::load(ld, "mlp", 24, 16, ProcessGroup::SINGLE).unwrap()).forward(x.clone());
+    let full = with_loader(|ld| Mlp::load(ld, "mlp", 24, 16, ProcessGroup::SINGLE).unwrap()).forward(x.clone(), None);
     for size in [2, 4] {
         let sum = (0..size)
-            .map(|r| with_loader(|ld| Mlp::load(ld, "mlp", 24, 16, ProcessGroup::new(r, size)).unwrap()).forward(x.clone()))
+            .map(|r| with_loader(|ld| Mlp::load(ld, "mlp", 24, 16, ProcessGroup::new(r, size)).unwrap()).forward(x.clone(), None))
             .reduce(|a, b| a + b)
             .unwrap();
         assert!(max_diff(sum, full.clone()) < 1e-5, "tp={size}");

@@ -329,3 +329,130 @@ fn data_parallel_ranks_train_as_one_rank() {
         }
     }
 }
+
+/// `f(rank, communicator)` on `world` thread ranks that meet over loopback TCP.
+fn on_thread_ranks<T: Send + 'static>(world: usize, f: impl Fn(usize, trainer::parallel::tcp::TcpCommunicator) -> T + Send + Sync + 'static) -> Vec<T> {
+    use trainer::parallel::rendezvous::{self, RendezvousConfig};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (f, mut listener) = (std::sync::Arc::new(f), Some(listener));
+    let ranks: Vec<_> = (0..world)
+        .map(|rank| {
+            let (f, listener) = (f.clone(), if rank == 0 { listener.take() } else { None });
+            std::thread::spawn(move || {
+                let cfg = RendezvousConfig {
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    rank,
+                    world,
+                    fingerprint: "tiny".into(),
+                    timeout: std::time::Duration::from_secs(60),
+                    collective_timeout: std::time::Duration::from_secs(60),
+                };
+                let comm = match listener {
+                    Some(l) => rendezvous::serve(l, &cfg),
+                    None => rendezvous::connect(&cfg),
+                };
+                f(rank, comm.unwrap())
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// A LoRA trainer (dropout off) on the tiny recipe with `sets`, holding `layout`'s slices, and
+/// the recipe's first 8 rows.
+fn tiny_trainer_in(sets: &[&str], layout: Layout, recompute: Vec<std::ops::Range<usize>>) -> (Trainer<Cpu>, Vec<Sample>, u32) {
+    let out = tempfile::tempdir().unwrap();
+    let r = load(out.path(), sets).recipe;
+    let plan = model::plan(&r.model, &Registry::builtin(), Fetch::All).unwrap();
+    let m = model::build::<Autodiff<Cpu>>(&plan, &r.model, layout, &Default::default()).unwrap();
+    let cfg = LoraConfig { rank: 8, scale: 4.0, dropout: 0.0, seed: 3 };
+    let m = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap().0;
+    let opt = AdamW::new(AdamWConfig::from(&r.optimizer));
+    let schedule = LrSchedule::new(&r.optimizer, &r.schedule, 10);
+    let prepared = trainer::data::prepare(&r, Path::new("assets/tiny/tokenizer.json")).unwrap();
+    (Trainer::new(m, opt, schedule, 1.0, 5, recompute, Default::default()), prepared.train[..8].to_vec(), prepared.pad_id)
+}
+
+/// Every float parameter of the trainer's model by Burn path: shape and values.
+fn parameters_by_path(t: &Trainer<Cpu>) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    struct Collect(Vec<String>, std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
+            let v = param.val();
+            self.1.insert(self.0.join("."), (v.dims().to_vec(), v.into_data().convert::<f32>().to_vec().unwrap()));
+        }
+    }
+    let mut c = Collect(Vec::new(), Default::default());
+    burn::module::Module::visit(t.model(), &mut c);
+    c.1
+}
+
+/// Block `rank` of `parts` along `dim` of a 1-D or 2-D row-major tensor of `dims`.
+fn block_of(dims: &[usize], values: &[f32], dim: usize, rank: usize, parts: usize) -> Vec<f32> {
+    match dims {
+        [n] => values[rank * n / parts..(rank + 1) * n / parts].to_vec(),
+        [rows, cols] if dim == 0 => values[rank * rows / parts * cols..(rank + 1) * rows / parts * cols].to_vec(),
+        [rows, cols] => (0..*rows).flat_map(|r| values[r * cols + rank * cols / parts..r * cols + (rank + 1) * cols / parts].to_vec()).collect(),
+        _ => panic!("parameters are 1-D or 2-D, not {dims:?}"),
+    }
+}
+
+/// Tensor parallelism on 2 thread ranks, with and without sequence parallelism, on the tiny MoE
+/// model (experts whole on each rank) and on it as a dense Qwen3 (per-head q/k norms): the loss
+/// equals one rank's and each rank's gradients are its slices of one rank's, within 1e-5 of each
+/// tensor's largest value (the partial sums meet in another order). Odd row lengths exercise the
+/// padding sequence parallelism adds. One backward per thread rank (see
+/// `src/parallel/layers_tests.rs` for why); steps, recompute and checkpoints run as processes in
+/// `tests/reliability.rs`.
+#[test]
+fn tensor_parallel_ranks_compute_one_ranks_gradients() {
+    use std::sync::Arc;
+    use trainer::parallel::comm::Communicator;
+    use trainer::parallel::regions::GroupComm;
+    use trainer::parallel::tensor::TensorParallel;
+    use trainer::parallel::ProcessGroup;
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dense: &'static [&'static str] = &["model.config.model_type=\"qwen3\""];
+    let grads_of = |t: &Trainer<Cpu>, micro: &[Batch]| -> (f64, std::collections::BTreeMap<String, Vec<f32>>) {
+        let (loss, g) = t.gradients(1, micro).unwrap();
+        (loss, g.by_path.into_iter().map(|(p, g)| (p, g.into_data().to_vec::<f32>().unwrap())).collect())
+    };
+    for (sets, sp) in [(&[][..], false), (&[][..], true), (dense, false), (dense, true)] {
+        let what = format!("{sets:?}, sequence parallel {sp}");
+        let (want_loss, want_grads, dims) = {
+            let (t, rows, pad) = tiny_trainer_in(sets, Layout::SINGLE, vec![]);
+            let (loss, grads) = grads_of(&t, &batch::padded(&rows, 4, pad)[..1]);
+            (loss, grads, parameters_by_path(&t))
+        };
+        let got = on_thread_ranks(2, move |rank, comm| {
+            let layout = Layout { tensor: ProcessGroup::new(rank, 2), ..Layout::SINGLE };
+            let (mut t, rows, pad) = tiny_trainer_in(sets, layout, vec![]);
+            t.set_tensor_parallel(TensorParallel::new(GroupComm::new(Arc::new(comm) as Arc<dyn Communicator<Cpu>>), sp));
+            let (loss, grads) = grads_of(&t, &batch::padded(&rows, 4, pad)[..1]);
+            (loss, grads, t.grad_placement().unwrap().sharded.clone())
+        });
+        for (rank, (loss, grads, split)) in got.iter().enumerate() {
+            close(*loss, want_loss, &format!("{what}: rank {rank}: loss"));
+            assert!(split.keys().any(|p| p.ends_with("q_proj.lora.lora_b")) && split.keys().any(|p| p.ends_with("o_proj.lora.lora_a")), "{what}: {split:?}");
+            assert_eq!(grads.keys().collect::<Vec<_>>(), want_grads.keys().collect::<Vec<_>>(), "{what}");
+            for (path, want) in &want_grads {
+                let want = match split.get(path) {
+                    Some(&dim) => block_of(&dims[path].0, want, dim, rank, 2),
+                    None => want.clone(),
+                };
+                let got = &grads[path];
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(got.len() == want.len() && diff <= 1e-5 * scale, "{what}: rank {rank}: the gradient of {path} differs by {diff:e} (max {scale:e})");
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod out_of_memory;
 pub mod profile;
 
 use crate::error::Result;
+use crate::parallel::regions::RegionBackend;
 use crate::recipe::{DType, Device};
 
 /// The backends trainer's models run on: Burn's backend with the hot-path operations of
@@ -21,15 +22,22 @@ use crate::recipe::{DType, Device};
 /// the fused linear cross-entropy, RMSNorm, SwiGLU, rotary, the AdamW update and the gradients'
 /// sum of squares) and its device memory, each a plain-Burn reference by default and a CubeCL
 /// kernel or cuBLAS where the backend has one (CUDA in a `cuda` build, wgpu in kernels-cubecl's
-/// tests), with its own backward on `Autodiff<B>`. Which implementation runs is the backend's
-/// declaration, not a run-time test.
+/// tests), with its own backward on `Autodiff<B>`, and the collectives of parallel layouts
+/// ([`RegionBackend`]: region ops whose backward is the dual collective). Which implementation
+/// runs is the backend's declaration, not a run-time test.
 pub trait TrainBackend:
-    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend
+    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend + RegionBackend
 {
 }
 
 impl<B> TrainBackend for B where
-    B: LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend
+    B: LinearBackend
+        + FusedAttentionBackend
+        + FusedCrossEntropyBackend
+        + FusedLayerBackend
+        + FusedOptimizerBackend
+        + DeviceMemoryBackend
+        + RegionBackend
 {
 }
 

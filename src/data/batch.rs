@@ -30,6 +30,38 @@ pub struct Batch {
     pub segment_ids: Vec<u32>,
 }
 
+impl Batch {
+    /// The batch with each row extended on the right by padding (segment 0, ignored labels,
+    /// `pad_id`) to the next multiple of `m` positions: what sequence parallelism needs to split
+    /// a sequence into `m` equal shards. Padding is masked out of attention and the loss, so the
+    /// losses and gradients are the unpadded batch's.
+    pub fn padded_to_multiple(&self, m: usize, pad_id: u32) -> Batch {
+        let seq_len = self.seq_len.next_multiple_of(m.max(1));
+        let pad = seq_len - self.seq_len;
+        if pad == 0 {
+            return self.clone();
+        }
+        let n = self.batch_size * seq_len;
+        let mut b = Batch {
+            batch_size: self.batch_size,
+            seq_len,
+            input_ids: Vec::with_capacity(n),
+            labels: Vec::with_capacity(n),
+            position_ids: Vec::with_capacity(n),
+            segment_ids: Vec::with_capacity(n),
+        };
+        for r in 0..self.batch_size {
+            let row = r * self.seq_len..(r + 1) * self.seq_len;
+            let next = self.position_ids[row.clone()].last().map_or(0, |&p| p + 1);
+            b.input_ids.extend(self.input_ids[row.clone()].iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+            b.labels.extend(self.labels[row.clone()].iter().copied().chain(std::iter::repeat_n(IGNORE, pad)));
+            b.position_ids.extend(self.position_ids[row.clone()].iter().copied().chain(next..next + pad as u32));
+            b.segment_ids.extend(self.segment_ids[row].iter().copied().chain(std::iter::repeat_n(0, pad)));
+        }
+        b
+    }
+}
+
 /// Padded micro batches of `micro` rows each (the last may have fewer), each padded on the
 /// right to its longest row.
 pub fn padded(samples: &[Sample], micro: usize, pad_id: u32) -> Vec<Batch> {
@@ -135,6 +167,23 @@ mod tests {
         assert_eq!(b.position_ids[..5], [0, 1, 2, 3, 4]);
         assert_eq!(b.segment_ids, [1, 1, 1, 0, 0, 1, 1, 1, 1, 1]);
         assert_eq!((batches[1].batch_size, batches[1].seq_len), (1, 2));
+    }
+
+    #[test]
+    fn padding_to_a_multiple_extends_every_row_with_masked_positions() {
+        let b = padding_free(&[sample(3, 10), sample(2, 20)], 2);
+        assert_eq!(b[0].padded_to_multiple(5, b[0].seq_len as u32), b[0], "already a multiple");
+        let p = b[0].padded_to_multiple(4, 7);
+        assert_eq!((p.batch_size, p.seq_len), (1, 8));
+        assert_eq!(p.input_ids[5..], [7, 7, 7]);
+        assert_eq!(p.labels[5..], [IGNORE; 3]);
+        assert_eq!(p.segment_ids, [1, 1, 1, 2, 2, 0, 0, 0]);
+        assert_eq!(p.position_ids, [0, 1, 2, 0, 1, 2, 3, 4]);
+        let two = padded(&[sample(3, 10), sample(1, 20)], 2, 0);
+        let p = two[0].padded_to_multiple(2, 0);
+        assert_eq!((p.batch_size, p.seq_len), (2, 4));
+        assert_eq!(p.segment_ids, [1, 1, 1, 0, 1, 0, 0, 0]);
+        assert_eq!(p.input_ids[..3], two[0].input_ids[..3]);
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl BackendJob for Compare<'_> {
                 let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
                 m = lora::apply(m, &targets, &cfg)?.0;
             }
-            let m = crate::train::run::load_trained(m, self.checkpoint, r)?;
+            let m = crate::train::checkpoints::load_trained(m, self.checkpoint, r)?;
             logits(&m, self.ids, &device)?
         };
         // (b) the exported folder, read back as a base model.

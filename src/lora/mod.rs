@@ -10,12 +10,13 @@ mod adapter;
 
 pub use adapter::{training_forward, LoraAdapter, LoraConfig};
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use crate::backend::TrainBackend;
 use regex::Regex;
 
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
+use crate::parallel::Partition;
 
 /// Freeze every base weight of `model` and attach a fresh adapter to each linear layer that
 /// `targets` matches. Returns the model and the number of adapted layers; an error when nothing
@@ -27,7 +28,18 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
     for (path, linear) in model.linears_mut() {
         if targets.matches(&path) {
             let (inp, out) = linear.dims();
-            linear.lora = Some(LoraAdapter::init(cfg, &path, inp, out, &device));
+            linear.lora = Some(match linear.partition {
+                // A row-parallel layer's A is this rank's block of rows of the one-device A:
+                // drawn whole (its random stream and bound are the whole layer's), then sliced.
+                Partition::Row(g) if g.size > 1 => {
+                    let mut adapter = LoraAdapter::init(cfg, &path, inp * g.size, out, &device);
+                    let rows = g.block(inp * g.size);
+                    let block = adapter.lora_a.val().narrow(0, rows.start, rows.len()).into_data();
+                    adapter.lora_a = Param::from_tensor(burn::tensor::Tensor::from_data(block, (&device, burn::tensor::DType::F32)));
+                    adapter
+                }
+                _ => LoraAdapter::init(cfg, &path, inp, out, &device),
+            });
             adapted += 1;
         }
     }

@@ -12,6 +12,7 @@ use super::spec::{ArchSpec, MlpSpec};
 use super::weights::InitKind;
 use crate::backend::profile;
 use crate::error::Result;
+use crate::parallel::tensor::GradPlacement;
 use crate::parallel::{Layout, Partition};
 
 /// Tokens whose label is this value do not count in the loss (transformers' convention).
@@ -37,7 +38,7 @@ impl<B: TrainBackend> DecoderLayer<B> {
         let attended = profile::span::<B, _>("attention", &device, || self.self_attn.forward(normed, ctx));
         let (h, normed) = profile::span::<B, _>("norm", &device, || self.post_attention_layernorm.forward_residual(x, attended));
         let y = profile::span::<B, _>("mlp", &device, || match (&self.mlp, &self.moe) {
-            (Some(mlp), _) => mlp.forward(normed),
+            (Some(mlp), _) => mlp.forward(normed, ctx.tensor_parallel.as_ref()),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
                 moe.forward(normed.reshape([b * s, d])).reshape([b, s, d])
@@ -113,11 +114,11 @@ impl<B: TrainBackend> CausalLm<B> {
         segments: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
         let ctx = self.context(positions, segments);
-        let mut x = self.embed(input_ids);
+        let mut x = ctx.into_layers(self.embed(input_ids));
         for layer in &self.layers {
             x = layer.forward(x, &ctx);
         }
-        self.norm.forward(x)
+        ctx.out_of_layers(self.norm.forward(x))
     }
 
     /// Token embeddings. `[batch, seq]` → `[batch, seq, hidden]`.
@@ -195,6 +196,54 @@ impl<B: TrainBackend> CausalLm<B> {
             out.push(("lm_head".to_string(), head));
         }
         out
+    }
+
+    /// Every linear layer with its Burn module path (`layers.3.moe.experts.7.up_proj`,
+    /// `lm_head`): the paths gradients and optimizer state are keyed by.
+    pub fn linears(&self) -> Vec<(String, &Linear<B>)> {
+        let mut out: Vec<(String, &Linear<B>)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                out.push((format!("layers.{i}.self_attn.{name}"), l));
+            }
+            let mlps: Vec<(String, &Mlp<B>)> = match (&layer.mlp, &layer.moe) {
+                (Some(mlp), _) => vec![(format!("layers.{i}.mlp"), mlp)],
+                (None, Some(moe)) => {
+                    out.push((format!("layers.{i}.moe.gate"), &moe.gate));
+                    moe.experts.iter().enumerate().map(|(e, m)| (format!("layers.{i}.moe.experts.{e}"), m)).collect()
+                }
+                (None, None) => vec![],
+            };
+            for (p, m) in mlps {
+                for (name, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+                    out.push((format!("{p}.{name}"), l));
+                }
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Where each parameter's gradient lives when the layers are split over a tensor-parallel
+    /// group (see [`GradPlacement`]): the linear layers' slices as they were loaded, per-head
+    /// norms (which see this rank's heads), and under sequence parallelism what runs on the
+    /// sequence shard (the layers and the final norm).
+    pub fn tensor_parallel_placement(&self, sequence_parallel: bool) -> GradPlacement {
+        let mut p = GradPlacement { sequence_parallel, sequence_sharded: vec!["layers".into(), "norm".into()], ..Default::default() };
+        for (path, linear) in self.linears() {
+            p.add_linear(&path, linear.partition);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, norm) in [("q_norm", &layer.self_attn.q_norm), ("k_norm", &layer.self_attn.k_norm)] {
+                if norm.is_some() && matches!(layer.self_attn.o_proj.partition, Partition::Row(g) if g.size > 1) {
+                    p.partial.insert(format!("layers.{i}.self_attn.{name}.weight"));
+                }
+            }
+        }
+        p
     }
 
     /// Logits for a batch of sequences starting at position 0.

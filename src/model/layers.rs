@@ -15,6 +15,7 @@ use super::weights::InitKind;
 use crate::backend::profile::span;
 use crate::error::Result;
 pub use super::linear::{JoinedWeight, Linear, Loader};
+use crate::parallel::tensor::TensorParallel;
 use crate::parallel::{Partition, ProcessGroup};
 
 #[derive(Module, Debug)]
@@ -88,16 +89,30 @@ impl<B: TrainBackend> Attention<B> {
         })
     }
 
+    /// Under tensor parallelism the block is entered before q/k/v (this rank's heads, the whole
+    /// sequence) and left after o ([`TensorParallel`]).
+    ///
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]` (`seq`: this rank's sequence shard
+    ///   under sequence parallelism)
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
+        let tp = ctx.tensor_parallel.as_ref();
+        let x = match tp {
+            Some(tp) => tp.enter(x),
+            None => x,
+        };
+        let [b, s, _] = x.dims();
+        let device = x.device();
         // Qwen3's per-head q/k norms sit between the projection and the rotary embedding.
         let packed = if self.q_norm.is_none() && self.k_norm.is_none() { self.forward_packed(x.clone(), ctx) } else { None };
-        packed.unwrap_or_else(|| self.forward_apart(x, ctx))
+        let y = packed.unwrap_or_else(|| self.forward_apart(x, ctx));
+        let y = y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        span::<B, _>("o_proj", &device, || self.o_proj.forward_row_parallel(y, tp))
     }
 
-    /// [`forward`](Self::forward) with q, k and v projected, normed and rotated each on its own.
-    fn forward_apart(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
+    /// The attention core's output `[batch, heads, seq, head_dim]` with q, k and v projected,
+    /// normed and rotated each on its own.
+    fn forward_apart(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 4> {
         let [b, s, _] = x.dims();
         let device = x.device();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
@@ -116,14 +131,13 @@ impl<B: TrainBackend> Attention<B> {
         let scale = (self.head_dim as f64).powf(-0.5);
         // Blockwise with its own backward: never the [seq, seq] scores of all heads at once
         // (ctx.blocked is causal by construction).
-        let y = span::<B, _>("core", &device, || ops::memory_efficient_attention(q, k, v, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL));
-        span::<B, _>("o_proj", &device, || self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim])))
+        span::<B, _>("core", &device, || ops::memory_efficient_attention(q, k, v, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL))
     }
 
-    /// [`forward`](Self::forward) with q, k and v as one GEMM and one packed tensor up to the
-    /// attention ([`ops::qkv`]): one `dx` GEMM in backward instead of three and their sum.
-    /// `None` (nothing computed) when the three adapters cannot act as one.
-    fn forward_packed(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Option<Tensor<B, 3>> {
+    /// [`forward_apart`](Self::forward_apart) with q, k and v as one GEMM and one packed tensor
+    /// up to the attention ([`ops::qkv`]): one `dx` GEMM in backward instead of three and their
+    /// sum. `None` (nothing computed) when the three adapters cannot act as one.
+    fn forward_packed(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Option<Tensor<B, 4>> {
         let [b, s, _] = x.dims();
         let device = x.device();
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
@@ -134,20 +148,22 @@ impl<B: TrainBackend> Attention<B> {
         let layout = ops::QkvLayout { batch: b, seq: s, q_heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         let packed = span::<B, _>("rope", &device, || ops::qkv_rotary(projected, ctx.cos.clone(), ctx.sin.clone(), layout));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let y = span::<B, _>("core", &device, || ops::qkv_attention(packed, layout, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL));
-        Some(span::<B, _>("o_proj", &device, || self.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]))))
+        Some(span::<B, _>("core", &device, || ops::qkv_attention(packed, layout, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL)))
     }
 }
 
-/// What every layer of one forward pass shares: the rotary tables of the tokens' positions and
-/// the attention mask of their rows (causal, and per segment when rows are packed or padded).
+/// What every layer of one forward pass shares: the rotary tables of the tokens' positions, the
+/// attention mask of their rows (causal, and per segment when rows are packed or padded), both
+/// over the whole sequence, and the tensor-parallel group when the layout has one.
 #[derive(Debug, Clone)]
-pub struct SequenceContext<B: Backend> {
+pub struct SequenceContext<B: TrainBackend> {
     /// `[batch, 1, seq, head_dim]`.
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
     /// `[batch, 1, seq, seq]`, `true` where a query may not read a key.
     pub blocked: Tensor<B, 4, Bool>,
+    /// `None` on one rank (or a tensor-parallel size of 1).
+    pub tensor_parallel: Option<TensorParallel<B::Wire>>,
 }
 
 impl<B: TrainBackend> SequenceContext<B> {
@@ -157,7 +173,44 @@ impl<B: TrainBackend> SequenceContext<B> {
         let [b, s] = positions.dims();
         let device = positions.device();
         let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
-        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device) }
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None }
+    }
+
+    /// The same context with the layers split over `tp` (`None` or a group of one: not split).
+    pub fn with_tensor_parallel(mut self, tp: Option<TensorParallel<B::Wire>>) -> Self {
+        self.tensor_parallel = tp.filter(|tp| tp.size() > 1);
+        self
+    }
+
+    /// The embeddings' output as the first layer takes it: this rank's sequence shard under
+    /// sequence parallelism.
+    pub fn into_layers(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.tensor_parallel {
+            Some(tp) => tp.scatter_sequence(x),
+            None => x,
+        }
+    }
+
+    /// The last layer's (normed) output as the head takes it: the whole sequence.
+    pub fn out_of_layers(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.tensor_parallel {
+            Some(tp) => tp.gather_sequence(x),
+            None => x,
+        }
+    }
+
+    /// The context on the inner backend (no graph), for the forward of recomputed layers.
+    pub fn inner(&self) -> SequenceContext<B::InnerBackend>
+    where
+        B: burn::tensor::backend::AutodiffBackend,
+        B::InnerBackend: TrainBackend<Wire = B::Wire>,
+    {
+        SequenceContext {
+            cos: self.cos.clone().inner(),
+            sin: self.sin.clone().inner(),
+            blocked: self.blocked.clone().inner(),
+            tensor_parallel: self.tensor_parallel.clone(),
+        }
     }
 }
 
@@ -186,8 +239,13 @@ impl<B: TrainBackend> Mlp<B> {
 
     /// Gate and up as one GEMM over their weights side by side when their adapters can act as
     /// one ([`Linear::forward_joined`]), SwiGLU reading the packed output (one gradient back,
-    /// so one `dx` GEMM); else the two projections apart.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// so one `dx` GEMM); else the two projections apart. Under tensor parallelism the block is
+    /// entered before gate/up and left after down ([`TensorParallel`]).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, tp: Option<&TensorParallel<B::Wire>>) -> Tensor<B, D> {
+        let x = match tp {
+            Some(tp) => tp.enter(x),
+            None => x,
+        };
         let device = x.device();
         let projections = [&self.gate_proj, &self.up_proj];
         let h = if Linear::joinable(&projections, &device) {
@@ -196,7 +254,7 @@ impl<B: TrainBackend> Mlp<B> {
         } else {
             self.forward_apart(x)
         };
-        span::<B, _>("down_proj", &device, || self.down_proj.forward(h))
+        span::<B, _>("down_proj", &device, || self.down_proj.forward_row_parallel(h, tp))
     }
 
     /// SwiGLU's input projections each on its own: `silu(gate(x)) * up(x)`.
@@ -365,7 +423,7 @@ mod tests {
             dropout: 0.0,
         });
         let bias = bias.then(|| Param::from_tensor(random([out], seed + 3)));
-        Linear { weight: Param::from_tensor(random([inp, out], seed)), bias, lora }
+        Linear { weight: Param::from_tensor(random([inp, out], seed)), bias, lora, partition: Partition::Replicated }
     }
 
     fn close(label: &str, got: &[f32], want: &[f32]) {
@@ -384,7 +442,7 @@ mod tests {
     fn frozen_and_joined<const N: usize>(linears: [Linear<Ad>; N]) -> ([Linear<Ad>; N], JoinedWeight<Ad>) {
         let joined = Tensor::cat(linears.iter().map(|l| l.weight.val()).collect(), 1).set_require_grad(false);
         let bias = linears.iter().map(|l| l.bias.as_ref().map(|b| b.val())).collect::<Option<Vec<_>>>().map(|b| Tensor::cat(b, 0).set_require_grad(false));
-        let (views, joined) = JoinedWeight::split(joined, bias, linears.each_ref().map(|l| l.dims().1));
+        let (views, joined) = JoinedWeight::split(joined, bias, linears.each_ref().map(|l| l.dims().1), Partition::Replicated);
         let mut adapters = linears.map(|l| l.lora).into_iter();
         (views.map(|view| Linear { lora: adapters.next().flatten(), ..view.no_grad() }), joined)
     }
@@ -410,7 +468,7 @@ mod tests {
         let upstream = random([b, s, hidden], 100);
         let outcome = |packed: bool| {
             let x = random([b, s, hidden], 110).require_grad();
-            let y = if packed { mlp.forward(x.clone()) } else { mlp.down_proj.forward(mlp.forward_apart(x.clone())) };
+            let y = if packed { mlp.forward(x.clone(), None) } else { mlp.down_proj.forward(mlp.forward_apart(x.clone())) };
             let grads = (y.clone() * upstream.clone()).sum().backward();
             let adapter = |l: &Linear<Ad>| l.lora.as_ref().map(|a| [grad_values(a.lora_a.val(), &grads), grad_values(a.lora_b.val(), &grads)]).expect("an adapter");
             (y.into_data().to_vec::<f32>().unwrap(), grad_values(x, &grads), [adapter(&mlp.gate_proj), adapter(&mlp.up_proj), adapter(&mlp.down_proj)])
@@ -451,6 +509,7 @@ mod tests {
         let outcome = |packed: bool| {
             let x = random([b, s, hidden], 60).require_grad();
             let y = if packed { attn.forward_packed(x.clone(), &ctx).expect("adapters without dropout join") } else { attn.forward_apart(x.clone(), &ctx) };
+            let y = attn.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, heads * d]));
             let grads = (y.clone() * upstream.clone()).sum().backward();
             let grad = |t: Tensor<Ad, 2>| t.grad(&grads).expect("a gradient").into_data().to_vec::<f32>().unwrap();
             let grad1 = |t: Tensor<Ad, 1>| t.grad(&grads).expect("a gradient").into_data().to_vec::<f32>().unwrap();
@@ -481,6 +540,7 @@ mod tests {
         assert!(kept.qkv_weight.as_ref().and_then(|j| j.backing(&[&kept.q_proj, &kept.k_proj, &kept.v_proj])).is_some());
         let x = random([b, s, hidden], 60).require_grad();
         let y = kept.forward_packed(x.clone(), &ctx).expect("adapters without dropout join");
+        let y = kept.o_proj.forward(y.swap_dims(1, 2).reshape([b, s, heads * d]));
         let grads = (y.clone() * upstream.clone()).sum().backward();
         close("kept output", &y.into_data().to_vec::<f32>().unwrap(), &want.0);
         close("kept dx", &x.grad(&grads).expect("dx").into_data().to_vec::<f32>().unwrap(), &want.1);

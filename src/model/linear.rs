@@ -11,6 +11,7 @@ use crate::backend::profile::span;
 use crate::backend::TrainBackend;
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+use crate::parallel::tensor::TensorParallel;
 use crate::parallel::Partition;
 
 /// Builds parameters from a weight source, translating internal paths to checkpoint names.
@@ -65,6 +66,10 @@ pub struct Linear<B: Backend> {
     /// `[out_local]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<LoraAdapter<B>>,
+    /// Which slice of the checkpoint's layer this one holds (what LoRA's init and a checkpoint's
+    /// gather read).
+    #[module(skip)]
+    pub partition: Partition,
 }
 
 impl<B: TrainBackend> Linear<B> {
@@ -81,7 +86,7 @@ impl<B: TrainBackend> Linear<B> {
         let w = Self::host_weight(ld, path, inp, out, partition)?;
         let weight = Param::from_tensor(ld.upload(transpose(w)));
         let bias = if bias { Some(Self::host_bias(ld, path, out, partition)?) } else { None };
-        Ok(Linear { weight, bias: bias.map(|b| Param::from_tensor(ld.upload(b))), lora: None })
+        Ok(Linear { weight, bias: bias.map(|b| Param::from_tensor(ld.upload(b))), lora: None, partition })
     }
 
     /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
@@ -124,7 +129,7 @@ impl<B: TrainBackend> Linear<B> {
         } else {
             None
         };
-        Ok(JoinedWeight::split(joined, joined_bias, widths))
+        Ok(JoinedWeight::split(joined, joined_bias, widths, partition))
     }
 
     /// `(in_local, out_local)`.
@@ -136,10 +141,28 @@ impl<B: TrainBackend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., in_local]` → `[..., out_local]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = match &self.lora {
+        self.add_bias(self.forward_unbiased(x))
+    }
+
+    /// [`forward`](Self::forward) of a row-parallel layer (`tp`: the group its input rows are
+    /// split over, `None` on one rank): the ranks' partial products summed as the block leaves
+    /// the tensor-parallel region ([`TensorParallel::leave`]), then the bias, once.
+    pub fn forward_row_parallel<const D: usize>(&self, x: Tensor<B, D>, tp: Option<&TensorParallel<B::Wire>>) -> Tensor<B, D> {
+        match tp {
+            Some(tp) => self.add_bias(tp.leave(self.forward_unbiased(x))),
+            None => self.forward(x),
+        }
+    }
+
+    /// `x W` plus the adapter's term, without the bias.
+    fn forward_unbiased<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lora {
             Some(adapter) => adapter.linear(x, self.weight.val()),
             None => B::linear_matmul(x, self.weight.val()),
-        };
+        }
+    }
+
+    fn add_bias<const D: usize>(&self, y: Tensor<B, D>) -> Tensor<B, D> {
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -261,13 +284,13 @@ pub struct JoinedWeight<B: Backend> {
 impl<B: Backend> JoinedWeight<B> {
     /// Layers of `widths` output columns each whose weights (and biases) are views of
     /// `weight`'s (`bias`'s) columns, in order, and the joined tensors that back them.
-    pub fn split<const N: usize>(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, widths: [usize; N]) -> ([Linear<B>; N], Self) {
+    pub fn split<const N: usize>(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, widths: [usize; N], partition: Partition) -> ([Linear<B>; N], Self) {
         let mut offset = 0;
         let linears = widths.map(|width| {
             let view = Param::from_tensor(weight.clone().narrow(1, offset, width));
             let bias = bias.as_ref().map(|b| Param::from_tensor(b.clone().narrow(0, offset, width)));
             offset += width;
-            Linear { weight: view, bias, lora: None }
+            Linear { weight: view, bias, lora: None, partition }
         });
         let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
         (linears, JoinedWeight { weight, bias, views })

@@ -146,8 +146,8 @@ fn subgroups_share_the_world_links() {
     // 4 ranks as tensor groups {0,1} {2,3} and data groups {0,2} {1,3}, used interleaved.
     let out = on_ranks(4, |c| {
         let r = c.world_rank();
-        let tp = c.split(if r < 2 { &[0, 1] } else { &[2, 3] }).unwrap();
-        let dp = c.split(if r % 2 == 0 { &[0, 2] } else { &[1, 3] }).unwrap();
+        let tp = c.split("tensor", if r < 2 { &[0, 1] } else { &[2, 3] }).unwrap();
+        let dp = c.split("data", if r % 2 == 0 { &[0, 2] } else { &[1, 3] }).unwrap();
         let a = tp.all_reduce_f32(&[r as f32], ReduceOp::Sum).unwrap();
         let b = dp.all_gather_f32(&[r as f32]).unwrap();
         let w = c.all_reduce_f32(&[1.0], ReduceOp::Sum).unwrap();

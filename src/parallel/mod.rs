@@ -14,6 +14,8 @@ pub mod mesh;
 pub mod regions;
 pub mod rendezvous;
 pub mod tcp;
+pub mod tensor;
+pub mod vocab;
 #[cfg(test)]
 mod comm_tests;
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! | [`Region::GatherFromSequence`] | all-gather along `dim` | reduce-scatter along `dim` |
 //! | [`Region::ReduceScatterToSequence`] | reduce-scatter along `dim` | all-gather along `dim` |
 //! | [`Region::GatherFromTensor`] | all-gather along `dim` | this rank's block of `dim` |
+//! | [`Region::GatherFromSequenceToReplicated`] | all-gather along `dim` | this rank's block of `dim` |
 //! | [`Region::ScatterToTensor`] | this rank's block of `dim` | all-gather along `dim` |
+//! | [`Region::MaxFromTensor`] | all-reduce max | identity (its input is a detached shift) |
 //!
 //! (`GatherFromSequence`'s backward reduce-scatters because what reads its output is
 //! column-parallel: each rank's gradient is a partial sum, Megatron's
@@ -62,7 +64,8 @@ impl<B: Backend> GroupComm<B> {
         }
     }
 
-    fn latch(&self, e: CommError) {
+    /// Keep `e` for [`check`](Self::check) (the first failure wins).
+    pub fn latch(&self, e: CommError) {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
     }
 }
@@ -76,7 +79,15 @@ pub enum Region {
     GatherFromSequence,
     ReduceScatterToSequence,
     GatherFromTensor,
+    /// The sequence shards gathered for a consumer every rank runs whole (a replicated LM
+    /// head): each rank's gradient is already whole, so the backward keeps this rank's block
+    /// (Megatron's `gather_from_sequence_parallel_region` with `tensor_parallel_output_grad`
+    /// false).
+    GatherFromSequenceToReplicated,
     ScatterToTensor,
+    /// The ranks' elementwise maximum: the shift of a softmax split across the group, taken
+    /// from detached values (its gradient is never wanted).
+    MaxFromTensor,
 }
 
 /// One collective over a group, along one dimension where it has one.
@@ -84,6 +95,7 @@ pub enum Region {
 pub enum Collective {
     Identity,
     AllReduce,
+    AllReduceMax,
     /// This rank's block of the dimension.
     Split(usize),
     AllGather(usize),
@@ -100,12 +112,23 @@ impl Region {
             Region::ScatterToSequence | Region::ScatterToTensor => (Split(dim), AllGather(dim)),
             Region::GatherFromSequence => (AllGather(dim), ReduceScatter(dim)),
             Region::ReduceScatterToSequence => (ReduceScatter(dim), AllGather(dim)),
-            Region::GatherFromTensor => (AllGather(dim), Split(dim)),
+            Region::GatherFromTensor | Region::GatherFromSequenceToReplicated => (AllGather(dim), Split(dim)),
+            Region::MaxFromTensor => (AllReduceMax, Identity),
         }
     }
 }
 
 impl Collective {
+    /// The shape the collective gives a tensor of `dims` over a group of `size` ranks.
+    pub fn output_dims<const D: usize>(self, mut dims: [usize; D], size: usize) -> [usize; D] {
+        match self {
+            Collective::Split(d) | Collective::ReduceScatter(d) if d < D && size > 1 => dims[d] /= size,
+            Collective::AllGather(d) if d < D && size > 1 => dims[d] *= size,
+            _ => {}
+        }
+        dims
+    }
+
     /// The collective on `x` over `comm`'s group (sums in the communicator's order).
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>, comm: &dyn Communicator<B>) -> Result<Tensor<B, D>, CommError> {
         let size = comm.group().size;
@@ -120,6 +143,7 @@ impl Collective {
             Collective::Identity => Ok(x),
             _ if size == 1 => Ok(x),
             Collective::AllReduce => Ok(comm.all_reduce(flat(x), ReduceOp::Sum)?.reshape(dims)),
+            Collective::AllReduceMax => Ok(comm.all_reduce(flat(x), ReduceOp::Max)?.reshape(dims)),
             Collective::Split(dim) => {
                 let dim = check_dim(dim)?;
                 let len = divided(dims[dim], size, "split")?;
@@ -156,13 +180,32 @@ fn divided(n: usize, size: usize, what: &str) -> Result<usize, CommError> {
 }
 
 /// Backends that run region ops. `Wire` is the backend whose tensors the collectives move: the
-/// backend itself, or autodiff's inner backend.
+/// backend itself, or (under autodiff) the innermost backend's.
 pub trait RegionBackend: Backend {
     type Wire: Backend;
 
+    /// `collective` on this backend's own tensors, untracked: what a region op runs forward, and
+    /// on the inner backend its backward.
+    fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, D>, CommError>;
+
     /// `region`'s forward collective along `dim` (see the module); on autodiff backends its
     /// backward is the dual collective.
-    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, D>, CommError>;
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, D>, CommError> {
+        Self::collective(x, region.collectives(dim).0, comm)
+    }
+
+    /// [`region`](Self::region) inside a forward pass, which has no error to return: a failed
+    /// collective is kept in `comm` for [`GroupComm::check`] after the step, and the output is
+    /// zeros of the shape the collective would have given (so the step runs to its end, where
+    /// the failure is reported; a peer that died fails the next collective too).
+    fn region_or_latch<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self::Wire>) -> Tensor<Self, D> {
+        let (device, dtype) = (x.device(), x.dtype());
+        let dims = region.collectives(dim).0.output_dims(x.dims(), comm.group().size);
+        Self::region(x, region, dim, comm).unwrap_or_else(|e| {
+            comm.latch(e);
+            Tensor::zeros(dims, (&device, dtype))
+        })
+    }
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> RegionBackend for NdArray<E, I, Q>
@@ -172,8 +215,8 @@ where
 {
     type Wire = Self;
 
-    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
-        region.collectives(dim).0.apply(x, comm.communicator())
+    fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
+        collective.apply(x, comm.communicator())
     }
 }
 
@@ -183,20 +226,25 @@ impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::
 {
     type Wire = Self;
 
-    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
-        region.collectives(dim).0.apply(x, comm.communicator())
+    fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
+        collective.apply(x, comm.communicator())
     }
 }
 
-impl<B: RegionBackend<Wire = B>, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
-    type Wire = B;
+impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
+    type Wire = B::Wire;
 
-    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<B>) -> Result<Tensor<Self, D>, CommError> {
+    /// Untracked: the collective of the inner tensor, its output a new leaf.
+    fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, D>, CommError> {
+        Ok(Tensor::from_inner(B::collective(x.inner(), collective, comm)?))
+    }
+
+    fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, D>, CommError> {
         let (forward, backward) = region.collectives(dim);
         let x = x.into_primitive().tensor();
         let inner = Tensor::<B, D>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
         let dims = inner.dims();
-        let y = forward.apply(inner, comm.communicator())?.into_primitive().tensor();
+        let y = B::collective(inner, forward, comm)?.into_primitive().tensor();
         let out = match RegionBackward::<D>.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(RegionState { backward, comm: comm.clone(), dims }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -208,16 +256,16 @@ impl<B: RegionBackend<Wire = B>, C: CheckpointStrategy> RegionBackend for Autodi
 /// What a region op's backward needs: its collective, the group, and the input's shape (for
 /// the zeros it hands back when the collective fails).
 #[derive(Debug, Clone)]
-struct RegionState<B: Backend, const D: usize> {
+struct RegionState<B: RegionBackend, const D: usize> {
     backward: Collective,
-    comm: GroupComm<B>,
+    comm: GroupComm<B::Wire>,
     dims: [usize; D],
 }
 
 #[derive(Debug)]
 struct RegionBackward<const D: usize>;
 
-impl<B: Backend, const D: usize> Backward<B, 1> for RegionBackward<D> {
+impl<B: RegionBackend, const D: usize> Backward<B, 1> for RegionBackward<D> {
     type State = RegionState<B, D>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -226,7 +274,7 @@ impl<B: Backend, const D: usize> Backward<B, 1> for RegionBackward<D> {
         let Some(node) = node else { return };
         let RegionState { backward, comm, dims } = ops.state;
         let (device, dtype) = (grad.device(), grad.dtype());
-        let dx = backward.apply(grad, comm.communicator()).unwrap_or_else(|e| {
+        let dx = B::collective(grad, backward, &comm).unwrap_or_else(|e| {
             comm.latch(e);
             Tensor::zeros(dims, (&device, dtype))
         });

@@ -186,8 +186,10 @@ impl TcpCommunicator {
     }
 
     /// The group of `members` (world ranks, in the order that gives their group ranks), which
-    /// holds this rank; it shares the world's connections. Every member splits the same list.
-    pub fn split(&self, members: &[usize]) -> Result<TcpCommunicator, CommError> {
+    /// holds this rank; it shares the world's connections. Every member splits the same list
+    /// with the same `tag` (the mesh axis): groups of the same ranks on two axes (the world and
+    /// a tensor group of all of it, say) keep their messages apart by it.
+    pub fn split(&self, tag: &str, members: &[usize]) -> Result<TcpCommunicator, CommError> {
         let me = self.links.rank;
         let index = members.iter().position(|&r| r == me).ok_or_else(|| CommError::Invalid(format!("rank {me} splits a group {members:?} it is not in")))?;
         let mut sorted = members.to_vec();
@@ -196,7 +198,8 @@ impl TcpCommunicator {
         if sorted.len() != members.len() || sorted.last().is_some_and(|&r| r >= self.links.world) {
             return Err(CommError::Invalid(format!("group {members:?}: ranks must be distinct and below the world size {}", self.links.world)));
         }
-        Ok(TcpCommunicator { links: self.links.clone(), members: members.to_vec(), index, id: group_id(members), seq: AtomicU64::new(0) })
+        let id = tag.bytes().fold(group_id(members), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Ok(TcpCommunicator { links: self.links.clone(), members: members.to_vec(), index, id, seq: AtomicU64::new(0) })
     }
 
     /// This rank's index in the world (not in this group).

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_loss;
+pub mod checkpoints;
 pub mod interrupt;
 pub mod metrics;
 pub mod names;

@@ -53,6 +53,21 @@ impl<B: TrainBackend> Grads<B> {
         (!grads.is_empty()).then(|| B::sum_of_squares(&grads).sqrt())
     }
 
+    /// The sums of squares (one-element f32 tensors) of the gradients `split` picks and of the
+    /// others, each zero when it has none.
+    pub fn sums_of_squares(&self, split: impl Fn(&str) -> bool) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let (mut picked, mut rest) = (Vec::new(), Vec::new());
+        for (path, g) in &self.by_path {
+            if split(path) { picked.push(g.clone()) } else { rest.push(g.clone()) }
+        }
+        let device = self.by_path.values().next().map(|g| g.device()).unwrap_or_default();
+        let sum = |grads: Vec<Tensor<B, 1>>| match grads.is_empty() {
+            true => Tensor::zeros([1], (&device, DType::F32)),
+            false => B::sum_of_squares(&grads),
+        };
+        (sum(picked), sum(rest))
+    }
+
     /// Clip by the global norm as `torch.nn.utils.clip_grad_norm_` does, on the device: every
     /// gradient times `min(1, max_norm / (norm + 1e-6))`, where `norm` is [`Grads::global_norm`].
     /// The product is taken inside the update ([`Grads::scale`]), not as a pass of its own.

@@ -7,30 +7,29 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
-use burn::tensor::{DType, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::checkpoints::{self, load_optimizer, load_trained_sharded, Shards};
 use super::interrupt;
 use super::metrics::Metrics;
-use super::names::{hf_name, module_path};
-use super::optimizer::{AdamW, AdamWConfig, Moments};
+use super::optimizer::{AdamW, AdamWConfig};
 use super::trainer::Trainer;
 use super::{recompute, LrSchedule};
 use crate::backend::{self, BackendJob};
 use crate::data::{self, Batch};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTargets};
-use crate::model::{self, CausalLm, ModelPlan};
+use crate::model::{self, ModelPlan};
 use crate::parallel::comm::Communicator;
 use crate::parallel::launch::{self, RankEnv};
-use crate::parallel::Layout;
+use crate::parallel::mesh::{Axis, DeviceMesh};
+use crate::parallel::regions::GroupComm;
+use crate::parallel::tensor::TensorParallel;
 use crate::recipe::{self, LoadedRecipe, Recipe, Stop, Tuning};
-use crate::run::checkpoint::{self as ckpt, NamedTensor, ResumeFrom, TrainerState};
+use crate::run::checkpoint::{self as ckpt, ResumeFrom, TrainerState};
 use crate::run::resume::{self, Placement};
 use crate::run::{self as rundir, RunLock};
 
@@ -81,28 +80,27 @@ impl BackendJob for TrainJob<'_> {
 /// ranks started (`ranks`, from the launcher's variables) are the ones the layout names.
 fn check_supported(r: &Recipe, ranks: Option<&RankEnv>) -> Result<()> {
     let p = &r.parallel;
-    if p.tensor > 1 || p.context > 1 || p.expert > 1 {
+    if p.context > 1 || p.expert > 1 {
         return Err(Error::Unsupported(format!(
-            "parallel.tensor = {}, parallel.context = {}, parallel.expert = {}: this build splits a job over \
-             data-parallel ranks only (tensor, sequence, context and expert parallelism are not in the model yet); \
-             set them to 1, and parallel.data to the number of ranks",
-            p.tensor, p.context, p.expert
+            "parallel.context = {}, parallel.expert = {}: this build splits a job over data- and tensor-parallel \
+             ranks (with sequence parallelism) only; context and expert parallelism are not in the model yet: set them to 1",
+            p.context, p.expert
         )));
     }
     let world = p.world_size();
+    let sizes = format!("parallel.data x parallel.tensor = {} x {}", p.data, p.tensor);
     match ranks {
         None if world > 1 => {
             return Err(Error::Parallel(format!(
-                "the recipe's layout needs {world} ranks (parallel.data = {}): start it with `trainer run RECIPE \
-                 --nproc-per-node {world}`, or from a launcher that sets WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT",
-                p.data
+                "the recipe's layout needs {world} ranks ({sizes}): start it with `trainer run RECIPE \
+                 --nproc-per-node {world}`, or from a launcher that sets WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT"
             )))
         }
         Some(env) if env.world != world => {
             return Err(Error::Parallel(format!(
-                "{} ranks were started but the recipe's layout needs {world} (parallel.data = {}); start {world} ranks \
-                 or set parallel.data = {}",
-                env.world, p.data, env.world
+                "{} ranks were started but the recipe's layout needs {world} ({sizes}); start {world} ranks \
+                 or change parallel.data / parallel.tensor so that their product is {}",
+                env.world, env.world
             )))
         }
         _ => {}
@@ -125,206 +123,6 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// Every float parameter of a module with its Burn path, on the host (`keep` picks them).
-fn named_params<B: TrainBackend, M: Module<B>>(m: &M, keep: &dyn Fn(&str) -> bool) -> Vec<(String, Tensor<B, 2>, usize)> {
-    struct Collect<'a, B: Backend> {
-        path: Vec<String>,
-        keep: &'a dyn Fn(&str) -> bool,
-        out: Vec<(String, Tensor<B, 2>, usize)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Collect<'_, B> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let path = self.path.join(".");
-            if (self.keep)(&path) {
-                // Rank kept aside; 1-D parameters travel as [1, n].
-                let t = param.val();
-                let dims = t.dims();
-                let t2: Tensor<B, 2> = if D == 1 { t.reshape([1, dims[0]]) } else { t.reshape([dims[0], dims[1..].iter().product()]) };
-                self.out.push((path, t2, D));
-            }
-        }
-    }
-    let mut c = Collect { path: vec![], keep, out: vec![] };
-    m.visit(&mut c);
-    c.out
-}
-
-fn is_lora(path: &str) -> bool {
-    path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b")
-}
-
-/// Which parameters (by Burn path) `tuning` trains, and so checkpoints hold.
-fn is_trained(tuning: Tuning) -> &'static dyn Fn(&str) -> bool {
-    match tuning {
-        Tuning::Lora => &is_lora,
-        Tuning::Full => &|_| true,
-    }
-}
-
-/// The trainable tensors of `model` under their Hugging Face / peft names.
-fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning) -> Vec<NamedTensor> {
-    named_params(model, is_trained(tuning))
-        .into_iter()
-        .map(|(path, t, rank)| {
-            let n = hf_name(model, &path);
-            let data = if rank == 1 {
-                let d = t.into_data();
-                let len = d.shape[1];
-                TensorData::from_bytes_vec(d.as_bytes().to_vec(), [len], d.dtype)
-            } else {
-                ckpt::host_tensor(t, n.transposed)
-            };
-            NamedTensor { name: n.name, data }
-        })
-        .collect()
-}
-
-/// Replace the trainable parameters of `model` with the tensors of a Hugging Face / peft file.
-fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tuning) -> Result<CausalLm<B>> {
-    let mut tensors = ckpt::read_safetensors(file)?;
-    let names: BTreeMap<String, (String, bool)> = {
-        named_params(&model, is_trained(tuning))
-            .into_iter()
-            .map(|(path, _, _)| {
-                let n = hf_name(&model, &path);
-                (path, (n.name, n.transposed))
-            })
-            .collect()
-    };
-    for (name, _) in names.values() {
-        if !tensors.contains_key(name) {
-            let have: Vec<&String> = tensors.keys().take(3).collect();
-            return Err(Error::file(
-                file,
-                format!("tensor `{name}` is missing (the file has {} tensors, e.g. {have:?}); it must hold every trained tensor of this model and recipe", tensors.len()),
-            ));
-        }
-    }
-    let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).collect();
-    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k)) {
-        return Err(Error::file(file, format!("tensor `{extra}` matches no trained parameter of this model and recipe (check lora.targets and the model)")));
-    }
-    struct Load<'a> {
-        path: Vec<String>,
-        names: &'a BTreeMap<String, (String, bool)>,
-        tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-        file: &'a Path,
-        error: Option<Error>,
-    }
-    impl<B: Backend> ModuleMapper<B> for Load<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let path = self.path.join(".");
-            let Some((name, transposed)) = self.names.get(&path) else { return param };
-            let Some((shape, data)) = self.tensors.remove(name) else { return param };
-            let (id, old, mapper) = param.consume();
-            let dims = old.dims();
-            let want: Vec<usize> = if *transposed { dims.iter().rev().copied().collect() } else { dims.to_vec() };
-            if shape != want {
-                self.error.get_or_insert(Error::file(
-                    self.file,
-                    format!("tensor `{name}` has shape {shape:?}; this model and recipe need {want:?}"),
-                ));
-                return Param::from_mapped_value(id, old, mapper);
-            }
-            let (dtype, grad) = (old.dtype(), old.is_require_grad());
-            let device = old.device();
-            let t = Tensor::<B, D>::from_data(TensorData::new(data, want), (&device, DType::F32));
-            let t = if *transposed { t.swap_dims(0, 1) } else { t };
-            let t = t.cast(dtype);
-            Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
-        }
-    }
-    let mut l = Load { path: vec![], names: &names, tensors: &mut tensors, file, error: None };
-    let model = model.map(&mut l);
-    match l.error {
-        Some(e) => Err(e),
-        None => Ok(model),
-    }
-}
-
-/// Write `checkpoint-{state.step}`; with optimizer state when the recipe saves it or
-/// `with_optimizer` (an interrupt's checkpoint, which must resume).
-fn save_checkpoint<B: TrainBackend>(
-    run_dir: &Path,
-    trainer: &Trainer<B>,
-    state: &TrainerState,
-    loaded: &LoadedRecipe,
-    plan: &ModelPlan,
-    with_optimizer: bool,
-) -> Result<PathBuf> {
-    let r = &loaded.recipe;
-    let model = trainer.model().valid();
-    ckpt::write_atomically(run_dir, state.step, |dir| {
-        let tensors = hf_tensors(&model, r.train.tuning);
-        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        match r.train.tuning {
-            Tuning::Lora => {
-                ckpt::write_safetensors(&dir.join(ckpt::ADAPTER_WEIGHTS), &tensors, meta)?;
-                let adapted: Vec<String> = named_params(&model, &|p| p.ends_with(".lora.lora_a"))
-                    .into_iter()
-                    .map(|(p, _, _)| module_path(&model, p.trim_end_matches(".lora.lora_a")))
-                    .collect();
-                let cfg = ckpt::adapter_config(&r.lora, r.model.path.as_deref(), &adapted);
-                ckpt::write_synced(&dir.join(ckpt::ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
-            }
-            Tuning::Full => {
-                ckpt::write_safetensors(&dir.join(ckpt::MODEL_WEIGHTS), &tensors, meta)?;
-                let cfg = serde_json::Value::Object(plan.config.values.clone());
-                ckpt::write_synced(&dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
-            }
-        }
-        ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
-        let prints = run_dir.join(rundir::BASE_WEIGHTS);
-        if prints.is_file() {
-            let bytes = std::fs::read(&prints).map_err(|e| Error::file(&prints, format!("cannot read: {e}")))?;
-            ckpt::write_synced(&dir.join(rundir::BASE_WEIGHTS), &bytes)?;
-        }
-        let mut state = state.clone();
-        if r.checkpoint.save_optimizer || with_optimizer {
-            let mut moments = Vec::new();
-            for (path, m) in &trainer.optimizer.state {
-                state.optimizer_steps.insert(path.clone(), m.step);
-                moments.push(NamedTensor { name: format!("{path}.exp_avg"), data: m.exp_avg.clone().into_data() });
-                moments.push(NamedTensor { name: format!("{path}.exp_avg_sq"), data: m.exp_avg_sq.clone().into_data() });
-            }
-            ckpt::write_safetensors(&dir.join(ckpt::OPTIMIZER), &moments, BTreeMap::new())?;
-            state.has_optimizer = true;
-        }
-        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
-        ckpt::write_synced(&dir.join(ckpt::TRAINER_STATE), json.as_bytes())
-    })
-}
-
-fn load_optimizer<B: TrainBackend>(dir: &Path, state: &TrainerState, device: &B::Device) -> Result<BTreeMap<String, Moments<B>>> {
-    let file = dir.join(ckpt::OPTIMIZER);
-    let mut tensors = ckpt::read_safetensors(&file)?;
-    let mut out = BTreeMap::new();
-    for (path, &step) in &state.optimizer_steps {
-        let mut take = |suffix: &str| -> Result<Tensor<B, 1>> {
-            let name = format!("{path}.{suffix}");
-            let (_, data) = tensors
-                .remove(&name)
-                .ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;
-            let n = data.len();
-            Ok(Tensor::from_data(TensorData::new(data, [n]), (device, DType::F32)))
-        };
-        out.insert(path.clone(), Moments { exp_avg: take("exp_avg")?, exp_avg_sq: take("exp_avg_sq")?, step });
-    }
-    Ok(out)
-}
-
 fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<RunOutcome> {
     let loaded = req.loaded;
     let r = &loaded.recipe;
@@ -332,8 +130,11 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let ranks = RankEnv::from_env()?;
     check_supported(r, ranks.as_ref())?;
     // Rank 0 writes the run folder, the metrics and the checkpoints; every rank trains.
-    let (rank, dp_size) = (ranks.as_ref().map_or(0, |e| e.rank), r.parallel.data);
+    let rank = ranks.as_ref().map_or(0, |e| e.rank);
     let writer = rank == 0;
+    let mesh = DeviceMesh::from_recipe(&r.parallel).map_err(|e| Error::Parallel(format!("[parallel]: {e}")))?;
+    let layout = mesh.layout(rank);
+    let dp_size = layout.data.size;
     // Everything checkable, before any folder or weight.
     for note in super::preflight::model(loaded, plan, true)?.notes {
         println!("check: {note}");
@@ -411,7 +212,17 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     }
 
     // The model and what is trained.
-    let mut model = model::build::<Autodiff<B>>(plan, &r.model, Layout::SINGLE, &device)?;
+    // This rank's process groups: the data-parallel replicas and the tensor-parallel split.
+    let (data_comm, tensor_parallel) = match &world {
+        Some(w) => {
+            let data = w.split("data", &mesh.group(rank, Axis::Data))?;
+            let tensor = w.split("tensor", &mesh.group(rank, Axis::Tensor))?;
+            let tp = TensorParallel::new(GroupComm::new(Arc::new(tensor) as Arc<dyn Communicator<B::Wire>>), r.parallel.sequence_parallel);
+            ((dp_size > 1).then_some(data), (layout.tensor.size > 1).then_some(tp))
+        }
+        None => (None, None),
+    };
+    let mut model = model::build::<Autodiff<B>>(plan, &r.model, layout, &device)?;
     if r.train.tuning == Tuning::Lora {
         let targets = LoraTargets::parse(&r.lora.targets)?;
         let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
@@ -419,14 +230,17 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         model = m;
         println!("lora: {n} adapted linear layers, rank {}, alpha {}", r.lora.rank, r.lora.alpha);
     }
+    // A checkpoint holds the one-device tensors: this rank takes its slices.
+    let grad_placement = tensor_parallel.as_ref().map(|tp| model.tensor_parallel_placement(tp.sequence_parallel));
+    let shards = tensor_parallel.as_ref().zip(grad_placement.as_ref()).map(|(tp, placement)| Shards { tp, placement });
     let (start_step, mut state, optimizer_state) = match &resume {
         Some(ResumeFrom::Checkpoint { dir, state }) => {
-            model = load_trained(model, dir, r)?;
-            let moments = load_optimizer::<B>(dir, state, &device)?;
+            model = load_trained_sharded(model, dir, r, shards.as_ref())?;
+            let moments = load_optimizer::<B, _>(dir, state, &model, shards.as_ref(), &device)?;
             (state.step, state.clone(), moments)
         }
         Some(ResumeFrom::Weights { dir }) => {
-            model = load_trained(model, dir, r)?;
+            model = load_trained_sharded(model, dir, r, shards.as_ref())?;
             println!("starting from the weights in {}", dir.display());
             (0, fresh_state(r, total_steps), BTreeMap::new())
         }
@@ -502,13 +316,26 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
     trainer.fused_cross_entropy = r.train.fused_cross_entropy;
-    trainer.data_parallel = world.map(|c| Arc::new(c) as Arc<dyn Communicator<B>>);
-    trainer.micro_batch_place = (rank, dp_size);
+    trainer.data_parallel = data_comm.map(|c| Arc::new(c) as Arc<dyn Communicator<B>>);
+    if let Some(tp) = tensor_parallel {
+        trainer.set_tensor_parallel(tp);
+    }
+    // Micro batches go to data-parallel replicas; the ranks of one tensor group share theirs.
+    let data_rank = layout.data.rank;
+    trainer.micro_batch_place = (data_rank, dp_size);
+    // The ranks of data replica 0 (rank 0's tensor group) evaluate and gather checkpoints
+    // together; rank 0 writes them.
+    let first_replica = data_rank == 0;
     let mut metrics = match writer {
         true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?),
         false => None,
     };
-    let ranks_note = if dp_size > 1 { format!(" on each of {dp_size} data-parallel ranks") } else { String::new() };
+    let ranks_note = match (dp_size, layout.tensor.size) {
+        (1, 1) => String::new(),
+        (d, 1) => format!(" on each of {d} data-parallel ranks"),
+        (1, t) => format!(", layers split over {t} tensor-parallel ranks{}", if r.parallel.sequence_parallel { " with sequence parallelism" } else { "" }),
+        (d, t) => format!(" on each of {d} data-parallel replicas of {t} tensor-parallel ranks{}", if r.parallel.sequence_parallel { " with sequence parallelism" } else { "" }),
+    };
     let note = format!(
         "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each{ranks_note}) into {}",
         run_dir.display()
@@ -536,7 +363,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         let first = ((step - 1) % steps_per_epoch) * per_step;
         // This rank's share of the step's micro batches: every `dp_size`-th.
         let step_batches: Vec<Batch> =
-            order.1[first..first + per_step].iter().skip(rank).step_by(dp_size).map(|&i| batches[i].clone()).collect();
+            order.1[first..first + per_step].iter().skip(data_rank).step_by(dp_size).map(|&i| batches[i].clone()).collect();
         let stats = trainer.step(step, &step_batches)?;
         if !stats.loss.is_finite() {
             return Err(Error::Data(format!(
@@ -553,22 +380,29 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
             m.step(step, step as f64 / steps_per_epoch as f64, &stats)?;
         }
         let eval_now = r.train.eval_interval.is_some_and(|n| step % n == 0) || (step == total_steps && !val_batches.is_empty());
-        if let (true, Some(m)) = (eval_now, metrics.as_mut()) {
-            let (loss, tokens) = trainer.evaluate(&val_batches);
-            m.eval(step, loss, tokens)?;
+        if eval_now && first_replica {
+            let (loss, tokens) = trainer.evaluate(&val_batches)?;
+            if let Some(m) = metrics.as_mut() {
+                m.eval(step, loss, tokens)?;
+            }
             eval_loss = Some(loss);
         }
         // A stop asked of any rank stops them all at this step.
-        let signal = match &trainer.data_parallel {
-            Some(dp) => {
+        let signal = match &world {
+            Some(w) => {
                 let asked = interrupt::requested().map_or(0, |s| s as usize + 1);
-                dp.all_to_all_counts(&vec![asked; dp.group().size])?.into_iter().max().filter(|&v| v > 0).map(|v| (v - 1) as i32)
+                w.all_to_all_counts(&vec![asked; mesh.world()])?.into_iter().max().filter(|&v| v > 0).map(|v| (v - 1) as i32)
             }
             None => interrupt::requested(),
         };
         let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
-        if let (true, Some(m)) = (save_now, metrics.as_mut()) {
-            let dir = save_checkpoint(&run_dir, &trainer, &state, loaded, plan, signal.is_some())?;
+        let with_optimizer = r.checkpoint.save_optimizer || signal.is_some();
+        let gathered = match save_now && first_replica {
+            true => Some(checkpoints::gather(&trainer, r.train.tuning, with_optimizer)?),
+            false => None,
+        };
+        if let (Some(saved), Some(m)) = (gathered, metrics.as_mut()) {
+            let dir = checkpoints::write(&run_dir, saved, &state, loaded, plan)?;
             m.note(&format!("saved {}", dir.display()));
             last_checkpoint = Some((step, dir));
             if let Some(keep) = r.checkpoint.save_total_limit {
@@ -592,7 +426,13 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
         Some((_, dir)) => dir,
-        None if writer => save_checkpoint(&run_dir, &trainer, &state, loaded, plan, false)?,
+        None if first_replica => {
+            let saved = checkpoints::gather(&trainer, r.train.tuning, r.checkpoint.save_optimizer)?;
+            match writer {
+                true => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,
+                false => ckpt::checkpoint_dir(&run_dir, state.step),
+            }
+        }
         None => ckpt::checkpoint_dir(&run_dir, state.step),
     };
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
@@ -647,20 +487,6 @@ fn fresh_state(r: &Recipe, total_steps: usize) -> TrainerState {
     }
 }
 
-/// Load the trained tensors of a checkpoint or adapter folder into `model`.
-pub fn load_trained<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
-    let (file, what) = match r.train.tuning {
-        Tuning::Lora => (dir.join(ckpt::ADAPTER_WEIGHTS), "an adapter (train.tuning = \"lora\")"),
-        Tuning::Full => (dir.join(ckpt::MODEL_WEIGHTS), "full weights (train.tuning = \"full\")"),
-    };
-    if !file.is_file() {
-        return Err(Error::file(&file, format!("no such file: the recipe trains {what}, so the checkpoint must hold it")));
-    }
-    if r.train.tuning == Tuning::Lora {
-        ckpt::check_adapter_config(dir, &r.lora)?;
-    }
-    load_hf_tensors(model, &file, r.train.tuning)
-}
 
 #[cfg(test)]
 mod tests {

@@ -27,6 +27,8 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, SequenceContext};
 use crate::parallel::comm::{Communicator, ReduceOp};
+use crate::parallel::regions::Collective;
+use crate::parallel::tensor::{GradPlacement, TensorParallel};
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +46,7 @@ pub struct StepStats {
     pub positions: usize,
 }
 
-pub struct Trainer<B: Backend> {
+pub struct Trainer<B: TrainBackend> {
     /// `None` only while an update is being applied.
     model: Option<CausalLm<Autodiff<B>>>,
     pub optimizer: AdamW<B>,
@@ -61,6 +63,10 @@ pub struct Trainer<B: Backend> {
     pub device: B::Device,
     /// The data-parallel group's communicator; `None` on one rank.
     pub data_parallel: Option<Arc<dyn Communicator<B>>>,
+    /// The tensor-parallel group (the model's layers split over it) and where each trained
+    /// parameter's gradient lives across it; `None` on one rank
+    /// ([`set_tensor_parallel`](Self::set_tensor_parallel)).
+    tensor_parallel: Option<(TensorParallel<B::Wire>, GradPlacement)>,
     /// `(first, stride)`: this rank's `k`-th micro batch of a step is micro batch
     /// `first + k stride` of the global batch, whose index seeds its dropout stream (so the masks
     /// are one rank's whatever the layout). `(0, 1)` on one rank.
@@ -103,22 +109,72 @@ fn upload<B: TrainBackend>(b: &Batch, device: &B::Device) -> BatchTensors<B> {
 }
 
 /// Summed next-token loss of a batch through `model` (any backend), laying the layers out as
-/// `recompute` says.
+/// `recompute` says, split over `tp` when given.
 fn batch_loss<B: TrainBackend>(
     model: &CausalLm<B>,
     t: BatchTensors<B>,
     layers: &dyn Fn(Tensor<B, 3>, &crate::model::SequenceContext<B>) -> Tensor<B, 3>,
     fused: bool,
+    tp: Option<TensorParallel<B::Wire>>,
 ) -> Tensor<B, 1> {
-    let ctx = model.context(t.positions, Some(t.segments));
-    let x = layers(model.embed(t.ids), &ctx);
-    let hidden = model.norm.forward(x);
+    let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp);
+    let x = layers(ctx.into_layers(model.embed(t.ids)), &ctx);
+    let hidden = ctx.out_of_layers(model.norm.forward(x));
     model.next_token_loss(hidden, t.labels, fused).sum
 }
 
 impl<B: TrainBackend> Trainer<B> {
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
-        Trainer { model: Some(model), optimizer, schedule, clip, seed, recompute, fused_cross_entropy: true, device, data_parallel: None, micro_batch_place: (0, 1) }
+        Trainer {
+            model: Some(model),
+            optimizer,
+            schedule,
+            clip,
+            seed,
+            recompute,
+            fused_cross_entropy: true,
+            device,
+            data_parallel: None,
+            tensor_parallel: None,
+            micro_batch_place: (0, 1),
+        }
+    }
+
+    /// Split the model's layers over `tp` (the model was built with this rank's slices of the
+    /// tensor-parallel group). A group of one is no split.
+    pub fn set_tensor_parallel(&mut self, tp: TensorParallel<B::Wire>) {
+        if tp.size() > 1 {
+            let placement = self.model().tensor_parallel_placement(tp.sequence_parallel);
+            self.tensor_parallel = Some((tp, placement));
+        }
+    }
+
+    /// The tensor-parallel group, if the layers are split.
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel<B::Wire>> {
+        self.tensor_parallel.as_ref().map(|(tp, _)| tp)
+    }
+
+    /// Where the trained parameters' gradients live across the tensor-parallel group (which are
+    /// this rank's slice of a checkpoint tensor); `None` on one rank.
+    pub fn grad_placement(&self) -> Option<&GradPlacement> {
+        self.tensor_parallel.as_ref().map(|(_, p)| p)
+    }
+
+    /// `b` as the layers take it: under sequence parallelism padded (masked positions) to a
+    /// length the tensor-parallel group splits evenly.
+    fn sequence_layout<'b>(&self, b: &'b Batch) -> std::borrow::Cow<'b, Batch> {
+        match self.tensor_parallel() {
+            Some(tp) if tp.sequence_parallel => std::borrow::Cow::Owned(b.padded_to_multiple(tp.size(), 0)),
+            _ => std::borrow::Cow::Borrowed(b),
+        }
+    }
+
+    /// The first collective of the tensor-parallel group that failed since the last check.
+    fn check_tensor_parallel(&self) -> Result<()> {
+        match &self.tensor_parallel {
+            Some((tp, _)) => Ok(tp.comm.check()?),
+            None => Ok(()),
+        }
     }
 
     pub fn model(&self) -> &CausalLm<Autodiff<B>> {
@@ -134,13 +190,10 @@ impl<B: TrainBackend> Trainer<B> {
     /// update is queued.
     pub fn step(&mut self, step: usize, micro_batches: &[Batch]) -> Result<StepStats> {
         let (loss_sum, tokens, mut grads) = self.device_gradients(step, micro_batches)?;
-        let norm = span::<B, _>("optimizer", &self.device, || {
-            let norm = grads.global_norm();
-            if let (Some(norm), true) = (&norm, self.clip > 0.0) {
-                grads.clip_by_norm(norm, self.clip);
-            }
-            norm
-        });
+        let norm = span::<B, _>("optimizer", &self.device, || self.global_norm(&grads))?;
+        if let (Some(norm), true) = (&norm, self.clip > 0.0) {
+            grads.clip_by_norm(norm, self.clip);
+        }
         let lr = self.schedule.at(step);
         let model = self.model.take().ok_or_else(|| Error::Internal("trainer model missing".into()))?;
         self.model = Some(span::<B, _>("optimizer", &self.device, || self.optimizer.step(model, grads, lr)));
@@ -149,6 +202,15 @@ impl<B: TrainBackend> Trainer<B> {
         let positions = micro_batches.iter().map(|b| b.batch_size * b.seq_len).sum();
         let memory = crate::backend::device_memory::<B>(&self.device);
         Ok(StepStats { loss: f64::from(loss_sum) / tokens as f64, lr, grad_norm: f64::from(grad_norm), tokens, positions, memory })
+    }
+
+    /// The global L2 norm of the gradients: under tensor parallelism the sharded ones' squares
+    /// summed over the group first, so every rank has the one-device norm.
+    fn global_norm(&self, grads: &Grads<B>) -> Result<Option<Tensor<B, 1>>> {
+        let Some((tp, placement)) = &self.tensor_parallel else { return Ok(grads.global_norm()) };
+        let (sharded, whole) = grads.sums_of_squares(|path| placement.is_sharded(path));
+        let sharded = B::collective(sharded, Collective::AllReduce, &tp.comm)?;
+        Ok(Some((sharded + whole).sqrt()))
     }
 
     /// The global batch's per-token loss and the summed gradients of every trainable
@@ -174,12 +236,13 @@ impl<B: TrainBackend> Trainer<B> {
         let mut loss_sum: Option<Tensor<B, 1>> = None;
         for (k, b) in micro_batches.iter().enumerate() {
             let seed = stream_seed(self.seed, step, self.micro_batch_place.0 + k * self.micro_batch_place.1);
-            let t = upload(b, &self.device);
+            let t = upload(&self.sequence_layout(b), &self.device);
             let sum = if self.recompute.is_empty() {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
-                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy));
+                let tp = self.tensor_parallel().cloned();
+                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, tp));
                 let value = sum.clone().inner();
                 let g = span::<B, _>("backward", &self.device, || (sum / tokens as f64).backward());
                 collect_grads(model, &g, &[], &mut grads);
@@ -187,6 +250,7 @@ impl<B: TrainBackend> Trainer<B> {
             } else {
                 self.segmented(model, t, seed, 1.0 / tokens as f64, &mut grads)?
             };
+            self.check_tensor_parallel()?;
             let sum = sum.cast(burn::tensor::FloatDType::F32);
             loss_sum = Some(match loss_sum {
                 Some(total) => total + sum,
@@ -194,6 +258,9 @@ impl<B: TrainBackend> Trainer<B> {
             });
         }
         let loss_sum = loss_sum.ok_or_else(|| Error::Internal("a step without micro batches".into()))?;
+        if let Some((tp, placement)) = &self.tensor_parallel {
+            grads = span::<B, _>("tensor_parallel", &self.device, || reduce_partial_grads(tp, placement, grads))?;
+        }
         match &self.data_parallel {
             Some(dp) => {
                 let (loss_sum, grads) = span::<B, _>("data_parallel", &self.device, || all_reduce_bucket(dp.as_ref(), loss_sum, grads))?;
@@ -207,7 +274,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
     fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
-        let ctx = model.context(t.positions, Some(t.segments));
+        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(self.tensor_parallel().cloned());
         let n = model.layers.len();
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
         let mut i = 0;
@@ -227,8 +294,8 @@ impl<B: TrainBackend> Trainer<B> {
             Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3> },
             Recomputed { input: Tensor<B, 3> },
         }
-        let inner_ctx = SequenceContext { cos: ctx.cos.clone().inner(), sin: ctx.sin.clone().inner(), blocked: ctx.blocked.clone().inner() };
-        let embedded = model.embed(t.ids);
+        let inner_ctx = ctx.inner();
+        let embedded = ctx.into_layers(model.embed(t.ids));
         let mut prev = embedded.clone().inner();
         let mut saved = Vec::with_capacity(segments.len());
         for (r, recomputed) in &segments {
@@ -249,7 +316,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
         let (value, g) = span::<B, _>("head", &self.device, || {
-            let sum = model.next_token_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy).sum;
+            let sum = model.next_token_loss(ctx.out_of_layers(model.norm.forward(h.clone())), t.labels, self.fused_cross_entropy).sum;
             (sum.clone().inner(), (sum * scale).backward())
         });
         collect_grads(model, &g, &[], grads);
@@ -283,8 +350,9 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(value)
     }
 
-    /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`.
-    pub fn evaluate(&self, batches: &[Batch]) -> (f64, usize) {
+    /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`. Every rank of the
+    /// tensor-parallel group evaluates the same batches at once.
+    pub fn evaluate(&self, batches: &[Batch]) -> Result<(f64, usize)> {
         let model = self.model().valid();
         let mut sum = 0.0f64;
         let mut tokens = 0;
@@ -299,11 +367,12 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 x
             };
-            let s = scalar_f32(batch_loss(&model, upload(b, &self.device), &layers, self.fused_cross_entropy));
+            let s = scalar_f32(batch_loss(&model, upload(&self.sequence_layout(b), &self.device), &layers, self.fused_cross_entropy, self.tensor_parallel().cloned()));
             sum += s as f64;
             tokens += n;
         }
-        (if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens)
+        self.check_tensor_parallel()?;
+        Ok((if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens))
     }
 }
 
@@ -322,6 +391,25 @@ fn all_reduce_bucket<B: Backend>(dp: &dyn Communicator<B>, loss_sum: Tensor<B, 1
         offset += n;
     }
     Ok((summed.narrow(0, offset, 1), Grads { by_path, scale }))
+}
+
+/// The gradients that are partial sums on each rank of the tensor-parallel group (a factor
+/// every rank holds whole but that saw only its slice of the work: [`GradPlacement`]) summed
+/// over the group, as one collective over one flat bucket.
+fn reduce_partial_grads<B: TrainBackend>(tp: &TensorParallel<B::Wire>, placement: &GradPlacement, grads: Grads<B>) -> Result<Grads<B>> {
+    let Grads { mut by_path, scale } = grads;
+    let partial: Vec<(String, Tensor<B, 1>)> = by_path.iter().filter(|(p, _)| placement.is_partial(p)).map(|(p, g)| (p.clone(), g.clone())).collect();
+    if partial.is_empty() {
+        return Ok(Grads { by_path, scale });
+    }
+    let sizes: Vec<usize> = partial.iter().map(|(_, g)| g.dims()[0]).collect();
+    let summed = B::collective(Tensor::cat(partial.iter().map(|(_, g)| g.clone()).collect(), 0), Collective::AllReduce, &tp.comm)?;
+    let mut offset = 0;
+    for ((path, _), n) in partial.into_iter().zip(sizes) {
+        by_path.insert(path, summed.clone().narrow(0, offset, n));
+        offset += n;
+    }
+    Ok(Grads { by_path, scale })
 }
 
 /// The value of a one-element tensor as f32, read in the tensor's own dtype: `into_scalar`

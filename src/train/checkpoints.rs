@@ -1,0 +1,379 @@
+//! What a checkpoint holds of a trainer, and back: the trained tensors under Hugging Face /
+//! peft names with the adapter's config, and the optimizer's moments.
+//!
+//! A checkpoint holds what one device would, whatever the layout: under tensor parallelism
+//! ([`Shards`]) each sharded tensor is gathered from the group before it is written and sliced
+//! back out when it is read, so `trainer export` needs no layout and a run can resume on
+//! another one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::names::{hf_name, module_path};
+use super::optimizer::Moments;
+use super::trainer::Trainer;
+use crate::backend::TrainBackend;
+use crate::error::{Error, Result};
+use crate::model::{CausalLm, ModelPlan};
+use crate::parallel::regions::{Collective, RegionBackend};
+use crate::parallel::tensor::{GradPlacement, TensorParallel};
+use crate::recipe::{LoadedRecipe, Recipe, Tuning};
+use crate::run::checkpoint::{self as ckpt, NamedTensor, TrainerState};
+use crate::run::{self as rundir};
+
+/// How this rank's parameters are slices of the one-device model's: the tensor-parallel group
+/// and where each parameter is split ([`GradPlacement::sharded`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Shards<'a, W: Backend> {
+    pub tp: &'a TensorParallel<W>,
+    pub placement: &'a GradPlacement,
+}
+
+impl<'a, W: Backend> Shards<'a, W> {
+    /// The trainer's, when its layers are split.
+    pub fn of<B: TrainBackend<Wire = W>>(trainer: &'a Trainer<B>) -> Option<Self> {
+        Some(Shards { tp: trainer.tensor_parallel()?, placement: trainer.grad_placement()? })
+    }
+
+    /// `(dim, group size)` when `path` is split along `dim` of its stored `[in, out]` layout.
+    fn split(&self, path: &str) -> Option<(usize, usize)> {
+        self.placement.split_dim(path).map(|d| (d, self.tp.size()))
+    }
+
+    /// This rank's block of the whole tensor of `path`.
+    fn slice<B: Backend, const D: usize>(&self, path: &str, whole: Tensor<B, D>) -> Tensor<B, D> {
+        match self.split(path) {
+            Some((dim, _)) => {
+                let rows = self.tp.comm.group().block(whole.dims()[dim]);
+                whole.narrow(dim, rows.start, rows.len())
+            }
+            None => whole,
+        }
+    }
+
+    /// The whole tensor of `path` from every rank's slice `t` (as [`named_params`] views it:
+    /// `[rows, cols]`, a 1-D parameter `[1, n]`; `rank` is the parameter's).
+    fn gather<B: RegionBackend<Wire = W>>(&self, path: &str, t: Tensor<B, 2>, rank: usize) -> Result<Tensor<B, 2>> {
+        match self.split(path) {
+            Some((dim, _)) => {
+                let dim = if rank == 1 { 1 } else { dim };
+                Ok(B::collective(t, Collective::AllGather(dim), &self.tp.comm)?)
+            }
+            None => Ok(t),
+        }
+    }
+}
+
+/// Every float parameter of a module with its Burn path, on the host (`keep` picks them).
+pub(super) fn named_params<B: TrainBackend, M: Module<B>>(m: &M, keep: &dyn Fn(&str) -> bool) -> Vec<(String, Tensor<B, 2>, usize)> {
+    struct Collect<'a, B: Backend> {
+        path: Vec<String>,
+        keep: &'a dyn Fn(&str) -> bool,
+        out: Vec<(String, Tensor<B, 2>, usize)>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Collect<'_, B> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let path = self.path.join(".");
+            if (self.keep)(&path) {
+                // Rank kept aside; 1-D parameters travel as [1, n].
+                let t = param.val();
+                let dims = t.dims();
+                let t2: Tensor<B, 2> = if D == 1 { t.reshape([1, dims[0]]) } else { t.reshape([dims[0], dims[1..].iter().product()]) };
+                self.out.push((path, t2, D));
+            }
+        }
+    }
+    let mut c = Collect { path: vec![], keep, out: vec![] };
+    m.visit(&mut c);
+    c.out
+}
+
+fn is_lora(path: &str) -> bool {
+    path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b")
+}
+
+/// Which parameters (by Burn path) `tuning` trains, and so checkpoints hold.
+fn is_trained(tuning: Tuning) -> &'static dyn Fn(&str) -> bool {
+    match tuning {
+        Tuning::Lora => &is_lora,
+        Tuning::Full => &|_| true,
+    }
+}
+
+/// The trained tensors of `model` under their Hugging Face / peft names, whole (gathered from
+/// the tensor-parallel group when `shards` says the model holds slices: every rank of the group
+/// calls this at once).
+fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning, shards: Option<&Shards<'_, B::Wire>>) -> Result<Vec<NamedTensor>> {
+    let mut out = Vec::new();
+    for (path, t, rank) in named_params(model, is_trained(tuning)) {
+        let t = match shards {
+            Some(s) => s.gather(&path, t, rank)?,
+            None => t,
+        };
+        let n = hf_name(model, &path);
+        let data = if rank == 1 {
+            let d = t.into_data();
+            let len = d.shape[1];
+            TensorData::from_bytes_vec(d.as_bytes().to_vec(), [len], d.dtype)
+        } else {
+            ckpt::host_tensor(t, n.transposed)
+        };
+        out.push(NamedTensor { name: n.name, data });
+    }
+    Ok(out)
+}
+
+/// Replace the trainable parameters of `model` with the tensors of a Hugging Face / peft file.
+///
+/// Under tensor parallelism (`shards`) the file holds the whole tensors and each parameter takes
+/// this rank's slice of its sharded ones.
+fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tuning, shards: Option<&Shards<'_, B::Wire>>) -> Result<CausalLm<B>> {
+    let mut tensors = ckpt::read_safetensors(file)?;
+    let names: BTreeMap<String, (String, bool)> = {
+        named_params(&model, is_trained(tuning))
+            .into_iter()
+            .map(|(path, _, _)| {
+                let n = hf_name(&model, &path);
+                (path, (n.name, n.transposed))
+            })
+            .collect()
+    };
+    for (name, _) in names.values() {
+        if !tensors.contains_key(name) {
+            let have: Vec<&String> = tensors.keys().take(3).collect();
+            return Err(Error::file(
+                file,
+                format!("tensor `{name}` is missing (the file has {} tensors, e.g. {have:?}); it must hold every trained tensor of this model and recipe", tensors.len()),
+            ));
+        }
+    }
+    let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).collect();
+    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k)) {
+        return Err(Error::file(file, format!("tensor `{extra}` matches no trained parameter of this model and recipe (check lora.targets and the model)")));
+    }
+    struct Load<'a, W: Backend> {
+        shards: Option<&'a Shards<'a, W>>,
+        path: Vec<String>,
+        names: &'a BTreeMap<String, (String, bool)>,
+        tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        file: &'a Path,
+        error: Option<Error>,
+    }
+    impl<B: Backend, W: Backend> ModuleMapper<B> for Load<'_, W> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let path = self.path.join(".");
+            let Some((name, transposed)) = self.names.get(&path) else { return param };
+            let Some((shape, data)) = self.tensors.remove(name) else { return param };
+            let (id, old, mapper) = param.consume();
+            let mut dims = old.dims();
+            if let Some((dim, size)) = self.shards.and_then(|s| s.split(&path)) {
+                dims[dim] *= size;
+            }
+            let want: Vec<usize> = if *transposed { dims.iter().rev().copied().collect() } else { dims.to_vec() };
+            if shape != want {
+                self.error.get_or_insert(Error::file(
+                    self.file,
+                    format!("tensor `{name}` has shape {shape:?}; this model and recipe need {want:?}"),
+                ));
+                return Param::from_mapped_value(id, old, mapper);
+            }
+            let (dtype, grad) = (old.dtype(), old.is_require_grad());
+            let device = old.device();
+            let t = Tensor::<B, D>::from_data(TensorData::new(data, want), (&device, DType::F32));
+            let t = if *transposed { t.swap_dims(0, 1) } else { t };
+            let t = match self.shards {
+                Some(s) => s.slice(&path, t),
+                None => t,
+            };
+            let t = t.cast(dtype);
+            Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
+        }
+    }
+    let mut l = Load { shards, path: vec![], names: &names, tensors: &mut tensors, file, error: None };
+    let model = model.map(&mut l);
+    match l.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}
+
+/// What a checkpoint of a trainer holds, gathered from its tensor-parallel group: the trained
+/// tensors, the adapted modules (LoRA) and, when asked for, the optimizer's moments with each
+/// parameter's step count.
+pub struct Gathered {
+    tensors: Vec<NamedTensor>,
+    adapted: Vec<String>,
+    moments: Option<(Vec<NamedTensor>, BTreeMap<String, u64>)>,
+}
+
+/// What a checkpoint of `trainer` holds (with the optimizer's moments when `with_optimizer`),
+/// whole: every rank of the tensor-parallel group calls this at once; one of them writes it
+/// ([`write`]).
+pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimizer: bool) -> Result<Gathered> {
+    let model = trainer.model().valid();
+    let shards = Shards::of(trainer);
+    let tensors = hf_tensors(&model, tuning, shards.as_ref())?;
+    let adapted = named_params(&model, &|p| p.ends_with(".lora.lora_a"))
+        .into_iter()
+        .map(|(p, _, _)| module_path(&model, p.trim_end_matches(".lora.lora_a")))
+        .collect();
+    let moments = match with_optimizer {
+        true => {
+            let views: BTreeMap<String, [usize; 2]> = named_params(&model, &|_| true).into_iter().map(|(p, t, _)| (p, t.dims())).collect();
+            let ranks: BTreeMap<String, usize> = named_params(&model, &|_| true).into_iter().map(|(p, _, r)| (p, r)).collect();
+            let (mut list, mut steps) = (Vec::new(), BTreeMap::new());
+            for (path, m) in &trainer.optimizer.state {
+                steps.insert(path.clone(), m.step);
+                for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+                    let v = match (shards.as_ref(), views.get(path)) {
+                        (Some(s), Some(&view)) => {
+                            let whole = s.gather(path, v.clone().reshape(view), ranks[path])?;
+                            let n = whole.shape().num_elements();
+                            whole.reshape([n])
+                        }
+                        _ => v.clone(),
+                    };
+                    list.push(NamedTensor { name: format!("{path}.{suffix}"), data: v.into_data() });
+                }
+            }
+            Some((list, steps))
+        }
+        false => None,
+    };
+    Ok(Gathered { tensors, adapted, moments })
+}
+
+/// Write `checkpoint-{state.step}` from what [`gather`] collected.
+pub fn write(run_dir: &Path, saved: Gathered, state: &TrainerState, loaded: &LoadedRecipe, plan: &ModelPlan) -> Result<PathBuf> {
+    let r = &loaded.recipe;
+    ckpt::write_atomically(run_dir, state.step, |dir| {
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        match r.train.tuning {
+            Tuning::Lora => {
+                ckpt::write_safetensors(&dir.join(ckpt::ADAPTER_WEIGHTS), &saved.tensors, meta)?;
+                let cfg = ckpt::adapter_config(&r.lora, r.model.path.as_deref(), &saved.adapted);
+                ckpt::write_synced(&dir.join(ckpt::ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
+            }
+            Tuning::Full => {
+                ckpt::write_safetensors(&dir.join(ckpt::MODEL_WEIGHTS), &saved.tensors, meta)?;
+                let cfg = serde_json::Value::Object(plan.config.values.clone());
+                ckpt::write_synced(&dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes())?;
+            }
+        }
+        ckpt::write_synced(&dir.join(ckpt::RECIPE), loaded.to_toml().as_bytes())?;
+        let prints = run_dir.join(rundir::BASE_WEIGHTS);
+        if prints.is_file() {
+            let bytes = std::fs::read(&prints).map_err(|e| Error::file(&prints, format!("cannot read: {e}")))?;
+            ckpt::write_synced(&dir.join(rundir::BASE_WEIGHTS), &bytes)?;
+        }
+        let mut state = state.clone();
+        if let Some((moments, steps)) = &saved.moments {
+            state.optimizer_steps.extend(steps.iter().map(|(p, s)| (p.clone(), *s)));
+            ckpt::write_safetensors(&dir.join(ckpt::OPTIMIZER), moments, BTreeMap::new())?;
+            state.has_optimizer = true;
+        }
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
+        ckpt::write_synced(&dir.join(ckpt::TRAINER_STATE), json.as_bytes())
+    })
+}
+
+/// The optimizer's moments of a checkpoint, for `model`'s parameters (this rank's slices under
+/// tensor parallelism: `shards`).
+pub fn load_optimizer<B: TrainBackend, M: Module<burn::backend::Autodiff<B>>>(
+    dir: &Path,
+    state: &TrainerState,
+    model: &M,
+    shards: Option<&Shards<'_, B::Wire>>,
+    device: &B::Device,
+) -> Result<BTreeMap<String, Moments<B>>> {
+    let file = dir.join(ckpt::OPTIMIZER);
+    let mut tensors = ckpt::read_safetensors(&file)?;
+    let dims = param_dims(model);
+    let mut out = BTreeMap::new();
+    for (path, &step) in &state.optimizer_steps {
+        let mut take = |suffix: &str| -> Result<Tensor<B, 1>> {
+            let name = format!("{path}.{suffix}");
+            let (_, data) = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;
+            let n = data.len();
+            let flat = Tensor::<B, 1>::from_data(TensorData::new(data, [n]), (device, DType::F32));
+            let Some((s, (dim, size), local)) = shards.and_then(|s| Some((s, s.split(path)?, dims.get(path)?))) else { return Ok(flat) };
+            let mut whole = local.clone();
+            whole[dim] *= size;
+            if whole.iter().product::<usize>() != n {
+                return Err(Error::file(&file, format!("tensor `{name}` has {n} values; parameter `{path}` of this model needs {}", whole.iter().product::<usize>())));
+            }
+            let block = match whole.len() {
+                1 => s.slice(path, flat),
+                _ => {
+                    let m = s.slice(path, flat.reshape([whole[0], whole[1..].iter().product()]));
+                    let k = m.shape().num_elements();
+                    m.reshape([k])
+                }
+            };
+            Ok(block)
+        };
+        out.insert(path.clone(), Moments { exp_avg: take("exp_avg")?, exp_avg_sq: take("exp_avg_sq")?, step });
+    }
+    Ok(out)
+}
+
+/// Every float parameter's shape, by Burn path.
+fn param_dims<B: Backend, M: Module<B>>(m: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Dims {
+        path: Vec<String>,
+        out: BTreeMap<String, Vec<usize>>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Dims {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.out.insert(self.path.join("."), param.val().dims().to_vec());
+        }
+    }
+    let mut d = Dims { path: vec![], out: BTreeMap::new() };
+    m.visit(&mut d);
+    d.out
+}
+
+/// Load the trained tensors of a checkpoint or adapter folder into `model`.
+pub fn load_trained<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
+    load_trained_sharded(model, dir, r, None)
+}
+
+/// [`load_trained`] into a model that holds this rank's slices (`shards`) of the checkpoint's
+/// tensors.
+pub fn load_trained_sharded<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe, shards: Option<&Shards<'_, B::Wire>>) -> Result<CausalLm<B>> {
+    let (file, what) = match r.train.tuning {
+        Tuning::Lora => (dir.join(ckpt::ADAPTER_WEIGHTS), "an adapter (train.tuning = \"lora\")"),
+        Tuning::Full => (dir.join(ckpt::MODEL_WEIGHTS), "full weights (train.tuning = \"full\")"),
+    };
+    if !file.is_file() {
+        return Err(Error::file(&file, format!("no such file: the recipe trains {what}, so the checkpoint must hold it")));
+    }
+    if r.train.tuning == Tuning::Lora {
+        ckpt::check_adapter_config(dir, &r.lora)?;
+    }
+    load_hf_tensors(model, &file, r.train.tuning, shards)
+}
