@@ -306,7 +306,7 @@ fn data_parallel_ranks_train_as_one_rank() {
                 }
                 .unwrap();
                 let (mut t, rows, pad) = tiny_trainer();
-                t.data_parallel = Some(Arc::new(comm) as Arc<dyn Communicator<Cpu>>);
+                t.data_parallel = Some(trainer::parallel::regions::GroupComm::new(Arc::new(comm) as Arc<dyn Communicator<Cpu>>));
                 let micro = batch::padded(&rows, 4, pad);
                 let stats = run(&mut t, &micro[rank..rank + 1]);
                 (stats, parameter_values(&t))

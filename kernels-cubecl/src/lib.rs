@@ -15,6 +15,8 @@ mod cube;
 pub use cube::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
 #[cfg(feature = "cuda")]
 pub use cube::cublas::{gemm_host_syncs, gemm_ordering};
+#[cfg(feature = "cuda")]
+pub use cube::nccl::{unique_id as nccl_unique_id, NcclComm, NcclReduce};
 pub mod device;
 pub mod gate_up;
 pub mod linear;

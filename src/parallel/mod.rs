@@ -11,6 +11,8 @@ pub mod comm;
 pub mod launch;
 pub mod layers;
 pub mod mesh;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod regions;
 pub mod rendezvous;
 pub mod tcp;

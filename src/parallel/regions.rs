@@ -33,6 +33,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::comm::{CommError, Communicator, ReduceOp};
+use super::tcp::TcpCommunicator;
 use super::ProcessGroup;
 
 /// One process group's communicator, shared by the layers that talk over it, with the first
@@ -194,6 +195,14 @@ pub trait RegionBackend: Backend {
         Self::collective(x, region.collectives(dim).0, comm)
     }
 
+    /// The communicator this backend's collectives take for the process group whose members'
+    /// TCP links are `host` (every member calls this at once, on its `device`): by default the
+    /// TCP links themselves (host copies, what CPU ranks use); NCCL on CUDA.
+    fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<Self::Wire>, CommError> {
+        let _ = device;
+        Ok(GroupComm::new(Arc::new(host)))
+    }
+
     /// [`region`](Self::region) inside a forward pass, which has no error to return: a failed
     /// collective is kept in `comm` for [`GroupComm::check`] after the step, and the output is
     /// zeros of the shape the collective would have given (so the step runs to its end, where
@@ -221,13 +230,18 @@ where
 }
 
 #[cfg(feature = "cuda")]
-impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> RegionBackend
-    for burn_cubecl::CubeBackend<R, F, I, BT>
+impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> RegionBackend
+    for burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, I, BT>
 {
     type Wire = Self;
 
     fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
         collective.apply(x, comm.communicator())
+    }
+
+    /// NCCL ([`super::nccl::NcclCommunicator`]).
+    fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<Self>, CommError> {
+        Ok(GroupComm::new(Arc::new(super::nccl::NcclCommunicator::new(host, device)?)))
     }
 }
 
@@ -237,6 +251,10 @@ impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
     /// Untracked: the collective of the inner tensor, its output a new leaf.
     fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, D>, CommError> {
         Ok(Tensor::from_inner(B::collective(x.inner(), collective, comm)?))
+    }
+
+    fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<B::Wire>, CommError> {
+        B::group_communicator(host, device)
     }
 
     fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, D>, CommError> {

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use crate::backend::TrainBackend;
@@ -23,10 +22,8 @@ use crate::data::{self, Batch};
 use crate::error::{Error, Result};
 use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::{self, ModelPlan};
-use crate::parallel::comm::Communicator;
 use crate::parallel::launch::{self, RankEnv};
 use crate::parallel::mesh::{Axis, DeviceMesh};
-use crate::parallel::regions::GroupComm;
 use crate::parallel::tensor::TensorParallel;
 use crate::recipe::{self, LoadedRecipe, Recipe, Stop, Tuning};
 use crate::run::checkpoint::{self as ckpt, ResumeFrom, TrainerState};
@@ -212,13 +209,17 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     }
 
     // The model and what is trained.
-    // This rank's process groups: the data-parallel replicas and the tensor-parallel split.
+    // This rank's process groups: the data-parallel replicas and the tensor-parallel split,
+    // each with the backend's communicator (NCCL on CUDA, TCP on CPU). A launched job of one
+    // rank keeps its data group of one, so `--nproc-per-node 1` runs the collectives' path.
     let (data_comm, tensor_parallel) = match &world {
         Some(w) => {
-            let data = w.split("data", &mesh.group(rank, Axis::Data))?;
-            let tensor = w.split("tensor", &mesh.group(rank, Axis::Tensor))?;
-            let tp = TensorParallel::new(GroupComm::new(Arc::new(tensor) as Arc<dyn Communicator<B::Wire>>), r.parallel.sequence_parallel);
-            ((dp_size > 1).then_some(data), (layout.tensor.size > 1).then_some(tp))
+            let data = B::group_communicator(w.split("data", &mesh.group(rank, Axis::Data))?, &device)?;
+            let tensor = match layout.tensor.size > 1 {
+                true => Some(TensorParallel::new(B::group_communicator(w.split("tensor", &mesh.group(rank, Axis::Tensor))?, &device)?, r.parallel.sequence_parallel)),
+                false => None,
+            };
+            (Some(data), tensor)
         }
         None => (None, None),
     };
@@ -316,7 +317,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
     trainer.fused_cross_entropy = r.train.fused_cross_entropy;
-    trainer.data_parallel = data_comm.map(|c| Arc::new(c) as Arc<dyn Communicator<B>>);
+    trainer.data_parallel = data_comm;
     if let Some(tp) = tensor_parallel {
         trainer.set_tensor_parallel(tp);
     }

@@ -11,7 +11,6 @@
 //! the update, which every rank then computes from the same values (the same update everywhere).
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
@@ -26,8 +25,7 @@ use crate::backend::profile::span;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, SequenceContext};
-use crate::parallel::comm::{Communicator, ReduceOp};
-use crate::parallel::regions::Collective;
+use crate::parallel::regions::{Collective, GroupComm};
 use crate::parallel::tensor::{GradPlacement, TensorParallel};
 
 /// What one optimizer step measured.
@@ -62,7 +60,7 @@ pub struct Trainer<B: TrainBackend> {
     pub fused_cross_entropy: bool,
     pub device: B::Device,
     /// The data-parallel group's communicator; `None` on one rank.
-    pub data_parallel: Option<Arc<dyn Communicator<B>>>,
+    pub data_parallel: Option<GroupComm<B::Wire>>,
     /// The tensor-parallel group (the model's layers split over it) and where each trained
     /// parameter's gradient lives across it; `None` on one rank
     /// ([`set_tensor_parallel`](Self::set_tensor_parallel)).
@@ -225,7 +223,7 @@ impl<B: TrainBackend> Trainer<B> {
     fn device_gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(Tensor<B, 1>, usize, Grads<B>)> {
         let local: usize = micro_batches.iter().map(trained_tokens).sum();
         let tokens = match &self.data_parallel {
-            Some(dp) => dp.all_to_all_counts(&vec![local; dp.group().size])?.iter().sum(),
+            Some(dp) => dp.communicator().all_to_all_counts(&vec![local; dp.group().size])?.iter().sum(),
             None => local,
         };
         if tokens == 0 {
@@ -263,7 +261,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         match &self.data_parallel {
             Some(dp) => {
-                let (loss_sum, grads) = span::<B, _>("data_parallel", &self.device, || all_reduce_bucket(dp.as_ref(), loss_sum, grads))?;
+                let (loss_sum, grads) = span::<B, _>("data_parallel", &self.device, || all_reduce_bucket(dp, loss_sum, grads))?;
                 Ok((loss_sum, tokens, grads))
             }
             None => Ok((loss_sum, tokens, grads)),
@@ -378,12 +376,12 @@ impl<B: TrainBackend> Trainer<B> {
 
 /// Every rank's gradients and loss summed, as one collective over one flat f32 bucket (the
 /// gradients in path order, the same on every rank of one model, then the loss).
-fn all_reduce_bucket<B: Backend>(dp: &dyn Communicator<B>, loss_sum: Tensor<B, 1>, grads: Grads<B>) -> Result<(Tensor<B, 1>, Grads<B>)> {
+fn all_reduce_bucket<B: TrainBackend>(dp: &GroupComm<B::Wire>, loss_sum: Tensor<B, 1>, grads: Grads<B>) -> Result<(Tensor<B, 1>, Grads<B>)> {
     let Grads { by_path, scale } = grads;
     let sizes: Vec<(String, usize)> = by_path.iter().map(|(p, g)| (p.clone(), g.dims()[0])).collect();
     let mut parts: Vec<Tensor<B, 1>> = by_path.into_values().collect();
     parts.push(loss_sum);
-    let summed = dp.all_reduce(Tensor::cat(parts, 0), ReduceOp::Sum)?;
+    let summed = B::collective(Tensor::cat(parts, 0), Collective::AllReduce, dp)?;
     let mut offset = 0;
     let mut by_path = std::collections::BTreeMap::new();
     for (path, n) in sizes {

@@ -351,14 +351,14 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulat
 
 /// A task for CubeCL's device thread, run while the calling thread waits for it
 /// (`ComputeClient::exclusive`), so what it borrows stays alive and untouched meanwhile.
-struct OnDeviceThread<F>(F);
+pub(super) struct OnDeviceThread<F>(pub(super) F);
 
 // SAFETY: the caller blocks until the task has run; the cuBLAS handle it uses is held under its
 // mutex by the caller for that time, and CUDA handles may be used from any thread.
 unsafe impl<F> Send for OnDeviceThread<F> {}
 
 impl<R, F: FnOnce() -> R> OnDeviceThread<F> {
-    fn run(self) -> R {
+    pub(super) fn run(self) -> R {
         (self.0)()
     }
 }

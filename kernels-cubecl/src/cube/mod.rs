@@ -12,6 +12,8 @@ mod layer_ops;
 mod linear_cross_entropy;
 mod norm_rows;
 mod multi_tensor;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod optimizer;
 mod row_kernel;
 mod softmax_rows;
