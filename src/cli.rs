@@ -64,9 +64,20 @@ pub enum Command {
         #[arg(long = "nproc-per-node", value_name = "N")]
         nproc_per_node: Option<usize>,
         /// The port rank 0 serves the ranks' rendezvous on, with --nproc-per-node (default: a
-        /// free one).
+        /// free one on one node; required with --nnodes > 1).
         #[arg(long = "master-port", value_name = "PORT", requires = "nproc_per_node")]
         master_port: Option<u16>,
+        /// Nodes in the job, each running this command with its --node-rank (as torchrun's
+        /// --nnodes): the world is nnodes x nproc-per-node ranks.
+        #[arg(long, value_name = "M", default_value_t = 1, requires = "nproc_per_node")]
+        nnodes: usize,
+        /// This node's place among the nodes, 0 to nnodes - 1; node 0's first rank serves the
+        /// rendezvous.
+        #[arg(long = "node-rank", value_name = "K", default_value_t = 0, requires = "nproc_per_node")]
+        node_rank: usize,
+        /// Node 0's address every node reaches it at (default 127.0.0.1: one node).
+        #[arg(long = "master-addr", value_name = "HOST", requires = "nproc_per_node")]
+        master_addr: Option<String>,
     },
     /// Turn a run into a merged Hugging Face model, a peft adapter, or a merged base for a
     /// further trainer stage. Reads the recipe the run saved: no flags to repeat.
@@ -229,19 +240,25 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { recipe, set, resume, nproc_per_node, master_port } => {
+        Command::Run { recipe, set, resume, nproc_per_node, master_port, nnodes, node_rank, master_addr } => {
             let loaded = match (&resume, &recipe) {
                 (Some(run), given) => crate::run::resume::recipe_for(run, given.as_deref(), &set)?,
                 (None, Some(file)) => recipe::load(file, &set)?,
                 (None, None) => return Err(Error::Unsupported("trainer run needs a RECIPE, or --resume RUN_DIR to continue a run".into())),
             };
-            if let (Some(n), None) = (nproc_per_node.filter(|&n| n != 1), crate::parallel::launch::RankEnv::from_env()?) {
+            if let (Some(n), None) = (nproc_per_node, crate::parallel::launch::RankEnv::from_env()?) {
                 // This process only launches: the ranks run this same command without the
                 // launcher's flags.
                 let args = launcher_free_args(std::env::args().skip(1));
                 let logs = Path::new(&loaded.recipe.checkpoint.output_dir).join("rank-logs");
-                crate::parallel::launch::launch(n, &args, master_port, &logs)?;
-                println!("done: {n} ranks finished");
+                let nodes = crate::parallel::launch::Nodes {
+                    count: nnodes,
+                    rank: node_rank,
+                    master_addr: master_addr.unwrap_or_else(|| "127.0.0.1".into()),
+                    master_port,
+                };
+                crate::parallel::launch::launch(n, &nodes, &args, &logs)?;
+                println!("done: {n} ranks finished{}", if nnodes > 1 { format!(" on node {node_rank} of {nnodes}") } else { String::new() });
                 return Ok(());
             }
             let plan = plan(&loaded, registry, Fetch::All)?;
@@ -382,7 +399,7 @@ pub fn check(loaded: &LoadedRecipe, registry: &Registry, with_data: bool, show_r
 /// The command line without the launcher's own flags (`--nproc-per-node`, `--master-port`, in
 /// either `--flag value` or `--flag=value` form): what each rank runs.
 fn launcher_free_args(args: impl Iterator<Item = String>) -> Vec<String> {
-    const FLAGS: [&str; 2] = ["--nproc-per-node", "--master-port"];
+    const FLAGS: [&str; 5] = ["--nproc-per-node", "--master-port", "--nnodes", "--node-rank", "--master-addr"];
     let mut out = Vec::new();
     let mut skip_value = false;
     for a in args {
@@ -402,7 +419,7 @@ fn launcher_free_args(args: impl Iterator<Item = String>) -> Vec<String> {
 mod launcher_tests {
     #[test]
     fn ranks_run_the_command_without_the_launchers_flags() {
-        let args = ["run", "r.toml", "--nproc-per-node", "2", "--set", "a=1", "--master-port=29500"].map(String::from);
+        let args = ["run", "r.toml", "--nproc-per-node", "2", "--set", "a=1", "--master-port=29500", "--nnodes", "2", "--node-rank=1", "--master-addr", "h"].map(String::from);
         assert_eq!(super::launcher_free_args(args.into_iter()), ["run", "r.toml", "--set", "a=1"].map(String::from).to_vec());
     }
 }

@@ -476,21 +476,28 @@ fn worst_difference(got: &Path, want: &Path) -> (String, f32) {
 }
 
 /// `trainer run --nproc-per-node N` with the layers split over tensor-parallel ranks (2 ranks
-/// with sequence parallelism; 4 ranks as 2 data-parallel replicas of 2 tensor ranks), full layer
-/// recompute and evaluation, trains as one process does: every step's loss within 1e-5
+/// with sequence parallelism; 4 ranks as 2 data-parallel replicas of 2 tensor ranks) and the
+/// experts over expert-parallel ranks (data 2 x expert 2; and with tensor 2 + sequence
+/// parallelism on 4 ranks), full layer recompute and evaluation, trains as one process does: every step's loss within 1e-5
 /// relative, the gathered checkpoint's adapter (peft's names and one device's shapes) within
 /// 2e-4 of each tensor's largest value (AdamW's scale-free update turns last-bit differences of
-/// near-zero gradients into weight differences up to the learning rate), and a tensor-parallel
-/// run resumed from its checkpoint (adapter and optimizer moments sliced back out) ends where
-/// one process does. Dropout is off: a row-parallel layer draws its mask over its own slice of
+/// near-zero gradients into weight differences up to the learning rate), and the 2-rank runs
+/// resumed from their checkpoints (adapter and optimizer moments sliced back out, each rank's
+/// experts picked) end where one process does. Dropout is off: a row-parallel layer draws its mask over its own slice of
 /// the inputs, so masks are not one process's.
 #[test]
-fn tensor_parallel_ranks_train_as_one_process() {
+fn parallel_layouts_train_as_one_process() {
     let root = tempfile::tempdir().unwrap();
     let common = ["train.global_batch_size=8", "checkpoint.save_interval=3", "lora.dropout=0.0", "train.recompute.granularity=\"full\"", "train.eval_interval=3"];
     let one = tiny_run(&root.path().join("one"), 8, &common);
     let adapter = |run: &Path, step: usize| run.join(format!("checkpoint-{step}")).join("adapter_model.safetensors");
-    for (name, nproc, layout) in [("tp2-sp", "2", &["parallel.tensor=2", "parallel.sequence_parallel=true"][..]), ("dp2-tp2", "4", &["parallel.data=2", "parallel.tensor=2"][..])] {
+    let layouts: [(&str, &str, &[&str]); 4] = [
+        ("tp2-sp", "2", &["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+        ("dp2-tp2", "4", &["parallel.data=2", "parallel.tensor=2"]),
+        ("dp2-ep2", "2", &["parallel.data=2", "parallel.expert=2"]),
+        ("dp2-tp2-sp-ep2", "4", &["parallel.data=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]),
+    ];
+    for (name, nproc, layout) in layouts {
         let dir = root.path().join(name);
         let mut more: Vec<&str> = common.to_vec();
         more.push("train.max_steps=8");
@@ -509,11 +516,11 @@ fn tensor_parallel_ranks_train_as_one_process() {
         }
         let (tensor, diff) = worst_difference(&adapter(&runs[0], 8), &adapter(&one, 8));
         assert!(diff <= 2e-4, "{name}: {tensor} differs by {diff:e} of its largest value");
-        if name == "tp2-sp" {
+        if nproc == "2" {
             // Resumed on the same layout from checkpoint-6: a branch that ends where one
             // process does.
             let from = runs[0].join("checkpoint-6").display().to_string();
-            let o = trainer(&["run", "--resume", &from, "--nproc-per-node", "2"]);
+            let o = trainer(&["run", "--resume", &from, "--nproc-per-node", nproc]);
             assert!(o.status.success(), "{name} resumed: {}", text(&o));
             let branch = runs_in(&dir.join("runs")).into_iter().find(|r| r.display().to_string().ends_with("-from-step-6")).expect("the branch folder");
             let (want, got) = (losses(&one), losses(&branch));
@@ -524,6 +531,45 @@ fn tensor_parallel_ranks_train_as_one_process() {
             let (tensor, diff) = worst_difference(&adapter(&branch, 8), &adapter(&one, 8));
             assert!(diff <= 2e-4, "{name} resumed: {tensor} differs by {diff:e} of its largest value");
         }
+    }
+}
+
+/// Two nodes on loopback (`--nnodes 2 --node-rank K --master-addr 127.0.0.1 --master-port P`,
+/// one rank each, started as two commands as two machines would start them) train the
+/// data-parallel layout as `--nproc-per-node 2` on one node does: the same losses (1e-5) and one
+/// run folder, node 0's.
+#[test]
+fn two_nodes_train_as_one_node() {
+    let root = tempfile::tempdir().unwrap();
+    let common = ["train.max_steps=4", "train.global_batch_size=8", "parallel.data=2"];
+    let one_node = root.path().join("one-node");
+    let s = sets(&one_node, &common);
+    let mut args = with_sets(&["run", TINY], &s);
+    args.extend(["--nproc-per-node", "2"]);
+    let o = trainer(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let two_nodes = root.path().join("two-nodes");
+    let s = sets(&two_nodes, &common);
+    let nodes: Vec<_> = ["0", "1"]
+        .iter()
+        .map(|k| {
+            let mut args = with_sets(&["run", TINY], &s);
+            args.extend(["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", k, "--master-addr", "127.0.0.1", "--master-port", &port]);
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            std::thread::spawn(move || trainer(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        })
+        .collect();
+    for (k, node) in nodes.into_iter().enumerate() {
+        let o = node.join().unwrap();
+        assert!(o.status.success(), "node {k}: {}", text(&o));
+    }
+    let runs = runs_in(&two_nodes.join("runs"));
+    assert_eq!(runs.len(), 1, "one run folder, node 0's rank 0's");
+    let (want, got) = (losses(&runs_in(&one_node.join("runs"))[0]), losses(&runs[0]));
+    assert_eq!(got.len(), 4);
+    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 * w.abs(), "step {}: loss {g} on two nodes, {w} on one", s + 1);
     }
 }
 

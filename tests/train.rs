@@ -456,3 +456,61 @@ fn tensor_parallel_ranks_compute_one_ranks_gradients() {
         }
     }
 }
+
+/// Expert parallelism on 2 thread ranks (data 2 x expert 2: each rank its own micro batch and
+/// half the experts, tokens travelling to their experts and back by all-to-all): the global
+/// batch's loss equals one rank running both micro batches, the dense gradients (summed over
+/// the data-parallel ranks) equal its, and each rank's experts' gradients equal its for the
+/// same experts (1e-5 of each tensor's largest value). One backward per thread rank (see
+/// `src/parallel/layers_tests.rs`); steps and checkpoints run as processes in
+/// `tests/reliability.rs`.
+#[test]
+fn expert_parallel_ranks_compute_one_ranks_gradients() {
+    use std::sync::Arc;
+    use trainer::parallel::comm::Communicator;
+    use trainer::parallel::regions::GroupComm;
+    use trainer::parallel::ProcessGroup;
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let grads_of = |t: &Trainer<Cpu>, micro: &[Batch]| -> (f64, std::collections::BTreeMap<String, Vec<f32>>) {
+        let (loss, g) = t.gradients(1, micro).unwrap();
+        (loss, g.by_path.into_iter().map(|(p, g)| (p, g.into_data().to_vec::<f32>().unwrap())).collect())
+    };
+    let (want_loss, want_grads) = {
+        let (t, rows, pad) = tiny_trainer_in(&[], Layout::SINGLE, vec![]);
+        grads_of(&t, &batch::padded(&rows, 4, pad))
+    };
+    let got = on_thread_ranks(2, move |rank, comm| {
+        let group = |c: trainer::parallel::tcp::TcpCommunicator| GroupComm::new(Arc::new(c) as Arc<dyn Communicator<Cpu>>);
+        let layout = Layout { data: ProcessGroup::new(rank, 2), expert: ProcessGroup::new(rank, 2), ..Layout::SINGLE };
+        let (mut t, rows, pad) = tiny_trainer_in(&[], layout, vec![]);
+        let expert = group(comm.split("expert", &[0, 1]).unwrap());
+        let expert_data = group(comm.split("expert-data", &[rank]).unwrap());
+        t.set_expert_parallel(expert, expert_data);
+        t.data_parallel = Some(group(comm));
+        t.micro_batch_place = (rank, 2);
+        let micro = batch::padded(&rows, 4, pad);
+        grads_of(&t, &micro[rank..rank + 1])
+    });
+    for (rank, (loss, grads)) in got.iter().enumerate() {
+        close(*loss, want_loss, &format!("rank {rank}: loss"));
+        let mut seen = 0;
+        for (path, g) in grads {
+            // The tiny model's 8 experts: local expert e of rank r is expert 4 r + e.
+            let global = match path.split_once(".moe.experts.") {
+                Some((head, rest)) => {
+                    let (e, tail) = rest.split_once('.').unwrap();
+                    format!("{head}.moe.experts.{}.{tail}", 4 * rank + e.parse::<usize>().unwrap())
+                }
+                None => path.clone(),
+            };
+            let want = &want_grads[&global];
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let diff = g.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(g.len() == want.len() && diff <= 1e-5 * scale, "rank {rank}: the gradient of {path} (one rank's {global}) differs by {diff:e} (max {scale:e})");
+            seen += 1;
+        }
+        let dense = want_grads.keys().filter(|p| !p.contains(".moe.experts.")).count();
+        let experts = want_grads.len() - dense;
+        assert_eq!(seen, dense + experts / 2, "rank {rank}: its dense gradients and half the experts'");
+    }
+}

@@ -7,14 +7,16 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor};
 use kernels_cubecl as ops;
 
-use super::spec::{ArchSpec, MlpSpec};
+use super::spec::ArchSpec;
 use super::weights::InitKind;
 use crate::backend::profile::span;
 use crate::error::Result;
 pub use super::linear::{JoinedWeight, Linear, Loader};
+pub use super::moe::SparseMoe;
+use crate::parallel::regions::GroupComm;
 use crate::parallel::tensor::TensorParallel;
 use crate::parallel::{Partition, ProcessGroup};
 
@@ -164,6 +166,8 @@ pub struct SequenceContext<B: TrainBackend> {
     pub blocked: Tensor<B, 4, Bool>,
     /// `None` on one rank (or a tensor-parallel size of 1).
     pub tensor_parallel: Option<TensorParallel<B::Wire>>,
+    /// The group MoE layers' experts are split over; `None` when they are not.
+    pub expert_parallel: Option<GroupComm<B::Wire>>,
 }
 
 impl<B: TrainBackend> SequenceContext<B> {
@@ -173,12 +177,19 @@ impl<B: TrainBackend> SequenceContext<B> {
         let [b, s] = positions.dims();
         let device = positions.device();
         let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
-        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None }
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None }
     }
 
     /// The same context with the layers split over `tp` (`None` or a group of one: not split).
     pub fn with_tensor_parallel(mut self, tp: Option<TensorParallel<B::Wire>>) -> Self {
         self.tensor_parallel = tp.filter(|tp| tp.size() > 1);
+        self
+    }
+
+    /// The same context with MoE layers' experts split over `ep` (`None` or a group of one: not
+    /// split).
+    pub fn with_expert_parallel(mut self, ep: Option<GroupComm<B::Wire>>) -> Self {
+        self.expert_parallel = ep.filter(|g| g.group().size > 1);
         self
     }
 
@@ -210,6 +221,7 @@ impl<B: TrainBackend> SequenceContext<B> {
             sin: self.sin.clone().inner(),
             blocked: self.blocked.clone().inner(),
             tensor_parallel: self.tensor_parallel.clone(),
+            expert_parallel: self.expert_parallel.clone(),
         }
     }
 }
@@ -277,127 +289,11 @@ impl<B: TrainBackend> Mlp<B> {
     }
 }
 
-/// A sparse mixture of SwiGLU experts (Qwen3-MoE): a linear router, softmax over all experts,
-/// top-k, optional renormalisation over the chosen k, and the weighted sum of the chosen
-/// experts' outputs. Under expert parallelism a rank holds the contiguous block of experts its
-/// expert-parallel rank owns and adds up only their contributions.
-#[derive(Module, Debug)]
-pub struct SparseMoe<B: Backend> {
-    pub gate: Linear<B>,
-    pub experts: Vec<Mlp<B>>,
-    /// Global index of `experts[0]`.
-    pub first_expert: usize,
-    pub num_experts: usize,
-    pub top_k: usize,
-    pub norm_topk_prob: bool,
-}
-
-impl<B: TrainBackend> SparseMoe<B> {
-    pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, spec: &MlpSpec, ep: ProcessGroup) -> Result<Self> {
-        let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
-            return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
-        };
-        let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
-        let owned = ep.block(num_experts);
-        let experts = owned
-            .clone()
-            .map(|e| Mlp::load(ld, &format!("{path}.experts.{e}"), hidden, intermediate_size, ProcessGroup::SINGLE))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SparseMoe { gate, experts, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
-    }
-
-    /// # Shapes
-    /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [t, hidden] = x.dims();
-        let device = x.device();
-        let logits = self.gate.forward(x.clone());
-        let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
-        let (mut weights, chosen) = probs.topk_with_indices(self.top_k, 1);
-        if self.norm_topk_prob {
-            weights = weights.clone() / weights.sum_dim(1);
-        }
-        let weights = weights.cast(dtype).reshape([t * self.top_k]);
-        // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
-        let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
-        let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
-            return x.zeros_like();
-        };
-        let (e, c) = (self.experts.len(), layout.capacity);
-        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.tokens, [e * c]), &device);
-        // Padding rows take the weight appended after the real ones: zero.
-        let padded_weights = Tensor::cat(vec![weights, Tensor::zeros([1], (&device, dtype))], 0);
-        let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.slots, [e * c]), &device);
-        let xs = x.clone().select(0, tokens.clone()).reshape([e, c, hidden]);
-        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
-        let w = padded_weights.select(0, slots).reshape([e * c, 1]);
-        x.zeros_like().select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
-    }
-}
-
-/// Where each local expert's tokens sit in the `[experts, capacity, hidden]` layout the experts
-/// run on together: expert `e`'s routed tokens in rows `e * capacity ..`, in token order, then
-/// padding (token 0, weighted by zero).
-#[derive(Debug, PartialEq)]
-struct ExpertLayout {
-    /// The most tokens any local expert got, rounded up to a multiple of 8.
-    capacity: usize,
-    /// `[experts * capacity]`: the token each row reads (0 for padding).
-    tokens: Vec<i64>,
-    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) whose weight scales the row;
-    /// `tokens * top_k` for padding, one past the last slot.
-    slots: Vec<i64>,
-}
-
-impl ExpertLayout {
-    /// From the router's choices (`chosen[token * top_k + k]`, global expert indices) for the
-    /// `local` experts from `first`; `None` when none of them got a token.
-    fn new(chosen: &[i64], top_k: usize, first: usize, local: usize) -> Option<Self> {
-        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); local];
-        for (slot, &expert) in chosen.iter().enumerate() {
-            let e = expert - first as i64;
-            if (0..local as i64).contains(&e) {
-                rows[e as usize].push(slot as i64);
-            }
-        }
-        let most = rows.iter().map(Vec::len).max().unwrap_or(0);
-        if most == 0 {
-            return None;
-        }
-        let capacity = most.next_multiple_of(8);
-        let pad = chosen.len() as i64;
-        let mut slots = Vec::with_capacity(local * capacity);
-        for r in &rows {
-            slots.extend(r.iter().copied().chain(std::iter::repeat(pad).take(capacity - r.len())));
-        }
-        let tokens = slots.iter().map(|&s| if s == pad { 0 } else { s / top_k as i64 }).collect();
-        Some(ExpertLayout { capacity, tokens, slots })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
     use crate::lora::LoraAdapter;
-
-    #[test]
-    fn expert_layout_groups_slots_by_local_expert_and_pads_with_the_zero_weight_slot() {
-        // 3 tokens, top 2, experts 2..5 local (global 0..6).
-        let chosen = [2, 0, 3, 2, 5, 4];
-        let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
-        assert_eq!(l.capacity, 8);
-        let pad = 6;
-        let mut want_slots = vec![0, 3];
-        want_slots.resize(8, pad);
-        want_slots.extend([2].iter().chain([pad; 7].iter()));
-        want_slots.extend([5].iter().chain([pad; 7].iter()));
-        assert_eq!(l.slots, want_slots);
-        let want_tokens: Vec<i64> = want_slots.iter().map(|&s| if s == pad { 0 } else { s / 2 }).collect();
-        assert_eq!(l.tokens, want_tokens);
-        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
-        let busy: Vec<i64> = vec![1; 9];
-        assert_eq!(ExpertLayout::new(&busy, 1, 0, 2).map(|l| l.capacity), Some(16));
-    }
 
     type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
 

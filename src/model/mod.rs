@@ -8,6 +8,7 @@ pub mod hub;
 pub mod layers;
 pub mod linear;
 pub mod llama_like;
+pub mod moe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;

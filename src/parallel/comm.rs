@@ -107,6 +107,24 @@ pub trait Communicator<B: Backend>: Send + Sync + fmt::Debug {
     /// dispatcher sizes its buffers from it, as Megatron's does).
     fn all_to_all_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>, CommError>;
 
+    /// [`all_to_all_counts`](Self::all_to_all_counts) of `per_rank` counts for each rank:
+    /// `send[j * per_rank..][..per_rank]` go to rank `j`, and the result's block `j` is what rank
+    /// `j` sent this one (the token dispatcher's counts per rank and local expert).
+    fn all_to_all_count_blocks(&self, send: &[usize], per_rank: usize) -> Result<Vec<usize>, CommError> {
+        let size = self.group().size;
+        if send.len() != size * per_rank {
+            return Err(CommError::Invalid(format!("{} counts for {size} ranks of {per_rank} each", send.len())));
+        }
+        let mut out = vec![0; send.len()];
+        for k in 0..per_rank {
+            let column: Vec<usize> = (0..size).map(|j| send[j * per_rank + k]).collect();
+            for (j, c) in self.all_to_all_counts(&column)?.into_iter().enumerate() {
+                out[j * per_rank + k] = c;
+            }
+        }
+        Ok(out)
+    }
+
     /// Rank `root`'s `x` on every rank; the others' `x` give only the shape.
     fn broadcast(&self, x: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, CommError>;
 

@@ -95,28 +95,50 @@ pub fn fingerprint(recipe_toml: &str) -> String {
     h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Run this binary with `args` as `nproc` ranks on this machine and wait for them: `Ok` when
-/// every rank exits 0; else the first rank that failed, by name, with its log, after the
-/// others are stopped.
-pub fn launch(nproc: usize, args: &[String], master_port: Option<u16>, log_dir: &Path) -> Result<()> {
+/// The nodes of a job as torchrun's flags name them: how many, this one's place, and where node
+/// 0's rendezvous listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes {
+    pub count: usize,
+    pub rank: usize,
+    pub master_addr: String,
+    /// `None`: a free port (one node only).
+    pub master_port: Option<u16>,
+}
+
+/// Run this binary with `args` as `nproc` ranks on this machine (node `nodes.rank` of
+/// `nodes.count`: world ranks `nodes.rank * nproc ..`) and wait for them: `Ok` when every rank
+/// exits 0; else the first rank that failed, by name, with its log, after the others are
+/// stopped.
+pub fn launch(nproc: usize, nodes: &Nodes, args: &[String], log_dir: &Path) -> Result<()> {
     if nproc == 0 {
         return Err(Error::Parallel("--nproc-per-node 0: expected 1 or more".into()));
     }
+    if nodes.count == 0 || nodes.rank >= nodes.count {
+        return Err(Error::Parallel(format!("--node-rank {} of --nnodes {}: expected a node rank from 0 to {}", nodes.rank, nodes.count, nodes.count.saturating_sub(1))));
+    }
     let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("cannot find this binary to start its ranks: {e}")))?;
-    let port = match master_port {
-        Some(p) => p,
-        None => free_port()?,
+    let port = match (nodes.master_port, nodes.count) {
+        (Some(p), _) => p,
+        (None, 1) => free_port()?,
+        (None, n) => {
+            return Err(Error::Parallel(format!(
+                "--nnodes {n} needs --master-port: every node must name the port node 0 serves the rendezvous on"
+            )))
+        }
     };
+    let world = nproc * nodes.count;
     std::fs::create_dir_all(log_dir).map_err(|e| Error::file(log_dir, format!("cannot create the ranks' log folder: {e}")))?;
     let mut children: Vec<(usize, Child, Option<PathBuf>)> = Vec::with_capacity(nproc);
-    for rank in 0..nproc {
+    for local in 0..nproc {
+        let rank = nodes.rank * nproc + local;
         let mut cmd = Command::new(&exe);
         cmd.args(args)
-            .env("WORLD_SIZE", nproc.to_string())
+            .env("WORLD_SIZE", world.to_string())
             .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_RANK", local.to_string())
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_ADDR", &nodes.master_addr)
             .env("MASTER_PORT", port.to_string());
         let log = (rank > 0).then(|| log_dir.join(format!("rank-{rank}.log")));
         if let Some(path) = &log {
@@ -156,7 +178,7 @@ pub fn launch(nproc: usize, args: &[String], master_port: Option<u16>, log_dir: 
     match failed {
         None => Ok(()),
         Some((rank, how, log)) => Err(Error::Parallel(format!(
-            "rank {rank} of {nproc} {how}; {}",
+            "rank {rank} of {world} {how}; {}",
             log.map_or_else(|| "its messages are above".to_string(), |l| format!("its log is {}", l.display()))
         ))),
     }

@@ -81,6 +81,10 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> Communicator<Cuda<F, I, BT
         self.host.all_to_all_counts(send_counts)
     }
 
+    fn all_to_all_count_blocks(&self, send: &[usize], per_rank: usize) -> Result<Vec<usize>, CommError> {
+        self.host.all_to_all_count_blocks(send, per_rank)
+    }
+
     fn broadcast(&self, x: Tensor<Cuda<F, I, BT>, 1>, root: usize) -> Result<Tensor<Cuda<F, I, BT>, 1>, CommError> {
         tensor(self.nccl.broadcast(cube(x), root))
     }

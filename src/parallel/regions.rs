@@ -195,6 +195,12 @@ pub trait RegionBackend: Backend {
         Self::collective(x, region.collectives(dim).0, comm)
     }
 
+    /// The rows of `x` (`[rows, cols]`), `send[j]` of them for rank `j` after one another, traded
+    /// for the rows every rank sends this one: `recv[j]` from rank `j`, in rank order. On
+    /// autodiff backends the backward trades the gradient's rows back (the reverse all-to-all):
+    /// the expert-parallel token dispatcher's collective, Megatron's `all_to_all`.
+    fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, 2>, CommError>;
+
     /// The communicator this backend's collectives take for the process group whose members'
     /// TCP links are `host` (every member calls this at once, on its `device`): by default the
     /// TCP links themselves (host copies, what CPU ranks use); NCCL on CUDA.
@@ -227,6 +233,10 @@ where
     fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
         collective.apply(x, comm.communicator())
     }
+
+    fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<Self>) -> Result<Tensor<Self, 2>, CommError> {
+        rows_all_to_all(x, send, recv, comm.communicator())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -237,6 +247,10 @@ impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::
 
     fn collective<const D: usize>(x: Tensor<Self, D>, collective: Collective, comm: &GroupComm<Self>) -> Result<Tensor<Self, D>, CommError> {
         collective.apply(x, comm.communicator())
+    }
+
+    fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<Self>) -> Result<Tensor<Self, 2>, CommError> {
+        rows_all_to_all(x, send, recv, comm.communicator())
     }
 
     /// NCCL ([`super::nccl::NcclCommunicator`]).
@@ -257,6 +271,19 @@ impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
         B::group_communicator(host, device)
     }
 
+    fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, 2>, CommError> {
+        let x = x.into_primitive().tensor();
+        let inner = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let cols = inner.dims()[1];
+        let y = B::all_to_all_rows(inner, send, recv, comm)?.into_primitive().tensor();
+        let state = AllToAllState { send: send.to_vec(), recv: recv.to_vec(), cols, comm: comm.clone() };
+        let out = match AllToAllBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     fn region<const D: usize>(x: Tensor<Self, D>, region: Region, dim: usize, comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, D>, CommError> {
         let (forward, backward) = region.collectives(dim);
         let x = x.into_primitive().tensor();
@@ -268,6 +295,51 @@ impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+}
+
+/// `x`'s rows traded over `comm` ([`RegionBackend::all_to_all_rows`]) on the backend's own
+/// tensors.
+fn rows_all_to_all<B: Backend>(x: Tensor<B, 2>, send: &[usize], recv: &[usize], comm: &dyn Communicator<B>) -> Result<Tensor<B, 2>, CommError> {
+    let [rows, cols] = x.dims();
+    if send.iter().sum::<usize>() != rows {
+        return Err(CommError::Invalid(format!("all-to-all of {rows} rows with send counts {send:?}")));
+    }
+    if comm.group().size == 1 {
+        return Ok(x);
+    }
+    let scaled = |c: &[usize]| c.iter().map(|&n| n * cols).collect::<Vec<_>>();
+    let y = comm.all_to_all(x.reshape([rows * cols]), &scaled(send), &scaled(recv))?;
+    Ok(y.reshape([recv.iter().sum::<usize>(), cols]))
+}
+
+/// What the all-to-all's backward needs: the counts to trade back and the group.
+#[derive(Debug, Clone)]
+struct AllToAllState<W: Backend> {
+    send: Vec<usize>,
+    recv: Vec<usize>,
+    cols: usize,
+    comm: GroupComm<W>,
+}
+
+#[derive(Debug)]
+struct AllToAllBackward;
+
+impl<B: RegionBackend> Backward<B, 1> for AllToAllBackward {
+    type State = AllToAllState<B::Wire>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let Some(node) = node else { return };
+        let AllToAllState { send, recv, cols, comm } = ops.state;
+        let (device, dtype) = (grad.device(), grad.dtype());
+        // The rows came in by `recv` and go back by it; this rank's own rows return by `send`.
+        let dx = B::all_to_all_rows(grad, &recv, &send, &comm).unwrap_or_else(|e| {
+            comm.latch(e);
+            Tensor::zeros([send.iter().sum::<usize>(), cols], (&device, dtype))
+        });
+        grads.register::<B>(node.id, dx.into_primitive().tensor());
     }
 }
 

@@ -297,15 +297,23 @@ impl TcpCommunicator {
 
     /// See [`Communicator::all_to_all_counts`].
     pub fn all_to_all_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>, CommError> {
-        if send_counts.len() != self.size() {
-            return Err(CommError::Invalid(format!("{} send counts for {} ranks", send_counts.len(), self.size())));
+        self.all_to_all_count_blocks(send_counts, 1)
+    }
+
+    /// See [`Communicator::all_to_all_count_blocks`]: one message per peer.
+    pub fn all_to_all_count_blocks(&self, send: &[usize], per_rank: usize) -> Result<Vec<usize>, CommError> {
+        if send.len() != self.size() * per_rank {
+            return Err(CommError::Invalid(format!("{} send counts for {} ranks of {per_rank} each", send.len(), self.size())));
         }
-        let parts = self.exchange(Op::Counts, |j| (send_counts[j] as u64).to_le_bytes().to_vec())?;
-        parts
-            .iter()
-            .enumerate()
-            .map(|(j, p)| p.as_slice().try_into().map(|b| u64::from_le_bytes(b) as usize).map_err(|_| self.uneven(j, p.len(), 8)))
-            .collect()
+        let parts = self.exchange(Op::Counts, |j| send[j * per_rank..(j + 1) * per_rank].iter().flat_map(|&c| (c as u64).to_le_bytes()).collect())?;
+        let mut out = Vec::with_capacity(send.len());
+        for (j, p) in parts.iter().enumerate() {
+            if p.len() != 8 * per_rank {
+                return Err(self.uneven(j, p.len(), 8 * per_rank));
+            }
+            out.extend(p.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize));
+        }
+        Ok(out)
     }
 
     /// Member `root`'s `bytes` on every member (the others pass anything, `&[]` say): how the
@@ -405,6 +413,10 @@ impl<B: Backend> Communicator<B> for TcpCommunicator {
 
     fn all_to_all_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>, CommError> {
         TcpCommunicator::all_to_all_counts(self, send_counts)
+    }
+
+    fn all_to_all_count_blocks(&self, send: &[usize], per_rank: usize) -> Result<Vec<usize>, CommError> {
+        TcpCommunicator::all_to_all_count_blocks(self, send, per_rank)
     }
 
     fn broadcast(&self, x: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, CommError> {

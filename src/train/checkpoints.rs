@@ -19,53 +19,88 @@ use super::trainer::Trainer;
 use crate::backend::TrainBackend;
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, ModelPlan};
-use crate::parallel::regions::{Collective, RegionBackend};
+use crate::parallel::regions::{Collective, GroupComm, RegionBackend};
 use crate::parallel::tensor::{GradPlacement, TensorParallel};
 use crate::recipe::{LoadedRecipe, Recipe, Tuning};
 use crate::run::checkpoint::{self as ckpt, NamedTensor, TrainerState};
 use crate::run::{self as rundir};
 
-/// How this rank's parameters are slices of the one-device model's: the tensor-parallel group
-/// and where each parameter is split ([`GradPlacement::sharded`]).
-#[derive(Debug, Clone, Copy)]
+/// How this rank's parameters relate to the one-device model's: slices of them under tensor
+/// parallelism (the group and where each parameter is split, [`GradPlacement::sharded`]), and
+/// under expert parallelism a block of each MoE layer's experts (the expert group, each rank
+/// holding the same number: rank `j`'s local expert `e` is expert `j * local + e`).
+#[derive(Debug, Clone)]
 pub struct Shards<'a, W: Backend> {
-    pub tp: &'a TensorParallel<W>,
-    pub placement: &'a GradPlacement,
+    pub tp: Option<(&'a TensorParallel<W>, &'a GradPlacement)>,
+    pub ep: Option<&'a GroupComm<W>>,
 }
 
 impl<'a, W: Backend> Shards<'a, W> {
-    /// The trainer's, when its layers are split.
+    /// The trainer's, when its layers or experts are split.
     pub fn of<B: TrainBackend<Wire = W>>(trainer: &'a Trainer<B>) -> Option<Self> {
-        Some(Shards { tp: trainer.tensor_parallel()?, placement: trainer.grad_placement()? })
+        let s = Shards { tp: trainer.tensor_parallel().zip(trainer.grad_placement()), ep: trainer.expert_parallel() };
+        (s.tp.is_some() || s.ep.is_some()).then_some(s)
     }
 
     /// `(dim, group size)` when `path` is split along `dim` of its stored `[in, out]` layout.
     fn split(&self, path: &str) -> Option<(usize, usize)> {
-        self.placement.split_dim(path).map(|d| (d, self.tp.size()))
+        let (tp, placement) = self.tp?;
+        placement.split_dim(path).map(|d| (d, tp.size()))
     }
 
     /// This rank's block of the whole tensor of `path`.
     fn slice<B: Backend, const D: usize>(&self, path: &str, whole: Tensor<B, D>) -> Tensor<B, D> {
-        match self.split(path) {
-            Some((dim, _)) => {
-                let rows = self.tp.comm.group().block(whole.dims()[dim]);
+        match (self.split(path), self.tp) {
+            (Some((dim, _)), Some((tp, _))) => {
+                let rows = tp.comm.group().block(whole.dims()[dim]);
                 whole.narrow(dim, rows.start, rows.len())
             }
-            None => whole,
+            _ => whole,
         }
     }
 
     /// The whole tensor of `path` from every rank's slice `t` (as [`named_params`] views it:
     /// `[rows, cols]`, a 1-D parameter `[1, n]`; `rank` is the parameter's).
     fn gather<B: RegionBackend<Wire = W>>(&self, path: &str, t: Tensor<B, 2>, rank: usize) -> Result<Tensor<B, 2>> {
-        match self.split(path) {
-            Some((dim, _)) => {
+        match (self.split(path), self.tp) {
+            (Some((dim, _)), Some((tp, _))) => {
                 let dim = if rank == 1 { 1 } else { dim };
-                Ok(B::collective(t, Collective::AllGather(dim), &self.tp.comm)?)
+                Ok(B::collective(t, Collective::AllGather(dim), &tp.comm)?)
             }
-            None => Ok(t),
+            _ => Ok(t),
         }
     }
+
+    /// Under expert parallelism, the copies of expert parameter `path` (local expert `e` of a
+    /// layer with `local` experts a rank, this rank's first being `first`) every rank of the
+    /// expert group holds, with their experts' global indices; without expert parallelism `t`
+    /// alone, as expert `first + e`.
+    fn expert_copies<B: RegionBackend<Wire = W>>(&self, t: Tensor<B, 2>, e: usize, local: usize, first: usize) -> Result<Vec<(usize, Tensor<B, 2>)>> {
+        let Some(ep) = self.ep else { return Ok(vec![(first + e, t)]) };
+        let rows = t.dims()[0];
+        let all = B::collective(t, Collective::AllGather(0), ep)?;
+        Ok((0..ep.group().size).map(|j| (j * local + e, all.clone().narrow(0, j * rows, rows))).collect())
+    }
+}
+
+/// `(layer, local expert)` of a Burn path inside a MoE layer's experts
+/// (`layers.3.moe.experts.5.up_proj.lora.lora_a`).
+fn expert_of(path: &str) -> Option<(usize, usize)> {
+    let rest = path.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let rest = rest.strip_prefix("moe.experts.")?;
+    let (e, _) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, e.parse().ok()?))
+}
+
+/// `name` with expert index `from` (`.experts.{from}.`) numbered `to`.
+fn renumber(name: &str, from: usize, to: usize) -> String {
+    name.replacen(&format!(".experts.{from}."), &format!(".experts.{to}."), 1)
+}
+
+/// `(local experts a rank, this rank's first)` of MoE layer `layer`.
+fn expert_block<B: TrainBackend>(model: &CausalLm<B>, layer: usize) -> (usize, usize) {
+    model.layers.get(layer).and_then(|l| l.moe.as_ref()).map_or((0, 0), |m| (m.experts.len(), m.first_expert))
 }
 
 /// Every float parameter of a module with its Burn path, on the host (`keep` picks them).
@@ -121,14 +156,23 @@ fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning, shards: Opti
             None => t,
         };
         let n = hf_name(model, &path);
-        let data = if rank == 1 {
-            let d = t.into_data();
-            let len = d.shape[1];
-            TensorData::from_bytes_vec(d.as_bytes().to_vec(), [len], d.dtype)
-        } else {
-            ckpt::host_tensor(t, n.transposed)
+        let copies = match (shards, expert_of(&path)) {
+            (Some(s), Some((layer, e))) => {
+                let (local, first) = expert_block(model, layer);
+                s.expert_copies(t, e, local, first)?.into_iter().map(|(g, t)| (renumber(&n.name, first + e, g), t)).collect()
+            }
+            _ => vec![(n.name, t)],
         };
-        out.push(NamedTensor { name: n.name, data });
+        for (name, t) in copies {
+            let data = if rank == 1 {
+                let d = t.into_data();
+                let len = d.shape[1];
+                TensorData::from_bytes_vec(d.as_bytes().to_vec(), [len], d.dtype)
+            } else {
+                ckpt::host_tensor(t, n.transposed)
+            };
+            out.push(NamedTensor { name, data });
+        }
     }
     Ok(out)
 }
@@ -158,7 +202,9 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
         }
     }
     let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).collect();
-    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k)) {
+    // Under expert parallelism the file holds every rank's experts; this rank reads its own.
+    let others_experts = shards.is_some_and(|s| s.ep.is_some());
+    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k) && !(others_experts && k.contains(".mlp.experts."))) {
         return Err(Error::file(file, format!("tensor `{extra}` matches no trained parameter of this model and recipe (check lora.targets and the model)")));
     }
     struct Load<'a, W: Backend> {
@@ -229,27 +275,42 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
     let model = trainer.model().valid();
     let shards = Shards::of(trainer);
     let tensors = hf_tensors(&model, tuning, shards.as_ref())?;
-    let adapted = named_params(&model, &|p| p.ends_with(".lora.lora_a"))
-        .into_iter()
-        .map(|(p, _, _)| module_path(&model, p.trim_end_matches(".lora.lora_a")))
-        .collect();
+    let ep_size = shards.as_ref().and_then(|s| s.ep).map_or(1, |ep| ep.group().size);
+    let mut adapted = Vec::new();
+    for (p, _, _) in named_params(&model, &|p| p.ends_with(".lora.lora_a")) {
+        let module = module_path(&model, p.trim_end_matches(".lora.lora_a"));
+        match expert_of(&p) {
+            // Every rank's experts, in the order of their global indices.
+            Some((layer, e)) if ep_size > 1 => {
+                let (local, first) = expert_block(&model, layer);
+                adapted.extend((0..ep_size).map(|j| renumber(&format!("{module}."), first + e, j * local + e).trim_end_matches('.').to_string()));
+            }
+            _ => adapted.push(module),
+        }
+    }
+    adapted.sort();
     let moments = match with_optimizer {
         true => {
             let views: BTreeMap<String, [usize; 2]> = named_params(&model, &|_| true).into_iter().map(|(p, t, _)| (p, t.dims())).collect();
             let ranks: BTreeMap<String, usize> = named_params(&model, &|_| true).into_iter().map(|(p, _, r)| (p, r)).collect();
             let (mut list, mut steps) = (Vec::new(), BTreeMap::new());
             for (path, m) in &trainer.optimizer.state {
-                steps.insert(path.clone(), m.step);
+                // Experts' moments under their global indices (the Burn path's is local).
+                let block = expert_of(path).map(|(layer, e)| (e, expert_block(&model, layer)));
                 for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
                     let v = match (shards.as_ref(), views.get(path)) {
-                        (Some(s), Some(&view)) => {
-                            let whole = s.gather(path, v.clone().reshape(view), ranks[path])?;
-                            let n = whole.shape().num_elements();
-                            whole.reshape([n])
-                        }
-                        _ => v.clone(),
+                        (Some(s), Some(&view)) => s.gather(path, v.clone().reshape(view), ranks[path])?,
+                        _ => v.clone().reshape([1, v.dims()[0]]),
                     };
-                    list.push(NamedTensor { name: format!("{path}.{suffix}"), data: v.into_data() });
+                    let copies = match (shards.as_ref(), block) {
+                        (Some(s), Some((e, (local, first)))) => s.expert_copies(v, e, local, first)?.into_iter().map(|(g, t)| (renumber(path, e, g), t)).collect(),
+                        _ => vec![(path.clone(), v)],
+                    };
+                    for (key, t) in copies {
+                        steps.insert(key.clone(), m.step);
+                        let n = t.shape().num_elements();
+                        list.push(NamedTensor { name: format!("{key}.{suffix}"), data: t.reshape([n]).into_data() });
+                    }
                 }
             }
             Some((list, steps))
@@ -295,10 +356,10 @@ pub fn write(run_dir: &Path, saved: Gathered, state: &TrainerState, loaded: &Loa
 
 /// The optimizer's moments of a checkpoint, for `model`'s parameters (this rank's slices under
 /// tensor parallelism: `shards`).
-pub fn load_optimizer<B: TrainBackend, M: Module<burn::backend::Autodiff<B>>>(
+pub fn load_optimizer<B: TrainBackend>(
     dir: &Path,
     state: &TrainerState,
-    model: &M,
+    model: &CausalLm<burn::backend::Autodiff<B>>,
     shards: Option<&Shards<'_, B::Wire>>,
     device: &B::Device,
 ) -> Result<BTreeMap<String, Moments<B>>> {
@@ -306,9 +367,23 @@ pub fn load_optimizer<B: TrainBackend, M: Module<burn::backend::Autodiff<B>>>(
     let mut tensors = ckpt::read_safetensors(&file)?;
     let dims = param_dims(model);
     let mut out = BTreeMap::new();
-    for (path, &step) in &state.optimizer_steps {
+    let expert_parallel = shards.is_some_and(|s| s.ep.is_some());
+    for (saved, &step) in &state.optimizer_steps {
+        // Under expert parallelism the file holds every rank's experts under their global
+        // indices: this rank takes its block, under its local paths.
+        let path = match expert_of(saved) {
+            Some((layer, g)) if expert_parallel => {
+                let (local, first) = expert_block(model, layer);
+                if !(first..first + local).contains(&g) {
+                    continue;
+                }
+                renumber(saved, g, g - first)
+            }
+            _ => saved.clone(),
+        };
+        let path = &path;
         let mut take = |suffix: &str| -> Result<Tensor<B, 1>> {
-            let name = format!("{path}.{suffix}");
+            let name = format!("{saved}.{suffix}");
             let (_, data) = tensors
                 .remove(&name)
                 .ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;

@@ -53,6 +53,18 @@ impl<B: TrainBackend> Grads<B> {
         (!grads.is_empty()).then(|| B::sum_of_squares(&grads).sqrt())
     }
 
+    /// The gradients `pick` picks, taken out of these (the scale stays with these).
+    pub fn split_off(self, pick: impl Fn(&str) -> bool) -> (Grads<B>, Grads<B>) {
+        let (picked, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = self.by_path.into_iter().partition(|(p, _)| pick(p));
+        (Grads { by_path: picked, scale: None }, Grads { by_path: rest, scale: self.scale })
+    }
+
+    /// These gradients and `other`'s (other paths), with these ones' scale.
+    pub fn merged(mut self, other: Grads<B>) -> Grads<B> {
+        self.by_path.extend(other.by_path);
+        self
+    }
+
     /// The sums of squares (one-element f32 tensors) of the gradients `split` picks and of the
     /// others, each zero when it has none.
     pub fn sums_of_squares(&self, split: impl Fn(&str) -> bool) -> (Tensor<B, 1>, Tensor<B, 1>) {

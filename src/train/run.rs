@@ -77,11 +77,11 @@ impl BackendJob for TrainJob<'_> {
 /// ranks started (`ranks`, from the launcher's variables) are the ones the layout names.
 fn check_supported(r: &Recipe, ranks: Option<&RankEnv>) -> Result<()> {
     let p = &r.parallel;
-    if p.context > 1 || p.expert > 1 {
+    if p.context > 1 {
         return Err(Error::Unsupported(format!(
-            "parallel.context = {}, parallel.expert = {}: this build splits a job over data- and tensor-parallel \
-             ranks (with sequence parallelism) only; context and expert parallelism are not in the model yet: set them to 1",
-            p.context, p.expert
+            "parallel.context = {}: this build splits a job over data-, tensor- (with sequence) and expert-parallel \
+             ranks; context parallelism is not in the model yet: set it to 1",
+            p.context
         )));
     }
     let world = p.world_size();
@@ -212,16 +212,22 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // This rank's process groups: the data-parallel replicas and the tensor-parallel split,
     // each with the backend's communicator (NCCL on CUDA, TCP on CPU). A launched job of one
     // rank keeps its data group of one, so `--nproc-per-node 1` runs the collectives' path.
-    let (data_comm, tensor_parallel) = match &world {
+    // Every rank forms its groups in the same order (NCCL's init waits for the group's members).
+    let (data_comm, tensor_parallel, expert_parallel) = match &world {
         Some(w) => {
-            let data = B::group_communicator(w.split("data", &mesh.group(rank, Axis::Data))?, &device)?;
+            let group = |axis: Axis, tag: &str| B::group_communicator(w.split(tag, &mesh.group(rank, axis))?, &device);
+            let data = group(Axis::Data, "data")?;
             let tensor = match layout.tensor.size > 1 {
-                true => Some(TensorParallel::new(B::group_communicator(w.split("tensor", &mesh.group(rank, Axis::Tensor))?, &device)?, r.parallel.sequence_parallel)),
+                true => Some(TensorParallel::new(group(Axis::Tensor, "tensor")?, r.parallel.sequence_parallel)),
                 false => None,
             };
-            (Some(data), tensor)
+            let expert = match layout.expert.size > 1 {
+                true => Some((group(Axis::Expert, "expert")?, group(Axis::ExpertData, "expert-data")?)),
+                false => None,
+            };
+            (Some(data), tensor, expert)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let mut model = model::build::<Autodiff<B>>(plan, &r.model, layout, &device)?;
     if r.train.tuning == Tuning::Lora {
@@ -233,11 +239,12 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     }
     // A checkpoint holds the one-device tensors: this rank takes its slices.
     let grad_placement = tensor_parallel.as_ref().map(|tp| model.tensor_parallel_placement(tp.sequence_parallel));
-    let shards = tensor_parallel.as_ref().zip(grad_placement.as_ref()).map(|(tp, placement)| Shards { tp, placement });
+    let shards = Shards { tp: tensor_parallel.as_ref().zip(grad_placement.as_ref()), ep: expert_parallel.as_ref().map(|(ep, _)| ep) };
+    let shards = (shards.tp.is_some() || shards.ep.is_some()).then_some(shards);
     let (start_step, mut state, optimizer_state) = match &resume {
         Some(ResumeFrom::Checkpoint { dir, state }) => {
             model = load_trained_sharded(model, dir, r, shards.as_ref())?;
-            let moments = load_optimizer::<B, _>(dir, state, &model, shards.as_ref(), &device)?;
+            let moments = load_optimizer::<B>(dir, state, &model, shards.as_ref(), &device)?;
             (state.step, state.clone(), moments)
         }
         Some(ResumeFrom::Weights { dir }) => {
@@ -318,6 +325,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
     trainer.fused_cross_entropy = r.train.fused_cross_entropy;
     trainer.data_parallel = data_comm;
+    if let Some((ep, expert_data)) = expert_parallel {
+        trainer.set_expert_parallel(ep, expert_data);
+    }
     if let Some(tp) = tensor_parallel {
         trainer.set_tensor_parallel(tp);
     }
@@ -325,8 +335,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let data_rank = layout.data.rank;
     trainer.micro_batch_place = (data_rank, dp_size);
     // The ranks of data replica 0 (rank 0's tensor group) evaluate and gather checkpoints
-    // together; rank 0 writes them.
-    let first_replica = data_rank == 0;
+    // together, and under expert parallelism every rank (tokens travel to all experts, and each
+    // rank holds its experts); rank 0 writes them.
+    let first_replica = data_rank == 0 || layout.expert.size > 1;
     let mut metrics = match writer {
         true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?),
         false => None,
@@ -336,6 +347,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         (d, 1) => format!(" on each of {d} data-parallel ranks"),
         (1, t) => format!(", layers split over {t} tensor-parallel ranks{}", if r.parallel.sequence_parallel { " with sequence parallelism" } else { "" }),
         (d, t) => format!(" on each of {d} data-parallel replicas of {t} tensor-parallel ranks{}", if r.parallel.sequence_parallel { " with sequence parallelism" } else { "" }),
+    } + &match layout.expert.size {
+        1 => String::new(),
+        e => format!(", experts split over {e} expert-parallel ranks"),
     };
     let note = format!(
         "training {total_steps} steps ({steps_per_epoch} per epoch, {accum} micro batches of {micro} each{ranks_note}) into {}",

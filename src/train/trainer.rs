@@ -65,6 +65,10 @@ pub struct Trainer<B: TrainBackend> {
     /// parameter's gradient lives across it; `None` on one rank
     /// ([`set_tensor_parallel`](Self::set_tensor_parallel)).
     tensor_parallel: Option<(TensorParallel<B::Wire>, GradPlacement)>,
+    /// The group the MoE layers' experts are split over, and the group holding copies of this
+    /// rank's experts (their gradients summed over it instead of the data-parallel group);
+    /// `None` when the experts are not split ([`set_expert_parallel`](Self::set_expert_parallel)).
+    expert_parallel: Option<(GroupComm<B::Wire>, GroupComm<B::Wire>)>,
     /// `(first, stride)`: this rank's `k`-th micro batch of a step is micro batch
     /// `first + k stride` of the global batch, whose index seeds its dropout stream (so the masks
     /// are one rank's whatever the layout). `(0, 1)` on one rank.
@@ -113,9 +117,9 @@ fn batch_loss<B: TrainBackend>(
     t: BatchTensors<B>,
     layers: &dyn Fn(Tensor<B, 3>, &crate::model::SequenceContext<B>) -> Tensor<B, 3>,
     fused: bool,
-    tp: Option<TensorParallel<B::Wire>>,
+    (tp, ep): (Option<TensorParallel<B::Wire>>, Option<GroupComm<B::Wire>>),
 ) -> Tensor<B, 1> {
-    let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp);
+    let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep);
     let x = layers(ctx.into_layers(model.embed(t.ids)), &ctx);
     let hidden = ctx.out_of_layers(model.norm.forward(x));
     model.next_token_loss(hidden, t.labels, fused).sum
@@ -134,6 +138,7 @@ impl<B: TrainBackend> Trainer<B> {
             device,
             data_parallel: None,
             tensor_parallel: None,
+            expert_parallel: None,
             micro_batch_place: (0, 1),
         }
     }
@@ -145,6 +150,25 @@ impl<B: TrainBackend> Trainer<B> {
             let placement = self.model().tensor_parallel_placement(tp.sequence_parallel);
             self.tensor_parallel = Some((tp, placement));
         }
+    }
+
+    /// Split the MoE layers' experts over `ep` (the model was built with this rank's block of
+    /// them); `expert_data` holds the other copies of the same experts (a group of one when the
+    /// expert groups cover the data-parallel ranks). A group of one is no split.
+    pub fn set_expert_parallel(&mut self, ep: GroupComm<B::Wire>, expert_data: GroupComm<B::Wire>) {
+        if ep.group().size > 1 {
+            self.expert_parallel = Some((ep, expert_data));
+        }
+    }
+
+    /// The expert-parallel group, if the experts are split.
+    pub fn expert_parallel(&self) -> Option<&GroupComm<B::Wire>> {
+        self.expert_parallel.as_ref().map(|(ep, _)| ep)
+    }
+
+    /// The groups a forward pass splits the layers over.
+    fn split(&self) -> (Option<TensorParallel<B::Wire>>, Option<GroupComm<B::Wire>>) {
+        (self.tensor_parallel().cloned(), self.expert_parallel().cloned())
     }
 
     /// The tensor-parallel group, if the layers are split.
@@ -169,10 +193,13 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// The first collective of the tensor-parallel group that failed since the last check.
     fn check_tensor_parallel(&self) -> Result<()> {
-        match &self.tensor_parallel {
-            Some((tp, _)) => Ok(tp.comm.check()?),
-            None => Ok(()),
+        if let Some((tp, _)) = &self.tensor_parallel {
+            tp.comm.check()?;
         }
+        if let Some((ep, _)) = &self.expert_parallel {
+            ep.check()?;
+        }
+        Ok(())
     }
 
     pub fn model(&self) -> &CausalLm<Autodiff<B>> {
@@ -204,11 +231,30 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// The global L2 norm of the gradients: under tensor parallelism the sharded ones' squares
     /// summed over the group first, so every rank has the one-device norm.
+    /// Under expert parallelism each rank's experts' squares are summed over the expert group
+    /// likewise.
     fn global_norm(&self, grads: &Grads<B>) -> Result<Option<Tensor<B, 1>>> {
-        let Some((tp, placement)) = &self.tensor_parallel else { return Ok(grads.global_norm()) };
-        let (sharded, whole) = grads.sums_of_squares(|path| placement.is_sharded(path));
-        let sharded = B::collective(sharded, Collective::AllReduce, &tp.comm)?;
-        Ok(Some((sharded + whole).sqrt()))
+        if self.tensor_parallel.is_none() && self.expert_parallel.is_none() {
+            return Ok(grads.global_norm());
+        }
+        if grads.by_path.is_empty() {
+            return Ok(None);
+        }
+        let tp_sharded = |p: &str| self.tensor_parallel.as_ref().is_some_and(|(_, placement)| placement.is_sharded(p));
+        let expert = |p: &str| self.expert_parallel.is_some() && is_expert(p);
+        // Three classes, each one sum: this rank's tensor-parallel slices, its experts, the rest.
+        let (sharded, _) = grads.sums_of_squares(tp_sharded);
+        let (experts, _) = grads.sums_of_squares(|p| !tp_sharded(p) && expert(p));
+        let (whole, _) = grads.sums_of_squares(|p| !tp_sharded(p) && !expert(p));
+        let sharded = match &self.tensor_parallel {
+            Some((tp, _)) => B::collective(sharded, Collective::AllReduce, &tp.comm)?,
+            None => sharded,
+        };
+        let experts = match &self.expert_parallel {
+            Some((ep, _)) => B::collective(experts, Collective::AllReduce, ep)?,
+            None => experts,
+        };
+        Ok(Some((sharded + experts + whole).sqrt()))
     }
 
     /// The global batch's per-token loss and the summed gradients of every trainable
@@ -239,8 +285,8 @@ impl<B: TrainBackend> Trainer<B> {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
-                let tp = self.tensor_parallel().cloned();
-                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, tp));
+                let split = self.split();
+                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, split));
                 let value = sum.clone().inner();
                 let g = span::<B, _>("backward", &self.device, || (sum / tokens as f64).backward());
                 collect_grads(model, &g, &[], &mut grads);
@@ -259,20 +305,29 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some((tp, placement)) = &self.tensor_parallel {
             grads = span::<B, _>("tensor_parallel", &self.device, || reduce_partial_grads(tp, placement, grads))?;
         }
-        match &self.data_parallel {
-            Some(dp) => {
-                let (loss_sum, grads) = span::<B, _>("data_parallel", &self.device, || all_reduce_bucket(dp, loss_sum, grads))?;
+        let Some(dp) = &self.data_parallel else { return Ok((loss_sum, tokens, grads)) };
+        span::<B, _>("data_parallel", &self.device, || match &self.expert_parallel {
+            // The experts' gradients are summed over the copies of this rank's experts; the
+            // rest over the data-parallel replicas.
+            Some((_, expert_data)) => {
+                let (experts, dense) = grads.split_off(is_expert);
+                let (loss_sum, dense) = all_reduce_bucket(dp, loss_sum, dense)?;
+                let (_, experts) = all_reduce_bucket(expert_data, Tensor::zeros([1], (&self.device, burn::tensor::DType::F32)), experts)?;
+                Ok((loss_sum, tokens, dense.merged(experts)))
+            }
+            None => {
+                let (loss_sum, grads) = all_reduce_bucket(dp, loss_sum, grads)?;
                 Ok((loss_sum, tokens, grads))
             }
-            None => Ok((loss_sum, tokens, grads)),
-        }
+        })
     }
 
     /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
     /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
     fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
-        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(self.tensor_parallel().cloned());
+        let (tp, ep) = self.split();
+        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep);
         let n = model.layers.len();
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
         let mut i = 0;
@@ -365,7 +420,7 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 x
             };
-            let s = scalar_f32(batch_loss(&model, upload(&self.sequence_layout(b), &self.device), &layers, self.fused_cross_entropy, self.tensor_parallel().cloned()));
+            let s = scalar_f32(batch_loss(&model, upload(&self.sequence_layout(b), &self.device), &layers, self.fused_cross_entropy, self.split()));
             sum += s as f64;
             tokens += n;
         }
@@ -389,6 +444,11 @@ fn all_reduce_bucket<B: TrainBackend>(dp: &GroupComm<B::Wire>, loss_sum: Tensor<
         offset += n;
     }
     Ok((summed.narrow(0, offset, 1), Grads { by_path, scale }))
+}
+
+/// Whether the parameter at `path` belongs to an expert of a MoE layer.
+fn is_expert(path: &str) -> bool {
+    path.contains(".moe.experts.")
 }
 
 /// The gradients that are partial sums on each rank of the tensor-parallel group (a factor

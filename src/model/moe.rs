@@ -1,0 +1,284 @@
+//! The sparse mixture of experts of Qwen3-MoE: router, top-k, the experts, and under expert
+//! parallelism the all-to-all token dispatcher that carries routed tokens to the rank holding
+//! their expert and back.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::layers::{Linear, Loader, Mlp};
+use super::spec::MlpSpec;
+use crate::backend::profile::span;
+use crate::backend::TrainBackend;
+use crate::error::Result;
+use crate::parallel::regions::GroupComm;
+use crate::parallel::{Partition, ProcessGroup};
+
+/// A sparse mixture of SwiGLU experts (Qwen3-MoE): a linear router, softmax over all experts,
+/// top-k, optional renormalisation over the chosen k, and the weighted sum of the chosen
+/// experts' outputs. Under expert parallelism a rank holds the contiguous block of experts its
+/// expert-parallel rank owns and adds up only their contributions.
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    pub gate: Linear<B>,
+    pub experts: Vec<Mlp<B>>,
+    /// Global index of `experts[0]`.
+    pub first_expert: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+impl<B: TrainBackend> SparseMoe<B> {
+    pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, spec: &MlpSpec, ep: ProcessGroup) -> Result<Self> {
+        let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
+            return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
+        };
+        let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
+        let owned = ep.block(num_experts);
+        let experts = owned
+            .clone()
+            .map(|e| Mlp::load(ld, &format!("{path}.experts.{e}"), hidden, intermediate_size, ProcessGroup::SINGLE))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SparseMoe { gate, experts, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
+    }
+
+    /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
+    /// its block) the routed tokens travel to their experts' ranks and back
+    /// ([`forward_expert_parallel`](Self::forward_expert_parallel)).
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
+    pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>) -> Tensor<B, 2> {
+        let [t, hidden] = x.dims();
+        let device = x.device();
+        let logits = self.gate.forward(x.clone());
+        let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
+        let (mut weights, chosen) = probs.topk_with_indices(self.top_k, 1);
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let weights = weights.cast(dtype).reshape([t * self.top_k]);
+        // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
+        let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        if let Some(ep) = ep.filter(|g| g.group().size > 1) {
+            return self.forward_expert_parallel(x, weights, &chosen, ep);
+        }
+        let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
+            return x.zeros_like();
+        };
+        let (e, c) = (self.experts.len(), layout.capacity);
+        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.tokens, [e * c]), &device);
+        // Padding rows take the weight appended after the real ones: zero.
+        let padded_weights = Tensor::cat(vec![weights, Tensor::zeros([1], (&device, dtype))], 0);
+        let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.slots, [e * c]), &device);
+        let xs = x.clone().select(0, tokens.clone()).reshape([e, c, hidden]);
+        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
+        let w = padded_weights.select(0, slots).reshape([e * c, 1]);
+        x.zeros_like().select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+    }
+
+    /// [`forward`](Self::forward) with the experts split over `ep` (Megatron's all-to-all token
+    /// dispatcher): this rank's routed slots, ordered by their experts' ranks, are traded for the
+    /// slots the other ranks route to this rank's experts (counts first, per rank and expert),
+    /// the local experts run on what arrived, the outputs travel back by the reverse all-to-all,
+    /// and each token adds its slots' outputs weighted by the router. Every rank of `ep` calls
+    /// this at once, whatever it routed.
+    fn forward_expert_parallel(&self, x: Tensor<B, 2>, weights: Tensor<B, 1>, chosen: &[i64], ep: &GroupComm<B::Wire>) -> Tensor<B, 2> {
+        let [_, hidden] = x.dims();
+        let device = x.device();
+        let (local, ranks) = (self.experts.len(), ep.group().size);
+        let plan = DispatchPlan::new(chosen, self.top_k, local, ranks);
+        let received = match ep.communicator().all_to_all_count_blocks(&plan.send_blocks, local) {
+            Ok(r) => r,
+            Err(e) => {
+                ep.latch(e);
+                return x.zeros_like();
+            }
+        };
+        let arrivals = Arrivals::new(&received, local, ranks);
+        let ints = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let (order, tokens) = (ints(plan.order.clone()), ints(plan.order.iter().map(|s| s / self.top_k as i64).collect()));
+        let send_rows = x.clone().select(0, tokens.clone());
+        let latch = |r: std::result::Result<Tensor<B, 2>, crate::parallel::comm::CommError>, rows: usize| {
+            r.unwrap_or_else(|e| {
+                ep.latch(e);
+                Tensor::zeros([rows, hidden], (&device, x.dtype()))
+            })
+        };
+        let arrived = latch(B::all_to_all_rows(send_rows, &plan.send_counts, &arrivals.recv_counts, ep), arrivals.rows);
+        let outputs = match arrivals.rows {
+            0 => arrived,
+            _ => {
+                let (e, c) = (local, arrivals.capacity);
+                let xs = arrived.select(0, ints(arrivals.grouped.clone())).reshape([e, c, hidden]);
+                let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
+                ys.select(0, ints(arrivals.back.clone()))
+            }
+        };
+        let returned = latch(B::all_to_all_rows(outputs, &arrivals.recv_counts, &plan.send_counts, ep), plan.order.len());
+        let w = weights.select(0, order).reshape([plan.order.len(), 1]);
+        x.zeros_like().select_assign(0, tokens, returned * w, IndexingUpdateOp::Add)
+    }
+}
+
+/// Where each local expert's tokens sit in the `[experts, capacity, hidden]` layout the experts
+/// run on together: expert `e`'s routed tokens in rows `e * capacity ..`, in token order, then
+/// padding (token 0, weighted by zero).
+#[derive(Debug, PartialEq)]
+struct ExpertLayout {
+    /// The most tokens any local expert got, rounded up to a multiple of 8.
+    capacity: usize,
+    /// `[experts * capacity]`: the token each row reads (0 for padding).
+    tokens: Vec<i64>,
+    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) whose weight scales the row;
+    /// `tokens * top_k` for padding, one past the last slot.
+    slots: Vec<i64>,
+}
+
+impl ExpertLayout {
+    /// From the router's choices (`chosen[token * top_k + k]`, global expert indices) for the
+    /// `local` experts from `first`; `None` when none of them got a token.
+    fn new(chosen: &[i64], top_k: usize, first: usize, local: usize) -> Option<Self> {
+        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); local];
+        for (slot, &expert) in chosen.iter().enumerate() {
+            let e = expert - first as i64;
+            if (0..local as i64).contains(&e) {
+                rows[e as usize].push(slot as i64);
+            }
+        }
+        let most = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if most == 0 {
+            return None;
+        }
+        let capacity = most.next_multiple_of(8);
+        let pad = chosen.len() as i64;
+        let mut slots = Vec::with_capacity(local * capacity);
+        for r in &rows {
+            slots.extend(r.iter().copied().chain(std::iter::repeat(pad).take(capacity - r.len())));
+        }
+        let tokens = slots.iter().map(|&s| if s == pad { 0 } else { s / top_k as i64 }).collect();
+        Some(ExpertLayout { capacity, tokens, slots })
+    }
+}
+
+/// Where this rank's routed slots go under expert parallelism: every slot (`token * top_k + k`)
+/// to the rank holding its expert (experts in blocks of `local` per rank), in the order of
+/// their experts (so by rank, then by expert within a rank).
+#[derive(Debug, PartialEq)]
+struct DispatchPlan {
+    /// The slots in send order.
+    order: Vec<i64>,
+    /// Slots for each rank.
+    send_counts: Vec<usize>,
+    /// `[ranks * local]`: slots for each rank's each local expert.
+    send_blocks: Vec<usize>,
+}
+
+impl DispatchPlan {
+    fn new(chosen: &[i64], top_k: usize, local: usize, ranks: usize) -> Self {
+        let mut order: Vec<i64> = (0..chosen.len() as i64).collect();
+        // Stable: slots of one expert stay in token order.
+        order.sort_by_key(|&s| chosen[s as usize]);
+        let mut send_blocks = vec![0; ranks * local];
+        for &e in chosen {
+            send_blocks[e as usize] += 1;
+        }
+        let send_counts = send_blocks.chunks(local).map(|b| b.iter().sum()).collect();
+        debug_assert_eq!(chosen.len() % top_k.max(1), 0);
+        DispatchPlan { order, send_counts, send_blocks }
+    }
+}
+
+/// The rows a rank receives (from each rank in rank order, each rank's rows by local expert),
+/// laid out for its experts: `[local, capacity]` with every expert's rows in arrival order and
+/// padding (row 0, its output dropped) to the busiest expert's count rounded up to 8.
+#[derive(Debug, PartialEq)]
+struct Arrivals {
+    /// Rows from each rank.
+    recv_counts: Vec<usize>,
+    rows: usize,
+    capacity: usize,
+    /// `[local * capacity]`: the arrived row each place of the layout reads.
+    grouped: Vec<i64>,
+    /// `[rows]`: each arrived row's place in the layout.
+    back: Vec<i64>,
+}
+
+impl Arrivals {
+    /// From `received[j * local + e]`: rows rank `j` sends for local expert `e`.
+    fn new(received: &[usize], local: usize, ranks: usize) -> Self {
+        let recv_counts: Vec<usize> = received.chunks(local).map(|b| b.iter().sum()).collect();
+        let rows = recv_counts.iter().sum();
+        let per_expert: Vec<usize> = (0..local).map(|e| (0..ranks).map(|j| received[j * local + e]).sum()).collect();
+        let capacity = per_expert.iter().copied().max().unwrap_or(0).next_multiple_of(8);
+        let (mut grouped, mut back) = (vec![0i64; local * capacity], vec![0i64; rows]);
+        let mut filled = vec![0; local];
+        let mut row = 0;
+        for j in 0..ranks {
+            for e in 0..local {
+                for _ in 0..received[j * local + e] {
+                    let place = e * capacity + filled[e];
+                    grouped[place] = row as i64;
+                    back[row] = place as i64;
+                    filled[e] += 1;
+                    row += 1;
+                }
+            }
+        }
+        Arrivals { recv_counts, rows, capacity, grouped, back }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_layout_groups_slots_by_local_expert_and_pads_with_the_zero_weight_slot() {
+        // 3 tokens, top 2, experts 2..5 local (global 0..6).
+        let chosen = [2, 0, 3, 2, 5, 4];
+        let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
+        assert_eq!(l.capacity, 8);
+        let pad = 6;
+        let mut want_slots = vec![0, 3];
+        want_slots.resize(8, pad);
+        want_slots.extend([2].iter().chain([pad; 7].iter()));
+        want_slots.extend([5].iter().chain([pad; 7].iter()));
+        assert_eq!(l.slots, want_slots);
+        let want_tokens: Vec<i64> = want_slots.iter().map(|&s| if s == pad { 0 } else { s / 2 }).collect();
+        assert_eq!(l.tokens, want_tokens);
+        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
+        let busy: Vec<i64> = vec![1; 9];
+        assert_eq!(ExpertLayout::new(&busy, 1, 0, 2).map(|l| l.capacity), Some(16));
+    }
+
+    #[test]
+    fn dispatch_orders_slots_by_expert_and_counts_them_per_rank_and_expert() {
+        // 3 tokens, top 2, 4 experts over 2 ranks (2 each).
+        let chosen = [3, 0, 1, 3, 2, 0];
+        let p = DispatchPlan::new(&chosen, 2, 2, 2);
+        assert_eq!(p.order, [1, 5, 2, 4, 0, 3]);
+        assert_eq!(p.send_blocks, [2, 1, 1, 2]);
+        assert_eq!(p.send_counts, [3, 3]);
+    }
+
+    #[test]
+    fn arrivals_group_rows_by_expert_across_ranks() {
+        // From rank 0: 1 row for expert 0, 2 for expert 1; from rank 1: 2 for expert 0, none
+        // for expert 1.
+        let a = Arrivals::new(&[1, 2, 2, 0], 2, 2);
+        assert_eq!((a.recv_counts.clone(), a.rows, a.capacity), (vec![3, 2], 5, 8));
+        // Arrival order: r0e0, r0e1, r0e1, r1e0, r1e0.
+        assert_eq!(a.back, [0, 8, 9, 1, 2]);
+        assert_eq!(a.grouped[..3], [0, 3, 4]);
+        assert_eq!(a.grouped[8..10], [1, 2]);
+        for (row, &place) in a.back.iter().enumerate() {
+            assert_eq!(a.grouped[place as usize], row as i64);
+        }
+        assert_eq!(Arrivals::new(&[0, 0, 0, 0], 2, 2).rows, 0);
+    }
+}
