@@ -201,6 +201,11 @@ pub trait RegionBackend: Backend {
     /// the expert-parallel token dispatcher's collective, Megatron's `all_to_all`.
     fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<Self::Wire>) -> Result<Tensor<Self, 2>, CommError>;
 
+    /// What carries [`group_communicator`](Self::group_communicator)'s collectives, for the log.
+    fn communicator_kind() -> &'static str {
+        "TCP"
+    }
+
     /// The communicator this backend's collectives take for the process group whose members'
     /// TCP links are `host` (every member calls this at once, on its `device`): by default the
     /// TCP links themselves (host copies, what CPU ranks use); NCCL on CUDA.
@@ -253,6 +258,10 @@ impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::
         rows_all_to_all(x, send, recv, comm.communicator())
     }
 
+    fn communicator_kind() -> &'static str {
+        "NCCL"
+    }
+
     /// NCCL ([`super::nccl::NcclCommunicator`]).
     fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<Self>, CommError> {
         Ok(GroupComm::new(Arc::new(super::nccl::NcclCommunicator::new(host, device)?)))
@@ -269,6 +278,10 @@ impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
 
     fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<B::Wire>, CommError> {
         B::group_communicator(host, device)
+    }
+
+    fn communicator_kind() -> &'static str {
+        B::communicator_kind()
     }
 
     fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, 2>, CommError> {

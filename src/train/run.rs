@@ -225,6 +225,17 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
                 true => Some((group(Axis::Expert, "expert")?, group(Axis::ExpertData, "expert-data")?)),
                 false => None,
             };
+            println!(
+                "rank {rank} of {}: {} groups formed: data {} of {}, tensor {} of {}, expert {} of {}",
+                mesh.world(),
+                B::communicator_kind(),
+                layout.data.rank,
+                layout.data.size,
+                layout.tensor.rank,
+                layout.tensor.size,
+                layout.expert.rank,
+                layout.expert.size
+            );
             (Some(data), tensor, expert)
         }
         None => (None, None, None),
