@@ -361,14 +361,17 @@ fn on_thread_ranks<T: Send + 'static>(world: usize, f: impl Fn(usize, trainer::p
 }
 
 /// A LoRA trainer (dropout off) on the tiny recipe with `sets`, holding `layout`'s slices, and
-/// the recipe's first 8 rows.
+/// the recipe's first 8 rows; every weight trained instead when `sets` says
+/// `train.tuning="full"`.
 fn tiny_trainer_in(sets: &[&str], layout: Layout, recompute: Vec<std::ops::Range<usize>>) -> (Trainer<Cpu>, Vec<Sample>, u32) {
     let out = tempfile::tempdir().unwrap();
     let r = load(out.path(), sets).recipe;
     let plan = model::plan(&r.model, &Registry::builtin(), Fetch::All).unwrap();
-    let m = model::build::<Autodiff<Cpu>>(&plan, &r.model, layout, &Default::default()).unwrap();
-    let cfg = LoraConfig { rank: 8, scale: 4.0, dropout: 0.0, seed: 3 };
-    let m = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap().0;
+    let mut m = model::build::<Autodiff<Cpu>>(&plan, &r.model, layout, &Default::default()).unwrap();
+    if r.train.tuning == trainer::recipe::Tuning::Lora {
+        let cfg = LoraConfig { rank: 8, scale: 4.0, dropout: 0.0, seed: 3 };
+        m = lora::apply(m, &LoraTargets::parse(&["all-linear".to_string()]).unwrap(), &cfg).unwrap().0;
+    }
     let opt = AdamW::new(AdamWConfig::from(&r.optimizer));
     let schedule = LrSchedule::new(&r.optimizer, &r.schedule, 10);
     let prepared = trainer::data::prepare(&r, Path::new("assets/tiny/tokenizer.json")).unwrap();
@@ -406,7 +409,9 @@ fn block_of(dims: &[usize], values: &[f32], dim: usize, rank: usize, parts: usiz
 }
 
 /// Tensor parallelism on 2 thread ranks, with and without sequence parallelism, on the tiny MoE
-/// model (experts whole on each rank) and on it as a dense Qwen3 (per-head q/k norms): the loss
+/// model (experts whole on each rank) and on it as a dense Qwen3 (per-head q/k norms), its
+/// embedding and head split by vocabulary (tied, and an untied head), LoRA and every weight
+/// trained (embeddings, norms and biases included): the loss
 /// equals one rank's and each rank's gradients are its slices of one rank's, within 1e-5 of each
 /// tensor's largest value (the partial sums meet in another order). Odd row lengths exercise the
 /// padding sequence parallelism adds. One backward per thread rank (see
@@ -421,11 +426,15 @@ fn tensor_parallel_ranks_compute_one_ranks_gradients() {
     use trainer::parallel::ProcessGroup;
     let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dense: &'static [&'static str] = &["model.config.model_type=\"qwen3\""];
+    let untied: &'static [&'static str] = &["model.config.model_type=\"qwen3\"", "model.config.tie_word_embeddings=false"];
+    let full: &'static [&'static str] = &["model.config.model_type=\"qwen3\"", "model.config.tie_word_embeddings=false", "train.tuning=\"full\""];
+    let full_moe: &'static [&'static str] = &["train.tuning=\"full\""];
     let grads_of = |t: &Trainer<Cpu>, micro: &[Batch]| -> (f64, std::collections::BTreeMap<String, Vec<f32>>) {
         let (loss, g) = t.gradients(1, micro).unwrap();
         (loss, g.by_path.into_iter().map(|(p, g)| (p, g.into_data().to_vec::<f32>().unwrap())).collect())
     };
-    for (sets, sp) in [(&[][..], false), (&[][..], true), (dense, false), (dense, true)] {
+    let full_tied: &'static [&'static str] = &["model.config.model_type=\"qwen3\"", "train.tuning=\"full\""];
+    for (sets, sp) in [(full_tied, false), (full_tied, true), (full_moe, false), (&[][..], false), (&[][..], true), (dense, false), (dense, true), (untied, true), (full, false), (full, true), (full_moe, true)] {
         let what = format!("{sets:?}, sequence parallel {sp}");
         let (want_loss, want_grads, dims) = {
             let (t, rows, pad) = tiny_trainer_in(sets, Layout::SINGLE, vec![]);

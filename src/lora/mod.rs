@@ -27,6 +27,12 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
     let mut adapted = 0;
     for (path, linear) in model.linears_mut() {
         if targets.matches(&path) {
+            if path == "lm_head" && matches!(linear.partition, Partition::Column(g) if g.size > 1) {
+                return Err(Error::model(
+                    "lora.targets adapts lm_head, whose columns are split by vocabulary across the tensor-parallel ranks here; \
+                     an adapter on the vocab-parallel head is not supported: remove lm_head from lora.targets, or set parallel.tensor = 1",
+                ));
+            }
             let (inp, out) = linear.dims();
             linear.lora = Some(match linear.partition {
                 // A row-parallel layer's A is this rank's block of rows of the one-device A:

@@ -59,6 +59,11 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     /// `[head_dim / 2]`, f32 on the device.
     pub rope_inv_freq: Tensor<B, 1>,
+    /// Under a vocab-parallel layout (tensor parallelism over a vocabulary it divides), the
+    /// first token id of this rank's block: `embed_tokens` holds those rows and the head those
+    /// columns (Megatron's vocab-parallel embedding and head).
+    #[module(skip)]
+    pub vocab_start: Option<usize>,
 }
 
 impl<B: TrainBackend> CausalLm<B> {
@@ -66,7 +71,9 @@ impl<B: TrainBackend> CausalLm<B> {
     pub fn load(ld: &mut Loader<'_, B>, spec: &ArchSpec, layout: Layout) -> Result<Self> {
         spec.check()?;
         let h = spec.hidden_size;
-        let embed = ld.host_tensor("model.embed_tokens.weight", &[spec.vocab_size, h], InitKind::Normal)?;
+        let tp = layout.tensor;
+        let vocab_block = (tp.size > 1 && spec.vocab_size.is_multiple_of(tp.size)).then(|| tp.block(spec.vocab_size));
+        let embed = ld.host_tensor_rows("model.embed_tokens.weight", &[spec.vocab_size, h], vocab_block.clone(), InitKind::Normal)?;
         let embed_tokens = Param::from_tensor(embed);
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
@@ -89,12 +96,13 @@ impl<B: TrainBackend> CausalLm<B> {
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(ld, "lm_head", h, spec.vocab_size, false, Partition::Replicated)?)
+            let partition = if vocab_block.is_some() { Partition::Column(tp) } else { Partition::Replicated };
+            Some(Linear::load(ld, "lm_head", h, spec.vocab_size, false, partition)?)
         };
         let inv: Vec<f32> = spec.rope_inv_freq.iter().map(|&f| f as f32).collect();
         let n = inv.len();
         let rope_inv_freq = Tensor::from_data(TensorData::new(inv, [n]), &ld.device);
-        Ok(CausalLm { embed_tokens, layers, norm, lm_head, rope_inv_freq })
+        Ok(CausalLm { embed_tokens, layers, norm, lm_head, rope_inv_freq, vocab_start: vocab_block.map(|b| b.start) })
     }
 
     /// Final hidden states after the last norm.
@@ -124,6 +132,47 @@ impl<B: TrainBackend> CausalLm<B> {
     /// Token embeddings. `[batch, seq]` → `[batch, seq, hidden]`.
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         burn::tensor::module::embedding(self.embed_tokens.val(), input_ids)
+    }
+
+    /// The token embeddings as the first layer takes them ([`SequenceContext::into_layers`]).
+    /// Under a vocab-parallel layout each rank looks up the ids in its block of the table (zero
+    /// rows for the others) and the ranks' rows are summed as they leave the tensor-parallel
+    /// region (reduce-scattered to the sequence shards under sequence parallelism).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]` → `[batch, seq or seq / tp, hidden]`
+    pub fn embed_for_layers(&self, input_ids: Tensor<B, 2, Int>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
+        let (Some(start), Some(tp)) = (self.vocab_start, &ctx.tensor_parallel) else {
+            return ctx.into_layers(self.embed(input_ids));
+        };
+        let [rows, _] = self.embed_tokens.val().dims();
+        let offset = input_ids - start as i64;
+        let here = offset.clone().greater_equal_elem(0).bool_and(offset.clone().lower_elem(rows as i64));
+        let found = burn::tensor::module::embedding(self.embed_tokens.val(), offset.clamp(0, rows as i64 - 1));
+        let dtype = found.dtype();
+        tp.leave(found * here.float().cast(dtype).unsqueeze_dim(2))
+    }
+
+    /// The summed next-token loss of the last layer's normed output `normed` as it leaves the
+    /// layers ([`next_token_loss`](Self::next_token_loss) after
+    /// [`SequenceContext::out_of_layers`]). Under a vocab-parallel layout the head's columns are
+    /// split: `normed` enters the tensor-parallel region (gathered from the sequence shards under
+    /// sequence parallelism) and the loss comes from the vocab-parallel head and loss, chunked,
+    /// without any rank forming the full-vocabulary logits
+    /// ([`crate::parallel::vocab::vocab_parallel_linear_cross_entropy`]).
+    pub fn head_loss(&self, normed: Tensor<B, 3>, labels: Tensor<B, 2, Int>, fused: bool, ctx: &SequenceContext<B>) -> Tensor<B, 1> {
+        let (Some(start), Some(tp)) = (self.vocab_start, &ctx.tensor_parallel) else {
+            return self.next_token_loss(ctx.out_of_layers(normed), labels, fused).sum;
+        };
+        let (w, trained) = match &self.lm_head {
+            None => (self.embed_tokens.val().transpose(), self.embed_tokens.val().is_require_grad()),
+            Some(head) => (head.weight.val(), head.weight.val().is_require_grad()),
+        };
+        let hidden = tp.enter(normed);
+        let [b, s, d] = hidden.dims();
+        let h = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), d]);
+        let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+        crate::parallel::vocab::vocab_parallel_linear_cross_entropy(h, w, trained, target, start, IGNORE_INDEX, &tp.comm, None)
     }
 
     /// The rotary tables and attention mask every layer of a forward pass shares.
@@ -233,6 +282,9 @@ impl<B: TrainBackend> CausalLm<B> {
     /// sequence shard (the layers and the final norm).
     pub fn tensor_parallel_placement(&self, sequence_parallel: bool) -> GradPlacement {
         let mut p = GradPlacement { sequence_parallel, sequence_sharded: vec!["layers".into(), "norm".into()], ..Default::default() };
+        if self.vocab_start.is_some() {
+            p.sharded.insert("embed_tokens".into(), 0);
+        }
         for (path, linear) in self.linears() {
             p.add_linear(&path, linear.partition);
         }

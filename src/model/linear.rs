@@ -50,6 +50,13 @@ impl<B: TrainBackend> Loader<'_, B> {
         Ok(self.upload(t))
     }
 
+    /// Rows `rows` of a whole tensor as stored (`None`: all of them), e.g. this rank's block of
+    /// the token embedding under a vocab-parallel layout.
+    pub fn host_tensor_rows<const D: usize>(&mut self, path: &str, shape: &[usize], rows: Option<std::ops::Range<usize>>, init: InitKind) -> Result<Tensor<B, D>> {
+        let t = self.host(path, shape, rows.map(|r| (0, r)), init)?;
+        Ok(self.upload(t))
+    }
+
     /// A 1-D parameter (norm scale, bias).
     pub fn vector(&mut self, path: &str, len: usize, init: InitKind) -> Result<Param<Tensor<B, 1>>> {
         let t = self.host(path, &[len], None, init)?;

@@ -294,7 +294,6 @@ fn region_ops_forward_and_backward() {
         Region::GatherFromTensor,
         Region::GatherFromSequenceToReplicated,
         Region::ScatterToTensor,
-        Region::MaxFromTensor,
     ];
     for region in regions {
         // One backward per thread rank per run (see the module).
@@ -317,7 +316,6 @@ fn region_ops_forward_and_backward() {
                 Region::GatherFromSequence => (cat(x(0), x(1)), block(p(0, dims) + p(1, dims), 1, tp)),
                 Region::ReduceScatterToSequence => (block(x(0) + x(1), 1, tp), cat(p(0, dims), p(1, dims))),
                 Region::GatherFromTensor | Region::GatherFromSequenceToReplicated => (cat(x(0), x(1)), block(p(me, dims), 1, tp)),
-                Region::MaxFromTensor => (x(0).max_pair(x(1)), p(me, dims)),
             };
             assert_close(&format!("{region:?} rank {rank} forward"), y, &host(want_y));
             assert_close(&format!("{region:?} rank {rank} backward"), dx, &host(want_dx));
@@ -325,44 +323,42 @@ fn region_ops_forward_and_backward() {
     }
 }
 
-/// A vocab-parallel LM head (column-parallel, not gathered) and the vocab-parallel loss on 2 and
-/// 4 ranks against one rank's full logits and log-softmax: the loss, the hidden states'
-/// gradient and each rank's block of the head's gradient; labels on every rank's block, and
-/// ignored rows.
+/// The chunked vocab-parallel head and loss (gradients taken in the forward) on 2 and 4 ranks
+/// against one rank's full logits and log-softmax: the loss, the hidden states' gradient (the
+/// ranks' partial products summed by the copy-to region `h` enters through) and each rank's
+/// block of the head's gradient; labels in every block, and ignored rows.
 #[test]
-fn vocab_parallel_head_and_loss_equal_one_rank() {
+fn chunked_vocab_parallel_linear_cross_entropy_equals_one_rank() {
     use burn::tensor::Int;
     let (rows, hidden, vocab) = (10, 12, 24);
     const LABELS: [i64; 10] = [0, 23, 5, -100, 12, 11, 18, 6, -100, 17];
     let labels_t = move || Tensor::<Ad, 1, Int>::from_data(TensorData::new(LABELS.to_vec(), [rows]), &Default::default());
     let reference = {
-        let h = leaf(full(61, [rows, hidden]));
-        let w = leaf(full(62, [hidden, vocab]));
-        let logp = burn::tensor::activation::log_softmax(h.clone().matmul(w.clone()) * 3.0, 1);
+        let h = leaf(full(71, [rows, hidden]) * 3.0);
+        let w = leaf(full(72, [hidden, vocab]));
+        let logp = burn::tensor::activation::log_softmax(h.clone().matmul(w.clone()), 1);
         let picked = logp.gather(1, labels_t().clamp(0, vocab as i64 - 1).reshape([rows, 1])).reshape([rows]);
         let counted = labels_t().not_equal_elem(-100).float();
         let loss = -(picked * counted).sum();
         let grads = loss.backward();
         (host(loss.inner()), host(h.grad(&grads).unwrap()), host(w.grad(&grads).unwrap()))
     };
-    for world in [2, 4] {
+    for (world, chunk_rows) in [(2, None), (4, None), (2, Some(3))] {
         let got = on_ranks(world, move |comm| {
             let tp = ProcessGroup::new(comm.world_rank(), world);
             let comm = group_comm(comm);
-            let head = ColumnParallelLinear::<W>::shard(full(62, [hidden, vocab]), None, None, tp, false);
-            let head = ColumnParallelLinear::<Ad> { weight: leaf(head.weight), bias: None, lora: None, gather_output: false };
-            let h = leaf(full(61, [rows, hidden]));
-            let logits = head.forward(h.clone(), &comm, None).unwrap() * 3.0;
-            let start = tp.block(vocab).start;
-            let loss = super::vocab::vocab_parallel_cross_entropy(logits, labels_t(), start, -100, &comm).unwrap();
+            let w = leaf(block(full(72, [hidden, vocab]), 1, tp));
+            let h = leaf(full(71, [rows, hidden]) * 3.0);
+            let entered = <Ad as RegionBackend>::region(h.clone(), Region::CopyToTensor, 0, &comm).unwrap();
+            let loss = super::vocab::vocab_parallel_linear_cross_entropy(entered, w.clone(), true, labels_t(), tp.block(vocab).start, -100, &comm, chunk_rows);
             let grads = loss.backward();
             comm.check().unwrap();
-            (host(loss.inner()), host(h.grad(&grads).unwrap()), host(head.weight.grad(&grads).unwrap()))
+            (host(loss.inner()), host(h.grad(&grads).unwrap()), host(w.grad(&grads).unwrap()))
         });
         for (r, (loss, dh, dw)) in got.iter().enumerate() {
-            assert_close(&format!("vocab world={world} rank {r} loss"), loss, &reference.0);
-            assert_close(&format!("vocab world={world} rank {r} dh"), dh, &reference.1);
-            assert_close(&format!("vocab world={world} rank {r} dw"), dw, &blocks_of(&reference.2, &[hidden, vocab], 1, world)[r]);
+            assert_close(&format!("chunked vocab world={world} chunk {chunk_rows:?} rank {r} loss"), loss, &reference.0);
+            assert_close(&format!("chunked vocab world={world} chunk {chunk_rows:?} rank {r} dh"), dh, &reference.1);
+            assert_close(&format!("chunked vocab world={world} chunk {chunk_rows:?} rank {r} dw"), dw, &blocks_of(&reference.2, &[hidden, vocab], 1, world)[r]);
         }
     }
 }

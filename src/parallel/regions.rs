@@ -11,7 +11,6 @@
 //! | [`Region::GatherFromTensor`] | all-gather along `dim` | this rank's block of `dim` |
 //! | [`Region::GatherFromSequenceToReplicated`] | all-gather along `dim` | this rank's block of `dim` |
 //! | [`Region::ScatterToTensor`] | this rank's block of `dim` | all-gather along `dim` |
-//! | [`Region::MaxFromTensor`] | all-reduce max | identity (its input is a detached shift) |
 //!
 //! (`GatherFromSequence`'s backward reduce-scatters because what reads its output is
 //! column-parallel: each rank's gradient is a partial sum, Megatron's
@@ -86,9 +85,6 @@ pub enum Region {
     /// false).
     GatherFromSequenceToReplicated,
     ScatterToTensor,
-    /// The ranks' elementwise maximum: the shift of a softmax split across the group, taken
-    /// from detached values (its gradient is never wanted).
-    MaxFromTensor,
 }
 
 /// One collective over a group, along one dimension where it has one.
@@ -114,7 +110,6 @@ impl Region {
             Region::GatherFromSequence => (AllGather(dim), ReduceScatter(dim)),
             Region::ReduceScatterToSequence => (ReduceScatter(dim), AllGather(dim)),
             Region::GatherFromTensor | Region::GatherFromSequenceToReplicated => (AllGather(dim), Split(dim)),
-            Region::MaxFromTensor => (AllReduceMax, Identity),
         }
     }
 }

@@ -120,9 +120,8 @@ fn batch_loss<B: TrainBackend>(
     (tp, ep): (Option<TensorParallel<B::Wire>>, Option<GroupComm<B::Wire>>),
 ) -> Tensor<B, 1> {
     let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep);
-    let x = layers(ctx.into_layers(model.embed(t.ids)), &ctx);
-    let hidden = ctx.out_of_layers(model.norm.forward(x));
-    model.next_token_loss(hidden, t.labels, fused).sum
+    let x = layers(model.embed_for_layers(t.ids, &ctx), &ctx);
+    model.head_loss(model.norm.forward(x), t.labels, fused, &ctx)
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -348,7 +347,7 @@ impl<B: TrainBackend> Trainer<B> {
             Recomputed { input: Tensor<B, 3> },
         }
         let inner_ctx = ctx.inner();
-        let embedded = ctx.into_layers(model.embed(t.ids));
+        let embedded = model.embed_for_layers(t.ids, &ctx);
         let mut prev = embedded.clone().inner();
         let mut saved = Vec::with_capacity(segments.len());
         for (r, recomputed) in &segments {
@@ -369,7 +368,7 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
         let (value, g) = span::<B, _>("head", &self.device, || {
-            let sum = model.next_token_loss(ctx.out_of_layers(model.norm.forward(h.clone())), t.labels, self.fused_cross_entropy).sum;
+            let sum = model.head_loss(model.norm.forward(h.clone()), t.labels, self.fused_cross_entropy, &ctx);
             (sum.clone().inner(), (sum * scale).backward())
         });
         collect_grads(model, &g, &[], grads);
