@@ -274,7 +274,6 @@ fn parameter_values(t: &Trainer<Cpu>) -> Vec<Vec<f32>> {
 fn data_parallel_ranks_train_as_one_rank() {
     use std::sync::Arc;
     use trainer::parallel::comm::Communicator;
-    use trainer::parallel::rendezvous::{self, RendezvousConfig};
     const STEPS: usize = 3;
     let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let run = |t: &mut Trainer<Cpu>, micro: &[Batch]| (1..=STEPS).map(|s| t.step(s, micro).unwrap()).collect::<Vec<_>>();
@@ -284,37 +283,14 @@ fn data_parallel_ranks_train_as_one_rank() {
         assert_eq!(micro.len(), 2);
         (run(&mut t, &micro), parameter_values(&t))
     };
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut listener = Some(listener);
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let listener = if rank == 0 { listener.take() } else { None };
-            std::thread::spawn(move || {
-                let cfg = RendezvousConfig {
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    rank,
-                    world: 2,
-                    fingerprint: "tiny".into(),
-                    timeout: std::time::Duration::from_secs(60),
-                    collective_timeout: std::time::Duration::from_secs(60),
-                };
-                let comm = match listener {
-                    Some(l) => rendezvous::serve(l, &cfg),
-                    None => rendezvous::connect(&cfg),
-                }
-                .unwrap();
-                let (mut t, rows, pad) = tiny_trainer();
-                t.data_parallel = Some(trainer::parallel::regions::GroupComm::new(Arc::new(comm) as Arc<dyn Communicator<Cpu>>));
-                let micro = batch::padded(&rows, 4, pad);
-                let stats = run(&mut t, &micro[rank..rank + 1]);
-                (stats, parameter_values(&t))
-            })
-        })
-        .collect();
-    for (rank, handle) in ranks.into_iter().enumerate() {
-        let (stats, params) = handle.join().unwrap();
+    let ranks = on_thread_ranks(2, move |rank, comm| {
+        let (mut t, rows, pad) = tiny_trainer();
+        t.data_parallel = Some(trainer::parallel::regions::GroupComm::new(Arc::new(comm) as Arc<dyn Communicator<Cpu>>));
+        let micro = batch::padded(&rows, 4, pad);
+        let stats = run(&mut t, &micro[rank..rank + 1]);
+        (stats, parameter_values(&t))
+    });
+    for (rank, (stats, params)) in ranks.into_iter().enumerate() {
         for (s, (got, want)) in stats.iter().zip(&want_stats).enumerate() {
             let what = format!("rank {rank}, step {}", s + 1);
             assert_eq!(got.tokens, want.tokens, "{what}: the global batch's tokens");
