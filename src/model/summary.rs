@@ -28,6 +28,9 @@ pub enum Split {
     Row,
     /// Whole layer on the one expert-parallel rank that owns the expert.
     Expert,
+    /// The LM head: its vocabulary columns split across the tensor-parallel group when the group
+    /// divides the vocabulary (as the embedding's rows), else replicated.
+    Vocab,
 }
 
 /// Every linear layer, in checkpoint order, with how it is split.
@@ -59,7 +62,7 @@ pub fn linears(spec: &ArchSpec) -> Vec<LinearInfo> {
         }
     }
     if !spec.tie_word_embeddings {
-        push("lm_head".into(), h, spec.vocab_size, Split::Replicated);
+        push("lm_head".into(), h, spec.vocab_size, Split::Vocab);
     }
     v
 }
@@ -181,8 +184,10 @@ impl ModelSummary {
         let small = spec.layers.len() as u64 * (norms_per_layer + bias_per_layer) + h;
         let embed = v * h;
         let (tp, ep) = (run.tensor as u64, run.expert as u64);
+        // The embedding's rows and the head's columns split by vocabulary when tp divides it.
+        let vocab_split = if v.is_multiple_of(tp) { tp } else { 1 };
         let mut total = embed + small;
-        let mut per_rank = embed + small;
+        let mut per_rank = embed / vocab_split + small;
         let mut trainable = 0u64;
         let mut trainable_rank = 0u64;
         let mut adapted = 0usize;
@@ -192,6 +197,7 @@ impl ModelSummary {
                 Split::Replicated => 1,
                 Split::Column | Split::Row => tp,
                 Split::Expert => ep,
+                Split::Vocab => vocab_split,
             };
             total += n;
             per_rank += n / div;
@@ -206,6 +212,7 @@ impl ModelSummary {
                         Split::Column => r * i + r * o / tp,
                         Split::Row => r * i / tp + r * o,
                         Split::Expert => r * (i + o) / ep,
+                        Split::Vocab => r * i + r * o / vocab_split,
                     };
                     adapted += 1;
                 }
