@@ -34,7 +34,7 @@ pub struct RankEnv {
 
 impl RankEnv {
     /// The job this process belongs to; `None` when no launcher started it (no `WORLD_SIZE`, or
-    /// a world of 1).
+    /// a world of 1 without a master to meet at: a stray `WORLD_SIZE=1` is no job).
     pub fn from_env() -> Result<Option<RankEnv>> {
         RankEnv::from_vars(|k| std::env::var(k).ok())
     }
@@ -46,7 +46,7 @@ impl RankEnv {
             text.trim().parse().map_err(|_| Error::Parallel(format!("{key}={text:?} is not a whole number")))
         };
         let world = number("WORLD_SIZE", &world)?;
-        if world <= 1 {
+        if world == 0 || (world == 1 && (var("MASTER_ADDR").is_none() || var("MASTER_PORT").is_none())) {
             return Ok(None);
         }
         let need = |key: &str| var(key).ok_or_else(|| Error::Parallel(format!("WORLD_SIZE is {world} but {key} is not set: a launcher sets RANK, MASTER_ADDR and MASTER_PORT beside it")));
@@ -213,6 +213,9 @@ mod tests {
     fn torchrun_variables_name_the_rank() {
         assert_eq!(RankEnv::from_vars(vars(&[])).unwrap(), None);
         assert_eq!(RankEnv::from_vars(vars(&[("WORLD_SIZE", "1")])).unwrap(), None);
+        // A launched job of one (`--nproc-per-node 1`): its rank meets itself at the master.
+        let one = [("WORLD_SIZE", "1"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+        assert_eq!(RankEnv::from_vars(vars(&one)).unwrap().map(|e| e.world), Some(1));
         let env = [("WORLD_SIZE", "4"), ("RANK", "2"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "29500")];
         let got = RankEnv::from_vars(vars(&env)).unwrap().unwrap();
         assert_eq!(got, RankEnv { rank: 2, world: 4, local_rank: 2, master_addr: "node0".into(), master_port: 29500 });
