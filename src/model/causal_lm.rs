@@ -146,9 +146,8 @@ impl<B: TrainBackend> CausalLm<B> {
             return ctx.into_layers(self.embed(input_ids));
         };
         let [rows, _] = self.embed_tokens.val().dims();
-        let offset = input_ids - start as i64;
-        let here = offset.clone().greater_equal_elem(0).bool_and(offset.clone().lower_elem(rows as i64));
-        let found = burn::tensor::module::embedding(self.embed_tokens.val(), offset.clamp(0, rows as i64 - 1));
+        let (index, here) = crate::parallel::vocab::in_vocab_block(input_ids, start, rows);
+        let found = burn::tensor::module::embedding(self.embed_tokens.val(), index);
         let dtype = found.dtype();
         tp.leave(found * here.float().cast(dtype).unsqueeze_dim(2))
     }
@@ -168,10 +167,7 @@ impl<B: TrainBackend> CausalLm<B> {
             None => (self.embed_tokens.val().transpose(), self.embed_tokens.val().is_require_grad()),
             Some(head) => (head.weight.val(), head.weight.val().is_require_grad()),
         };
-        let hidden = tp.enter(normed);
-        let [b, s, d] = hidden.dims();
-        let h = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), d]);
-        let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+        let (h, target) = next_token_rows(tp.enter(normed), labels);
         crate::parallel::vocab::vocab_parallel_linear_cross_entropy(h, w, trained, target, start, IGNORE_INDEX, &tp.comm, None)
     }
 
@@ -208,9 +204,7 @@ impl<B: TrainBackend> CausalLm<B> {
         let (Some(w), true) = (head, fused) else {
             return causal_lm_loss(self.logits(hidden), labels);
         };
-        let [b, s, d] = hidden.dims();
-        let h = hidden.narrow(1, 0, s - 1).reshape([b * (s - 1), d]);
-        let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+        let (h, target) = next_token_rows(hidden, labels);
         ops::fused_linear_cross_entropy(h, w, target, ops::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None })
     }
 
@@ -318,8 +312,16 @@ pub fn positions_like<B: TrainBackend>(input_ids: &Tensor<B, 2, Int>) -> Tensor<
 /// # Shapes
 /// - `logits`: `[batch, seq, vocab]`, `labels`: `[batch, seq]`
 pub fn causal_lm_loss<B: TrainBackend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> ops::CrossEntropy<B> {
-    let [b, s, v] = logits.dims();
-    let pred = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
-    let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
+    let (pred, target) = next_token_rows(logits, labels);
     ops::cross_entropy(pred, target, IGNORE_INDEX)
+}
+
+/// Each position but the last with the label it predicts (the next position's), as rows.
+///
+/// # Shapes
+/// - `x`: `[batch, seq, features]`, `labels`: `[batch, seq]` → `[batch (seq - 1), features]`,
+///   `[batch (seq - 1)]`
+fn next_token_rows<B: TrainBackend>(x: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+    let [b, s, f] = x.dims();
+    (x.narrow(1, 0, s - 1).reshape([b * (s - 1), f]), labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]))
 }

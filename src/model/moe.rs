@@ -88,7 +88,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let [_, hidden] = x.dims();
         let device = x.device();
         let (local, ranks) = (self.experts.len(), ep.group().size);
-        let plan = DispatchPlan::new(chosen, self.top_k, local, ranks);
+        let plan = DispatchPlan::new(chosen, local, ranks);
         let received = match ep.communicator().all_to_all_count_blocks(&plan.send_blocks, local) {
             Ok(r) => r,
             Err(e) => {
@@ -179,7 +179,7 @@ struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    fn new(chosen: &[i64], top_k: usize, local: usize, ranks: usize) -> Self {
+    fn new(chosen: &[i64], local: usize, ranks: usize) -> Self {
         let mut order: Vec<i64> = (0..chosen.len() as i64).collect();
         // Stable: slots of one expert stay in token order.
         order.sort_by_key(|&s| chosen[s as usize]);
@@ -188,7 +188,6 @@ impl DispatchPlan {
             send_blocks[e as usize] += 1;
         }
         let send_counts = send_blocks.chunks(local).map(|b| b.iter().sum()).collect();
-        debug_assert_eq!(chosen.len() % top_k.max(1), 0);
         DispatchPlan { order, send_counts, send_blocks }
     }
 }
@@ -260,7 +259,7 @@ mod tests {
     fn dispatch_orders_slots_by_expert_and_counts_them_per_rank_and_expert() {
         // 3 tokens, top 2, 4 experts over 2 ranks (2 each).
         let chosen = [3, 0, 1, 3, 2, 0];
-        let p = DispatchPlan::new(&chosen, 2, 2, 2);
+        let p = DispatchPlan::new(&chosen, 2, 2);
         assert_eq!(p.order, [1, 5, 2, 4, 0, 3]);
         assert_eq!(p.send_blocks, [2, 1, 1, 2]);
         assert_eq!(p.send_counts, [3, 3]);

@@ -116,7 +116,7 @@ impl GradPlacement {
             return false;
         }
         self.partial.contains(path)
-            || (self.sequence_parallel && self.sequence_sharded.iter().any(|p| path == p || path.starts_with(&format!("{p}."))))
+            || (self.sequence_parallel && self.sequence_sharded.iter().any(|p| path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))))
     }
 
     /// The dimension `path`'s stored tensor is split along over the group, if it is.

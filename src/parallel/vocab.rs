@@ -5,9 +5,18 @@
 //! then every rank finishes the same loss; each rank's gradient is `softmax - onehot` over its
 //! own block, as one rank's is over the whole vocabulary.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
 
 use super::regions::GroupComm;
+
+/// Token ids `ids` against this rank's vocabulary block `[start, start + len)`: each id's index
+/// in the block (0 where it falls outside), and whether it falls inside.
+pub fn in_vocab_block<B: Backend, const D: usize>(ids: Tensor<B, D, Int>, start: usize, len: usize) -> (Tensor<B, D, Int>, Tensor<B, D, Bool>) {
+    let offset = ids - start as i64;
+    let here = offset.clone().greater_equal_elem(0).bool_and(offset.clone().lower_elem(len as i64));
+    (offset.clamp(0, len.saturating_sub(1) as i64), here)
+}
 
 /// Rows of logits one chunk of [`vocab_parallel_linear_cross_entropy`] holds at most, in f32
 /// elements (256 MiB).
@@ -63,9 +72,8 @@ pub fn vocab_parallel_linear_cross_entropy<B: crate::backend::TrainBackend>(
         let shifted = logits - shift;
         let exp = shifted.clone().exp();
         let sum_exp = reduce(exp.clone().sum_dim(1), Collective::AllReduce);
-        let offset = lab.clone() - vocab_start as i64;
-        let here = offset.clone().greater_equal_elem(0).bool_and(offset.clone().lower_elem(local as i64)).float().cast(DType::F32).reshape([c, 1]);
-        let index = offset.clamp(0, local.saturating_sub(1) as i64).reshape([c, 1]);
+        let (index, here) = in_vocab_block(lab.clone(), vocab_start, local);
+        let (index, here) = (index.reshape([c, 1]), here.float().cast(DType::F32).reshape([c, 1]));
         let counted = lab.not_equal_elem(ignore_index).float().cast(DType::F32).reshape([c, 1]);
         // The target's shifted logit, from the one rank whose block holds it.
         let target = reduce(shifted.gather(1, index.clone()) * here.clone(), Collective::AllReduce);

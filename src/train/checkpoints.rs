@@ -59,14 +59,16 @@ impl<'a, W: Backend> Shards<'a, W> {
         }
     }
 
-    /// The whole tensor of `path` from every rank's slice `t` (as [`named_params`] views it:
-    /// `[rows, cols]`, a 1-D parameter `[1, n]`; `rank` is the parameter's).
+    /// `(dim, group size)` of `path`'s split in the `[rows, cols]` view [`named_params`] gives
+    /// (a 1-D parameter is `[1, n]`, split along its columns; `rank` is the parameter's).
+    fn view_split(&self, path: &str, rank: usize) -> Option<(usize, usize)> {
+        self.split(path).map(|(dim, size)| (if rank == 1 { 1 } else { dim }, size))
+    }
+
+    /// The whole tensor of `path` from every rank's slice `t` (as [`named_params`] views it).
     fn gather<B: RegionBackend<Wire = W>>(&self, path: &str, t: Tensor<B, 2>, rank: usize) -> Result<Tensor<B, 2>> {
-        match (self.split(path), self.tp) {
-            (Some((dim, _)), Some((tp, _))) => {
-                let dim = if rank == 1 { 1 } else { dim };
-                Ok(B::collective(t, Collective::AllGather(dim), &tp.comm)?)
-            }
+        match (self.view_split(path, rank), self.tp) {
+            (Some((dim, _)), Some((tp, _))) => Ok(B::collective(t, Collective::AllGather(dim), &tp.comm)?),
             _ => Ok(t),
         }
     }
@@ -93,9 +95,14 @@ fn expert_of(path: &str) -> Option<(usize, usize)> {
     Some((layer.parse().ok()?, e.parse().ok()?))
 }
 
-/// `name` with expert index `from` (`.experts.{from}.`) numbered `to`.
+/// `name` (a path or a tensor name) with expert index `from` (`.experts.{from}`, then a `.` or
+/// the end) numbered `to`.
 fn renumber(name: &str, from: usize, to: usize) -> String {
-    name.replacen(&format!(".experts.{from}."), &format!(".experts.{to}."), 1)
+    let (old, new) = (format!(".experts.{from}"), format!(".experts.{to}"));
+    match name.match_indices(&old).find(|(i, _)| name[i + old.len()..].is_empty() || name[i + old.len()..].starts_with('.')) {
+        Some((i, _)) => format!("{}{new}{}", &name[..i], &name[i + old.len()..]),
+        None => name.to_string(),
+    }
 }
 
 /// `(local experts a rank, this rank's first)` of MoE layer `layer`.
@@ -283,7 +290,7 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
             // Every rank's experts, in the order of their global indices.
             Some((layer, e)) if ep_size > 1 => {
                 let (local, first) = expert_block(&model, layer);
-                adapted.extend((0..ep_size).map(|j| renumber(&format!("{module}."), first + e, j * local + e).trim_end_matches('.').to_string()));
+                adapted.extend((0..ep_size).map(|j| renumber(&module, first + e, j * local + e)));
             }
             _ => adapted.push(module),
         }
@@ -291,15 +298,14 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
     adapted.sort();
     let moments = match with_optimizer {
         true => {
-            let views: BTreeMap<String, [usize; 2]> = named_params(&model, &|_| true).into_iter().map(|(p, t, _)| (p, t.dims())).collect();
-            let ranks: BTreeMap<String, usize> = named_params(&model, &|_| true).into_iter().map(|(p, _, r)| (p, r)).collect();
+            let views = param_views(&model);
             let (mut list, mut steps) = (Vec::new(), BTreeMap::new());
             for (path, m) in &trainer.optimizer.state {
                 // Experts' moments under their global indices (the Burn path's is local).
                 let block = expert_of(path).map(|(layer, e)| (e, expert_block(&model, layer)));
                 for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
                     let v = match (shards.as_ref(), views.get(path)) {
-                        (Some(s), Some(&view)) => s.gather(path, v.clone().reshape(view), ranks[path])?,
+                        (Some(s), Some(&(view, rank))) => s.gather(path, v.clone().reshape(view), rank)?,
                         _ => v.clone().reshape([1, v.dims()[0]]),
                     };
                     let copies = match (shards.as_ref(), block) {
@@ -365,7 +371,7 @@ pub fn load_optimizer<B: TrainBackend>(
 ) -> Result<BTreeMap<String, Moments<B>>> {
     let file = dir.join(ckpt::OPTIMIZER);
     let mut tensors = ckpt::read_safetensors(&file)?;
-    let dims = param_dims(model);
+    let views = param_views(model);
     let mut out = BTreeMap::new();
     let expert_parallel = shards.is_some_and(|s| s.ep.is_some());
     for (saved, &step) in &state.optimizer_steps {
@@ -389,47 +395,24 @@ pub fn load_optimizer<B: TrainBackend>(
                 .ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;
             let n = data.len();
             let flat = Tensor::<B, 1>::from_data(TensorData::new(data, [n]), (device, DType::F32));
-            let Some((s, (dim, size), local)) = shards.and_then(|s| Some((s, s.split(path)?, dims.get(path)?))) else { return Ok(flat) };
-            let mut whole = local.clone();
+            let Some((s, &(view, rank))) = shards.zip(views.get(path)) else { return Ok(flat) };
+            let Some((dim, size)) = s.view_split(path, rank) else { return Ok(flat) };
+            let mut whole = view;
             whole[dim] *= size;
-            if whole.iter().product::<usize>() != n {
-                return Err(Error::file(&file, format!("tensor `{name}` has {n} values; parameter `{path}` of this model needs {}", whole.iter().product::<usize>())));
+            if whole[0] * whole[1] != n {
+                return Err(Error::file(&file, format!("tensor `{name}` has {n} values; parameter `{path}` of this model needs {}", whole[0] * whole[1])));
             }
-            let block = match whole.len() {
-                1 => s.slice(path, flat),
-                _ => {
-                    let m = s.slice(path, flat.reshape([whole[0], whole[1..].iter().product()]));
-                    let k = m.shape().num_elements();
-                    m.reshape([k])
-                }
-            };
-            Ok(block)
+            let rows = s.tp.map_or(0..whole[dim], |(tp, _)| tp.comm.group().block(whole[dim]));
+            Ok(flat.reshape(whole).narrow(dim, rows.start, rows.len()).reshape([view[0] * view[1]]))
         };
         out.insert(path.clone(), Moments { exp_avg: take("exp_avg")?, exp_avg_sq: take("exp_avg_sq")?, step });
     }
     Ok(out)
 }
 
-/// Every float parameter's shape, by Burn path.
-fn param_dims<B: Backend, M: Module<B>>(m: &M) -> BTreeMap<String, Vec<usize>> {
-    struct Dims {
-        path: Vec<String>,
-        out: BTreeMap<String, Vec<usize>>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Dims {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.insert(self.path.join("."), param.val().dims().to_vec());
-        }
-    }
-    let mut d = Dims { path: vec![], out: BTreeMap::new() };
-    m.visit(&mut d);
-    d.out
+/// Every float parameter's `[rows, cols]` view ([`named_params`]) and rank, by Burn path.
+fn param_views<B: TrainBackend, M: Module<B>>(m: &M) -> BTreeMap<String, ([usize; 2], usize)> {
+    named_params(m, &|_| true).into_iter().map(|(p, t, rank)| (p, (t.dims(), rank))).collect()
 }
 
 /// Load the trained tensors of a checkpoint or adapter folder into `model`.

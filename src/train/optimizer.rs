@@ -65,19 +65,18 @@ impl<B: TrainBackend> Grads<B> {
         self
     }
 
-    /// The sums of squares (one-element f32 tensors) of the gradients `split` picks and of the
-    /// others, each zero when it has none.
-    pub fn sums_of_squares(&self, split: impl Fn(&str) -> bool) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let (mut picked, mut rest) = (Vec::new(), Vec::new());
+    /// The sums of squares (one-element f32 tensors) of the gradients in each of `N` classes
+    /// (`class` gives a path's, below `N`), each zero when its class has none.
+    pub fn sums_of_squares_by<const N: usize>(&self, class: impl Fn(&str) -> usize) -> [Tensor<B, 1>; N] {
+        let mut classes: [Vec<Tensor<B, 1>>; N] = std::array::from_fn(|_| Vec::new());
         for (path, g) in &self.by_path {
-            if split(path) { picked.push(g.clone()) } else { rest.push(g.clone()) }
+            classes[class(path)].push(g.clone());
         }
         let device = self.by_path.values().next().map(|g| g.device()).unwrap_or_default();
-        let sum = |grads: Vec<Tensor<B, 1>>| match grads.is_empty() {
+        classes.map(|grads| match grads.is_empty() {
             true => Tensor::zeros([1], (&device, DType::F32)),
             false => B::sum_of_squares(&grads),
-        };
-        (sum(picked), sum(rest))
+        })
     }
 
     /// Clip by the global norm as `torch.nn.utils.clip_grad_norm_` does, on the device: every

@@ -345,10 +345,10 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // Micro batches go to data-parallel replicas; the ranks of one tensor group share theirs.
     let data_rank = layout.data.rank;
     trainer.micro_batch_place = (data_rank, dp_size);
-    // The ranks of data replica 0 (rank 0's tensor group) evaluate and gather checkpoints
-    // together, and under expert parallelism every rank (tokens travel to all experts, and each
-    // rank holds its experts); rank 0 writes them.
-    let first_replica = data_rank == 0 || layout.expert.size > 1;
+    // The ranks that evaluate and gather checkpoints with rank 0 (who writes them): data
+    // replica 0 (rank 0's tensor group), and under expert parallelism every rank (tokens travel
+    // to all experts, and each rank holds its own).
+    let with_rank0 = data_rank == 0 || layout.expert.size > 1;
     let mut metrics = match writer {
         true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?),
         false => None,
@@ -406,7 +406,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
             m.step(step, step as f64 / steps_per_epoch as f64, &stats)?;
         }
         let eval_now = r.train.eval_interval.is_some_and(|n| step % n == 0) || (step == total_steps && !val_batches.is_empty());
-        if eval_now && first_replica {
+        if eval_now && with_rank0 {
             let (loss, tokens) = trainer.evaluate(&val_batches)?;
             if let Some(m) = metrics.as_mut() {
                 m.eval(step, loss, tokens)?;
@@ -423,7 +423,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         };
         let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
         let with_optimizer = r.checkpoint.save_optimizer || signal.is_some();
-        let gathered = match save_now && first_replica {
+        let gathered = match save_now && with_rank0 {
             true => Some(checkpoints::gather(&trainer, r.train.tuning, with_optimizer)?),
             false => None,
         };
@@ -452,7 +452,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
         Some((_, dir)) => dir,
-        None if first_replica => {
+        None if with_rank0 => {
             let saved = checkpoints::gather(&trainer, r.train.tuning, r.checkpoint.save_optimizer)?;
             match writer {
                 true => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,

@@ -190,8 +190,9 @@ impl<B: TrainBackend> Trainer<B> {
         }
     }
 
-    /// The first collective of the tensor-parallel group that failed since the last check.
-    fn check_tensor_parallel(&self) -> Result<()> {
+    /// The first collective of the tensor- or expert-parallel group that failed inside a
+    /// forward or backward since the last check.
+    fn check_collectives(&self) -> Result<()> {
         if let Some((tp, _)) = &self.tensor_parallel {
             tp.comm.check()?;
         }
@@ -240,11 +241,12 @@ impl<B: TrainBackend> Trainer<B> {
             return Ok(None);
         }
         let tp_sharded = |p: &str| self.tensor_parallel.as_ref().is_some_and(|(_, placement)| placement.is_sharded(p));
-        let expert = |p: &str| self.expert_parallel.is_some() && is_expert(p);
         // Three classes, each one sum: this rank's tensor-parallel slices, its experts, the rest.
-        let (sharded, _) = grads.sums_of_squares(tp_sharded);
-        let (experts, _) = grads.sums_of_squares(|p| !tp_sharded(p) && expert(p));
-        let (whole, _) = grads.sums_of_squares(|p| !tp_sharded(p) && !expert(p));
+        let [sharded, experts, whole] = grads.sums_of_squares_by(|p| match (tp_sharded(p), self.expert_parallel.is_some() && is_expert(p)) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2,
+        });
         let sharded = match &self.tensor_parallel {
             Some((tp, _)) => B::collective(sharded, Collective::AllReduce, &tp.comm)?,
             None => sharded,
@@ -293,7 +295,7 @@ impl<B: TrainBackend> Trainer<B> {
             } else {
                 self.segmented(model, t, seed, 1.0 / tokens as f64, &mut grads)?
             };
-            self.check_tensor_parallel()?;
+            self.check_collectives()?;
             let sum = sum.cast(burn::tensor::FloatDType::F32);
             loss_sum = Some(match loss_sum {
                 Some(total) => total + sum,
@@ -310,13 +312,13 @@ impl<B: TrainBackend> Trainer<B> {
             // rest over the data-parallel replicas.
             Some((_, expert_data)) => {
                 let (experts, dense) = grads.split_off(is_expert);
-                let (loss_sum, dense) = all_reduce_bucket(dp, loss_sum, dense)?;
-                let (_, experts) = all_reduce_bucket(expert_data, Tensor::zeros([1], (&self.device, burn::tensor::DType::F32)), experts)?;
-                Ok((loss_sum, tokens, dense.merged(experts)))
+                let (loss_sum, dense) = all_reduce_bucket(dp, Some(loss_sum), dense)?;
+                let (_, experts) = all_reduce_bucket(expert_data, None, experts)?;
+                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, dense.merged(experts)))
             }
             None => {
-                let (loss_sum, grads) = all_reduce_bucket(dp, loss_sum, grads)?;
-                Ok((loss_sum, tokens, grads))
+                let (loss_sum, grads) = all_reduce_bucket(dp, Some(loss_sum), grads)?;
+                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, grads))
             }
         })
     }
@@ -423,26 +425,31 @@ impl<B: TrainBackend> Trainer<B> {
             sum += s as f64;
             tokens += n;
         }
-        self.check_tensor_parallel()?;
+        self.check_collectives()?;
         Ok((if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens))
     }
 }
 
-/// Every rank's gradients and loss summed, as one collective over one flat f32 bucket (the
-/// gradients in path order, the same on every rank of one model, then the loss).
-fn all_reduce_bucket<B: TrainBackend>(dp: &GroupComm<B::Wire>, loss_sum: Tensor<B, 1>, grads: Grads<B>) -> Result<(Tensor<B, 1>, Grads<B>)> {
+/// Every rank's gradients (and `loss_sum`, when given) summed over `group`, as one collective
+/// over one flat f32 bucket (the gradients in path order, the same on every rank of one model,
+/// then the loss).
+fn all_reduce_bucket<B: TrainBackend>(group: &GroupComm<B::Wire>, loss_sum: Option<Tensor<B, 1>>, grads: Grads<B>) -> Result<(Option<Tensor<B, 1>>, Grads<B>)> {
     let Grads { by_path, scale } = grads;
     let sizes: Vec<(String, usize)> = by_path.iter().map(|(p, g)| (p.clone(), g.dims()[0])).collect();
     let mut parts: Vec<Tensor<B, 1>> = by_path.into_values().collect();
-    parts.push(loss_sum);
-    let summed = B::collective(Tensor::cat(parts, 0), Collective::AllReduce, dp)?;
+    let with_loss = loss_sum.is_some();
+    parts.extend(loss_sum);
+    if parts.is_empty() {
+        return Ok((None, Grads { by_path: Default::default(), scale }));
+    }
+    let summed = B::collective(Tensor::cat(parts, 0), Collective::AllReduce, group)?;
     let mut offset = 0;
     let mut by_path = std::collections::BTreeMap::new();
     for (path, n) in sizes {
         by_path.insert(path, summed.clone().narrow(0, offset, n));
         offset += n;
     }
-    Ok((summed.narrow(0, offset, 1), Grads { by_path, scale }))
+    Ok((with_loss.then(|| summed.narrow(0, offset, 1)), Grads { by_path, scale }))
 }
 
 /// Whether the parameter at `path` belongs to an expert of a MoE layer.
@@ -454,19 +461,9 @@ fn is_expert(path: &str) -> bool {
 /// every rank holds whole but that saw only its slice of the work: [`GradPlacement`]) summed
 /// over the group, as one collective over one flat bucket.
 fn reduce_partial_grads<B: TrainBackend>(tp: &TensorParallel<B::Wire>, placement: &GradPlacement, grads: Grads<B>) -> Result<Grads<B>> {
-    let Grads { mut by_path, scale } = grads;
-    let partial: Vec<(String, Tensor<B, 1>)> = by_path.iter().filter(|(p, _)| placement.is_partial(p)).map(|(p, g)| (p.clone(), g.clone())).collect();
-    if partial.is_empty() {
-        return Ok(Grads { by_path, scale });
-    }
-    let sizes: Vec<usize> = partial.iter().map(|(_, g)| g.dims()[0]).collect();
-    let summed = B::collective(Tensor::cat(partial.iter().map(|(_, g)| g.clone()).collect(), 0), Collective::AllReduce, &tp.comm)?;
-    let mut offset = 0;
-    for ((path, _), n) in partial.into_iter().zip(sizes) {
-        by_path.insert(path, summed.clone().narrow(0, offset, n));
-        offset += n;
-    }
-    Ok(Grads { by_path, scale })
+    let (partial, rest) = grads.split_off(|p| placement.is_partial(p));
+    let (_, partial) = all_reduce_bucket(&tp.comm, None, partial)?;
+    Ok(rest.merged(partial))
 }
 
 /// The value of a one-element tensor as f32, read in the tensor's own dtype: `into_scalar`
