@@ -277,15 +277,17 @@ impl<B: TrainBackend> Mlp<B> {
     }
 
     /// Every expert's SwiGLU MLP at once: `x[e]` through `experts[e]`, each projection one
-    /// batched GEMM over the experts' stacked weights (and LoRA factors).
+    /// batched GEMM over the experts' stacked weights (`stacked`: gate, up and down as loaded,
+    /// when they still back the experts; else stacked on the call) and LoRA factors.
     ///
     /// # Shapes
     /// - `x`: `[experts, tokens, hidden]` → `[experts, tokens, hidden]`
-    pub fn forward_stacked(experts: &[Mlp<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_stacked(experts: &[Mlp<B>], stacked: Option<[Tensor<B, 3>; 3]>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let projection = |f: fn(&Mlp<B>) -> &Linear<B>| experts.iter().map(f).collect::<Vec<_>>();
-        let gate = Linear::forward_stacked(&projection(|m| &m.gate_proj), x.clone());
-        let up = Linear::forward_stacked(&projection(|m| &m.up_proj), x);
-        Linear::forward_stacked(&projection(|m| &m.down_proj), ops::fused_swiglu(gate, up))
+        let [gate_w, up_w, down_w] = stacked.map_or([None, None, None], |ws| ws.map(Some));
+        let gate = Linear::forward_stacked(&projection(|m| &m.gate_proj), gate_w, x.clone());
+        let up = Linear::forward_stacked(&projection(|m| &m.up_proj), up_w, x);
+        Linear::forward_stacked(&projection(|m| &m.down_proj), down_w, ops::fused_swiglu(gate, up))
     }
 }
 

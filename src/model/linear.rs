@@ -36,7 +36,7 @@ impl<B: TrainBackend> Loader<'_, B> {
 
     /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
     /// has nothing left to convert (it would on one core).
-    fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
+    pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
         use burn::tensor::ElementConversion;
         let mut out = vec![B::FloatElem::from_elem(0.0f32); t.data.len()];
         let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
@@ -96,9 +96,8 @@ impl<B: TrainBackend> Linear<B> {
         Ok(Linear { weight, bias: bias.map(|b| Param::from_tensor(ld.upload(b))), lora: None, partition })
     }
 
-    /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
     fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+        host_weight(ld, path, inp, out, partition)
     }
 
     /// `{path}.bias`'s slice that `partition` owns.
@@ -225,16 +224,16 @@ impl<B: TrainBackend> Linear<B> {
     }
 
     /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
-    /// `linears[e]`. The frozen weights are stacked for the batched GEMM on each call: a copy
-    /// of the block's expert weights (one copy per expert, as Burn concatenates) that lives as
-    /// long as the graph needs it for dX. Keeping the experts stacked from load time would save
-    /// both, at the price of a module tree unlike the checkpoint's per-expert names.
+    /// `linears[e]`. `stacked`: their weights as one `[experts, in, out]` tensor where the
+    /// layers still hold views of it ([`StackedExperts`](super::experts::StackedExperts));
+    /// else the weights are stacked on the call, a copy that lives as long as the graph needs
+    /// it for dX.
     ///
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
-    pub fn forward_stacked(linears: &[&Linear<B>], x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_stacked(linears: &[&Linear<B>], stacked: Option<Tensor<B, 3>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let device = x.device();
-        let w = Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0);
+        let w = stacked.unwrap_or_else(|| Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0));
         let y = B::batched_matmul(x.clone(), w);
         let y = if linears.iter().any(|l| l.bias.is_some()) {
             let [_, out] = linears[0].weight.val().dims();
@@ -253,7 +252,13 @@ impl<B: TrainBackend> Linear<B> {
     }
 }
 
-fn transpose(t: HostTensor) -> HostTensor {
+/// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
+pub(super) fn host_weight<B: TrainBackend>(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
+    ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+}
+
+/// `[rows, cols]` row-major as `[cols, rows]`.
+pub(super) fn transpose(t: HostTensor) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let mut data = vec![0.0; t.data.len()];
     // Blocks of output rows on all cores, read in tiles (a 7B model transposes 7e9 values).

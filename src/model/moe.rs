@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::spec::MlpSpec;
 use crate::backend::profile::span;
@@ -22,6 +23,9 @@ use crate::parallel::{Partition, ProcessGroup};
 pub struct SparseMoe<B: Backend> {
     pub gate: Linear<B>,
     pub experts: Vec<Mlp<B>>,
+    /// The experts' frozen weights as loaded, `[experts, in, out]` a projection (the experts'
+    /// weights are views of them).
+    pub stacked: StackedExperts<B>,
     /// Global index of `experts[0]`.
     pub first_expert: usize,
     pub num_experts: usize,
@@ -36,11 +40,8 @@ impl<B: TrainBackend> SparseMoe<B> {
         };
         let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
-        let experts = owned
-            .clone()
-            .map(|e| Mlp::load(ld, &format!("{path}.experts.{e}"), hidden, intermediate_size, ProcessGroup::SINGLE))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SparseMoe { gate, experts, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
+        let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
+        Ok(SparseMoe { gate, experts, stacked, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
     }
 
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
@@ -73,7 +74,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let padded_weights = Tensor::cat(vec![weights, Tensor::zeros([1], (&device, dtype))], 0);
         let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.slots, [e * c]), &device);
         let xs = x.clone().select(0, tokens.clone()).reshape([e, c, hidden]);
-        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
+        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
         let w = padded_weights.select(0, slots).reshape([e * c, 1]);
         x.zeros_like().select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
     }
@@ -115,7 +116,7 @@ impl<B: TrainBackend> SparseMoe<B> {
             _ => {
                 let (e, c) = (local, arrivals.capacity);
                 let xs = arrived.select(0, ints(arrivals.grouped.clone())).reshape([e, c, hidden]);
-                let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, xs)).reshape([e * c, hidden]);
+                let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
                 ys.select(0, ints(arrivals.back.clone()))
             }
         };
