@@ -28,12 +28,15 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--layers", type=int, help="build only this many decoder layers (full width)")
     p.add_argument("--liger", action="store_true",
                    help="patch in Liger kernels (rope, rms_norm, swiglu, fused linear cross-entropy) first")
     a = p.parse_args()
 
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(a.config)
+    if a.layers:
+        cfg.num_hidden_layers = a.layers
     impl = f"transformers {transformers.__version__} + peft"
     if a.liger:
         # Before the model is built: Liger swaps the modeling module's classes and forward.

@@ -10,7 +10,8 @@
 # without gradient checkpointing, trainer without recompute), PROFILE=1 (trainer's per-op
 # breakdown), CHECK=1 (trainer's attention self-check), TRAINER_ARGS (more `--set`s),
 # COMMIT (the commit measured, written into each row), VARIANT (a label for trainer's row when
-# the environment changes what it runs, e.g. TRAINER_GEMM_ORDER=sync), WARMUP, STEPS.
+# the environment changes what it runs, e.g. TRAINER_GEMM_ORDER=sync), WARMUP, STEPS, LAYERS (build
+# only this many decoder layers, full width, in every implementation; the case is named CASE-LN).
 set -u
 source "$(dirname "$0")/env.sh"
 T=${TRAINER:-.gpu/trainer}
@@ -97,17 +98,21 @@ if [ -n "${NO_CKPT:-}" ]; then
 fi
 for c in "${@:-7b-mb4}"; do
   read -r recipe model mb <<< "$(case_args "$c")"
+  layers=(); trainer_layers=()
+  if [ -n "${LAYERS:-}" ]; then
+    layers=(--layers "$LAYERS"); trainer_layers=(--set "model.config.num_hidden_layers=$LAYERS"); c="$c-L$LAYERS"
+  fi
   echo "== $c"
   for b in $BASELINES; do
     extra=(); [ "$b" = liger ] && extra=(--liger)
     record "$c-$b" "$c" "$recompute" python3 benches/baseline_peft.py --config "$model/config.json" \
-      --micro-batch "$mb" --seq 2048 --warmup "$WARMUP" --steps "$STEPS" "${ckpt[@]}" "${extra[@]}"
+      --micro-batch "$mb" --seq 2048 --warmup "$WARMUP" --steps "$STEPS" "${ckpt[@]}" "${extra[@]}" "${layers[@]}"
   done
   # shellcheck disable=SC2086
   record "$c-trainer${VARIANT:+-$VARIANT}" "$c" "$recompute" timeout "${TRAINER_TIMEOUT:-3600}" "$T" bench "$recipe" --warmup "$WARMUP" --steps "$STEPS" \
     --set "model.path=\"$model\"" --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size="$mb" --set train.global_batch_size="$mb" \
-    --set train.max_length=2048 "${recipe_recompute[@]}" ${TRAINER_ARGS:-} ${PROFILE:+--profile} ${CHECK:+--check-attention}
+    --set train.max_length=2048 "${recipe_recompute[@]}" "${trainer_layers[@]}" ${TRAINER_ARGS:-} ${PROFILE:+--profile} ${CHECK:+--check-attention}
   python3 benches/compare.py "$OUT" "$c"
 done
