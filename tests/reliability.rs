@@ -604,31 +604,37 @@ fn ranks_that_do_not_match_are_refused() {
     }
 }
 
-/// A rank killed mid-run ends the job: the other rank exits non-zero within 60 s naming it.
+/// A rank killed mid-run, or stopped (hung: alive, silent), ends the job: the other rank exits
+/// non-zero within 60 s naming it. The stopped rank is what the heartbeat watchdog is for: on
+/// NCCL nothing else would end a collective waiting on it.
 #[test]
-fn a_killed_rank_ends_the_job_naming_it() {
-    let root = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let s = sets(root.path(), &["parallel.data=2", "train.max_steps=100000", "train.global_batch_size=8"]);
-    let args = with_sets(&["run", TINY], &s);
-    let r0 = rank_process(0, port, &args);
-    let mut r1 = rank_process(1, port, &args);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let runs = root.path().join("runs");
-        let run = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop());
-        if run.is_some_and(|run| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().contains("\"loss\"")) {
-            break;
+fn a_killed_or_hung_rank_ends_the_job_naming_it() {
+    for (sig, says) in [(libc::SIGKILL, "rank 1"), (libc::SIGSTOP, "rank 1 has not been heard from")] {
+        let root = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let s = sets(root.path(), &["parallel.data=2", "train.max_steps=100000", "train.global_batch_size=8"]);
+        let args = with_sets(&["run", TINY], &s);
+        let r0 = rank_process(0, port, &args);
+        let mut r1 = rank_process(1, port, &args);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let runs = root.path().join("runs");
+            let run = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop());
+            if run.is_some_and(|run| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().contains("\"loss\"")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the job did not train a step in time");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "the job did not train a step in time");
-        std::thread::sleep(Duration::from_millis(50));
+        signal(&r1, sig);
+        let stopped = Instant::now();
+        let o = r0.wait_with_output().unwrap();
+        let t = text(&o);
+        let took = stopped.elapsed();
+        r1.kill().unwrap();
+        r1.wait().unwrap();
+        assert!(took < Duration::from_secs(60), "signal {sig}: rank 0 took {took:?} to notice");
+        assert_eq!(o.status.code(), Some(2), "signal {sig}: {t}");
+        assert!(t.contains(says), "signal {sig}: {t}");
     }
-    r1.kill().unwrap();
-    r1.wait().unwrap();
-    let killed = Instant::now();
-    let o = r0.wait_with_output().unwrap();
-    let t = text(&o);
-    assert!(killed.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to notice", killed.elapsed());
-    assert_eq!(o.status.code(), Some(2), "{t}");
-    assert!(t.contains("rank 1"), "{t}");
 }

@@ -16,7 +16,7 @@ pub use cube::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
 #[cfg(feature = "cuda")]
 pub use cube::cublas::{gemm_host_syncs, gemm_ordering};
 #[cfg(feature = "cuda")]
-pub use cube::nccl::{unique_id as nccl_unique_id, NcclComm, NcclReduce};
+pub use cube::nccl::{abort_all as nccl_abort_all, unique_id as nccl_unique_id, NcclComm, NcclReduce};
 pub mod device;
 pub mod gate_up;
 pub mod linear;

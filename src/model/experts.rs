@@ -6,7 +6,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::linear::{host_weight, transpose, Linear, Loader};
+use super::linear::{transpose, Linear, Loader};
 use super::layers::Mlp;
 use super::weights::HostTensor;
 use crate::backend::TrainBackend;
@@ -36,9 +36,9 @@ impl<B: TrainBackend> StackedExperts<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, experts: std::ops::Range<usize>, hidden: usize, inter: usize) -> Result<(Vec<Mlp<B>>, Self)> {
         let n = experts.len();
         let mut stack = |projection: &str, inp: usize, out: usize| -> Result<Tensor<B, 3>> {
+            let paths: Vec<String> = experts.clone().map(|e| format!("{path}.experts.{e}.{projection}")).collect();
             let mut data = Vec::with_capacity(n * inp * out);
-            for e in experts.clone() {
-                let w = host_weight(ld, &format!("{path}.experts.{e}.{projection}"), inp, out, Partition::Replicated)?;
+            for w in ld.host_weights(&paths, inp, out)? {
                 data.extend(transpose(w).data);
             }
             Ok(ld.upload(HostTensor { shape: vec![n, inp, out], data }))

@@ -34,6 +34,14 @@ impl<B: TrainBackend> Loader<'_, B> {
         self.source.tensor(TensorRequest { name: &name, shape, slice, init })
     }
 
+    /// `{path}.weight` of each of `paths`, whole, `[out, in]` as stored: made or read together.
+    pub(super) fn host_weights(&mut self, paths: &[String], inp: usize, out: usize) -> Result<Vec<HostTensor>> {
+        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&format!("{p}.weight"))).collect();
+        let shape = [out, inp];
+        let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
+        self.source.tensors(&reqs)
+    }
+
     /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
     /// has nothing left to convert (it would on one core).
     pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
@@ -253,7 +261,7 @@ impl<B: TrainBackend> Linear<B> {
 }
 
 /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
-pub(super) fn host_weight<B: TrainBackend>(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
+fn host_weight<B: TrainBackend>(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
     ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
 }
 

@@ -51,6 +51,12 @@ pub struct TensorRequest<'a> {
 pub trait WeightSource {
     fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor>;
 
+    /// Several tensors at once, in order (the experts of a layer): a source that can make them
+    /// side by side does.
+    fn tensors(&mut self, reqs: &[TensorRequest<'_>]) -> Result<Vec<HostTensor>> {
+        reqs.iter().map(|r| self.tensor(r.clone())).collect()
+    }
+
     /// Called once the model is built: a checkpoint reports tensors nobody asked for.
     fn finish(&mut self) -> Result<()> {
         Ok(())
@@ -82,29 +88,36 @@ pub struct RandomInit {
 
 impl WeightSource for RandomInit {
     fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor> {
-        let n: usize = req.shape.iter().product();
-        let data = match req.init {
-            InitKind::Ones => vec![1.0; n],
-            InitKind::Zeros => vec![0.0; n],
-            InitKind::Normal => {
-                // Uniform with the requested standard deviation: cheap, and only the scale
-                // matters for benchmarks and tests.
-                let a = (self.std * 3f64.sqrt()) as f32;
-                let mut data = vec![0.0f32; n];
-                // Chunks of 1 Mi values on all cores, each chunk its own stream of the tensor's
-                // generator: the values depend on the seed and name alone (a 7B model is 7.6e9
-                // values, ~1 min on one core).
-                let root = self.seed ^ fnv1a(req.name);
-                let chunks: Vec<(usize, &mut [f32])> = data.chunks_mut(RANDOM_CHUNK).enumerate().collect();
-                parallel_for(chunks, |(i, chunk)| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(root);
-                    rng.set_stream(i as u64);
-                    chunk.iter_mut().for_each(|v| *v = rng.random_range(-a..a));
-                });
-                data
+        let mut t = self.tensors(&[req])?;
+        Ok(t.pop().expect("one tensor asked, one made"))
+    }
+
+    fn tensors(&mut self, reqs: &[TensorRequest<'_>]) -> Result<Vec<HostTensor>> {
+        let mut data: Vec<Vec<f32>> = reqs.iter().map(|r| vec![0.0f32; r.shape.iter().product()]).collect();
+        // Chunks of 1 Mi values of every tensor asked for, on all cores, each chunk its own
+        // stream of its tensor's generator: the values depend on the seed and the name alone (a
+        // 7B model is 7.6e9 values, ~1 min on one core; an expert's tensor is 1-2 chunks, so
+        // the experts of a layer are made together).
+        let mut chunks: Vec<(u64, f32, u64, &mut [f32])> = Vec::new();
+        for (req, values) in reqs.iter().zip(data.iter_mut()) {
+            match req.init {
+                InitKind::Ones => values.fill(1.0),
+                InitKind::Zeros => {}
+                InitKind::Normal => {
+                    // Uniform with the requested standard deviation: cheap, and only the scale
+                    // matters for benchmarks and tests.
+                    let a = (self.std * 3f64.sqrt()) as f32;
+                    let root = self.seed ^ fnv1a(req.name);
+                    chunks.extend(values.chunks_mut(RANDOM_CHUNK).enumerate().map(|(i, c)| (root, a, i as u64, c)));
+                }
             }
-        };
-        Ok(slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice))
+        }
+        parallel_for(chunks, |(root, a, stream, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(root);
+            rng.set_stream(stream);
+            chunk.iter_mut().for_each(|v| *v = rng.random_range(-a..a));
+        });
+        Ok(reqs.iter().zip(data).map(|(req, data)| slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice.clone())).collect())
     }
 }
 

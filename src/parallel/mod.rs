@@ -18,6 +18,7 @@ pub mod rendezvous;
 pub mod tcp;
 pub mod tensor;
 pub mod vocab;
+pub mod watchdog;
 #[cfg(test)]
 mod comm_tests;
 #[cfg(test)]

@@ -201,6 +201,10 @@ pub trait RegionBackend: Backend {
         "TCP"
     }
 
+    /// Abort this process's communicators so that a collective waiting on a dead peer ends (the
+    /// watchdog's first act, [`super::watchdog`]); TCP collectives time out by themselves.
+    fn abort_communicators() {}
+
     /// The communicator this backend's collectives take for the process group whose members'
     /// TCP links are `host` (every member calls this at once, on its `device`): by default the
     /// TCP links themselves (host copies, what CPU ranks use); NCCL on CUDA.
@@ -257,6 +261,10 @@ impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::
         "NCCL"
     }
 
+    fn abort_communicators() {
+        kernels_cubecl::nccl_abort_all();
+    }
+
     /// NCCL ([`super::nccl::NcclCommunicator`]).
     fn group_communicator(host: TcpCommunicator, device: &Self::Device) -> Result<GroupComm<Self>, CommError> {
         Ok(GroupComm::new(Arc::new(super::nccl::NcclCommunicator::new(host, device)?)))
@@ -277,6 +285,10 @@ impl<B: RegionBackend, C: CheckpointStrategy> RegionBackend for Autodiff<B, C> {
 
     fn communicator_kind() -> &'static str {
         B::communicator_kind()
+    }
+
+    fn abort_communicators() {
+        B::abort_communicators();
     }
 
     fn all_to_all_rows(x: Tensor<Self, 2>, send: &[usize], recv: &[usize], comm: &GroupComm<B::Wire>) -> Result<Tensor<Self, 2>, CommError> {

@@ -20,6 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::comm::{CommError, Communicator, ReduceOp};
+use super::watchdog::{self, Health};
 use super::ProcessGroup;
 
 const MAGIC: u32 = 0x7472_6e31; // "trn1"
@@ -36,11 +37,15 @@ enum Op {
     Counts,
     Broadcast,
     Barrier,
+    /// "Alive" ([`super::watchdog`]); read by the connection's reader, never queued.
+    Heartbeat,
+    /// "Finished: my connection closing is no failure"; likewise.
+    Goodbye,
 }
 
 impl Op {
     fn from_u8(v: u8) -> Option<Op> {
-        [Op::AllReduce, Op::AllGather, Op::ReduceScatter, Op::AllToAll, Op::Counts, Op::Broadcast, Op::Barrier]
+        [Op::AllReduce, Op::AllGather, Op::ReduceScatter, Op::AllToAll, Op::Counts, Op::Broadcast, Op::Barrier, Op::Heartbeat, Op::Goodbye]
             .into_iter()
             .find(|op| *op as u8 == v)
     }
@@ -62,6 +67,7 @@ pub(crate) struct Links {
     streams: Vec<Option<Mutex<TcpStream>>>,
     inbox: Vec<Option<Mutex<Receiver<Result<Frame, CommError>>>>>,
     timeout: Duration,
+    health: Arc<Health>,
 }
 
 impl Links {
@@ -70,6 +76,7 @@ impl Links {
         let world = streams.len();
         let mut inbox = Vec::with_capacity(world);
         let mut writers = Vec::with_capacity(world);
+        let health = Arc::new(Health::new(world));
         for (peer, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
                 inbox.push(None);
@@ -81,27 +88,49 @@ impl Links {
             stream.set_read_timeout(None).map_err(io)?;
             let reader = stream.try_clone().map_err(io)?;
             let (tx, rx) = mpsc::channel();
+            let h = health.clone();
             std::thread::Builder::new()
                 .name(format!("trainer-recv-{peer}"))
-                .spawn(move || read_frames(reader, peer, tx))
+                .spawn(move || read_frames(reader, peer, tx, &h))
                 .map_err(io)?;
             inbox.push(Some(Mutex::new(rx)));
             writers.push(Some(Mutex::new(stream)));
         }
-        Ok(Links { rank, world, streams: writers, inbox, timeout })
+        Ok(Links { rank, world, streams: writers, inbox, timeout, health })
+    }
+
+    pub(crate) fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Every other world rank.
+    pub(crate) fn peers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.world).filter(|&r| r != self.rank)
+    }
+
+    /// "Alive" to every peer whose connection is free now (a send in progress says as much,
+    /// and a heartbeat must never wait behind a peer that stopped reading).
+    pub(crate) fn heartbeat(&self) {
+        for peer in self.peers() {
+            let stream = self.streams[peer].as_ref().expect("a peer, not this rank");
+            if let Ok(mut s) = stream.try_lock() {
+                let _ = s.write_all(&frame(Op::Heartbeat, 0, 0, &[]));
+            }
+        }
+    }
+
+    /// "Finished" to every peer: from now on this rank leaving, or its peers, is no failure.
+    fn goodbye(&self) {
+        self.health.finish();
+        for peer in self.peers() {
+            let _ = self.send(peer, Op::Goodbye, 0, 0, &[]);
+        }
     }
 
     fn send(&self, peer: usize, op: Op, group: u64, seq: u64, payload: &[u8]) -> Result<(), CommError> {
         let stream = self.streams[peer].as_ref().expect("a peer, not this rank");
-        let mut header = Vec::with_capacity(HEADER + payload.len());
-        header.extend_from_slice(&MAGIC.to_le_bytes());
-        header.push(op as u8);
-        header.extend_from_slice(&group.to_le_bytes());
-        header.extend_from_slice(&seq.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        header.extend_from_slice(payload);
         let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
-        s.write_all(&header).map_err(|e| match e.kind() {
+        s.write_all(&frame(op, group, seq, payload)).map_err(|e| match e.kind() {
             ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => CommError::PeerClosed { rank: peer },
             _ => CommError::Io { rank: Some(peer), message: e.to_string() },
         })
@@ -138,10 +167,23 @@ impl Drop for Links {
     }
 }
 
-fn read_frames(mut stream: TcpStream, peer: usize, tx: mpsc::Sender<Result<Frame, CommError>>) {
+/// One message: magic, op, group, sequence number, payload length, payload.
+fn frame(op: Op, group: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER + payload.len());
+    bytes.extend_from_slice(&MAGIC.to_le_bytes());
+    bytes.push(op as u8);
+    bytes.extend_from_slice(&group.to_le_bytes());
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+fn read_frames(mut stream: TcpStream, peer: usize, tx: mpsc::Sender<Result<Frame, CommError>>, health: &Health) {
     loop {
         let mut header = [0u8; HEADER];
         if let Err(e) = stream.read_exact(&mut header) {
+            health.closed(peer);
             let closed = matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted);
             let err = if closed { CommError::PeerClosed { rank: peer } } else { CommError::Io { rank: Some(peer), message: e.to_string() } };
             let _ = tx.send(Err(err));
@@ -155,8 +197,17 @@ fn read_frames(mut stream: TcpStream, peer: usize, tx: mpsc::Sender<Result<Frame
         let (op, group, seq, len) = (header[4], u64_at(5), u64_at(13), u64_at(21) as usize);
         let mut payload = vec![0u8; len];
         if let Err(e) = stream.read_exact(&mut payload) {
+            health.closed(peer);
             let _ = tx.send(Err(CommError::Io { rank: Some(peer), message: format!("a message cut short: {e}") }));
             return;
+        }
+        health.heard(peer);
+        if op == Op::Heartbeat as u8 {
+            continue;
+        }
+        if op == Op::Goodbye as u8 {
+            health.said_goodbye(peer);
+            continue;
         }
         if tx.send(Ok(Frame { op, group, seq, payload })).is_err() {
             return;
@@ -200,6 +251,18 @@ impl TcpCommunicator {
         }
         let id = tag.bytes().fold(group_id(members), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         Ok(TcpCommunicator { links: self.links.clone(), members: members.to_vec(), index, id, seq: AtomicU64::new(0) })
+    }
+
+    /// Watch this rank's peers (every rank of the world) from a thread of its own: `on_failure`
+    /// gets a sentence naming the first that dies or hangs ([`watchdog`]).
+    pub fn watch(&self, on_failure: impl FnOnce(String) + Send + 'static) {
+        watchdog::watch(Arc::downgrade(&self.links), watchdog::SILENCE, on_failure);
+    }
+
+    /// Tell every peer this rank finished: its leaving is no failure, and it watches no more.
+    /// Only where every rank stops together.
+    pub fn goodbye(&self) {
+        self.links.goodbye();
     }
 
     /// This rank's index in the world (not in this group).

@@ -25,6 +25,7 @@ use crate::model::{self, ModelPlan};
 use crate::parallel::launch::{self, RankEnv};
 use crate::parallel::mesh::{Axis, DeviceMesh};
 use crate::parallel::tensor::TensorParallel;
+use crate::parallel::watchdog;
 use crate::recipe::{self, LoadedRecipe, Recipe, Stop, Tuning};
 use crate::run::checkpoint::{self as ckpt, ResumeFrom, TrainerState};
 use crate::run::resume::{self, Placement};
@@ -142,7 +143,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let world = match &ranks {
         Some(env) => {
             println!("rank {} of {}: joining the job at {}:{}", env.rank, env.world, env.master_addr, env.master_port);
-            Some(env.connect(&launch::fingerprint(&loaded.to_toml()))?)
+            let world = env.connect(&launch::fingerprint(&loaded.to_toml()))?;
+            world.watch(move |failure| watchdog::end_rank(rank, &failure, B::abort_communicators));
+            Some(world)
         }
         None => None,
     };
@@ -440,6 +443,10 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
             last_checkpoint = Some((step, ckpt::checkpoint_dir(&run_dir, step)));
         }
         if let Some(signal) = signal {
+            // Every rank stops here: leaving is no failure now.
+            if let Some(w) = &world {
+                w.goodbye();
+            }
             let resume_with = format!("trainer run --resume {}", run_dir.display());
             return Err(Error::Interrupted {
                 signal,
@@ -461,6 +468,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         }
         None => ckpt::checkpoint_dir(&run_dir, state.step),
     };
+    if let Some(w) = &world {
+        w.goodbye();
+    }
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
 }
 

@@ -61,8 +61,28 @@ unsafe impl Send for Comm {}
 
 impl Drop for Comm {
     fn drop(&mut self) {
-        // SAFETY: a live communicator, destroyed once.
-        let _ = unsafe { nccl::comm_destroy(self.0) };
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = live.iter().position(|&c| c == self.0 as usize) {
+            live.swap_remove(i);
+            // SAFETY: a live communicator (not aborted: `abort_all` takes it out of `LIVE`),
+            // destroyed once.
+            let _ = unsafe { nccl::comm_destroy(self.0) };
+        }
+    }
+}
+
+/// This process's live communicators, for [`abort_all`]: a communicator may be aborted from any
+/// thread while another waits on it.
+static LIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Abort every NCCL communicator of this process (`ncclCommAbort`), so that collectives
+/// waiting on a peer that died end and the process can exit: what a watchdog does before it
+/// ends a rank. The communicators are unusable afterwards.
+pub fn abort_all() {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    for comm in live.drain(..) {
+        // SAFETY: a communicator NCCL made and nobody destroyed (it was still in `LIVE`).
+        let _ = unsafe { nccl::comm_abort(comm as sys::ncclComm_t) };
     }
 }
 
@@ -85,6 +105,7 @@ impl NcclComm {
             .map_err(|e| format!("ncclCommInitRank (rank {rank} of {size}): {e:?}"))?;
         // SAFETY: initialised by the successful call above.
         let comm = Comm(unsafe { comm.assume_init() });
+        LIVE.lock().unwrap_or_else(|p| p.into_inner()).push(comm.0 as usize);
         Ok(NcclComm { comm: Mutex::new(comm), rank, size, device: device.clone(), ctx })
     }
 
