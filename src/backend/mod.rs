@@ -14,6 +14,7 @@ pub mod out_of_memory;
 pub mod profile;
 
 use crate::error::Result;
+use crate::model::routing::RowRoutingBackend;
 use crate::parallel::regions::RegionBackend;
 use crate::recipe::{DType, Device};
 
@@ -26,7 +27,7 @@ use crate::recipe::{DType, Device};
 /// ([`RegionBackend`]: region ops whose backward is the dual collective). Which implementation
 /// runs is the backend's declaration, not a run-time test.
 pub trait TrainBackend:
-    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend + RegionBackend
+    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend + RegionBackend + RowRoutingBackend
 {
 }
 
@@ -38,6 +39,7 @@ impl<B> TrainBackend for B where
         + FusedOptimizerBackend
         + DeviceMemoryBackend
         + RegionBackend
+        + RowRoutingBackend
 {
 }
 

@@ -13,6 +13,7 @@ pub mod moe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod routing;
 pub mod spec;
 pub mod summary;
 pub mod tensors;

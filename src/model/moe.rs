@@ -4,10 +4,11 @@
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
+use super::routing::RowRoute;
 use super::spec::MlpSpec;
 use crate::backend::profile::span;
 use crate::backend::TrainBackend;
@@ -68,15 +69,17 @@ impl<B: TrainBackend> SparseMoe<B> {
         let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
             return x.zeros_like();
         };
-        let (e, c) = (self.experts.len(), layout.capacity);
-        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.tokens, [e * c]), &device);
-        // Padding rows take the weight appended after the real ones: zero.
-        let padded_weights = Tensor::cat(vec![weights, Tensor::zeros([1], (&device, dtype))], 0);
-        let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(layout.slots, [e * c]), &device);
-        let xs = x.clone().select(0, tokens.clone()).reshape([e, c, hidden]);
+        let (e, c, x_dtype) = (self.experts.len(), layout.capacity, x.dtype());
+        let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, x_dtype, &device);
+        let xs = B::route_rows(x, &dispatch).reshape([e, c, hidden]);
         let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
-        let w = padded_weights.select(0, slots).reshape([e * c, 1]);
-        x.zeros_like().select_assign(0, tokens, ys * w, IndexingUpdateOp::Add)
+        let combine = RowRoute::new(layout.slot_row, layout.row_slot, 1, Some(layout.row_real), x_dtype, &device);
+        // Slots of experts held elsewhere weigh nothing here.
+        let weights = match dispatch.keep {
+            Some(local) => weights * local,
+            None => weights,
+        };
+        combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
     }
 
     /// [`forward`](Self::forward) with the experts split over `ep` (Megatron's all-to-all token
@@ -87,7 +90,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// this at once, whatever it routed.
     fn forward_expert_parallel(&self, x: Tensor<B, 2>, weights: Tensor<B, 1>, chosen: &[i64], ep: &GroupComm<B::Wire>) -> Tensor<B, 2> {
         let [_, hidden] = x.dims();
-        let device = x.device();
+        let (device, dtype) = (x.device(), x.dtype());
         let (local, ranks) = (self.experts.len(), ep.group().size);
         let plan = DispatchPlan::new(chosen, local, ranks);
         let received = match ep.communicator().all_to_all_count_blocks(&plan.send_blocks, local) {
@@ -98,16 +101,13 @@ impl<B: TrainBackend> SparseMoe<B> {
             }
         };
         let arrivals = Arrivals::new(&received, local, ranks);
-        let ints = |v: Vec<i64>| {
-            let n = v.len();
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
-        };
-        let (order, tokens) = (ints(plan.order.clone()), ints(plan.order.iter().map(|s| s / self.top_k as i64).collect()));
-        let send_rows = x.clone().select(0, tokens.clone());
+        let k = self.top_k as i64;
+        let send = RowRoute::new(plan.order.iter().map(|s| s / k).collect(), plan.position.clone(), self.top_k, None, dtype, &device);
+        let send_rows = B::route_rows(x.clone(), &send);
         let latch = |r: std::result::Result<Tensor<B, 2>, crate::parallel::comm::CommError>, rows: usize| {
             r.unwrap_or_else(|e| {
                 ep.latch(e);
-                Tensor::zeros([rows, hidden], (&device, x.dtype()))
+                Tensor::zeros([rows, hidden], (&device, dtype))
             })
         };
         let arrived = latch(B::all_to_all_rows(send_rows, &plan.send_counts, &arrivals.recv_counts, ep), arrivals.rows);
@@ -115,29 +115,45 @@ impl<B: TrainBackend> SparseMoe<B> {
             0 => arrived,
             _ => {
                 let (e, c) = (local, arrivals.capacity);
-                let xs = arrived.select(0, ints(arrivals.grouped.clone())).reshape([e, c, hidden]);
+                let into_layout = RowRoute::new(arrivals.grouped.clone(), arrivals.back.clone(), 1, None, dtype, &device);
+                let xs = B::route_rows(arrived, &into_layout).reshape([e, c, hidden]);
                 let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
-                ys.select(0, ints(arrivals.back.clone()))
+                let out_of_layout = RowRoute::new(arrivals.back.clone(), arrivals.grouped.clone(), 1, Some(arrivals.real.clone()), dtype, &device);
+                B::route_rows(ys, &out_of_layout)
             }
         };
         let returned = latch(B::all_to_all_rows(outputs, &arrivals.recv_counts, &plan.send_counts, ep), plan.order.len());
-        let w = weights.select(0, order).reshape([plan.order.len(), 1]);
-        x.zeros_like().select_assign(0, tokens, returned * w, IndexingUpdateOp::Add)
+        let to_slots = RowRoute::new(plan.position, plan.order, 1, None, dtype, &device);
+        combine_slots(B::route_rows(returned, &to_slots), weights, self.top_k)
     }
 }
 
-/// Where each local expert's tokens sit in the `[experts, capacity, hidden]` layout the experts
-/// run on together: expert `e`'s routed tokens in rows `e * capacity ..`, in token order, then
-/// padding (token 0, weighted by zero).
+/// Each token's output: its `top_k` slots' rows (`[tokens * top_k, hidden]`, slot order)
+/// weighted by the router's `weights` (`[tokens * top_k]`) and added up.
+fn combine_slots<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 1>, top_k: usize) -> Tensor<B, 2> {
+    let [slots, hidden] = rows.dims();
+    let t = slots / top_k;
+    (rows * weights.reshape([slots, 1])).reshape([t, top_k, hidden]).sum_dim(1).reshape([t, hidden])
+}
+
+/// Where each local expert's routed slots sit in the `[experts, capacity, hidden]` layout the
+/// experts run on together: expert `e`'s slots in rows `e * capacity ..`, in token order, then
+/// padding rows (reading token 0; their outputs are never read).
 #[derive(Debug, PartialEq)]
 struct ExpertLayout {
-    /// The most tokens any local expert got, rounded up to a multiple of 8.
+    /// The most slots any local expert got, rounded up to a multiple of 8.
     capacity: usize,
     /// `[experts * capacity]`: the token each row reads (0 for padding).
-    tokens: Vec<i64>,
-    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) whose weight scales the row;
-    /// `tokens * top_k` for padding, one past the last slot.
-    slots: Vec<i64>,
+    row_token: Vec<i64>,
+    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) each row serves (0 for
+    /// padding).
+    row_slot: Vec<i64>,
+    /// `[experts * capacity]`: rows that serve a slot.
+    row_real: Vec<bool>,
+    /// `[slots]`: the row serving each slot (0 for a slot of an expert held elsewhere).
+    slot_row: Vec<i64>,
+    /// `[slots]`: slots of the experts held here; `None` when all are.
+    slot_local: Option<Vec<bool>>,
 }
 
 impl ExpertLayout {
@@ -156,13 +172,20 @@ impl ExpertLayout {
             return None;
         }
         let capacity = most.next_multiple_of(8);
-        let pad = chosen.len() as i64;
-        let mut slots = Vec::with_capacity(local * capacity);
-        for r in &rows {
-            slots.extend(r.iter().copied().chain(std::iter::repeat(pad).take(capacity - r.len())));
+        let (mut row_slot, mut row_real) = (vec![0i64; local * capacity], vec![false; local * capacity]);
+        let (mut slot_row, mut slot_local) = (vec![0i64; chosen.len()], vec![false; chosen.len()]);
+        for (e, slots) in rows.iter().enumerate() {
+            for (i, &slot) in slots.iter().enumerate() {
+                let row = e * capacity + i;
+                row_slot[row] = slot;
+                row_real[row] = true;
+                slot_row[slot as usize] = row as i64;
+                slot_local[slot as usize] = true;
+            }
         }
-        let tokens = slots.iter().map(|&s| if s == pad { 0 } else { s / top_k as i64 }).collect();
-        Some(ExpertLayout { capacity, tokens, slots })
+        let row_token = row_slot.iter().zip(&row_real).map(|(&s, &real)| if real { s / top_k as i64 } else { 0 }).collect();
+        let slot_local = slot_local.contains(&false).then_some(slot_local);
+        Some(ExpertLayout { capacity, row_token, row_slot, row_real, slot_row, slot_local })
     }
 }
 
@@ -173,6 +196,8 @@ impl ExpertLayout {
 struct DispatchPlan {
     /// The slots in send order.
     order: Vec<i64>,
+    /// `[slots]`: each slot's place in `order`.
+    position: Vec<i64>,
     /// Slots for each rank.
     send_counts: Vec<usize>,
     /// `[ranks * local]`: slots for each rank's each local expert.
@@ -189,7 +214,11 @@ impl DispatchPlan {
             send_blocks[e as usize] += 1;
         }
         let send_counts = send_blocks.chunks(local).map(|b| b.iter().sum()).collect();
-        DispatchPlan { order, send_counts, send_blocks }
+        let mut position = vec![0i64; order.len()];
+        for (i, &slot) in order.iter().enumerate() {
+            position[slot as usize] = i as i64;
+        }
+        DispatchPlan { order, position, send_counts, send_blocks }
     }
 }
 
@@ -206,6 +235,8 @@ struct Arrivals {
     grouped: Vec<i64>,
     /// `[rows]`: each arrived row's place in the layout.
     back: Vec<i64>,
+    /// `[local * capacity]`: places that hold an arrived row.
+    real: Vec<bool>,
 }
 
 impl Arrivals {
@@ -215,7 +246,7 @@ impl Arrivals {
         let rows = recv_counts.iter().sum();
         let per_expert: Vec<usize> = (0..local).map(|e| (0..ranks).map(|j| received[j * local + e]).sum()).collect();
         let capacity = per_expert.iter().copied().max().unwrap_or(0).next_multiple_of(8);
-        let (mut grouped, mut back) = (vec![0i64; local * capacity], vec![0i64; rows]);
+        let (mut grouped, mut back, mut real) = (vec![0i64; local * capacity], vec![0i64; rows], vec![false; local * capacity]);
         let mut filled = vec![0; local];
         let mut row = 0;
         for j in 0..ranks {
@@ -224,12 +255,13 @@ impl Arrivals {
                     let place = e * capacity + filled[e];
                     grouped[place] = row as i64;
                     back[row] = place as i64;
+                    real[place] = true;
                     filled[e] += 1;
                     row += 1;
                 }
             }
         }
-        Arrivals { recv_counts, rows, capacity, grouped, back }
+        Arrivals { recv_counts, rows, capacity, grouped, back, real }
     }
 }
 
@@ -238,22 +270,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expert_layout_groups_slots_by_local_expert_and_pads_with_the_zero_weight_slot() {
+    fn expert_layout_groups_slots_by_local_expert_and_maps_both_ways() {
         // 3 tokens, top 2, experts 2..5 local (global 0..6).
         let chosen = [2, 0, 3, 2, 5, 4];
         let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
         assert_eq!(l.capacity, 8);
-        let pad = 6;
-        let mut want_slots = vec![0, 3];
-        want_slots.resize(8, pad);
-        want_slots.extend([2].iter().chain([pad; 7].iter()));
-        want_slots.extend([5].iter().chain([pad; 7].iter()));
-        assert_eq!(l.slots, want_slots);
-        let want_tokens: Vec<i64> = want_slots.iter().map(|&s| if s == pad { 0 } else { s / 2 }).collect();
-        assert_eq!(l.tokens, want_tokens);
+        // Expert 2: slots 0 and 3; expert 3: slot 2; expert 4: slot 5; slots 1 (expert 0) and
+        // 4 (expert 5) are held elsewhere.
+        let real_rows = [(0, 0), (1, 3), (8, 2), (16, 5)];
+        for (row, slot) in real_rows {
+            assert!(l.row_real[row]);
+            assert_eq!((l.row_slot[row], l.row_token[row], l.slot_row[slot as usize]), (slot, slot / 2, row as i64));
+        }
+        assert_eq!(l.row_real.iter().filter(|&&r| r).count(), 4, "every other row is padding");
+        assert_eq!(l.slot_local, Some(vec![true, false, true, true, false, true]));
         assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
         let busy: Vec<i64> = vec![1; 9];
-        assert_eq!(ExpertLayout::new(&busy, 1, 0, 2).map(|l| l.capacity), Some(16));
+        let all = ExpertLayout::new(&busy, 1, 0, 2).expect("expert 1 got tokens");
+        assert_eq!((all.capacity, all.slot_local), (16, None));
     }
 
     #[test]
@@ -262,6 +296,7 @@ mod tests {
         let chosen = [3, 0, 1, 3, 2, 0];
         let p = DispatchPlan::new(&chosen, 2, 2);
         assert_eq!(p.order, [1, 5, 2, 4, 0, 3]);
+        assert_eq!(p.position, [4, 0, 2, 5, 3, 1]);
         assert_eq!(p.send_blocks, [2, 1, 1, 2]);
         assert_eq!(p.send_counts, [3, 3]);
     }
@@ -278,7 +313,9 @@ mod tests {
         assert_eq!(a.grouped[8..10], [1, 2]);
         for (row, &place) in a.back.iter().enumerate() {
             assert_eq!(a.grouped[place as usize], row as i64);
+            assert!(a.real[place as usize]);
         }
+        assert_eq!(a.real.iter().filter(|&&r| r).count(), 5);
         assert_eq!(Arrivals::new(&[0, 0, 0, 0], 2, 2).rows, 0);
     }
 }
