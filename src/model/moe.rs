@@ -56,7 +56,8 @@ impl<B: TrainBackend> SparseMoe<B> {
         let device = x.device();
         let logits = self.gate.forward(x.clone());
         let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
-        let (mut weights, chosen) = probs.topk_with_indices(self.top_k, 1);
+        let chosen = B::top_k_indices(probs.clone(), self.top_k);
+        let mut weights = probs.gather(1, chosen.clone());
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }

@@ -47,8 +47,16 @@ impl<B: Backend> RowRoute<B> {
 }
 
 /// Backends that route rows ([`RowRoute`]): plain `select` forward, and on `Autodiff<B>` the
-/// backward gather.
+/// backward gather; and that pick each row's top `k` (the router's choice).
 pub trait RowRoutingBackend: Backend {
+    /// The columns of each row's `k` largest values, in any order.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, n]` → `[rows, k]`
+    fn top_k_indices(x: Tensor<Self, 2>, k: usize) -> Tensor<Self, 2, Int> {
+        x.topk_with_indices(k, 1).1
+    }
+
     /// # Shapes
     /// - `src`: `[n, h]` → `[m, h]`
     fn route_rows(src: Tensor<Self, 2>, route: &RowRoute<Self>) -> Tensor<Self, 2> {
@@ -80,6 +88,13 @@ where
 impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> RowRoutingBackend
     for burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, I, BT>
 {
+    /// A reduction on the device: Burn's `topk_with_indices` sorts every row on the host.
+    fn top_k_indices(x: Tensor<Self, 2>, k: usize) -> Tensor<Self, 2, Int> {
+        match k < x.dims()[1] {
+            true => x.argtopk(k, 1),
+            false => x.topk_with_indices(k, 1).1,
+        }
+    }
 }
 
 /// What the backward keeps: the inverse gather (inner backend) and the source's row count.
@@ -107,6 +122,11 @@ impl<B: Backend> Backward<B, 1> for RouteBackward {
 }
 
 impl<B: RowRoutingBackend, C: CheckpointStrategy> RowRoutingBackend for Autodiff<B, C> {
+    /// The choice has no gradient: made on the inner tensors.
+    fn top_k_indices(x: Tensor<Self, 2>, k: usize) -> Tensor<Self, 2, Int> {
+        Tensor::from_primitive(B::top_k_indices(x.inner(), k).into_primitive())
+    }
+
     fn route_rows(src: Tensor<Self, 2>, route: &RowRoute<Self>) -> Tensor<Self, 2> {
         let rows = src.dims()[0];
         let src = src.into_primitive().tensor();
