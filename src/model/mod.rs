@@ -2,6 +2,7 @@
 //! and the one generic decoder ([`CausalLm`]) built from a spec and a weight source.
 
 pub mod causal_lm;
+pub mod expert_layout;
 pub mod experts;
 pub mod family;
 pub mod hf_config;

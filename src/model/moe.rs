@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::expert_layout::ExpertLayout;
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::routing::RowRoute;
@@ -70,10 +71,22 @@ impl<B: TrainBackend> SparseMoe<B> {
         let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
             return x.zeros_like();
         };
-        let (e, c, x_dtype) = (self.experts.len(), layout.capacity, x.dtype());
+        let x_dtype = x.dtype();
         let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, x_dtype, &device);
-        let xs = B::route_rows(x, &dispatch).reshape([e, c, hidden]);
-        let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
+        let xs = B::route_rows(x, &dispatch);
+        let backing = self.stacked.backing(&self.experts);
+        let ys = span::<B, _>("experts", &device, || {
+            let runs = layout.chunks.iter().map(|run| {
+                let xs = match layout.chunks.len() {
+                    1 => xs.clone(),
+                    _ => xs.clone().narrow(0, run.offset, run.rows()),
+                };
+                let stacked = backing.clone().map(|ws| ws.map(|w| w.narrow(0, run.first, run.len)));
+                let experts = &self.experts[run.first..run.first + run.len];
+                Mlp::forward_stacked(experts, stacked, xs.reshape([run.len, run.capacity, hidden])).reshape([run.rows(), hidden])
+            });
+            Tensor::cat(runs.collect(), 0)
+        });
         let combine = RowRoute::new(layout.slot_row, layout.row_slot, 1, Some(layout.row_real), x_dtype, &device);
         // Slots of experts held elsewhere weigh nothing here.
         let weights = match dispatch.keep {
@@ -135,59 +148,6 @@ fn combine_slots<B: Backend>(rows: Tensor<B, 2>, weights: Tensor<B, 1>, top_k: u
     let [slots, hidden] = rows.dims();
     let t = slots / top_k;
     (rows * weights.reshape([slots, 1])).reshape([t, top_k, hidden]).sum_dim(1).reshape([t, hidden])
-}
-
-/// Where each local expert's routed slots sit in the `[experts, capacity, hidden]` layout the
-/// experts run on together: expert `e`'s slots in rows `e * capacity ..`, in token order, then
-/// padding rows (reading token 0; their outputs are never read).
-#[derive(Debug, PartialEq)]
-struct ExpertLayout {
-    /// The most slots any local expert got, rounded up to a multiple of 8.
-    capacity: usize,
-    /// `[experts * capacity]`: the token each row reads (0 for padding).
-    row_token: Vec<i64>,
-    /// `[experts * capacity]`: the routing slot (`token * top_k + k`) each row serves (0 for
-    /// padding).
-    row_slot: Vec<i64>,
-    /// `[experts * capacity]`: rows that serve a slot.
-    row_real: Vec<bool>,
-    /// `[slots]`: the row serving each slot (0 for a slot of an expert held elsewhere).
-    slot_row: Vec<i64>,
-    /// `[slots]`: slots of the experts held here; `None` when all are.
-    slot_local: Option<Vec<bool>>,
-}
-
-impl ExpertLayout {
-    /// From the router's choices (`chosen[token * top_k + k]`, global expert indices) for the
-    /// `local` experts from `first`; `None` when none of them got a token.
-    fn new(chosen: &[i64], top_k: usize, first: usize, local: usize) -> Option<Self> {
-        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); local];
-        for (slot, &expert) in chosen.iter().enumerate() {
-            let e = expert - first as i64;
-            if (0..local as i64).contains(&e) {
-                rows[e as usize].push(slot as i64);
-            }
-        }
-        let most = rows.iter().map(Vec::len).max().unwrap_or(0);
-        if most == 0 {
-            return None;
-        }
-        let capacity = most.next_multiple_of(8);
-        let (mut row_slot, mut row_real) = (vec![0i64; local * capacity], vec![false; local * capacity]);
-        let (mut slot_row, mut slot_local) = (vec![0i64; chosen.len()], vec![false; chosen.len()]);
-        for (e, slots) in rows.iter().enumerate() {
-            for (i, &slot) in slots.iter().enumerate() {
-                let row = e * capacity + i;
-                row_slot[row] = slot;
-                row_real[row] = true;
-                slot_row[slot as usize] = row as i64;
-                slot_local[slot as usize] = true;
-            }
-        }
-        let row_token = row_slot.iter().zip(&row_real).map(|(&s, &real)| if real { s / top_k as i64 } else { 0 }).collect();
-        let slot_local = slot_local.contains(&false).then_some(slot_local);
-        Some(ExpertLayout { capacity, row_token, row_slot, row_real, slot_row, slot_local })
-    }
 }
 
 /// Where this rank's routed slots go under expert parallelism: every slot (`token * top_k + k`)
@@ -270,25 +230,55 @@ impl Arrivals {
 mod tests {
     use super::*;
 
+    /// With a router that sends every token to expert 0 first, the experts run in several
+    /// chunks (expert 0 alone); output and input gradient equal each expert applied to every
+    /// token, weighted by the router.
     #[test]
-    fn expert_layout_groups_slots_by_local_expert_and_maps_both_ways() {
-        // 3 tokens, top 2, experts 2..5 local (global 0..6).
-        let chosen = [2, 0, 3, 2, 5, 4];
-        let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
-        assert_eq!(l.capacity, 8);
-        // Expert 2: slots 0 and 3; expert 3: slot 2; expert 4: slot 5; slots 1 (expert 0) and
-        // 4 (expert 5) are held elsewhere.
-        let real_rows = [(0, 0), (1, 3), (8, 2), (16, 5)];
-        for (row, slot) in real_rows {
-            assert!(l.row_real[row]);
-            assert_eq!((l.row_slot[row], l.row_token[row], l.slot_row[slot as usize]), (slot, slot / 2, row as i64));
+    fn chunked_experts_equal_every_expert_on_every_token() {
+        use burn::tensor::{Distribution, TensorData};
+        type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
+        let (hidden, experts, top_k, tokens) = (8, 16, 2, 2048);
+        let spec = MlpSpec::Moe { num_experts: experts, top_k, intermediate_size: 4, norm_topk_prob: true };
+        let mut source = crate::model::weights::RandomInit { seed: 3, std: 0.5 };
+        let naming = |p: &str| p.to_string();
+        let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };
+        let mut moe = SparseMoe::load(&mut ld, "mlp", hidden, &spec, ProcessGroup::SINGLE).unwrap();
+        let device = Default::default();
+        let mut bias = vec![0f32; hidden * experts];
+        for row in 0..hidden {
+            bias[row * experts] = 10.0;
         }
-        assert_eq!(l.row_real.iter().filter(|&&r| r).count(), 4, "every other row is padding");
-        assert_eq!(l.slot_local, Some(vec![true, false, true, true, false, true]));
-        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
-        let busy: Vec<i64> = vec![1; 9];
-        let all = ExpertLayout::new(&busy, 1, 0, 2).expect("expert 1 got tokens");
-        assert_eq!((all.capacity, all.slot_local), (16, None));
+        let hot = Tensor::<Ad, 2>::from_data(TensorData::new(bias, [hidden, experts]), &device);
+        moe.gate.weight = burn::module::Param::from_tensor((moe.gate.weight.val() + hot).detach());
+        let moe = moe.no_grad();
+        let x = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Uniform(0.5, 1.0), &device).require_grad();
+        let r = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), &device);
+        // The layout really is chunked.
+        let probs = burn::tensor::activation::softmax(moe.gate.forward(x.clone()), 1);
+        let (weights, chosen) = probs.topk_with_indices(top_k, 1);
+        let choices: Vec<i64> = chosen.clone().into_data().convert::<i64>().to_vec().unwrap();
+        let layout = ExpertLayout::new(&choices, top_k, 0, experts).unwrap();
+        assert!(layout.chunks.len() > 1 && layout.chunks[0].len == 1, "{:?}", layout.chunks);
+        let got = moe.forward(x.clone(), None);
+        let grads = (got.clone() * r.clone()).sum().backward();
+        let dx_got = x.grad(&grads).unwrap();
+        let x2 = x.clone().detach().require_grad();
+        let weights = weights.clone() / weights.sum_dim(1);
+        let mut want = Tensor::<Ad, 2>::zeros([tokens, hidden], &device);
+        for e in 0..experts {
+            let picked = chosen.clone().equal_elem(e as i64).float();
+            let w = (weights.clone() * picked).sum_dim(1);
+            want = want + moe.experts[e].forward(x2.clone(), None) * w;
+        }
+        let grads = (want.clone() * r).sum().backward();
+        let dx_want = x2.grad(&grads).unwrap();
+        let close = |a: Tensor<crate::backend::Cpu, 2>, b: Tensor<crate::backend::Cpu, 2>, what: &str| {
+            let scale = b.clone().abs().max().into_scalar();
+            let err = (a - b).abs().max().into_scalar() / scale;
+            assert!(err < 1e-5, "{what}: {err:e} of the largest value");
+        };
+        close(got.inner(), want.inner(), "output");
+        close(dx_got, dx_want, "input gradient");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -255,7 +255,9 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
                 None => t,
             };
             let t = t.cast(dtype);
-            Param::from_mapped_value(id, if grad { t.require_grad() } else { t }, mapper)
+            // A new parameter: what was loaded beside it (a joined or stacked weight it was a
+            // view of) no longer backs it.
+            Param::from_mapped_value(ParamId::new(), if grad { t.require_grad() } else { t }, mapper)
         }
     }
     let mut l = Load { shards, path: vec![], names: &names, tensors: &mut tensors, file, error: None };
