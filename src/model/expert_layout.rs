@@ -61,6 +61,31 @@ fn chunk_experts(counts: &[usize], max: usize) -> Vec<(usize, usize, usize)> {
     runs
 }
 
+/// The runs that lay out `counts` (rows per local expert), each with its first row; a run whose
+/// experts got nothing is left out.
+pub(super) fn runs(counts: &[usize]) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut offset = 0;
+    for (first, len, capacity) in chunk_experts(counts, MAX_CHUNKS) {
+        if capacity > 0 {
+            chunks.push(Chunk { first, len, capacity, offset });
+            offset += len * capacity;
+        }
+    }
+    chunks
+}
+
+/// The first row of each local expert in `runs` (experts outside every run: none).
+pub(super) fn first_rows(runs: &[Chunk], local: usize) -> Vec<Option<usize>> {
+    let mut first = vec![None; local];
+    for run in runs {
+        for e in run.first..run.first + run.len {
+            first[e] = Some(run.offset + (e - run.first) * run.capacity);
+        }
+    }
+    first
+}
+
 /// The slots routed to the `local` experts from `first`, laid out in [`Chunk`]s: expert `e`'s
 /// slots in token order from its first row, then padding rows (reading token 0; their outputs
 /// are never read).
@@ -95,15 +120,8 @@ impl ExpertLayout {
         if counts.iter().all(|&c| c == 0) {
             return None;
         }
-        let mut chunks = Vec::new();
-        let mut offset = 0;
-        for (first, len, capacity) in chunk_experts(&counts, MAX_CHUNKS) {
-            if capacity > 0 {
-                chunks.push(Chunk { first, len, capacity, offset });
-                offset += len * capacity;
-            }
-        }
-        let rows = offset;
+        let chunks = runs(&counts);
+        let rows = chunks.iter().map(Chunk::rows).sum();
         let (mut row_slot, mut row_real) = (vec![0i64; rows], vec![false; rows]);
         let (mut slot_row, mut slot_local) = (vec![0i64; chosen.len()], vec![false; chosen.len()]);
         for chunk in &chunks {

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::expert_layout::ExpertLayout;
+use super::expert_layout::{first_rows, runs, Chunk, ExpertLayout};
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::routing::RowRoute;
@@ -53,7 +53,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// # Shapes
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>) -> Tensor<B, 2> {
-        let [t, hidden] = x.dims();
+        let [t, _] = x.dims();
         let device = x.device();
         let logits = self.gate.forward(x.clone());
         let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
@@ -74,19 +74,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let x_dtype = x.dtype();
         let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, x_dtype, &device);
         let xs = B::route_rows(x, &dispatch);
-        let backing = self.stacked.backing(&self.experts);
-        let ys = span::<B, _>("experts", &device, || {
-            let runs = layout.chunks.iter().map(|run| {
-                let xs = match layout.chunks.len() {
-                    1 => xs.clone(),
-                    _ => xs.clone().narrow(0, run.offset, run.rows()),
-                };
-                let stacked = backing.clone().map(|ws| ws.map(|w| w.narrow(0, run.first, run.len)));
-                let experts = &self.experts[run.first..run.first + run.len];
-                Mlp::forward_stacked(experts, stacked, xs.reshape([run.len, run.capacity, hidden])).reshape([run.rows(), hidden])
-            });
-            Tensor::cat(runs.collect(), 0)
-        });
+        let ys = self.run_experts(xs, &layout.chunks);
         let combine = RowRoute::new(layout.slot_row, layout.row_slot, 1, Some(layout.row_real), x_dtype, &device);
         // Slots of experts held elsewhere weigh nothing here.
         let weights = match dispatch.keep {
@@ -94,6 +82,26 @@ impl<B: TrainBackend> SparseMoe<B> {
             None => weights,
         };
         combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
+    }
+
+    /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): each run one batched
+    /// GEMM a projection over its experts' stacked weights.
+    fn run_experts(&self, xs: Tensor<B, 2>, runs: &[Chunk]) -> Tensor<B, 2> {
+        let [_, hidden] = xs.dims();
+        let device = xs.device();
+        let backing = self.stacked.backing(&self.experts);
+        span::<B, _>("experts", &device, || {
+            let outputs = runs.iter().map(|run| {
+                let xs = match runs.len() {
+                    1 => xs.clone(),
+                    _ => xs.clone().narrow(0, run.offset, run.rows()),
+                };
+                let stacked = backing.clone().map(|ws| ws.map(|w| w.narrow(0, run.first, run.len)));
+                let experts = &self.experts[run.first..run.first + run.len];
+                Mlp::forward_stacked(experts, stacked, xs.reshape([run.len, run.capacity, hidden])).reshape([run.rows(), hidden])
+            });
+            Tensor::cat(outputs.collect(), 0)
+        })
     }
 
     /// [`forward`](Self::forward) with the experts split over `ep` (Megatron's all-to-all token
@@ -128,10 +136,8 @@ impl<B: TrainBackend> SparseMoe<B> {
         let outputs = match arrivals.rows {
             0 => arrived,
             _ => {
-                let (e, c) = (local, arrivals.capacity);
                 let into_layout = RowRoute::new(arrivals.grouped.clone(), arrivals.back.clone(), 1, None, dtype, &device);
-                let xs = B::route_rows(arrived, &into_layout).reshape([e, c, hidden]);
-                let ys = span::<B, _>("experts", &device, || Mlp::forward_stacked(&self.experts, self.stacked.backing(&self.experts), xs)).reshape([e * c, hidden]);
+                let ys = self.run_experts(B::route_rows(arrived, &into_layout), &arrivals.runs);
                 let out_of_layout = RowRoute::new(arrivals.back.clone(), arrivals.grouped.clone(), 1, Some(arrivals.real.clone()), dtype, &device);
                 B::route_rows(ys, &out_of_layout)
             }
@@ -184,19 +190,19 @@ impl DispatchPlan {
 }
 
 /// The rows a rank receives (from each rank in rank order, each rank's rows by local expert),
-/// laid out for its experts: `[local, capacity]` with every expert's rows in arrival order and
-/// padding (row 0, its output dropped) to the busiest expert's count rounded up to 8.
+/// laid out for its experts in runs ([`Chunk`]) with every expert's rows in arrival order and
+/// padding (row 0, its output dropped) to its run's busiest expert.
 #[derive(Debug, PartialEq)]
 struct Arrivals {
     /// Rows from each rank.
     recv_counts: Vec<usize>,
     rows: usize,
-    capacity: usize,
-    /// `[local * capacity]`: the arrived row each place of the layout reads.
+    runs: Vec<Chunk>,
+    /// `[places]`: the arrived row each place of the layout reads.
     grouped: Vec<i64>,
     /// `[rows]`: each arrived row's place in the layout.
     back: Vec<i64>,
-    /// `[local * capacity]`: places that hold an arrived row.
+    /// `[places]`: places that hold an arrived row.
     real: Vec<bool>,
 }
 
@@ -206,14 +212,16 @@ impl Arrivals {
         let recv_counts: Vec<usize> = received.chunks(local).map(|b| b.iter().sum()).collect();
         let rows = recv_counts.iter().sum();
         let per_expert: Vec<usize> = (0..local).map(|e| (0..ranks).map(|j| received[j * local + e]).sum()).collect();
-        let capacity = per_expert.iter().copied().max().unwrap_or(0).next_multiple_of(8);
-        let (mut grouped, mut back, mut real) = (vec![0i64; local * capacity], vec![0i64; rows], vec![false; local * capacity]);
+        let runs = runs(&per_expert);
+        let places = runs.iter().map(Chunk::rows).sum();
+        let first_rows = first_rows(&runs, local);
+        let (mut grouped, mut back, mut real) = (vec![0i64; places], vec![0i64; rows], vec![false; places]);
         let mut filled = vec![0; local];
         let mut row = 0;
         for j in 0..ranks {
             for e in 0..local {
                 for _ in 0..received[j * local + e] {
-                    let place = e * capacity + filled[e];
+                    let place = first_rows[e].expect("an expert with rows is in a run") + filled[e];
                     grouped[place] = row as i64;
                     back[row] = place as i64;
                     real[place] = true;
@@ -222,7 +230,7 @@ impl Arrivals {
                 }
             }
         }
-        Arrivals { recv_counts, rows, capacity, grouped, back, real }
+        Arrivals { recv_counts, rows, runs, grouped, back, real }
     }
 }
 
@@ -297,7 +305,8 @@ mod tests {
         // From rank 0: 1 row for expert 0, 2 for expert 1; from rank 1: 2 for expert 0, none
         // for expert 1.
         let a = Arrivals::new(&[1, 2, 2, 0], 2, 2);
-        assert_eq!((a.recv_counts.clone(), a.rows, a.capacity), (vec![3, 2], 5, 8));
+        assert_eq!((a.recv_counts.clone(), a.rows), (vec![3, 2], 5));
+        assert_eq!(a.runs, vec![Chunk { first: 0, len: 2, capacity: 8, offset: 0 }]);
         // Arrival order: r0e0, r0e1, r0e1, r1e0, r1e0.
         assert_eq!(a.back, [0, 8, 9, 1, 2]);
         assert_eq!(a.grouped[..3], [0, 3, 4]);
@@ -308,5 +317,15 @@ mod tests {
         }
         assert_eq!(a.real.iter().filter(|&&r| r).count(), 5);
         assert_eq!(Arrivals::new(&[0, 0, 0, 0], 2, 2).rows, 0);
+        // A hot local expert (0 of 64) runs alone; every arrived row still has its own place.
+        let mut received = vec![2usize; 2 * 64];
+        received[0] = 300;
+        received[64] = 200;
+        let a = Arrivals::new(&received, 64, 2);
+        assert!(a.runs.len() > 1 && a.runs[0] == Chunk { first: 0, len: 1, capacity: 504, offset: 0 }, "{:?}", a.runs);
+        for (row, &place) in a.back.iter().enumerate() {
+            assert_eq!(a.grouped[place as usize], row as i64);
+        }
+        assert_eq!(a.real.iter().filter(|&&r| r).count(), a.rows);
     }
 }
