@@ -163,6 +163,17 @@ pub enum Command {
         #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
         device: String,
     },
+    /// List the runs under a folder, one line each: state (running with its PID, finished, or
+    /// stopped at its newest checkpoint's step), steps done / planned, last loss and eval loss,
+    /// newest checkpoint, size on disk. Reads the folders only.
+    Runs {
+        /// A folder of runs (a recipe's checkpoint.output_dir) or one run folder.
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// One JSON object per run instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the registered model families.
     Models,
 }
@@ -232,6 +243,19 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             let job = train::bench_loss::LossBench { tokens, hidden, vocab, warmup, steps: steps.max(1), fused: !unfused };
             let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
+            Ok(())
+        }
+        Command::Runs { dir, json } => {
+            let runs = crate::run::listing::list(&dir)?;
+            if json {
+                for r in &runs {
+                    println!("{}", serde_json::to_string(r).map_err(|e| Error::Internal(e.to_string()))?);
+                }
+            } else if runs.is_empty() {
+                println!("no runs in {}", dir.display());
+            } else {
+                print!("{}", crate::run::listing::table(&runs));
+            }
             Ok(())
         }
         Command::Models => {

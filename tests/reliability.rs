@@ -638,3 +638,48 @@ fn a_killed_or_hung_rank_ends_the_job_naming_it() {
         assert!(t.contains(says), "signal {sig}: {t}");
     }
 }
+
+/// `trainer runs` tells a finished run from a running one (with its PID) and, once that one is
+/// killed, a stopped one; `--json` gives the same as one object per run.
+#[test]
+fn runs_lists_each_run_with_its_state() {
+    let root = tempfile::tempdir().unwrap();
+    let finished = tiny_run(root.path(), 2, &[]);
+    let runs_dir = root.path().join("runs");
+    let s = sets(root.path(), &["train.max_steps=100000", "checkpoint.save_interval=2"]);
+    let mut live = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(with_sets(&["run", TINY], &s))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("TRAINER_CACHE", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !runs_in(&runs_dir).iter().any(|r| *r != finished && r.join("checkpoint-2").is_dir()) {
+        assert!(Instant::now() < deadline, "the second run did not save a checkpoint in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = |json: bool| {
+        let dir = runs_dir.display().to_string();
+        let mut args = vec!["runs", dir.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let o = trainer(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let table = listed(false);
+    assert!(table.contains("finished") && table.contains("2/2"), "{table}");
+    assert!(table.contains(&format!("running (pid {})", live.id())), "{table}");
+    live.kill().unwrap();
+    live.wait().unwrap();
+    let rows: Vec<serde_json::Value> = listed(true).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["state"], "finished");
+    assert_eq!(rows[1]["state"], "stopped");
+    assert!(rows[1]["step"].as_u64().is_some_and(|s| s >= 2), "{:?}", rows[1]);
+    let o = trainer(&["runs", &root.path().join("nowhere").display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod listing;
 pub mod lock;
 pub mod resume;
 
