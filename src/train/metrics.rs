@@ -22,6 +22,26 @@ pub struct Metrics {
     first_step: usize,
     total_steps: usize,
     positions: usize,
+    smoothed: LossAverage,
+}
+
+/// The training loss smoothed as TensorBoard's slider does: an exponential moving average with
+/// weight [`LossAverage::BETA`] on the past, debiased (the first step's is its raw loss), over
+/// this process's steps.
+#[derive(Debug, Default, Clone, Copy)]
+struct LossAverage {
+    sum: f64,
+    weight: f64,
+}
+
+impl LossAverage {
+    const BETA: f64 = 0.9;
+
+    fn add(&mut self, loss: f64) -> f64 {
+        self.sum = Self::BETA * self.sum + (1.0 - Self::BETA) * loss;
+        self.weight = Self::BETA * self.weight + (1.0 - Self::BETA);
+        self.sum / self.weight
+    }
 }
 
 impl Metrics {
@@ -62,6 +82,7 @@ impl Metrics {
             first_step: keep_through,
             total_steps,
             positions: 0,
+            smoothed: LossAverage::default(),
         })
     }
 
@@ -72,6 +93,7 @@ impl Metrics {
     /// Record step `step`; `epoch` is fractional (steps / steps per epoch).
     pub fn step(&mut self, step: usize, epoch: f64, s: &StepStats) -> Result<()> {
         self.positions += s.positions;
+        let smoothed = self.smoothed.add(s.loss);
         let elapsed = self.started.elapsed().as_secs_f64();
         let done = step - self.first_step;
         let per_step = elapsed / done.max(1) as f64;
@@ -80,13 +102,13 @@ impl Metrics {
         let last = step == self.total_steps;
         if step % self.interval == 0 || last {
             let mut record = json!({
-                "step": step, "epoch": (epoch * 1e4).round() / 1e4, "loss": s.loss, "lr": s.lr,
+                "step": step, "epoch": (epoch * 1e4).round() / 1e4, "loss": s.loss, "loss_smoothed": smoothed, "lr": s.lr,
                 "grad_norm": s.grad_norm, "tokens": s.tokens, "tokens_per_s": tokens_per_s.round(),
                 "s_per_step": per_step, "elapsed_s": elapsed,
             });
             let mut line = format!(
-                "step {step}/{} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {}",
-                self.total_steps, s.loss, s.lr, s.grad_norm, tokens_per_s, clock(eta)
+                "step {step}/{} loss {:.4} (smoothed {:.4}) lr {:.3e} grad_norm {:.3} {:.0} tok/s eta {}",
+                self.total_steps, s.loss, smoothed, s.lr, s.grad_norm, tokens_per_s, clock(eta)
             );
             if let Some(m) = s.memory {
                 record["mem_reserved_gib"] = json!(gib(m.reserved));
@@ -154,6 +176,20 @@ mod tests {
             .collect();
         assert_eq!(steps, [1, 2, 2, 3]);
         assert_eq!(clock(3725.0), "1:02:05");
+    }
+
+    #[test]
+    fn smoothed_loss_starts_at_the_first_loss_and_follows_slowly() {
+        let mut avg = LossAverage::default();
+        assert!((avg.add(4.0) - 4.0).abs() < 1e-12, "debiased: the first step is its own loss");
+        let second = avg.add(2.0);
+        // (0.9 * 0.1 * 4 + 0.1 * 2) / (1 - 0.81)
+        assert!((second - (0.36 + 0.2) / 0.19).abs() < 1e-12, "{second}");
+        let mut last = second;
+        for _ in 0..200 {
+            last = avg.add(2.0);
+        }
+        assert!((last - 2.0).abs() < 1e-6, "{last}");
     }
 }
 
