@@ -122,7 +122,11 @@ pub enum Command {
     /// train.micro_batch_size x train.max_length per step) and print one JSON line: s/step,
     /// tokens/s, model FLOPs per token. `benches/` sets it beside the PyTorch baseline.
     Bench {
+        /// The recipe (TOML) whose model, LoRA, batch and device are timed; its data is not
+        /// read.
         recipe: PathBuf,
+        /// Override a recipe key, e.g. `--set model.config.num_hidden_layers=4` or
+        /// `--set train.micro_batch_size=16` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Untimed steps first (CubeCL autotunes each new shape).
@@ -147,19 +151,25 @@ pub enum Command {
     /// bf16 inputs, fused or through materialised logits, and print one JSON line: s/step and
     /// the device memory it took beyond its inputs. `benches/ce.sh` sets it beside PyTorch.
     BenchLoss {
+        /// Rows of hidden states (tokens of the batch).
         #[arg(long, default_value_t = 16384)]
         tokens: usize,
+        /// Hidden size (Qwen2.5-7B's by default).
         #[arg(long, default_value_t = 3584)]
         hidden: usize,
+        /// Vocabulary size (Qwen2.5's by default).
         #[arg(long, default_value_t = 152064)]
         vocab: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Timed steps.
         #[arg(long, default_value_t = 5)]
         steps: usize,
         /// Materialise the logits instead of the fused kernel.
         #[arg(long)]
         unfused: bool,
+        /// Where to run: cpu, cuda, or auto (CUDA when this build has it and a GPU answers).
         #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
         device: String,
     },
@@ -445,5 +455,22 @@ mod launcher_tests {
     fn ranks_run_the_command_without_the_launchers_flags() {
         let args = ["run", "r.toml", "--nproc-per-node", "2", "--set", "a=1", "--master-port=29500", "--nnodes", "2", "--node-rank=1", "--master-addr", "h"].map(String::from);
         assert_eq!(super::launcher_free_args(args.into_iter()), ["run", "r.toml", "--set", "a=1"].map(String::from).to_vec());
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand and every one of its arguments says what it is in `--help`.
+    #[test]
+    fn every_flag_and_argument_is_described() {
+        let cli = super::Cli::command();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "`trainer {}` has no description", sub.get_name());
+            for arg in sub.get_arguments().filter(|a| a.get_id() != "help") {
+                assert!(arg.get_help().is_some(), "`trainer {} {}` has no description in --help", sub.get_name(), arg.get_id());
+            }
+        }
     }
 }
