@@ -174,9 +174,12 @@ fn a_resumed_run_keeps_its_own_recipe() {
     assert_refused(&trainer(&["run", "--resume", &run_s]), &["nothing left to train", "--set train.max_steps"]);
 }
 
-/// Start the tiny recipe for many steps and wait until it has logged `steps` steps.
-fn start_long_run(root: &Path, steps: usize) -> (std::process::Child, PathBuf) {
-    let s = sets(root, &["train.max_steps=100000"]);
+/// Start the tiny recipe for many steps (with `extra` keys) and wait until it has logged
+/// `steps` steps.
+fn start_long_run(root: &Path, steps: usize, extra: &[&str]) -> (std::process::Child, PathBuf) {
+    let mut more = vec!["train.max_steps=100000"];
+    more.extend(extra);
+    let s = sets(root, &more);
     let child = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(with_sets(&["run", TINY], &s))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -185,13 +188,18 @@ fn start_long_run(root: &Path, steps: usize) -> (std::process::Child, PathBuf) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    (child, wait_for_logged_steps(root, steps))
+}
+
+/// The newest run under `root/runs` once it has logged `steps` steps (5 min at most).
+fn wait_for_logged_steps(root: &Path, steps: usize) -> PathBuf {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let runs = root.join("runs");
         if let Some(run) = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop()) {
             let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter(|l| l.contains("\"loss\"")).count();
             if logged >= steps {
-                return (child, run);
+                return run;
             }
         }
         assert!(Instant::now() < deadline, "the run did not log {steps} steps in time");
@@ -208,7 +216,7 @@ fn signal(child: &std::process::Child, sig: i32) {
 fn an_interrupt_saves_a_checkpoint_and_the_run_resumes() {
     for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let root = tempfile::tempdir().unwrap();
-        let (child, run) = start_long_run(root.path(), 2);
+        let (child, run) = start_long_run(root.path(), 2, &[]);
         signal(&child, sig);
         let o = child.wait_with_output().unwrap();
         let t = text(&o);
@@ -223,7 +231,7 @@ fn an_interrupt_saves_a_checkpoint_and_the_run_resumes() {
     }
     // A second interrupt stops at once; the last complete checkpoint stays valid.
     let root = tempfile::tempdir().unwrap();
-    let (child, run) = start_long_run(root.path(), 1);
+    let (child, run) = start_long_run(root.path(), 1, &[]);
     signal(&child, libc::SIGINT);
     signal(&child, libc::SIGINT);
     let o = child.wait_with_output().unwrap();
@@ -616,16 +624,7 @@ fn a_killed_or_hung_rank_ends_the_job_naming_it() {
         let args = with_sets(&["run", TINY], &s);
         let r0 = rank_process(0, port, &args);
         let mut r1 = rank_process(1, port, &args);
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let runs = root.path().join("runs");
-            let run = runs.is_dir().then(|| runs_in(&runs)).and_then(|mut r| r.pop());
-            if run.is_some_and(|run| std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().contains("\"loss\"")) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the job did not train a step in time");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_logged_steps(root.path(), 1);
         signal(&r1, sig);
         let stopped = Instant::now();
         let o = r0.wait_with_output().unwrap();
@@ -646,20 +645,9 @@ fn runs_lists_each_run_with_its_state() {
     let root = tempfile::tempdir().unwrap();
     let finished = tiny_run(root.path(), 2, &[]);
     let runs_dir = root.path().join("runs");
-    let s = sets(root.path(), &["train.max_steps=100000", "checkpoint.save_interval=2"]);
-    let mut live = Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(with_sets(&["run", TINY], &s))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("TRAINER_CACHE", "off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !runs_in(&runs_dir).iter().any(|r| *r != finished && r.join("checkpoint-2").is_dir()) {
-        assert!(Instant::now() < deadline, "the second run did not save a checkpoint in time");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Step 3 is logged after checkpoint-2 is written.
+    let (mut live, run) = start_long_run(root.path(), 3, &["checkpoint.save_interval=2"]);
+    assert_ne!(run, finished);
     let listed = |json: bool| {
         let dir = runs_dir.display().to_string();
         let mut args = vec!["runs", dir.as_str()];

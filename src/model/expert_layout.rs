@@ -124,15 +124,12 @@ impl ExpertLayout {
         let rows = chunks.iter().map(Chunk::rows).sum();
         let (mut row_slot, mut row_real) = (vec![0i64; rows], vec![false; rows]);
         let (mut slot_row, mut slot_local) = (vec![0i64; chosen.len()], vec![false; chosen.len()]);
-        for chunk in &chunks {
-            for e in chunk.first..chunk.first + chunk.len {
-                for (i, &slot) in slots_of[e].iter().enumerate() {
-                    let row = chunk.offset + (e - chunk.first) * chunk.capacity + i;
-                    row_slot[row] = slot;
-                    row_real[row] = true;
-                    slot_row[slot as usize] = row as i64;
-                    slot_local[slot as usize] = true;
-                }
+        for (slots, first) in slots_of.iter().zip(first_rows(&chunks, local)) {
+            for (row, &slot) in (first.unwrap_or(0)..).zip(slots) {
+                row_slot[row] = slot;
+                row_real[row] = true;
+                slot_row[slot as usize] = row as i64;
+                slot_local[slot as usize] = true;
             }
         }
         let row_token = row_slot.iter().zip(&row_real).map(|(&s, &real)| if real { s / top_k as i64 } else { 0 }).collect();

@@ -6,7 +6,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::linear::{transpose, Linear, Loader};
+use super::linear::{still_views, transpose, view_ids, Linear, Loader};
 use super::layers::Mlp;
 use super::weights::HostTensor;
 use crate::backend::TrainBackend;
@@ -25,9 +25,9 @@ pub struct StackedExperts<B: Backend> {
     pub up: Tensor<B, 3>,
     /// `[experts, intermediate, hidden]`.
     pub down: Tensor<B, 3>,
-    /// Each expert's gate, up and down weight parameter ids.
+    /// Each expert's gate, up and down weight (and bias) parameter ids, expert by expert.
     #[module(skip)]
-    pub views: Vec<[ParamId; 3]>,
+    pub views: Vec<(ParamId, Option<ParamId>)>,
 }
 
 impl<B: TrainBackend> StackedExperts<B> {
@@ -50,7 +50,7 @@ impl<B: TrainBackend> StackedExperts<B> {
         };
         let mlps: Vec<Mlp<B>> =
             (0..n).map(|e| Mlp { gate_proj: view(&gate, e), up_proj: view(&up, e), down_proj: view(&down, e), gate_up_weight: None }).collect();
-        let views = mlps.iter().map(|m| [m.gate_proj.weight.id, m.up_proj.weight.id, m.down_proj.weight.id]).collect();
+        let views = mlps.iter().flat_map(projections).map(view_ids).collect();
         Ok((mlps, StackedExperts { gate, up, down, views }))
     }
 
@@ -58,13 +58,13 @@ impl<B: TrainBackend> StackedExperts<B> {
     /// replaced, e.g. by merging an adapter into it, is a new parameter) and frozen (trained
     /// ones move away from the load-time values).
     pub fn backing(&self, experts: &[Mlp<B>]) -> Option<[Tensor<B, 3>; 3]> {
-        let ids = |m: &Mlp<B>| [m.gate_proj.weight.id, m.up_proj.weight.id, m.down_proj.weight.id];
-        let same = experts.len() == self.views.len() && experts.iter().zip(&self.views).all(|(m, v)| ids(m) == *v);
-        let frozen = experts.iter().all(|m| {
-            [&m.gate_proj, &m.up_proj, &m.down_proj].iter().all(|l| l.bias.is_none() && !l.weight.val().is_require_grad())
-        });
-        (same && frozen).then(|| [self.gate.clone(), self.up.clone(), self.down.clone()])
+        still_views(&self.views, experts.iter().flat_map(projections)).then(|| [self.gate.clone(), self.up.clone(), self.down.clone()])
     }
+}
+
+/// An expert's gate, up and down projections, in the order of [`StackedExperts::views`].
+fn projections<B: Backend>(m: &Mlp<B>) -> [&Linear<B>; 3] {
+    [&m.gate_proj, &m.up_proj, &m.down_proj]
 }
 
 #[cfg(test)]

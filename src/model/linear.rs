@@ -104,8 +104,9 @@ impl<B: TrainBackend> Linear<B> {
         Ok(Linear { weight, bias: bias.map(|b| Param::from_tensor(ld.upload(b))), lora: None, partition })
     }
 
+    /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
     fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-        host_weight(ld, path, inp, out, partition)
+        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
     }
 
     /// `{path}.bias`'s slice that `partition` owns.
@@ -260,11 +261,6 @@ impl<B: TrainBackend> Linear<B> {
     }
 }
 
-/// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
-fn host_weight<B: TrainBackend>(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-    ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
-}
-
 /// `[rows, cols]` row-major as `[cols, rows]`.
 pub(super) fn transpose(t: HostTensor) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -312,7 +308,7 @@ impl<B: Backend> JoinedWeight<B> {
             offset += width;
             Linear { weight: view, bias, lora: None, partition }
         });
-        let views = linears.iter().map(|l| (l.weight.id, l.bias.as_ref().map(|b| b.id))).collect();
+        let views = linears.iter().map(view_ids).collect();
         (linears, JoinedWeight { weight, bias, views })
     }
 
@@ -320,11 +316,27 @@ impl<B: Backend> JoinedWeight<B> {
     /// weight replaced, e.g. by merging an adapter into it, is a new parameter) and frozen
     /// (trained ones move away from the load-time values).
     pub fn backing(&self, linears: &[&Linear<B>]) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
-        let ids = |l: &Linear<B>| (l.weight.id, l.bias.as_ref().map(|b| b.id));
-        let same = linears.len() == self.views.len() && linears.iter().zip(&self.views).all(|(l, v)| ids(l) == *v);
-        let frozen = linears.iter().all(|l| !l.weight.val().is_require_grad() && l.bias.as_ref().is_none_or(|b| !b.val().is_require_grad()));
-        (same && frozen).then(|| (self.weight.clone(), self.bias.clone()))
+        still_views(&self.views, linears.iter().copied()).then(|| (self.weight.clone(), self.bias.clone()))
     }
+}
+
+/// The parameter ids a joined or stacked weight knows a layer's views by: weight and bias.
+pub(super) fn view_ids<B: Backend>(l: &Linear<B>) -> (ParamId, Option<ParamId>) {
+    (l.weight.id, l.bias.as_ref().map(|b| b.id))
+}
+
+/// Whether `linears` are still the views `views` of a weight loaded joined or stacked with them:
+/// the same parameters, in order (a weight replaced, e.g. by merging an adapter into it or
+/// loading a trained one, is a new parameter) and frozen (trained ones move away from the
+/// load-time values).
+pub(super) fn still_views<'a, B: Backend + 'a>(views: &[(ParamId, Option<ParamId>)], linears: impl IntoIterator<Item = &'a Linear<B>>) -> bool {
+    let frozen = |l: &Linear<B>| !l.weight.val().is_require_grad() && l.bias.as_ref().is_none_or(|b| !b.val().is_require_grad());
+    let mut seen = 0;
+    let all = linears.into_iter().all(|l| {
+        seen += 1;
+        views.get(seen - 1) == Some(&view_ids(l)) && frozen(l)
+    });
+    all && seen == views.len()
 }
 
 #[cfg(test)]

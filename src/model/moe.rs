@@ -54,9 +54,9 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>) -> Tensor<B, 2> {
         let [t, _] = x.dims();
-        let device = x.device();
+        let (device, dtype) = (x.device(), x.dtype());
         let logits = self.gate.forward(x.clone());
-        let (probs, dtype) = (burn::tensor::activation::softmax(logits.clone().cast(burn::tensor::FloatDType::F32), 1), logits.dtype());
+        let probs = burn::tensor::activation::softmax(logits.cast(burn::tensor::FloatDType::F32), 1);
         let chosen = B::top_k_indices(probs.clone(), self.top_k);
         let mut weights = probs.gather(1, chosen.clone());
         if self.norm_topk_prob {
@@ -71,11 +71,10 @@ impl<B: TrainBackend> SparseMoe<B> {
         let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
             return x.zeros_like();
         };
-        let x_dtype = x.dtype();
-        let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, x_dtype, &device);
+        let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, dtype, &device);
         let xs = B::route_rows(x, &dispatch);
         let ys = self.run_experts(xs, &layout.chunks);
-        let combine = RowRoute::new(layout.slot_row, layout.row_slot, 1, Some(layout.row_real), x_dtype, &device);
+        let combine = RowRoute::new(layout.slot_row, layout.row_slot, 1, Some(layout.row_real), dtype, &device);
         // Slots of experts held elsewhere weigh nothing here.
         let weights = match dispatch.keep {
             Some(local) => weights * local,

@@ -185,6 +185,13 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(complete(run_dir)?.pop().map(|(_, p)| p))
 }
 
+/// A checkpoint's `trainer_state.json`.
+pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
+    let path = checkpoint.join(TRAINER_STATE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not a trainer state: {e}")))
+}
+
 /// What `checkpoint.resume` / `--resume` points at.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResumeFrom {
@@ -217,9 +224,7 @@ pub fn resolve_resume(path: &Path, finetune: bool) -> Result<ResumeFrom> {
     if finetune || !state_path.is_file() {
         return Ok(ResumeFrom::Weights { dir });
     }
-    let text = fs::read_to_string(&state_path).map_err(|e| Error::file(&state_path, format!("cannot read: {e}")))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| Error::file(&state_path, format!("not a trainer state: {e}")))?;
+    let state = read_state(&dir)?;
     if !state.has_optimizer {
         return Err(Error::file(
             &dir,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::checkpoint::{self as ckpt, TrainerState};
+use super::checkpoint as ckpt;
 use super::{is_run, lock};
 use crate::error::{Error, Result};
 
@@ -68,10 +68,7 @@ fn summary(run: &Path) -> Result<RunSummary> {
         }
     }
     let latest = ckpt::latest(run)?;
-    let saved: Option<TrainerState> = latest
-        .as_ref()
-        .and_then(|c| fs::read_to_string(c.join(ckpt::TRAINER_STATE)).ok())
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let saved = latest.as_ref().and_then(|c| ckpt::read_state(c).ok());
     let state = match (holder(run), &saved) {
         (Some(pid), _) => RunState::Running { pid },
         (None, Some(s)) if s.step >= s.total_steps => RunState::Finished,
@@ -176,7 +173,7 @@ mod tests {
         if let Some((step, total)) = checkpoint {
             let c = run.join(format!("checkpoint-{step}"));
             fs::create_dir_all(&c).unwrap();
-            let state = TrainerState {
+            let state = ckpt::TrainerState {
                 step,
                 total_steps: total,
                 micro_batches_consumed: step,
