@@ -70,11 +70,30 @@ fn adapted_forward_equals_the_merged_weights() {
             a.lora_b = Param::from_tensor(Tensor::random([r, o], Distribution::Normal(0.0, 0.05), &d));
         }
     }
+    let mut stacked = 0;
+    for moe in adapted.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        for p in lora::EXPERT_PROJECTIONS {
+            let a = moe.expert_lora.get_mut(p).unwrap().as_mut().expect("all-linear adapts every expert");
+            a.lora_b = Param::from_tensor(Tensor::random(a.lora_b.val().dims(), Distribution::Normal(0.0, 0.05), &d));
+            stacked += 1;
+        }
+    }
+    assert_eq!(stacked, 2 * 3);
     let (x, _) = ids::<Cpu>();
     let y = adapted.forward(x.clone());
     for (_, lin) in adapted.linears_mut() {
         if let Some(a) = lin.lora.take() {
             lin.weight = Param::from_tensor(lin.weight.val() + a.delta());
+        }
+    }
+    // Each expert's weight plus its block of the stacked adapter (the weights then no longer
+    // view the load-time stacks, so the experts run on weights stacked on the call).
+    for moe in adapted.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        let adapters = std::mem::replace(&mut moe.expert_lora, lora::ExpertAdapters::none());
+        for (e, m) in moe.experts.iter_mut().enumerate() {
+            for (p, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+                lin.weight = Param::from_tensor(lin.weight.val() + adapters.get(p).unwrap().delta(e));
+            }
         }
     }
     let merged = adapted.forward(x);
@@ -100,7 +119,22 @@ fn gradients_reach_only_the_adapters() {
     let ga = a.lora_a.val().grad(&grads).unwrap().abs().sum().into_scalar();
     assert!(gb > 0.0 && ga == 0.0, "dB {gb}, dA {ga}");
     assert!(model.layers[0].self_attn.k_proj.lora.is_none());
-    assert_eq!(model.num_params(), build::<Ad>().num_params() + 3 * (32 + 48) * 4 + 2 * (24 + 32) * 4);
+    // Expert 0's down_proj of each sparse layer: stacked with the layer's other experts, whose
+    // factors are zeros that get no gradient (they stay unadapted).
+    let mut sparse = 0;
+    for moe in model.layers.iter().filter_map(|l| l.moe.as_ref()) {
+        assert!(moe.expert_lora.gate_proj.is_none() && moe.expert_lora.up_proj.is_none());
+        let down = moe.expert_lora.down_proj.as_ref().expect("down_proj adapted");
+        assert_eq!(down.adapted, [true, false, false, false, false, false]);
+        let gb = down.lora_b.val().grad(&grads).unwrap();
+        assert_eq!(gb.clone().narrow(0, 1, 5).abs().sum().into_scalar(), 0.0, "unadapted experts' B got a gradient");
+        assert_eq!(down.lora_a.val().narrow(0, 1, 5).abs().sum().into_scalar(), 0.0, "unadapted experts' A is zero");
+        sparse += 1;
+    }
+    assert_eq!(sparse, 2);
+    // A partly adapted projection holds all 6 experts' factors (`trainer check` counts the
+    // adapted ones: init_follows_peft_and_trainable_count_matches_check).
+    assert_eq!(model.num_params(), build::<Ad>().num_params() + 3 * (32 + 48) * 4 + 2 * 6 * (24 + 32) * 4);
 }
 
 #[test]

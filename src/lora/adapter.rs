@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
 use kernels_cubecl::{DropoutMask, LoraFactors};
-use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,16 +40,7 @@ impl<B: TrainBackend> LoraAdapter<B> {
     /// module path) keys A's random stream, so the same seed gives the same adapters whatever
     /// the order layers are visited in.
     pub fn init(cfg: &LoraConfig, path: &str, inp: usize, out: usize, device: &B::Device) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(path));
-        let bound = 1.0 / (inp as f32).sqrt();
-        // Drawn in peft's [rank, in] order, then stored transposed.
-        let a_rows: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
-        let mut a = vec![0.0f32; inp * cfg.rank];
-        for r in 0..cfg.rank {
-            for i in 0..inp {
-                a[i * cfg.rank + r] = a_rows[r * inp + i];
-            }
-        }
+        let a = Self::init_a(cfg, path, inp);
         // Created as f32 directly: through the device's default dtype (bf16 on GPU) A would be
         // rounded.
         let f32_tensor =
@@ -60,6 +51,21 @@ impl<B: TrainBackend> LoraAdapter<B> {
             scale: cfg.scale,
             dropout: cfg.dropout,
         }
+    }
+
+    /// A fresh A (`[inp, rank]` row-major) for the layer at module path `path`: Kaiming-uniform
+    /// drawn in peft's `[rank, in]` order from the path's own stream, stored transposed.
+    pub(super) fn init_a(cfg: &LoraConfig, path: &str, inp: usize) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ fnv1a(path));
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a_rows: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+        let mut a = vec![0.0f32; inp * cfg.rank];
+        for r in 0..cfg.rank {
+            for i in 0..inp {
+                a[i * cfg.rank + r] = a_rows[r * inp + i];
+            }
+        }
+        a
     }
 
     /// The adapted layer `x w + s * (dropout(x) A) B` in `x`'s dtype, as one backend operation
@@ -117,60 +123,35 @@ impl<B: TrainBackend> LoraAdapter<B> {
 
     /// Whether [`linear`](Self::linear) draws a dropout mask now.
     fn dropout_active(&self, device: &B::Device) -> bool {
-        self.dropout > 0.0 && (B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get()))
+        dropout_active::<B>(self.dropout, device)
     }
 
-    /// `s * (dropout(x) a) b` in f32, returned in `x`'s dtype, for the stacked experts of a MoE
-    /// block (batched GEMMs over `[experts, ..]`).
-    fn low_rank(&self, x: Tensor<B, 3>, a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        let h = x.cast(FloatDType::F32);
-        let (h, scale) = match self.dropout_mask(h.shape(), &h.device(), DType::F32) {
-            Some((kept, keep)) => (h * kept, self.scale / keep),
-            None => (h, self.scale),
-        };
-        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
-        // one pass over `rank` columns instead of `out` (forward and backward).
-        B::batched_matmul(B::batched_matmul(h, a) * scale, b).cast(dtype)
-    }
-
-    /// The adapter term `s * (dropout(x[e]) A_e) B_e` of every expert of a MoE block at once,
-    /// `adapters[e]` for `x[e]`, as two batched GEMMs over the stacked factors. An expert without an
-    /// adapter (`None`) contributes zeros. The adapters share scale and dropout (one LoRA
-    /// config per recipe). `None` when no expert has an adapter.
-    ///
-    /// # Shapes
-    /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
-    pub fn forward_stacked(adapters: &[Option<&LoraAdapter<B>>], x: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
-        let first = adapters.iter().flatten().next()?;
-        let device = x.device();
-        let ([inp, rank], [_, out]) = (first.lora_a.val().dims(), first.lora_b.val().dims());
-        let stack = |factor: fn(&LoraAdapter<B>) -> Tensor<B, 2>, shape: [usize; 2]| {
-            let factors = adapters.iter().map(|a| match a {
-                Some(a) => factor(a),
-                None => Tensor::zeros(shape, (&device, DType::F32)),
-            });
-            Tensor::stack::<3>(factors.collect(), 0)
-        };
-        let (a, b) = (stack(|a| a.lora_a.val(), [inp, rank]), stack(|a| a.lora_b.val(), [rank, out]));
-        Some(first.low_rank(x, a, b))
-    }
-
-    /// The dropout mask of an adapter input of `shape` while training (see
-    /// [`linear`](Self::linear)) with the probability of keeping an input: values 1 (kept) or
-    /// 0 in `dtype` (exact in any), the `1 / keep` left to the caller's scale; `None` otherwise.
+    /// The dropout mask of an adapter input of `shape` while training ([`dropout_mask`]).
     fn dropout_mask<const D: usize>(&self, shape: impl Into<burn::tensor::Shape>, device: &B::Device, dtype: DType) -> Option<(Tensor<B, D>, f64)> {
-        if !self.dropout_active(device) {
-            return None;
-        }
-        let keep = 1.0 - self.dropout;
-        Some((Tensor::<B, D>::random(shape, Distribution::Bernoulli(keep), (device, dtype)), keep))
+        dropout_mask(self.dropout, shape, device, dtype)
     }
 
     /// `s * A B`: what merging adds to the base weight in its `[in, out]` layout.
     pub fn delta(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scale
     }
+}
+
+/// Whether an adapter with `dropout` draws a mask now: only while gradients are tracked
+/// (training), as Burn's own `Dropout` does, or inside [`training_forward`].
+fn dropout_active<B: TrainBackend>(dropout: f64, device: &B::Device) -> bool {
+    dropout > 0.0 && (B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get()))
+}
+
+/// The dropout mask of an adapter input of `shape` while training ([`dropout_active`]) with
+/// the probability of keeping an input: values 1 (kept) or 0 in `dtype` (exact in any), the
+/// `1 / keep` left to the caller's scale; `None` otherwise.
+pub(super) fn dropout_mask<B: TrainBackend, const D: usize>(dropout: f64, shape: impl Into<burn::tensor::Shape>, device: &B::Device, dtype: DType) -> Option<(Tensor<B, D>, f64)> {
+    if !dropout_active::<B>(dropout, device) {
+        return None;
+    }
+    let keep = 1.0 - dropout;
+    Some((Tensor::<B, D>::random(shape, Distribution::Bernoulli(keep), (device, dtype)), keep))
 }
 
 thread_local! {

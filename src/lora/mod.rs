@@ -4,11 +4,14 @@
 //! decoder blocks, experts included, never the LM head or the MoE router), a module name
 //! (`q_proj` matches every `...q_proj`), or a regular expression over the full module path
 //! written `re:<regex>` (`re:.*layers\.[0-3]\..*proj`). An adapter is a [`LoraAdapter`] held by
-//! the targeted linear layer.
+//! the targeted linear layer; a MoE layer's experts hold theirs stacked, a projection at a time
+//! ([`ExpertAdapter`]).
 
 mod adapter;
+mod experts;
 
 pub use adapter::{training_forward, LoraAdapter, LoraConfig};
+pub use experts::{stacked_factor, ExpertAdapter, ExpertAdapters, EXPERT_PROJECTIONS};
 
 use burn::module::{Module, Param};
 use crate::backend::TrainBackend;
@@ -26,6 +29,9 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
     let device = model.rope_inv_freq.device();
     let mut adapted = 0;
     for (path, linear) in model.linears_mut() {
+        if is_expert_linear(&path) {
+            continue;
+        }
         if targets.matches(&path) {
             if path == "lm_head" && matches!(linear.partition, Partition::Column(g) if g.size > 1) {
                 return Err(Error::model(
@@ -49,6 +55,26 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
             adapted += 1;
         }
     }
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let Some(moe) = layer.moe.as_mut() else { continue };
+        let local = moe.first_expert..moe.first_expert + moe.experts.len();
+        let Some(expert) = moe.experts.first() else { continue };
+        for projection in EXPERT_PROJECTIONS {
+            let paths: Vec<String> = (0..moe.num_experts).map(|g| format!("model.layers.{i}.mlp.experts.{g}.{projection}")).collect();
+            let chosen: Vec<bool> = paths.iter().map(|p| targets.matches(p)).collect();
+            if !chosen[local.clone()].contains(&true) {
+                continue;
+            }
+            adapted += chosen[local.clone()].iter().filter(|&&c| c).count();
+            let (inp, out) = match projection {
+                "gate_proj" => expert.gate_proj.dims(),
+                "up_proj" => expert.up_proj.dims(),
+                _ => expert.down_proj.dims(),
+            };
+            let slot = moe.expert_lora.get_mut(projection).expect("a SwiGLU projection");
+            *slot = Some(ExpertAdapter::init(cfg, &paths, chosen, local.clone(), inp, out, &device));
+        }
+    }
     if adapted == 0 {
         return Err(Error::model(format!(
             "lora.targets = {:?} matches no linear layer of this model; use \"all-linear\", a name like \"q_proj\", or \"re:<regex over module paths>\"",
@@ -56,6 +82,11 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
         )));
     }
     Ok((model, adapted))
+}
+
+/// Whether the linear at module path `path` is one of a MoE layer's experts (adapted stacked).
+fn is_expert_linear(path: &str) -> bool {
+    path.contains(".mlp.experts.")
 }
 
 #[derive(Debug, Clone)]

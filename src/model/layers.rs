@@ -14,6 +14,8 @@ use super::spec::ArchSpec;
 use super::weights::InitKind;
 use crate::backend::profile::span;
 use crate::error::Result;
+use crate::lora::{ExpertAdapter, ExpertAdapters};
+use std::ops::Range;
 pub use super::linear::{JoinedWeight, Linear, Loader};
 pub use super::moe::SparseMoe;
 use crate::parallel::regions::GroupComm;
@@ -278,16 +280,24 @@ impl<B: TrainBackend> Mlp<B> {
 
     /// Every expert's SwiGLU MLP at once: `x[e]` through `experts[e]`, each projection one
     /// batched GEMM over the experts' stacked weights (`stacked`: gate, up and down as loaded,
-    /// when they still back the experts; else stacked on the call) and LoRA factors.
+    /// when they still back the experts; else stacked on the call) plus the stacked adapters'
+    /// term (`adapters`: the layer's, and which of its local experts `experts` are).
     ///
     /// # Shapes
     /// - `x`: `[experts, tokens, hidden]` → `[experts, tokens, hidden]`
-    pub fn forward_stacked(experts: &[Mlp<B>], stacked: Option<[Tensor<B, 3>; 3]>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_stacked(experts: &[Mlp<B>], stacked: Option<[Tensor<B, 3>; 3]>, adapters: (&ExpertAdapters<B>, Range<usize>), x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let device = x.device();
         let projection = |f: fn(&Mlp<B>) -> &Linear<B>| experts.iter().map(f).collect::<Vec<_>>();
         let [gate_w, up_w, down_w] = stacked.map_or([None, None, None], |ws| ws.map(Some));
-        let gate = Linear::forward_stacked(&projection(|m| &m.gate_proj), gate_w, x.clone());
-        let up = Linear::forward_stacked(&projection(|m| &m.up_proj), up_w, x);
-        Linear::forward_stacked(&projection(|m| &m.down_proj), down_w, ops::fused_swiglu(gate, up))
+        let (adapters, range) = adapters;
+        let adapted = |y: Tensor<B, 3>, adapter: Option<&ExpertAdapter<B>>, x: Tensor<B, 3>| match adapter {
+            Some(a) => y + span::<B, _>("lora", &device, || a.forward(x, range.clone())),
+            None => y,
+        };
+        let gate = adapted(Linear::forward_stacked(&projection(|m| &m.gate_proj), gate_w, x.clone()), adapters.gate_proj.as_ref(), x.clone());
+        let up = adapted(Linear::forward_stacked(&projection(|m| &m.up_proj), up_w, x.clone()), adapters.up_proj.as_ref(), x);
+        let h = ops::fused_swiglu(gate, up);
+        adapted(Linear::forward_stacked(&projection(|m| &m.down_proj), down_w, h.clone()), adapters.down_proj.as_ref(), h)
     }
 }
 

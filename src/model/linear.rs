@@ -232,8 +232,9 @@ impl<B: TrainBackend> Linear<B> {
         })
     }
 
-    /// [`forward`](Self::forward) of one linear layer per expert at once: `x[e]` through
-    /// `linears[e]`. `stacked`: their weights as one `[experts, in, out]` tensor where the
+    /// The frozen part of [`forward`](Self::forward) (weight and bias; experts' adapters are
+    /// stacked apart, [`ExpertAdapter`](crate::lora::ExpertAdapter)) of one linear layer per
+    /// expert at once: `x[e]` through `linears[e]`. `stacked`: their weights as one `[experts, in, out]` tensor where the
     /// layers still hold views of it ([`StackedExperts`](super::experts::StackedExperts));
     /// else the weights are stacked on the call, a copy that lives as long as the graph needs
     /// it for dX.
@@ -243,21 +244,15 @@ impl<B: TrainBackend> Linear<B> {
     pub fn forward_stacked(linears: &[&Linear<B>], stacked: Option<Tensor<B, 3>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let device = x.device();
         let w = stacked.unwrap_or_else(|| Tensor::stack::<3>(linears.iter().map(|l| l.weight.val()).collect(), 0));
-        let y = B::batched_matmul(x.clone(), w);
-        let y = if linears.iter().any(|l| l.bias.is_some()) {
-            let [_, out] = linears[0].weight.val().dims();
-            let dtype = y.dtype();
-            let zeros = || Tensor::zeros([out], (&device, dtype));
-            let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
-            y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
-        } else {
-            y
-        };
-        let adapters: Vec<Option<&LoraAdapter<B>>> = linears.iter().map(|l| l.lora.as_ref()).collect();
-        match span::<B, _>("lora", &device, || LoraAdapter::forward_stacked(&adapters, x)) {
-            Some(delta) => y + delta,
-            None => y,
+        let y = B::batched_matmul(x, w);
+        if !linears.iter().any(|l| l.bias.is_some()) {
+            return y;
         }
+        let [_, out] = linears[0].weight.val().dims();
+        let dtype = y.dtype();
+        let zeros = || Tensor::zeros([out], (&device, dtype));
+        let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
+        y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
     }
 }
 

@@ -14,6 +14,7 @@ use super::spec::MlpSpec;
 use crate::backend::profile::span;
 use crate::backend::TrainBackend;
 use crate::error::Result;
+use crate::lora::ExpertAdapters;
 use crate::parallel::regions::GroupComm;
 use crate::parallel::{Partition, ProcessGroup};
 
@@ -28,6 +29,8 @@ pub struct SparseMoe<B: Backend> {
     /// The experts' frozen weights as loaded, `[experts, in, out]` a projection (the experts'
     /// weights are views of them).
     pub stacked: StackedExperts<B>,
+    /// The experts' LoRA adapters, stacked a projection at a time.
+    pub expert_lora: ExpertAdapters<B>,
     /// Global index of `experts[0]`.
     pub first_expert: usize,
     pub num_experts: usize,
@@ -43,7 +46,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
-        Ok(SparseMoe { gate, experts, stacked, first_expert: owned.start, num_experts, top_k, norm_topk_prob })
+        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob })
     }
 
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
@@ -84,7 +87,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     }
 
     /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): each run one batched
-    /// GEMM a projection over its experts' stacked weights.
+    /// GEMM a projection over its experts' stacked weights, and two over their stacked adapters.
     fn run_experts(&self, xs: Tensor<B, 2>, runs: &[Chunk]) -> Tensor<B, 2> {
         let [_, hidden] = xs.dims();
         let device = xs.device();
@@ -97,7 +100,8 @@ impl<B: TrainBackend> SparseMoe<B> {
                 };
                 let stacked = backing.clone().map(|ws| ws.map(|w| w.narrow(0, run.first, run.len)));
                 let experts = &self.experts[run.first..run.first + run.len];
-                Mlp::forward_stacked(experts, stacked, xs.reshape([run.len, run.capacity, hidden])).reshape([run.rows(), hidden])
+                let adapters = (&self.expert_lora, run.first..run.first + run.len);
+                Mlp::forward_stacked(experts, stacked, adapters, xs.reshape([run.len, run.capacity, hidden])).reshape([run.rows(), hidden])
             });
             Tensor::cat(outputs.collect(), 0)
         })

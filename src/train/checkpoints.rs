@@ -13,11 +13,12 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, P
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::names::{hf_name, module_path};
+use super::names::{expert_adapter_name, expert_module_path, hf_name, module_path};
 use super::optimizer::Moments;
 use super::trainer::Trainer;
 use crate::backend::TrainBackend;
 use crate::error::{Error, Result};
+use crate::lora::{stacked_factor, ExpertAdapter, EXPERT_PROJECTIONS};
 use crate::model::{CausalLm, ModelPlan};
 use crate::parallel::regions::{Collective, GroupComm, RegionBackend};
 use crate::parallel::tensor::{GradPlacement, TensorParallel};
@@ -85,6 +86,17 @@ impl<'a, W: Backend> Shards<'a, W> {
     }
 }
 
+impl<W: Backend> Shards<'_, W> {
+    /// A stacked expert tensor (`[local experts, ..]` as [`named_params`] views it) with every
+    /// rank's experts, in global order, under expert parallelism; else `t`.
+    fn expert_stack<B: RegionBackend<Wire = W>>(&self, t: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        match self.ep {
+            Some(ep) => Ok(B::collective(t, Collective::AllGather(0), ep)?),
+            None => Ok(t),
+        }
+    }
+}
+
 /// `(layer, local expert)` of a Burn path inside a MoE layer's experts
 /// (`layers.3.moe.experts.5.up_proj.lora.lora_a`).
 fn expert_of(path: &str) -> Option<(usize, usize)> {
@@ -93,6 +105,16 @@ fn expert_of(path: &str) -> Option<(usize, usize)> {
     let rest = rest.strip_prefix("moe.experts.")?;
     let (e, _) = rest.split_once('.')?;
     Some((layer.parse().ok()?, e.parse().ok()?))
+}
+
+/// `(layer, expert, projection, factor)` of a Burn path of one expert's own adapter factor, as
+/// checkpoints written before expert adapters were stacked key their moments
+/// (`layers.3.moe.experts.5.up_proj.lora.lora_a`).
+fn per_expert_adapter(path: &str) -> Option<(usize, usize, &str, &str)> {
+    let (layer, e) = expert_of(path)?;
+    let rest = path.split_once(".moe.experts.")?.1.split_once('.')?.1;
+    let (projection, factor) = rest.split_once(".lora.")?;
+    (EXPERT_PROJECTIONS.contains(&projection) && matches!(factor, "lora_a" | "lora_b")).then_some((layer, e, projection, factor))
 }
 
 /// `name` (a path or a tensor name) with expert index `from` (`.experts.{from}`, then a `.` or
@@ -141,7 +163,49 @@ pub(super) fn named_params<B: TrainBackend, M: Module<B>>(m: &M, keep: &dyn Fn(&
 }
 
 fn is_lora(path: &str) -> bool {
-    path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b")
+    path.ends_with(".lora.lora_a") || path.ends_with(".lora.lora_b") || stacked_factor(path).is_some()
+}
+
+/// The stacked expert adapter of layer `layer`'s `projection` and its global index of its first
+/// local expert.
+fn expert_adapter<'m, B: TrainBackend>(model: &'m CausalLm<B>, layer: usize, projection: &str) -> Result<(&'m ExpertAdapter<B>, usize)> {
+    let moe = model.layers.get(layer).and_then(|l| l.moe.as_ref());
+    moe.and_then(|m| m.expert_lora.get(projection).map(|a| (a, m.first_expert)))
+        .ok_or_else(|| Error::Internal(format!("layer {layer} has no stacked {projection} adapter")))
+}
+
+/// peft's per-expert tensors of a stacked expert factor, `t` being the stack as
+/// [`named_params`] views it (`[local experts, rows * cols]`): every rank's experts under expert
+/// parallelism (every rank of the group calls this at once), only the experts the targets
+/// adapted.
+fn expert_factor_tensors<B: TrainBackend>(model: &CausalLm<B>, path: &str, t: Tensor<B, 2>, shards: Option<&Shards<'_, B::Wire>>) -> Result<Vec<NamedTensor>> {
+    let Some((layer, projection, factor)) = stacked_factor(path) else { return Ok(vec![]) };
+    let (adapter, first) = expert_adapter(model, layer, projection)?;
+    let [_, rows, cols] = if factor == "lora_a" { adapter.lora_a.val().dims() } else { adapter.lora_b.val().dims() };
+    let (t, first) = match shards.filter(|s| s.ep.is_some()) {
+        Some(s) => (s.expert_stack(t)?, 0),
+        None => (t, first),
+    };
+    let experts = t.dims()[0];
+    // peft stores each expert's factor transposed, `[cols, rows]`: one read of the device.
+    let data = t.reshape([experts, rows, cols]).swap_dims(1, 2).into_data();
+    let width = data.as_bytes().len() / experts.max(1);
+    let mut out = Vec::new();
+    for (k, bytes) in data.as_bytes().chunks(width.max(1)).enumerate() {
+        let g = first + k;
+        if adapter.adapted.get(g).copied().unwrap_or(false) {
+            out.push(NamedTensor { name: expert_adapter_name(layer, g, projection, factor), data: TensorData::from_bytes_vec(bytes.to_vec(), [cols, rows], data.dtype) });
+        }
+    }
+    Ok(out)
+}
+
+/// The peft names of a stacked expert factor's adapted local experts, by local index.
+fn expert_factor_names<B: TrainBackend>(model: &CausalLm<B>, path: &str) -> Vec<(usize, String)> {
+    let Some((layer, projection, factor)) = stacked_factor(path) else { return vec![] };
+    let Ok((adapter, first)) = expert_adapter(model, layer, projection) else { return vec![] };
+    let local = adapter.lora_a.val().dims()[0];
+    (0..local).filter(|k| adapter.adapted.get(first + k).copied().unwrap_or(false)).map(|k| (k, expert_adapter_name(layer, first + k, projection, factor))).collect()
 }
 
 /// Which parameters (by Burn path) `tuning` trains, and so checkpoints hold.
@@ -158,6 +222,10 @@ fn is_trained(tuning: Tuning) -> &'static dyn Fn(&str) -> bool {
 fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning, shards: Option<&Shards<'_, B::Wire>>) -> Result<Vec<NamedTensor>> {
     let mut out = Vec::new();
     for (path, t, rank) in named_params(model, is_trained(tuning)) {
+        if stacked_factor(&path).is_some() {
+            out.extend(expert_factor_tensors(model, &path, t, shards)?);
+            continue;
+        }
         let t = match shards {
             Some(s) => s.gather(&path, t, rank)?,
             None => t,
@@ -190,16 +258,19 @@ fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning, shards: Opti
 /// this rank's slice of its sharded ones.
 fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tuning, shards: Option<&Shards<'_, B::Wire>>) -> Result<CausalLm<B>> {
     let mut tensors = ckpt::read_safetensors(file)?;
-    let names: BTreeMap<String, (String, bool)> = {
-        named_params(&model, is_trained(tuning))
-            .into_iter()
-            .map(|(path, _, _)| {
-                let n = hf_name(&model, &path);
-                (path, (n.name, n.transposed))
-            })
-            .collect()
-    };
-    for (name, _) in names.values() {
+    let trained = named_params(&model, is_trained(tuning));
+    let names: BTreeMap<String, (String, bool)> = trained
+        .iter()
+        .filter(|(path, _, _)| stacked_factor(path).is_none())
+        .map(|(path, _, _)| {
+            let n = hf_name(&model, path);
+            (path.clone(), (n.name, n.transposed))
+        })
+        .collect();
+    // Stacked expert factors: each adapted local expert's block from its own peft tensor.
+    let stacked: BTreeMap<String, Vec<(usize, String)>> =
+        trained.iter().filter(|(path, _, _)| stacked_factor(path).is_some()).map(|(path, _, _)| (path.clone(), expert_factor_names(&model, path))).collect();
+    for name in names.values().map(|(n, _)| n).chain(stacked.values().flatten().map(|(_, n)| n)) {
         if !tensors.contains_key(name) {
             let have: Vec<&String> = tensors.keys().take(3).collect();
             return Err(Error::file(
@@ -208,7 +279,7 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
             ));
         }
     }
-    let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).collect();
+    let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).chain(stacked.values().flatten().map(|(_, n)| n)).collect();
     // Under expert parallelism the file holds every rank's experts; this rank reads its own.
     let others_experts = shards.is_some_and(|s| s.ep.is_some());
     if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k) && !(others_experts && k.contains(".mlp.experts."))) {
@@ -218,6 +289,7 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
         shards: Option<&'a Shards<'a, W>>,
         path: Vec<String>,
         names: &'a BTreeMap<String, (String, bool)>,
+        stacked: &'a BTreeMap<String, Vec<(usize, String)>>,
         tensors: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
         file: &'a Path,
         error: Option<Error>,
@@ -231,6 +303,9 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let path = self.path.join(".");
+            if let Some(blocks) = self.stacked.get(&path) {
+                return self.load_stacked(param, blocks);
+            }
             let Some((name, transposed)) = self.names.get(&path) else { return param };
             let Some((shape, data)) = self.tensors.remove(name) else { return param };
             let (id, old, mapper) = param.consume();
@@ -260,7 +335,33 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
             Param::from_mapped_value(ParamId::new(), if grad { t.require_grad() } else { t }, mapper)
         }
     }
-    let mut l = Load { shards, path: vec![], names: &names, tensors: &mut tensors, file, error: None };
+    impl<W: Backend> Load<'_, W> {
+        /// A stacked expert factor (`[local experts, rows, cols]`) with each of `blocks`' local
+        /// experts read from its peft tensor (`[cols, rows]`); the others keep their values.
+        fn load_stacked<B: Backend, const D: usize>(&mut self, param: Param<Tensor<B, D>>, blocks: &[(usize, String)]) -> Param<Tensor<B, D>> {
+            let (id, old, mapper) = param.consume();
+            let dims = old.dims();
+            let (dtype, grad, device) = (old.dtype(), old.is_require_grad(), old.device());
+            let [rows, cols] = [dims[1], dims[D - 1]];
+            let Ok(mut data) = old.clone().into_data().convert::<f32>().into_vec::<f32>() else { return Param::from_mapped_value(id, old, mapper) };
+            for (k, name) in blocks {
+                let Some((shape, values)) = self.tensors.remove(name) else { continue };
+                if shape != [cols, rows] {
+                    self.error.get_or_insert(Error::file(self.file, format!("tensor `{name}` has shape {shape:?}; this model and recipe need {:?}", [cols, rows])));
+                    return Param::from_mapped_value(id, old, mapper);
+                }
+                let block = &mut data[k * rows * cols..(k + 1) * rows * cols];
+                for (i, row) in block.chunks_mut(cols).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = values[j * rows + i];
+                    }
+                }
+            }
+            let t = Tensor::<B, D>::from_data(TensorData::new(data, dims), (&device, DType::F32)).cast(dtype);
+            Param::from_mapped_value(ParamId::new(), if grad { t.require_grad() } else { t }, mapper)
+        }
+    }
+    let mut l = Load { shards, path: vec![], names: &names, stacked: &stacked, tensors: &mut tensors, file, error: None };
     let model = model.map(&mut l);
     match l.error {
         Some(e) => Err(e),
@@ -286,6 +387,14 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
     let tensors = hf_tensors(&model, tuning, shards.as_ref())?;
     let ep_size = shards.as_ref().and_then(|s| s.ep).map_or(1, |ep| ep.group().size);
     let mut adapted = Vec::new();
+    for (layer, moe) in model.layers.iter().enumerate().filter_map(|(i, l)| Some((i, l.moe.as_ref()?))) {
+        for projection in EXPERT_PROJECTIONS {
+            if let Some(a) = moe.expert_lora.get(projection) {
+                let chosen = a.adapted.iter().enumerate().filter(|&(_, &on)| on);
+                adapted.extend(chosen.map(|(g, _)| expert_module_path(layer, g, projection)));
+            }
+        }
+    }
     for (p, _, _) in named_params(&model, &|p| p.ends_with(".lora.lora_a")) {
         let module = module_path(&model, p.trim_end_matches(".lora.lora_a"));
         match expert_of(&p) {
@@ -309,6 +418,10 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
                     let v = match (shards.as_ref(), views.get(path)) {
                         (Some(s), Some(&(view, rank))) => s.gather(path, v.clone().reshape(view), rank)?,
                         _ => v.clone().reshape([1, v.dims()[0]]),
+                    };
+                    let v = match shards.as_ref() {
+                        Some(s) if stacked_factor(path).is_some() => s.expert_stack(v)?,
+                        _ => v,
                     };
                     let copies = match (shards.as_ref(), block) {
                         (Some(s), Some((e, (local, first)))) => s.expert_copies(v, e, local, first)?.into_iter().map(|(g, t)| (renumber(path, e, g), t)).collect(),
@@ -376,7 +489,39 @@ pub fn load_optimizer<B: TrainBackend>(
     let views = param_views(model);
     let mut out = BTreeMap::new();
     let expert_parallel = shards.is_some_and(|s| s.ep.is_some());
+    // Checkpoints written before expert adapters were stacked keep their moments an expert at
+    // a time: each goes to its block of the stack (an expert with none keeps zeros).
+    let mut stacked: BTreeMap<String, (Vec<f32>, Vec<f32>, u64)> = BTreeMap::new();
     for (saved, &step) in &state.optimizer_steps {
+        let Some((layer, g, projection, factor)) = per_expert_adapter(saved) else { continue };
+        let path = format!("layers.{layer}.moe.expert_lora.{projection}.{factor}");
+        let (Some(&([local, width], _)), (_, first)) = (views.get(&path), expert_block(model, layer)) else { continue };
+        if !(first..first + local).contains(&g) {
+            continue;
+        }
+        let entry = stacked.entry(path).or_insert_with(|| (vec![0.0; local * width], vec![0.0; local * width], 0));
+        entry.2 = entry.2.max(step);
+        for (suffix, into) in [("exp_avg", &mut entry.0), ("exp_avg_sq", &mut entry.1)] {
+            let name = format!("{saved}.{suffix}");
+            let (_, data) = tensors.remove(&name).ok_or_else(|| Error::file(&file, format!("tensor `{name}` is missing; the checkpoint is incomplete")))?;
+            let block = &mut into[(g - first) * width..(g - first + 1) * width];
+            if data.len() != width {
+                return Err(Error::file(&file, format!("tensor `{name}` has {} values; an expert of `{saved}` needs {width}", data.len())));
+            }
+            block.copy_from_slice(&data);
+        }
+    }
+    for (path, (exp_avg, exp_avg_sq, step)) in stacked {
+        let flat = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32))
+        };
+        out.insert(path, Moments { exp_avg: flat(exp_avg), exp_avg_sq: flat(exp_avg_sq), step });
+    }
+    for (saved, &step) in &state.optimizer_steps {
+        if per_expert_adapter(saved).is_some() {
+            continue;
+        }
         // Under expert parallelism the file holds every rank's experts under their global
         // indices: this rank takes its block, under its local paths.
         let path = match expert_of(saved) {
@@ -398,6 +543,15 @@ pub fn load_optimizer<B: TrainBackend>(
             let n = data.len();
             let flat = Tensor::<B, 1>::from_data(TensorData::new(data, [n]), (device, DType::F32));
             let Some((s, &(view, rank))) = shards.zip(views.get(path)) else { return Ok(flat) };
+            if let (Some(ep), Some(_)) = (s.ep, stacked_factor(path)) {
+                // Every rank's experts' moments, in global order: this rank's block.
+                let [local, width] = view;
+                if n != ep.group().size * local * width {
+                    return Err(Error::file(&file, format!("tensor `{name}` has {n} values; parameter `{path}` of this model needs {}", ep.group().size * local * width)));
+                }
+                let first = ep.group().rank * local;
+                return Ok(flat.reshape([n / width, width]).narrow(0, first, local).reshape([local * width]));
+            }
             let Some((dim, size)) = s.view_split(path, rank) else { return Ok(flat) };
             let mut whole = view;
             whole[dim] *= size;

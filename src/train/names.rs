@@ -48,6 +48,18 @@ pub fn module_path<B: TrainBackend>(model: &CausalLm<B>, module: &str) -> String
     }
 }
 
+/// The Hugging Face module path of global expert `expert`'s `projection` in layer `layer`.
+pub fn expert_module_path(layer: usize, expert: usize, projection: &str) -> String {
+    format!("model.layers.{layer}.mlp.experts.{expert}.{projection}")
+}
+
+/// peft's name of one expert's factor (`lora_a` or `lora_b`) of a stacked expert adapter
+/// ([`crate::lora::ExpertAdapter`]), stored as `[out, in]` like every peft factor.
+pub fn expert_adapter_name(layer: usize, expert: usize, projection: &str, factor: &str) -> String {
+    let leaf = if factor == "lora_a" { "lora_A" } else { "lora_B" };
+    format!("{PEFT_PREFIX}{}.{leaf}.weight", expert_module_path(layer, expert, projection))
+}
+
 /// The Hugging Face name of the parameter at Burn path `path`: a transformers key for model
 /// weights, a peft key for LoRA factors.
 pub fn hf_name<B: TrainBackend>(model: &CausalLm<B>, path: &str) -> HfName {
@@ -109,5 +121,6 @@ mod tests {
             "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
         );
         assert_eq!(n("lm_head.weight").name, "lm_head.weight");
+        assert_eq!(expert_adapter_name(0, 3, "up_proj", "lora_b"), "base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight");
     }
 }

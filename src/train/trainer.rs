@@ -452,9 +452,10 @@ fn all_reduce_bucket<B: TrainBackend>(group: &GroupComm<B::Wire>, loss_sum: Opti
     Ok((with_loss.then(|| summed.narrow(0, offset, 1)), Grads { by_path, scale }))
 }
 
-/// Whether the parameter at `path` belongs to an expert of a MoE layer.
+/// Whether the parameter at `path` belongs to the experts of a MoE layer (one expert's, or
+/// the layer's stacked expert adapters).
 fn is_expert(path: &str) -> bool {
-    path.contains(".moe.experts.")
+    path.contains(".moe.experts.") || crate::lora::stacked_factor(path).is_some()
 }
 
 /// The gradients that are partial sums on each rank of the tensor-parallel group (a factor

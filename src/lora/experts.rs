@@ -1,0 +1,181 @@
+//! LoRA on a mixture-of-experts layer's experts, stacked: one A `[experts, in, r]` and one B
+//! `[experts, r, out]` a projection (peft's `target_parameters` adapts transformers 5's fused
+//! experts the same way). Two parameters a projection instead of two an expert: the optimizer,
+//! clipping and data-parallel reduction see 6 tensors a MoE layer, not 768, and the experts'
+//! batched GEMMs read the factors in place instead of stacking 128 adapters on every call.
+//!
+//! Checkpoints still hold peft's per-expert tensors (`...mlp.experts.5.up_proj.lora_A.weight`):
+//! the stack is split on the way out and filled on the way in (`train::checkpoints`).
+
+use std::ops::Range;
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+
+use super::adapter::{dropout_mask, LoraAdapter, LoraConfig};
+use crate::backend::TrainBackend;
+
+/// The projections of a SwiGLU expert, in the order the stacks are kept.
+pub const EXPERT_PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// The adapters of one projection of a MoE layer's local experts, stacked. An expert the
+/// targets do not adapt holds zeros in both factors: its term is zero, and so are its
+/// gradients, so AdamW leaves it at zero (zero moments, zero decay) and it stays unadapted.
+#[derive(Module, Debug)]
+pub struct ExpertAdapter<B: Backend> {
+    /// `[local experts, in, rank]`: each expert's peft `lora_A.weight` (`[rank, in]`) transposed.
+    pub lora_a: Param<Tensor<B, 3>>,
+    /// `[local experts, rank, out]`: each expert's peft `lora_B.weight` (`[out, rank]`) transposed.
+    pub lora_b: Param<Tensor<B, 3>>,
+    pub scale: f64,
+    pub dropout: f64,
+    /// Which of the layer's experts (all of them, global indices, whatever this rank holds)
+    /// the targets adapt: the ones a checkpoint holds.
+    #[module(skip)]
+    pub adapted: Vec<bool>,
+}
+
+/// A MoE layer's expert adapters, a projection each (`None`: not adapted).
+#[derive(Module, Debug)]
+pub struct ExpertAdapters<B: Backend> {
+    pub gate_proj: Option<ExpertAdapter<B>>,
+    pub up_proj: Option<ExpertAdapter<B>>,
+    pub down_proj: Option<ExpertAdapter<B>>,
+}
+
+impl<B: Backend> ExpertAdapters<B> {
+    pub fn none() -> Self {
+        ExpertAdapters { gate_proj: None, up_proj: None, down_proj: None }
+    }
+
+    /// The adapter of `projection` (one of [`EXPERT_PROJECTIONS`]).
+    pub fn get(&self, projection: &str) -> Option<&ExpertAdapter<B>> {
+        match projection {
+            "gate_proj" => self.gate_proj.as_ref(),
+            "up_proj" => self.up_proj.as_ref(),
+            "down_proj" => self.down_proj.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn get_mut(&mut self, projection: &str) -> Option<&mut Option<ExpertAdapter<B>>> {
+        match projection {
+            "gate_proj" => Some(&mut self.gate_proj),
+            "up_proj" => Some(&mut self.up_proj),
+            "down_proj" => Some(&mut self.down_proj),
+            _ => None,
+        }
+    }
+}
+
+impl<B: TrainBackend> ExpertAdapter<B> {
+    /// Fresh adapters for the local experts `local` (global indices) of a layer with
+    /// `num_experts`, `paths[g]` being expert `g`'s module path and `adapted[g]` whether the
+    /// targets adapt it: each adapted expert's A drawn from its own path's stream, as
+    /// [`LoraAdapter::init`] draws it (so stacking changes no value), B zero.
+    pub fn init(cfg: &LoraConfig, paths: &[String], adapted: Vec<bool>, local: Range<usize>, inp: usize, out: usize, device: &B::Device) -> Self {
+        let rank = cfg.rank;
+        let mut a = vec![0.0f32; local.len() * inp * rank];
+        for (block, g) in a.chunks_mut(inp * rank).zip(local.clone()) {
+            if adapted[g] {
+                block.copy_from_slice(&LoraAdapter::<B>::init_a(cfg, &paths[g], inp));
+            }
+        }
+        let f32_tensor = |data: Vec<f32>, shape: [usize; 3]| Tensor::<B, 3>::from_data(TensorData::new(data, shape), (device, DType::F32));
+        ExpertAdapter {
+            lora_a: Param::from_tensor(f32_tensor(a, [local.len(), inp, rank])),
+            lora_b: Param::from_tensor(f32_tensor(vec![0.0; local.len() * rank * out], [local.len(), rank, out])),
+            scale: cfg.scale,
+            dropout: cfg.dropout,
+            adapted,
+        }
+    }
+
+    /// `s * (dropout(x[e]) A_e) B_e` for the local experts `experts` (`x[e]` for expert
+    /// `experts.start + e`), as two batched GEMMs over the stacked factors, in f32, returned in
+    /// `x`'s dtype.
+    ///
+    /// # Shapes
+    /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
+    pub fn forward(&self, x: Tensor<B, 3>, experts: Range<usize>) -> Tensor<B, 3> {
+        let (mut a, mut b) = (self.lora_a.val(), self.lora_b.val());
+        if experts.len() != a.dims()[0] {
+            a = a.narrow(0, experts.start, experts.len());
+            b = b.narrow(0, experts.start, experts.len());
+        }
+        let dtype = x.dtype();
+        let h = x.cast(FloatDType::F32);
+        let (h, scale) = match dropout_mask::<B, 3>(self.dropout, h.shape(), &h.device(), DType::F32) {
+            Some((kept, keep)) => (h * kept, self.scale / keep),
+            None => (h, self.scale),
+        };
+        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
+        // one pass over `rank` columns instead of `out` (forward and backward).
+        B::batched_matmul(B::batched_matmul(h, a) * scale, b).cast(dtype)
+    }
+
+    /// `s * A_e B_e` of local expert `e`: what merging adds to its base weight (`[in, out]`).
+    pub fn delta(&self, e: usize) -> Tensor<B, 2> {
+        let ([_, inp, rank], [_, _, out]) = (self.lora_a.val().dims(), self.lora_b.val().dims());
+        let a = self.lora_a.val().narrow(0, e, 1).reshape([inp, rank]);
+        a.matmul(self.lora_b.val().narrow(0, e, 1).reshape([rank, out])) * self.scale
+    }
+}
+
+/// `(layer, projection, factor)` of the Burn path of a stacked expert factor
+/// (`layers.3.moe.expert_lora.up_proj.lora_a` → `(3, "up_proj", "lora_a")`).
+pub fn stacked_factor(path: &str) -> Option<(usize, &str, &str)> {
+    let (layer, rest) = path.strip_prefix("layers.")?.split_once('.')?;
+    let (projection, factor) = rest.strip_prefix("moe.expert_lora.")?.split_once('.')?;
+    (EXPERT_PROJECTIONS.contains(&projection) && matches!(factor, "lora_a" | "lora_b")).then_some((layer.parse().ok()?, projection, factor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
+
+    #[test]
+    fn stacked_paths_name_layer_projection_and_factor() {
+        assert_eq!(stacked_factor("layers.3.moe.expert_lora.up_proj.lora_a"), Some((3, "up_proj", "lora_a")));
+        assert_eq!(stacked_factor("layers.12.moe.expert_lora.down_proj.lora_b"), Some((12, "down_proj", "lora_b")));
+        assert_eq!(stacked_factor("layers.3.moe.experts.5.up_proj.lora.lora_a"), None);
+        assert_eq!(stacked_factor("layers.3.moe.expert_lora.q_proj.lora_a"), None);
+    }
+
+    /// The stacked adapter of experts 2..5 (expert 3 not adapted) computes, expert by expert,
+    /// what the experts' own adapters compute; the unadapted expert's term and gradients are
+    /// zero.
+    #[test]
+    fn stacked_adapter_is_each_experts_adapter() {
+        let device = Default::default();
+        let cfg = LoraConfig { rank: 2, scale: 1.5, dropout: 0.0, seed: 4 };
+        let (inp, out, tokens) = (6, 5, 3);
+        let paths: Vec<String> = (0..6).map(|g| format!("model.layers.0.mlp.experts.{g}.up_proj")).collect();
+        let adapted = vec![true, true, true, false, true, true];
+        let mut stacked = ExpertAdapter::<Ad>::init(&cfg, &paths, adapted, 2..5, inp, out, &device);
+        let b = Tensor::<Ad, 3>::random([3, 2, out], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        stacked.lora_b = Param::from_tensor(b * Tensor::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0], [3, 1, 1]), &device));
+        let x = Tensor::<Ad, 3>::random([2, tokens, inp], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        // Experts 3 and 4 (local 1..3).
+        let y = stacked.forward(x.clone(), 1..3);
+        let grads = y.clone().sum().backward();
+        let ga = stacked.lora_a.val().grad(&grads).unwrap();
+        for (k, g) in [(0, 3), (1, 4)] {
+            let own = LoraAdapter::<Ad>::init(&cfg, &paths[g], inp, out, &device);
+            let a = stacked.lora_a.val().narrow(0, k + 1, 1).reshape([inp, 2]);
+            let want_a = if g == 3 { own.lora_a.val().zeros_like() } else { own.lora_a.val() };
+            assert_eq!(a.into_data().to_vec::<f32>().unwrap(), want_a.into_data().to_vec::<f32>().unwrap(), "expert {g}'s A");
+            let xk = x.clone().narrow(0, k, 1).reshape([tokens, inp]);
+            let want = xk.matmul(stacked.delta(k + 1));
+            let got = y.clone().narrow(0, k, 1).reshape([tokens, out]);
+            let err = (got - want).abs().max().into_scalar();
+            assert!(err < 1e-5, "expert {g}: {err}");
+        }
+        let g3 = ga.clone().narrow(0, 1, 1).abs().sum().into_scalar();
+        assert_eq!(g3, 0.0, "the unadapted expert's A gets no gradient");
+        assert_eq!(ga.narrow(0, 0, 1).abs().sum().into_scalar(), 0.0, "an expert outside the run gets none");
+    }
+}
