@@ -1,16 +1,14 @@
 #!/bin/bash
 # Session 22, call 1. Issue 16: Qwen3-30B-A3B at 8 of 48 layers, trainer with stacked expert
-# adapters (11bdb06) beside transformers+peft in one call, then trainer again with the profile.
+# adapters (11bdb06) beside transformers+peft in one call; trainer's profiled steps follow its
+# timed ones.
 set -u
 cd "$(dirname "$0")/../.."
 source benches/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 R=$OUT
-export COMMIT=$(cat .gpu/COMMIT) LAYERS=8 WARMUP=1 STEPS=3 TRAINER_TIMEOUT=200 OUT=/tmp/bench
-BASELINES=peft bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
+export COMMIT=$(cat .gpu/COMMIT) LAYERS=${LAYERS:-8} WARMUP=1 STEPS=3 TRAINER_TIMEOUT=${TRAINER_TIMEOUT:-240} OUT=/tmp/bench
+BASELINES=${BASELINES-peft} PROFILE=1 bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
 grep -v "^\[transformers\]\|UserWarning\|Consider using\|losses.append" /tmp/bench.out | grep -v "^{"
-cp /tmp/bench/results.jsonl /tmp/bench/*trainer*.log $R/ 2>/dev/null
-BASELINES= PROFILE=1 VARIANT=profile bash benches/run.sh 30b-mb4 > /tmp/bench2.out 2>&1
-grep -v "^{" /tmp/bench2.out | tail -5
 cp /tmp/bench/results.jsonl /tmp/bench/*trainer*.log $R/ 2>/dev/null
 true
