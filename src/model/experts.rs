@@ -6,9 +6,8 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::linear::{still_views, transpose, view_ids, Linear, Loader};
+use super::linear::{still_views, view_ids, Linear, Loader};
 use super::layers::Mlp;
-use super::weights::HostTensor;
 use crate::backend::TrainBackend;
 use crate::error::Result;
 use crate::parallel::Partition;
@@ -37,11 +36,8 @@ impl<B: TrainBackend> StackedExperts<B> {
         let n = experts.len();
         let mut stack = |projection: &str, inp: usize, out: usize| -> Result<Tensor<B, 3>> {
             let paths: Vec<String> = experts.clone().map(|e| format!("{path}.experts.{e}.{projection}")).collect();
-            let mut data = Vec::with_capacity(n * inp * out);
-            for w in ld.host_weights(&paths, inp, out)? {
-                data.extend(transpose(w).data);
-            }
-            Ok(ld.upload(HostTensor { shape: vec![n, inp, out], data }))
+            let ws = ld.host_weights(&paths, inp, out)?;
+            Ok(ld.upload_stacked_transposed(&ws))
         };
         let (gate, up, down) = (stack("gate_proj", hidden, inter)?, stack("up_proj", hidden, inter)?, stack("down_proj", inter, hidden)?);
         let view = |stack: &Tensor<B, 3>, e: usize| {

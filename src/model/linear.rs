@@ -45,11 +45,30 @@ impl<B: TrainBackend> Loader<'_, B> {
     /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
     /// has nothing left to convert (it would on one core).
     pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
-        use burn::tensor::ElementConversion;
-        let mut out = vec![B::FloatElem::from_elem(0.0f32); t.data.len()];
+        let mut out = zeroed::<B::FloatElem>(t.data.len());
         let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
-        super::weights::parallel_for(parts, |(dst, src)| dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v.elem()));
+        super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
         Tensor::from_data(TensorData::new(out, t.shape), &self.device)
+    }
+
+    /// Experts' weights as stored (`[out, in]` each) transposed and stacked `[experts, in, out]`,
+    /// converted to the backend's float type, in one pass on all cores: no per-expert transposed
+    /// copy and no serial copy into the stack (for Qwen3-30B-A3B, 2.4 GB a projection a layer,
+    /// where first touches of fresh pages cost more than the arithmetic).
+    pub(super) fn upload_stacked_transposed(&self, ws: &[HostTensor]) -> Tensor<B, 3> {
+        let (out, inp) = (ws[0].shape[0], ws[0].shape[1]);
+        let mut stack = zeroed::<B::FloatElem>(ws.len() * inp * out);
+        // Tiles of TILE rows of each expert's `[in, out]` block, read from TILE columns of its
+        // stored rows.
+        const TILE: usize = 64;
+        let tiles: Vec<(&HostTensor, usize, &mut [B::FloatElem])> =
+            stack.chunks_mut(inp * out).zip(ws).flat_map(|(block, w)| block.chunks_mut(TILE * out).enumerate().map(move |(k, t)| (w, k * TILE, t))).collect();
+        super::weights::parallel_for(tiles, |(w, i0, tile)| {
+            for (di, row) in tile.chunks_mut(out).enumerate() {
+                put(row, (0..out).map(|o| w.data[o * inp + i0 + di]));
+            }
+        });
+        Tensor::from_data(TensorData::new(stack, vec![ws.len(), inp, out]), &self.device)
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.
@@ -254,6 +273,19 @@ impl<B: TrainBackend> Linear<B> {
         let b = linears.iter().map(|l| l.bias.as_ref().map_or_else(zeros, |b| b.val()));
         y + Tensor::stack::<2>(b.collect(), 0).unsqueeze_dim(1)
     }
+}
+
+/// `n` zeros, allocated zeroed: the pages are mapped at their first write, so that the parallel
+/// fill that follows touches them on all cores (`vec![x; n]` of a non-integer type writes every
+/// page on one core first).
+fn zeroed<E: burn::tensor::Element>(n: usize) -> Vec<E> {
+    bytemuck::zeroed_vec(n)
+}
+
+/// `values` converted to `E`, written one after another into `dst`.
+fn put<E: burn::tensor::Element>(dst: &mut [E], values: impl Iterator<Item = f32>) {
+    use burn::tensor::ElementConversion;
+    dst.iter_mut().zip(values).for_each(|(d, v)| *d = v.elem());
 }
 
 /// `[rows, cols]` row-major as `[cols, rows]`.
