@@ -1,6 +1,6 @@
 #!/bin/bash
 # Session 22, call 1. Issue 16: Qwen3-30B-A3B at 8 of 48 layers, trainer with stacked expert
-# adapters (11bdb06) beside transformers+peft in one call; trainer's profiled steps follow its
+# adapters (31dc63e: + the weight build in one pass) beside transformers+peft in one call; trainer's profiled steps follow its
 # timed ones.
 set -u
 cd "$(dirname "$0")/../.."
