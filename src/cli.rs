@@ -184,6 +184,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw runs' metrics as SVG charts: training loss (raw and smoothed), eval loss, learning
+    /// rate, gradient norm, tokens/s and device memory against the step, several runs overlaid
+    /// for comparing. A run draws its own into its `plots/` at each evaluation and at the end.
+    Plot {
+        /// Run folders (each with its metrics.jsonl), or metrics files.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The folder the charts go into (default: the run's `plots/` for one run, `plots` in
+        /// the current folder for several).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// List the registered model families.
     Models,
 }
@@ -265,6 +277,26 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
                 println!("no runs in {}", dir.display());
             } else {
                 print!("{}", crate::run::listing::table(&runs));
+            }
+            Ok(())
+        }
+        Command::Plot { runs, out } => {
+            let mut read = Vec::new();
+            for run in &runs {
+                let file = if run.is_dir() { run.join("metrics.jsonl") } else { run.clone() };
+                if !file.is_file() {
+                    return Err(Error::file(&file, "no such metrics file; give a run folder (it holds metrics.jsonl) or a metrics file"));
+                }
+                let label = if run.is_dir() { run } else { run.parent().unwrap_or(run) };
+                let label = label.file_name().map_or_else(|| label.display().to_string(), |n| n.to_string_lossy().into_owned());
+                read.push((label, crate::run::plots::read_metrics(&file)?));
+            }
+            let out = out.unwrap_or_else(|| match &runs[..] {
+                [one] if one.is_dir() => one.join("plots"),
+                _ => PathBuf::from("plots"),
+            });
+            for f in crate::run::plots::write_charts(&out, &read)? {
+                println!("{}", f.display());
             }
             Ok(())
         }

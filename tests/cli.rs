@@ -91,6 +91,20 @@ fn run_trains_the_embedded_default() {
     assert!(o.status.success(), "{stdout}\n{err}");
     assert!(stdout.contains("step 6/6 loss"), "{stdout}");
     assert!(stdout.contains("done: 6 steps") && stdout.contains("checkpoint-6"), "{stdout}");
+    // The run drew its charts at the end; `trainer plot` overlays runs.
+    let run = std::fs::read_dir(out.path()).unwrap().flatten().map(|e| e.path()).find(|p| p.join("metrics.jsonl").is_file()).expect("the run folder");
+    let charts = run.join("plots");
+    for name in ["loss.svg", "lr.svg", "grad_norm.svg", "tokens_per_s.svg"] {
+        let svg = std::fs::read_to_string(charts.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{name}");
+    }
+    let both = out.path().join("both");
+    let (run, both_arg) = (run.display().to_string(), both.display().to_string());
+    let o = trainer(&["plot", &run, &run, "--out", &both_arg]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let loss = std::fs::read_to_string(both.join("loss.svg")).unwrap();
+    assert_eq!(loss.matches("<polyline").count(), 4, "two runs x (raw, smoothed)");
+    assert_user_error(&["plot", &out.path().join("nowhere").display().to_string()], &["nowhere", "metrics"]);
 }
 
 #[test]

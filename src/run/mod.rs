@@ -22,6 +22,7 @@
 pub mod checkpoint;
 pub mod listing;
 pub mod lock;
+pub mod plots;
 pub mod resume;
 
 use std::collections::BTreeMap;

@@ -137,6 +137,16 @@ impl Metrics {
         Ok(())
     }
 
+    /// Redraw the run's charts (`plots/` beside the metrics file, [`crate::run::plots`]). A chart
+    /// that cannot be written is reported, not fatal: the training goes on.
+    pub fn draw_charts(&mut self) {
+        self.file.flush().ok();
+        let run_dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if let Err(e) = crate::run::plots::plot_run(&run_dir, &self.path) {
+            self.note(&format!("warning: charts not drawn: {e}"));
+        }
+    }
+
     /// A line that must not be overwritten by the progress bar.
     pub fn note(&mut self, text: &str) {
         if self.bar {

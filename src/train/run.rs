@@ -413,6 +413,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
             let (loss, tokens) = trainer.evaluate(&val_batches)?;
             if let Some(m) = metrics.as_mut() {
                 m.eval(step, loss, tokens)?;
+                m.draw_charts();
             }
             eval_loss = Some(loss);
         }
@@ -455,6 +456,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         }
     }
     drop(armed);
+    if let Some(m) = metrics.as_mut() {
+        m.draw_charts();
+    }
     // The last step always saves; only a stop requested before the end (tests of resume)
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
