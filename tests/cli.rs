@@ -86,7 +86,7 @@ fn bad_input_exits_2_with_a_message() {
 fn run_trains_the_embedded_default() {
     let out = tempfile::tempdir().unwrap();
     let dir = format!("checkpoint.output_dir={}", out.path().display());
-    let o = trainer(&["run", "recipes/tiny-qwen3-moe-lora.toml", "--set", "train.max_steps=6", "--set", &dir]);
+    let o = trainer(&["run", "recipes/tiny-qwen3-moe-lora.toml", "--set", "train.max_steps=6", "--set", &dir, "--set", "logging.tensorboard=true"]);
     let (stdout, err) = text(&o);
     assert!(o.status.success(), "{stdout}\n{err}");
     assert!(stdout.contains("step 6/6 loss"), "{stdout}");
@@ -105,6 +105,23 @@ fn run_trains_the_embedded_default() {
     let loss = std::fs::read_to_string(both.join("loss.svg")).unwrap();
     assert_eq!(loss.matches("<polyline").count(), 4, "two runs x (raw, smoothed)");
     assert_user_error(&["plot", &out.path().join("nowhere").display().to_string()], &["nowhere", "metrics"]);
+    // TensorBoard's events hold the logged losses under transformers' tag (tests/tensorboard_check.py
+    // reads them with TensorBoard's own reader).
+    let events = std::fs::read_dir(&run).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("events.out.tfevents.")).expect("an event file");
+    let losses: Vec<(u64, f32)> = trainer::train::tensorboard::read_events(&events)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(step, values)| values.into_iter().filter(|(t, _)| t == "train/loss").map(move |(_, v)| (step, v)))
+        .collect();
+    let metrics = std::fs::read_to_string(std::path::Path::new(&run).join("metrics.jsonl")).unwrap();
+    let want: Vec<(u64, f32)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()?, v.get("loss")?.as_f64()? as f32))
+        })
+        .collect();
+    assert_eq!((losses.len(), losses), (6, want));
 }
 
 #[test]

@@ -624,11 +624,14 @@ pub struct LoggingSection {
     pub metrics_file: String,
     /// Show a progress bar when stderr is a terminal. Default true.
     pub progress_bar: bool,
+    /// Also write TensorBoard event files into the run folder (`--report_to tensorboard`), the
+    /// scalars under transformers' tags (`train/loss`, `eval/loss`, ...). Default false.
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        LoggingSection { interval: 1, metrics_file: "metrics.jsonl".into(), progress_bar: true }
+        LoggingSection { interval: 1, metrics_file: "metrics.jsonl".into(), progress_bar: true, tensorboard: false }
     }
 }
 

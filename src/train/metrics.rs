@@ -23,6 +23,7 @@ pub struct Metrics {
     total_steps: usize,
     positions: usize,
     smoothed: LossAverage,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 /// The training loss smoothed as TensorBoard's slider does: an exponential moving average with
@@ -47,7 +48,8 @@ impl LossAverage {
 impl Metrics {
     /// Open `path` for appending, first dropping lines of steps after `keep_through` (left by
     /// a run that went on past the checkpoint it is resumed from).
-    pub fn open(path: &Path, keep_through: usize, total_steps: usize, interval: usize, progress_bar: bool) -> Result<Self> {
+    /// With `tensorboard`, TensorBoard event files go beside it too ([`super::tensorboard`]).
+    pub fn open(path: &Path, keep_through: usize, total_steps: usize, interval: usize, progress_bar: bool, tensorboard: bool) -> Result<Self> {
         if path.exists() && keep_through > 0 {
             let f = File::open(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
             let kept: Vec<String> = BufReader::new(f)
@@ -83,6 +85,10 @@ impl Metrics {
             total_steps,
             positions: 0,
             smoothed: LossAverage::default(),
+            tensorboard: match tensorboard {
+                true => Some(super::tensorboard::EventWriter::create(path.parent().unwrap_or(Path::new(".")))?),
+                false => None,
+            },
         })
     }
 
@@ -115,6 +121,20 @@ impl Metrics {
                 record["mem_in_use_gib"] = json!(gib(m.in_use));
                 line.push_str(&format!(" mem {:.1} GiB", gib(m.reserved)));
             }
+            if let Some(tb) = self.tensorboard.as_mut() {
+                let mut values = vec![
+                    ("train/loss", s.loss),
+                    ("train/loss_smoothed", smoothed),
+                    ("train/learning_rate", s.lr),
+                    ("train/grad_norm", s.grad_norm),
+                    ("train/epoch", epoch),
+                    ("train/tokens_per_s", tokens_per_s),
+                ];
+                if let Some(m) = s.memory {
+                    values.extend([("train/mem_reserved_gib", gib(m.reserved)), ("train/mem_in_use_gib", gib(m.in_use))]);
+                }
+                tb.scalars(step as u64, &values)?;
+            }
             self.write(record)?;
             if self.bar {
                 eprint!("\r\x1b[2K{line}");
@@ -130,6 +150,9 @@ impl Metrics {
 
     pub fn eval(&mut self, step: usize, loss: f64, tokens: usize) -> Result<()> {
         self.write(json!({ "step": step, "eval_loss": loss, "eval_tokens": tokens }))?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(step as u64, &[("eval/loss", loss)])?;
+        }
         if self.bar {
             eprint!("\r\x1b[2K");
         }
@@ -171,13 +194,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
         let stats = StepStats { loss: 1.0, lr: 0.1, grad_norm: 0.5, tokens: 3, positions: 8, memory: None };
-        let mut m = Metrics::open(&path, 0, 4, 1, false).unwrap();
+        let mut m = Metrics::open(&path, 0, 4, 1, false, false).unwrap();
         for s in 1..=3 {
             m.step(s, 0.0, &stats).unwrap();
         }
         m.eval(2, 0.7, 10).unwrap();
         drop(m);
-        let mut m = Metrics::open(&path, 2, 4, 1, false).unwrap();
+        let mut m = Metrics::open(&path, 2, 4, 1, false, false).unwrap();
         m.step(3, 0.0, &stats).unwrap();
         let steps: Vec<u64> = std::fs::read_to_string(&path)
             .unwrap()

@@ -13,6 +13,7 @@ pub mod preflight;
 pub mod recompute;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use schedule::LrSchedule;

@@ -353,7 +353,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // to all experts, and each rank holds its own).
     let with_rank0 = data_rank == 0 || layout.expert.size > 1;
     let mut metrics = match writer {
-        true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar)?),
+        true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar, r.logging.tensorboard)?),
         false => None,
     };
     let ranks_note = match (dp_size, layout.tensor.size) {
