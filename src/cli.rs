@@ -13,7 +13,7 @@ use crate::recipe::{self, LoadedRecipe};
 use crate::train;
 
 #[derive(Parser, Debug)]
-#[command(name = "trainer", version, about = "Declarative LLM fine-tuning: recipes compiled into Burn models")]
+#[command(name = "trainer", version, about = "Declarative LLM fine-tuning: recipes compiled into Burn models", disable_help_subcommand = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -198,6 +198,15 @@ pub enum Command {
     },
     /// List the registered model families.
     Models,
+    /// Help on a subcommand (`trainer help run`), or on the recipe: `trainer help recipe` lists
+    /// every key with its documentation, `trainer help recipe KEY` shows one key or section in
+    /// full (unit, default, values, the ms-swift flag it replaces).
+    Help {
+        /// `recipe`, or a subcommand's name.
+        topic: Option<String>,
+        /// With `recipe`: a key (`optimizer.lr`) or section (`lora`).
+        key: Option<String>,
+    },
 }
 
 /// Entry point of the `trainer` binary with the built-in families.
@@ -297,6 +306,27 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             });
             for f in crate::run::plots::write_charts(&out, &read)? {
                 println!("{}", f.display());
+            }
+            Ok(())
+        }
+        Command::Help { topic, key } => {
+            use clap::CommandFactory;
+            let mut cli = Cli::command();
+            match topic.as_deref() {
+                Some("recipe") => print!("{}", recipe::explain::explain(key.as_deref())?),
+                None => cli.print_help().map_err(|e| Error::Internal(e.to_string()))?,
+                Some(name) => match cli.find_subcommand(name) {
+                    // As `trainer NAME --help` prints it (usage line included).
+                    Some(_) => {
+                        if let Err(help) = Cli::command().try_get_matches_from(["trainer", name, "--help"]) {
+                            help.print().map_err(|e| Error::Internal(e.to_string()))?;
+                        }
+                    }
+                    None => {
+                        let names: Vec<String> = cli.get_subcommands().map(|s| s.get_name().to_string()).collect();
+                        return Err(Error::Unsupported(format!("no help on `{name}`; ask for `recipe` or one of: {}", names.join(", "))));
+                    }
+                },
             }
             Ok(())
         }

@@ -178,3 +178,17 @@ fn check_shows_the_first_rows_as_the_model_sees_them() {
     assert_user_error(&["check", tiny, "--json", "--no-data"], &["--json"]);
     assert_user_error(&["check", tiny, "--set", "data.template=\"vicuna\""], &["data.template", "vicuna", "qwen3"]);
 }
+
+#[test]
+fn help_recipe_documents_every_key_from_the_schema() {
+    let o = trainer(&["help", "recipe"]);
+    let (all, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(all.contains("optimizer.lr  (f64)") && all.contains("logging.tensorboard  (bool)"), "{all}");
+    let o = trainer(&["help", "recipe", "optimizer.lr"]);
+    let (one, _) = text(&o);
+    assert!(one.starts_with("optimizer.lr  (f64)") && one.contains("--lr"), "{one}");
+    assert_user_error(&["help", "recipe", "optimizer.learning_rate"], &["not a recipe key", "optimizer.lr"]);
+    let o = trainer(&["help", "run"]);
+    assert!(o.status.success() && text(&o).0.contains("Usage: trainer run"), "{:?}", text(&o));
+}

@@ -7,6 +7,7 @@
 //! would be valid. The schema, with each key's default and the ms-swift flag it replaces, is
 //! in [`Recipe`] and its sections.
 
+pub mod explain;
 mod keys;
 mod load;
 mod schema;
