@@ -139,7 +139,7 @@ impl<B: TrainBackend> LoraAdapter<B> {
 
 /// Whether an adapter with `dropout` draws a mask now: only while gradients are tracked
 /// (training), as Burn's own `Dropout` does, or inside [`training_forward`].
-fn dropout_active<B: TrainBackend>(dropout: f64, device: &B::Device) -> bool {
+pub(super) fn dropout_active<B: TrainBackend>(dropout: f64, device: &B::Device) -> bool {
     dropout > 0.0 && (B::ad_enabled(device) || TRAINING_FORWARD.with(|t| t.get()))
 }
 

@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
-use super::adapter::{dropout_mask, LoraAdapter, LoraConfig};
+use super::adapter::{dropout_active, dropout_mask, LoraAdapter, LoraConfig};
 use crate::backend::TrainBackend;
 
 /// The projections of a SwiGLU expert, in the order the stacks are kept.
@@ -99,11 +99,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
     pub fn forward(&self, x: Tensor<B, 3>, experts: Range<usize>) -> Tensor<B, 3> {
-        let (mut a, mut b) = (self.lora_a.val(), self.lora_b.val());
-        if experts.len() != a.dims()[0] {
-            a = a.narrow(0, experts.start, experts.len());
-            b = b.narrow(0, experts.start, experts.len());
-        }
+        let [a, b] = self.factors(experts);
         let dtype = x.dtype();
         let h = x.cast(FloatDType::F32);
         let (h, scale) = match dropout_mask::<B, 3>(self.dropout, h.shape(), &h.device(), DType::F32) {
@@ -113,6 +109,33 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
         // one pass over `rank` columns instead of `out` (forward and backward).
         B::batched_matmul(B::batched_matmul(h, a) * scale, b).cast(dtype)
+    }
+
+    /// [`forward`](Self::forward) of two adapters that read the same input (an expert's gate
+    /// and up projections) from one f32 copy of it and one product with both As side by side
+    /// (`[experts, in, r1 + r2]`): the padded rows are cast and read once, not twice, forward
+    /// and backward. Apart when either draws dropout (each its own mask, as peft draws them).
+    pub fn forward_pair(first: &Self, second: &Self, x: Tensor<B, 3>, experts: Range<usize>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if dropout_active::<B>(first.dropout, &x.device()) || dropout_active::<B>(second.dropout, &x.device()) {
+            return (first.forward(x.clone(), experts.clone()), second.forward(x, experts));
+        }
+        let ([a1, b1], [a2, b2]) = (first.factors(experts.clone()), second.factors(experts));
+        let r1 = a1.dims()[2];
+        let r2 = a2.dims()[2];
+        let dtype = x.dtype();
+        let h = B::batched_matmul(x.cast(FloatDType::F32), Tensor::cat(vec![a1, a2], 2));
+        let y1 = B::batched_matmul(h.clone().narrow(2, 0, r1) * first.scale, b1).cast(dtype);
+        let y2 = B::batched_matmul(h.narrow(2, r1, r2) * second.scale, b2).cast(dtype);
+        (y1, y2)
+    }
+
+    /// A and B of the local experts `experts`.
+    fn factors(&self, experts: Range<usize>) -> [Tensor<B, 3>; 2] {
+        let (a, b) = (self.lora_a.val(), self.lora_b.val());
+        match experts.len() == a.dims()[0] {
+            true => [a, b],
+            false => [a.narrow(0, experts.start, experts.len()), b.narrow(0, experts.start, experts.len())],
+        }
     }
 
     /// `s * A_e B_e` of local expert `e`: what merging adds to its base weight (`[in, out]`).
@@ -173,6 +196,14 @@ mod tests {
             let got = y.clone().narrow(0, k, 1).reshape([tokens, out]);
             let err = (got - want).abs().max().into_scalar();
             assert!(err < 1e-5, "expert {g}: {err}");
+        }
+        // Paired with another adapter on the same input: each term as on its own.
+        let mut other = ExpertAdapter::<Ad>::init(&LoraConfig { rank: 3, scale: 0.5, ..cfg }, &paths, vec![true; 6], 2..5, inp, 4, &device);
+        other.lora_b = Param::from_tensor(Tensor::random([3, 3, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &device));
+        let (p1, p2) = ExpertAdapter::forward_pair(&stacked, &other, x.clone(), 1..3);
+        for (got, want) in [(p1, y.clone()), (p2, other.forward(x.clone(), 1..3))] {
+            let err = (got - want.clone()).abs().max().into_scalar() / want.abs().max().into_scalar();
+            assert!(err < 1e-5, "paired term differs by {err}");
         }
         let g3 = ga.clone().narrow(0, 1, 1).abs().sum().into_scalar();
         assert_eq!(g3, 0.0, "the unadapted expert's A gets no gradient");

@@ -294,8 +294,14 @@ impl<B: TrainBackend> Mlp<B> {
             Some(a) => y + span::<B, _>("lora", &device, || a.forward(x, range.clone())),
             None => y,
         };
-        let gate = adapted(Linear::forward_stacked(&projection(|m| &m.gate_proj), gate_w, x.clone()), adapters.gate_proj.as_ref(), x.clone());
-        let up = adapted(Linear::forward_stacked(&projection(|m| &m.up_proj), up_w, x.clone()), adapters.up_proj.as_ref(), x);
+        let (gate, up) = (Linear::forward_stacked(&projection(|m| &m.gate_proj), gate_w, x.clone()), Linear::forward_stacked(&projection(|m| &m.up_proj), up_w, x.clone()));
+        let (gate, up) = match (adapters.gate_proj.as_ref(), adapters.up_proj.as_ref()) {
+            (Some(g), Some(u)) => {
+                let (dg, du) = span::<B, _>("lora", &device, || ExpertAdapter::forward_pair(g, u, x, range.clone()));
+                (gate + dg, up + du)
+            }
+            (g, u) => (adapted(gate, g, x.clone()), adapted(up, u, x)),
+        };
         let h = ops::fused_swiglu(gate, up);
         adapted(Linear::forward_stacked(&projection(|m| &m.down_proj), down_w, h.clone()), adapters.down_proj.as_ref(), h)
     }
