@@ -296,8 +296,7 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
                 if !file.is_file() {
                     return Err(Error::file(&file, "no such metrics file; give a run folder (it holds metrics.jsonl) or a metrics file"));
                 }
-                let label = if run.is_dir() { run } else { run.parent().unwrap_or(run) };
-                let label = label.file_name().map_or_else(|| label.display().to_string(), |n| n.to_string_lossy().into_owned());
+                let label = crate::run::plots::run_label(if run.is_dir() { run } else { run.parent().unwrap_or(run) });
                 read.push((label, crate::run::plots::read_metrics(&file)?));
             }
             let out = out.unwrap_or_else(|| match &runs[..] {

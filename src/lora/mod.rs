@@ -59,18 +59,14 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
         let Some(moe) = layer.moe.as_mut() else { continue };
         let local = moe.first_expert..moe.first_expert + moe.experts.len();
         let Some(expert) = moe.experts.first() else { continue };
-        for projection in EXPERT_PROJECTIONS {
+        let dims = [expert.gate_proj.dims(), expert.up_proj.dims(), expert.down_proj.dims()];
+        for (projection, (inp, out)) in EXPERT_PROJECTIONS.into_iter().zip(dims) {
             let paths: Vec<String> = (0..moe.num_experts).map(|g| format!("model.layers.{i}.mlp.experts.{g}.{projection}")).collect();
             let chosen: Vec<bool> = paths.iter().map(|p| targets.matches(p)).collect();
             if !chosen[local.clone()].contains(&true) {
                 continue;
             }
             adapted += chosen[local.clone()].iter().filter(|&&c| c).count();
-            let (inp, out) = match projection {
-                "gate_proj" => expert.gate_proj.dims(),
-                "up_proj" => expert.up_proj.dims(),
-                _ => expert.down_proj.dims(),
-            };
             let slot = moe.expert_lora.get_mut(projection).expect("a SwiGLU projection");
             *slot = Some(ExpertAdapter::init(cfg, &paths, chosen, local.clone(), inp, out, &device));
         }

@@ -53,8 +53,8 @@ pub fn write_charts(dir: &Path, runs: &[(String, RunMetrics)]) -> Result<Vec<Pat
         for (label, metrics) in runs {
             for key in keys {
                 if let Some(points) = metrics.get(*key).filter(|p| !p.is_empty()) {
+                    // One run: its metrics by key; several: each series by run (and key).
                     let name = match (runs.len(), keys.len()) {
-                        (1, 1) => key.to_string(),
                         (1, _) => key.to_string(),
                         (_, 1) => label.clone(),
                         _ => format!("{label} {key}"),
@@ -78,8 +78,12 @@ pub fn write_charts(dir: &Path, runs: &[(String, RunMetrics)]) -> Result<Vec<Pat
 /// The charts of one run, from its metrics file, in `run_dir/plots`.
 pub fn plot_run(run_dir: &Path, metrics_file: &Path) -> Result<Vec<PathBuf>> {
     let metrics = read_metrics(metrics_file)?;
-    let label = run_dir.file_name().map_or_else(|| run_dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-    write_charts(&run_dir.join("plots"), &[(label, metrics)])
+    write_charts(&run_dir.join("plots"), &[(run_label(run_dir), metrics)])
+}
+
+/// How charts name a run: its folder's name.
+pub fn run_label(run_dir: &Path) -> String {
+    run_dir.file_name().map_or_else(|| run_dir.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 struct Series {

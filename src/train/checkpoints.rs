@@ -81,14 +81,12 @@ impl<'a, W: Backend> Shards<'a, W> {
     fn expert_copies<B: RegionBackend<Wire = W>>(&self, t: Tensor<B, 2>, e: usize, local: usize, first: usize) -> Result<Vec<(usize, Tensor<B, 2>)>> {
         let Some(ep) = self.ep else { return Ok(vec![(first + e, t)]) };
         let rows = t.dims()[0];
-        let all = B::collective(t, Collective::AllGather(0), ep)?;
+        let all = self.expert_stack(t)?;
         Ok((0..ep.group().size).map(|j| (j * local + e, all.clone().narrow(0, j * rows, rows))).collect())
     }
-}
 
-impl<W: Backend> Shards<'_, W> {
-    /// A stacked expert tensor (`[local experts, ..]` as [`named_params`] views it) with every
-    /// rank's experts, in global order, under expert parallelism; else `t`.
+    /// A tensor stacked along the local experts (`[local experts, ..]` as [`named_params`]
+    /// views it) with every rank's experts, in global order, under expert parallelism; else `t`.
     fn expert_stack<B: RegionBackend<Wire = W>>(&self, t: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
         match self.ep {
             Some(ep) => Ok(B::collective(t, Collective::AllGather(0), ep)?),
@@ -385,7 +383,8 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
     let model = trainer.model().valid();
     let shards = Shards::of(trainer);
     let tensors = hf_tensors(&model, tuning, shards.as_ref())?;
-    let ep_size = shards.as_ref().and_then(|s| s.ep).map_or(1, |ep| ep.group().size);
+    // The experts' adapters are stacked (every rank's experts named by the layer's `adapted`);
+    // the other adapted modules hold their own.
     let mut adapted = Vec::new();
     for (layer, moe) in model.layers.iter().enumerate().filter_map(|(i, l)| Some((i, l.moe.as_ref()?))) {
         for projection in EXPERT_PROJECTIONS {
@@ -396,15 +395,7 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
         }
     }
     for (p, _, _) in named_params(&model, &|p| p.ends_with(".lora.lora_a")) {
-        let module = module_path(&model, p.trim_end_matches(".lora.lora_a"));
-        match expert_of(&p) {
-            // Every rank's experts, in the order of their global indices.
-            Some((layer, e)) if ep_size > 1 => {
-                let (local, first) = expert_block(&model, layer);
-                adapted.extend((0..ep_size).map(|j| renumber(&module, first + e, j * local + e)));
-            }
-            _ => adapted.push(module),
-        }
+        adapted.push(module_path(&model, p.trim_end_matches(".lora.lora_a")));
     }
     adapted.sort();
     let moments = match with_optimizer {
