@@ -19,6 +19,7 @@ pub use cube::cublas::{gemm_host_syncs, gemm_ordering};
 pub use cube::nccl::{abort_all as nccl_abort_all, unique_id as nccl_unique_id, NcclComm, NcclReduce};
 pub mod device;
 pub mod gate_up;
+pub mod grouped;
 pub mod linear;
 pub mod lora_linear;
 pub mod layer_ops;
@@ -33,6 +34,7 @@ pub use attention::{
 };
 pub use device::{DeviceMemory, DeviceMemoryBackend};
 pub use gate_up::fused_swiglu_packed;
+pub use grouped::{reference_gemm_grouped, reference_gemm_grouped_outer};
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
 pub use linear::{reference_gemm, reference_gemm_scaled, LinearBackend};
 pub use linear_cross_entropy::{

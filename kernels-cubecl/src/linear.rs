@@ -1,5 +1,6 @@
-//! The model's GEMMs as backend operations: a linear layer's `x @ w`, the batched GEMM of a MoE
-//! block's experts, and the LoRA linear layer ([`crate::lora_linear`]).
+//! The model's GEMMs as backend operations: a linear layer's `x @ w`, the batched and grouped
+//! GEMMs of a MoE block's experts ([`crate::grouped`]), and the LoRA linear layer
+//! ([`crate::lora_linear`]).
 //!
 //! [`LinearBackend::gemm`] and [`LinearBackend::gemm_batched`] are the primitives; their
 //! defaults are Burn's matmul (every backend, NdArray in CI). CubeCL backends take them from
@@ -69,6 +70,31 @@ pub trait LinearBackend: Backend {
         Self::gemm_batched(x, w)
     }
 
+    /// `x_g @ w[g]` for consecutive groups of `x`'s rows, `counts[g]` rows in group `g` (a
+    /// mixture of experts' slots laid out expert after expert), in the operands' dtype: no group
+    /// is padded to another's size ([`crate::grouped`]). `w` may be a view (the transposed view
+    /// of its last two dims included).
+    ///
+    /// # Shapes
+    /// - `x`: `[sum(counts), k]`, `w`: `[counts.len(), k, n]` → `[sum(counts), n]`
+    fn gemm_grouped(x: Tensor<Self, 2>, w: Tensor<Self, 3>, counts: &[usize]) -> Tensor<Self, 2> {
+        crate::grouped::reference_gemm_grouped(x, w, counts)
+    }
+
+    /// `x_g^T @ y_g` for each group of rows (as in [`gemm_grouped`](Self::gemm_grouped)), zero
+    /// for a group without rows, in the operands' dtype: a grouped GEMM's weight gradient.
+    ///
+    /// # Shapes
+    /// - `x`: `[sum(counts), k]`, `y`: `[sum(counts), n]` → `[counts.len(), k, n]`
+    fn gemm_grouped_outer(x: Tensor<Self, 2>, y: Tensor<Self, 2>, counts: &[usize]) -> Tensor<Self, 3> {
+        crate::grouped::reference_gemm_grouped_outer(x, y, counts)
+    }
+
+    /// [`gemm_grouped`](Self::gemm_grouped); on autodiff backends its gradient flows to both.
+    fn grouped_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 3>, counts: &[usize]) -> Tensor<Self, 2> {
+        Self::gemm_grouped(x, w, counts)
+    }
+
     /// A linear layer with a LoRA adapter, `x w + s (dropout(x) A) B`, as one operation: see
     /// [`crate::lora_linear`] for the maths, the precision and the backward.
     ///
@@ -131,6 +157,10 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
 
     fn lora_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>, lora: LoraFactors<Self>) -> Tensor<Self, 2> {
         crate::lora_linear::tracked::<B, C>(x, w, lora)
+    }
+
+    fn grouped_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 3>, counts: &[usize]) -> Tensor<Self, 2> {
+        crate::grouped::tracked::<B, C>(x, w, counts)
     }
 }
 

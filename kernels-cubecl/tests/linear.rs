@@ -5,7 +5,9 @@
 //!   runtime's GEMM), and on CUDA f32 and bf16 (cuBLAS) in the ignored tests;
 //! - `linear_matmul` and `batched_matmul` (autodiff ops over the backend's GEMM) against
 //!   autodiff of Burn's matmul on NdArray;
-//! - the GEMM primitive itself with transposed operands, an f32 output and an accumulator.
+//! - the GEMM primitive itself with transposed operands, an f32 output and an accumulator;
+//! - the grouped GEMM of a mixture of experts (`grouped_matmul`, groups of different sizes, one
+//!   empty) against Burn's matmul a group at a time, output and both gradients.
 //!
 //! Shapes are odd, several seeds each.
 
@@ -227,6 +229,59 @@ fn linear_and_batched_matmul_match_autodiff_of_burn_matmul() {
     matmuls_match_burn::<Reference>(&Default::default(), 1e-5);
 }
 
+/// A grouped GEMM's operands: `x [17, 21]` in groups of 5, 0, 11 and 1 rows, `w [4, 21, 9]`,
+/// the upstream gradient `dy [17, 9]`, as `B` stores them.
+const GROUPS: [usize; 4] = [5, 0, 11, 1];
+
+fn grouped_operands<B: Backend>(seed: u64, device: &B::Device) -> [Vec<f32>; 3] {
+    let (rows, k, n) = (17, 21, 9);
+    let mut rng = Rng::new(seed);
+    [rng.values(rows * k, 1.0), rng.values(GROUPS.len() * k * n, 1.0), rng.values(rows * n, 1.0)].map(|v| stored::<B>(&v, device))
+}
+
+/// Output and the gradients of `x` and `w` of `x_g @ w[g]` through `grouped_matmul`, or through
+/// Burn's matmul a group at a time.
+fn grouped_outcome<B: AutodiffBackend + LinearBackend>(operands: &[Vec<f32>; 3], device: &B::Device, ours: bool) -> [Vec<f32>; 3] {
+    let (rows, k, n) = (17, 21, 9);
+    let x = tensor::<B, 2>(&operands[0], [rows, k], device).require_grad();
+    let w = tensor::<B, 3>(&operands[1], [GROUPS.len(), k, n], device).require_grad();
+    let dy = tensor::<B, 2>(&operands[2], [rows, n], device);
+    let y = if ours {
+        B::grouped_matmul(x.clone(), w.clone(), &GROUPS)
+    } else {
+        let (mut parts, mut offset) = (Vec::new(), 0);
+        for (g, &count) in GROUPS.iter().enumerate() {
+            if count > 0 {
+                parts.push(x.clone().narrow(0, offset, count).matmul(w.clone().narrow(0, g, 1).reshape([k, n])));
+                offset += count;
+            }
+        }
+        Tensor::cat(parts, 0)
+    };
+    let grads = (y.clone() * dy).sum().backward();
+    [values(y), values(x.grad(&grads).expect("dx")), values(w.grad(&grads).expect("dw"))]
+}
+
+/// The grouped GEMM (forward, `dX` through `w`'s transposed view, `dW` by the outer form, an
+/// empty group's `dW` zero) against Burn's matmul on NdArray, from the same stored values.
+fn grouped_matches_burn<B: AutodiffBackend + LinearBackend>(device: &B::Device, tolerance: f32) {
+    for seed in SEEDS {
+        let operands = grouped_operands::<B>(seed, device);
+        let got = grouped_outcome::<B>(&operands, device, true);
+        let want = grouped_outcome::<Reference>(&operands, &Default::default(), false);
+        for (i, name) in ["output", "dx", "dw"].iter().enumerate() {
+            assert_close(&format!("grouped seed={seed} {name}"), &got[i], &want[i], tolerance);
+        }
+        let empty = &got[2][21 * 9..2 * 21 * 9];
+        assert!(empty.iter().all(|&v| v == 0.0), "the group without rows gets a zero gradient");
+    }
+}
+
+#[test]
+fn grouped_matmul_matches_burn_matmul_a_group_at_a_time() {
+    grouped_matches_burn::<Reference>(&Default::default(), 1e-5);
+}
+
 /// `alpha op(a) op(b) (+ acc)` through `B::gemm_scaled` for every transpose pair, with and
 /// without an accumulator, alpha 1 and not, output f32 and the storage dtype, against
 /// [`reference_gemm_scaled`] on NdArray.
@@ -278,6 +333,11 @@ fn wgpu_linear_and_batched_matmul_match_burn_matmul() {
 }
 
 #[test]
+fn wgpu_grouped_matmul_matches_burn_matmul() {
+    grouped_matches_burn::<Autodiff<Wgpu>>(&wgpu_device(), 1e-4);
+}
+
+#[test]
 fn wgpu_gemm_matches_reference() {
     gemm_matches_reference::<Wgpu>(&wgpu_device(), 1e-4);
 }
@@ -299,6 +359,7 @@ mod cuda {
         gemm_matches_reference::<CudaF32>(&device, 1e-5);
         matmuls_match_burn::<Autodiff<CudaF32>>(&device, 1e-4);
         lora_matches_reference::<Autodiff<CudaF32>>(&device, 1e-5);
+        grouped_matches_burn::<Autodiff<CudaF32>>(&device, 1e-5);
     }
 
     #[test]
@@ -307,5 +368,6 @@ mod cuda {
         let device = CudaDevice::default();
         gemm_matches_reference::<CudaBf16>(&device, 1e-2);
         lora_matches_reference::<Autodiff<CudaBf16>>(&device, 2e-2);
+        grouped_matches_burn::<Autodiff<CudaBf16>>(&device, 1e-2);
     }
 }

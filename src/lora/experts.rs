@@ -129,6 +129,36 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         (y1, y2)
     }
 
+    /// [`forward`](Self::forward) on rows laid out expert after expert (`counts[e]` rows of
+    /// local expert `e`, every local expert counted): two grouped GEMMs over the stacked
+    /// factors, no expert padded to another's rows.
+    ///
+    /// # Shapes
+    /// - `x`: `[sum(counts), in]` → `[sum(counts), out]`
+    pub fn forward_grouped(&self, x: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let dtype = x.dtype();
+        let h = x.cast(FloatDType::F32);
+        let (h, scale) = match dropout_mask::<B, 2>(self.dropout, h.shape(), &h.device(), DType::F32) {
+            Some((kept, keep)) => (h * kept, self.scale / keep),
+            None => (h, self.scale),
+        };
+        B::grouped_matmul(B::grouped_matmul(h, self.lora_a.val(), counts) * scale, self.lora_b.val(), counts).cast(dtype)
+    }
+
+    /// [`forward_pair`](Self::forward_pair) on rows laid out expert after expert, as
+    /// [`forward_grouped`](Self::forward_grouped).
+    pub fn forward_grouped_pair(first: &Self, second: &Self, x: Tensor<B, 2>, counts: &[usize]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        if dropout_active::<B>(first.dropout, &x.device()) || dropout_active::<B>(second.dropout, &x.device()) {
+            return (first.forward_grouped(x.clone(), counts), second.forward_grouped(x, counts));
+        }
+        let (r1, r2) = (first.lora_a.val().dims()[2], second.lora_a.val().dims()[2]);
+        let dtype = x.dtype();
+        let h = B::grouped_matmul(x.cast(FloatDType::F32), Tensor::cat(vec![first.lora_a.val(), second.lora_a.val()], 2), counts);
+        let y1 = B::grouped_matmul(h.clone().narrow(1, 0, r1) * first.scale, first.lora_b.val(), counts).cast(dtype);
+        let y2 = B::grouped_matmul(h.narrow(1, r1, r2) * second.scale, second.lora_b.val(), counts).cast(dtype);
+        (y1, y2)
+    }
+
     /// A and B of the local experts `experts`.
     fn factors(&self, experts: Range<usize>) -> [Tensor<B, 3>; 2] {
         let (a, b) = (self.lora_a.val(), self.lora_b.val());

@@ -2,10 +2,12 @@
 //! experts ("chunks"), each run one batched GEMM over `[experts, capacity, hidden]`, every
 //! expert of a run padded to the run's busiest. One run over all experts pads every expert to the
 //! busiest of all, and routers are rarely balanced (random weights least of all: one expert can
-//! draw most tokens), so the runs are cut where that saves the most rows.
+//! draw most tokens), so the runs are cut where that saves the most rows. Grouped GEMMs
+//! ([`ExpertGemm::Grouped`], the default) need no padding: every expert is a run of its own with
+//! exactly its rows.
 
-/// A run of local experts `first .. first + len`, each given `capacity` rows (a multiple of 8)
-/// from row `offset`.
+/// A run of local experts `first .. first + len`, each given `capacity` rows (padded: a multiple
+/// of 8; grouped: one expert, its rows) from row `offset`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Chunk {
     pub first: usize,
@@ -61,12 +63,39 @@ fn chunk_experts(counts: &[usize], max: usize) -> Vec<(usize, usize, usize)> {
     runs
 }
 
+/// How a mixture of experts' rows are laid out for the experts' GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertGemm {
+    /// Every expert on exactly its rows, each projection one grouped GEMM over all experts.
+    #[default]
+    Grouped,
+    /// Runs of experts padded to the run's busiest expert, each run and projection one batched
+    /// GEMM (what trainer did before grouped GEMMs; kept to compare).
+    Padded,
+}
+
+impl ExpertGemm {
+    /// From `TRAINER_EXPERT_GEMM` (`grouped`, the default, or `padded`).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("TRAINER_EXPERT_GEMM").as_deref() {
+            Err(_) | Ok("grouped") => Ok(ExpertGemm::Grouped),
+            Ok("padded") => Ok(ExpertGemm::Padded),
+            Ok(other) => Err(format!("TRAINER_EXPERT_GEMM={other:?}: expected \"grouped\" or \"padded\"")),
+        }
+    }
+}
+
 /// The runs that lay out `counts` (rows per local expert), each with its first row; a run whose
-/// experts got nothing is left out.
-pub(super) fn runs(counts: &[usize]) -> Vec<Chunk> {
+/// experts got nothing is left out. Grouped: every expert with rows a run of its own, exactly
+/// its rows.
+pub(super) fn runs(counts: &[usize], gemm: ExpertGemm) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut offset = 0;
-    for (first, len, capacity) in chunk_experts(counts, MAX_CHUNKS) {
+    let runs = match gemm {
+        ExpertGemm::Padded => chunk_experts(counts, MAX_CHUNKS),
+        ExpertGemm::Grouped => counts.iter().enumerate().map(|(e, &c)| (e, 1, c)).collect(),
+    };
+    for (first, len, capacity) in runs {
         if capacity > 0 {
             chunks.push(Chunk { first, len, capacity, offset });
             offset += len * capacity;
@@ -108,7 +137,7 @@ pub(super) struct ExpertLayout {
 impl ExpertLayout {
     /// From the router's choices (`chosen[token * top_k + k]`, global expert indices) for the
     /// `local` experts from `first`; `None` when none of them got a slot.
-    pub fn new(chosen: &[i64], top_k: usize, first: usize, local: usize) -> Option<Self> {
+    pub fn new(chosen: &[i64], top_k: usize, first: usize, local: usize, gemm: ExpertGemm) -> Option<Self> {
         let mut slots_of: Vec<Vec<i64>> = vec![Vec::new(); local];
         for (slot, &expert) in chosen.iter().enumerate() {
             let e = expert - first as i64;
@@ -120,7 +149,7 @@ impl ExpertLayout {
         if counts.iter().all(|&c| c == 0) {
             return None;
         }
-        let chunks = runs(&counts);
+        let chunks = runs(&counts, gemm);
         let rows = chunks.iter().map(Chunk::rows).sum();
         let (mut row_slot, mut row_real) = (vec![0i64; rows], vec![false; rows]);
         let (mut slot_row, mut slot_local) = (vec![0i64; chosen.len()], vec![false; chosen.len()]);
@@ -167,7 +196,7 @@ mod tests {
     fn layout_maps_slots_and_rows_both_ways() {
         // 3 tokens, top 2, experts 2..5 local (global 0..6).
         let chosen = [2, 0, 3, 2, 5, 4];
-        let l = ExpertLayout::new(&chosen, 2, 2, 3).expect("local experts got tokens");
+        let l = ExpertLayout::new(&chosen, 2, 2, 3, ExpertGemm::Padded).expect("local experts got tokens");
         assert_eq!(l.chunks, vec![Chunk { first: 0, len: 3, capacity: 8, offset: 0 }]);
         // Expert 2: slots 0 and 3; expert 3: slot 2; expert 4: slot 5; slots 1 (expert 0) and
         // 4 (expert 5) are held elsewhere.
@@ -177,12 +206,12 @@ mod tests {
         }
         assert_eq!(l.row_real.iter().filter(|&&r| r).count(), 4, "every other row is padding");
         assert_eq!(l.slot_local, Some(vec![true, false, true, true, false, true]));
-        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2), None, "no token for experts 6..8");
+        assert_eq!(ExpertLayout::new(&chosen, 2, 6, 2, ExpertGemm::Padded), None, "no token for experts 6..8");
         // A hot expert 0 with 300 slots, experts 1..40 with one each, 40..64 none: the hot one runs
         // alone (one run would be 64 x 304 rows), and every slot maps to a row that maps back.
         let mut busy: Vec<i64> = vec![0; 300];
         busy.extend(1..40);
-        let l = ExpertLayout::new(&busy, 1, 0, 64).expect("slots");
+        let l = ExpertLayout::new(&busy, 1, 0, 64, ExpertGemm::Padded).expect("slots");
         assert_eq!(l.chunks[0], Chunk { first: 0, len: 1, capacity: 304, offset: 0 });
         assert!(l.row_token.len() <= 304 + 63 * 8, "{:?}", l.chunks);
         assert_eq!(l.row_token.len(), l.chunks.iter().map(Chunk::rows).sum::<usize>());
@@ -190,5 +219,15 @@ mod tests {
             assert_eq!(l.row_slot[row as usize], slot as i64);
         }
         assert_eq!(l.slot_local, None);
+        // Grouped: every expert with slots is a run of its own rows, no padding.
+        let l = ExpertLayout::new(&chosen, 2, 2, 3, ExpertGemm::Grouped).expect("local experts got tokens");
+        let expect = [Chunk { first: 0, len: 1, capacity: 2, offset: 0 }, Chunk { first: 1, len: 1, capacity: 1, offset: 2 }, Chunk { first: 2, len: 1, capacity: 1, offset: 3 }];
+        assert_eq!(l.chunks, expect);
+        assert!(l.row_real.iter().all(|&r| r));
+        assert_eq!(l.row_slot, [0, 3, 2, 5]);
+        assert_eq!(l.row_token, [0, 1, 1, 2]);
+        let l = ExpertLayout::new(&busy, 1, 0, 64, ExpertGemm::Grouped).expect("slots");
+        assert_eq!(l.row_token.len(), busy.len(), "exactly the slots");
+        assert_eq!(l.chunks.len(), 40, "experts without slots get no run");
     }
 }

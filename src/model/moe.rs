@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::expert_layout::{first_rows, runs, Chunk, ExpertLayout};
+use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout};
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::routing::RowRoute;
@@ -36,6 +36,9 @@ pub struct SparseMoe<B: Backend> {
     pub num_experts: usize,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// Grouped GEMMs or padded runs ([`ExpertGemm`]).
+    #[module(skip)]
+    pub gemm: ExpertGemm,
 }
 
 impl<B: TrainBackend> SparseMoe<B> {
@@ -45,8 +48,9 @@ impl<B: TrainBackend> SparseMoe<B> {
         };
         let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
+        let gemm = ExpertGemm::from_env().map_err(crate::error::Error::Unsupported)?;
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
-        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob })
+        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm })
     }
 
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
@@ -71,7 +75,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         if let Some(ep) = ep.filter(|g| g.group().size > 1) {
             return self.forward_expert_parallel(x, weights, &chosen, ep);
         }
-        let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len()) else {
+        let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len(), self.gemm) else {
             return x.zeros_like();
         };
         let dispatch = RowRoute::new(layout.row_token, layout.slot_row.clone(), self.top_k, layout.slot_local, dtype, &device);
@@ -86,12 +90,21 @@ impl<B: TrainBackend> SparseMoe<B> {
         combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
     }
 
-    /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): each run one batched
-    /// GEMM a projection over its experts' stacked weights, and two over their stacked adapters.
+    /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): grouped, one grouped
+    /// GEMM a projection over all experts' stacked weights (a run is an expert); padded, each
+    /// run one batched GEMM a projection over its experts' stacked weights. The stacked
+    /// adapters' terms likewise.
     fn run_experts(&self, xs: Tensor<B, 2>, runs: &[Chunk]) -> Tensor<B, 2> {
         let [_, hidden] = xs.dims();
         let device = xs.device();
         let backing = self.stacked.backing(&self.experts);
+        if self.gemm == ExpertGemm::Grouped {
+            let mut counts = vec![0; self.experts.len()];
+            for run in runs {
+                counts[run.first] = run.capacity;
+            }
+            return span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, &counts));
+        }
         span::<B, _>("experts", &device, || {
             let outputs = runs.iter().map(|run| {
                 let xs = match runs.len() {
@@ -125,7 +138,7 @@ impl<B: TrainBackend> SparseMoe<B> {
                 return x.zeros_like();
             }
         };
-        let arrivals = Arrivals::new(&received, local, ranks);
+        let arrivals = Arrivals::new(&received, local, ranks, self.gemm);
         let k = self.top_k as i64;
         let send = RowRoute::new(plan.order.iter().map(|s| s / k).collect(), plan.position.clone(), self.top_k, None, dtype, &device);
         let send_rows = B::route_rows(x.clone(), &send);
@@ -211,11 +224,11 @@ struct Arrivals {
 
 impl Arrivals {
     /// From `received[j * local + e]`: rows rank `j` sends for local expert `e`.
-    fn new(received: &[usize], local: usize, ranks: usize) -> Self {
+    fn new(received: &[usize], local: usize, ranks: usize, gemm: ExpertGemm) -> Self {
         let recv_counts: Vec<usize> = received.chunks(local).map(|b| b.iter().sum()).collect();
         let rows = recv_counts.iter().sum();
         let per_expert: Vec<usize> = (0..local).map(|e| (0..ranks).map(|j| received[j * local + e]).sum()).collect();
-        let runs = runs(&per_expert);
+        let runs = runs(&per_expert, gemm);
         let places = runs.iter().map(Chunk::rows).sum();
         let first_rows = first_rows(&runs, local);
         let (mut grouped, mut back, mut real) = (vec![0i64; places], vec![0i64; rows], vec![false; places]);
@@ -241,38 +254,48 @@ impl Arrivals {
 mod tests {
     use super::*;
 
-    /// With a router that sends every token to expert 0 first, the experts run in several
-    /// chunks (expert 0 alone); output and input gradient equal each expert applied to every
-    /// token, weighted by the router.
-    #[test]
-    fn chunked_experts_equal_every_expert_on_every_token() {
-        use burn::tensor::{Distribution, TensorData};
-        type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
-        let (hidden, experts, top_k, tokens) = (8, 16, 2, 2048);
+    type Ad = burn::backend::Autodiff<crate::backend::Cpu>;
+
+    /// A MoE layer of 16 experts over 8 features, top 2, whose router sends every token to
+    /// expert 0 first (the padded layout runs it alone).
+    fn hot_moe() -> SparseMoe<Ad> {
+        use burn::tensor::TensorData;
+        let (hidden, experts, top_k) = (8, 16, 2);
         let spec = MlpSpec::Moe { num_experts: experts, top_k, intermediate_size: 4, norm_topk_prob: true };
         let mut source = crate::model::weights::RandomInit { seed: 3, std: 0.5 };
         let naming = |p: &str| p.to_string();
         let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };
         let mut moe = SparseMoe::load(&mut ld, "mlp", hidden, &spec, ProcessGroup::SINGLE).unwrap();
-        let device = Default::default();
         let mut bias = vec![0f32; hidden * experts];
         for row in 0..hidden {
             bias[row * experts] = 10.0;
         }
-        let hot = Tensor::<Ad, 2>::from_data(TensorData::new(bias, [hidden, experts]), &device);
+        let hot = Tensor::<Ad, 2>::from_data(TensorData::new(bias, [hidden, experts]), &Default::default());
         moe.gate.weight = burn::module::Param::from_tensor((moe.gate.weight.val() + hot).detach());
-        let moe = moe.no_grad();
+        moe.no_grad()
+    }
+
+    fn close(a: Tensor<crate::backend::Cpu, 2>, b: Tensor<crate::backend::Cpu, 2>, what: &str) {
+        let scale = b.clone().abs().max().into_scalar();
+        let err = (a - b).abs().max().into_scalar() / scale;
+        assert!(err < 1e-5, "{what}: {err:e} of the largest value");
+    }
+
+    /// Padded in several runs (expert 0 alone) and grouped, the layer's output and input
+    /// gradient equal each expert applied to every token, weighted by the router.
+    #[test]
+    fn chunked_and_grouped_experts_equal_every_expert_on_every_token() {
+        use burn::tensor::Distribution;
+        let (hidden, experts, top_k, tokens) = (8, 16, 2, 2048);
+        let mut moe = hot_moe();
+        let device = Default::default();
         let x = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Uniform(0.5, 1.0), &device).require_grad();
         let r = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), &device);
-        // The layout really is chunked.
         let probs = burn::tensor::activation::softmax(moe.gate.forward(x.clone()), 1);
         let (weights, chosen) = probs.topk_with_indices(top_k, 1);
         let choices: Vec<i64> = chosen.clone().into_data().convert::<i64>().to_vec().unwrap();
-        let layout = ExpertLayout::new(&choices, top_k, 0, experts).unwrap();
-        assert!(layout.chunks.len() > 1 && layout.chunks[0].len == 1, "{:?}", layout.chunks);
-        let got = moe.forward(x.clone(), None);
-        let grads = (got.clone() * r.clone()).sum().backward();
-        let dx_got = x.grad(&grads).unwrap();
+        let layout = ExpertLayout::new(&choices, top_k, 0, experts, ExpertGemm::Padded).unwrap();
+        assert!(layout.chunks.len() > 1 && layout.chunks[0].len == 1, "the padded layout really is chunked: {:?}", layout.chunks);
         let x2 = x.clone().detach().require_grad();
         let weights = weights.clone() / weights.sum_dim(1);
         let mut want = Tensor::<Ad, 2>::zeros([tokens, hidden], &device);
@@ -281,15 +304,60 @@ mod tests {
             let w = (weights.clone() * picked).sum_dim(1);
             want = want + moe.experts[e].forward(x2.clone(), None) * w;
         }
-        let grads = (want.clone() * r).sum().backward();
+        let grads = (want.clone() * r.clone()).sum().backward();
         let dx_want = x2.grad(&grads).unwrap();
-        let close = |a: Tensor<crate::backend::Cpu, 2>, b: Tensor<crate::backend::Cpu, 2>, what: &str| {
-            let scale = b.clone().abs().max().into_scalar();
-            let err = (a - b).abs().max().into_scalar() / scale;
-            assert!(err < 1e-5, "{what}: {err:e} of the largest value");
+        for gemm in [ExpertGemm::Padded, ExpertGemm::Grouped] {
+            moe.gemm = gemm;
+            let x = x.clone().detach().require_grad();
+            let got = moe.forward(x.clone(), None);
+            let grads = (got.clone() * r.clone()).sum().backward();
+            close(got.inner(), want.clone().inner(), &format!("{gemm:?} output"));
+            close(x.grad(&grads).unwrap(), dx_want.clone(), &format!("{gemm:?} input gradient"));
+        }
+    }
+
+    /// With adapters on every projection of every expert but one (B not zero, as after some
+    /// training), the grouped layout gives the padded one's output and gradients of the input
+    /// and of every stacked factor.
+    #[test]
+    fn grouped_adapters_equal_padded_adapters() {
+        use burn::tensor::Distribution;
+        use crate::lora::{ExpertAdapter, LoraConfig};
+        let (hidden, experts, tokens) = (8, 16, 300);
+        let mut moe = hot_moe();
+        let device = Default::default();
+        let cfg = LoraConfig { rank: 2, scale: 1.5, dropout: 0.0, seed: 4 };
+        let mut adapted = vec![true; experts];
+        adapted[5] = false;
+        for (p, (inp, out)) in crate::lora::EXPERT_PROJECTIONS.iter().zip([(hidden, 4), (hidden, 4), (4, hidden)]) {
+            let paths: Vec<String> = (0..experts).map(|e| format!("mlp.experts.{e}.{p}")).collect();
+            let mut a = ExpertAdapter::<Ad>::init(&cfg, &paths, adapted.clone(), 0..experts, inp, out, &device);
+            let keep: Vec<f32> = adapted.iter().map(|&on| if on { 1.0 } else { 0.0 }).collect();
+            let keep = Tensor::<Ad, 3>::from_data(burn::tensor::TensorData::new(keep, [experts, 1, 1]), &device);
+            a.lora_b = burn::module::Param::from_tensor(Tensor::random([experts, 2, out], Distribution::Normal(0.0, 1.0), &device) * keep);
+            *moe.expert_lora.get_mut(p).unwrap() = Some(a);
+        }
+        let x = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Uniform(0.5, 1.0), &device);
+        let r = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), &device);
+        let outcome = |gemm: ExpertGemm| {
+            let mut moe = moe.clone();
+            moe.gemm = gemm;
+            let x = x.clone().require_grad();
+            let y = moe.forward(x.clone(), None);
+            let grads = (y.clone() * r.clone()).sum().backward();
+            let mut all = vec![("output".to_string(), y.inner()), ("input gradient".to_string(), x.grad(&grads).unwrap())];
+            for p in crate::lora::EXPERT_PROJECTIONS {
+                let a = moe.expert_lora.get(p).unwrap();
+                for (name, factor) in [("A", a.lora_a.val()), ("B", a.lora_b.val())] {
+                    let [e, i, o] = factor.dims();
+                    all.push((format!("{p} {name} gradient"), factor.grad(&grads).unwrap().reshape([e * i, o])));
+                }
+            }
+            all
         };
-        close(got.inner(), want.inner(), "output");
-        close(dx_got, dx_want, "input gradient");
+        for ((what, got), (_, want)) in outcome(ExpertGemm::Grouped).into_iter().zip(outcome(ExpertGemm::Padded)) {
+            close(got, want, &what);
+        }
     }
 
     #[test]
@@ -307,7 +375,7 @@ mod tests {
     fn arrivals_group_rows_by_expert_across_ranks() {
         // From rank 0: 1 row for expert 0, 2 for expert 1; from rank 1: 2 for expert 0, none
         // for expert 1.
-        let a = Arrivals::new(&[1, 2, 2, 0], 2, 2);
+        let a = Arrivals::new(&[1, 2, 2, 0], 2, 2, ExpertGemm::Padded);
         assert_eq!((a.recv_counts.clone(), a.rows), (vec![3, 2], 5));
         assert_eq!(a.runs, vec![Chunk { first: 0, len: 2, capacity: 8, offset: 0 }]);
         // Arrival order: r0e0, r0e1, r0e1, r1e0, r1e0.
@@ -319,12 +387,12 @@ mod tests {
             assert!(a.real[place as usize]);
         }
         assert_eq!(a.real.iter().filter(|&&r| r).count(), 5);
-        assert_eq!(Arrivals::new(&[0, 0, 0, 0], 2, 2).rows, 0);
+        assert_eq!(Arrivals::new(&[0, 0, 0, 0], 2, 2, ExpertGemm::Padded).rows, 0);
         // A hot local expert (0 of 64) runs alone; every arrived row still has its own place.
         let mut received = vec![2usize; 2 * 64];
         received[0] = 300;
         received[64] = 200;
-        let a = Arrivals::new(&received, 64, 2);
+        let a = Arrivals::new(&received, 64, 2, ExpertGemm::Padded);
         assert!(a.runs.len() > 1 && a.runs[0] == Chunk { first: 0, len: 1, capacity: 504, offset: 0 }, "{:?}", a.runs);
         for (row, &place) in a.back.iter().enumerate() {
             assert_eq!(a.grouped[place as usize], row as i64);

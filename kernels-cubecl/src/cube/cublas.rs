@@ -1,6 +1,7 @@
 //! cuBLAS GEMMs for CubeCL's CUDA runtime (bf16 / f16 / f32 operands, f32 accumulation), on the
 //! memory of Burn's own tensors: [`GemmRuntime`] for `CudaRuntime`, so every `CubeBackend` on
-//! CUDA runs its linear layers, its batched expert GEMMs and this crate's kernels' GEMMs here.
+//! CUDA runs its linear layers, its batched and grouped expert GEMMs (`cublas_grouped.rs`) and
+//! this crate's kernels' GEMMs here.
 //!
 //! Burn's CUDA matmul reaches 218 TFLOP/s on an H200 where cuBLAS reaches 783 on the same memory
 //! (shared/PLATFORM.md). `TRAINER_CUBLAS=0` turns it off (CubeCL's matmul everywhere), for
@@ -29,13 +30,13 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use super::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
 
-fn enabled() -> bool {
+pub(super) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("TRAINER_CUBLAS").map_or(true, |v| v != "0"))
 }
 
 /// The dtypes cuBLAS takes here, as operands and as output.
-fn handled(d: DType) -> bool {
+pub(super) fn handled(d: DType) -> bool {
     matches!(d, DType::BF16 | DType::F16 | DType::F32)
 }
 
@@ -75,6 +76,26 @@ impl GemmRuntime for CudaRuntime {
             cubecl_gemm_batched::<Self, F, I, BT>(a, b)
         }
     }
+
+    fn gemm_grouped<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, w: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
+        if enabled() && handled(x.dtype) && x.dtype == w.dtype {
+            super::cublas_grouped::gemm_grouped(x, w, counts)
+        } else {
+            crate::grouped::reference_gemm_grouped(float::<F, I, BT, 2>(x), float(w), counts).into_primitive().tensor()
+        }
+    }
+
+    fn gemm_grouped_outer<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, y: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
+        if enabled() && handled(x.dtype) && x.dtype == y.dtype {
+            super::cublas_grouped::gemm_grouped_outer(x, y, counts)
+        } else {
+            crate::grouped::reference_gemm_grouped_outer(float::<F, I, BT, 2>(x), float(y), counts).into_primitive().tensor()
+        }
+    }
+}
+
+fn float<F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(t: CubeTensor<CudaRuntime>) -> burn::tensor::Tensor<CubeBackend<CudaRuntime, F, I, BT>, D> {
+    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
 static HOST_SYNCS: AtomicU64 = AtomicU64::new(0);
@@ -97,10 +118,15 @@ enum Order {
 }
 
 /// A cuBLAS handle with its stream, for one (device, CubeCL stream) pair.
-struct Blas {
-    handle: sys::cublasHandle_t,
+pub(super) struct Blas {
+    pub(super) handle: sys::cublasHandle_t,
     order: Order,
     ctx: Arc<CudaContext>,
+    /// The stream the handle queues on.
+    pub(super) stream: cudarc::driver::sys::CUstream,
+    /// Device memory for the pointer arrays of grouped GEMMs (`cublas_grouped.rs`), reused
+    /// call after call: each call's copy into it is queued behind the GEMM that read it last.
+    pub(super) pointers: Option<(cudarc::driver::sys::CUdeviceptr, usize)>,
 }
 
 // SAFETY: the cuBLAS handle is only used under the mutex around each `Blas`, one GEMM at a time.
@@ -147,26 +173,26 @@ fn new_blas(device: &burn::backend::cuda::CudaDevice) -> Blas {
     };
     // SAFETY: a live handle and a live stream of the same context.
     unsafe { blas::set_stream(handle, stream as _) }.unwrap_or_else(|e| panic!("cublasSetStream: {e:?}"));
-    Blas { handle, order, ctx }
+    Blas { handle, order, ctx, stream: stream as _, pointers: None }
 }
 
 /// One operand as cuBLAS reads it: `batch` matrices of `rows x cols`, `batch_stride` elements
 /// apart, each row-major with leading dimension `ld` or, `col_major`, column-major with `ld`
 /// (the transposed view of a row-major buffer, read as such instead of copied).
-struct View {
-    t: CubeTensor<CudaRuntime>,
-    batch: usize,
-    batch_stride: usize,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    col_major: bool,
+pub(super) struct View {
+    pub(super) t: CubeTensor<CudaRuntime>,
+    pub(super) batch: usize,
+    pub(super) batch_stride: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) ld: usize,
+    pub(super) col_major: bool,
 }
 
 impl View {
     /// `t` (`[..., rows, cols]`, any rank >= 2) with its leading dims as the batch, read through
     /// its strides where cuBLAS can, else from a contiguous copy.
-    fn of(t: CubeTensor<CudaRuntime>) -> View {
+    pub(super) fn of(t: CubeTensor<CudaRuntime>) -> View {
         if let Some(v) = Self::strided(&t) {
             return v;
         }
@@ -265,12 +291,6 @@ fn gemm_batched(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> CubeT
 fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "GEMM inner dimensions: [{m}, {k}] x [{}, {n}]", b.rows);
-    let cuda_type = |d: DType| match d {
-        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F16 => sys::cudaDataType::CUDA_R_16F,
-        DType::F32 => sys::cudaDataType::CUDA_R_32F,
-        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16 / f32, got {other:?}"),
-    };
     let (data_type, out_type) = (cuda_type(a.t.dtype), cuda_type(c.dtype));
     let beta = if accumulate { 1.0f32 } else { 0.0 };
     if m == 0 || n == 0 || k == 0 || a.batch == 0 {
@@ -280,17 +300,8 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulat
     // column-major [n, m] matrix. A row-major operand is its own transpose column-major (op N);
     // a column-major one is read with op T.
     let op = |col_major: bool| if col_major { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
-    let blas = blas_for(&a.t.device);
-    let blas = blas.lock().unwrap_or_else(|e| e.into_inner());
-    let enqueue = || {
-        let resource = |t: &CubeTensor<CudaRuntime>| {
-            t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("device memory of a GEMM operand: {e:?}"))
-        };
-        let (ga, gb, gc) = (resource(&a.t), resource(&b.t), resource(c));
-        let (pa, pb, pc) = (ga.resource().ptr, gb.resource().ptr, gc.resource().ptr);
-        if let Err(e) = blas.ctx.bind_to_thread() {
-            panic!("CUDA context for a cuBLAS GEMM: {e:?}");
-        }
+    submit(&a.t, |blas| {
+        let ((ga, pa), (gb, pb), (gc, pc)) = (resource(&a.t), resource(&b.t), resource(c));
         // SAFETY: the pointers are live device allocations holding the views' elements; the
         // GEMM is queued on a stream that every later use of them is ordered after (CubeCL's,
         // or ours, synchronised before the guards drop); alpha/beta are host f32 read at the
@@ -326,20 +337,51 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulat
             panic!("cuBLAS GEMM {} x [{m}, {k}] x [{k}, {n}] failed: {e:?}", a.batch);
         }
         (ga, gb, gc)
+    });
+}
+
+/// cuBLAS's name of a dtype [`handled`] here.
+pub(super) fn cuda_type(d: DType) -> sys::cudaDataType {
+    match d {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        other => unreachable!("cuBLAS GEMMs are only routed for bf16 / f16 / f32, got {other:?}"),
+    }
+}
+
+/// The device memory of a GEMM operand (held while the guard lives) and its address.
+pub(super) fn resource(t: &CubeTensor<CudaRuntime>) -> (impl Sized, u64) {
+    let guard = t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("device memory of a GEMM operand: {e:?}"));
+    let ptr = guard.resource().ptr;
+    (guard, ptr)
+}
+
+/// Runs `enqueue` (cuBLAS calls queued on the handle's stream for `on`'s device, returning the
+/// guards of the memory they use) in order with CubeCL's kernels: on CubeCL's device thread,
+/// behind every launch queued before this call, or with the device synchronised around it.
+pub(super) fn submit<G>(on: &CubeTensor<CudaRuntime>, enqueue: impl FnOnce(&mut Blas) -> G) {
+    let blas = blas_for(&on.device);
+    let mut blas = blas.lock().unwrap_or_else(|e| e.into_inner());
+    let enqueue = |blas: &mut Blas| {
+        if let Err(e) = blas.ctx.bind_to_thread() {
+            panic!("CUDA context for a cuBLAS GEMM: {e:?}");
+        }
+        enqueue(blas)
     };
     match &blas.order {
         Order::ComputeStream => {
-            // On CubeCL's device thread, behind every launch queued before this call.
             // The operands' guards drop right after: later work on them is behind the GEMM.
-            let task = OnDeviceThread(enqueue);
-            a.t.client.exclusive(move || drop(task.run())).unwrap_or_else(|e| panic!("CubeCL's device thread: {e:?}"));
+            let task = OnDeviceThread(|| drop(enqueue(&mut blas)));
+            on.client.exclusive(move || task.run()).unwrap_or_else(|e| panic!("CubeCL's device thread: {e:?}"));
         }
         Order::Synchronised(stream) => {
-            // Work queued on CubeCL's streams (that produced a, b and c) must be done first.
-            if let Err(e) = <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&a.t.device) {
+            // Work queued on CubeCL's streams (that produced the operands) must be done first.
+            if let Err(e) = <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&on.device) {
                 panic!("device sync before a cuBLAS GEMM failed: {e:?}");
             }
-            let guards = enqueue();
+            let stream = stream.clone();
+            let guards = enqueue(&mut blas);
             if let Err(e) = stream.synchronize() {
                 panic!("cuBLAS stream: {e:?}");
             }

@@ -31,6 +31,16 @@ pub trait GemmRuntime: CubeRuntime {
     fn gemm_batched<F: FloatElement, I: IntElement, BT: BoolElement>(a: CubeTensor<Self>, b: CubeTensor<Self>) -> CubeTensor<Self> {
         cubecl_gemm_batched::<Self, F, I, BT>(a, b)
     }
+
+    /// [`LinearBackend::gemm_grouped`]; the default is its reference, a GEMM a group.
+    fn gemm_grouped<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, w: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
+        crate::grouped::reference_gemm_grouped(float::<Self, F, I, BT, 2>(x), float(w), counts).into_primitive().tensor()
+    }
+
+    /// [`LinearBackend::gemm_grouped_outer`]; the default is its reference.
+    fn gemm_grouped_outer<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, y: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
+        crate::grouped::reference_gemm_grouped_outer(float::<Self, F, I, BT, 2>(x), float(y), counts).into_primitive().tensor()
+    }
 }
 
 #[cfg(feature = "wgpu")]
@@ -99,6 +109,14 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LinearBack
 
     fn gemm_batched<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
         float(R::gemm_batched::<F, I, BT>(a.into_primitive().tensor(), b.into_primitive().tensor()))
+    }
+
+    fn gemm_grouped(x: Tensor<Self, 2>, w: Tensor<Self, 3>, counts: &[usize]) -> Tensor<Self, 2> {
+        float(R::gemm_grouped::<F, I, BT>(x.into_primitive().tensor(), w.into_primitive().tensor(), counts))
+    }
+
+    fn gemm_grouped_outer(x: Tensor<Self, 2>, y: Tensor<Self, 2>, counts: &[usize]) -> Tensor<Self, 3> {
+        float(R::gemm_grouped_outer::<F, I, BT>(x.into_primitive().tensor(), y.into_primitive().tensor(), counts))
     }
 }
 

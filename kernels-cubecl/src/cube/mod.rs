@@ -6,6 +6,8 @@ mod attention;
 mod compute_stream;
 #[cfg(feature = "cuda")]
 pub mod cublas;
+#[cfg(feature = "cuda")]
+mod cublas_grouped;
 pub mod gemm;
 mod layer_kernels;
 mod layer_ops;

@@ -1,0 +1,116 @@
+//! Grouped GEMMs: the rows of `x` in consecutive groups (a mixture of experts' routed slots laid
+//! out expert after expert), each group multiplied by its own matrix, no group padded to
+//! another's size. [`LinearBackend::gemm_grouped`] and [`LinearBackend::gemm_grouped_outer`] are
+//! the primitives (defaults here: a GEMM a group in Burn's ops; cuBLAS's grouped GEMM on CUDA,
+//! `cube/cublas_grouped.rs`); [`LinearBackend::grouped_matmul`] is the differentiable op, its
+//! backward two more grouped GEMMs:
+//! - `dX_g = dY_g W_g^T` (the same grouped GEMM over `W`'s transposed view),
+//! - `dW_g = X_g^T dY_g` (the outer form, `k` summed over the group's rows).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor};
+
+use crate::layer_ops::{float, primitive, to_dtype};
+use crate::linear::LinearBackend;
+
+/// The definition of [`LinearBackend::gemm_grouped`]: `x_g @ w[g]` for each group, in f32,
+/// returned in `x`'s dtype.
+///
+/// # Shapes
+/// - `x`: `[sum(counts), k]`, `w`: `[counts.len(), k, n]` → `[sum(counts), n]`
+pub fn reference_gemm_grouped<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 3>, counts: &[usize]) -> Tensor<B, 2> {
+    let ([rows, k], [groups, wk, n]) = (x.dims(), w.dims());
+    check(rows, k, groups, wk, counts);
+    let dtype = x.dtype();
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    for (g, &count) in counts.iter().enumerate() {
+        if count > 0 {
+            let xg = to_dtype(x.clone().narrow(0, offset, count), DType::F32);
+            let wg = to_dtype(w.clone().narrow(0, g, 1).reshape([k, n]), DType::F32);
+            parts.push(to_dtype(xg.matmul(wg), dtype));
+            offset += count;
+        }
+    }
+    match parts.is_empty() {
+        true => Tensor::zeros([0, n], (&x.device(), dtype)),
+        false => Tensor::cat(parts, 0),
+    }
+}
+
+/// The definition of [`LinearBackend::gemm_grouped_outer`]: `x_g^T @ y_g` for each group (zero
+/// for a group without rows), in f32, returned in `x`'s dtype.
+///
+/// # Shapes
+/// - `x`: `[sum(counts), k]`, `y`: `[sum(counts), n]` → `[counts.len(), k, n]`
+pub fn reference_gemm_grouped_outer<B: Backend>(x: Tensor<B, 2>, y: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 3> {
+    let ([rows, k], [y_rows, n]) = (x.dims(), y.dims());
+    check(rows, k, counts.len(), k, counts);
+    assert_eq!(rows, y_rows, "grouped outer GEMM: {rows} rows against {y_rows}");
+    let dtype = x.dtype();
+    let device = x.device();
+    let mut offset = 0;
+    let blocks = counts.iter().map(|&count| {
+        let block = match count {
+            0 => Tensor::zeros([k, n], (&device, DType::F32)),
+            _ => to_dtype(x.clone().narrow(0, offset, count), DType::F32).transpose().matmul(to_dtype(y.clone().narrow(0, offset, count), DType::F32)),
+        };
+        offset += count;
+        block
+    });
+    to_dtype(Tensor::stack(blocks.collect(), 0), dtype)
+}
+
+fn check(rows: usize, k: usize, groups: usize, wk: usize, counts: &[usize]) {
+    assert_eq!(counts.iter().sum::<usize>(), rows, "grouped GEMM: the groups' rows {counts:?} do not add up to x's {rows}");
+    assert_eq!(groups, counts.len(), "grouped GEMM: {} groups of rows against {groups} matrices", counts.len());
+    assert_eq!(k, wk, "grouped GEMM: x has {k} columns, the matrices {wk} rows");
+}
+
+/// [`LinearBackend::grouped_matmul`] on `Autodiff<B>`: one autodiff op over the inner backend's
+/// grouped GEMMs, keeping `w` for `dX` and `x` for `dW` only where a parent is tracked.
+pub(crate) fn tracked<B: LinearBackend, C: CheckpointStrategy>(x: Tensor<Autodiff<B, C>, 2>, w: Tensor<Autodiff<B, C>, 3>, counts: &[usize]) -> Tensor<Autodiff<B, C>, 2> {
+    let (x, w) = (primitive(x), primitive(w));
+    let forward = |x: FloatTensor<B>, w: FloatTensor<B>| primitive(B::gemm_grouped(float::<B, 2>(x), float(w), counts));
+    let op = GroupedBackward { counts: counts.to_vec() };
+    let y = match op.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let keep_w = x.is_tracked().then(|| w.primitive.clone());
+            let keep_x = w.is_tracked().then(|| x.primitive.clone());
+            let y = forward(x.primitive, w.primitive);
+            prep.finish((keep_x, keep_w), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
+    };
+    float(y)
+}
+
+#[derive(Debug)]
+struct GroupedBackward {
+    counts: Vec<usize>,
+}
+
+impl<B: LinearBackend> Backward<B, 2> for GroupedBackward {
+    /// (x if w is tracked, w if x is tracked).
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        if let (Some(node), Some(w)) = (node_x, w) {
+            let dx = B::gemm_grouped(float(dy.clone()), float::<B, 3>(w).swap_dims(1, 2), &self.counts);
+            grads.register::<B>(node.id, primitive(dx));
+        }
+        if let (Some(node), Some(x)) = (node_w, x) {
+            let dw = B::gemm_grouped_outer(float(x), float(dy), &self.counts);
+            grads.register::<B>(node.id, primitive(dw));
+        }
+    }
+}
