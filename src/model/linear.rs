@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use kernels_cubecl as ops;
 
-use super::weights::{HostTensor, InitKind, TensorRequest, WeightSource};
+use super::weights::{build_time, HostTensor, InitKind, TensorRequest, WeightSource};
 use crate::backend::profile::span;
 use crate::backend::TrainBackend;
 use crate::error::Result;
@@ -31,7 +31,7 @@ impl<B: TrainBackend> Loader<'_, B> {
         init: InitKind,
     ) -> Result<HostTensor> {
         let name = (self.naming)(path);
-        self.source.tensor(TensorRequest { name: &name, shape, slice, init })
+        build_time::timed(0, || self.source.tensor(TensorRequest { name: &name, shape, slice, init }))
     }
 
     /// `{path}.weight` of each of `paths`, whole, `[out, in]` as stored: made or read together.
@@ -39,16 +39,19 @@ impl<B: TrainBackend> Loader<'_, B> {
         let names: Vec<String> = paths.iter().map(|p| (self.naming)(&format!("{p}.weight"))).collect();
         let shape = [out, inp];
         let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
-        self.source.tensors(&reqs)
+        build_time::timed(0, || self.source.tensors(&reqs))
     }
 
     /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
     /// has nothing left to convert (it would on one core).
     pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
-        let mut out = zeroed::<B::FloatElem>(t.data.len());
-        let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
-        super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
-        Tensor::from_data(TensorData::new(out, t.shape), &self.device)
+        let out = build_time::timed(1, || {
+            let mut out = zeroed::<B::FloatElem>(t.data.len());
+            let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
+            super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
+            out
+        });
+        build_time::timed(2, || Tensor::from_data(TensorData::new(out, t.shape), &self.device))
     }
 
     /// Experts' weights as stored (`[out, in]` each) transposed and stacked `[experts, in, out]`,
@@ -57,18 +60,21 @@ impl<B: TrainBackend> Loader<'_, B> {
     /// where first touches of fresh pages cost more than the arithmetic).
     pub(super) fn upload_stacked_transposed(&self, ws: &[HostTensor]) -> Tensor<B, 3> {
         let (out, inp) = (ws[0].shape[0], ws[0].shape[1]);
-        let mut stack = zeroed::<B::FloatElem>(ws.len() * inp * out);
-        // Tiles of TILE rows of each expert's `[in, out]` block, read from TILE columns of its
-        // stored rows.
-        const TILE: usize = 64;
-        let tiles: Vec<(&HostTensor, usize, &mut [B::FloatElem])> =
-            stack.chunks_mut(inp * out).zip(ws).flat_map(|(block, w)| block.chunks_mut(TILE * out).enumerate().map(move |(k, t)| (w, k * TILE, t))).collect();
-        super::weights::parallel_for(tiles, |(w, i0, tile)| {
-            for (di, row) in tile.chunks_mut(out).enumerate() {
-                put(row, (0..out).map(|o| w.data[o * inp + i0 + di]));
-            }
+        let stack = build_time::timed(1, || {
+            let mut stack = zeroed::<B::FloatElem>(ws.len() * inp * out);
+            // Tiles of TILE rows of each expert's `[in, out]` block, read from TILE columns of
+            // its stored rows.
+            const TILE: usize = 64;
+            let tiles: Vec<(&HostTensor, usize, &mut [B::FloatElem])> =
+                stack.chunks_mut(inp * out).zip(ws).flat_map(|(block, w)| block.chunks_mut(TILE * out).enumerate().map(move |(k, t)| (w, k * TILE, t))).collect();
+            super::weights::parallel_for(tiles, |(w, i0, tile)| {
+                for (di, row) in tile.chunks_mut(out).enumerate() {
+                    put(row, (0..out).map(|o| w.data[o * inp + i0 + di]));
+                }
+            });
+            stack
         });
-        Tensor::from_data(TensorData::new(stack, vec![ws.len(), inp, out]), &self.device)
+        build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![ws.len(), inp, out]), &self.device))
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.

@@ -121,6 +121,32 @@ impl WeightSource for RandomInit {
     }
 }
 
+/// Where a model build's host time goes, summed over its tensors since the process started:
+/// making or reading the values (`source`), converting and laying them out for the device
+/// (`convert`), handing them to the backend (`upload`). `trainer bench` reports them.
+pub mod build_time {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    static NANOS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+    /// The phases, in [`seconds`]' order.
+    pub const PHASES: [&str; 3] = ["source", "convert", "upload"];
+
+    /// `f`, its time added to phase `phase` (an index of [`PHASES`]).
+    pub fn timed<T>(phase: usize, f: impl FnOnce() -> T) -> T {
+        let t0 = Instant::now();
+        let out = f();
+        NANOS[phase].fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Seconds in each phase so far.
+    pub fn seconds() -> [f64; 3] {
+        std::array::from_fn(|i| NANOS[i].load(Ordering::Relaxed) as f64 * 1e-9)
+    }
+}
+
 /// Values per random stream of [`RandomInit`].
 const RANDOM_CHUNK: usize = 1 << 20;
 

@@ -174,7 +174,12 @@ impl BackendJob for Job<'_> {
         let mut m = model::build::<Autodiff<B>>(self.plan, &r.model, Layout::SINGLE, &device)?;
         sync(&device)?;
         phases.insert("weights".to_string(), t0.elapsed().as_secs_f64());
-        eprintln!("bench: weights built in {:.1} s", phases["weights"]);
+        let parts = model::weights::build_time::PHASES.iter().zip(model::weights::build_time::seconds());
+        let parts: Vec<String> = parts.map(|(name, s)| {
+            phases.insert(format!("weights_{name}"), s);
+            format!("{name} {s:.1} s")
+        }).collect();
+        eprintln!("bench: weights built in {:.1} s ({}; the rest in the backend and between)", phases["weights"], parts.join(", "));
         let mut lora_params = 0.0;
         if r.train.tuning == Tuning::Lora {
             let targets = LoraTargets::parse(&r.lora.targets)?;
