@@ -196,6 +196,36 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write a complete, commented recipe for a model and its data, with the parallel layout
+    /// and batch sizes chosen for this machine's GPUs from the memory estimate `check` prints;
+    /// `trainer check` accepts it as written. Never overwrites a file.
+    Init {
+        /// The model: a local folder with its config.json, or a Hugging Face hub id
+        /// (`Qwen/Qwen2.5-7B-Instruct`).
+        #[arg(long, value_name = "PATH_OR_HUB_ID")]
+        model: String,
+        /// Training data, in ms-swift's syntax: local files (.jsonl, .json, .csv, .parquet) or
+        /// hub ids, each optionally `#N` to sample N rows (repeatable, or several after one
+        /// --data).
+        #[arg(long, value_name = "FILE", required = true, num_args = 1..)]
+        data: Vec<String>,
+        /// LoRA, rank 8, alpha 32, on every linear layer (the default).
+        #[arg(long, conflicts_with = "full")]
+        lora: bool,
+        /// Full fine-tuning: every weight trains.
+        #[arg(long)]
+        full: bool,
+        /// GPUs to lay the job out on (default: the ones this machine's CUDA sees; 0: the CPU).
+        #[arg(long, value_name = "N")]
+        gpus: Option<usize>,
+        /// Memory of one GPU in GiB, for laying out a job for another machine (default: this
+        /// machine's first GPU, or its RAM for the CPU).
+        #[arg(long, value_name = "GIB")]
+        gpu_memory: Option<f64>,
+        /// Where the recipe goes.
+        #[arg(long, default_value = "recipe.toml")]
+        out: PathBuf,
+    },
     /// List the registered model families.
     Models,
     /// Help on a subcommand (`trainer help run`), or on the recipe: `trainer help recipe` lists
@@ -274,6 +304,26 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             let job = train::bench_loss::LossBench { tokens, hidden, vocab, warmup, steps: steps.max(1), fused: !unfused };
             let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
+            Ok(())
+        }
+        Command::Init { model, data, lora: _, full, gpus, gpu_memory, out } => {
+            let gpus = gpus.unwrap_or_else(backend::gpu_count);
+            let device = if gpus > 0 { crate::recipe::Device::Cuda } else { crate::recipe::Device::Cpu };
+            let memory = match gpu_memory {
+                Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
+                Some(g) => return Err(Error::Unsupported(format!("--gpu-memory {g}: expected GiB, a positive number"))),
+                None => backend::memory_capacity(device).map(|(bytes, _)| bytes),
+            };
+            let tuning = if full { crate::recipe::Tuning::Full } else { crate::recipe::Tuning::Lora };
+            let req = crate::train::init::InitRequest { model, data, tuning, gpus, memory, out: out.clone() };
+            let c = crate::train::init::init(&req, registry)?;
+            println!(
+                "wrote {}: {} rank(s) (data {} x tensor {}, expert {}), micro batch {}, global batch {}, recompute {}; estimate {:.1} GiB a rank{}",
+                out.display(), c.data * c.tensor, c.data, c.tensor, c.expert, c.micro_batch, c.global_batch,
+                if c.recompute { "full" } else { "none" }, c.estimate_gib,
+                c.capacity_gib.map_or(String::new(), |g| format!(" of {g:.0} GiB"))
+            );
+            println!("next: trainer check {}", out.display());
             Ok(())
         }
         Command::Runs { dir, json } => {

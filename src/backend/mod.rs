@@ -142,6 +142,18 @@ pub fn memory_capacity(device: Device) -> Option<(u64, &'static str)> {
     }
 }
 
+/// GPUs this machine's CUDA sees (0 without CUDA in this binary or without a GPU).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    if cuda_available() {
+        use cudarc::driver::result;
+        if result::init().is_ok() {
+            return result::device::get_count().map_or(0, |n| n.max(0) as usize);
+        }
+    }
+    0
+}
+
 /// `MemTotal` of /proc/meminfo (Linux).
 fn host_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

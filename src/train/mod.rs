@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_loss;
 pub mod checkpoints;
+pub mod init;
 pub mod interrupt;
 pub mod metrics;
 pub mod names;

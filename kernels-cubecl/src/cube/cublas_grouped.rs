@@ -78,7 +78,7 @@ pub(super) fn gemm_grouped(x: CubeTensor<CudaRuntime>, w: CubeTensor<CudaRuntime
             row += m;
         }
     }
-    launch(&problems, [&w.t, &x.t, &c]);
+    launch(&problems, [&w.t, &x.t, &c], false);
     c
 }
 
@@ -91,8 +91,9 @@ pub(super) fn gemm_grouped_outer(x: CubeTensor<CudaRuntime>, y: CubeTensor<CudaR
     assert!(x.batch == 1 && y.batch == 1, "grouped outer GEMM: x and y are matrices");
     assert_eq!(y.rows, rows, "grouped outer GEMM: {rows} rows against {}", y.rows);
     assert_eq!(counts.iter().sum::<usize>(), rows, "grouped outer GEMM: the groups' rows {counts:?} do not add up to {rows}");
-    // Zeroed: cuBLAS does not visit the groups without rows.
-    let c = zeros_client(x.t.client.clone(), x.t.device.clone(), Shape::new([counts.len(), k, n]), dtype);
+    // Contiguous (burn-cubecl's zeros may pad rows), zeroed on the stream before the GEMM:
+    // cuBLAS does not visit the groups without rows.
+    let c = empty_device_contiguous_dtype(x.t.client.clone(), x.t.device.clone(), Shape::new([counts.len(), k, n]), dtype);
     let mut problems = Vec::new();
     let mut row = 0;
     for (g, &m) in counts.iter().enumerate() {
@@ -114,15 +115,13 @@ pub(super) fn gemm_grouped_outer(x: CubeTensor<CudaRuntime>, y: CubeTensor<CudaR
         }
         row += m;
     }
-    if !problems.is_empty() {
-        launch(&problems, [&y.t, &x.t, &c]);
-    }
+    launch(&problems, [&y.t, &x.t, &c], true);
     c
 }
 
 /// One `cublasGemmGroupedBatchedEx` over `problems` (a group each), operands `[a, b, c]` of
-/// one dtype, `C = op(A) op(B)`.
-fn launch(problems: &[Problem], [a, b, c]: [&CubeTensor<CudaRuntime>; 3]) {
+/// one dtype, `C = op(A) op(B)`; with `zero_c`, all of `c` (contiguous) zeroed first.
+fn launch(problems: &[Problem], [a, b, c]: [&CubeTensor<CudaRuntime>; 3], zero_c: bool) {
     let dtype = cuda_type(a.dtype);
     assert!(a.dtype == b.dtype && b.dtype == c.dtype, "grouped GEMM operands of one dtype: {:?} {:?} {:?}", a.dtype, b.dtype, c.dtype);
     let size = match c.dtype {
@@ -139,6 +138,14 @@ fn launch(problems: &[Problem], [a, b, c]: [&CubeTensor<CudaRuntime>; 3]) {
     let ones = vec![1i32; groups];
     submit(a, |blas: &mut Blas| {
         let ((ga, pa), (gb, pb), (gc, pc)) = (resource(a), resource(b), resource(c));
+        if zero_c {
+            let bytes = c.meta.shape().iter().product::<usize>() * size;
+            // SAFETY: `c` is a live contiguous allocation of `bytes`, on the handle's stream.
+            unsafe { driver::memset_d8_async(pc, 0, bytes, blas.stream) }.unwrap_or_else(|e| panic!("zeroing a grouped GEMM's output: {e:?}"));
+        }
+        if groups == 0 {
+            return (ga, gb, gc);
+        }
         let mut pointers: Vec<u64> = Vec::with_capacity(3 * groups);
         pointers.extend(problems.iter().map(|p| pa + (p.a * size) as u64));
         pointers.extend(problems.iter().map(|p| pb + (p.b * size) as u64));
