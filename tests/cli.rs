@@ -192,3 +192,40 @@ fn help_recipe_documents_every_key_from_the_schema() {
     let o = trainer(&["help", "run"]);
     assert!(o.status.success() && text(&o).0.contains("Usage: trainer run"), "{:?}", text(&o));
 }
+
+/// `init` writes a recipe that `check` accepts as written: the tiny fixture model on the CPU,
+/// and the two seed configs laid out for GPUs (Qwen2.5-7B fully tuned split over 2 GPUs of 80
+/// GiB, Qwen3-30B-A3B's LoRA with its experts split over 8). It never overwrites a file and
+/// refuses a missing data file.
+#[test]
+fn init_writes_recipes_that_check_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = "tests/fixtures/data/alpaca.parquet";
+    let cases: [(&str, &[&str], &[&str]); 3] = [
+        ("tests/fixtures/qwen3_moe_f32_sharded", &["--gpus", "0"], &["device = \"cpu\"", "[lora]"]),
+        ("tests/data/qwen2.5-7b-instruct", &["--gpus", "2", "--gpu-memory", "80", "--full"], &["tuning = \"full\"", "tensor = 2", "sequence_parallel = true"]),
+        ("tests/data/qwen3-30b-a3b", &["--gpus", "8", "--gpu-memory", "80", "--lora"], &["data = 8", "expert = 2", "--nproc-per-node 8"]),
+    ];
+    for (i, (model, flags, want)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("r{i}.toml"));
+        let out = out.to_str().unwrap();
+        let mut args = vec!["init", "--model", model, "--data", data, "--out", out];
+        args.extend_from_slice(flags);
+        let o = trainer(&args);
+        let (stdout, err) = text(&o);
+        assert!(o.status.success(), "{args:?}: {err}");
+        assert!(stdout.contains("wrote"), "{stdout}");
+        let recipe = std::fs::read_to_string(out).unwrap();
+        for w in *want {
+            assert!(recipe.contains(w), "{model}: expected `{w}` in\n{recipe}");
+        }
+        let o = trainer(&["check", out, "--no-data"]);
+        assert!(o.status.success(), "{model}: check refused the recipe init wrote: {}\n{recipe}", text(&o).1);
+        // Never over an existing file.
+        assert_user_error(&args, &[out, "never overwrites"]);
+        assert_eq!(std::fs::read_to_string(out).unwrap(), recipe);
+    }
+    let out = dir.path().join("x.toml");
+    assert_user_error(&["init", "--model", "tests/data/qwen3-30b-a3b", "--data", "missing.jsonl", "--out", out.to_str().unwrap()], &["missing.jsonl", "no such data file"]);
+    assert!(!out.exists());
+}
