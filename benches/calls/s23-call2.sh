@@ -2,9 +2,10 @@
 # Session 23, call 2 (call 1 found the grouped weight gradient wrong on CUDA: its output was
 # allocated with padded rows and written as if contiguous). kernels-cubecl's GEMM tests on CUDA
 # (the grouped GEMM, forward and both gradients, f32 and bf16); a failure stops the call. Then
-# Qwen3-30B-A3B at 8 of 48 layers: transformers+peft, trainer grouped (profiled), the same
-# binary padded (TRAINER_EXPERT_GEMM=padded, the layout before); last a 30-step CUDA run of the
-# tiny MoE recipe.
+# Qwen3-30B-A3B at 8 of 48 layers: trainer grouped (profiled), the same binary padded
+# (TRAINER_EXPERT_GEMM=padded, the layout before), then transformers+peft (and trainer grouped
+# again after it); last a 30-step CUDA run of the tiny MoE recipe. Results are copied to $OUT
+# after each part, so a call cut short keeps what ran.
 set -u
 cd "$(dirname "$0")/../.."
 source benches/env.sh
@@ -17,10 +18,13 @@ for t in cuda_f32_gemms_match_reference cuda_bf16_gemms_match_reference; do
 done
 [ $fail = 0 ] || exit 1
 export COMMIT=$(cat .gpu/COMMIT) LAYERS=8 WARMUP=1 STEPS=3 TRAINER_TIMEOUT=200 OUT=/tmp/bench
-BASELINES=peft PROFILE=1 bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
+BASELINES= PROFILE=1 bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
 cp /tmp/bench/results.jsonl /tmp/bench/*trainer*.log $R/ 2>/dev/null
 TRAINER_EXPERT_GEMM=padded VARIANT=padded BASELINES= bash benches/run.sh 30b-mb4 >> /tmp/bench.out 2>&1
 cp /tmp/bench/results.jsonl /tmp/bench/*trainer*.log $R/ 2>/dev/null
+# transformers+peft last (run.sh runs trainer after its baselines: this row is trainer's third).
+TRAINER_EXPERT_GEMM=grouped VARIANT=after-peft BASELINES=peft bash benches/run.sh 30b-mb4 >> /tmp/bench.out 2>&1
+cp /tmp/bench/results.jsonl $R/ 2>/dev/null
 grep -v "^\[transformers\]\|UserWarning\|Consider using\|losses.append" /tmp/bench.out | grep -v "^{"
 grep -h "weights built" /tmp/bench/*trainer*.log
 timeout 150 .gpu/trainer run recipes/tiny-qwen3-moe-lora.toml --set 'device="cuda"' --set train.max_steps=30 --set train.eval_interval=15 \
