@@ -1,7 +1,7 @@
 //! Self-checks of the CUDA path that `trainer bench` runs before timing (a failed one ends the
 //! bench): the cuBLAS GEMMs (kernels-cubecl's `GemmRuntime` for CUDA) forward and backward and
-//! their ordering with CubeCL's kernels, the blockwise attention, and the LoRA linear layer, each
-//! against the same maths on the host.
+//! their ordering with CubeCL's kernels, the blockwise attention, the LoRA linear layer and the
+//! experts' grouped GEMM, each against the same maths on the host.
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -23,6 +23,8 @@ pub struct GemmCheck {
     pub ordering: f32,
     /// The LoRA linear layer ([`lora_check`]): output, and the gradients of x, A and B.
     pub lora: [f32; 4],
+    /// The experts' grouped GEMM ([`grouped_check`]): output, and the gradients of x and w.
+    pub grouped: [f32; 3],
 }
 
 impl GemmCheck {
@@ -44,6 +46,9 @@ impl GemmCheck {
                 ("lora grad_x", lx),
                 ("lora grad_a", la),
                 ("lora grad_b", lb),
+                ("grouped output", self.grouped[0]),
+                ("grouped grad_x", self.grouped[1]),
+                ("grouped grad_w", self.grouped[2]),
             ],
         )
     }
@@ -85,7 +90,41 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
         grad_w: max_rel_error(gw, &rgw),
         ordering: ordering_check(device),
         lora: lora_check(device),
+        grouped: grouped_check(device),
     }
+}
+
+/// The experts' grouped GEMM `y_g = x_g w[g]` (groups of 37, 0, 90 and 5 rows) on CUDA in bf16,
+/// x and w tracked, against the same maths on the host in f64 from the same values: output,
+/// dX, dW (the empty group's zero) as max |diff| / max |reference|.
+fn grouped_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 3] {
+    use burn::tensor::{Distribution, FloatDType};
+    type B = Autodiff<Cuda<half::bf16>>;
+    let counts = [37, 0, 90, 5];
+    let (rows, g, k, n) = (132, counts.len(), 200, 72);
+    let x = Tensor::<B, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 3>::random([g, k, n], Distribution::Normal(0.0, 0.1), device);
+    let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+    let (hx, hw, hr) = (host_values(x.clone()), host_values(w.clone()), host_values(dy.clone()));
+    let (x, w) = (x.require_grad(), w.require_grad());
+    let y = B::grouped_matmul(x.clone(), w.clone(), &counts);
+    let grads = (y.clone().cast(FloatDType::F32) * dy.cast(FloatDType::F32)).sum().backward();
+    let gx = x.grad(&grads).map(|t| host_values(Tensor::<B, 2>::from_inner(t)));
+    let gw = w.grad(&grads).map(|t| host_values(Tensor::<B, 3>::from_inner(t)));
+    // The host, f64: row i of group e: y = x w_e, dX = dY w_e^T, dW_e += x^T dY.
+    let (mut ry, mut rgx, mut rgw) = (vec![0.0; rows * n], vec![0.0; rows * k], vec![0.0; g * k * n]);
+    let owner: Vec<usize> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e, c)).collect();
+    for (i, &e) in owner.iter().enumerate() {
+        for c in 0..k {
+            for o in 0..n {
+                let wv = hw[(e * k + c) * n + o];
+                ry[i * n + o] += hx[i * k + c] * wv;
+                rgx[i * k + c] += hr[i * n + o] * wv;
+                rgw[(e * k + c) * n + o] += hx[i * k + c] * hr[i * n + o];
+            }
+        }
+    }
+    [max_rel_error(Some(host_values(y)), &ry), max_rel_error(gx, &rgx), max_rel_error(gw, &rgw)]
 }
 
 /// The LoRA linear layer `y = x w + s (x A) B` (no dropout) on CUDA in bf16 with f32 factors,
