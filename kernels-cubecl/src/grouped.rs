@@ -10,14 +10,14 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
 use crate::layer_ops::{float, primitive, to_dtype};
-use crate::linear::LinearBackend;
+use crate::linear::{tracked_product, LinearBackend};
 
 /// The definition of [`LinearBackend::gemm_grouped`]: `x_g @ w[g]` for each group, in f32,
 /// returned in `x`'s dtype.
@@ -76,19 +76,8 @@ fn check(rows: usize, k: usize, groups: usize, wk: usize, counts: &[usize]) {
 /// [`LinearBackend::grouped_matmul`] on `Autodiff<B>`: one autodiff op over the inner backend's
 /// grouped GEMMs, keeping `w` for `dX` and `x` for `dW` only where a parent is tracked.
 pub(crate) fn tracked<B: LinearBackend, C: CheckpointStrategy>(x: Tensor<Autodiff<B, C>, 2>, w: Tensor<Autodiff<B, C>, 3>, counts: &[usize]) -> Tensor<Autodiff<B, C>, 2> {
-    let (x, w) = (primitive(x), primitive(w));
     let forward = |x: FloatTensor<B>, w: FloatTensor<B>| primitive(B::gemm_grouped(float::<B, 2>(x), float(w), counts));
-    let op = GroupedBackward { counts: counts.to_vec() };
-    let y = match op.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let keep_w = x.is_tracked().then(|| w.primitive.clone());
-            let keep_x = w.is_tracked().then(|| x.primitive.clone());
-            let y = forward(x.primitive, w.primitive);
-            prep.finish((keep_x, keep_w), y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
-    };
-    float(y)
+    float(tracked_product::<B, C, _>(GroupedBackward { counts: counts.to_vec() }, primitive(x), primitive(w), forward))
 }
 
 #[derive(Debug)]

@@ -166,7 +166,6 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
 
 /// `x @ w` as one autodiff op: 2-D operands, or 3-D ones multiplied per batch entry.
 fn tracked_gemm<B: LinearBackend, C: CheckpointStrategy, const D: usize>(x: Tensor<Autodiff<B, C>, D>, w: Tensor<Autodiff<B, C>, D>, batched: bool) -> Tensor<Autodiff<B, C>, D> {
-    let (x, w) = (primitive(x), primitive(w));
     let forward = |x: FloatTensor<B>, w: FloatTensor<B>| -> FloatTensor<B> {
         if batched {
             primitive(B::gemm_batched(float::<B, 3>(x), float(w)))
@@ -175,17 +174,30 @@ fn tracked_gemm<B: LinearBackend, C: CheckpointStrategy, const D: usize>(x: Tens
             primitive(B::gemm(float(x), false, float(w), false, dtype, None))
         }
     };
-    let y = match (GemmBackward { batched }).prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+    float(tracked_product::<B, C, _>(GemmBackward { batched }, primitive(x), primitive(w), forward))
+}
+
+/// `forward(x, w)` as one autodiff op whose backward `op` takes `(x, w)` as its state, each kept
+/// only for the other's gradient: dX needs W, dW needs X, and a parent that is not tracked asks
+/// for neither.
+pub(crate) fn tracked_product<B: Backend, C: CheckpointStrategy, Op>(
+    op: Op,
+    x: FloatTensor<Autodiff<B, C>>,
+    w: FloatTensor<Autodiff<B, C>>,
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    Op: Backward<B, 2, State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>)>,
+{
+    match op.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            // dX needs W, dW needs X: keep only what a tracked parent will ask for.
             let keep_w = x.is_tracked().then(|| w.primitive.clone());
             let keep_x = w.is_tracked().then(|| x.primitive.clone());
             let y = forward(x.primitive, w.primitive);
             prep.finish((keep_x, keep_w), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive)),
-    };
-    float(y)
+    }
 }
 
 #[derive(Debug)]
