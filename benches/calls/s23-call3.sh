@@ -1,8 +1,10 @@
 #!/bin/bash
-# Session 23, call 3: call 2 with what a short device budget allows. kernels-cubecl's GEMM tests
-# on CUDA (the grouped GEMM, forward and both gradients, f32 and bf16: the weight gradient's fix
-# of ff7f8b1); then Qwen3-30B-A3B at 8 of 48 layers, trainer grouped, then the same binary padded
-# (TRAINER_EXPERT_GEMM=padded). Results are copied to $OUT after each part.
+# Session 23, call 3 (not run in session 23: no device time left; the next session's first
+# call, binaries rebuilt as benches/run.sh's header says, the kernels-cubecl test binary as
+# .gpu/kc_linear). kernels-cubecl's GEMM tests on CUDA (the grouped GEMM, forward and both
+# gradients, f32 and bf16: the weight gradient's fix of ff7f8b1); then Qwen3-30B-A3B at 8 of 48
+# layers, trainer grouped (its bench self-check covers the grouped GEMM too, 9b5bd23), then the
+# same binary padded (TRAINER_EXPERT_GEMM=padded). Results are copied to $OUT after each part.
 set -u
 cd "$(dirname "$0")/../.."
 source benches/env.sh
