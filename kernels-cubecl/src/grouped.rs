@@ -17,7 +17,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
 use crate::layer_ops::{float, primitive, to_dtype};
-use crate::linear::{tracked_product, LinearBackend};
+use crate::linear::{product_backward, tracked_product, LinearBackend, ProductState};
 
 /// The definition of [`LinearBackend::gemm_grouped`]: `x_g @ w[g]` for each group, in f32,
 /// returned in `x`'s dtype.
@@ -67,7 +67,9 @@ pub fn reference_gemm_grouped_outer<B: Backend>(x: Tensor<B, 2>, y: Tensor<B, 2>
     to_dtype(Tensor::stack(blocks.collect(), 0), dtype)
 }
 
-fn check(rows: usize, k: usize, groups: usize, wk: usize, counts: &[usize]) {
+/// `counts` describes `rows` rows in `groups` groups, and `x`'s `k` columns meet the matrices'
+/// `wk` rows: every grouped GEMM's contract.
+pub(crate) fn check(rows: usize, k: usize, groups: usize, wk: usize, counts: &[usize]) {
     assert_eq!(counts.iter().sum::<usize>(), rows, "grouped GEMM: the groups' rows {counts:?} do not add up to x's {rows}");
     assert_eq!(groups, counts.len(), "grouped GEMM: {} groups of rows against {groups} matrices", counts.len());
     assert_eq!(k, wk, "grouped GEMM: x has {k} columns, the matrices {wk} rows");
@@ -86,20 +88,15 @@ struct GroupedBackward {
 }
 
 impl<B: LinearBackend> Backward<B, 2> for GroupedBackward {
-    /// (x if w is tracked, w if x is tracked).
-    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+    type State = ProductState<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
-        let (x, w) = ops.state;
-        if let (Some(node), Some(w)) = (node_x, w) {
-            let dx = B::gemm_grouped(float(dy.clone()), float::<B, 3>(w).swap_dims(1, 2), &self.counts);
-            grads.register::<B>(node.id, primitive(dx));
-        }
-        if let (Some(node), Some(x)) = (node_w, x) {
-            let dw = B::gemm_grouped_outer(float(x), float(dy), &self.counts);
-            grads.register::<B>(node.id, primitive(dw));
-        }
+        let counts = &self.counts;
+        product_backward::<B>(
+            ops,
+            grads,
+            |dy, w| primitive(B::gemm_grouped(float(dy), float::<B, 3>(w).swap_dims(1, 2), counts)),
+            |x, dy| primitive(B::gemm_grouped_outer(float(x), float(dy), counts)),
+        );
     }
 }

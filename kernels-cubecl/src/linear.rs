@@ -177,6 +177,9 @@ fn tracked_gemm<B: LinearBackend, C: CheckpointStrategy, const D: usize>(x: Tens
     float(tracked_product::<B, C, _>(GemmBackward { batched }, primitive(x), primitive(w), forward))
 }
 
+/// What the backward of a product `y = f(x, w)` keeps: x if w is tracked, w if x is tracked.
+pub(crate) type ProductState<B> = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
 /// `forward(x, w)` as one autodiff op whose backward `op` takes `(x, w)` as its state, each kept
 /// only for the other's gradient: dX needs W, dW needs X, and a parent that is not tracked asks
 /// for neither.
@@ -187,7 +190,7 @@ pub(crate) fn tracked_product<B: Backend, C: CheckpointStrategy, Op>(
     forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>>
 where
-    Op: Backward<B, 2, State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>)>,
+    Op: Backward<B, 2, State = ProductState<B>>,
 {
     match op.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
@@ -200,40 +203,56 @@ where
     }
 }
 
+/// The backward of a [`tracked_product`]: `dx(dY, W)` registered for x and `dw(X, dY)` for w,
+/// each where that parent is tracked.
+pub(crate) fn product_backward<B: Backend>(
+    ops: Ops<ProductState<B>, 2>,
+    grads: &mut Gradients,
+    dx: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+    dw: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) {
+    let [node_x, node_w] = ops.parents;
+    let dy = grads.consume::<B>(&ops.node);
+    let (x, w) = ops.state;
+    if let (Some(node), Some(w)) = (node_x, w) {
+        grads.register::<B>(node.id, dx(dy.clone(), w));
+    }
+    if let (Some(node), Some(x)) = (node_w, x) {
+        grads.register::<B>(node.id, dw(x, dy));
+    }
+}
+
 #[derive(Debug)]
 struct GemmBackward {
     batched: bool,
 }
 
 impl<B: LinearBackend> Backward<B, 2> for GemmBackward {
-    /// (x if w is tracked, w if x is tracked).
-    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+    type State = ProductState<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
-        let (x, w) = ops.state;
-        if let (Some(node), Some(w)) = (node_x, w) {
+        let batched = self.batched;
+        product_backward::<B>(
+            ops,
+            grads,
             // dX = dY W^T
-            let dx = if self.batched {
-                primitive(B::gemm_batched(float::<B, 3>(dy.clone()), float::<B, 3>(w).swap_dims(1, 2)))
-            } else {
-                let dy = float::<B, 2>(dy.clone());
-                let dtype = dy.dtype();
-                primitive(B::gemm(dy, false, float(w), true, dtype, None))
-            };
-            grads.register::<B>(node.id, dx);
-        }
-        if let (Some(node), Some(x)) = (node_w, x) {
+            |dy, w| match batched {
+                true => primitive(B::gemm_batched(float::<B, 3>(dy), float::<B, 3>(w).swap_dims(1, 2))),
+                false => {
+                    let dy = float::<B, 2>(dy);
+                    let dtype = dy.dtype();
+                    primitive(B::gemm(dy, false, float(w), true, dtype, None))
+                }
+            },
             // dW = X^T dY
-            let dw = if self.batched {
-                primitive(B::gemm_batched(float::<B, 3>(x).swap_dims(1, 2), float::<B, 3>(dy)))
-            } else {
-                let x = float::<B, 2>(x);
-                let dtype = x.dtype();
-                primitive(B::gemm(x, true, float(dy), false, dtype, None))
-            };
-            grads.register::<B>(node.id, dw);
-        }
+            |x, dy| match batched {
+                true => primitive(B::gemm_batched(float::<B, 3>(x).swap_dims(1, 2), float::<B, 3>(dy))),
+                false => {
+                    let x = float::<B, 2>(x);
+                    let dtype = x.dtype();
+                    primitive(B::gemm(x, true, float(dy), false, dtype, None))
+                }
+            },
+        );
     }
 }

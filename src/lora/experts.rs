@@ -99,16 +99,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
     pub fn forward(&self, x: Tensor<B, 3>, experts: Range<usize>) -> Tensor<B, 3> {
-        let [a, b] = self.factors(experts);
-        let dtype = x.dtype();
-        let h = x.cast(FloatDType::F32);
-        let (h, scale) = match dropout_mask::<B, 3>(self.dropout, h.shape(), &h.device(), DType::F32) {
-            Some((kept, keep)) => (h * kept, self.scale / keep),
-            None => (h, self.scale),
-        };
-        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
-        // one pass over `rank` columns instead of `out` (forward and backward).
-        B::batched_matmul(B::batched_matmul(h, a) * scale, b).cast(dtype)
+        self.term(x, self.factors(experts), B::batched_matmul)
     }
 
     /// [`forward`](Self::forward) of two adapters that read the same input (an expert's gate
@@ -116,17 +107,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     /// (`[experts, in, r1 + r2]`): the padded rows are cast and read once, not twice, forward
     /// and backward. Apart when either draws dropout (each its own mask, as peft draws them).
     pub fn forward_pair(first: &Self, second: &Self, x: Tensor<B, 3>, experts: Range<usize>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        if dropout_active::<B>(first.dropout, &x.device()) || dropout_active::<B>(second.dropout, &x.device()) {
-            return (first.forward(x.clone(), experts.clone()), second.forward(x, experts));
-        }
-        let ([a1, b1], [a2, b2]) = (first.factors(experts.clone()), second.factors(experts));
-        let r1 = a1.dims()[2];
-        let r2 = a2.dims()[2];
-        let dtype = x.dtype();
-        let h = B::batched_matmul(x.cast(FloatDType::F32), Tensor::cat(vec![a1, a2], 2));
-        let y1 = B::batched_matmul(h.clone().narrow(2, 0, r1) * first.scale, b1).cast(dtype);
-        let y2 = B::batched_matmul(h.narrow(2, r1, r2) * second.scale, b2).cast(dtype);
-        (y1, y2)
+        Self::pair(first, second, x, [first.factors(experts.clone()), second.factors(experts)], B::batched_matmul)
     }
 
     /// [`forward`](Self::forward) on rows laid out expert after expert (`counts[e]` rows of
@@ -136,26 +117,47 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     /// # Shapes
     /// - `x`: `[sum(counts), in]` → `[sum(counts), out]`
     pub fn forward_grouped(&self, x: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
-        let dtype = x.dtype();
-        let h = x.cast(FloatDType::F32);
-        let (h, scale) = match dropout_mask::<B, 2>(self.dropout, h.shape(), &h.device(), DType::F32) {
-            Some((kept, keep)) => (h * kept, self.scale / keep),
-            None => (h, self.scale),
-        };
-        B::grouped_matmul(B::grouped_matmul(h, self.lora_a.val(), counts) * scale, self.lora_b.val(), counts).cast(dtype)
+        self.term(x, [self.lora_a.val(), self.lora_b.val()], |h, w| B::grouped_matmul(h, w, counts))
     }
 
     /// [`forward_pair`](Self::forward_pair) on rows laid out expert after expert, as
     /// [`forward_grouped`](Self::forward_grouped).
     pub fn forward_grouped_pair(first: &Self, second: &Self, x: Tensor<B, 2>, counts: &[usize]) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        if dropout_active::<B>(first.dropout, &x.device()) || dropout_active::<B>(second.dropout, &x.device()) {
-            return (first.forward_grouped(x.clone(), counts), second.forward_grouped(x, counts));
-        }
-        let (r1, r2) = (first.lora_a.val().dims()[2], second.lora_a.val().dims()[2]);
+        let factors = [[first.lora_a.val(), first.lora_b.val()], [second.lora_a.val(), second.lora_b.val()]];
+        Self::pair(first, second, x, factors, |h, w| B::grouped_matmul(h, w, counts))
+    }
+
+    /// `s * (dropout(x) A) B` in f32, returned in `x`'s dtype, `product` multiplying each
+    /// expert's rows by its factor (batched over padded runs, or grouped).
+    fn term<const D: usize>(&self, x: Tensor<B, D>, [a, b]: [Tensor<B, 3>; 2], product: impl Fn(Tensor<B, D>, Tensor<B, 3>) -> Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let h = B::grouped_matmul(x.cast(FloatDType::F32), Tensor::cat(vec![first.lora_a.val(), second.lora_a.val()], 2), counts);
-        let y1 = B::grouped_matmul(h.clone().narrow(1, 0, r1) * first.scale, first.lora_b.val(), counts).cast(dtype);
-        let y2 = B::grouped_matmul(h.narrow(1, r1, r2) * second.scale, second.lora_b.val(), counts).cast(dtype);
+        let h = x.cast(FloatDType::F32);
+        let (h, scale) = match dropout_mask::<B, D>(self.dropout, h.shape(), &h.device(), DType::F32) {
+            Some((kept, keep)) => (h * kept, self.scale / keep),
+            None => (h, self.scale),
+        };
+        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
+        // one pass over `rank` columns instead of `out` (forward and backward).
+        product(product(h, a) * scale, b).cast(dtype)
+    }
+
+    /// The terms of `first` and `second` on the same `x` ([`forward_pair`](Self::forward_pair)),
+    /// each with its `[A, B]` of `factors`.
+    fn pair<const D: usize>(
+        first: &Self,
+        second: &Self,
+        x: Tensor<B, D>,
+        [[a1, b1], [a2, b2]]: [[Tensor<B, 3>; 2]; 2],
+        product: impl Fn(Tensor<B, D>, Tensor<B, 3>) -> Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        if dropout_active::<B>(first.dropout, &x.device()) || dropout_active::<B>(second.dropout, &x.device()) {
+            return (first.term(x.clone(), [a1, b1], &product), second.term(x, [a2, b2], &product));
+        }
+        let (r1, r2) = (a1.dims()[2], a2.dims()[2]);
+        let dtype = x.dtype();
+        let h = product(x.cast(FloatDType::F32), Tensor::cat(vec![a1, a2], 2));
+        let y1 = product(h.clone().narrow(D - 1, 0, r1) * first.scale, b1).cast(dtype);
+        let y2 = product(h.narrow(D - 1, r1, r2) * second.scale, b2).cast(dtype);
         (y1, y2)
     }
 

@@ -61,8 +61,9 @@ impl<B: TrainBackend> StackedExperts<B> {
     }
 }
 
-/// Every local expert's SwiGLU MLP on its own rows, laid out expert after expert (`counts[e]`
-/// rows of `experts[e]`): each projection one grouped GEMM over the experts' stacked weights
+/// Every local expert's SwiGLU MLP (bias-free, as [`StackedExperts::load`] builds them) on its
+/// own rows, laid out expert after expert (`counts[e]` rows of `experts[e]`): each projection
+/// one grouped GEMM over the experts' stacked weights
 /// (`stacked`, when they still back the experts; else stacked on the call) plus the stacked
 /// adapters' term, no expert padded to the busiest one's rows.
 ///
@@ -73,23 +74,12 @@ pub fn forward_grouped<B: TrainBackend>(experts: &[Mlp<B>], stacked: Option<[Ten
     let [gate_w, up_w, down_w] = stacked.unwrap_or_else(|| {
         [0, 1, 2].map(|p| Tensor::stack(experts.iter().map(|m| projections(m)[p].weight.val()).collect(), 0))
     });
-    let biased = |y: Tensor<B, 2>, p: usize| match experts.iter().any(|m| projections(m)[p].bias.is_some()) {
-        false => y,
-        true => {
-            let [_, out] = y.dims();
-            let zeros = || Tensor::zeros([out], (&device, y.dtype()));
-            let biases = Tensor::stack::<2>(experts.iter().map(|m| projections(m)[p].bias.as_ref().map_or_else(zeros, |b| b.val())).collect(), 0);
-            let owner: Vec<i64> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as i64, c)).collect();
-            let n = owner.len();
-            y + biases.select(0, Tensor::from_data(burn::tensor::TensorData::new(owner, [n]), &device))
-        }
-    };
     let adapted = |y: Tensor<B, 2>, adapter: Option<&ExpertAdapter<B>>, x: Tensor<B, 2>| match adapter {
         Some(a) => y + span::<B, _>("lora", &device, || a.forward_grouped(x, counts)),
         None => y,
     };
-    let gate = biased(B::grouped_matmul(x.clone(), gate_w, counts), 0);
-    let up = biased(B::grouped_matmul(x.clone(), up_w, counts), 1);
+    let gate = B::grouped_matmul(x.clone(), gate_w, counts);
+    let up = B::grouped_matmul(x.clone(), up_w, counts);
     let (gate, up) = match (adapters.gate_proj.as_ref(), adapters.up_proj.as_ref()) {
         (Some(g), Some(u)) => {
             let (dg, du) = span::<B, _>("lora", &device, || ExpertAdapter::forward_grouped_pair(g, u, x, counts));
@@ -98,7 +88,7 @@ pub fn forward_grouped<B: TrainBackend>(experts: &[Mlp<B>], stacked: Option<[Ten
         (g, u) => (adapted(gate, g, x.clone()), adapted(up, u, x)),
     };
     let h = ops::fused_swiglu(gate, up);
-    adapted(biased(B::grouped_matmul(h.clone(), down_w, counts), 2), adapters.down_proj.as_ref(), h)
+    adapted(B::grouped_matmul(h.clone(), down_w, counts), adapters.down_proj.as_ref(), h)
 }
 
 /// An expert's gate, up and down projections, in the order of [`StackedExperts::views`].

@@ -89,6 +89,21 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
     let capacity = req.memory.map(|b| b as f64 / (1u64 << 30) as f64);
     let fits = |gib: f64| capacity.is_none_or(|c| gib <= c * HEADROOM);
     let splits: Vec<usize> = (0..).map(|k| 1usize << k).take_while(|&n| n <= gpus).filter(|n| gpus % n == 0).collect();
+    let base = RunShape {
+        tensor: 1,
+        expert: 1,
+        context: 1,
+        sequence_parallel: false,
+        micro_batch: 1,
+        seq_len: max_length,
+        lora: match req.tuning {
+            Tuning::Lora => Some((8, crate::lora::LoraTargets::parse(&["all-linear".to_string()])?)),
+            Tuning::Full => None,
+        },
+        weight_bytes: if req.gpus > 0 { 2 } else { 4 },
+        recompute: false,
+        fused_cross_entropy: true,
+    };
     let mut tried = Vec::new();
     // First the smallest split that runs micro batches of 4 or more (splitting further costs
     // communication; smaller micro batches waste the GPU), then any that runs at all.
@@ -104,7 +119,7 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
             }
             for micro_batch in [16, 8, 4, 2, 1].into_iter().filter(|&m| m >= least_micro_batch) {
                 for recompute in [false, true] {
-                    let gib = estimate(plan, req, &layout, micro_batch, max_length, recompute)?;
+                    let gib = estimate(plan, &base, &layout, micro_batch, recompute)?;
                     tried.push(gib);
                     if fits(gib) {
                         let data = layout.data;
@@ -128,23 +143,9 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
     )))
 }
 
-fn estimate(plan: &ModelPlan, req: &InitRequest, p: &crate::recipe::ParallelSection, micro_batch: usize, seq_len: usize, recompute: bool) -> Result<f64> {
-    let lora = match req.tuning {
-        Tuning::Lora => Some((8, crate::lora::LoraTargets::parse(&["all-linear".to_string()])?)),
-        Tuning::Full => None,
-    };
-    let shape = RunShape {
-        tensor: p.tensor,
-        expert: p.expert,
-        context: 1,
-        sequence_parallel: p.tensor > 1,
-        micro_batch,
-        seq_len,
-        lora,
-        weight_bytes: if req.gpus > 0 { 2 } else { 4 },
-        recompute,
-        fused_cross_entropy: true,
-    };
+/// The memory estimate of `base` laid out as `p`, with `micro_batch` and `recompute`.
+fn estimate(plan: &ModelPlan, base: &RunShape, p: &crate::recipe::ParallelSection, micro_batch: usize, recompute: bool) -> Result<f64> {
+    let shape = RunShape { tensor: p.tensor, expert: p.expert, sequence_parallel: p.tensor > 1, micro_batch, recompute, ..base.clone() };
     Ok(ModelSummary::new(&plan.spec, &shape)?.memory.total)
 }
 

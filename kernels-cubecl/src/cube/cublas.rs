@@ -28,7 +28,7 @@ use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
-use super::gemm::{cubecl_gemm, cubecl_gemm_batched, GemmRuntime};
+use super::gemm::{cubecl_gemm, cubecl_gemm_batched, cubecl_gemm_grouped, cubecl_gemm_grouped_outer, GemmRuntime};
 
 pub(super) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -81,7 +81,7 @@ impl GemmRuntime for CudaRuntime {
         if enabled() && handled(x.dtype) && x.dtype == w.dtype {
             super::cublas_grouped::gemm_grouped(x, w, counts)
         } else {
-            crate::grouped::reference_gemm_grouped(float::<F, I, BT, 2>(x), float(w), counts).into_primitive().tensor()
+            cubecl_gemm_grouped::<Self, F, I, BT>(x, w, counts)
         }
     }
 
@@ -89,13 +89,9 @@ impl GemmRuntime for CudaRuntime {
         if enabled() && handled(x.dtype) && x.dtype == y.dtype {
             super::cublas_grouped::gemm_grouped_outer(x, y, counts)
         } else {
-            crate::grouped::reference_gemm_grouped_outer(float::<F, I, BT, 2>(x), float(y), counts).into_primitive().tensor()
+            cubecl_gemm_grouped_outer::<Self, F, I, BT>(x, y, counts)
         }
     }
-}
-
-fn float<F: FloatElement, I: IntElement, BT: BoolElement, const D: usize>(t: CubeTensor<CudaRuntime>) -> burn::tensor::Tensor<CubeBackend<CudaRuntime, F, I, BT>, D> {
-    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
 static HOST_SYNCS: AtomicU64 = AtomicU64::new(0);
@@ -299,7 +295,6 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulat
     // cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T into C's buffer read as the
     // column-major [n, m] matrix. A row-major operand is its own transpose column-major (op N);
     // a column-major one is read with op T.
-    let op = |col_major: bool| if col_major { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
     submit(&a.t, |blas| {
         let ((ga, pa), (gb, pb), (gc, pc)) = (resource(&a.t), resource(&b.t), resource(c));
         // SAFETY: the pointers are live device allocations holding the views' elements; the
@@ -338,6 +333,12 @@ fn launch(a: &View, b: &View, c: &CubeTensor<CudaRuntime>, alpha: f32, accumulat
         }
         (ga, gb, gc)
     });
+}
+
+/// cuBLAS's operation on an operand: `T` for a column-major buffer (read as the row-major
+/// matrix's transpose), else `N`.
+pub(super) fn op(col_major: bool) -> sys::cublasOperation_t {
+    if col_major { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N }
 }
 
 /// cuBLAS's name of a dtype [`handled`] here.

@@ -7,14 +7,15 @@
 //! Row-major to cuBLAS's column-major as in `cublas.rs`: `C = A B` is computed as
 //! `C^T = B^T A^T`, a row-major operand being its own transpose read column-major.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::sys;
 use cudarc::driver::result as driver;
 
-use super::cublas::{cuda_type, resource, submit, Blas, View};
+use super::cublas::{cuda_type, op, resource, submit, Blas, View};
+use crate::grouped::check;
 
 /// One problem in cuBLAS's terms: `C (m x n) = op(A) (m x k) op(B) (k x n)`, column-major,
 /// at element offsets into the three operands.
@@ -32,11 +33,6 @@ struct Problem {
     c: usize,
 }
 
-/// `op(T)` when `col_major` (a column-major buffer read as the row-major matrix's transpose).
-fn op(transpose: bool) -> sys::cublasOperation_t {
-    if transpose { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N }
-}
-
 /// The element offset of row `row` of a 2-D view.
 fn row_offset(v: &View, row: usize) -> usize {
     if v.col_major { row } else { row * v.ld }
@@ -49,9 +45,7 @@ pub(super) fn gemm_grouped(x: CubeTensor<CudaRuntime>, w: CubeTensor<CudaRuntime
     let (x, w) = (View::of(x), View::of(w));
     let (rows, k, n) = (x.rows, x.cols, w.cols);
     assert_eq!(x.batch, 1, "grouped GEMM: x is one matrix");
-    assert_eq!(w.batch.max(1), counts.len().max(1), "grouped GEMM: {} groups of rows against {} matrices", counts.len(), w.batch);
-    assert_eq!(counts.iter().sum::<usize>(), rows, "grouped GEMM: the groups' rows {counts:?} do not add up to x's {rows}");
-    assert_eq!(w.rows, k, "grouped GEMM: [{rows}, {k}] rows against [{}, {n}] matrices", w.rows);
+    check(rows, k, w.batch, w.rows, counts);
     let shape = Shape::new([rows, n]);
     if k == 0 || rows == 0 {
         return zeros_client(x.t.client.clone(), x.t.device.clone(), shape, dtype);
@@ -90,7 +84,7 @@ pub(super) fn gemm_grouped_outer(x: CubeTensor<CudaRuntime>, y: CubeTensor<CudaR
     let (rows, k, n) = (x.rows, x.cols, y.cols);
     assert!(x.batch == 1 && y.batch == 1, "grouped outer GEMM: x and y are matrices");
     assert_eq!(y.rows, rows, "grouped outer GEMM: {rows} rows against {}", y.rows);
-    assert_eq!(counts.iter().sum::<usize>(), rows, "grouped outer GEMM: the groups' rows {counts:?} do not add up to {rows}");
+    check(rows, k, counts.len(), k, counts);
     // Contiguous (burn-cubecl's zeros may pad rows), zeroed on the stream before the GEMM:
     // cuBLAS does not visit the groups without rows.
     let c = empty_device_contiguous_dtype(x.t.client.clone(), x.t.device.clone(), Shape::new([counts.len(), k, n]), dtype);
@@ -124,10 +118,7 @@ pub(super) fn gemm_grouped_outer(x: CubeTensor<CudaRuntime>, y: CubeTensor<CudaR
 fn launch(problems: &[Problem], [a, b, c]: [&CubeTensor<CudaRuntime>; 3], zero_c: bool) {
     let dtype = cuda_type(a.dtype);
     assert!(a.dtype == b.dtype && b.dtype == c.dtype, "grouped GEMM operands of one dtype: {:?} {:?} {:?}", a.dtype, b.dtype, c.dtype);
-    let size = match c.dtype {
-        DType::F32 => 4,
-        _ => 2,
-    };
+    let size = c.dtype.size();
     let groups = problems.len();
     let ints = |f: fn(&Problem) -> usize| problems.iter().map(|p| f(p) as i32).collect::<Vec<i32>>();
     let (m, n, k) = (ints(|p| p.m), ints(|p| p.n), ints(|p| p.k));

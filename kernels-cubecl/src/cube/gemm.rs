@@ -32,15 +32,29 @@ pub trait GemmRuntime: CubeRuntime {
         cubecl_gemm_batched::<Self, F, I, BT>(a, b)
     }
 
-    /// [`LinearBackend::gemm_grouped`]; the default is its reference, a GEMM a group.
+    /// [`LinearBackend::gemm_grouped`]; the default is its reference, a GEMM a group
+    /// ([`cubecl_gemm_grouped`]).
     fn gemm_grouped<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, w: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
-        crate::grouped::reference_gemm_grouped(float::<Self, F, I, BT, 2>(x), float(w), counts).into_primitive().tensor()
+        cubecl_gemm_grouped::<Self, F, I, BT>(x, w, counts)
     }
 
-    /// [`LinearBackend::gemm_grouped_outer`]; the default is its reference.
+    /// [`LinearBackend::gemm_grouped_outer`]; the default is its reference
+    /// ([`cubecl_gemm_grouped_outer`]).
     fn gemm_grouped_outer<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, y: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
-        crate::grouped::reference_gemm_grouped_outer(float::<Self, F, I, BT, 2>(x), float(y), counts).into_primitive().tensor()
+        cubecl_gemm_grouped_outer::<Self, F, I, BT>(x, y, counts)
     }
+}
+
+/// The grouped GEMM's reference ([`crate::grouped::reference_gemm_grouped`]) on CubeCL's
+/// matmul, a GEMM a group.
+pub fn cubecl_gemm_grouped<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<R>, w: CubeTensor<R>, counts: &[usize]) -> CubeTensor<R> {
+    crate::grouped::reference_gemm_grouped(float::<R, F, I, BT, 2>(x), float(w), counts).into_primitive().tensor()
+}
+
+/// The grouped outer GEMM's reference ([`crate::grouped::reference_gemm_grouped_outer`]) on
+/// CubeCL's matmul.
+pub fn cubecl_gemm_grouped_outer<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<R>, y: CubeTensor<R>, counts: &[usize]) -> CubeTensor<R> {
+    crate::grouped::reference_gemm_grouped_outer(float::<R, F, I, BT, 2>(x), float(y), counts).into_primitive().tensor()
 }
 
 #[cfg(feature = "wgpu")]
