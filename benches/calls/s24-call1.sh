@@ -15,6 +15,11 @@ R=/tmp/r; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r.tgz -C $R . ; }
 # The router load-balancing loss of transformers on the MoE fixtures (CPU, seconds).
 python3 tests/fixtures/make_router_loss_fixtures.py tests/fixtures $R/router_loss > $R/router_loss.log 2>&1 || echo "router loss fixtures FAILED"
 tail -2 $R/router_loss.log; pack
+# Every transformers fixture again into /tmp/fx (the new qwen2_moe_f32 case comes back; the others
+# are compared with the committed ones: the script draws the same values).
+python3 tests/fixtures/make_fixtures.py /tmp/fx > $R/fixtures.log 2>&1 || echo "fixtures FAILED"
+for c in qwen2_tied_f32 qwen3_moe_f32_sharded llama3_f32; do cmp tests/fixtures/$c/expected.safetensors /tmp/fx/$c/expected.safetensors && echo "$c: same"; done
+cp -r /tmp/fx/qwen2_moe_f32 $R/ 2>/dev/null; pack
 fail=0
 for t in cuda_f32_gemms_match_reference cuda_bf16_gemms_match_reference; do
   timeout 120 .gpu/kc_linear --ignored --exact "cuda::$t" --nocapture > $R/kc-$t.log 2>&1 || { echo "FAILED: $t"; fail=1; }
