@@ -298,6 +298,7 @@ mod tests {
             qk_norm: true,
             tie_word_embeddings: true,
             init_std: 0.02,
+            router_aux_loss_coef: 0.0,
             layers: vec![
                 LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true } },
                 LayerSpec { mlp: MlpSpec::Dense { intermediate_size: 5 } },

@@ -10,6 +10,7 @@ use crate::backend::TrainBackend;
 use burn::tensor::{Bool, Int, Tensor};
 use kernels_cubecl as ops;
 
+use super::router_balance::RouterBalance;
 use super::spec::ArchSpec;
 use super::weights::InitKind;
 use crate::backend::profile::span;
@@ -170,6 +171,9 @@ pub struct SequenceContext<B: TrainBackend> {
     pub tensor_parallel: Option<TensorParallel<B::Wire>>,
     /// The group MoE layers' experts are split over; `None` when they are not.
     pub expert_parallel: Option<GroupComm<B::Wire>>,
+    /// Where MoE layers record their routers for the load-balancing loss; `None` when the pass
+    /// has none.
+    pub router_balance: Option<RouterBalance<B>>,
 }
 
 impl<B: TrainBackend> SequenceContext<B> {
@@ -179,7 +183,7 @@ impl<B: TrainBackend> SequenceContext<B> {
         let [b, s] = positions.dims();
         let device = positions.device();
         let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
-        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None }
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None, router_balance: None }
     }
 
     /// The same context with the layers split over `tp` (`None` or a group of one: not split).
@@ -192,6 +196,12 @@ impl<B: TrainBackend> SequenceContext<B> {
     /// split).
     pub fn with_expert_parallel(mut self, ep: Option<GroupComm<B::Wire>>) -> Self {
         self.expert_parallel = ep.filter(|g| g.group().size > 1);
+        self
+    }
+
+    /// The same context with MoE layers recording their routers in `balance`.
+    pub fn with_router_balance(mut self, balance: Option<RouterBalance<B>>) -> Self {
+        self.router_balance = balance;
         self
     }
 
@@ -224,6 +234,7 @@ impl<B: TrainBackend> SequenceContext<B> {
             blocked: self.blocked.clone().inner(),
             tensor_parallel: self.tensor_parallel.clone(),
             expert_parallel: self.expert_parallel.clone(),
+            router_balance: self.router_balance.as_ref().map(RouterBalance::inner),
         }
     }
 }

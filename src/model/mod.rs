@@ -14,6 +14,7 @@ pub mod moe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod router_balance;
 pub mod routing;
 pub mod spec;
 pub mod summary;
@@ -27,6 +28,7 @@ use crate::backend::TrainBackend;
 
 pub use causal_lm::{causal_lm_loss, CausalLm, DecoderLayer, IGNORE_INDEX};
 pub use layers::SequenceContext;
+pub use router_balance::RouterBalance;
 pub use family::{ModelFamily, Registry};
 pub use hf_config::HfConfig;
 pub use spec::{ArchSpec, LayerSpec, MlpSpec};
