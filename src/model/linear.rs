@@ -36,7 +36,7 @@ impl<B: TrainBackend> Loader<'_, B> {
 
     /// `{path}.weight` of each of `paths`, whole, `[out, in]` as stored: made or read together.
     pub(super) fn host_weights(&mut self, paths: &[String], inp: usize, out: usize) -> Result<Vec<HostTensor>> {
-        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&format!("{p}.weight"))).collect();
+        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&super::hf_names::weight(p))).collect();
         let shape = [out, inp];
         let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
         build_time::timed(0, || self.source.tensors(&reqs))
@@ -131,12 +131,12 @@ impl<B: TrainBackend> Linear<B> {
 
     /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
     fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+        ld.host(&super::hf_names::weight(path), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
     }
 
     /// `{path}.bias`'s slice that `partition` owns.
     fn host_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)
+        ld.host(&super::hf_names::bias(path), &[out], partition.bias_slice(out), InitKind::Zeros)
     }
 
     /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),
