@@ -6,6 +6,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::hf_names;
 use super::linear::{still_views, view_ids, Linear, Loader};
 use super::layers::Mlp;
 use crate::backend::profile::span;
@@ -38,10 +39,11 @@ impl<B: TrainBackend> StackedExperts<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, experts: std::ops::Range<usize>, hidden: usize, inter: usize) -> Result<(Vec<Mlp<B>>, Self)> {
         let n = experts.len();
         let mut stack = |projection: &str, inp: usize, out: usize| -> Result<Tensor<B, 3>> {
-            let paths: Vec<String> = experts.clone().map(|e| format!("{path}.experts.{e}.{projection}")).collect();
+            let paths: Vec<String> = experts.clone().map(|e| hf_names::child(&hf_names::expert(path, e), projection)).collect();
             ld.stacked_transposed(&paths, inp, out)
         };
-        let (gate, up, down) = (stack("gate_proj", hidden, inter)?, stack("up_proj", hidden, inter)?, stack("down_proj", inter, hidden)?);
+        let [gate_proj, up_proj, down_proj] = hf_names::MLP_PROJECTIONS;
+        let (gate, up, down) = (stack(gate_proj, hidden, inter)?, stack(up_proj, hidden, inter)?, stack(down_proj, inter, hidden)?);
         let view = |stack: &Tensor<B, 3>, e: usize| {
             let [_, inp, out] = stack.dims();
             Linear { weight: Param::from_tensor(stack.clone().narrow(0, e, 1).reshape([inp, out])), bias: None, lora: None, partition: Partition::Replicated }

@@ -52,7 +52,7 @@ impl<B: TrainBackend> Loader<'_, B> {
     /// experts (for Qwen3-30B-A3B, 2.4 GB a projection a layer, where first touches of fresh
     /// pages cost more than the arithmetic).
     pub(super) fn stacked_transposed(&mut self, paths: &[String], inp: usize, out: usize) -> Result<Tensor<B, 3>> {
-        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&format!("{p}.weight"))).collect();
+        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&super::hf_names::weight(p))).collect();
         let shape = [out, inp];
         let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
         let block = inp * out;
@@ -128,12 +128,12 @@ impl<B: TrainBackend> Linear<B> {
 
     /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
     fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+        ld.host(&super::hf_names::weight(path), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
     }
 
     /// `{path}.bias`'s slice that `partition` owns.
     fn host_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)
+        ld.host(&super::hf_names::bias(path), &[out], partition.bias_slice(out), InitKind::Zeros)
     }
 
     /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),

@@ -5,6 +5,7 @@ pub mod causal_lm;
 pub mod expert_layout;
 pub mod experts;
 pub mod family;
+pub mod hf_names;
 pub mod hf_config;
 pub mod hub;
 pub mod layers;
@@ -151,7 +152,7 @@ pub fn build<B: TrainBackend>(plan: &ModelPlan, model: &ModelSection, layout: La
                 ckpt.allow_unused(&n);
             }
             if plan.spec.tie_word_embeddings {
-                ckpt.allow_unused(&plan.family.checkpoint_name("lm_head.weight"));
+                ckpt.allow_unused(&plan.family.checkpoint_name(&hf_names::weight(hf_names::LM_HEAD)));
             }
             load_from(&mut ckpt, &naming, plan, layout, device)
         }

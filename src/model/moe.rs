@@ -47,7 +47,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
             return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
         };
-        let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
+        let gate = Linear::load(ld, &super::hf_names::router(path), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
         let gemm = ExpertGemm::from_env().map_err(crate::error::Error::Unsupported)?;
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;

@@ -38,7 +38,7 @@ pub enum InitKind {
 /// A request for one named tensor.
 #[derive(Debug, Clone)]
 pub struct TensorRequest<'a> {
-    /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    /// Hugging Face name ([`hf_names`](super::hf_names)).
     pub name: &'a str,
     /// The full shape in the checkpoint.
     pub shape: &'a [usize],
