@@ -115,3 +115,25 @@ fn random_init_builds_without_weights() {
     }
     assert_eq!(build_error(&t), "built");
 }
+
+#[test]
+fn router_loss_weight_needs_routers_and_defaults_to_the_config_when_routers_train() {
+    let coef = |case: &str, extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, common::fixture_recipe(case, extra)).unwrap();
+        let loaded = trainer::recipe::load(&path, &[]).unwrap();
+        let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
+        trainer::train::preflight::router_aux_loss_coef(&loaded.recipe, &plan.spec).map_err(|e| e.to_string())
+    };
+    let moe = "qwen3_moe_f32_sharded";
+    let config = "[model.config]\nrouter_aux_loss_coef = 0.02\n";
+    // LoRA leaves the routers frozen: no loss unless asked for.
+    assert_eq!(coef(moe, config), Ok(0.0));
+    assert_eq!(coef(moe, &format!("{config}[train]\ntuning = \"full\"\n")), Ok(0.02));
+    assert_eq!(coef(moe, &format!("{config}[train]\ntuning = \"full\"\nrouter_aux_loss_coef = 0\n")), Ok(0.0));
+    assert_eq!(coef(moe, "[train]\nrouter_aux_loss_coef = 0.05\n"), Ok(0.05));
+    let e = coef("qwen2_tied_f32", "[train]\nrouter_aux_loss_coef = 0.01\n").unwrap_err();
+    assert_mentions(&e, &["train.router_aux_loss_coef = 0.01", "no mixture-of-experts layer", "remove"]);
+    assert_eq!(coef("qwen2_tied_f32", "[train]\ntuning = \"full\"\n"), Ok(0.0));
+}

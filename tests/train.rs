@@ -227,6 +227,32 @@ fn fused_cross_entropy_gives_the_loss_and_gradients_of_the_logits() {
     }
 }
 
+#[test]
+fn router_load_balancing_loss_reaches_the_routers_alike_with_recompute() {
+    // Full tuning trains the routers. The loss adds coef x the load-balancing loss, whose
+    // gradient reaches every router; recomputed layers add their routers' terms in their
+    // replayed backward and give the gradients of kept layers.
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |coef: f64, groups: Vec<std::ops::Range<usize>>| {
+        let (mut t, rows, pad) = tiny_trainer_with(None, groups);
+        t.router_aux_loss_coef = coef;
+        t.gradients(1, &batch::padded(&rows, 4, pad)).unwrap()
+    };
+    let (plain, balanced) = (run(0.0, vec![]), run(0.5, vec![]));
+    // Above k = 2 unless every expert gets exactly its share (Switch's loss at balance is k).
+    let aux = (balanced.0 - plain.0) / 0.5;
+    eprintln!("load-balancing loss {aux}");
+    assert!(aux > 1.0 && aux < 16.0, "load-balancing loss {aux}");
+    let router = "layers.0.moe.gate.weight";
+    let (a, b): (Vec<f32>, Vec<f32>) = (plain.1.by_path[router].clone().into_data().to_vec().unwrap(), balanced.1.by_path[router].clone().into_data().to_vec().unwrap());
+    let moved = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(moved > 1e-4, "the router's gradient moved by {moved:e}");
+    for groups in [vec![0..1, 1..2], vec![0..2], vec![1..2]] {
+        let got = run(0.5, groups.clone());
+        same_gradients((got.0, &got.1), (balanced.0, &balanced.1), &format!("router loss, recompute {groups:?}"));
+    }
+}
+
 fn close(a: f64, b: f64, what: &str) {
     assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{what}: {a} vs {b}");
 }

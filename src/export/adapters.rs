@@ -1,11 +1,11 @@
 //! The trained LoRA factors of a checkpoint, checked against the base architecture, merged into
 //! base weights, and laid out for peft.
 //!
-//! A checkpoint stores peft's per-module names (`base_model.model.<module>.lora_A.weight`,
-//! `[r, in]`, and `lora_B.weight`, `[out, r]`). That is what peft loads for dense models, and for
+//! A checkpoint stores peft's per-module names ([`hf_names::peft_factor`]: `lora_A` `[r, in]`
+//! and `lora_B` `[out, r]`). That is what peft loads for dense models, and for
 //! MoE models whose transformers class keeps one module per expert (transformers 4.x). From
 //! transformers 5 on, Qwen3-MoE keeps its experts as two 3-D parameters per layer
-//! (`mlp.experts.gate_up_proj` `[E, 2I, H]`, `mlp.experts.down_proj` `[E, H, I]`), and peft 0.21
+//! ([`hf_names::FUSED_GATE_UP`] `[E, 2I, H]`, [`hf_names::FUSED_DOWN`] `[E, H, I]`), and peft 0.21
 //! adapts them through `target_parameters` (its `ParamWrapper`): per layer one `lora_A`
 //! `[R*E, in]` read as `[E, R, in]` and one `lora_B` `[out, R*E]` read as `[out, R, E]`, with
 //! `delta[e] = B[:, :, e] @ A[e]`. [`fused_experts`] writes that layout exactly: gate and up
@@ -26,7 +26,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::model::spec::{ArchSpec, MlpSpec};
 use crate::model::tensors::BaseTensor;
-use crate::train::names::PEFT_PREFIX;
+use crate::model::hf_names::{self, Factor};
 
 /// One adapted linear layer: `A` `[r, in]`, `B` `[out, r]` (peft's layout), row-major f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,7 @@ pub struct Factors {
     pub b: Vec<f32>,
 }
 
-/// Every adapter of a checkpoint by module path (`model.layers.0.self_attn.q_proj`).
+/// Every adapter of a checkpoint by Hugging Face module path ([`hf_names`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSet {
     pub modules: BTreeMap<String, Factors>,
@@ -52,15 +52,12 @@ impl AdapterSet {
         let mut a = BTreeMap::new();
         let mut b = BTreeMap::new();
         for (name, t) in tensors {
-            let module = name.strip_prefix(PEFT_PREFIX);
-            match module.and_then(|m| m.strip_suffix(".lora_A.weight").map(|m| (m, true)).or_else(|| m.strip_suffix(".lora_B.weight").map(|m| (m, false)))) {
-                Some((m, true)) => a.insert(m.to_string(), t),
-                Some((m, false)) => b.insert(m.to_string(), t),
+            match hf_names::peft_factor_of(&name) {
+                Some((m, Factor::A)) => a.insert(m.to_string(), t),
+                Some((m, Factor::B)) => b.insert(m.to_string(), t),
                 None => {
-                    return Err(Error::file(
-                        file,
-                        format!("tensor `{name}` is not a LoRA factor (expected `{PEFT_PREFIX}<module>.lora_A.weight` / `.lora_B.weight`)"),
-                    ))
+                    let (want_a, want_b) = (hf_names::peft_factor("<module>", Factor::A), Factor::B.peft_leaf());
+                    return Err(Error::file(file, format!("tensor `{name}` is not a LoRA factor (expected `{want_a}` / `.{want_b}`)")));
                 }
             };
         }
@@ -148,25 +145,19 @@ pub struct PeftLayout {
 pub fn per_module(set: &AdapterSet, alpha: f64) -> PeftLayout {
     let mut tensors = Vec::new();
     for (m, f) in &set.modules {
-        tensors.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), vec![f.rank, f.inp], f.a.clone()));
-        tensors.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), vec![f.out, f.rank], f.b.clone()));
+        tensors.push((hf_names::peft_factor(m, Factor::A), vec![f.rank, f.inp], f.a.clone()));
+        tensors.push((hf_names::peft_factor(m, Factor::B), vec![f.out, f.rank], f.b.clone()));
     }
     let rank = set.modules.values().next().map_or(0, |f| f.rank);
     PeftLayout { tensors, rank, alpha, module_paths: set.modules.keys().cloned().collect(), target_parameters: vec![] }
 }
 
-/// `(layer experts module, expert, projection)` of an expert adapter path.
-fn expert_of(module: &str) -> Option<(&str, usize, &str)> {
-    let (prefix, proj) = module.rsplit_once('.')?;
-    let (experts, e) = prefix.rsplit_once('.')?;
-    (experts.ends_with(".mlp.experts") && matches!(proj, "gate_proj" | "up_proj" | "down_proj")).then_some((experts, e.parse().ok()?, proj))
-}
-
 /// transformers 5 / peft 0.21's layout for fused experts (see the module docs).
 pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool) -> PeftLayout {
     let r = set.modules.values().next().map_or(0, |f| f.rank);
-    let has = |p: &[&str]| set.modules.keys().any(|m| expert_of(m).is_some_and(|(_, _, proj)| p.contains(&proj)));
-    let (gate_up, down) = (has(&["gate_proj", "up_proj"]), has(&["down_proj"]));
+    let [gate_proj, up_proj, down_proj] = hf_names::MLP_PROJECTIONS;
+    let has = |p: &[&str]| set.modules.keys().any(|m| hf_names::expert_projection_of(m).is_some_and(|(_, _, proj)| p.contains(&proj)));
+    let (gate_up, down) = (has(&[gate_proj, up_proj]), has(&[down_proj]));
     // gate and up share one parameter: two rank-r adapters need rank 2r there.
     let big = if gate_up { 2 * r } else { r };
     let ratio = (big / r.max(1)) as f64;
@@ -176,7 +167,7 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
     let mut dense_mlp = std::collections::BTreeSet::new();
     // Modules that stay per-module: padded to `big` with zero rows of A and zero columns of B.
     for (m, f) in &set.modules {
-        if expert_of(m).is_some() {
+        if hf_names::expert_projection_of(m).is_some() {
             continue;
         }
         let mut a = f.a.clone();
@@ -185,26 +176,27 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
         for o in 0..f.out {
             b[o * big..o * big + r].copy_from_slice(&f.b[o * r..(o + 1) * r]);
         }
-        tensors.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), vec![big, f.inp], a));
-        tensors.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), vec![f.out, big], b));
-        match m.rsplit_once(".mlp.").map(|(_, proj)| proj) {
-            Some(proj @ ("gate_proj" | "up_proj" | "down_proj")) => {
-                dense_mlp.insert(format!("mlp.{proj}.weight"));
+        tensors.push((hf_names::peft_factor(m, Factor::A), vec![big, f.inp], a));
+        tensors.push((hf_names::peft_factor(m, Factor::B), vec![f.out, big], b));
+        match hf_names::dense_mlp_projection(m) {
+            Some(proj) => {
+                dense_mlp.insert(hf_names::dense_mlp_parameter(proj));
             }
-            _ => module_paths.push(m.clone()),
+            None => module_paths.push(m.clone()),
         }
     }
     for (i, layer) in spec.layers.iter().enumerate() {
         let MlpSpec::Moe { num_experts: e_n, intermediate_size: inter, .. } = layer.mlp else { continue };
         let h = spec.hidden_size;
-        let experts = format!("model.layers.{i}.mlp.experts");
+        let block = hf_names::mlp(i);
+        let experts = hf_names::experts(&block);
         // (parameter, in, out, [(projection, rank slot offset, output row offset)])
         let mut params: Vec<(&str, usize, usize, Vec<(&str, usize, usize)>)> = Vec::new();
         if gate_up {
-            params.push(("gate_up_proj", h, 2 * inter, vec![("gate_proj", 0, 0), ("up_proj", r, inter)]));
+            params.push((hf_names::FUSED_GATE_UP, h, 2 * inter, vec![(gate_proj, 0, 0), (up_proj, r, inter)]));
         }
         if down {
-            params.push(("down_proj", inter, h, vec![("down_proj", 0, 0)]));
+            params.push((hf_names::FUSED_DOWN, inter, h, vec![(down_proj, 0, 0)]));
         }
         let nested = params.len() == 2;
         for (k, (_, inp, out, parts)) in params.iter().enumerate() {
@@ -212,7 +204,7 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
             let mut b = vec![0.0f32; out * big * e_n];
             for e in 0..e_n {
                 for (proj, slot, row0) in parts {
-                    let Some(f) = set.modules.get(&format!("{experts}.{e}.{proj}")) else { continue };
+                    let Some(f) = set.modules.get(&hf_names::child(&hf_names::expert(&block, e), proj)) else { continue };
                     for kr in 0..r {
                         let dst = (e * big + slot + kr) * inp;
                         a[dst..dst + inp].copy_from_slice(&f.a[kr * inp..(kr + 1) * inp]);
@@ -224,17 +216,17 @@ pub fn fused_experts(set: &AdapterSet, spec: &ArchSpec, alpha: f64, rslora: bool
             }
             // peft nests a second wrapper around the first: the parameter registered first
             // (gate_up_proj) ends up as `base_layer`.
-            let module = if nested && k == 0 { format!("{experts}.base_layer") } else { experts.clone() };
-            tensors.push((format!("{PEFT_PREFIX}{module}.lora_A.weight"), vec![big * e_n, *inp], a));
-            tensors.push((format!("{PEFT_PREFIX}{module}.lora_B.weight"), vec![*out, big * e_n], b));
+            let module = if nested && k == 0 { hf_names::peft_base_layer(&experts) } else { experts.clone() };
+            tensors.push((hf_names::peft_factor(&module, Factor::A), vec![big * e_n, *inp], a));
+            tensors.push((hf_names::peft_factor(&module, Factor::B), vec![*out, big * e_n], b));
         }
     }
     let mut target_parameters = Vec::new();
     if gate_up {
-        target_parameters.push("mlp.experts.gate_up_proj".to_string());
+        target_parameters.push(hf_names::fused_expert_parameter(hf_names::FUSED_GATE_UP));
     }
     if down {
-        target_parameters.push("mlp.experts.down_proj".to_string());
+        target_parameters.push(hf_names::fused_expert_parameter(hf_names::FUSED_DOWN));
     }
     target_parameters.extend(dense_mlp);
     PeftLayout { tensors, rank: big, alpha: alpha_out, module_paths, target_parameters }
@@ -298,6 +290,7 @@ mod tests {
             qk_norm: true,
             tie_word_embeddings: true,
             init_std: 0.02,
+            router_aux_loss_coef: 0.0,
             layers: vec![
                 LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true } },
                 LayerSpec { mlp: MlpSpec::Dense { intermediate_size: 5 } },
@@ -326,7 +319,7 @@ mod tests {
             "the dense MLP through target_parameters: peft would read its names in target_modules as experts"
         );
         let scale_out = layout.alpha / layout.rank as f64;
-        let get = |n: &str| layout.tensors.iter().find(|t| t.0 == format!("{PEFT_PREFIX}{n}")).unwrap_or_else(|| panic!("{n}"));
+        let get = |n: &str| layout.tensors.iter().find(|t| t.0 == format!("{}{n}", hf_names::PEFT_PREFIX)).unwrap_or_else(|| panic!("{n}"));
         let (ga, gb) = (get("model.layers.0.mlp.experts.base_layer.lora_A.weight"), get("model.layers.0.mlp.experts.base_layer.lora_B.weight"));
         assert_eq!((ga.1.clone(), gb.1.clone()), (vec![2 * r * e_n, h], vec![2 * inter, 2 * r * e_n]));
         let gate_up = peft_delta(&ga.2, &gb.2, e_n, 2 * r, h, 2 * inter, scale_out);

@@ -407,7 +407,7 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
 }
 
 fn write_peft(tmp: &Path, set: &AdapterSet, r: &Recipe, plan: &ModelPlan, dtype: DType, experts: PeftExperts) -> Result<(Vec<String>, usize, usize)> {
-    let has_expert_adapters = set.modules.keys().any(|m| m.contains(".mlp.experts."));
+    let has_expert_adapters = set.modules.keys().any(|m| crate::model::hf_names::is_expert(m));
     let layout: PeftLayout = if has_expert_adapters && experts == PeftExperts::Fused {
         adapters::fused_experts(set, &plan.spec, r.lora.alpha, r.lora.rslora)
     } else {

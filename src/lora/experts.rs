@@ -4,7 +4,7 @@
 //! clipping and data-parallel reduction see 6 tensors a MoE layer, not 768, and the experts'
 //! batched GEMMs read the factors in place instead of stacking 128 adapters on every call.
 //!
-//! Checkpoints still hold peft's per-expert tensors (`...mlp.experts.5.up_proj.lora_A.weight`):
+//! Checkpoints still hold peft's per-expert tensors ([`crate::train::names::expert_adapter_name`]):
 //! the stack is split on the way out and filled on the way in (`train::checkpoints`).
 
 use std::ops::Range;
@@ -17,7 +17,7 @@ use super::adapter::{dropout_active, dropout_mask, LoraAdapter, LoraConfig};
 use crate::backend::TrainBackend;
 
 /// The projections of a SwiGLU expert, in the order the stacks are kept.
-pub const EXPERT_PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+pub const EXPERT_PROJECTIONS: [&str; 3] = crate::model::hf_names::MLP_PROJECTIONS;
 
 /// The adapters of one projection of a MoE layer's local experts, stacked. An expert the
 /// targets do not adapt holds zeros in both factors: its term is zero, and so are its
@@ -181,9 +181,8 @@ impl<B: TrainBackend> ExpertAdapter<B> {
 /// `(layer, projection, factor)` of the Burn path of a stacked expert factor
 /// (`layers.3.moe.expert_lora.up_proj.lora_a` → `(3, "up_proj", "lora_a")`).
 pub fn stacked_factor(path: &str) -> Option<(usize, &str, &str)> {
-    let (layer, rest) = path.strip_prefix("layers.")?.split_once('.')?;
-    let (projection, factor) = rest.strip_prefix("moe.expert_lora.")?.split_once('.')?;
-    (EXPERT_PROJECTIONS.contains(&projection) && matches!(factor, "lora_a" | "lora_b")).then_some((layer.parse().ok()?, projection, factor))
+    let (layer, projection, factor) = crate::model::hf_names::burn_paths::expert_lora_of(path)?;
+    (EXPERT_PROJECTIONS.contains(&projection) && matches!(factor, "lora_a" | "lora_b")).then_some((layer, projection, factor))
 }
 
 #[cfg(test)]

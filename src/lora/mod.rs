@@ -18,7 +18,7 @@ use crate::backend::TrainBackend;
 use regex::Regex;
 
 use crate::error::{Error, Result};
-use crate::model::CausalLm;
+use crate::model::{hf_names, CausalLm};
 use crate::parallel::Partition;
 
 /// Freeze every base weight of `model` and attach a fresh adapter to each linear layer that
@@ -33,7 +33,7 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
             continue;
         }
         if targets.matches(&path) {
-            if path == "lm_head" && matches!(linear.partition, Partition::Column(g) if g.size > 1) {
+            if path == hf_names::LM_HEAD && matches!(linear.partition, Partition::Column(g) if g.size > 1) {
                 return Err(Error::model(
                     "lora.targets adapts lm_head, whose columns are split by vocabulary across the tensor-parallel ranks here; \
                      an adapter on the vocab-parallel head is not supported: remove lm_head from lora.targets, or set parallel.tensor = 1",
@@ -61,7 +61,7 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
         let Some(expert) = moe.experts.first() else { continue };
         let dims = [expert.gate_proj.dims(), expert.up_proj.dims(), expert.down_proj.dims()];
         for (projection, (inp, out)) in EXPERT_PROJECTIONS.into_iter().zip(dims) {
-            let paths: Vec<String> = (0..moe.num_experts).map(|g| format!("model.layers.{i}.mlp.experts.{g}.{projection}")).collect();
+            let paths: Vec<String> = (0..moe.num_experts).map(|g| hf_names::expert_projection(i, g, projection)).collect();
             let chosen: Vec<bool> = paths.iter().map(|p| targets.matches(p)).collect();
             if !chosen[local.clone()].contains(&true) {
                 continue;
@@ -82,7 +82,7 @@ pub fn apply<B: TrainBackend>(model: CausalLm<B>, targets: &LoraTargets, cfg: &L
 
 /// Whether the linear at module path `path` is one of a MoE layer's experts (adapted stacked).
 fn is_expert_linear(path: &str) -> bool {
-    path.contains(".mlp.experts.")
+    hf_names::is_expert(path)
 }
 
 #[derive(Debug, Clone)]
@@ -113,11 +113,10 @@ impl LoraTargets {
         Ok(t)
     }
 
-    /// Whether the linear at module path `path` (e.g. `model.layers.3.mlp.experts.7.up_proj`)
-    /// gets an adapter.
+    /// Whether the linear at Hugging Face module path `path` ([`hf_names`]) gets an adapter.
     pub fn matches(&self, path: &str) -> bool {
         let leaf = path.rsplit('.').next().unwrap_or(path);
-        let never_by_default = leaf == "lm_head" || path.ends_with("mlp.gate");
+        let never_by_default = leaf == hf_names::LM_HEAD || hf_names::is_router(path);
         (self.all_linear && !never_by_default)
             || self.names.iter().any(|n| n == leaf || n == path)
             || self.patterns.iter().any(|r| r.is_match(path))

@@ -7,6 +7,7 @@ use crate::backend::TrainBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kernels_cubecl as ops;
 
+use super::hf_names::{self, burn_paths};
 use super::layers::{Attention, Linear, Loader, Mlp, RmsNorm, SequenceContext, SparseMoe};
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::InitKind;
@@ -41,7 +42,7 @@ impl<B: TrainBackend> DecoderLayer<B> {
             (Some(mlp), _) => mlp.forward(normed, ctx.tensor_parallel.as_ref()),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
-                moe.forward(normed.reshape([b * s, d]), ctx.expert_parallel.as_ref()).reshape([b, s, d])
+                moe.forward(normed.reshape([b * s, d]), ctx.expert_parallel.as_ref(), ctx.router_balance.as_ref()).reshape([b, s, d])
             }
             (None, None) => normed.zeros_like(),
         });
@@ -73,31 +74,29 @@ impl<B: TrainBackend> CausalLm<B> {
         let h = spec.hidden_size;
         let tp = layout.tensor;
         let vocab_block = (tp.size > 1 && spec.vocab_size.is_multiple_of(tp.size)).then(|| tp.block(spec.vocab_size));
-        let embed = ld.host_tensor_rows("model.embed_tokens.weight", &[spec.vocab_size, h], vocab_block.clone(), InitKind::Normal)?;
+        let embed = ld.host_tensor_rows(&hf_names::weight(hf_names::EMBED_TOKENS), &[spec.vocab_size, h], vocab_block.clone(), InitKind::Normal)?;
         let embed_tokens = Param::from_tensor(embed);
         let mut layers = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
+            let block = hf_names::mlp(i);
             let (mlp, moe) = match &l.mlp {
-                MlpSpec::Dense { intermediate_size } => {
-                    (Some(Mlp::load(ld, &format!("{p}.mlp"), h, *intermediate_size, layout.tensor)?), None)
-                }
-                moe @ MlpSpec::Moe { .. } => (None, Some(SparseMoe::load(ld, &format!("{p}.mlp"), h, moe, layout.expert)?)),
+                MlpSpec::Dense { intermediate_size } => (Some(Mlp::load(ld, &block, h, *intermediate_size, layout.tensor)?), None),
+                moe @ MlpSpec::Moe { .. } => (None, Some(SparseMoe::load(ld, &block, h, moe, layout.expert)?)),
             };
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(ld, &format!("{p}.input_layernorm"), h, spec.rms_norm_eps)?,
-                self_attn: Attention::load(ld, &format!("{p}.self_attn"), spec, layout.tensor)?,
-                post_attention_layernorm: RmsNorm::load(ld, &format!("{p}.post_attention_layernorm"), h, spec.rms_norm_eps)?,
+                input_layernorm: RmsNorm::load(ld, &hf_names::input_layernorm(i), h, spec.rms_norm_eps)?,
+                self_attn: Attention::load(ld, &hf_names::self_attn(i), spec, layout.tensor)?,
+                post_attention_layernorm: RmsNorm::load(ld, &hf_names::post_attention_layernorm(i), h, spec.rms_norm_eps)?,
                 mlp,
                 moe,
             });
         }
-        let norm = RmsNorm::load(ld, "model.norm", h, spec.rms_norm_eps)?;
+        let norm = RmsNorm::load(ld, hf_names::FINAL_NORM, h, spec.rms_norm_eps)?;
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
             let partition = if vocab_block.is_some() { Partition::Column(tp) } else { Partition::Replicated };
-            Some(Linear::load(ld, "lm_head", h, spec.vocab_size, false, partition)?)
+            Some(Linear::load(ld, hf_names::LM_HEAD, h, spec.vocab_size, false, partition)?)
         };
         let inv: Vec<f32> = spec.rope_inv_freq.iter().map(|&f| f as f32).collect();
         let n = inv.len();
@@ -208,35 +207,34 @@ impl<B: TrainBackend> CausalLm<B> {
         ops::fused_linear_cross_entropy(h, w, target, ops::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None })
     }
 
-    /// Every linear layer with its module path (`model.layers.3.mlp.experts.7.up_proj`,
-    /// `lm_head`), in checkpoint order: what LoRA targets match against.
+    /// Every linear layer with its Hugging Face module path ([`hf_names`], experts under their
+    /// global index), in checkpoint order: what LoRA targets match against.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out: Vec<(String, &mut Linear<B>)> = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let a = &mut layer.self_attn;
-            let p = format!("model.layers.{i}.self_attn");
-            out.push((format!("{p}.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.o_proj"), &mut a.o_proj));
-            let p = format!("model.layers.{i}.mlp");
+            let p = hf_names::self_attn(i);
+            for (name, l) in hf_names::ATTENTION_PROJECTIONS.into_iter().zip([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]) {
+                out.push((hf_names::child(&p, name), l));
+            }
+            let p = hf_names::mlp(i);
             let mlps: Vec<(String, &mut Mlp<B>)> = match (&mut layer.mlp, &mut layer.moe) {
                 (Some(mlp), _) => vec![(p.clone(), mlp)],
                 (None, Some(moe)) => {
-                    out.push((format!("{p}.gate"), &mut moe.gate));
+                    out.push((hf_names::router(&p), &mut moe.gate));
                     let first = moe.first_expert;
-                    moe.experts.iter_mut().enumerate().map(|(e, m)| (format!("{p}.experts.{}", first + e), m)).collect()
+                    moe.experts.iter_mut().enumerate().map(|(e, m)| (hf_names::expert(&p, first + e), m)).collect()
                 }
                 (None, None) => vec![],
             };
             for (p, m) in mlps {
-                out.push((format!("{p}.gate_proj"), &mut m.gate_proj));
-                out.push((format!("{p}.up_proj"), &mut m.up_proj));
-                out.push((format!("{p}.down_proj"), &mut m.down_proj));
+                for (name, l) in hf_names::MLP_PROJECTIONS.into_iter().zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]) {
+                    out.push((hf_names::child(&p, name), l));
+                }
             }
         }
         if let Some(head) = &mut self.lm_head {
-            out.push(("lm_head".to_string(), head));
+            out.push((hf_names::LM_HEAD.to_string(), head));
         }
         out
     }
@@ -247,25 +245,26 @@ impl<B: TrainBackend> CausalLm<B> {
         let mut out: Vec<(String, &Linear<B>)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
-            for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                out.push((format!("layers.{i}.self_attn.{name}"), l));
+            let p = burn_paths::self_attn(i);
+            for (name, l) in hf_names::ATTENTION_PROJECTIONS.into_iter().zip([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]) {
+                out.push((hf_names::child(&p, name), l));
             }
             let mlps: Vec<(String, &Mlp<B>)> = match (&layer.mlp, &layer.moe) {
-                (Some(mlp), _) => vec![(format!("layers.{i}.mlp"), mlp)],
+                (Some(mlp), _) => vec![(burn_paths::mlp(i), mlp)],
                 (None, Some(moe)) => {
-                    out.push((format!("layers.{i}.moe.gate"), &moe.gate));
-                    moe.experts.iter().enumerate().map(|(e, m)| (format!("layers.{i}.moe.experts.{e}"), m)).collect()
+                    out.push((burn_paths::router(i), &moe.gate));
+                    moe.experts.iter().enumerate().map(|(e, m)| (burn_paths::expert(i, e), m)).collect()
                 }
                 (None, None) => vec![],
             };
             for (p, m) in mlps {
-                for (name, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
-                    out.push((format!("{p}.{name}"), l));
+                for (name, l) in hf_names::MLP_PROJECTIONS.into_iter().zip([&m.gate_proj, &m.up_proj, &m.down_proj]) {
+                    out.push((hf_names::child(&p, name), l));
                 }
             }
         }
         if let Some(head) = &self.lm_head {
-            out.push(("lm_head".to_string(), head));
+            out.push((hf_names::LM_HEAD.to_string(), head));
         }
         out
     }
@@ -283,9 +282,10 @@ impl<B: TrainBackend> CausalLm<B> {
             p.add_linear(&path, linear.partition);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            for (name, norm) in [("q_norm", &layer.self_attn.q_norm), ("k_norm", &layer.self_attn.k_norm)] {
-                if norm.is_some() && matches!(layer.self_attn.o_proj.partition, Partition::Row(g) if g.size > 1) {
-                    p.partial.insert(format!("layers.{i}.self_attn.{name}.weight"));
+            let attn = &layer.self_attn;
+            for (name, norm) in hf_names::QK_NORMS.into_iter().zip([&attn.q_norm, &attn.k_norm]) {
+                if norm.is_some() && matches!(attn.o_proj.partition, Partition::Row(g) if g.size > 1) {
+                    p.partial.insert(hf_names::weight(&hf_names::child(&burn_paths::self_attn(i), name)));
                 }
             }
         }

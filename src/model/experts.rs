@@ -6,6 +6,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::hf_names;
 use super::linear::{still_views, view_ids, Linear, Loader};
 use super::layers::Mlp;
 use crate::backend::profile::span;
@@ -38,11 +39,11 @@ impl<B: TrainBackend> StackedExperts<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, experts: std::ops::Range<usize>, hidden: usize, inter: usize) -> Result<(Vec<Mlp<B>>, Self)> {
         let n = experts.len();
         let mut stack = |projection: &str, inp: usize, out: usize| -> Result<Tensor<B, 3>> {
-            let paths: Vec<String> = experts.clone().map(|e| format!("{path}.experts.{e}.{projection}")).collect();
-            let ws = ld.host_weights(&paths, inp, out)?;
-            Ok(ld.upload_stacked_transposed(&ws))
+            let paths: Vec<String> = experts.clone().map(|e| hf_names::child(&hf_names::expert(path, e), projection)).collect();
+            ld.stacked_transposed(&paths, inp, out)
         };
-        let (gate, up, down) = (stack("gate_proj", hidden, inter)?, stack("up_proj", hidden, inter)?, stack("down_proj", inter, hidden)?);
+        let [gate_proj, up_proj, down_proj] = hf_names::MLP_PROJECTIONS;
+        let (gate, up, down) = (stack(gate_proj, hidden, inter)?, stack(up_proj, hidden, inter)?, stack(down_proj, inter, hidden)?);
         let view = |stack: &Tensor<B, 3>, e: usize| {
             let [_, inp, out] = stack.dims();
             Linear { weight: Param::from_tensor(stack.clone().narrow(0, e, 1).reshape([inp, out])), bias: None, lora: None, partition: Partition::Replicated }
@@ -129,5 +130,29 @@ mod tests {
         let mut replaced = frozen.clone();
         replaced[1].up_proj.weight = Param::from_tensor(replaced[1].up_proj.weight.val() * 2.0).set_require_grad(false);
         assert!(weights.backing(&replaced).is_none(), "a replaced weight is not");
+    }
+
+    /// Experts larger than a random chunk (rows crossing chunks) stack as their transposed
+    /// weights.
+    #[test]
+    fn stacks_of_experts_larger_than_a_chunk_hold_their_transposed_weights() {
+        let (inp, out) = (1000, 1100);
+        let mut source = RandomInit { seed: 5, std: 0.02 };
+        let naming = |p: &str| p.to_string();
+        let mut ld = Loader::<crate::backend::Cpu> { source: &mut source, device: Default::default(), naming: &naming };
+        let paths: Vec<String> = (0..2).map(|e| format!("experts.{e}.up_proj")).collect();
+        let stack: Vec<f32> = ld.stacked_transposed(&paths, inp, out).unwrap().into_data().to_vec().unwrap();
+        let names: Vec<String> = paths.iter().map(|p| format!("{p}.weight")).collect();
+        let shape = [out, inp];
+        let reqs: Vec<_> = names.iter().map(|name| crate::model::weights::TensorRequest { name, shape: &shape, slice: None, init: crate::model::weights::InitKind::Normal }).collect();
+        use crate::model::weights::WeightSource;
+        let stored = RandomInit { seed: 5, std: 0.02 }.tensors(&reqs).unwrap();
+        for (e, w) in stored.iter().enumerate() {
+            for o in 0..out {
+                for i in 0..inp {
+                    assert_eq!(stack[e * inp * out + i * out + o], w.data[o * inp + i], "expert {e} ({o}, {i})");
+                }
+            }
+        }
     }
 }

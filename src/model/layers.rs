@@ -10,6 +10,8 @@ use crate::backend::TrainBackend;
 use burn::tensor::{Bool, Int, Tensor};
 use kernels_cubecl as ops;
 
+use super::hf_names;
+use super::router_balance::RouterBalance;
 use super::spec::ArchSpec;
 use super::weights::InitKind;
 use crate::backend::profile::span;
@@ -30,7 +32,7 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: TrainBackend> RmsNorm<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, len: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: ld.vector(&format!("{path}.weight"), len, InitKind::Ones)?, eps })
+        Ok(RmsNorm { weight: ld.vector(&hf_names::weight(path), len, InitKind::Ones)?, eps })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -67,15 +69,13 @@ impl<B: TrainBackend> Attention<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, spec: &ArchSpec, tp: ProcessGroup) -> Result<Self> {
         let (h, d) = (spec.hidden_size, spec.head_dim);
         let col = Partition::Column(tp);
-        let (q, k, v) = (format!("{path}.q_proj"), format!("{path}.k_proj"), format!("{path}.v_proj"));
+        let [q, k, v, o] = hf_names::ATTENTION_PROJECTIONS.map(|name| hf_names::child(path, name));
         let parts = [(q.as_str(), spec.num_heads * d), (k.as_str(), spec.num_kv_heads * d), (v.as_str(), spec.num_kv_heads * d)];
         let ([q_proj, k_proj, v_proj], qkv_weight) = Linear::load_joined(ld, parts, h, spec.qkv_bias, col)?;
-        let o_proj = Linear::load(ld, &format!("{path}.o_proj"), spec.num_heads * d, h, false, Partition::Row(tp))?;
+        let o_proj = Linear::load(ld, &o, spec.num_heads * d, h, false, Partition::Row(tp))?;
         let (q_norm, k_norm) = if spec.qk_norm {
-            (
-                Some(RmsNorm::load(ld, &format!("{path}.q_norm"), d, spec.rms_norm_eps)?),
-                Some(RmsNorm::load(ld, &format!("{path}.k_norm"), d, spec.rms_norm_eps)?),
-            )
+            let [q_norm, k_norm] = hf_names::QK_NORMS.map(|name| hf_names::child(path, name));
+            (Some(RmsNorm::load(ld, &q_norm, d, spec.rms_norm_eps)?), Some(RmsNorm::load(ld, &k_norm, d, spec.rms_norm_eps)?))
         } else {
             (None, None)
         };
@@ -170,6 +170,9 @@ pub struct SequenceContext<B: TrainBackend> {
     pub tensor_parallel: Option<TensorParallel<B::Wire>>,
     /// The group MoE layers' experts are split over; `None` when they are not.
     pub expert_parallel: Option<GroupComm<B::Wire>>,
+    /// Where MoE layers record their routers for the load-balancing loss; `None` when the pass
+    /// has none.
+    pub router_balance: Option<RouterBalance<B>>,
 }
 
 impl<B: TrainBackend> SequenceContext<B> {
@@ -179,7 +182,7 @@ impl<B: TrainBackend> SequenceContext<B> {
         let [b, s] = positions.dims();
         let device = positions.device();
         let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
-        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None }
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None, router_balance: None }
     }
 
     /// The same context with the layers split over `tp` (`None` or a group of one: not split).
@@ -192,6 +195,12 @@ impl<B: TrainBackend> SequenceContext<B> {
     /// split).
     pub fn with_expert_parallel(mut self, ep: Option<GroupComm<B::Wire>>) -> Self {
         self.expert_parallel = ep.filter(|g| g.group().size > 1);
+        self
+    }
+
+    /// The same context with MoE layers recording their routers in `balance`.
+    pub fn with_router_balance(mut self, balance: Option<RouterBalance<B>>) -> Self {
+        self.router_balance = balance;
         self
     }
 
@@ -224,6 +233,7 @@ impl<B: TrainBackend> SequenceContext<B> {
             blocked: self.blocked.clone().inner(),
             tensor_parallel: self.tensor_parallel.clone(),
             expert_parallel: self.expert_parallel.clone(),
+            router_balance: self.router_balance.as_ref().map(RouterBalance::inner),
         }
     }
 }
@@ -241,12 +251,12 @@ pub struct Mlp<B: Backend> {
 
 impl<B: TrainBackend> Mlp<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, inter: usize, tp: ProcessGroup) -> Result<Self> {
-        let (gate, up) = (format!("{path}.gate_proj"), format!("{path}.up_proj"));
+        let [gate, up, down] = hf_names::MLP_PROJECTIONS.map(|name| hf_names::child(path, name));
         let ([gate_proj, up_proj], gate_up_weight) = Linear::load_joined(ld, [(gate.as_str(), inter), (up.as_str(), inter)], hidden, false, Partition::Column(tp))?;
         Ok(Mlp {
             gate_proj,
             up_proj,
-            down_proj: Linear::load(ld, &format!("{path}.down_proj"), inter, hidden, false, Partition::Row(tp))?,
+            down_proj: Linear::load(ld, &down, inter, hidden, false, Partition::Row(tp))?,
             gate_up_weight: Some(gate_up_weight),
         })
     }

@@ -34,14 +34,6 @@ impl<B: TrainBackend> Loader<'_, B> {
         build_time::timed(0, || self.source.tensor(TensorRequest { name: &name, shape, slice, init }))
     }
 
-    /// `{path}.weight` of each of `paths`, whole, `[out, in]` as stored: made or read together.
-    pub(super) fn host_weights(&mut self, paths: &[String], inp: usize, out: usize) -> Result<Vec<HostTensor>> {
-        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&format!("{p}.weight"))).collect();
-        let shape = [out, inp];
-        let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
-        build_time::timed(0, || self.source.tensors(&reqs))
-    }
-
     /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
     /// has nothing left to convert (it would on one core).
     pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
@@ -54,27 +46,32 @@ impl<B: TrainBackend> Loader<'_, B> {
         build_time::timed(2, || Tensor::from_data(TensorData::new(out, t.shape), &self.device))
     }
 
-    /// Experts' weights as stored (`[out, in]` each) transposed and stacked `[experts, in, out]`,
-    /// converted to the backend's float type, in one pass on all cores: no per-expert transposed
-    /// copy and no serial copy into the stack (for Qwen3-30B-A3B, 2.4 GB a projection a layer,
-    /// where first touches of fresh pages cost more than the arithmetic).
-    pub(super) fn upload_stacked_transposed(&self, ws: &[HostTensor]) -> Tensor<B, 3> {
-        let (out, inp) = (ws[0].shape[0], ws[0].shape[1]);
-        let stack = build_time::timed(1, || {
-            let mut stack = zeroed::<B::FloatElem>(ws.len() * inp * out);
-            // Tiles of TILE rows of each expert's `[in, out]` block, read from TILE columns of
-            // its stored rows.
-            const TILE: usize = 64;
-            let tiles: Vec<(&HostTensor, usize, &mut [B::FloatElem])> =
-                stack.chunks_mut(inp * out).zip(ws).flat_map(|(block, w)| block.chunks_mut(TILE * out).enumerate().map(move |(k, t)| (w, k * TILE, t))).collect();
-            super::weights::parallel_for(tiles, |(w, i0, tile)| {
-                for (di, row) in tile.chunks_mut(out).enumerate() {
-                    put(row, (0..out).map(|o| w.data[o * inp + i0 + di]));
+    /// `{path}.weight` of each of `paths` (`[out, in]` as stored), transposed and stacked
+    /// `[experts, in, out]` in the backend's float type: each piece the source makes is written
+    /// straight to its places in the stack on the thread that made it, with no f32 copy of the
+    /// experts (for Qwen3-30B-A3B, 2.4 GB a projection a layer, where first touches of fresh
+    /// pages cost more than the arithmetic).
+    pub(super) fn stacked_transposed(&mut self, paths: &[String], inp: usize, out: usize) -> Result<Tensor<B, 3>> {
+        let names: Vec<String> = paths.iter().map(|p| (self.naming)(&super::hf_names::weight(p))).collect();
+        let shape = [out, inp];
+        let reqs: Vec<TensorRequest<'_>> = names.iter().map(|name| TensorRequest { name, shape: &shape, slice: None, init: InitKind::Normal }).collect();
+        let block = inp * out;
+        let mut stack = zeroed::<B::FloatElem>(paths.len() * block);
+        let places = Places(stack.as_mut_ptr(), stack.len());
+        build_time::timed(0, || {
+            self.source.fill(&reqs, &|k, offset, values| {
+                // Stored (o, i) goes to (k, i, o); `values` runs along stored rows.
+                let (mut o, mut i) = (offset / inp, offset % inp);
+                for &v in values {
+                    places.put(k * block + i * out + o, v);
+                    i += 1;
+                    if i == inp {
+                        (o, i) = (o + 1, 0);
+                    }
                 }
-            });
-            stack
-        });
-        build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![ws.len(), inp, out]), &self.device))
+            })
+        })?;
+        Ok(build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![paths.len(), inp, out]), &self.device)))
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.
@@ -131,12 +128,12 @@ impl<B: TrainBackend> Linear<B> {
 
     /// `{path}.weight`'s slice that `partition` owns, `[out_local, in_local]` as stored.
     fn host_weight(ld: &mut Loader<'_, B>, path: &str, inp: usize, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.weight"), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
+        ld.host(&super::hf_names::weight(path), &[out, inp], partition.weight_slice(out, inp), InitKind::Normal)
     }
 
     /// `{path}.bias`'s slice that `partition` owns.
     fn host_bias(ld: &mut Loader<'_, B>, path: &str, out: usize, partition: Partition) -> Result<HostTensor> {
-        ld.host(&format!("{path}.bias"), &[out], partition.bias_slice(out), InitKind::Zeros)
+        ld.host(&super::hf_names::bias(path), &[out], partition.bias_slice(out), InitKind::Zeros)
     }
 
     /// [`load`](Self::load) of layers that read one input (`parts`: path and width of each),
@@ -284,6 +281,23 @@ impl<B: TrainBackend> Linear<B> {
 /// `n` zeros, allocated zeroed: the pages are mapped at their first write, so that the parallel
 /// fill that follows touches them on all cores (`vec![x; n]` of a non-integer type writes every
 /// page on one core first).
+/// A buffer the threads of a [`WeightSource::fill`](super::weights::WeightSource::fill) write
+/// into at once, each place once ([`super::weights::Sink`]'s promise), so never two at one place.
+struct Places<E>(*mut E, usize);
+
+// SAFETY: the threads write disjoint places of a buffer that outlives them (the fill returns
+// before the buffer is read or moved).
+unsafe impl<E: Send> Sync for Places<E> {}
+
+impl<E: burn::tensor::Element> Places<E> {
+    fn put(&self, index: usize, v: f32) {
+        use burn::tensor::ElementConversion;
+        assert!(index < self.1, "a stacked weight's place {index} is outside its {} values", self.1);
+        // SAFETY: in bounds (checked above) and written by this thread alone (see `Sync`).
+        unsafe { self.0.add(index).write(v.elem()) }
+    }
+}
+
 fn zeroed<E: burn::tensor::Element>(n: usize) -> Vec<E> {
     bytemuck::zeroed_vec(n)
 }

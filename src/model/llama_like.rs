@@ -72,6 +72,7 @@ pub fn read_llama_like(
         qk_norm,
         tie_word_embeddings: cfg.get_or("tie_word_embeddings", false)?,
         init_std: cfg.get_or("initializer_range", 0.02)?,
+        router_aux_loss_coef: cfg.get_or("router_aux_loss_coef", 0.001)?,
         layers: (0..layers).map(|i| Ok(LayerSpec { mlp: mlp(i)? })).collect::<Result<_>>()?,
     })
 }

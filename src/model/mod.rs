@@ -5,6 +5,7 @@ pub mod causal_lm;
 pub mod expert_layout;
 pub mod experts;
 pub mod family;
+pub mod hf_names;
 pub mod hf_config;
 pub mod hub;
 pub mod layers;
@@ -14,6 +15,7 @@ pub mod moe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod router_balance;
 pub mod routing;
 pub mod spec;
 pub mod summary;
@@ -27,6 +29,7 @@ use crate::backend::TrainBackend;
 
 pub use causal_lm::{causal_lm_loss, CausalLm, DecoderLayer, IGNORE_INDEX};
 pub use layers::SequenceContext;
+pub use router_balance::RouterBalance;
 pub use family::{ModelFamily, Registry};
 pub use hf_config::HfConfig;
 pub use spec::{ArchSpec, LayerSpec, MlpSpec};
@@ -149,7 +152,7 @@ pub fn build<B: TrainBackend>(plan: &ModelPlan, model: &ModelSection, layout: La
                 ckpt.allow_unused(&n);
             }
             if plan.spec.tie_word_embeddings {
-                ckpt.allow_unused(&plan.family.checkpoint_name("lm_head.weight"));
+                ckpt.allow_unused(&plan.family.checkpoint_name(&hf_names::weight(hf_names::LM_HEAD)));
             }
             load_from(&mut ckpt, &naming, plan, layout, device)
         }

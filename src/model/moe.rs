@@ -9,6 +9,7 @@ use burn::tensor::Tensor;
 use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout};
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
+use super::router_balance::RouterBalance;
 use super::routing::RowRoute;
 use super::spec::MlpSpec;
 use crate::backend::profile::span;
@@ -46,7 +47,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
             return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
         };
-        let gate = Linear::load(ld, &format!("{path}.gate"), hidden, num_experts, false, Partition::Replicated)?;
+        let gate = Linear::load(ld, &super::hf_names::router(path), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
         let gemm = ExpertGemm::from_env().map_err(crate::error::Error::Unsupported)?;
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
@@ -55,23 +56,27 @@ impl<B: TrainBackend> SparseMoe<B> {
 
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
     /// its block) the routed tokens travel to their experts' ranks and back
-    /// ([`forward_expert_parallel`](Self::forward_expert_parallel)).
+    /// ([`forward_expert_parallel`](Self::forward_expert_parallel)). The router's choices and
+    /// probabilities go to `balance` where given (the load-balancing loss).
     ///
     /// # Shapes
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
-    pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>, balance: Option<&RouterBalance<B>>) -> Tensor<B, 2> {
         let [t, _] = x.dims();
         let (device, dtype) = (x.device(), x.dtype());
         let logits = self.gate.forward(x.clone());
         let probs = burn::tensor::activation::softmax(logits.cast(burn::tensor::FloatDType::F32), 1);
         let chosen = B::top_k_indices(probs.clone(), self.top_k);
-        let mut weights = probs.gather(1, chosen.clone());
+        let mut weights = probs.clone().gather(1, chosen.clone());
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
         // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
         let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        if let Some(balance) = balance {
+            balance.record(probs, &chosen, self.top_k);
+        }
         if let Some(ep) = ep.filter(|g| g.group().size > 1) {
             return self.forward_expert_parallel(x, weights, &chosen, ep);
         }
@@ -309,7 +314,7 @@ mod tests {
         for gemm in [ExpertGemm::Padded, ExpertGemm::Grouped] {
             moe.gemm = gemm;
             let x = x.clone().detach().require_grad();
-            let got = moe.forward(x.clone(), None);
+            let got = moe.forward(x.clone(), None, None);
             let grads = (got.clone() * r.clone()).sum().backward();
             close(got.inner(), want.clone().inner(), &format!("{gemm:?} output"));
             close(x.grad(&grads).unwrap(), dx_want.clone(), &format!("{gemm:?} input gradient"));
@@ -343,7 +348,7 @@ mod tests {
             let mut moe = moe.clone();
             moe.gemm = gemm;
             let x = x.clone().require_grad();
-            let y = moe.forward(x.clone(), None);
+            let y = moe.forward(x.clone(), None, None);
             let grads = (y.clone() * r.clone()).sum().backward();
             let mut all = vec![("output".to_string(), y.inner()), ("input gradient".to_string(), x.grad(&grads).unwrap())];
             for p in crate::lora::EXPERT_PROJECTIONS {

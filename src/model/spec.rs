@@ -27,6 +27,9 @@ pub struct ArchSpec {
     pub tie_word_embeddings: bool,
     /// Standard deviation of random initialisation (`initializer_range`).
     pub init_std: f64,
+    /// Weight of the routers' load-balancing loss where a run trains the routers
+    /// (`router_aux_loss_coef`; transformers' default 0.001). Unused by dense models.
+    pub router_aux_loss_coef: f64,
     pub layers: Vec<LayerSpec>,
 }
 

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::hf_names;
 use super::spec::{ArchSpec, MlpSpec};
 use crate::lora::LoraTargets;
 use crate::error::Result;
@@ -39,30 +40,36 @@ pub fn linears(spec: &ArchSpec) -> Vec<LinearInfo> {
     let mut v = Vec::new();
     let mut push = |path: String, inp, out, split| v.push(LinearInfo { path, inp, out, split });
     for (i, l) in spec.layers.iter().enumerate() {
-        let a = format!("model.layers.{i}.self_attn");
-        push(format!("{a}.q_proj"), h, spec.num_heads * d, Split::Column);
-        push(format!("{a}.k_proj"), h, spec.num_kv_heads * d, Split::Column);
-        push(format!("{a}.v_proj"), h, spec.num_kv_heads * d, Split::Column);
-        push(format!("{a}.o_proj"), spec.num_heads * d, h, Split::Row);
-        let m = format!("model.layers.{i}.mlp");
+        let a = hf_names::self_attn(i);
+        let (q, kv) = (spec.num_heads * d, spec.num_kv_heads * d);
+        let dims = [(h, q, Split::Column), (h, kv, Split::Column), (h, kv, Split::Column), (q, h, Split::Row)];
+        for (name, (inp, out, split)) in hf_names::ATTENTION_PROJECTIONS.into_iter().zip(dims) {
+            push(hf_names::child(&a, name), inp, out, split);
+        }
+        let m = hf_names::mlp(i);
+        // A SwiGLU MLP's projections at `module`: gate and up split as `split[0]`, down as `split[1]`.
+        let swiglu = |module: &str, n: usize, split: [Split; 2]| {
+            let dims = [(h, n, split[0]), (h, n, split[0]), (n, h, split[1])];
+            hf_names::MLP_PROJECTIONS.into_iter().zip(dims).map(|(name, (inp, out, s))| (hf_names::child(module, name), inp, out, s)).collect::<Vec<_>>()
+        };
         match l.mlp {
             MlpSpec::Dense { intermediate_size: n } => {
-                push(format!("{m}.gate_proj"), h, n, Split::Column);
-                push(format!("{m}.up_proj"), h, n, Split::Column);
-                push(format!("{m}.down_proj"), n, h, Split::Row);
+                for (path, inp, out, split) in swiglu(&m, n, [Split::Column, Split::Row]) {
+                    push(path, inp, out, split);
+                }
             }
             MlpSpec::Moe { num_experts, intermediate_size: n, .. } => {
-                push(format!("{m}.gate"), h, num_experts, Split::Replicated);
+                push(hf_names::router(&m), h, num_experts, Split::Replicated);
                 for e in 0..num_experts {
-                    push(format!("{m}.experts.{e}.gate_proj"), h, n, Split::Expert);
-                    push(format!("{m}.experts.{e}.up_proj"), h, n, Split::Expert);
-                    push(format!("{m}.experts.{e}.down_proj"), n, h, Split::Expert);
+                    for (path, inp, out, split) in swiglu(&hf_names::expert(&m, e), n, [Split::Expert; 2]) {
+                        push(path, inp, out, split);
+                    }
                 }
             }
         }
     }
     if !spec.tie_word_embeddings {
-        push("lm_head".into(), h, spec.vocab_size, Split::Vocab);
+        push(hf_names::LM_HEAD.into(), h, spec.vocab_size, Split::Vocab);
     }
     v
 }

@@ -4,13 +4,14 @@
 //! against what [`CausalLm::load`](super::CausalLm::load) asks its weight source for, so the two
 //! cannot drift apart.
 
+use super::hf_names;
 use super::spec::{ArchSpec, MlpSpec};
 use super::weights::InitKind;
 
 /// One weight of the architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseTensor {
-    /// Module path plus leaf (`model.layers.0.self_attn.q_proj.weight`); the family's
+    /// Module path plus leaf ([`hf_names::weight`] of a module); the family's
     /// `checkpoint_name` maps it to the file's name.
     pub path: String,
     /// Full shape as Hugging Face stores it (`[out, in]` for a linear weight).
@@ -22,8 +23,8 @@ impl BaseTensor {
     /// The linear module this tensor is the weight of (`model.layers.0.mlp.down_proj`), if it
     /// is a linear weight: what a LoRA adapter would be attached to.
     pub fn linear_module(&self) -> Option<&str> {
-        let module = self.path.strip_suffix(".weight")?;
-        (self.shape.len() == 2 && !module.ends_with("norm") && module != "model.embed_tokens").then_some(module)
+        let module = hf_names::weight_module(&self.path)?;
+        (self.shape.len() == 2 && !module.ends_with("norm") && module != hf_names::EMBED_TOKENS).then_some(module)
     }
 }
 
@@ -32,46 +33,50 @@ pub fn base_tensors(spec: &ArchSpec) -> Vec<BaseTensor> {
     let mut out = Vec::new();
     let mut push = |path: String, shape: Vec<usize>, init: InitKind| out.push(BaseTensor { path, shape, init });
     let (h, d) = (spec.hidden_size, spec.head_dim);
-    push("model.embed_tokens.weight".into(), vec![spec.vocab_size, h], InitKind::Normal);
+    push(hf_names::weight(hf_names::EMBED_TOKENS), vec![spec.vocab_size, h], InitKind::Normal);
     for (i, layer) in spec.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
+        let attn = hf_names::self_attn(i);
+        let [q, k, v, o] = hf_names::ATTENTION_PROJECTIONS;
         for (name, out_dim, inp) in [
-            ("q_proj", spec.num_heads * d, h),
-            ("k_proj", spec.num_kv_heads * d, h),
-            ("v_proj", spec.num_kv_heads * d, h),
-            ("o_proj", h, spec.num_heads * d),
+            (q, spec.num_heads * d, h),
+            (k, spec.num_kv_heads * d, h),
+            (v, spec.num_kv_heads * d, h),
+            (o, h, spec.num_heads * d),
         ] {
-            push(format!("{p}.self_attn.{name}.weight"), vec![out_dim, inp], InitKind::Normal);
-            if spec.qkv_bias && name != "o_proj" {
-                push(format!("{p}.self_attn.{name}.bias"), vec![out_dim], InitKind::Zeros);
+            let module = hf_names::child(&attn, name);
+            push(hf_names::weight(&module), vec![out_dim, inp], InitKind::Normal);
+            if spec.qkv_bias && name != o {
+                push(hf_names::bias(&module), vec![out_dim], InitKind::Zeros);
             }
         }
         if spec.qk_norm {
-            push(format!("{p}.self_attn.q_norm.weight"), vec![d], InitKind::Ones);
-            push(format!("{p}.self_attn.k_norm.weight"), vec![d], InitKind::Ones);
+            for norm in hf_names::QK_NORMS {
+                push(hf_names::weight(&hf_names::child(&attn, norm)), vec![d], InitKind::Ones);
+            }
         }
         let mut mlp = |prefix: String, inter: usize| {
-            push(format!("{prefix}.gate_proj.weight"), vec![inter, h], InitKind::Normal);
-            push(format!("{prefix}.up_proj.weight"), vec![inter, h], InitKind::Normal);
-            push(format!("{prefix}.down_proj.weight"), vec![h, inter], InitKind::Normal);
+            for (proj, shape) in hf_names::MLP_PROJECTIONS.into_iter().zip([vec![inter, h], vec![inter, h], vec![h, inter]]) {
+                push(hf_names::weight(&hf_names::child(&prefix, proj)), shape, InitKind::Normal);
+            }
         };
+        let block = hf_names::mlp(i);
         match layer.mlp {
-            MlpSpec::Dense { intermediate_size } => mlp(format!("{p}.mlp"), intermediate_size),
+            MlpSpec::Dense { intermediate_size } => mlp(block.clone(), intermediate_size),
             MlpSpec::Moe { num_experts, intermediate_size, .. } => {
                 for e in 0..num_experts {
-                    mlp(format!("{p}.mlp.experts.{e}"), intermediate_size);
+                    mlp(hf_names::expert(&block, e), intermediate_size);
                 }
             }
         }
         if let MlpSpec::Moe { num_experts, .. } = layer.mlp {
-            push(format!("{p}.mlp.gate.weight"), vec![num_experts, h], InitKind::Normal);
+            push(hf_names::weight(&hf_names::router(&block)), vec![num_experts, h], InitKind::Normal);
         }
-        push(format!("{p}.input_layernorm.weight"), vec![h], InitKind::Ones);
-        push(format!("{p}.post_attention_layernorm.weight"), vec![h], InitKind::Ones);
+        push(hf_names::weight(&hf_names::input_layernorm(i)), vec![h], InitKind::Ones);
+        push(hf_names::weight(&hf_names::post_attention_layernorm(i)), vec![h], InitKind::Ones);
     }
-    push("model.norm.weight".into(), vec![h], InitKind::Ones);
+    push(hf_names::weight(hf_names::FINAL_NORM), vec![h], InitKind::Ones);
     if !spec.tie_word_embeddings {
-        push("lm_head.weight".into(), vec![spec.vocab_size, h], InitKind::Normal);
+        push(hf_names::weight(hf_names::LM_HEAD), vec![spec.vocab_size, h], InitKind::Normal);
     }
     out
 }

@@ -38,7 +38,7 @@ pub enum InitKind {
 /// A request for one named tensor.
 #[derive(Debug, Clone)]
 pub struct TensorRequest<'a> {
-    /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    /// Hugging Face name ([`hf_names`](super::hf_names)).
     pub name: &'a str,
     /// The full shape in the checkpoint.
     pub shape: &'a [usize],
@@ -57,11 +57,27 @@ pub trait WeightSource {
         reqs.iter().map(|r| self.tensor(r.clone())).collect()
     }
 
+    /// `reqs`' values (none sliced) handed to `sink` piece by piece, from any thread: for a
+    /// consumer that lays them out itself, without a whole f32 copy of each tensor. By default
+    /// from [`tensors`](Self::tensors).
+    fn fill(&mut self, reqs: &[TensorRequest<'_>], sink: &Sink<'_>) -> Result<()> {
+        let made = self.tensors(reqs)?;
+        let pieces: Vec<(usize, usize, &[f32])> =
+            made.iter().enumerate().flat_map(|(k, t)| t.data.chunks(RANDOM_CHUNK).enumerate().map(move |(c, v)| (k, c * RANDOM_CHUNK, v))).collect();
+        parallel_for(pieces, |(k, offset, values)| sink(k, offset, values));
+        Ok(())
+    }
+
     /// Called once the model is built: a checkpoint reports tensors nobody asked for.
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
 }
+
+/// Where [`WeightSource::fill`] puts values: `(request, offset, values)`, `values` starting at
+/// `offset` of the request's tensor in its stored (row-major) order. Called from several
+/// threads at once, each place of each tensor exactly once.
+pub type Sink<'a> = dyn Fn(usize, usize, &[f32]) + Sync + 'a;
 
 /// Cut `(dim, range)` out of a row-major tensor.
 pub fn slice_host(t: HostTensor, slice: Option<(usize, Range<usize>)>) -> HostTensor {
@@ -98,26 +114,66 @@ impl WeightSource for RandomInit {
         // stream of its tensor's generator: the values depend on the seed and the name alone (a
         // 7B model is 7.6e9 values, ~1 min on one core; an expert's tensor is 1-2 chunks, so
         // the experts of a layer are made together).
-        let mut chunks: Vec<(u64, f32, u64, &mut [f32])> = Vec::new();
+        let mut chunks: Vec<(RandomChunk, &mut [f32])> = Vec::new();
         for (req, values) in reqs.iter().zip(data.iter_mut()) {
-            match req.init {
-                InitKind::Ones => values.fill(1.0),
-                InitKind::Zeros => {}
-                InitKind::Normal => {
-                    // Uniform with the requested standard deviation: cheap, and only the scale
-                    // matters for benchmarks and tests.
-                    let a = (self.std * 3f64.sqrt()) as f32;
-                    let root = self.seed ^ fnv1a(req.name);
-                    chunks.extend(values.chunks_mut(RANDOM_CHUNK).enumerate().map(|(i, c)| (root, a, i as u64, c)));
-                }
+            chunks.extend(values.chunks_mut(RANDOM_CHUNK).enumerate().map(|(i, c)| (self.chunk(req, i), c)));
+        }
+        parallel_for(chunks, |(chunk, values)| chunk.make(values));
+        Ok(reqs.iter().zip(data).map(|(req, data)| slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice.clone())).collect())
+    }
+
+    /// The values [`tensors`](Self::tensors) makes, a chunk at a time into a buffer each thread
+    /// reuses: no fresh f32 pages (first touches of fresh pages were most of a large model's
+    /// build).
+    fn fill(&mut self, reqs: &[TensorRequest<'_>], sink: &Sink<'_>) -> Result<()> {
+        let mut chunks: Vec<(usize, RandomChunk, usize)> = Vec::new();
+        for (k, req) in reqs.iter().enumerate() {
+            let n: usize = req.shape.iter().product();
+            chunks.extend((0..n.div_ceil(RANDOM_CHUNK)).map(|i| (k, self.chunk(req, i), RANDOM_CHUNK.min(n - i * RANDOM_CHUNK))));
+        }
+        thread_local!(static BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+        parallel_for(chunks, |(k, chunk, len)| {
+            BUFFER.with_borrow_mut(|buffer| {
+                buffer.resize(len, 0.0);
+                chunk.make(&mut buffer[..len]);
+                sink(k, chunk.index * RANDOM_CHUNK, &buffer[..len]);
+            })
+        });
+        Ok(())
+    }
+}
+
+impl RandomInit {
+    /// Chunk `index` of `req`'s values.
+    fn chunk(&self, req: &TensorRequest<'_>, index: usize) -> RandomChunk {
+        // Uniform with the requested standard deviation: cheap, and only the scale matters for
+        // benchmarks and tests.
+        let bound = (self.std * 3f64.sqrt()) as f32;
+        RandomChunk { init: req.init, root: self.seed ^ fnv1a(req.name), bound, index }
+    }
+}
+
+/// One [`RANDOM_CHUNK`] of a random tensor: its own stream of the tensor's generator.
+#[derive(Debug, Clone, Copy)]
+struct RandomChunk {
+    init: InitKind,
+    root: u64,
+    bound: f32,
+    index: usize,
+}
+
+impl RandomChunk {
+    fn make(&self, values: &mut [f32]) {
+        match self.init {
+            InitKind::Ones => values.fill(1.0),
+            InitKind::Zeros => values.fill(0.0),
+            InitKind::Normal => {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.root);
+                rng.set_stream(self.index as u64);
+                let a = self.bound;
+                values.iter_mut().for_each(|v| *v = rng.random_range(-a..a));
             }
         }
-        parallel_for(chunks, |(root, a, stream, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(root);
-            rng.set_stream(stream);
-            chunk.iter_mut().for_each(|v| *v = rng.random_range(-a..a));
-        });
-        Ok(reqs.iter().zip(data).map(|(req, data)| slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice.clone())).collect())
     }
 }
 
@@ -459,5 +515,34 @@ mod tests {
         assert!(a.data.iter().all(|v| v.abs() <= bound));
         let std = (a.data.iter().map(|x| (x * x) as f64).sum::<f64>() / n as f64).sqrt();
         assert!((std - 0.02).abs() < 2e-4, "{std}");
+    }
+
+    /// What `fill` hands a sink, gathered into whole tensors.
+    fn filled(source: &mut dyn WeightSource, reqs: &[TensorRequest<'_>]) -> Vec<Vec<f32>> {
+        let out: Vec<std::sync::Mutex<Vec<f32>>> = reqs.iter().map(|r| std::sync::Mutex::new(vec![f32::NAN; r.shape.iter().product()])).collect();
+        source.fill(reqs, &|k, offset, values| out[k].lock().unwrap()[offset..offset + values.len()].copy_from_slice(values)).unwrap();
+        out.into_iter().map(|m| m.into_inner().unwrap()).collect()
+    }
+
+    #[test]
+    fn fill_hands_over_the_values_tensors_makes() {
+        // Rows of 1000 values across chunk boundaries, a tensor of ones, one of zeros; the
+        // default `fill` (from `tensors`) gives the same.
+        let (big, small) = ([1100, 1000], [3, 5]);
+        let reqs = [
+            TensorRequest { name: "a", shape: &big, slice: None, init: InitKind::Normal },
+            TensorRequest { name: "b", shape: &small, slice: None, init: InitKind::Ones },
+            TensorRequest { name: "c", shape: &small, slice: None, init: InitKind::Zeros },
+            TensorRequest { name: "d", shape: &small, slice: None, init: InitKind::Normal },
+        ];
+        let want: Vec<Vec<f32>> = RandomInit { seed: 4, std: 0.1 }.tensors(&reqs).unwrap().into_iter().map(|t| t.data).collect();
+        assert_eq!(filled(&mut RandomInit { seed: 4, std: 0.1 }, &reqs), want);
+        struct OneByOne(RandomInit);
+        impl WeightSource for OneByOne {
+            fn tensor(&mut self, req: TensorRequest<'_>) -> Result<HostTensor> {
+                self.0.tensor(req)
+            }
+        }
+        assert_eq!(filled(&mut OneByOne(RandomInit { seed: 4, std: 0.1 }), &reqs), want);
     }
 }

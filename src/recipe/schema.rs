@@ -310,6 +310,13 @@ pub struct TrainSection {
     pub eval_interval: Option<usize>,
     /// Clip gradients to this global L2 norm; 0 turns clipping off (`--clip_grad`). Default 1.0.
     pub gradient_clip: f64,
+    /// Weight of the MoE routers' load-balancing loss (transformers' `router_aux_loss_coef`,
+    /// ms-swift `--router_aux_loss_coef`): Switch Transformer's loss over every MoE layer's
+    /// router, added to the training loss. Default: the model config's `router_aux_loss_coef`
+    /// (0.001 if absent) where the routers are trained (`tuning = "full"`), else 0 (frozen
+    /// routers need none); 0 turns it off. Only for mixture-of-experts models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
     /// With `checkpoint.resume`: load only the weights (adapter, or model with full tuning) and
     /// start a new run at step 0 with a fresh optimizer (Megatron `--finetune`); false continues
     /// the run exactly where the checkpoint stopped. `trainer run --resume DIR` always
@@ -334,6 +341,7 @@ impl Default for TrainSection {
             fused_cross_entropy: true,
             eval_interval: None,
             gradient_clip: 1.0,
+            router_aux_loss_coef: None,
             finetune: true,
         }
     }

@@ -168,6 +168,16 @@ fn check_train(r: &Recipe) -> Result<(), Problem> {
     ensure(t.gradient_clip >= 0.0, "train.gradient_clip", || {
         format!("is {}; expected >= 0 (0 turns clipping off)", t.gradient_clip)
     })?;
+    if let Some(coef) = t.router_aux_loss_coef {
+        finite(coef, "train.router_aux_loss_coef")?;
+        ensure(coef >= 0.0, "train.router_aux_loss_coef", || format!("is {coef}; expected >= 0 (0 turns the loss off)"))?;
+        ensure(coef == 0.0 || !r.parallel.sequence_parallel, "train.router_aux_loss_coef", || {
+            format!(
+                "is {coef} with parallel.sequence_parallel = true: the load-balancing loss over sequence shards is not \
+                 supported yet; set train.router_aux_loss_coef = 0 or parallel.sequence_parallel = false"
+            )
+        })?;
+    }
     let per_step = t.micro_batch_size.saturating_mul(r.parallel.data);
     if let Some(global) = t.global_batch_size {
         ensure(global >= 1 && global.is_multiple_of(per_step), "train.global_batch_size", || {
@@ -319,6 +329,11 @@ mod tests {
             ("lora.targets[1]", |r| r.lora.targets.push("re:(".into())),
             ("train.max_length", |r| r.train.max_length = 15),
             ("train.gradient_clip", |r| r.train.gradient_clip = -1.0),
+            ("train.router_aux_loss_coef", |r| r.train.router_aux_loss_coef = Some(-0.1)),
+            ("train.router_aux_loss_coef", |r| r.train.router_aux_loss_coef = Some(f64::NAN)),
+            ("train.router_aux_loss_coef", |r| {
+                (r.parallel.tensor, r.parallel.sequence_parallel, r.train.router_aux_loss_coef) = (2, true, Some(0.01))
+            }),
             ("train.global_batch_size", |r| (r.train.micro_batch_size, r.train.global_batch_size) = (4, Some(6))),
             ("train.eval_interval", |r| r.train.eval_interval = Some(10)),
             ("train.max_epochs", |r| r.train.max_epochs = 0),
@@ -360,6 +375,7 @@ mod tests {
             |r| (r.train.eval_interval, r.data.val_split) = (Some(5), 0.1),
             |r| (r.model.path, r.model.init, r.model.config) = (None, Init::Random, Some(toml::Table::new())),
             |r| r.train.gradient_clip = 0.0,
+            |r| (r.parallel.tensor, r.parallel.sequence_parallel, r.train.router_aux_loss_coef) = (2, true, Some(0.0)),
             |r| r.optimizer.min_lr = r.optimizer.lr,
         ];
         for change in allowed {

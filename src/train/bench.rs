@@ -209,6 +209,7 @@ impl BackendJob for Job<'_> {
         let schedule = LrSchedule::new(&r.optimizer, &r.schedule, self.warmup + self.steps);
         let mut trainer = Trainer::new(m, AdamW::new(AdamWConfig::from(&r.optimizer)), schedule, r.train.gradient_clip, r.train.seed, groups, device.clone());
         trainer.fused_cross_entropy = r.train.fused_cross_entropy;
+        trainer.router_aux_loss_coef = super::preflight::router_aux_loss_coef(r, &self.plan.spec)?;
         let (micro, seq) = (r.train.micro_batch_size, r.train.max_length);
         let vocab = self.plan.spec.vocab_size as u32;
         let mut rng = ChaCha8Rng::seed_from_u64(r.train.seed);

@@ -13,7 +13,8 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, P
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::names::{expert_adapter_name, expert_module_path, hf_name, module_path};
+use super::names::{expert_adapter_name, hf_name, module_path};
+use crate::model::hf_names::{self, burn_paths};
 use super::optimizer::Moments;
 use super::trainer::Trainer;
 use crate::backend::TrainBackend;
@@ -95,34 +96,14 @@ impl<'a, W: Backend> Shards<'a, W> {
     }
 }
 
-/// `(layer, local expert)` of a Burn path inside a MoE layer's experts
-/// (`layers.3.moe.experts.5.up_proj.lora.lora_a`).
-fn expert_of(path: &str) -> Option<(usize, usize)> {
-    let rest = path.strip_prefix("layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let rest = rest.strip_prefix("moe.experts.")?;
-    let (e, _) = rest.split_once('.')?;
-    Some((layer.parse().ok()?, e.parse().ok()?))
-}
-
 /// `(layer, expert, projection, factor)` of a Burn path of one expert's own adapter factor, as
 /// checkpoints written before expert adapters were stacked key their moments
 /// (`layers.3.moe.experts.5.up_proj.lora.lora_a`).
 fn per_expert_adapter(path: &str) -> Option<(usize, usize, &str, &str)> {
-    let (layer, e) = expert_of(path)?;
+    let (layer, e) = burn_paths::expert_of(path)?;
     let rest = path.split_once(".moe.experts.")?.1.split_once('.')?.1;
     let (projection, factor) = rest.split_once(".lora.")?;
     (EXPERT_PROJECTIONS.contains(&projection) && matches!(factor, "lora_a" | "lora_b")).then_some((layer, e, projection, factor))
-}
-
-/// `name` (a path or a tensor name) with expert index `from` (`.experts.{from}`, then a `.` or
-/// the end) numbered `to`.
-fn renumber(name: &str, from: usize, to: usize) -> String {
-    let (old, new) = (format!(".experts.{from}"), format!(".experts.{to}"));
-    match name.match_indices(&old).find(|(i, _)| name[i + old.len()..].is_empty() || name[i + old.len()..].starts_with('.')) {
-        Some((i, _)) => format!("{}{new}{}", &name[..i], &name[i + old.len()..]),
-        None => name.to_string(),
-    }
 }
 
 /// `(local experts a rank, this rank's first)` of MoE layer `layer`.
@@ -229,10 +210,10 @@ fn hf_tensors<B: TrainBackend>(model: &CausalLm<B>, tuning: Tuning, shards: Opti
             None => t,
         };
         let n = hf_name(model, &path);
-        let copies = match (shards, expert_of(&path)) {
+        let copies = match (shards, burn_paths::expert_of(&path)) {
             (Some(s), Some((layer, e))) => {
                 let (local, first) = expert_block(model, layer);
-                s.expert_copies(t, e, local, first)?.into_iter().map(|(g, t)| (renumber(&n.name, first + e, g), t)).collect()
+                s.expert_copies(t, e, local, first)?.into_iter().map(|(g, t)| (hf_names::renumber_expert(&n.name, first + e, g), t)).collect()
             }
             _ => vec![(n.name, t)],
         };
@@ -280,7 +261,7 @@ fn load_hf_tensors<B: TrainBackend>(model: CausalLm<B>, file: &Path, tuning: Tun
     let wanted: std::collections::BTreeSet<&String> = names.values().map(|(n, _)| n).chain(stacked.values().flatten().map(|(_, n)| n)).collect();
     // Under expert parallelism the file holds every rank's experts; this rank reads its own.
     let others_experts = shards.is_some_and(|s| s.ep.is_some());
-    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k) && !(others_experts && k.contains(".mlp.experts."))) {
+    if let Some(extra) = tensors.keys().find(|k| !wanted.contains(k) && !(others_experts && hf_names::is_expert(k))) {
         return Err(Error::file(file, format!("tensor `{extra}` matches no trained parameter of this model and recipe (check lora.targets and the model)")));
     }
     struct Load<'a, W: Backend> {
@@ -390,7 +371,7 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
         for projection in EXPERT_PROJECTIONS {
             if let Some(a) = moe.expert_lora.get(projection) {
                 let chosen = a.adapted.iter().enumerate().filter(|&(_, &on)| on);
-                adapted.extend(chosen.map(|(g, _)| expert_module_path(layer, g, projection)));
+                adapted.extend(chosen.map(|(g, _)| hf_names::expert_projection(layer, g, projection)));
             }
         }
     }
@@ -404,7 +385,7 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
             let (mut list, mut steps) = (Vec::new(), BTreeMap::new());
             for (path, m) in &trainer.optimizer.state {
                 // Experts' moments under their global indices (the Burn path's is local).
-                let block = expert_of(path).map(|(layer, e)| (e, expert_block(&model, layer)));
+                let block = burn_paths::expert_of(path).map(|(layer, e)| (e, expert_block(&model, layer)));
                 for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
                     let v = match (shards.as_ref(), views.get(path)) {
                         (Some(s), Some(&(view, rank))) => s.gather(path, v.clone().reshape(view), rank)?,
@@ -415,7 +396,7 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
                         _ => v,
                     };
                     let copies = match (shards.as_ref(), block) {
-                        (Some(s), Some((e, (local, first)))) => s.expert_copies(v, e, local, first)?.into_iter().map(|(g, t)| (renumber(path, e, g), t)).collect(),
+                        (Some(s), Some((e, (local, first)))) => s.expert_copies(v, e, local, first)?.into_iter().map(|(g, t)| (hf_names::renumber_expert(path, e, g), t)).collect(),
                         _ => vec![(path.clone(), v)],
                     };
                     for (key, t) in copies {
@@ -485,7 +466,7 @@ pub fn load_optimizer<B: TrainBackend>(
     let mut stacked: BTreeMap<String, (Vec<f32>, Vec<f32>, u64)> = BTreeMap::new();
     for (saved, &step) in &state.optimizer_steps {
         let Some((layer, g, projection, factor)) = per_expert_adapter(saved) else { continue };
-        let path = format!("layers.{layer}.moe.expert_lora.{projection}.{factor}");
+        let path = burn_paths::expert_lora(layer, projection, factor);
         let (Some(&([local, width], _)), (_, first)) = (views.get(&path), expert_block(model, layer)) else { continue };
         if !(first..first + local).contains(&g) {
             continue;
@@ -515,13 +496,13 @@ pub fn load_optimizer<B: TrainBackend>(
         }
         // Under expert parallelism the file holds every rank's experts under their global
         // indices: this rank takes its block, under its local paths.
-        let path = match expert_of(saved) {
+        let path = match burn_paths::expert_of(saved) {
             Some((layer, g)) if expert_parallel => {
                 let (local, first) = expert_block(model, layer);
                 if !(first..first + local).contains(&g) {
                     continue;
                 }
-                renumber(saved, g, g - first)
+                hf_names::renumber_expert(saved, g, g - first)
             }
             _ => saved.clone(),
         };

@@ -1,10 +1,11 @@
-//! From Burn module paths (`layers.3.moe.experts.5.up_proj.lora.lora_a`) to the names the
-//! Hugging Face world uses: transformers' state-dict keys for full weights
-//! (`model.layers.3.mlp.experts.5.up_proj.weight`) and peft's for adapters
-//! (`base_model.model.model.layers.3.mlp.experts.5.up_proj.lora_A.weight`).
+//! From Burn parameter paths (`layers.3.moe.experts.5.up_proj.lora.lora_a`) to the names the
+//! Hugging Face world uses: transformers' state-dict keys for full weights and peft's for
+//! adapters. The names are [`hf_names`]'s; this adds what only the built model knows (each
+//! rank's first expert) and which tensors are stored transposed.
 
 use crate::backend::TrainBackend;
 
+use crate::model::hf_names::{self, Factor};
 use crate::model::CausalLm;
 
 /// Where a trainable tensor goes in a Hugging Face file.
@@ -15,66 +16,32 @@ pub struct HfName {
     pub transposed: bool,
 }
 
-/// peft's prefix for adapter tensors of a `PeftModelForCausalLM`.
-pub const PEFT_PREFIX: &str = "base_model.model.";
-
 /// The Hugging Face module path of the module at Burn path `module` (`layers.0.moe.gate` →
 /// `model.layers.0.mlp.gate`), with expert indices made global.
 pub fn module_path<B: TrainBackend>(model: &CausalLm<B>, module: &str) -> String {
-    let parts: Vec<&str> = module.split('.').collect();
-    match parts.as_slice() {
-        ["layers", i, rest @ ..] => {
-            let layer: usize = i.parse().unwrap_or(0);
-            let first_expert = model.layers.get(layer).and_then(|l| l.moe.as_ref()).map_or(0, |m| m.first_expert);
-            let mut out = vec!["model".to_string(), "layers".to_string(), i.to_string()];
-            let mut k = 0;
-            while k < rest.len() {
-                match rest[k] {
-                    "moe" => out.push("mlp".into()),
-                    "experts" if k + 1 < rest.len() => {
-                        let e: usize = rest[k + 1].parse().unwrap_or(0);
-                        out.push("experts".into());
-                        out.push((first_expert + e).to_string());
-                        k += 1;
-                    }
-                    p => out.push(p.to_string()),
-                }
-                k += 1;
-            }
-            out.join(".")
-        }
-        ["embed_tokens", ..] | ["norm", ..] => format!("model.{module}"),
-        _ => module.to_string(),
-    }
-}
-
-/// The Hugging Face module path of global expert `expert`'s `projection` in layer `layer`.
-pub fn expert_module_path(layer: usize, expert: usize, projection: &str) -> String {
-    format!("model.layers.{layer}.mlp.experts.{expert}.{projection}")
+    hf_names::module_path(module, |layer| model.layers.get(layer).and_then(|l| l.moe.as_ref()).map_or(0, |m| m.first_expert))
 }
 
 /// peft's name of one expert's factor (`lora_a` or `lora_b`) of a stacked expert adapter
 /// ([`crate::lora::ExpertAdapter`]), stored as `[out, in]` like every peft factor.
 pub fn expert_adapter_name(layer: usize, expert: usize, projection: &str, factor: &str) -> String {
-    let leaf = if factor == "lora_a" { "lora_A" } else { "lora_B" };
-    format!("{PEFT_PREFIX}{}.{leaf}.weight", expert_module_path(layer, expert, projection))
+    hf_names::peft_factor(&hf_names::expert_projection(layer, expert, projection), Factor::of_burn(factor))
 }
 
 /// The Hugging Face name of the parameter at Burn path `path`: a transformers key for model
 /// weights, a peft key for LoRA factors.
 pub fn hf_name<B: TrainBackend>(model: &CausalLm<B>, path: &str) -> HfName {
-    if let Some(linear) = path.strip_suffix(".lora.lora_a") {
-        return HfName { name: format!("{PEFT_PREFIX}{}.lora_A.weight", module_path(model, linear)), transposed: true };
-    }
-    if let Some(linear) = path.strip_suffix(".lora.lora_b") {
-        return HfName { name: format!("{PEFT_PREFIX}{}.lora_B.weight", module_path(model, linear)), transposed: true };
+    for (suffix, factor) in [(".lora.lora_a", Factor::A), (".lora.lora_b", Factor::B)] {
+        if let Some(linear) = path.strip_suffix(suffix) {
+            return HfName { name: hf_names::peft_factor(&module_path(model, linear), factor), transposed: true };
+        }
     }
     if path == "embed_tokens" {
-        return HfName { name: "model.embed_tokens.weight".into(), transposed: false };
+        return HfName { name: hf_names::weight(hf_names::EMBED_TOKENS), transposed: false };
     }
     let (module, leaf) = path.rsplit_once('.').unwrap_or(("", path));
     let is_linear_weight = leaf == "weight" && !module.ends_with("norm");
-    HfName { name: format!("{}.{leaf}", module_path(model, module)), transposed: is_linear_weight }
+    HfName { name: hf_names::child(&module_path(model, module), leaf), transposed: is_linear_weight }
 }
 
 #[cfg(test)]

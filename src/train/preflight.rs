@@ -34,6 +34,7 @@ pub fn model(loaded: &LoadedRecipe, plan: &ModelPlan, here: bool) -> Result<Mode
         )));
     }
     super::recompute::groups(&r.train.recompute, plan.spec.layers.len())?;
+    router_aux_loss_coef(r, &plan.spec)?;
     if r.train.tuning == Tuning::Lora {
         lora_targets(r, plan)?;
     }
@@ -41,6 +42,23 @@ pub fn model(loaded: &LoadedRecipe, plan: &ModelPlan, here: bool) -> Result<Mode
     let refuse = here || r.device != crate::recipe::Device::Auto || crate::backend::cuda_available();
     let notes = summary::check_fits(&summary, r.device, refuse)?.into_iter().collect();
     Ok(ModelCheck { summary, notes })
+}
+
+/// The weight of the routers' load-balancing loss this run trains with: `train.router_aux_loss_coef`
+/// where set, else the config's where the routers are trained (full tuning; LoRA never adapts a
+/// router), else 0. A weight above 0 on a model without routers is refused.
+pub fn router_aux_loss_coef(r: &Recipe, spec: &model::ArchSpec) -> Result<f64> {
+    let routed = spec.layers.iter().any(|l| matches!(l.mlp, model::MlpSpec::Moe { .. }));
+    match r.train.router_aux_loss_coef {
+        Some(c) if c > 0.0 && !routed => Err(Error::model(format!(
+            "train.router_aux_loss_coef = {c}, but {} has no mixture-of-experts layer (no router to balance); \
+             remove train.router_aux_loss_coef",
+            spec.family
+        ))),
+        Some(c) => Ok(c),
+        None if routed && r.train.tuning == Tuning::Full => Ok(spec.router_aux_loss_coef),
+        None => Ok(0.0),
+    }
 }
 
 /// Every LoRA target must adapt something (peft refuses a target it finds nowhere), and the

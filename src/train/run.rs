@@ -338,6 +338,7 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     let groups: Vec<Range<usize>> = recompute::groups(&r.train.recompute, model.layers.len())?;
     let mut trainer = Trainer::new(model, optimizer, schedule, r.train.gradient_clip, r.train.seed, groups, device);
     trainer.fused_cross_entropy = r.train.fused_cross_entropy;
+    trainer.router_aux_loss_coef = super::preflight::router_aux_loss_coef(r, &plan.spec)?;
     trainer.data_parallel = data_comm;
     if let Some((ep, expert_data)) = expert_parallel {
         trainer.set_expert_parallel(ep, expert_data);

@@ -24,7 +24,7 @@ use super::schedule::LrSchedule;
 use crate::backend::profile::span;
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, SequenceContext};
+use crate::model::{CausalLm, RouterBalance, SequenceContext};
 use crate::parallel::regions::{Collective, GroupComm};
 use crate::parallel::tensor::{GradPlacement, TensorParallel};
 
@@ -58,6 +58,10 @@ pub struct Trainer<B: TrainBackend> {
     /// The loss from hidden states and the LM head through the fused kernel (no logits
     /// resident); `train.fused_cross_entropy`.
     pub fused_cross_entropy: bool,
+    /// Weight of the routers' load-balancing loss (`train.router_aux_loss_coef` as
+    /// [`preflight::router_aux_loss_coef`](super::preflight::router_aux_loss_coef) resolves it);
+    /// 0 = none.
+    pub router_aux_loss_coef: f64,
     pub device: B::Device,
     /// The data-parallel group's communicator; `None` on one rank.
     pub data_parallel: Option<GroupComm<B::Wire>>,
@@ -118,8 +122,9 @@ fn batch_loss<B: TrainBackend>(
     layers: &dyn Fn(Tensor<B, 3>, &crate::model::SequenceContext<B>) -> Tensor<B, 3>,
     fused: bool,
     (tp, ep): (Option<TensorParallel<B::Wire>>, Option<GroupComm<B::Wire>>),
+    balance: Option<RouterBalance<B>>,
 ) -> Tensor<B, 1> {
-    let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep);
+    let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep).with_router_balance(balance);
     let x = layers(model.embed_for_layers(t.ids, &ctx), &ctx);
     model.head_loss(model.norm.forward(x), t.labels, fused, &ctx)
 }
@@ -134,6 +139,7 @@ impl<B: TrainBackend> Trainer<B> {
             seed,
             recompute,
             fused_cross_entropy: true,
+            router_aux_loss_coef: 0.0,
             device,
             data_parallel: None,
             tensor_parallel: None,
@@ -281,19 +287,29 @@ impl<B: TrainBackend> Trainer<B> {
         let mut loss_sum: Option<Tensor<B, 1>> = None;
         for (k, b) in micro_batches.iter().enumerate() {
             let seed = stream_seed(self.seed, step, self.micro_batch_place.0 + k * self.micro_batch_place.1);
-            let t = upload(&self.sequence_layout(b), &self.device);
+            let laid = self.sequence_layout(b);
+            let t = upload(&laid, &self.device);
+            let balance = self.router_balance(&laid);
+            // The micro batch's load-balancing loss weighs `coef x its trained tokens`: the
+            // step divides every sum by the global batch's trained tokens.
+            let aux_weight = self.router_aux_loss_coef * trained_tokens(b) as f64;
             let sum = if self.recompute.is_empty() {
                 let layers = |x: Tensor<Autodiff<B>, 3>, ctx: &SequenceContext<Autodiff<B>>| {
                     recompute::run_layers(&model.layers, 0, x, ctx, seed)
                 };
                 let split = self.split();
-                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, split));
+                let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, split, balance.clone()));
+                let aux = balance.as_ref().and_then(|bal| RouterBalance::loss(bal.take(), &bal.weights(&self.device)?));
+                let sum = match aux {
+                    Some(aux) => sum.cast(burn::tensor::FloatDType::F32) + aux * aux_weight,
+                    None => sum,
+                };
                 let value = sum.clone().inner();
                 let g = span::<B, _>("backward", &self.device, || (sum / tokens as f64).backward());
                 collect_grads(model, &g, &[], &mut grads);
                 value
             } else {
-                self.segmented(model, t, seed, 1.0 / tokens as f64, &mut grads)?
+                self.segmented(model, t, seed, 1.0 / tokens as f64, balance.map(|b| (b, aux_weight)), &mut grads)?
             };
             self.check_collectives()?;
             let sum = sum.cast(burn::tensor::FloatDType::F32);
@@ -325,10 +341,22 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
     /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
-    fn segmented(&self, model: &CausalLm<Autodiff<B>>, t: BatchTensors<Autodiff<B>>, seed: u64, scale: f64, grads: &mut Grads<B>) -> Result<Tensor<B, 1>> {
+    /// `balance`: where the MoE layers record their routers, and the weight of the micro
+    /// batch's load-balancing loss; each layer's term joins the backward of its segment.
+    fn segmented(
+        &self,
+        model: &CausalLm<Autodiff<B>>,
+        t: BatchTensors<Autodiff<B>>,
+        seed: u64,
+        scale: f64,
+        balance: Option<(RouterBalance<Autodiff<B>>, f64)>,
+        grads: &mut Grads<B>,
+    ) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
         let (tp, ep) = self.split();
-        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep);
+        let (balance, aux_weight) = balance.map_or((None, 0.0), |(b, w)| (Some(b), w));
+        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep).with_router_balance(balance.clone());
+        let taken = |c: &SequenceContext<Autodiff<B>>| c.router_balance.as_ref().map(RouterBalance::take).unwrap_or_default();
         let n = model.layers.len();
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
         let mut i = 0;
@@ -345,13 +373,15 @@ impl<B: TrainBackend> Trainer<B> {
         // Forward: kept segments record their graph from a fresh leaf; recomputed ones only
         // their input.
         enum Saved<B: Backend> {
-            Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3> },
+            Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3>, routers: Vec<Tensor<Autodiff<B>, 1>> },
             Recomputed { input: Tensor<B, 3> },
         }
         let inner_ctx = ctx.inner();
         let embedded = model.embed_for_layers(t.ids, &ctx);
         let mut prev = embedded.clone().inner();
         let mut saved = Vec::with_capacity(segments.len());
+        // The routers' summed probabilities of the layers recomputed later, for the loss value.
+        let mut recomputed_routers: Vec<Tensor<B, 1>> = Vec::new();
         for (r, recomputed) in &segments {
             if *recomputed {
                 // On the inner backend: no graph at all (see `lora::training_forward`).
@@ -359,13 +389,14 @@ impl<B: TrainBackend> Trainer<B> {
                 let y = span::<B, _>("forward", &self.device, || {
                     crate::lora::training_forward(|| recompute::run_layers(&plain, r.start, prev.clone(), &inner_ctx, seed))
                 });
+                recomputed_routers.extend(inner_ctx.router_balance.as_ref().map(RouterBalance::take).unwrap_or_default());
                 saved.push(Saved::Recomputed { input: prev });
                 prev = y;
             } else {
                 let input = Tensor::from_inner(prev).require_grad();
                 let output = span::<B, _>("forward", &self.device, || recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed));
                 prev = output.clone().inner();
-                saved.push(Saved::Kept { input, output });
+                saved.push(Saved::Kept { input, output, routers: taken(&ctx) });
             }
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
@@ -374,19 +405,43 @@ impl<B: TrainBackend> Trainer<B> {
             (sum.clone().inner(), (sum * scale).backward())
         });
         collect_grads(model, &g, &[], grads);
+        // Every router is counted now: the load-balancing loss's weights, its value.
+        let g_aux = balance.as_ref().and_then(|b| b.weights(&self.device));
+        let value = match &g_aux {
+            Some(g_aux) => {
+                let kept = saved.iter().flat_map(|s| match s {
+                    Saved::Kept { routers, .. } => routers.iter().map(|t| t.clone().inner()).collect(),
+                    Saved::Recomputed { .. } => vec![],
+                });
+                let all: Vec<Tensor<B, 1>> = kept.chain(recomputed_routers).collect();
+                match RouterBalance::loss(all, &g_aux.clone().inner()) {
+                    Some(aux) => value.cast(burn::tensor::FloatDType::F32) + aux * aux_weight,
+                    None => value,
+                }
+            }
+            None => value,
+        };
+        // A segment's routers' term in what its backward differentiates.
+        let with_routers = |surrogate: Tensor<Autodiff<B>, 1>, routers: Vec<Tensor<Autodiff<B>, 1>>| match &g_aux {
+            Some(g_aux) => match RouterBalance::loss(routers, g_aux) {
+                Some(aux) => surrogate + aux * (aux_weight * scale),
+                None => surrogate,
+            },
+            None => surrogate,
+        };
         let mut grad_out = h.grad(&g).ok_or_else(missing)?;
         // Backward, segment by segment from the head down.
         for ((r, _), s) in segments.iter().zip(saved).rev() {
-            let (input, output, fresh) = match s {
-                Saved::Kept { input, output } => (input, output, None),
+            let (input, output, fresh, routers) = match s {
+                Saved::Kept { input, output, routers } => (input, output, None, routers),
                 Saved::Recomputed { input } => {
                     let input = Tensor::<Autodiff<B>, 3>::from_inner(input).require_grad();
                     let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::fresh_leaves(l.clone())).collect();
                     let output = span::<B, _>("recompute", &self.device, || recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed));
-                    (input, output, Some(fresh))
+                    (input, output, Some(fresh), taken(&ctx))
                 }
             };
-            let g = span::<B, _>("backward", &self.device, || (output * Tensor::from_inner(grad_out)).sum().backward());
+            let g = span::<B, _>("backward", &self.device, || with_routers((output * Tensor::from_inner(grad_out)).sum(), routers).backward());
             match fresh {
                 None => collect_grads(model, &g, &[], grads),
                 Some(layers) => {
@@ -402,6 +457,13 @@ impl<B: TrainBackend> Trainer<B> {
             collect_grads(model, &g, &[], grads);
         }
         Ok(value)
+    }
+
+    /// A record of the MoE layers' routers for `b`'s forward (its padding left out) when this
+    /// run trains with the load-balancing loss.
+    fn router_balance(&self, b: &Batch) -> Option<RouterBalance<Autodiff<B>>> {
+        let routed = self.model().layers.iter().any(|l| l.moe.is_some());
+        (self.router_aux_loss_coef > 0.0 && routed).then(|| RouterBalance::new(Some(b.segment_ids.iter().map(|&s| s != 0).collect()), &self.device))
     }
 
     /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`. Every rank of the
@@ -421,7 +483,7 @@ impl<B: TrainBackend> Trainer<B> {
                 }
                 x
             };
-            let s = scalar_f32(batch_loss(&model, upload(&self.sequence_layout(b), &self.device), &layers, self.fused_cross_entropy, self.split()));
+            let s = scalar_f32(batch_loss(&model, upload(&self.sequence_layout(b), &self.device), &layers, self.fused_cross_entropy, self.split(), None));
             sum += s as f64;
             tokens += n;
         }
