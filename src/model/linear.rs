@@ -60,10 +60,14 @@ impl<B: TrainBackend> Loader<'_, B> {
         let places = Places(stack.as_mut_ptr(), stack.len());
         build_time::timed(0, || {
             self.source.fill(&reqs, &|k, offset, values| {
+                // Every place below is inside the stack: i < inp and o < out.
+                assert!(k < paths.len() && offset + values.len() <= block, "a piece outside expert {k}'s {block} values");
                 // Stored (o, i) goes to (k, i, o); `values` runs along stored rows.
                 let (mut o, mut i) = (offset / inp, offset % inp);
                 for &v in values {
-                    places.put(k * block + i * out + o, v);
+                    // SAFETY: inside expert k's block (checked above), a place no other piece
+                    // has (each stored value comes once).
+                    unsafe { places.put(k * block + i * out + o, v) };
                     i += 1;
                     if i == inp {
                         (o, i) = (o + 1, 0);
@@ -290,10 +294,12 @@ struct Places<E>(*mut E, usize);
 unsafe impl<E: Send> Sync for Places<E> {}
 
 impl<E: burn::tensor::Element> Places<E> {
-    fn put(&self, index: usize, v: f32) {
+    /// # Safety
+    /// `index` is below the buffer's length, and no other thread writes it.
+    unsafe fn put(&self, index: usize, v: f32) {
         use burn::tensor::ElementConversion;
-        assert!(index < self.1, "a stacked weight's place {index} is outside its {} values", self.1);
-        // SAFETY: in bounds (checked above) and written by this thread alone (see `Sync`).
+        debug_assert!(index < self.1, "place {index} outside {} values", self.1);
+        // SAFETY: the caller's promise.
         unsafe { self.0.add(index).write(v.elem()) }
     }
 }

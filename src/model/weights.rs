@@ -122,8 +122,8 @@ impl WeightSource for RandomInit {
         Ok(reqs.iter().zip(data).map(|(req, data)| slice_host(HostTensor { shape: req.shape.to_vec(), data }, req.slice.clone())).collect())
     }
 
-    /// The values [`tensors`](Self::tensors) makes, a chunk at a time into a buffer each thread
-    /// reuses: no fresh f32 pages (first touches of fresh pages were most of a large model's
+    /// The values [`tensors`](Self::tensors) makes, a chunk at a time into reused buffers: no
+    /// fresh f32 pages (first touches of fresh pages were most of a large model's
     /// build).
     fn fill(&mut self, reqs: &[TensorRequest<'_>], sink: &Sink<'_>) -> Result<()> {
         let mut chunks: Vec<(usize, RandomChunk, usize)> = Vec::new();
@@ -131,13 +131,16 @@ impl WeightSource for RandomInit {
             let n: usize = req.shape.iter().product();
             chunks.extend((0..n.div_ceil(RANDOM_CHUNK)).map(|i| (k, self.chunk(req, i), RANDOM_CHUNK.min(n - i * RANDOM_CHUNK))));
         }
-        thread_local!(static BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+        // Buffers outlive the threads of one fill (each fill starts its own): a model's build
+        // touches a few of them, not a fresh one a thread a projection.
+        static BUFFERS: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+        let lock = || BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
         parallel_for(chunks, |(k, chunk, len)| {
-            BUFFER.with_borrow_mut(|buffer| {
-                buffer.resize(len, 0.0);
-                chunk.make(&mut buffer[..len]);
-                sink(k, chunk.index * RANDOM_CHUNK, &buffer[..len]);
-            })
+            let mut buffer = lock().pop().unwrap_or_default();
+            buffer.resize(len, 0.0);
+            chunk.make(&mut buffer[..len]);
+            sink(k, chunk.index * RANDOM_CHUNK, &buffer[..len]);
+            lock().push(buffer);
         });
         Ok(())
     }
