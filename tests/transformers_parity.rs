@@ -55,3 +55,51 @@ fn qwen3_moe_matches_transformers() {
 fn qwen3_moe_without_topk_norm_matches_transformers() {
     run_case("qwen3_moe_f16_nonorm");
 }
+
+/// The routers' load-balancing loss trainer trains with equals transformers'
+/// `load_balancing_loss_func` on the routers' logits (tests/fixtures/make_router_loss_fixtures.py):
+/// over all tokens, and with the last tokens of row 1 as padding (segment 0 here, attention
+/// mask 0 there).
+fn router_loss_case(case: &str) {
+    use trainer::model::RouterBalance;
+    let text = std::fs::read_to_string(common::fixture_dir(case).join("router_loss.json")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let padded = want["padded_tail_of_row_1"].as_u64().unwrap() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
+    let loaded = trainer::recipe::load(&path, &[]).unwrap();
+    let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
+    let device = Default::default();
+    let m = model::build::<Cpu>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+    let (ids, shape) = common::expected(case).input_ids;
+    let (rows, seq) = (shape[0], shape[1]);
+    let ints = |v: Vec<i64>| Tensor::<Cpu, 2, Int>::from_data(TensorData::new(v, [rows, seq]), &device);
+    for (key, pad) in [("aux_loss", 0), ("aux_loss_masked", padded)] {
+        let real: Vec<bool> = (0..rows * seq).map(|k| !(k / seq == 1 && k % seq >= seq - pad)).collect();
+        let segments = ints(real.iter().map(|&r| r as i64).collect());
+        let positions = ints((0..rows * seq).map(|k| (k % seq) as i64).collect());
+        let balance = RouterBalance::<Cpu>::new(Some(real), &device);
+        let ctx = m.context(positions, Some(segments)).with_router_balance(Some(balance.clone()));
+        let mut x = ctx.into_layers(m.embed(ints(ids.clone())));
+        for layer in &m.layers {
+            x = layer.forward(x, &ctx);
+        }
+        let sums = balance.take();
+        assert_eq!(sums.len() as u64, want["routers"].as_u64().unwrap(), "{case}: one record a router");
+        let got = RouterBalance::loss(sums, &balance.weights(&device).unwrap()).unwrap().into_scalar() as f64;
+        let expected = want[key].as_f64().unwrap();
+        assert!((got - expected).abs() <= 1e-5 * expected, "{case} {key}: {got} vs transformers {expected}");
+        eprintln!("{case} {key}: {got:.7} vs transformers {expected:.7}");
+    }
+}
+
+#[test]
+fn qwen3_moe_router_loss_matches_transformers() {
+    router_loss_case("qwen3_moe_f32_sharded");
+}
+
+#[test]
+fn qwen3_moe_without_topk_norm_router_loss_matches_transformers() {
+    router_loss_case("qwen3_moe_f16_nonorm");
+}
