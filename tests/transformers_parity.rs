@@ -7,18 +7,23 @@ mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use trainer::backend::Cpu;
-use trainer::model::{self, causal_lm_loss, hub::Fetch, Registry};
+use trainer::model::{self, causal_lm_loss, hub::Fetch, CausalLm, Registry};
 use trainer::parallel::Layout;
 
-fn run_case(case: &str) {
-    let exp = common::expected(case);
+/// The fixture's model as trainer builds it on the CPU.
+fn fixture_model(case: &str) -> CausalLm<Cpu> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
     std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
     let loaded = trainer::recipe::load(&path, &[]).unwrap();
     let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
+    model::build::<Cpu>(&plan, &loaded.recipe.model, Layout::SINGLE, &Default::default()).unwrap()
+}
+
+fn run_case(case: &str) {
+    let exp = common::expected(case);
     let device = Default::default();
-    let m = model::build::<Cpu>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+    let m = fixture_model(case);
 
     let (ids, shape) = exp.input_ids;
     let input = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, shape), &device);
@@ -65,13 +70,8 @@ fn router_loss_case(case: &str) {
     let text = std::fs::read_to_string(common::fixture_dir(case).join("router_loss.json")).unwrap();
     let want: serde_json::Value = serde_json::from_str(&text).unwrap();
     let padded = want["padded_tail_of_row_1"].as_u64().unwrap() as usize;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.toml");
-    std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
-    let loaded = trainer::recipe::load(&path, &[]).unwrap();
-    let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
     let device = Default::default();
-    let m = model::build::<Cpu>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+    let m = fixture_model(case);
     let (ids, shape) = common::expected(case).input_ids;
     let (rows, seq) = (shape[0], shape[1]);
     let ints = |v: Vec<i64>| Tensor::<Cpu, 2, Int>::from_data(TensorData::new(v, [rows, seq]), &device);

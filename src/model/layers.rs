@@ -204,6 +204,12 @@ impl<B: TrainBackend> SequenceContext<B> {
         self
     }
 
+    /// The routers' summed probabilities the MoE layers recorded since the last call
+    /// ([`RouterBalance::take`]); none without a record.
+    pub fn take_routers(&self) -> Vec<Tensor<B, 1>> {
+        self.router_balance.as_ref().map(RouterBalance::take).unwrap_or_default()
+    }
+
     /// The embeddings' output as the first layer takes it: this rank's sequence shard under
     /// sequence parallelism.
     pub fn into_layers(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

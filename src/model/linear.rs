@@ -285,6 +285,10 @@ impl<B: TrainBackend> Linear<B> {
 /// `n` zeros, allocated zeroed: the pages are mapped at their first write, so that the parallel
 /// fill that follows touches them on all cores (`vec![x; n]` of a non-integer type writes every
 /// page on one core first).
+fn zeroed<E: burn::tensor::Element>(n: usize) -> Vec<E> {
+    bytemuck::zeroed_vec(n)
+}
+
 /// A buffer the threads of a [`WeightSource::fill`](super::weights::WeightSource::fill) write
 /// into at once, each place once ([`super::weights::Sink`]'s promise), so never two at one place.
 struct Places<E>(*mut E, usize);
@@ -302,10 +306,6 @@ impl<E: burn::tensor::Element> Places<E> {
         // SAFETY: the caller's promise.
         unsafe { self.0.add(index).write(v.elem()) }
     }
-}
-
-fn zeroed<E: burn::tensor::Element>(n: usize) -> Vec<E> {
-    bytemuck::zeroed_vec(n)
 }
 
 /// `values` converted to `E`, written one after another into `dst`.

@@ -93,7 +93,7 @@ impl<B: Backend> RouterBalance<B> {
     pub fn weights(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
         let mut c = lock(&self.counts);
         c.frozen = true;
-        if c.tokens == 0 || c.slots.is_empty() {
+        if c.tokens == 0 {
             return None;
         }
         let (e, n) = (c.slots.len() as f64, c.tokens as f64);
@@ -102,9 +102,20 @@ impl<B: Backend> RouterBalance<B> {
         Some(Tensor::from_data(TensorData::new(g, [len]), device))
     }
 
-    /// The loss over `sums` (some layers' [`take`](Self::take)) with weights `g`: `[1]`.
+    /// The loss over `sums` (some layers' [`take`](Self::take)) with weights `g`: `[1]`; `None`
+    /// for no sums. Linear in the sums: their total once, then one weighted sum.
     pub fn loss(sums: Vec<Tensor<B, 1>>, g: &Tensor<B, 1>) -> Option<Tensor<B, 1>> {
-        sums.into_iter().map(|s| (s * g.clone()).sum()).reduce(|a, b| a + b)
+        let total = sums.into_iter().reduce(|a, b| a + b)?;
+        Some((total * g.clone()).sum())
+    }
+
+    /// `base` (cast to f32) plus `weight` x the [`loss`](Self::loss) over `sums` where there are
+    /// weights `g` and sums; else `base` as it is.
+    pub fn plus_loss(base: Tensor<B, 1>, sums: Vec<Tensor<B, 1>>, g: Option<&Tensor<B, 1>>, weight: f64) -> Tensor<B, 1> {
+        match g.and_then(|g| Self::loss(sums, g)) {
+            Some(aux) => base.cast(burn::tensor::FloatDType::F32) + aux * weight,
+            None => base,
+        }
     }
 
     /// The same record (counts shared) for the inner backend's forward of recomputed layers,

@@ -299,9 +299,8 @@ impl<B: TrainBackend> Trainer<B> {
                 };
                 let split = self.split();
                 let sum = span::<B, _>("forward", &self.device, || batch_loss(model, t, &layers, self.fused_cross_entropy, split, balance.clone()));
-                let aux = balance.as_ref().and_then(|bal| RouterBalance::loss(bal.take(), &bal.weights(&self.device)?));
-                let sum = match aux {
-                    Some(aux) => sum.cast(burn::tensor::FloatDType::F32) + aux * aux_weight,
+                let sum = match &balance {
+                    Some(bal) => RouterBalance::plus_loss(sum, bal.take(), bal.weights(&self.device).as_ref(), aux_weight),
                     None => sum,
                 };
                 let value = sum.clone().inner();
@@ -309,7 +308,7 @@ impl<B: TrainBackend> Trainer<B> {
                 collect_grads(model, &g, &[], &mut grads);
                 value
             } else {
-                self.segmented(model, t, seed, 1.0 / tokens as f64, balance.map(|b| (b, aux_weight)), &mut grads)?
+                self.segmented(model, t, seed, 1.0 / tokens as f64, balance, aux_weight, &mut grads)?
             };
             self.check_collectives()?;
             let sum = sum.cast(burn::tensor::FloatDType::F32);
@@ -341,7 +340,7 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// One micro batch's summed loss, its gradients (scaled by `scale`) added to `grads`, with
     /// the recompute groups replayed in backward; see [`recompute`] for the segment scheme.
-    /// `balance`: where the MoE layers record their routers, and the weight of the micro
+    /// `balance`: where the MoE layers record their routers, `aux_weight` the weight of the micro
     /// batch's load-balancing loss; each layer's term joins the backward of its segment.
     fn segmented(
         &self,
@@ -349,14 +348,13 @@ impl<B: TrainBackend> Trainer<B> {
         t: BatchTensors<Autodiff<B>>,
         seed: u64,
         scale: f64,
-        balance: Option<(RouterBalance<Autodiff<B>>, f64)>,
+        balance: Option<RouterBalance<Autodiff<B>>>,
+        aux_weight: f64,
         grads: &mut Grads<B>,
     ) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
         let (tp, ep) = self.split();
-        let (balance, aux_weight) = balance.map_or((None, 0.0), |(b, w)| (Some(b), w));
         let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep).with_router_balance(balance.clone());
-        let taken = |c: &SequenceContext<Autodiff<B>>| c.router_balance.as_ref().map(RouterBalance::take).unwrap_or_default();
         let n = model.layers.len();
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
         let mut i = 0;
@@ -389,14 +387,14 @@ impl<B: TrainBackend> Trainer<B> {
                 let y = span::<B, _>("forward", &self.device, || {
                     crate::lora::training_forward(|| recompute::run_layers(&plain, r.start, prev.clone(), &inner_ctx, seed))
                 });
-                recomputed_routers.extend(inner_ctx.router_balance.as_ref().map(RouterBalance::take).unwrap_or_default());
+                recomputed_routers.extend(inner_ctx.take_routers());
                 saved.push(Saved::Recomputed { input: prev });
                 prev = y;
             } else {
                 let input = Tensor::from_inner(prev).require_grad();
                 let output = span::<B, _>("forward", &self.device, || recompute::run_layers(&model.layers[r.clone()], r.start, input.clone(), &ctx, seed));
                 prev = output.clone().inner();
-                saved.push(Saved::Kept { input, output, routers: taken(&ctx) });
+                saved.push(Saved::Kept { input, output, routers: ctx.take_routers() });
             }
         }
         let h = Tensor::<Autodiff<B>, 3>::from_inner(prev).require_grad();
@@ -407,28 +405,14 @@ impl<B: TrainBackend> Trainer<B> {
         collect_grads(model, &g, &[], grads);
         // Every router is counted now: the load-balancing loss's weights, its value.
         let g_aux = balance.as_ref().and_then(|b| b.weights(&self.device));
-        let value = match &g_aux {
-            Some(g_aux) => {
-                let kept = saved.iter().flat_map(|s| match s {
-                    Saved::Kept { routers, .. } => routers.iter().map(|t| t.clone().inner()).collect(),
-                    Saved::Recomputed { .. } => vec![],
-                });
-                let all: Vec<Tensor<B, 1>> = kept.chain(recomputed_routers).collect();
-                match RouterBalance::loss(all, &g_aux.clone().inner()) {
-                    Some(aux) => value.cast(burn::tensor::FloatDType::F32) + aux * aux_weight,
-                    None => value,
-                }
-            }
-            None => value,
-        };
+        let kept = saved.iter().flat_map(|s| match s {
+            Saved::Kept { routers, .. } => routers.iter().map(|t| t.clone().inner()).collect(),
+            Saved::Recomputed { .. } => vec![],
+        });
+        let all: Vec<Tensor<B, 1>> = kept.chain(recomputed_routers).collect();
+        let value = RouterBalance::plus_loss(value, all, g_aux.clone().map(|g| g.inner()).as_ref(), aux_weight);
         // A segment's routers' term in what its backward differentiates.
-        let with_routers = |surrogate: Tensor<Autodiff<B>, 1>, routers: Vec<Tensor<Autodiff<B>, 1>>| match &g_aux {
-            Some(g_aux) => match RouterBalance::loss(routers, g_aux) {
-                Some(aux) => surrogate + aux * (aux_weight * scale),
-                None => surrogate,
-            },
-            None => surrogate,
-        };
+        let with_routers = |surrogate, routers| RouterBalance::plus_loss(surrogate, routers, g_aux.as_ref(), aux_weight * scale);
         let mut grad_out = h.grad(&g).ok_or_else(missing)?;
         // Backward, segment by segment from the head down.
         for ((r, _), s) in segments.iter().zip(saved).rev() {
@@ -438,7 +422,7 @@ impl<B: TrainBackend> Trainer<B> {
                     let input = Tensor::<Autodiff<B>, 3>::from_inner(input).require_grad();
                     let fresh: Vec<_> = model.layers[r.clone()].iter().map(|l| recompute::fresh_leaves(l.clone())).collect();
                     let output = span::<B, _>("recompute", &self.device, || recompute::run_layers(&fresh, r.start, input.clone(), &ctx, seed));
-                    (input, output, Some(fresh), taken(&ctx))
+                    (input, output, Some(fresh), ctx.take_routers())
                 }
             };
             let g = span::<B, _>("backward", &self.device, || with_routers((output * Tensor::from_inner(grad_out)).sum(), routers).backward());
@@ -461,9 +445,9 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// A record of the MoE layers' routers for `b`'s forward (its padding left out) when this
     /// run trains with the load-balancing loss.
+    /// (On a model without routers nothing is recorded, so there is no loss.)
     fn router_balance(&self, b: &Batch) -> Option<RouterBalance<Autodiff<B>>> {
-        let routed = self.model().layers.iter().any(|l| l.moe.is_some());
-        (self.router_aux_loss_coef > 0.0 && routed).then(|| RouterBalance::new(Some(b.segment_ids.iter().map(|&s| s != 0).collect()), &self.device))
+        (self.router_aux_loss_coef > 0.0).then(|| RouterBalance::new(Some(b.segment_ids.iter().map(|&s| s != 0).collect()), &self.device))
     }
 
     /// Mean per-token loss over `batches` without gradients; `(loss, tokens)`. Every rank of the
