@@ -3,7 +3,7 @@
 //! [`LinearBackend`] primitives and its device memory from here, and this crate's kernels (the
 //! fused cross-entropy, the blockwise attention) call the same primitives.
 
-use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::tensor::CubeTensor;
@@ -138,5 +138,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceMemo
     fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
         let usage = <R as cubecl::Runtime>::client(device).memory_usage().ok()?;
         Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
+    }
+
+    /// Staged in the runtime's pinned host memory (CUDA; elsewhere `staging` leaves the bytes as
+    /// they are), so the copy to the device is an asynchronous DMA from page-locked memory.
+    fn upload_float<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
+        let client = <R as cubecl::Runtime>::client(device);
+        let (shape, dtype) = (data.shape.clone(), data.dtype);
+        let mut bytes = data.bytes;
+        client.staging(std::iter::once(&mut bytes), false);
+        let handle = client.create(bytes);
+        Tensor::from_primitive(TensorPrimitive::Float(CubeTensor::new_contiguous(client, device.clone(), shape, handle, dtype)))
     }
 }
