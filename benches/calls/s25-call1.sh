@@ -1,35 +1,39 @@
 #!/bin/bash
-# Session 25, call 1. (a) A 2-layer Qwen3-30B-A3B step (micro batch 4 x 2048, LoRA r8 on every
-# linear and expert) under ncu, one GPU time a kernel, summed by kernel over the last step
-# (benches/ncu_summary.py): where the MoE layer's time goes, kernel by kernel. (b) The whole
-# 48-layer model: trainer, and beside it transformers + peft where the card holds peft's 84 GiB
-# (an H200); the weight build with pinned staging. Outputs in one tarball.
+# Session 25, call 1 (one command, ~7 min). (a) kernels-cubecl's routing test on CUDA: the
+# routed slots laid out on the device against the host layout. (b) 30b-mb4 at 8 of 48 layers:
+# transformers + peft, trainer with the slots laid out on the host (TRAINER_ROUTING=host, the old
+# path), trainer laid out on the device (the new default); weights staged in pinned memory.
+# (c) A 2-layer step under ncu, one GPU time a kernel, summed by kernel over the last step
+# (benches/ncu_summary.py). Outputs in one tarball.
 set -u
 cd "$(dirname "$0")/../.."
 source benches/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 R=/tmp/r; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r.tgz -C $R . ; }
-PART=${PART:-ab}
+PART=${PART:-abc}
 if [[ $PART == *a* ]]; then
+  timeout 120 .gpu/kc_routing --ignored --nocapture > $R/kc-routing.log 2>&1 || echo "FAILED: kc_routing"
+  grep -E "test result|panicked|error" $R/kc-routing.log | head -4; pack
+fi
+if [[ $PART == *b* ]]; then
+  export COMMIT=$(cat .gpu/COMMIT) LAYERS=8 WARMUP=1 STEPS=3 TRAINER_TIMEOUT=150 OUT=/tmp/bench
+  TRAINER_ROUTING=host VARIANT=host-routing BASELINES=peft bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
+  BASELINES= bash benches/run.sh 30b-mb4 >> /tmp/bench.out 2>&1
+  grep -v "^\[transformers\]\|UserWarning\|Consider using\|losses.append" /tmp/bench.out | grep -v "^{" | tail -12
+  grep -h "weights built" /tmp/bench/*trainer*.log
+  cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench.out $R/ 2>/dev/null; pack
+fi
+if [[ $PART == *c* ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   echo "ncu: $NCU"
-  timeout 300 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file $R/ncu.log \
+  timeout 240 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file $R/ncu.log \
     .gpu/trainer bench recipes/qwen3-moe-lora.toml --warmup 1 --steps 1 \
     --set 'model.path="tests/data/qwen3-30b-a3b"' --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size=4 --set train.global_batch_size=4 --set train.max_length=2048 \
     --set model.config.num_hidden_layers=2 > $R/ncu.csv 2> $R/ncu.err
   echo "ncu rc=$?"; tail -3 $R/ncu.err
-  python3 benches/ncu_summary.py $R/ncu.csv > $R/ncu_summary.txt 2>&1; head -70 $R/ncu_summary.txt
+  python3 benches/ncu_summary.py $R/ncu.csv > $R/ncu_summary.txt 2>&1; head -60 $R/ncu_summary.txt
   gzip -f $R/ncu.csv; pack
-fi
-if [[ $PART == *b* ]]; then
-  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0)
-  B=""; [ "$mem" -gt 100000 ] && B=peft
-  export COMMIT=$(cat .gpu/COMMIT) WARMUP=1 STEPS=3 TRAINER_TIMEOUT=420 OUT=/tmp/bench
-  BASELINES=$B bash benches/run.sh 30b-mb4 > /tmp/bench.out 2>&1
-  grep -v "^\[transformers\]\|UserWarning\|Consider using\|losses.append" /tmp/bench.out | grep -v "^{" | tail -20
-  grep -h "weights built" /tmp/bench/*trainer*.log
-  cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench.out $R/ 2>/dev/null; pack
 fi
 true

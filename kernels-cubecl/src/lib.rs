@@ -28,6 +28,7 @@ pub mod optimizer;
 pub mod qkv;
 pub mod reference;
 pub mod residual_norm;
+pub mod routing;
 
 pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
@@ -45,6 +46,7 @@ pub use lora_linear::{lora_forward, DropoutMask, LoraFactors};
 pub use optimizer::{AdamWStep, AdamWTensors, AdamWUpdated, FusedOptimizerBackend};
 pub use qkv::{qkv_attention, qkv_rotary, QkvLayout};
 pub use residual_norm::fused_add_rms_norm;
+pub use routing::{reference_expert_rows, ExpertRoutingBackend, ExpertRows};
 
 pub use reference::{
     attention, attention_mask, causal_attention, cross_entropy, linear_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu,

@@ -5,7 +5,7 @@
 //! recipe's `model.dtype`.
 
 use kernels_cubecl::{
-    DeviceMemoryBackend, FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend, LinearBackend,
+    DeviceMemoryBackend, ExpertRoutingBackend, FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend, LinearBackend,
 };
 
 #[cfg(feature = "cuda")]
@@ -27,7 +27,7 @@ use crate::recipe::{DType, Device};
 /// ([`RegionBackend`]: region ops whose backward is the dual collective). Which implementation
 /// runs is the backend's declaration, not a run-time test.
 pub trait TrainBackend:
-    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend + RegionBackend + RowRoutingBackend
+    LinearBackend + FusedAttentionBackend + FusedCrossEntropyBackend + FusedLayerBackend + FusedOptimizerBackend + DeviceMemoryBackend + ExpertRoutingBackend + RegionBackend + RowRoutingBackend
 {
 }
 
@@ -38,6 +38,7 @@ impl<B> TrainBackend for B where
         + FusedLayerBackend
         + FusedOptimizerBackend
         + DeviceMemoryBackend
+        + ExpertRoutingBackend
         + RegionBackend
         + RowRoutingBackend
 {

@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout};
 use super::experts::StackedExperts;
@@ -72,12 +72,19 @@ impl<B: TrainBackend> SparseMoe<B> {
             weights = weights.clone() / weights.sum_dim(1);
         }
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
+        let ep = ep.filter(|g| g.group().size > 1);
+        if ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && !routing_on_host() {
+            if let Some(balance) = balance {
+                balance.record(probs, &host_ints(chosen.clone()), self.top_k);
+            }
+            return self.forward_laid_out_on_device(x, chosen, weights);
+        }
         // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
-        let chosen: Vec<i64> = chosen.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        let chosen = host_ints(chosen);
         if let Some(balance) = balance {
             balance.record(probs, &chosen, self.top_k);
         }
-        if let Some(ep) = ep.filter(|g| g.group().size > 1) {
+        if let Some(ep) = ep {
             return self.forward_expert_parallel(x, weights, &chosen, ep);
         }
         let Some(layout) = ExpertLayout::new(&chosen, self.top_k, self.first_expert, self.experts.len(), self.gemm) else {
@@ -92,6 +99,21 @@ impl<B: TrainBackend> SparseMoe<B> {
             Some(local) => weights * local,
             None => weights,
         };
+        combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
+    }
+
+    /// Every expert held here, grouped GEMMs: the slots laid out expert after expert on the
+    /// device ([`kernels_cubecl::ExpertRoutingBackend::expert_rows`]); only the experts' row
+    /// counts, which the grouped GEMMs take on the host, are read back.
+    fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
+        let rows = B::expert_rows(chosen, self.num_experts);
+        let counts: Vec<usize> = host_ints(rows.counts).into_iter().map(|c| c as usize).collect();
+        let dispatch = RowRoute { forward: rows.row_token, backward: rows.slot_row.clone(), group: self.top_k, keep: None };
+        let xs = B::route_rows(x, &dispatch);
+        let backing = self.stacked.backing(&self.experts);
+        let device = xs.device();
+        let ys = span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, &counts));
+        let combine = RowRoute { forward: rows.slot_row, backward: rows.row_slot, group: 1, keep: None };
         combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
     }
 
@@ -167,6 +189,18 @@ impl<B: TrainBackend> SparseMoe<B> {
         let to_slots = RowRoute::new(plan.position, plan.order, 1, None, dtype, &device);
         combine_slots(B::route_rows(returned, &to_slots), weights, self.top_k)
     }
+}
+
+/// `TRAINER_ROUTING=host`: lay out the slots on the host even where the device could (to
+/// compare the two).
+fn routing_on_host() -> bool {
+    static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOST.get_or_init(|| std::env::var("TRAINER_ROUTING").is_ok_and(|v| v == "host"))
+}
+
+/// An integer tensor's values on the host, in order.
+fn host_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec().unwrap_or_default()
 }
 
 /// Each token's output: its `top_k` slots' rows (`[tokens * top_k, hidden]`, slot order)

@@ -18,6 +18,8 @@ mod multi_tensor;
 pub mod nccl;
 mod optimizer;
 mod row_kernel;
+mod routing;
+mod routing_kernel;
 mod softmax_rows;
 
 /// Whether the environment variable `name` is set to `value`.
