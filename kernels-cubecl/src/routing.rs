@@ -4,17 +4,25 @@
 //! them in one kernel (`cube/routing.rs`), so only the per-expert counts (what a grouped GEMM
 //! needs on the host) cross to the host.
 //!
+//! [`ExpertRoutingBackend::combine_rows`] is the way back: each token's output is its slots'
+//! rows weighted by the router and added up, one pass over the rows (forward) and one over the
+//! rows and the output's gradient (backward), instead of a gather, a product and a sum, each
+//! writing a `[slots, hidden]` tensor.
+//!
 //! The layout is a stable counting sort: slot `s = token * top_k + j` routed to expert `e` gets
 //! row `offset(e) + (the slots of e before s)`, `offset(e)` being the slots routed to experts
 //! before `e`. Rows of one expert keep token order, so the layout (and every sum over an expert's
 //! rows, such as its weight gradient) is the same from run to run.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 
 /// Where the routed slots sit, laid out expert after expert. With `tokens * top_k` slots there
 /// are as many rows; every tensor is on the choices' device.
@@ -36,6 +44,55 @@ pub trait ExpertRoutingBackend: Backend {
     /// `0..experts`).
     fn expert_rows(chosen: Tensor<Self, 2, Int>, experts: usize) -> ExpertRows<Self> {
         reference_expert_rows(chosen, experts)
+    }
+
+    /// Each token's output from its `top_k` slots' rows: `out[t] = sum_j weights[s] ys[slot_row[s]]`
+    /// over `s = t * top_k + j`, in f32, returned in `ys`' dtype. Differentiable in `ys` and
+    /// `weights` on `Autodiff`.
+    ///
+    /// # Shapes
+    /// - `ys`: `[slots, hidden]` (laid out by `rows`), `weights`: `[slots]` → `[slots / top_k, hidden]`
+    fn combine_rows(ys: Tensor<Self, 2>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> Tensor<Self, 2> {
+        reference_combine(ys, weights, rows, top_k)
+    }
+
+    /// [`combine_rows`](Self::combine_rows)' gradients from the output's `dy`: `ys`' (in `dy`'s
+    /// dtype) and, where `ys` is given, `weights'` (in f32).
+    fn combine_rows_grad(dy: Tensor<Self, 2>, ys: Option<Tensor<Self, 2>>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> (Tensor<Self, 2>, Option<Tensor<Self, 1>>) {
+        reference_combine_grad(dy, ys, weights, rows, top_k)
+    }
+}
+
+/// The definition of [`ExpertRoutingBackend::combine_rows`].
+pub fn reference_combine<B: Backend>(ys: Tensor<B, 2>, weights: Tensor<B, 1>, rows: &ExpertRows<B>, top_k: usize) -> Tensor<B, 2> {
+    let [_, hidden] = ys.dims();
+    let [slots] = weights.dims();
+    let dtype = ys.dtype();
+    let picked = to_f32(ys.select(0, rows.slot_row.clone()));
+    let weighted = picked * to_f32(weights).reshape([slots, 1]);
+    weighted.reshape([slots / top_k, top_k, hidden]).sum_dim(1).reshape([slots / top_k, hidden]).cast(dtype)
+}
+
+/// The definition of [`ExpertRoutingBackend::combine_rows_grad`]: `d ys[r] = weights[s] dy[t]`
+/// for the slot `s` row `r` serves and its token `t`; `d weights[s] = dy[t] . ys[slot_row[s]]`.
+pub fn reference_combine_grad<B: Backend>(dy: Tensor<B, 2>, ys: Option<Tensor<B, 2>>, weights: Tensor<B, 1>, rows: &ExpertRows<B>, top_k: usize) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+    let [tokens, hidden] = dy.dims();
+    let slots = tokens * top_k;
+    let dtype = dy.dtype();
+    let dy = to_f32(dy);
+    let row_weight = to_f32(weights).select(0, rows.row_slot.clone());
+    let d_ys = (dy.clone().select(0, rows.row_token.clone()) * row_weight.reshape([slots, 1])).cast(dtype);
+    let d_weights = ys.map(|ys| {
+        let per_slot = dy.reshape([tokens, 1, hidden]).expand([tokens, top_k, hidden]).reshape([slots, hidden]);
+        (per_slot * to_f32(ys.select(0, rows.slot_row.clone()))).sum_dim(1).reshape([slots])
+    });
+    (d_ys, d_weights)
+}
+
+fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        DType::F32 => t,
+        _ => t.cast(FloatDType::F32),
     }
 }
 
@@ -93,6 +150,62 @@ impl<B: ExpertRoutingBackend, C: CheckpointStrategy> ExpertRoutingBackend for Au
         let r = B::expert_rows(inner, experts);
         let outer = |t: Tensor<B, 1, Int>| Tensor::<Self, 1, Int>::from_primitive(t.into_primitive());
         ExpertRows { slot_row: outer(r.slot_row), row_slot: outer(r.row_slot), row_token: outer(r.row_token), counts: outer(r.counts) }
+    }
+
+    fn combine_rows(ys: Tensor<Self, 2>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> Tensor<Self, 2> {
+        let (ys, weights) = (ys.into_primitive().tensor(), weights.into_primitive().tensor());
+        let inner_rows = inner_rows::<B, C>(rows);
+        let forward = |ys, weights| B::combine_rows(float(ys), float(weights), &inner_rows, top_k).into_primitive().tensor();
+        let out = match CombineBackward.prepare::<C>([ys.node.clone(), weights.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                // The weights' gradient reads the rows; the rows' reads only the weights.
+                let kept_ys = weights.is_tracked().then(|| ys.primitive.clone());
+                let state = CombineState { ys: kept_ys, weights: weights.primitive.clone(), rows: inner_rows.clone(), top_k };
+                prep.finish(state, forward(ys.primitive, weights.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(ys.primitive, weights.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `rows` on the inner backend of `Autodiff`.
+fn inner_rows<B: Backend, C: CheckpointStrategy>(rows: &ExpertRows<Autodiff<B, C>>) -> ExpertRows<B> {
+    let inner = |t: &Tensor<Autodiff<B, C>, 1, Int>| Tensor::<B, 1, Int>::from_primitive(t.clone().into_primitive());
+    ExpertRows { slot_row: inner(&rows.slot_row), row_slot: inner(&rows.row_slot), row_token: inner(&rows.row_token), counts: inner(&rows.counts) }
+}
+
+#[derive(Debug, Clone)]
+struct CombineState<B: Backend> {
+    ys: Option<burn::tensor::ops::FloatTensor<B>>,
+    weights: burn::tensor::ops::FloatTensor<B>,
+    rows: ExpertRows<B>,
+    top_k: usize,
+}
+
+#[derive(Debug)]
+struct CombineBackward;
+
+impl<B: ExpertRoutingBackend> Backward<B, 2> for CombineBackward {
+    type State = CombineState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_ys, node_weights] = ops.parents;
+        let dy = float::<B, 2>(grads.consume::<B>(&ops.node));
+        let CombineState { ys, weights, rows, top_k } = ops.state;
+        let weights = float::<B, 1>(weights);
+        let dtype = weights.dtype();
+        let (d_ys, d_weights) = B::combine_rows_grad(dy, ys.map(float), weights, &rows, top_k);
+        if let Some(node) = node_ys {
+            grads.register::<B>(node.id, d_ys.into_primitive().tensor());
+        }
+        if let (Some(node), Some(dw)) = (node_weights, d_weights) {
+            grads.register::<B>(node.id, dw.cast(dtype).into_primitive().tensor());
+        }
     }
 }
 

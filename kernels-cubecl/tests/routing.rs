@@ -99,3 +99,97 @@ mod cuda {
         super::check(chosen, 128, "8192 tokens, top 8 of 128");
     }
 }
+
+mod combine {
+    use super::*;
+    use burn::backend::Autodiff;
+    use burn::tensor::backend::AutodiffBackend;
+
+    fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(err <= tol * scale, "{what}: max error {err} against scale {scale}");
+    }
+
+    /// The fused combine and its gradients, forward and backward, against the plain definitions
+    /// on the same backend, and under autodiff against the gather-multiply-sum it replaces on
+    /// NdArray.
+    fn combine_cases<B: ExpertRoutingBackend + AutodiffBackend>(device: &B::Device, tol: f32)
+    where
+        B::InnerBackend: ExpertRoutingBackend,
+    {
+        type Plain = Autodiff<NdArray>;
+        for (tokens, top_k, experts, hidden) in [(3, 1, 2, 5), (37, 2, 7, 37), (300, 8, 13, 300), (64, 4, 9, 1000)] {
+            let case = format!("{tokens} tokens, top {top_k} of {experts}, hidden {hidden}");
+            let values = choices(tokens, top_k, experts, 1.min(experts - top_k), 5);
+            let slots = tokens * top_k;
+            let host = |shape: [usize; 2], seed: u64| -> Vec<f32> {
+                let n = shape[0] * shape[1];
+                // Uniform in [-1, 1) from the choices' generator: 1000 levels are plenty here.
+                choices(n, 1, 1000, 0, seed).into_iter().map(|v| v as f32 / 500.0 - 1.0).collect()
+            };
+            let (ys_v, w_v, dy_v) = (host([slots, hidden], 1), host([slots, 1], 2), host([tokens, hidden], 3));
+            let make = |v: &[f32], shape: [usize; 2], d: &B::Device| Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), shape), d);
+
+            // Inner backend: kernel against the definition.
+            type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+            let chosen = Tensor::<Inner<B>, 2, Int>::from_data(TensorData::new(values.clone(), [tokens, top_k]), device);
+            let rows = Inner::<B>::expert_rows(chosen, experts);
+            let ys = make(&ys_v, [slots, hidden], device).inner();
+            let w = make(&w_v, [slots, 1], device).inner().reshape([slots]);
+            let dy = make(&dy_v, [tokens, hidden], device).inner();
+            let got = Inner::<B>::combine_rows(ys.clone(), w.clone(), &rows, top_k);
+            let want = kernels_cubecl::routing::reference_combine(ys.clone(), w.clone(), &rows, top_k);
+            close(&floats(got), &floats(want), tol, &format!("{case}: forward"));
+            let (g_ys, g_w) = Inner::<B>::combine_rows_grad(dy.clone(), Some(ys.clone()), w.clone(), &rows, top_k);
+            let (r_ys, r_w) = kernels_cubecl::routing::reference_combine_grad(dy.clone(), Some(ys.clone()), w.clone(), &rows, top_k);
+            close(&floats(g_ys), &floats(r_ys.clone()), tol, &format!("{case}: d ys"));
+            close(&floats(g_w.expect("asked")), &floats(r_w.expect("asked")), tol, &format!("{case}: d weights"));
+            let (g_ys, g_w) = Inner::<B>::combine_rows_grad(dy, None, w, &rows, top_k);
+            assert!(g_w.is_none());
+            close(&floats(g_ys), &floats(r_ys), tol, &format!("{case}: d ys without d weights"));
+
+            // Autodiff: the op against gather, multiply and sum on NdArray.
+            let chosen = Tensor::<B, 2, Int>::from_data(TensorData::new(values.clone(), [tokens, top_k]), device);
+            let rows = B::expert_rows(chosen, experts);
+            let ys = make(&ys_v, [slots, hidden], device).require_grad();
+            let w = make(&w_v, [slots, 1], device).reshape([slots]).require_grad();
+            let grads = (B::combine_rows(ys.clone(), w.clone(), &rows, top_k) * make(&dy_v, [tokens, hidden], device)).sum().backward();
+            let (d_ys, d_w) = (ys.grad(&grads).expect("ys"), w.grad(&grads).expect("weights"));
+
+            let pd = Default::default();
+            let p_rows = <Plain as ExpertRoutingBackend>::expert_rows(Tensor::from_data(TensorData::new(values, [tokens, top_k]), &pd), experts);
+            let p_ys = Tensor::<Plain, 2>::from_data(TensorData::new(ys_v, [slots, hidden]), &pd).require_grad();
+            let p_w = Tensor::<Plain, 2>::from_data(TensorData::new(w_v, [slots, 1]), &pd).reshape([slots]).require_grad();
+            let picked = p_ys.clone().select(0, p_rows.slot_row.clone()) * p_w.clone().reshape([slots, 1]);
+            let out = picked.reshape([tokens, top_k, hidden]).sum_dim(1).reshape([tokens, hidden]);
+            let p_grads = (out * Tensor::<Plain, 2>::from_data(TensorData::new(dy_v, [tokens, hidden]), &pd)).sum().backward();
+            close(&floats(d_ys), &floats(p_ys.grad(&p_grads).unwrap()), tol, &format!("{case}: autodiff d ys"));
+            close(&floats(d_w), &floats(p_w.grad(&p_grads).unwrap()), tol, &format!("{case}: autodiff d weights"));
+        }
+    }
+
+    #[test]
+    fn wgpu_combine_matches_the_definition_and_autodiff() {
+        combine_cases::<Autodiff<Wgpu>>(&WgpuDevice::default(), 1e-5);
+    }
+
+    #[test]
+    fn ndarray_combine_matches_autodiff() {
+        combine_cases::<Autodiff<NdArray>>(&Default::default(), 1e-5);
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_combine_matches_the_definition_and_autodiff() {
+        use burn::backend::cuda::{Cuda, CudaDevice};
+        combine_cases::<Autodiff<Cuda<f32, i32>>>(&CudaDevice::default(), 1e-5);
+        combine_cases::<Autodiff<Cuda<burn::tensor::bf16, i32>>>(&CudaDevice::default(), 2e-2);
+    }
+}

@@ -104,17 +104,18 @@ impl<B: TrainBackend> SparseMoe<B> {
 
     /// Every expert held here, grouped GEMMs: the slots laid out expert after expert on the
     /// device ([`kernels_cubecl::ExpertRoutingBackend::expert_rows`]); only the experts' row
-    /// counts, which the grouped GEMMs take on the host, are read back.
+    /// counts, which the grouped GEMMs take on the host, are read back. The outputs come back to
+    /// their tokens weighted and summed in one pass
+    /// ([`kernels_cubecl::ExpertRoutingBackend::combine_rows`]).
     fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
         let rows = B::expert_rows(chosen, self.num_experts);
         let counts: Vec<usize> = host_ints(rows.counts).into_iter().map(|c| c as usize).collect();
-        let dispatch = RowRoute { forward: rows.row_token, backward: rows.slot_row.clone(), group: self.top_k, keep: None };
+        let dispatch = RowRoute { forward: rows.row_token.clone(), backward: rows.slot_row.clone(), group: self.top_k, keep: None };
         let xs = B::route_rows(x, &dispatch);
         let backing = self.stacked.backing(&self.experts);
         let device = xs.device();
         let ys = span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, &counts));
-        let combine = RowRoute { forward: rows.slot_row, backward: rows.row_slot, group: 1, keep: None };
-        combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
+        B::combine_rows(ys, weights, &rows, self.top_k)
     }
 
     /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): grouped, one grouped

@@ -6,13 +6,16 @@
 //! all the choices (a few hundred KB, from L2), which at 128 experts and 65,536 slots is tens of
 //! microseconds: what the host round trip it replaces cost many times over.
 
-use burn::tensor::{Int, Shape, Tensor};
+use burn::tensor::{DType, FloatDType, Int, Shape, Tensor};
+use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::routing_kernel::expert_rows_kernel;
+use super::routing_kernel::{combine_rows_grad_kernel, combine_rows_kernel, expert_rows_kernel};
+use super::row_kernel::{row_cubes, row_units};
+use super::{cube_tensor, float};
 
 use crate::routing::{ExpertRoutingBackend, ExpertRows};
 
@@ -44,5 +47,82 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
         );
         let int = |t: CubeTensor<R>| Tensor::<Self, 1, Int>::from_primitive(t);
         ExpertRows { slot_row: int(slot_row), row_slot: int(row_slot), row_token: int(row_token), counts: int(counts) }
+    }
+
+    fn combine_rows(ys: Tensor<Self, 2>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> Tensor<Self, 2> {
+        let ([_, hidden], [slots]) = (ys.dims(), weights.dims());
+        if slots == 0 || hidden == 0 || top_k == 0 || !i32_routes(rows) || !super::kernels_on(&cube_tensor(ys.clone()).client) {
+            return crate::routing::reference_combine(ys, weights, rows, top_k);
+        }
+        let dtype = ys.dtype();
+        let (ys, weights) = (into_contiguous(cube_tensor(ys)), into_contiguous(cube_tensor(weights.cast(float_dtype(dtype)))));
+        let out = empty_device_contiguous_dtype::<R>(ys.client.clone(), ys.device.clone(), Shape::new([slots / top_k, hidden]), ys.dtype);
+        combine_rows_kernel::launch::<R>(
+            &ys.client.clone(),
+            row_cubes(slots / top_k),
+            CubeDim::new_1d(row_units(hidden, COMBINE_UNITS)),
+            ys.into_tensor_arg(),
+            weights.into_tensor_arg(),
+            into_contiguous(rows.slot_row.clone().into_primitive()).into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            top_k as u32,
+            dtype.into(),
+        );
+        float(out)
+    }
+
+    fn combine_rows_grad(dy: Tensor<Self, 2>, ys: Option<Tensor<Self, 2>>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> (Tensor<Self, 2>, Option<Tensor<Self, 1>>) {
+        let ([tokens, hidden], [slots]) = (dy.dims(), weights.dims());
+        if slots == 0 || hidden == 0 || !i32_routes(rows) || !super::kernels_on(&cube_tensor(dy.clone()).client) {
+            return crate::routing::reference_combine_grad(dy, ys, weights, rows, top_k);
+        }
+        debug_assert_eq!(tokens * top_k, slots);
+        let dtype = dy.dtype();
+        let with_weights = ys.is_some();
+        let dy = into_contiguous(cube_tensor(dy));
+        // Without the weights' gradient the kernel never reads `ys`: any tensor of the dtype binds.
+        let ys = match ys {
+            Some(ys) => into_contiguous(cube_tensor(ys.cast(float_dtype(dtype)))),
+            None => dy.clone(),
+        };
+        let weights = into_contiguous(cube_tensor(weights.cast(float_dtype(dtype))));
+        let empty = |shape: Shape, dtype: DType| empty_device_contiguous_dtype::<R>(dy.client.clone(), dy.device.clone(), shape, dtype);
+        let d_ys = empty(Shape::new([slots, hidden]), dy.dtype);
+        let d_weights = empty(Shape::new([if with_weights { slots } else { 1 }]), DType::F32);
+        let units = row_units(hidden, COMBINE_UNITS);
+        combine_rows_grad_kernel::launch::<R>(
+            &dy.client.clone(),
+            row_cubes(slots),
+            CubeDim::new_1d(units),
+            dy.clone().into_tensor_arg(),
+            ys.into_tensor_arg(),
+            weights.into_tensor_arg(),
+            into_contiguous(rows.row_slot.clone().into_primitive()).into_tensor_arg(),
+            into_contiguous(rows.row_token.clone().into_primitive()).into_tensor_arg(),
+            d_ys.clone().into_tensor_arg(),
+            d_weights.clone().into_tensor_arg(),
+            units,
+            with_weights,
+            dtype.into(),
+        );
+        (float(d_ys), with_weights.then(|| float(d_weights)))
+    }
+}
+
+/// Units of the combine kernels' cubes at most (a power of two).
+const COMBINE_UNITS: u32 = 256;
+
+/// Whether the routes are i32 (what the combine kernels read; burn's CUDA and wgpu backends'
+/// integers).
+fn i32_routes<B: burn::tensor::backend::Backend>(rows: &ExpertRows<B>) -> bool {
+    [&rows.slot_row, &rows.row_slot, &rows.row_token].iter().all(|t| t.dtype() == DType::I32)
+}
+
+fn float_dtype(dtype: DType) -> FloatDType {
+    match dtype {
+        DType::F64 => FloatDType::F64,
+        DType::F16 => FloatDType::F16,
+        DType::BF16 => FloatDType::BF16,
+        _ => FloatDType::F32,
     }
 }

@@ -2,6 +2,8 @@
 
 use cubecl::prelude::*;
 
+use super::row_kernel::{cube_row, merge_sum};
+
 /// Expert `CUBE_POS_X`'s slots placed: `slot_row[s]`, `row_slot[row]`, `row_token[row]` for each
 /// slot `s` routed to it, and `counts[e]`. `chosen` is `[tokens, top_k]` (any strides), the
 /// outputs contiguous.
@@ -79,5 +81,86 @@ pub(super) fn expert_rows_kernel<I: Int>(
             row += 1;
         }
         s += 1;
+    }
+}
+
+/// Token `cube_row()`'s output row of [`crate::routing::ExpertRoutingBackend::combine_rows`]:
+/// `out[t] = sum_j weights[s] ys[slot_row[s]]` over `s = t * top_k + j`, in f32. `ys` and
+/// `out` are contiguous `[rows, hidden]` / `[tokens, hidden]`, `weights` and `slot_row`
+/// contiguous `[slots]`.
+#[cube(launch)]
+pub(super) fn combine_rows_kernel<E: Float>(
+    ys: &Tensor<E>,
+    weights: &Tensor<E>,
+    slot_row: &Tensor<i32>,
+    out: &mut Tensor<E>,
+    top_k: u32,
+    #[define(E)] _dtype: StorageType,
+) {
+    let t = cube_row();
+    let hidden = out.shape(1);
+    if t >= out.shape(0) {
+        terminate!();
+    }
+    let k = top_k as usize;
+    let mut h = UNIT_POS_X as usize;
+    while h < hidden {
+        let mut acc = f32::new(0.0);
+        let mut j = 0usize;
+        while j < k {
+            let s = t * k + j;
+            let row = slot_row[s] as usize;
+            acc += f32::cast_from(weights[s]) * f32::cast_from(ys[row * hidden + h]);
+            j += 1;
+        }
+        out[t * hidden + h] = E::cast_from(acc);
+        h += CUBE_DIM_X as usize;
+    }
+}
+
+/// Row `cube_row()` of [`crate::routing::ExpertRoutingBackend::combine_rows_grad`]: `d_ys[r] =
+/// weights[s] dy[t]` for the slot `s = row_slot[r]` and token `t = row_token[r]`, and with
+/// `with_weights` `d_weights[s] = dy[t] . ys[r]` (f32; `ys` is read only then). Units: a power
+/// of two, the cube's size.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn combine_rows_grad_kernel<E: Float>(
+    dy: &Tensor<E>,
+    ys: &Tensor<E>,
+    weights: &Tensor<E>,
+    row_slot: &Tensor<i32>,
+    row_token: &Tensor<i32>,
+    d_ys: &mut Tensor<E>,
+    d_weights: &mut Tensor<f32>,
+    #[comptime] units: u32,
+    #[comptime] with_weights: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let r = cube_row();
+    let hidden = d_ys.shape(1);
+    if r >= d_ys.shape(0) {
+        terminate!();
+    }
+    let unit = UNIT_POS_X as usize;
+    let s = row_slot[r] as usize;
+    let t = row_token[r] as usize;
+    let w = f32::cast_from(weights[s]);
+    let mut partial = f32::new(0.0);
+    let mut h = unit;
+    while h < hidden {
+        let g = f32::cast_from(dy[t * hidden + h]);
+        d_ys[r * hidden + h] = E::cast_from(g * w);
+        if with_weights {
+            partial += g * f32::cast_from(ys[r * hidden + h]);
+        }
+        h += units as usize;
+    }
+    if with_weights {
+        let mut sums = SharedMemory::<f32>::new(units as usize);
+        sums[unit] = partial;
+        merge_sum(&mut sums, unit);
+        if unit == 0 {
+            d_weights[s] = sums[0];
+        }
     }
 }
