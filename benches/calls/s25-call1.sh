@@ -26,7 +26,7 @@ fi
 if [[ $PART == *c* ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   echo "ncu: $NCU"
-  timeout 240 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file $R/ncu.log \
+  timeout 240 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
     .gpu/trainer bench recipes/qwen3-moe-lora.toml --warmup 1 --steps 1 \
     --set 'model.path="tests/data/qwen3-30b-a3b"' --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \

@@ -25,10 +25,8 @@ pub trait DeviceMemoryBackend: Backend {
         None
     }
 
-    /// `data` (already in the backend's float type) as a tensor on `device`. By default Burn's
-    /// `from_data`; CubeCL backends copy it through pinned host memory first, where their
-    /// runtime has some to give (CUDA): from pageable memory the driver moved a model's weights
-    /// at under 1 GB/s.
+    /// `data` (already in the backend's float type) as a tensor on `device`: Burn's `from_data`
+    /// (CubeCL backends can stage it in pinned host memory first, to compare).
     fn upload_float<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         Tensor::from_data(data, device)
     }

@@ -93,8 +93,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     }
 
     /// `s * (dropout(x[e]) A_e) B_e` for the local experts `experts` (`x[e]` for expert
-    /// `experts.start + e`), as two batched GEMMs over the stacked factors, in f32, returned in
-    /// `x`'s dtype.
+    /// `experts.start + e`), as two batched GEMMs over the stacked factors in `x`'s dtype.
     ///
     /// # Shapes
     /// - `x`: `[experts, tokens, in]` → `[experts, tokens, out]`
@@ -103,9 +102,8 @@ impl<B: TrainBackend> ExpertAdapter<B> {
     }
 
     /// [`forward`](Self::forward) of two adapters that read the same input (an expert's gate
-    /// and up projections) from one f32 copy of it and one product with both As side by side
-    /// (`[experts, in, r1 + r2]`): the padded rows are cast and read once, not twice, forward
-    /// and backward. Apart when either draws dropout (each its own mask, as peft draws them).
+    /// and up projections) with one product with both As side by side (`[experts, in, r1 +
+    /// r2]`): the rows are read once, not twice, forward and backward. Apart when either draws dropout (each its own mask, as peft draws them).
     pub fn forward_pair(first: &Self, second: &Self, x: Tensor<B, 3>, experts: Range<usize>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         Self::pair(first, second, x, [first.factors(experts.clone()), second.factors(experts)], B::batched_matmul)
     }
@@ -127,18 +125,20 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         Self::pair(first, second, x, factors, |h, w| B::grouped_matmul(h, w, counts))
     }
 
-    /// `s * (dropout(x) A) B` in f32, returned in `x`'s dtype, `product` multiplying each
-    /// expert's rows by its factor (batched over padded runs, or grouped).
+    /// `s * (dropout(x) A) B` in `x`'s dtype (the factors cast to it; GEMMs accumulate in f32),
+    /// `product` multiplying each expert's rows by its factor (batched over padded runs, or
+    /// grouped). In bf16 on a GPU, as unsloth runs its LoRA products: an f32 copy of the
+    /// experts' `[slots, in]` rows and f32 GEMMs without tensor cores cost more than the
+    /// experts' own bf16 GEMMs (session 25's ncu).
     fn term<const D: usize>(&self, x: Tensor<B, D>, [a, b]: [Tensor<B, 3>; 2], product: impl Fn(Tensor<B, D>, Tensor<B, 3>) -> Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let h = x.cast(FloatDType::F32);
-        let (h, scale) = match dropout_mask::<B, D>(self.dropout, h.shape(), &h.device(), DType::F32) {
-            Some((kept, keep)) => (h * kept, self.scale / keep),
-            None => (h, self.scale),
+        let (h, scale) = match dropout_mask::<B, D>(self.dropout, x.shape(), &x.device(), dtype) {
+            Some((kept, keep)) => (x * kept, self.scale / keep),
+            None => (x, self.scale),
         };
-        // The scale applied to the rank-r product, not the [.., out] one: the same maths in f32,
-        // one pass over `rank` columns instead of `out` (forward and backward).
-        product(product(h, a) * scale, b).cast(dtype)
+        // The scale applied to the rank-r product, not the [.., out] one: one pass over `rank`
+        // columns instead of `out` (forward and backward).
+        product(product(h, in_dtype(a, dtype)) * scale, in_dtype(b, dtype))
     }
 
     /// The terms of `first` and `second` on the same `x` ([`forward_pair`](Self::forward_pair)),
@@ -155,9 +155,9 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         }
         let (r1, r2) = (a1.dims()[2], a2.dims()[2]);
         let dtype = x.dtype();
-        let h = product(x.cast(FloatDType::F32), Tensor::cat(vec![a1, a2], 2));
-        let y1 = product(h.clone().narrow(D - 1, 0, r1) * first.scale, b1).cast(dtype);
-        let y2 = product(h.narrow(D - 1, r1, r2) * second.scale, b2).cast(dtype);
+        let h = product(x, in_dtype(Tensor::cat(vec![a1, a2], 2), dtype));
+        let y1 = product(h.clone().narrow(D - 1, 0, r1) * first.scale, in_dtype(b1, dtype));
+        let y2 = product(h.narrow(D - 1, r1, r2) * second.scale, in_dtype(b2, dtype));
         (y1, y2)
     }
 
@@ -175,6 +175,19 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         let ([_, inp, rank], [_, _, out]) = (self.lora_a.val().dims(), self.lora_b.val().dims());
         let a = self.lora_a.val().narrow(0, e, 1).reshape([inp, rank]);
         a.matmul(self.lora_b.val().narrow(0, e, 1).reshape([rank, out])) * self.scale
+    }
+}
+
+/// `t` in `dtype` (a cast only where it differs: the f32 factors on a bf16 model).
+fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    match t.dtype() == dtype {
+        true => t,
+        false => t.cast(match dtype {
+            DType::BF16 => FloatDType::BF16,
+            DType::F16 => FloatDType::F16,
+            DType::F64 => FloatDType::F64,
+            _ => FloatDType::F32,
+        }),
     }
 }
 

@@ -109,7 +109,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// ([`kernels_cubecl::ExpertRoutingBackend::combine_rows`]).
     fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
         let rows = B::expert_rows(chosen, self.num_experts);
-        let counts: Vec<usize> = host_ints(rows.counts).into_iter().map(|c| c as usize).collect();
+        let counts: Vec<usize> = host_ints(rows.counts.clone()).into_iter().map(|c| c as usize).collect();
         let dispatch = RowRoute { forward: rows.row_token.clone(), backward: rows.slot_row.clone(), group: self.top_k, keep: None };
         let xs = B::route_rows(x, &dispatch);
         let backing = self.stacked.backing(&self.experts);
