@@ -46,6 +46,16 @@ pub trait ExpertRoutingBackend: Backend {
         reference_expert_rows(chosen, experts)
     }
 
+    /// `out[r] = src[index[r]]`: the dispatch of tokens' rows to their slots' rows (on
+    /// `Autodiff`, Burn's `select` and its scatter backward; trainer's routing op gathers back
+    /// instead, knowing the inverse map).
+    ///
+    /// # Shapes
+    /// - `src`: `[n, hidden]`, `index`: `[m]` → `[m, hidden]`
+    fn gather_rows(src: Tensor<Self, 2>, index: Tensor<Self, 1, Int>) -> Tensor<Self, 2> {
+        src.select(0, index)
+    }
+
     /// Each token's output from its `top_k` slots' rows: `out[t] = sum_j weights[s] ys[slot_row[s]]`
     /// over `s = t * top_k + j`, in f32, returned in `ys`' dtype. Differentiable in `ys` and
     /// `weights` on `Autodiff`.

@@ -39,6 +39,16 @@ fn choices(tokens: usize, top_k: usize, experts: usize, idle: usize, seed: u64) 
     out
 }
 
+/// `values` (`[rows, cols]`) as a view with a row stride of `cols + 3`: the inputs' strides are
+/// honoured (burn-cubecl pads rows on CUDA).
+fn strided<B: Backend>(values: &[f32], [rows, cols]: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    let mut wide = vec![0.5f32; rows * (cols + 3)];
+    for r in 0..rows {
+        wide[r * (cols + 3)..r * (cols + 3) + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(wide, [rows, cols + 3]), device).narrow(1, 0, cols)
+}
+
 fn ints<B: Backend>(t: Tensor<B, 1, Int>) -> Vec<i64> {
     t.into_data().convert::<i64>().to_vec().unwrap()
 }
@@ -77,6 +87,22 @@ fn cases<B: ExpertRoutingBackend>(device: &B::Device) {
 #[test]
 fn wgpu_expert_rows_match_the_host_layout() {
     cases::<Wgpu>(&WgpuDevice::default());
+}
+
+/// The row gather (the dispatch) against Burn's `select`: widths with and without a vector
+/// width dividing them, repeated and unordered indices.
+#[test]
+fn wgpu_gather_rows_is_select() {
+    let device = WgpuDevice::default();
+    for (n, hidden, m) in [(5, 37, 11), (9, 64, 40), (300, 2048, 777)] {
+        let values: Vec<f32> = (0..n * hidden).map(|i| (i % 1013) as f32 * 0.5 - 7.0).collect();
+        let index: Vec<i64> = choices(m, 1, n, 0, 3);
+        let src = strided::<Wgpu>(&values, [n, hidden], &device);
+        let idx = Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(index, [m]), &device);
+        let got: Vec<f32> = Wgpu::gather_rows(src.clone(), idx.clone()).into_data().to_vec().unwrap();
+        let want: Vec<f32> = src.select(0, idx).into_data().to_vec().unwrap();
+        assert_eq!(got, want, "{n} rows of {hidden}, {m} gathered");
+    }
 }
 
 #[test]
@@ -140,9 +166,9 @@ mod combine {
             type Inner<B> = <B as AutodiffBackend>::InnerBackend;
             let chosen = Tensor::<Inner<B>, 2, Int>::from_data(TensorData::new(values.clone(), [tokens, top_k]), device);
             let rows = Inner::<B>::expert_rows(chosen, experts);
-            let ys = make(&ys_v, [slots, hidden], device).inner();
+            let ys = strided::<Inner<B>>(&ys_v, [slots, hidden], device);
             let w = make(&w_v, [slots, 1], device).inner().reshape([slots]);
-            let dy = make(&dy_v, [tokens, hidden], device).inner();
+            let dy = strided::<Inner<B>>(&dy_v, [tokens, hidden], device);
             let got = Inner::<B>::combine_rows(ys.clone(), w.clone(), &rows, top_k);
             let want = kernels_cubecl::routing::reference_combine(ys.clone(), w.clone(), &rows, top_k);
             close(&floats(got), &floats(want), tol, &format!("{case}: forward"));

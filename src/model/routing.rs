@@ -12,6 +12,7 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use kernels_cubecl::ExpertRoutingBackend;
 
 /// A gather of rows and the gather that is its adjoint: the output's row `i` is the source's
 /// row `forward[i]`; the gradient of the source's row `j` is the sum over `q < group` of the
@@ -46,9 +47,9 @@ impl<B: Backend> RowRoute<B> {
     }
 }
 
-/// Backends that route rows ([`RowRoute`]): plain `select` forward, and on `Autodiff<B>` the
+/// Backends that route rows ([`RowRoute`]): a row gather forward, and on `Autodiff<B>` the
 /// backward gather; and that pick each row's top `k` (the router's choice).
-pub trait RowRoutingBackend: Backend {
+pub trait RowRoutingBackend: ExpertRoutingBackend {
     /// The columns of each row's `k` largest values, in any order.
     ///
     /// # Shapes
@@ -60,14 +61,14 @@ pub trait RowRoutingBackend: Backend {
     /// # Shapes
     /// - `src`: `[n, h]` → `[m, h]`
     fn route_rows(src: Tensor<Self, 2>, route: &RowRoute<Self>) -> Tensor<Self, 2> {
-        src.select(0, route.forward.clone())
+        Self::gather_rows(src, route.forward.clone())
     }
 }
 
 /// The gradient of a routed source (`n` rows) from its output's gradient `grad`.
-fn route_back<B: Backend>(grad: Tensor<B, 2>, backward: Tensor<B, 1, Int>, group: usize, keep: Option<Tensor<B, 1>>, n: usize) -> Tensor<B, 2> {
+fn route_back<B: ExpertRoutingBackend>(grad: Tensor<B, 2>, backward: Tensor<B, 1, Int>, group: usize, keep: Option<Tensor<B, 1>>, n: usize) -> Tensor<B, 2> {
     let [_, h] = grad.dims();
-    let mut g = grad.select(0, backward);
+    let mut g = B::gather_rows(grad, backward);
     if let Some(keep) = keep {
         g = g * keep.unsqueeze_dim(1);
     }
@@ -109,7 +110,7 @@ struct RouteState<B: Backend> {
 #[derive(Debug)]
 struct RouteBackward;
 
-impl<B: Backend> Backward<B, 1> for RouteBackward {
+impl<B: ExpertRoutingBackend> Backward<B, 1> for RouteBackward {
     type State = RouteState<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {

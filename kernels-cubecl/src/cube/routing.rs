@@ -13,7 +13,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::routing_kernel::{combine_rows_grad_kernel, combine_rows_kernel, expert_rows_kernel};
+use super::routing_kernel::{combine_rows_grad_kernel, combine_rows_kernel, expert_rows_kernel, gather_rows_kernel};
 use super::row_kernel::{row_cubes, row_units};
 use super::{cube_tensor, float};
 
@@ -49,13 +49,36 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
         ExpertRows { slot_row: int(slot_row), row_slot: int(row_slot), row_token: int(row_token), counts: int(counts) }
     }
 
+    /// A vectorised row gather (Burn's `select` moved ~1.1 TB/s here: 0.48 ms for Qwen3-30B-A3B's
+    /// [65536, 2048] bf16 dispatch on an H100).
+    fn gather_rows(src: Tensor<Self, 2>, index: Tensor<Self, 1, Int>) -> Tensor<Self, 2> {
+        let ([_, hidden], [rows]) = (src.dims(), index.dims());
+        if rows * hidden == 0 || index.dtype() != DType::I32 || !super::kernels_on(&cube_tensor(src.clone()).client) {
+            return src.select(0, index);
+        }
+        let src = cube_tensor(src);
+        let src = if src.meta.strides()[1] == 1 { src } else { into_contiguous(src) };
+        let out = empty_device_contiguous_dtype::<R>(src.client.clone(), src.device.clone(), Shape::new([rows, hidden]), src.dtype);
+        let widest = src.client.io_optimized_vector_sizes(src.dtype.size()).max().unwrap_or(1);
+        let (row_stride, offset) = (src.meta.strides()[0], src.handle.offset_start.unwrap_or(0) as usize);
+        let mut n = widest.max(1);
+        while n > 1 && !(hidden % n == 0 && row_stride % n == 0 && offset % (n * src.dtype.size()) == 0) {
+            n /= 2;
+        }
+        let dim = CubeDim::new(&src.client, rows * hidden / n);
+        let count = cubecl::calculate_cube_count_elemwise(&src.client, rows * hidden / n, dim);
+        let (dtype, client) = (src.dtype.into(), src.client.clone());
+        gather_rows_kernel::launch::<R>(&client, count, dim, n, src.into_tensor_arg(), index.into_primitive().into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        float(out)
+    }
+
     fn combine_rows(ys: Tensor<Self, 2>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> Tensor<Self, 2> {
         let ([_, hidden], [slots]) = (ys.dims(), weights.dims());
         if slots == 0 || hidden == 0 || top_k == 0 || !i32_routes(rows) || !super::kernels_on(&cube_tensor(ys.clone()).client) {
             return crate::routing::reference_combine(ys, weights, rows, top_k);
         }
         let dtype = ys.dtype();
-        let (ys, weights) = (into_contiguous(cube_tensor(ys)), into_contiguous(cube_tensor(weights.cast(float_dtype(dtype)))));
+        let (ys, weights) = (cube_tensor(ys), cube_tensor(weights.cast(float_dtype(dtype))));
         let out = empty_device_contiguous_dtype::<R>(ys.client.clone(), ys.device.clone(), Shape::new([slots / top_k, hidden]), ys.dtype);
         combine_rows_kernel::launch::<R>(
             &ys.client.clone(),
@@ -63,7 +86,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
             CubeDim::new_1d(row_units(hidden, COMBINE_UNITS)),
             ys.into_tensor_arg(),
             weights.into_tensor_arg(),
-            into_contiguous(rows.slot_row.clone().into_primitive()).into_tensor_arg(),
+            rows.slot_row.clone().into_primitive().into_tensor_arg(),
             out.clone().into_tensor_arg(),
             top_k as u32,
             dtype.into(),
@@ -79,13 +102,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
         debug_assert_eq!(tokens * top_k, slots);
         let dtype = dy.dtype();
         let with_weights = ys.is_some();
-        let dy = into_contiguous(cube_tensor(dy));
+        let dy = cube_tensor(dy);
         // Without the weights' gradient the kernel never reads `ys`: any tensor of the dtype binds.
         let ys = match ys {
-            Some(ys) => into_contiguous(cube_tensor(ys.cast(float_dtype(dtype)))),
+            Some(ys) => cube_tensor(ys.cast(float_dtype(dtype))),
             None => dy.clone(),
         };
-        let weights = into_contiguous(cube_tensor(weights.cast(float_dtype(dtype))));
+        let weights = cube_tensor(weights.cast(float_dtype(dtype)));
         let empty = |shape: Shape, dtype: DType| empty_device_contiguous_dtype::<R>(dy.client.clone(), dy.device.clone(), shape, dtype);
         let d_ys = empty(Shape::new([slots, hidden]), dy.dtype);
         let d_weights = empty(Shape::new([if with_weights { slots } else { 1 }]), DType::F32);
@@ -97,8 +120,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
             dy.clone().into_tensor_arg(),
             ys.into_tensor_arg(),
             weights.into_tensor_arg(),
-            into_contiguous(rows.row_slot.clone().into_primitive()).into_tensor_arg(),
-            into_contiguous(rows.row_token.clone().into_primitive()).into_tensor_arg(),
+            rows.row_slot.clone().into_primitive().into_tensor_arg(),
+            rows.row_token.clone().into_primitive().into_tensor_arg(),
             d_ys.clone().into_tensor_arg(),
             d_weights.clone().into_tensor_arg(),
             units,

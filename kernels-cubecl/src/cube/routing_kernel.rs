@@ -85,9 +85,8 @@ pub(super) fn expert_rows_kernel<I: Int>(
 }
 
 /// Token `cube_row()`'s output row of [`crate::routing::ExpertRoutingBackend::combine_rows`]:
-/// `out[t] = sum_j weights[s] ys[slot_row[s]]` over `s = t * top_k + j`, in f32. `ys` and
-/// `out` are contiguous `[rows, hidden]` / `[tokens, hidden]`, `weights` and `slot_row`
-/// contiguous `[slots]`.
+/// `out[t] = sum_j weights[s] ys[slot_row[s]]` over `s = t * top_k + j`, in f32. The inputs are
+/// read through their strides (burn-cubecl pads rows); `out` is contiguous `[tokens, hidden]`.
 #[cube(launch)]
 pub(super) fn combine_rows_kernel<E: Float>(
     ys: &Tensor<E>,
@@ -103,14 +102,15 @@ pub(super) fn combine_rows_kernel<E: Float>(
         terminate!();
     }
     let k = top_k as usize;
+    let (ys_row, ys_col) = (ys.stride(0), ys.stride(1));
     let mut h = UNIT_POS_X as usize;
     while h < hidden {
         let mut acc = f32::new(0.0);
         let mut j = 0usize;
         while j < k {
             let s = t * k + j;
-            let row = slot_row[s] as usize;
-            acc += f32::cast_from(weights[s]) * f32::cast_from(ys[row * hidden + h]);
+            let row = slot_row[s * slot_row.stride(0)] as usize;
+            acc += f32::cast_from(weights[s * weights.stride(0)]) * f32::cast_from(ys[row * ys_row + h * ys_col]);
             j += 1;
         }
         out[t * hidden + h] = E::cast_from(acc);
@@ -120,8 +120,8 @@ pub(super) fn combine_rows_kernel<E: Float>(
 
 /// Row `cube_row()` of [`crate::routing::ExpertRoutingBackend::combine_rows_grad`]: `d_ys[r] =
 /// weights[s] dy[t]` for the slot `s = row_slot[r]` and token `t = row_token[r]`, and with
-/// `with_weights` `d_weights[s] = dy[t] . ys[r]` (f32; `ys` is read only then). Units: a power
-/// of two, the cube's size.
+/// `with_weights` `d_weights[s] = dy[t] . ys[r]` (f32; `ys` is read only then). Inputs through
+/// their strides, outputs contiguous. Units: a power of two, the cube's size.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn combine_rows_grad_kernel<E: Float>(
@@ -142,16 +142,18 @@ pub(super) fn combine_rows_grad_kernel<E: Float>(
         terminate!();
     }
     let unit = UNIT_POS_X as usize;
-    let s = row_slot[r] as usize;
-    let t = row_token[r] as usize;
-    let w = f32::cast_from(weights[s]);
+    let s = row_slot[r * row_slot.stride(0)] as usize;
+    let t = row_token[r * row_token.stride(0)] as usize;
+    let w = f32::cast_from(weights[s * weights.stride(0)]);
+    let (dy_row, dy_col) = (dy.stride(0), dy.stride(1));
+    let (ys_row, ys_col) = (ys.stride(0), ys.stride(1));
     let mut partial = f32::new(0.0);
     let mut h = unit;
     while h < hidden {
-        let g = f32::cast_from(dy[t * hidden + h]);
+        let g = f32::cast_from(dy[t * dy_row + h * dy_col]);
         d_ys[r * hidden + h] = E::cast_from(g * w);
         if with_weights {
-            partial += g * f32::cast_from(ys[r * hidden + h]);
+            partial += g * f32::cast_from(ys[r * ys_row + h * ys_col]);
         }
         h += units as usize;
     }
@@ -163,4 +165,25 @@ pub(super) fn combine_rows_grad_kernel<E: Float>(
             d_weights[s] = sums[0];
         }
     }
+}
+
+/// One unit per vector of `N` elements of `out` (`[rows, hidden]`, contiguous): `out[r] =
+/// src[index[r]]`. `src` has a unit last stride and a row stride (and offset) that `N` divides,
+/// as does `hidden`; `index` any stride.
+#[cube(launch)]
+pub(super) fn gather_rows_kernel<E: Float, N: Size>(
+    src: &Tensor<Vector<E, N>>,
+    index: &Tensor<i32>,
+    out: &mut Tensor<Vector<E, N>>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let width = out.vector_size();
+    let per_row = out.shape(1) / width;
+    let row = i / per_row;
+    let from = index[row * index.stride(0)] as usize;
+    out[i] = src[(from * src.stride(0)) / width + i % per_row];
 }
