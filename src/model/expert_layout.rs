@@ -85,6 +85,28 @@ impl ExpertGemm {
     }
 }
 
+/// Where a mixture of experts' routed slots are laid out when every expert is held here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertRouting {
+    /// On the device: one kernel orders the slots by expert, only the per-expert counts come
+    /// back to the host (grouped GEMMs only; padded runs and expert parallelism use the host's).
+    #[default]
+    Device,
+    /// The choices read to the host and laid out there (what trainer did before; kept to compare).
+    Host,
+}
+
+impl ExpertRouting {
+    /// From `TRAINER_ROUTING` (`device`, the default, or `host`).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("TRAINER_ROUTING").as_deref() {
+            Err(_) | Ok("device") => Ok(ExpertRouting::Device),
+            Ok("host") => Ok(ExpertRouting::Host),
+            Ok(other) => Err(format!("TRAINER_ROUTING={other:?}: expected \"device\" or \"host\"")),
+        }
+    }
+}
+
 /// The runs that lay out `counts` (rows per local expert), each with its first row; a run whose
 /// experts got nothing is left out. Grouped: every expert with rows a run of its own, exactly
 /// its rows.

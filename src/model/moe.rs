@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout};
+use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout, ExpertRouting};
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::router_balance::RouterBalance;
@@ -40,6 +40,9 @@ pub struct SparseMoe<B: Backend> {
     /// Grouped GEMMs or padded runs ([`ExpertGemm`]).
     #[module(skip)]
     pub gemm: ExpertGemm,
+    /// Slots laid out on the device or the host ([`ExpertRouting`]).
+    #[module(skip)]
+    pub routing: ExpertRouting,
 }
 
 impl<B: TrainBackend> SparseMoe<B> {
@@ -50,8 +53,9 @@ impl<B: TrainBackend> SparseMoe<B> {
         let gate = Linear::load(ld, &super::hf_names::router(path), hidden, num_experts, false, Partition::Replicated)?;
         let owned = ep.block(num_experts);
         let gemm = ExpertGemm::from_env().map_err(crate::error::Error::Unsupported)?;
+        let routing = ExpertRouting::from_env().map_err(crate::error::Error::Unsupported)?;
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
-        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm })
+        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm, routing })
     }
 
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
@@ -73,7 +77,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         }
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
         let ep = ep.filter(|g| g.group().size > 1);
-        if ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && !routing_on_host() {
+        if ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && self.routing == ExpertRouting::Device {
             if let Some(balance) = balance {
                 balance.record(probs, &host_ints(chosen.clone()), self.top_k);
             }
@@ -190,13 +194,6 @@ impl<B: TrainBackend> SparseMoe<B> {
         let to_slots = RowRoute::new(plan.position, plan.order, 1, None, dtype, &device);
         combine_slots(B::route_rows(returned, &to_slots), weights, self.top_k)
     }
-}
-
-/// `TRAINER_ROUTING=host`: lay out the slots on the host even where the device could (to
-/// compare the two).
-fn routing_on_host() -> bool {
-    static HOST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HOST.get_or_init(|| std::env::var("TRAINER_ROUTING").is_ok_and(|v| v == "host"))
 }
 
 /// An integer tensor's values on the host, in order.
@@ -321,8 +318,9 @@ mod tests {
         assert!(err < 1e-5, "{what}: {err:e} of the largest value");
     }
 
-    /// Padded in several runs (expert 0 alone) and grouped, the layer's output and input
-    /// gradient equal each expert applied to every token, weighted by the router.
+    /// Padded in several runs (expert 0 alone) and grouped (slots laid out on the host and on
+    /// the device), the layer's output and input gradient equal each expert applied to every
+    /// token, weighted by the router.
     #[test]
     fn chunked_and_grouped_experts_equal_every_expert_on_every_token() {
         use burn::tensor::Distribution;
@@ -346,19 +344,19 @@ mod tests {
         }
         let grads = (want.clone() * r.clone()).sum().backward();
         let dx_want = x2.grad(&grads).unwrap();
-        for gemm in [ExpertGemm::Padded, ExpertGemm::Grouped] {
-            moe.gemm = gemm;
+        for (gemm, routing) in [(ExpertGemm::Padded, ExpertRouting::Host), (ExpertGemm::Grouped, ExpertRouting::Host), (ExpertGemm::Grouped, ExpertRouting::Device)] {
+            (moe.gemm, moe.routing) = (gemm, routing);
             let x = x.clone().detach().require_grad();
             let got = moe.forward(x.clone(), None, None);
             let grads = (got.clone() * r.clone()).sum().backward();
-            close(got.inner(), want.clone().inner(), &format!("{gemm:?} output"));
-            close(x.grad(&grads).unwrap(), dx_want.clone(), &format!("{gemm:?} input gradient"));
+            close(got.inner(), want.clone().inner(), &format!("{gemm:?} {routing:?} output"));
+            close(x.grad(&grads).unwrap(), dx_want.clone(), &format!("{gemm:?} {routing:?} input gradient"));
         }
     }
 
     /// With adapters on every projection of every expert but one (B not zero, as after some
-    /// training), the grouped layout gives the padded one's output and gradients of the input
-    /// and of every stacked factor.
+    /// training), the grouped layout (slots laid out on the host and on the device) gives the
+    /// padded one's output and gradients of the input and of every stacked factor.
     #[test]
     fn grouped_adapters_equal_padded_adapters() {
         use burn::tensor::Distribution;
@@ -379,9 +377,9 @@ mod tests {
         }
         let x = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Uniform(0.5, 1.0), &device);
         let r = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Normal(0.0, 1.0), &device);
-        let outcome = |gemm: ExpertGemm| {
+        let outcome = |gemm: ExpertGemm, routing: ExpertRouting| {
             let mut moe = moe.clone();
-            moe.gemm = gemm;
+            (moe.gemm, moe.routing) = (gemm, routing);
             let x = x.clone().require_grad();
             let y = moe.forward(x.clone(), None, None);
             let grads = (y.clone() * r.clone()).sum().backward();
@@ -395,8 +393,11 @@ mod tests {
             }
             all
         };
-        for ((what, got), (_, want)) in outcome(ExpertGemm::Grouped).into_iter().zip(outcome(ExpertGemm::Padded)) {
-            close(got, want, &what);
+        let padded = outcome(ExpertGemm::Padded, ExpertRouting::Host);
+        for routing in [ExpertRouting::Host, ExpertRouting::Device] {
+            for ((what, got), (_, want)) in outcome(ExpertGemm::Grouped, routing).into_iter().zip(padded.clone()) {
+                close(got, want, &format!("{routing:?}: {what}"));
+            }
         }
     }
 
