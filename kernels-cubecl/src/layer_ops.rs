@@ -23,7 +23,7 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 
 use crate::qkv::{qkv_rotary_grad, qkv_rotary_value, QkvLayout};
 
-fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     if x.dtype() == DType::F32 {
         x
     } else {

@@ -22,7 +22,9 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+
+use crate::layer_ops::to_f32;
 
 /// Where the routed slots sit, laid out expert after expert. With `tokens * top_k` slots there
 /// are as many rows; every tensor is on the choices' device.
@@ -99,12 +101,6 @@ pub fn reference_combine_grad<B: Backend>(dy: Tensor<B, 2>, ys: Option<Tensor<B,
     (d_ys, d_weights)
 }
 
-fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    match t.dtype() {
-        DType::F32 => t,
-        _ => t.cast(FloatDType::F32),
-    }
-}
 
 /// The definition of [`ExpertRoutingBackend::expert_rows`], on the host.
 ///

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::adapter::{dropout_active, dropout_mask, LoraAdapter, LoraConfig};
 use crate::backend::TrainBackend;
@@ -182,12 +182,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
 fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     match t.dtype() == dtype {
         true => t,
-        false => t.cast(match dtype {
-            DType::BF16 => FloatDType::BF16,
-            DType::F16 => FloatDType::F16,
-            DType::F64 => FloatDType::F64,
-            _ => FloatDType::F32,
-        }),
+        false => t.cast(dtype),
     }
 }
 

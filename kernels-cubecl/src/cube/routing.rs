@@ -6,7 +6,7 @@
 //! all the choices (a few hundred KB, from L2), which at 128 experts and 65,536 slots is tens of
 //! microseconds: what the host round trip it replaces cost many times over.
 
-use burn::tensor::{DType, FloatDType, Int, Shape, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -16,6 +16,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use super::routing_kernel::{combine_rows_grad_kernel, combine_rows_kernel, expert_rows_kernel, gather_rows_kernel};
 use super::row_kernel::{row_cubes, row_units};
 use super::{cube_tensor, float};
+use crate::layer_ops::to_dtype;
 
 use crate::routing::{ExpertRoutingBackend, ExpertRows};
 
@@ -78,7 +79,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
             return crate::routing::reference_combine(ys, weights, rows, top_k);
         }
         let dtype = ys.dtype();
-        let (ys, weights) = (cube_tensor(ys), cube_tensor(weights.cast(float_dtype(dtype))));
+        let (ys, weights) = (cube_tensor(ys), cube_tensor(to_dtype(weights, dtype)));
         let out = empty_device_contiguous_dtype::<R>(ys.client.clone(), ys.device.clone(), Shape::new([slots / top_k, hidden]), ys.dtype);
         combine_rows_kernel::launch::<R>(
             &ys.client.clone(),
@@ -105,10 +106,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertRout
         let dy = cube_tensor(dy);
         // Without the weights' gradient the kernel never reads `ys`: any tensor of the dtype binds.
         let ys = match ys {
-            Some(ys) => cube_tensor(ys.cast(float_dtype(dtype))),
+            Some(ys) => cube_tensor(to_dtype(ys, dtype)),
             None => dy.clone(),
         };
-        let weights = cube_tensor(weights.cast(float_dtype(dtype)));
+        let weights = cube_tensor(to_dtype(weights, dtype));
         let empty = |shape: Shape, dtype: DType| empty_device_contiguous_dtype::<R>(dy.client.clone(), dy.device.clone(), shape, dtype);
         let d_ys = empty(Shape::new([slots, hidden]), dy.dtype);
         let d_weights = empty(Shape::new([if with_weights { slots } else { 1 }]), DType::F32);
@@ -141,11 +142,3 @@ fn i32_routes<B: burn::tensor::backend::Backend>(rows: &ExpertRows<B>) -> bool {
     [&rows.slot_row, &rows.row_slot, &rows.row_token].iter().all(|t| t.dtype() == DType::I32)
 }
 
-fn float_dtype(dtype: DType) -> FloatDType {
-    match dtype {
-        DType::F64 => FloatDType::F64,
-        DType::F16 => FloatDType::F16,
-        DType::BF16 => FloatDType::BF16,
-        _ => FloatDType::F32,
-    }
-}
