@@ -68,7 +68,7 @@ row = {
     "s_per_step": r.get("s_per_step"), "tokens_per_s": r.get("tokens_per_s"), "peak_gib": round(peak, 2),
     "mfu": round(fpt * r["tokens_per_s"] / PEAK, 4) if fpt and r.get("tokens_per_s") else None,
     "gpu_busy": round(r["gpu_busy"], 3) if r["gpu_busy"] is not None else None,
-    "syncs_per_step": r.get("syncs_per_step"), "gemm_ordering": r.get("gemm_ordering"),
+    "syncs_per_step": r.get("syncs_per_step"), "host_wait_s_per_step": r.get("host_wait_s_per_step"), "gemm_ordering": r.get("gemm_ordering"),
     "variant": os.environ.get("VARIANT"), "command": command, "error": r.get("error"),
 }
 path = f"{out}/results.jsonl"

@@ -133,6 +133,24 @@ pub(crate) fn count_host_syncs(n: u64) {
     HOST_SYNCS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
 
+static HOST_WAIT_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seconds the host has spent blocked in the device reads that the model's layers make (a
+/// mixture of experts' counts), since the process started: with the GPU's busy fraction it
+/// tells a host-bound step (little waiting, GPU idle) from a device-bound one.
+pub fn host_wait_seconds() -> f64 {
+    HOST_WAIT_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// `read` run as one counted host sync, its time added to [`host_wait_seconds`].
+pub(crate) fn timed_read<T>(read: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let out = read();
+    HOST_WAIT_NANOS.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    count_host_syncs(1);
+    out
+}
+
 /// What one rank has to hold its share of a job, in bytes, and what it is: the machine's
 /// memory for the CPU backend, the first GPU's for CUDA; `None` where this machine cannot tell
 /// (CUDA asked for on a machine without a GPU or without CUDA in this binary).

@@ -79,12 +79,12 @@ impl<B: TrainBackend> SparseMoe<B> {
         let ep = ep.filter(|g| g.group().size > 1);
         if ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && self.routing == ExpertRouting::Device {
             if let Some(balance) = balance {
-                balance.record(probs, &host_ints(chosen.clone()), self.top_k);
+                balance.record(probs, &crate::backend::timed_read(|| host_ints(chosen.clone())), self.top_k);
             }
             return self.forward_laid_out_on_device(x, chosen, weights);
         }
         // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
-        let chosen = host_ints(chosen);
+        let chosen = crate::backend::timed_read(|| host_ints(chosen));
         if let Some(balance) = balance {
             balance.record(probs, &chosen, self.top_k);
         }
@@ -113,7 +113,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// ([`kernels_cubecl::ExpertRoutingBackend::combine_rows`]).
     fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
         let rows = B::expert_rows(chosen, self.num_experts);
-        let counts: Vec<usize> = host_ints(rows.counts.clone()).into_iter().map(|c| c as usize).collect();
+        let counts: Vec<usize> = crate::backend::timed_read(|| host_ints(rows.counts.clone())).into_iter().map(|c| c as usize).collect();
         let dispatch = RowRoute { forward: rows.row_token.clone(), backward: rows.slot_row.clone(), group: self.top_k, keep: None };
         let xs = B::route_rows(x, &dispatch);
         let backing = self.stacked.backing(&self.experts);

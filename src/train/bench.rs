@@ -66,6 +66,9 @@ pub struct BenchReport {
     /// Times per timed step the host waited for the device inside the step
     /// ([`crate::backend::host_syncs`]: value reads, synchronised GEMMs).
     pub syncs_per_step: f64,
+    /// Seconds a timed step spent blocked in the layers' device reads (a mixture of experts'
+    /// counts; [`backend::host_wait_seconds`]).
+    pub host_wait_s_per_step: f64,
     /// How cuBLAS GEMMs were ordered with CubeCL's kernels (CUDA only):
     /// `compute-stream` or `synchronised: <why>`.
     pub gemm_ordering: Option<String>,
@@ -227,20 +230,21 @@ impl BackendJob for Job<'_> {
         let mut step_seconds = Vec::new();
         let mut losses = Vec::new();
         let mut reserved_gib = Vec::new();
-        let (mut syncs, mut timed_unix) = (0, [0.0; 2]);
+        let (mut syncs, mut timed_unix, mut waited) = (0, [0.0; 2], 0.0);
         for step in 1..=self.warmup + self.steps {
             let b = batch();
             sync(&device)?;
             if step == self.warmup + 1 {
                 timed_unix[0] = unix_now();
             }
-            let before = backend::host_syncs();
+            let (before, waited_before) = (backend::host_syncs(), backend::host_wait_seconds());
             let t = Instant::now();
             let stats = trainer.step(step, std::slice::from_ref(&b))?;
             sync(&device)?;
             let secs = t.elapsed().as_secs_f64();
             if step > self.warmup {
                 syncs += backend::host_syncs() - before;
+                waited += backend::host_wait_seconds() - waited_before;
                 timed_unix[1] = unix_now();
             }
             let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", backend::gib(m.reserved))).unwrap_or_default();
@@ -306,6 +310,7 @@ impl BackendJob for Job<'_> {
             profile: spans,
             profile_coarse: spans_coarse,
             syncs_per_step: syncs as f64 / self.steps.max(1) as f64,
+            host_wait_s_per_step: waited / self.steps.max(1) as f64,
             gemm_ordering: None,
             timed_unix,
         })
