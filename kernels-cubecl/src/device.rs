@@ -1,12 +1,10 @@
-//! What a backend can say about its device (the allocator's memory) and how it takes large
-//! host data (weights) onto it.
+//! What a backend can say about its device: the allocator's memory.
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 
 /// The device allocator's view of memory, in bytes: what live tensors hold and what its pools
 /// reserve from the driver. Pools grow to a step's peak and are kept, so `reserved` after a step
@@ -24,12 +22,6 @@ pub trait DeviceMemoryBackend: Backend {
         let _ = device;
         None
     }
-
-    /// `data` (already in the backend's float type) as a tensor on `device`: Burn's `from_data`
-    /// (CubeCL backends can stage it in pinned host memory first, to compare).
-    fn upload_float<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
-        Tensor::from_data(data, device)
-    }
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> DeviceMemoryBackend for NdArray<E, I, Q>
@@ -42,9 +34,5 @@ where
 impl<B: DeviceMemoryBackend, C: CheckpointStrategy> DeviceMemoryBackend for Autodiff<B, C> {
     fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
         B::device_memory(device)
-    }
-
-    fn upload_float<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
-        Tensor::from_inner(B::upload_float(data, device))
     }
 }

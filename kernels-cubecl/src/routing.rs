@@ -22,9 +22,9 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::{FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray};
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::layer_ops::to_f32;
+use crate::layer_ops::{float, primitive, to_f32};
 
 /// Where the routed slots sit, laid out expert after expert. With `tokens * top_k` slots there
 /// are as many rows; every tensor is on the choices' device.
@@ -38,6 +38,13 @@ pub struct ExpertRows<B: Backend> {
     pub row_token: Tensor<B, 1, Int>,
     /// `[experts]`: rows of each expert; expert `e`'s rows follow those of experts `0..e`.
     pub counts: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> ExpertRows<B> {
+    /// Each index tensor through `f` (to another backend's tensors).
+    pub fn map<C: Backend>(self, f: impl Fn(Tensor<B, 1, Int>) -> Tensor<C, 1, Int>) -> ExpertRows<C> {
+        ExpertRows { slot_row: f(self.slot_row), row_slot: f(self.row_slot), row_token: f(self.row_token), counts: f(self.counts) }
+    }
 }
 
 /// Backends that lay out routed slots ([`ExpertRows`]); by default on the host.
@@ -153,15 +160,13 @@ where
 impl<B: ExpertRoutingBackend, C: CheckpointStrategy> ExpertRoutingBackend for Autodiff<B, C> {
     fn expert_rows(chosen: Tensor<Self, 2, Int>, experts: usize) -> ExpertRows<Self> {
         let inner = Tensor::<B, 2, Int>::from_primitive(chosen.into_primitive());
-        let r = B::expert_rows(inner, experts);
-        let outer = |t: Tensor<B, 1, Int>| Tensor::<Self, 1, Int>::from_primitive(t.into_primitive());
-        ExpertRows { slot_row: outer(r.slot_row), row_slot: outer(r.row_slot), row_token: outer(r.row_token), counts: outer(r.counts) }
+        B::expert_rows(inner, experts).map(|t| Tensor::from_primitive(t.into_primitive()))
     }
 
     fn combine_rows(ys: Tensor<Self, 2>, weights: Tensor<Self, 1>, rows: &ExpertRows<Self>, top_k: usize) -> Tensor<Self, 2> {
         let (ys, weights) = (ys.into_primitive().tensor(), weights.into_primitive().tensor());
-        let inner_rows = inner_rows::<B, C>(rows);
-        let forward = |ys, weights| B::combine_rows(float(ys), float(weights), &inner_rows, top_k).into_primitive().tensor();
+        let inner_rows = rows.clone().map(|t| Tensor::<B, 1, Int>::from_primitive(t.into_primitive()));
+        let forward = |ys, weights| primitive(B::combine_rows(float(ys), float(weights), &inner_rows, top_k));
         let out = match CombineBackward.prepare::<C>([ys.node.clone(), weights.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 // The weights' gradient reads the rows; the rows' reads only the weights.
@@ -171,19 +176,10 @@ impl<B: ExpertRoutingBackend, C: CheckpointStrategy> ExpertRoutingBackend for Au
             }
             OpsKind::UnTracked(prep) => prep.finish(forward(ys.primitive, weights.primitive)),
         };
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        float(out)
     }
 }
 
-fn float<B: Backend, const D: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-/// `rows` on the inner backend of `Autodiff`.
-fn inner_rows<B: Backend, C: CheckpointStrategy>(rows: &ExpertRows<Autodiff<B, C>>) -> ExpertRows<B> {
-    let inner = |t: &Tensor<Autodiff<B, C>, 1, Int>| Tensor::<B, 1, Int>::from_primitive(t.clone().into_primitive());
-    ExpertRows { slot_row: inner(&rows.slot_row), row_slot: inner(&rows.row_slot), row_token: inner(&rows.row_token), counts: inner(&rows.counts) }
-}
 
 #[derive(Debug, Clone)]
 struct CombineState<B: Backend> {
@@ -207,10 +203,10 @@ impl<B: ExpertRoutingBackend> Backward<B, 2> for CombineBackward {
         let dtype = weights.dtype();
         let (d_ys, d_weights) = B::combine_rows_grad(dy, ys.map(float), weights, &rows, top_k);
         if let Some(node) = node_ys {
-            grads.register::<B>(node.id, d_ys.into_primitive().tensor());
+            grads.register::<B>(node.id, primitive(d_ys));
         }
         if let (Some(node), Some(dw)) = (node_weights, d_weights) {
-            grads.register::<B>(node.id, dw.cast(dtype).into_primitive().tensor());
+            grads.register::<B>(node.id, primitive(dw.cast(dtype)));
         }
     }
 }

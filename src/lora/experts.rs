@@ -15,6 +15,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::adapter::{dropout_active, dropout_mask, LoraAdapter, LoraConfig};
 use crate::backend::TrainBackend;
+use kernels_cubecl::layer_ops::to_dtype;
 
 /// The projections of a SwiGLU expert, in the order the stacks are kept.
 pub const EXPERT_PROJECTIONS: [&str; 3] = crate::model::hf_names::MLP_PROJECTIONS;
@@ -103,7 +104,8 @@ impl<B: TrainBackend> ExpertAdapter<B> {
 
     /// [`forward`](Self::forward) of two adapters that read the same input (an expert's gate
     /// and up projections) with one product with both As side by side (`[experts, in, r1 +
-    /// r2]`): the rows are read once, not twice, forward and backward. Apart when either draws dropout (each its own mask, as peft draws them).
+    /// r2]`): the rows are read once, not twice, forward and backward. Apart when either draws
+    /// dropout (each its own mask, as peft draws them).
     pub fn forward_pair(first: &Self, second: &Self, x: Tensor<B, 3>, experts: Range<usize>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         Self::pair(first, second, x, [first.factors(experts.clone()), second.factors(experts)], B::batched_matmul)
     }
@@ -138,7 +140,7 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         };
         // The scale applied to the rank-r product, not the [.., out] one: one pass over `rank`
         // columns instead of `out` (forward and backward).
-        product(product(h, in_dtype(a, dtype)) * scale, in_dtype(b, dtype))
+        product(product(h, to_dtype(a, dtype)) * scale, to_dtype(b, dtype))
     }
 
     /// The terms of `first` and `second` on the same `x` ([`forward_pair`](Self::forward_pair)),
@@ -155,9 +157,9 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         }
         let (r1, r2) = (a1.dims()[2], a2.dims()[2]);
         let dtype = x.dtype();
-        let h = product(x, in_dtype(Tensor::cat(vec![a1, a2], 2), dtype));
-        let y1 = product(h.clone().narrow(D - 1, 0, r1) * first.scale, in_dtype(b1, dtype));
-        let y2 = product(h.narrow(D - 1, r1, r2) * second.scale, in_dtype(b2, dtype));
+        let h = product(x, to_dtype(Tensor::cat(vec![a1, a2], 2), dtype));
+        let y1 = product(h.clone().narrow(D - 1, 0, r1) * first.scale, to_dtype(b1, dtype));
+        let y2 = product(h.narrow(D - 1, r1, r2) * second.scale, to_dtype(b2, dtype));
         (y1, y2)
     }
 
@@ -175,14 +177,6 @@ impl<B: TrainBackend> ExpertAdapter<B> {
         let ([_, inp, rank], [_, _, out]) = (self.lora_a.val().dims(), self.lora_b.val().dims());
         let a = self.lora_a.val().narrow(0, e, 1).reshape([inp, rank]);
         a.matmul(self.lora_b.val().narrow(0, e, 1).reshape([rank, out])) * self.scale
-    }
-}
-
-/// `t` in `dtype` (a cast only where it differs: the f32 factors on a bf16 model).
-fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    match t.dtype() == dtype {
-        true => t,
-        false => t.cast(dtype),
     }
 }
 

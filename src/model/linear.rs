@@ -43,7 +43,7 @@ impl<B: TrainBackend> Loader<'_, B> {
             super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
             out
         });
-        build_time::timed(2, || B::upload_float(TensorData::new(out, t.shape), &self.device))
+        build_time::timed(2, || Tensor::from_data(TensorData::new(out, t.shape), &self.device))
     }
 
     /// `{path}.weight` of each of `paths` (`[out, in]` as stored), transposed and stacked
@@ -75,7 +75,7 @@ impl<B: TrainBackend> Loader<'_, B> {
                 }
             })
         })?;
-        Ok(build_time::timed(2, || B::upload_float(TensorData::new(stack, vec![paths.len(), inp, out]), &self.device)))
+        Ok(build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![paths.len(), inp, out]), &self.device)))
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.

@@ -115,10 +115,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let rows = B::expert_rows(chosen, self.num_experts);
         let counts: Vec<usize> = crate::backend::timed_read(|| host_ints(rows.counts.clone())).into_iter().map(|c| c as usize).collect();
         let dispatch = RowRoute { forward: rows.row_token.clone(), backward: rows.slot_row.clone(), group: self.top_k, keep: None };
-        let xs = B::route_rows(x, &dispatch);
-        let backing = self.stacked.backing(&self.experts);
-        let device = xs.device();
-        let ys = span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, &counts));
+        let ys = self.run_grouped(B::route_rows(x, &dispatch), &counts);
         B::combine_rows(ys, weights, &rows, self.top_k)
     }
 
@@ -129,14 +126,14 @@ impl<B: TrainBackend> SparseMoe<B> {
     fn run_experts(&self, xs: Tensor<B, 2>, runs: &[Chunk]) -> Tensor<B, 2> {
         let [_, hidden] = xs.dims();
         let device = xs.device();
-        let backing = self.stacked.backing(&self.experts);
         if self.gemm == ExpertGemm::Grouped {
             let mut counts = vec![0; self.experts.len()];
             for run in runs {
                 counts[run.first] = run.capacity;
             }
-            return span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, &counts));
+            return self.run_grouped(xs, &counts);
         }
+        let backing = self.stacked.backing(&self.experts);
         span::<B, _>("experts", &device, || {
             let outputs = runs.iter().map(|run| {
                 let xs = match runs.len() {
@@ -150,6 +147,13 @@ impl<B: TrainBackend> SparseMoe<B> {
             });
             Tensor::cat(outputs.collect(), 0)
         })
+    }
+
+    /// The local experts on `xs` laid out expert after expert (`counts[e]` rows of expert `e`):
+    /// one grouped GEMM a projection.
+    fn run_grouped(&self, xs: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let (device, backing) = (xs.device(), self.stacked.backing(&self.experts));
+        span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, counts))
     }
 
     /// [`forward`](Self::forward) with the experts split over `ep` (Megatron's all-to-all token

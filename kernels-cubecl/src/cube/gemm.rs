@@ -3,7 +3,7 @@
 //! [`LinearBackend`] primitives and its device memory from here, and this crate's kernels (the
 //! fused cross-entropy, the blockwise attention) call the same primitives.
 
-use burn::tensor::{DType, FloatDType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::tensor::CubeTensor;
@@ -138,22 +138,5 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceMemo
     fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
         let usage = <R as cubecl::Runtime>::client(device).memory_usage().ok()?;
         Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
-    }
-
-    /// With `TRAINER_UPLOAD=pinned`, staged in the runtime's pinned host memory first (CUDA;
-    /// elsewhere `staging` leaves the bytes as they are), then copied asynchronously. Not the
-    /// default: on an H100 (session 25) 8 layers of Qwen3-30B-A3B uploaded in 21.0 s that way
-    /// against 14.4 s straight from pageable memory (session 24), CubeCL's pinned pool
-    /// page-locking fresh buffers as it goes.
-    fn upload_float<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
-        if !super::env_is("TRAINER_UPLOAD", "pinned") {
-            return Tensor::from_data(data, device);
-        }
-        let client = <R as cubecl::Runtime>::client(device);
-        let (shape, dtype) = (data.shape.clone(), data.dtype);
-        let mut bytes = data.bytes;
-        client.staging(std::iter::once(&mut bytes), false);
-        let handle = client.create(bytes);
-        Tensor::from_primitive(TensorPrimitive::Float(CubeTensor::new_contiguous(client, device.clone(), shape, handle, dtype)))
     }
 }
