@@ -46,11 +46,29 @@ pub struct AttentionOptions {
     /// so that a block of queries skips the keys after its last row. With `false` any mask is
     /// honoured.
     pub causal: bool,
+    /// Which implementation runs ([`AttentionKernel`]).
+    pub kernel: AttentionKernel,
+}
+
+/// Which implementation of the attention runs, where a backend has several.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// The backend's flash kernels where they run on tensor cores (CubeCL: CUDA, bf16 or f16
+    /// inputs, head dim a multiple of 16 up to 128), the blockwise path elsewhere.
+    /// `KERNELS_CUBECL_ATTENTION=blockwise` or `=flash` in the environment overrides it.
+    #[default]
+    Auto,
+    /// The blockwise path of plain-Burn ops and row kernels.
+    Blockwise,
+    /// The flash kernels wherever the backend has them for the inputs (CubeCL: also without
+    /// tensor cores, one unit per product element, as in the wgpu tests), the blockwise path
+    /// elsewhere.
+    Flash,
 }
 
 impl AttentionOptions {
     /// Default blocks for a causal mask.
-    pub const CAUSAL: Self = Self { block_q: None, causal: true };
+    pub const CAUSAL: Self = Self { block_q: None, causal: true, kernel: AttentionKernel::Auto };
 
     /// Query rows per block. The default is the largest power of two whose f32 scores
     /// `[batch, q_heads, rows, seq]` fit in 256 MiB (256 rows for batch 4, 28 heads, seq 2048),
@@ -99,6 +117,15 @@ pub trait FusedAttentionBackend: Backend {
     /// (`set_batched_gemm`, with the `cubecl` feature).
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
         a.matmul(b)
+    }
+
+    /// The implementation [`FusedAttentionBackend::blockwise_attention_forward`] and
+    /// [`FusedAttentionBackend::blockwise_attention_backward`] run for these inputs and options:
+    /// [`AttentionKernel::Flash`] or [`AttentionKernel::Blockwise`] (the default, for backends
+    /// without flash kernels).
+    fn attention_kernel(q: &Tensor<Self, 4>, k: &Tensor<Self, 4>, v: &Tensor<Self, 4>, options: AttentionOptions) -> AttentionKernel {
+        let _ = (q, k, v, options);
+        AttentionKernel::Blockwise
     }
 
     /// One query block's softmax, [`block_softmax`] by default: from the raw scores `q k^T`
@@ -507,6 +534,10 @@ impl<B: FusedAttentionBackend> Backward<B, 3> for AttentionBackward {
 impl<B: FusedAttentionBackend, C: CheckpointStrategy> FusedAttentionBackend for Autodiff<B, C> {
     fn qkv_attention(packed: Tensor<Self, 1>, layout: QkvLayout, scale: f64, blocked: Tensor<Self, 4, Bool>, options: AttentionOptions) -> Tensor<Self, 4> {
         crate::qkv::tracked_attention::<B, C>(packed, layout, scale, blocked, options)
+    }
+
+    fn attention_kernel(q: &Tensor<Self, 4>, k: &Tensor<Self, 4>, v: &Tensor<Self, 4>, options: AttentionOptions) -> AttentionKernel {
+        B::attention_kernel(&q.clone().inner(), &k.clone().inner(), &v.clone().inner(), options)
     }
 
     /// The inner backend's computation; the results are untracked values.

@@ -31,7 +31,7 @@ pub mod residual_norm;
 pub mod routing;
 
 pub use attention::{
-    memory_efficient_attention, AttentionForward, AttentionGrads, AttentionOptions, AttentionWanted, FusedAttentionBackend,
+    memory_efficient_attention, AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, FusedAttentionBackend,
 };
 pub use device::{DeviceMemory, DeviceMemoryBackend};
 pub use gate_up::fused_swiglu_packed;

@@ -6,7 +6,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use kernels_cubecl::{memory_efficient_attention, reference, AttentionOptions, FusedAttentionBackend};
+use kernels_cubecl::{memory_efficient_attention, reference, AttentionKernel, AttentionOptions, FusedAttentionBackend};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Reference = Autodiff<NdArray<f32>>;
@@ -197,7 +197,7 @@ const TOLERANCE: f32 = 1e-5;
 /// `causal: true` only where the mask includes the causal one; `false` with every mask.
 fn option_sets(mask: Mask) -> Vec<AttentionOptions> {
     let causal: &[bool] = if mask == Mask::Bidirectional { &[false] } else { &[true, false] };
-    causal.iter().flat_map(|&causal| BLOCKS.map(|block_q| AttentionOptions { block_q, causal })).collect()
+    causal.iter().flat_map(|&causal| BLOCKS.map(|block_q| AttentionOptions { block_q, causal, kernel: AttentionKernel::Blockwise })).collect()
 }
 
 #[test]
@@ -222,7 +222,7 @@ fn untracked_inputs_get_no_gradient() {
     for track in [[true, false, true], [false, false, true], [true, true, false]] {
         let case = Case::random(4, GQA, Mask::Packed);
         let want = reference_outcome(&case, track);
-        let options = AttentionOptions { block_q: Some(8), causal: true };
+        let options = AttentionOptions { block_q: Some(8), causal: true, kernel: AttentionKernel::Blockwise };
         let got = efficient_outcome::<Reference>(&case, &Default::default(), track, options);
         assert_matches(&format!("track {track:?}"), &got, &want, TOLERANCE);
     }
@@ -234,7 +234,7 @@ fn ndarray_forward_only_matches_reference() {
     let (q, k, v) = case.inputs::<NdArray<f32>>(&Default::default());
     let blocked = case.blocked::<NdArray<f32>>(&Default::default());
     let want = values(reference::attention(q.clone(), k.clone(), v.clone(), case.scale(), blocked.clone()));
-    let options = AttentionOptions { block_q: Some(8), causal: true };
+    let options = AttentionOptions { block_q: Some(8), causal: true, kernel: AttentionKernel::Blockwise };
     let got = values(memory_efficient_attention(q, k, v, case.scale(), blocked, options));
     assert_close("ndarray forward", "output", &got, &want, TOLERANCE);
 }
@@ -250,7 +250,7 @@ fn wgpu_matches_reference() {
         let case = Case::random(seed, shape, mask);
         let want = reference_outcome(&case, ALL);
         let causal = mask != Mask::Bidirectional;
-        for options in [AttentionOptions { block_q: Some(8), causal }, AttentionOptions { block_q: None, causal: false }] {
+        for options in [AttentionOptions { block_q: Some(8), causal, kernel: AttentionKernel::Blockwise }, AttentionOptions { block_q: None, causal: false, kernel: AttentionKernel::Blockwise }] {
             let got = efficient_outcome::<Autodiff<Wgpu>>(&case, &device, ALL, options);
             assert_matches(&format!("wgpu {shape:?} {mask:?} seed={seed} {options:?}"), &got, &want, TOLERANCE);
         }
@@ -263,9 +263,41 @@ fn wgpu_forward_only_matches_reference() {
     let case = Case::random(6, GQA, Mask::Packed);
     let want = reference_outcome(&case, [false; 3]);
     let (q, k, v) = case.inputs::<Wgpu>(&device);
-    let options = AttentionOptions { block_q: Some(16), causal: true };
+    let options = AttentionOptions { block_q: Some(16), causal: true, kernel: AttentionKernel::Blockwise };
     let got = values(memory_efficient_attention(q, k, v, case.scale(), case.blocked::<Wgpu>(&device), options));
     assert_close("wgpu forward", "output", &got, &want.out, TOLERANCE);
+}
+
+/// GQA with three query heads per kv head over three 16-row tiles of the flash kernels, the
+/// last one partial.
+const LONG_GQA: (usize, usize, usize, usize, usize) = (2, 6, 2, 45, 16);
+
+#[test]
+fn wgpu_flash_matches_reference() {
+    // The flash kernels, one unit per product element on wgpu (16 x 16 tiles): odd lengths,
+    // GQA and MHA, every mask, the causal promise and without it.
+    let device = wgpu_device();
+    let cases = [(GQA, Mask::Packed, 1), (MHA, Mask::Causal, 2), (GQA, Mask::Bidirectional, 3), (LONG_GQA, Mask::Causal, 4), (LONG_GQA, Mask::Packed, 5)];
+    for (shape, mask, seed) in cases {
+        let case = Case::random(seed, shape, mask);
+        let want = reference_outcome(&case, ALL);
+        let causal: &[bool] = if mask == Mask::Bidirectional { &[false] } else { &[true, false] };
+        for &causal in causal {
+            let options = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Flash };
+            let (q, k, v) = case.inputs::<Wgpu>(&device);
+            assert_eq!(Wgpu::attention_kernel(&q, &k, &v, options), AttentionKernel::Flash, "the flash kernels did not run");
+            let got = efficient_outcome::<Autodiff<Wgpu>>(&case, &device, ALL, options);
+            assert_matches(&format!("wgpu flash {shape:?} {mask:?} seed={seed} causal={causal}"), &got, &want, TOLERANCE);
+        }
+    }
+    // Only some inputs tracked: the kernels run for the wanted gradients alone.
+    for track in [[false, false, true], [true, false, false], [false, true, false]] {
+        let case = Case::random(6, LONG_GQA, Mask::Packed);
+        let want = reference_outcome(&case, track);
+        let options = AttentionOptions { block_q: None, causal: true, kernel: AttentionKernel::Flash };
+        let got = efficient_outcome::<Autodiff<Wgpu>>(&case, &device, track, options);
+        assert_matches(&format!("wgpu flash track {track:?}"), &got, &want, TOLERANCE);
+    }
 }
 
 #[test]
@@ -281,6 +313,7 @@ fn other_dtypes_come_back_in_their_dtype() {
         let out = attention(q.clone(), k.clone(), v.clone(), case.scale(), case.blocked::<Reference>(&device), AttentionOptions {
             block_q: Some(8),
             causal: true,
+            kernel: AttentionKernel::Blockwise,
         });
         assert_eq!(out.dtype(), DType::F64);
         let upstream = case.tensor::<Reference>(&case.grad, case.q_heads, &device).cast(FloatDType::F64);
@@ -305,7 +338,7 @@ fn causal_option_skips_the_keys_after_a_block() {
     let (q, k, v) = case.inputs::<NdArray<f32>>(&Default::default());
     let blocked = case.blocked::<NdArray<f32>>(&Default::default());
     let want = values(reference::attention(q.clone(), k.clone(), v.clone(), case.scale(), blocked.clone()));
-    let options = AttentionOptions { block_q: Some(8), causal: true };
+    let options = AttentionOptions { block_q: Some(8), causal: true, kernel: AttentionKernel::Blockwise };
     let got = values(memory_efficient_attention(q, k, v, case.scale(), blocked, options));
     assert!(relative_error(&got, &want) > 0.01);
 }
@@ -320,7 +353,7 @@ fn log_sum_exp_is_saved_per_row() {
     let [b, h, s, _] = q.dims();
     let masked = scores.mask_fill(blocked.clone().expand([b, h, s, s]), f32::NEG_INFINITY);
     let want = values(masked.exp().sum_dim(3).log());
-    let options = AttentionOptions { block_q: Some(5), causal: true };
+    let options = AttentionOptions { block_q: Some(5), causal: true, kernel: AttentionKernel::Blockwise };
     let f = NdArray::<f32>::blockwise_attention_forward(q, k, v, case.scale(), blocked, options);
     assert_eq!(f.lse.dims(), [b, h, s]);
     assert_close("lse", "lse", &values(f.lse), &want, TOLERANCE);
@@ -333,7 +366,7 @@ fn default_block_keeps_scores_near_256_mib() {
     assert_eq!(options.block_q_for(4, 28, 2048), 256);
     assert_eq!(options.block_q_for(16, 28, 2048), 64);
     assert_eq!(options.block_q_for(2, 4, 37), 37, "never more than seq");
-    let fixed = AttentionOptions { block_q: Some(8), causal: true };
+    let fixed = AttentionOptions { block_q: Some(8), causal: true, kernel: AttentionKernel::Blockwise };
     assert_eq!(fixed.block_q_for(4, 28, 2048), 8);
     assert_eq!(fixed.block_q_for(1, 1, 5), 5);
 }
@@ -492,6 +525,30 @@ mod cuda {
 
     fn forced() {
         assert_ne!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_CUDA_KERNELS=0 turns the kernels under test off");
+    }
+
+    /// The flash kernels on CUDA against the f32 reference: bf16 on tensor cores (the default
+    /// there) at head dims 128 and 64 over several 64-row tiles, the last partial, GQA and MHA,
+    /// packed and causal masks; f32 forced onto the per-element path.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_flash_matches_reference() {
+        forced();
+        let device = CudaDevice::default();
+        for (shape, mask, seed) in [((2, 8, 2, 200, 128), Mask::Packed, 1), ((1, 4, 4, 130, 64), Mask::Causal, 2), ((1, 4, 2, 96, 128), Mask::Bidirectional, 3)] {
+            let case = Case::random(seed, shape, mask);
+            let want = reference_outcome(&case, ALL);
+            let causal = mask != Mask::Bidirectional;
+            let auto = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Auto };
+            let (q, k, v) = case.inputs::<CudaBf16>(&device);
+            assert_eq!(CudaBf16::attention_kernel(&q, &k, &v, auto), AttentionKernel::Flash, "bf16 did not take the flash kernels");
+            let got = efficient_outcome::<Autodiff<CudaBf16>>(&case, &device, ALL, auto);
+            // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
+            assert_matches(&format!("cuda bf16 flash {shape:?} {mask:?}"), &got, &want, 3e-2);
+            let forced = AttentionOptions { kernel: AttentionKernel::Flash, ..auto };
+            let got = efficient_outcome::<Autodiff<CudaF32>>(&case, &device, ALL, forced);
+            assert_matches(&format!("cuda f32 flash {shape:?} {mask:?}"), &got, &want, 1e-4);
+        }
     }
 
     #[test]

@@ -260,7 +260,7 @@ fn first_above<const N: usize>(tolerance: f32, errors: [(&'static str, f32); N])
 /// in f32 from the same bf16 values, forward and backward.
 pub fn attention_check(device: &burn::backend::cuda::CudaDevice) -> AttentionCheck {
     use burn::tensor::{Distribution, FloatDType, Int, TensorData};
-    use kernels_cubecl::{attention_mask, memory_efficient_attention, reference, AttentionOptions};
+    use kernels_cubecl::{attention_mask, memory_efficient_attention, reference, AttentionKernel, AttentionOptions};
     type G = Autodiff<Cuda<half::bf16>>;
     type C = Autodiff<burn::backend::NdArray<f32>>;
     let (b, hq, hkv, s, d) = (2, 4, 2, 300, 64);
@@ -280,7 +280,7 @@ pub fn attention_check(device: &burn::backend::cuda::CudaDevice) -> AttentionChe
     let seg = || TensorData::new(segments.clone(), [b, s]);
     let mask = attention_mask::<G>(Some(Tensor::<G, 2, Int>::from_data(seg(), device)), b, s, device);
     let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
-    let options = AttentionOptions { block_q: Some(64), causal: true };
+    let options = AttentionOptions { block_q: Some(64), causal: true, kernel: AttentionKernel::Auto };
     let y = memory_efficient_attention(q.clone(), k.clone(), v.clone(), scale, mask, options);
     let g = (y.clone().cast(FloatDType::F32) * r.cast(FloatDType::F32)).sum().backward();
     let grad = |t: &Tensor<G, 4>| t.grad(&g).map(|t| host_values(Tensor::<G, 4>::from_inner(t)));

@@ -13,7 +13,10 @@ use cubecl::prelude::CubeDim;
 use super::{cube_tensor, f32_tensor, float};
 use super::row_kernel::{row_cubes, row_units};
 use super::softmax_rows::{softmax_grad_rows, softmax_rows, MAX_ROW_UNITS};
-use crate::attention::{block_softmax, block_softmax_grad, FusedAttentionBackend};
+use crate::attention::{
+    block_softmax, block_softmax_grad, blockwise_backward, blockwise_forward, AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions,
+    AttentionWanted, FusedAttentionBackend,
+};
 
 /// The f32 view the kernels read per-row values through (a cast only if not f32 already).
 fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -25,6 +28,47 @@ fn f32_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
 impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedAttentionBackend for CubeBackend<R, F, I, BT> {
     fn attention_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
         <Self as crate::linear::LinearBackend>::gemm_batched(a, b)
+    }
+
+    fn attention_kernel(q: &Tensor<Self, 4>, k: &Tensor<Self, 4>, v: &Tensor<Self, 4>, options: AttentionOptions) -> AttentionKernel {
+        match super::flash::plan(q, k, v, options) {
+            Some(_) => AttentionKernel::Flash,
+            None => AttentionKernel::Blockwise,
+        }
+    }
+
+    fn blockwise_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        options: AttentionOptions,
+    ) -> AttentionForward<Self> {
+        match super::flash::plan(&q, &k, &v, options) {
+            Some(plan) if blocked.dims() == [q.dims()[0], 1, q.dims()[2], q.dims()[2]] => {
+                super::flash::forward(q, k, v, scale, blocked, options, plan)
+            }
+            _ => blockwise_forward(q, k, v, scale, blocked, options),
+        }
+    }
+
+    fn blockwise_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        scale: f64,
+        blocked: Tensor<Self, 4, Bool>,
+        saved: AttentionForward<Self>,
+        grad_output: Tensor<Self, 4>,
+        options: AttentionOptions,
+        wanted: AttentionWanted,
+    ) -> AttentionGrads<Self> {
+        let shapes_match = blocked.dims() == [q.dims()[0], 1, q.dims()[2], q.dims()[2]] && grad_output.dims() == q.dims();
+        match super::flash::plan(&q, &k, &v, options) {
+            Some(plan) if shapes_match => super::flash::backward(q, k, v, scale, blocked, saved, grad_output, options, wanted, plan),
+            _ => blockwise_backward(q, k, v, scale, blocked, saved, grad_output, options, wanted),
+        }
     }
 
     fn attention_block_softmax(

@@ -8,6 +8,8 @@ mod compute_stream;
 pub mod cublas;
 #[cfg(feature = "cuda")]
 mod cublas_grouped;
+mod flash;
+mod flash_kernel;
 pub mod gemm;
 mod layer_kernels;
 mod layer_ops;

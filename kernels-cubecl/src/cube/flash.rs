@@ -1,0 +1,240 @@
+//! When the flash kernels ([`super::flash_kernel`]) run, with which tiles, and their launches
+//! on `CubeBackend` tensors.
+
+use burn::tensor::{Bool, DType, FloatDType, Shape, Tensor};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::features::MmaConfig;
+use cubecl::ir::StorageType;
+use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
+
+use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward};
+use super::{cube_tensor, float};
+use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted};
+
+/// Tiles of one kernel: `br` query rows by `bc` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tiles {
+    br: usize,
+    bc: usize,
+}
+
+/// How the flash kernels run for one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FlashPlan {
+    tensor_cores: bool,
+    units: usize,
+    forward: Tiles,
+    /// The keys' and values' gradients: `bc` keys a cube, `br` query rows a step.
+    backward_kv: Tiles,
+    backward_q: Tiles,
+}
+
+impl FlashPlan {
+    /// Four planes of 32 on tensor cores (one 16-row fragment row each in the forward); the
+    /// tiles keep two cubes on an SM of 228 KiB at head dim 128 (~105 KiB each).
+    const TENSOR_CORES: Self = Self {
+        tensor_cores: true,
+        units: 128,
+        forward: Tiles { br: 64, bc: 64 },
+        backward_kv: Tiles { br: 64, bc: 32 },
+        backward_q: Tiles { br: 64, bc: 32 },
+    };
+    /// One unit per product element: small tiles, within wgpu's 16 KiB of shared memory for
+    /// small head dims (tests).
+    const UNITS: Self = Self {
+        tensor_cores: false,
+        units: 64,
+        forward: Tiles { br: 16, bc: 16 },
+        backward_kv: Tiles { br: 16, bc: 16 },
+        backward_q: Tiles { br: 16, bc: 16 },
+    };
+
+    /// Shared memory of the largest of the three kernels at head dim `d`, `es` bytes an input
+    /// element.
+    fn shared_bytes(&self, d: usize, es: usize) -> usize {
+        let Tiles { br, bc } = self.forward;
+        let forward = es * (br * d + 2 * bc * d + br * bc) + 4 * (br * bc + br * d + 2 * br + 2 * self.units);
+        let Tiles { br, bc } = self.backward_kv;
+        let kv = es * (2 * bc * d + 2 * br * d + 2 * br * bc) + 4 * (2 * br * bc + 2 * bc * d + 2 * br);
+        let Tiles { br, bc } = self.backward_q;
+        let q = es * (2 * br * d + 2 * bc * d + br * bc + 1) + 4 * (2 * br * bc + br * d + 2 * br);
+        forward.max(kv).max(q)
+    }
+}
+
+/// The kernel the environment asks for in place of [`AttentionKernel::Auto`].
+fn from_env() -> AttentionKernel {
+    static KERNEL: std::sync::OnceLock<AttentionKernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| match std::env::var("KERNELS_CUBECL_ATTENTION").as_deref() {
+        Ok("blockwise") => AttentionKernel::Blockwise,
+        Ok("flash") => AttentionKernel::Flash,
+        _ => AttentionKernel::Auto,
+    })
+}
+
+/// Whether `client` multiplies 16x16x16 fragments of `dtype` into f32 in planes of 32.
+fn tensor_cores<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return false;
+    }
+    let props = client.properties();
+    let (ab, f32_type): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
+    let config = MmaConfig { a_type: ab, b_type: ab, cd_type: f32_type, m: 16, n: 16, k: 16 };
+    props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.cmma.contains(&config)
+}
+
+/// The plan for attention over `q` (`[batch, q_heads, seq, head_dim]`) and `k`, `v` of the
+/// same dtype, or `None` for the blockwise path.
+pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    q: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+    k: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+    v: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+    options: AttentionOptions,
+) -> Option<FlashPlan> {
+    let [b, hq, s, d] = q.dims();
+    let dtype = q.dtype();
+    if b * hq * s * d == 0 || k.dtype() != dtype || v.dtype() != dtype || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return None;
+    }
+    let kernel = match options.kernel {
+        AttentionKernel::Auto => from_env(),
+        chosen => chosen,
+    };
+    let client = cube_tensor(q.clone()).client;
+    if !super::kernels_on(&client) || kernel == AttentionKernel::Blockwise {
+        return None;
+    }
+    let on_tensor_cores = d % 16 == 0 && d <= 128 && tensor_cores(&client, dtype);
+    let plan = match (kernel, on_tensor_cores) {
+        (_, true) => FlashPlan::TENSOR_CORES,
+        (AttentionKernel::Flash, false) => FlashPlan::UNITS,
+        _ => return None,
+    };
+    (plan.shared_bytes(d, dtype.size()) <= client.properties().hardware.max_shared_memory_size).then_some(plan)
+}
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// The flash forward: output and row log-sum-exp, as [`crate::attention::blockwise_forward`].
+pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    q: Tensor<Cube<R, F, I, BT>, 4>,
+    k: Tensor<Cube<R, F, I, BT>, 4>,
+    v: Tensor<Cube<R, F, I, BT>, 4>,
+    scale: f64,
+    blocked: Tensor<Cube<R, F, I, BT>, 4, Bool>,
+    options: AttentionOptions,
+    plan: FlashPlan,
+) -> AttentionForward<Cube<R, F, I, BT>> {
+    let [b, hq, s, d] = q.dims();
+    let (q, k, v, mask) = (cube_tensor(q), cube_tensor(k), cube_tensor(v), blocked.into_primitive());
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let out = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([b, hq, s, d]), q.dtype);
+    let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, hq, s]), DType::F32);
+    let Tiles { br, bc } = plan.forward;
+    let dtypes = [q.dtype.into(), mask.dtype.into()];
+    flash_forward::launch::<R>(
+        &client,
+        CubeCount::Static(s.div_ceil(br) as u32, (b * hq) as u32, 1),
+        CubeDim::new_1d(plan.units as u32),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        scale as f32,
+        f32::INFINITY,
+        d,
+        br,
+        bc,
+        plan.units,
+        options.causal,
+        plan.tensor_cores,
+        dtypes,
+    );
+    AttentionForward { output: float(out), lse: float(lse) }
+}
+
+/// The flash backward: the wanted gradients, as [`crate::attention::blockwise_backward`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    q: Tensor<Cube<R, F, I, BT>, 4>,
+    k: Tensor<Cube<R, F, I, BT>, 4>,
+    v: Tensor<Cube<R, F, I, BT>, 4>,
+    scale: f64,
+    blocked: Tensor<Cube<R, F, I, BT>, 4, Bool>,
+    saved: AttentionForward<Cube<R, F, I, BT>>,
+    grad_output: Tensor<Cube<R, F, I, BT>, 4>,
+    options: AttentionOptions,
+    wanted: AttentionWanted,
+    plan: FlashPlan,
+) -> AttentionGrads<Cube<R, F, I, BT>> {
+    let [b, hq, s, d] = q.dims();
+    let hkv = k.dims()[1];
+    let dtype = q.dtype();
+    let grad_output = if grad_output.dtype() == dtype { grad_output } else { grad_output.cast(dtype) };
+    // rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax's correction, per query row.
+    let delta = (grad_output.clone().cast(FloatDType::F32) * saved.output.cast(FloatDType::F32)).sum_dim(3).reshape([b, hq, s]);
+    let lse = saved.lse.cast(FloatDType::F32);
+    let (q, k, v, mask) = (cube_tensor(q), cube_tensor(k), cube_tensor(v), blocked.into_primitive());
+    let (d_out, lse, delta) = (cube_tensor(grad_output), cube_tensor(lse), cube_tensor(delta));
+    let (client, device) = (q.client.clone(), q.device.clone());
+    let q_dtype = q.dtype;
+    let empty = |shape: [usize; 4]| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new(shape), q_dtype);
+    let dtypes = [q.dtype.into(), mask.dtype.into()];
+    let cube_dim = CubeDim::new_1d(plan.units as u32);
+    let (mut grad_k, mut grad_v) = (None, None);
+    if wanted.k || wanted.v {
+        let (dk, dv) = (empty([b, hkv, s, d]), empty([b, hkv, s, d]));
+        let Tiles { br, bc } = plan.backward_kv;
+        flash_backward_kv::launch::<R>(
+            &client,
+            CubeCount::Static(s.div_ceil(bc) as u32, (b * hkv) as u32, 1),
+            cube_dim,
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            mask.clone().into_tensor_arg(),
+            d_out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            scale as f32,
+            d,
+            br,
+            bc,
+            options.causal,
+            plan.tensor_cores,
+            dtypes,
+        );
+        (grad_k, grad_v) = (wanted.k.then(|| float(dk)), wanted.v.then(|| float(dv)));
+    }
+    let grad_q = wanted.q.then(|| {
+        let dq = empty([b, hq, s, d]);
+        let Tiles { br, bc } = plan.backward_q;
+        flash_backward_q::launch::<R>(
+            &client,
+            CubeCount::Static(s.div_ceil(br) as u32, (b * hq) as u32, 1),
+            cube_dim,
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            mask.into_tensor_arg(),
+            d_out.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            scale as f32,
+            d,
+            br,
+            bc,
+            options.causal,
+            plan.tensor_cores,
+            dtypes,
+        );
+        float(dq)
+    });
+    AttentionGrads { q: grad_q, k: grad_k, v: grad_v }
+}
