@@ -84,8 +84,10 @@ impl Case {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
+    /// In the backend's float dtype (bf16 on a bf16 backend: `from_data` keeps f32 data f32).
     fn tensor<B: Backend>(&self, values: &[f32], heads: usize, device: &B::Device) -> Tensor<B, 4> {
-        Tensor::from_data(TensorData::new(values.to_vec(), [self.batch, heads, self.seq, self.head_dim]), device)
+        let data = TensorData::new(values.to_vec(), [self.batch, heads, self.seq, self.head_dim]).convert::<B::FloatElem>();
+        Tensor::from_data(data, device)
     }
 
     fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {

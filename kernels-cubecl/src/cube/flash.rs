@@ -31,8 +31,8 @@ pub(super) struct FlashPlan {
 }
 
 impl FlashPlan {
-    /// Four planes of 32 on tensor cores (one 16-row fragment row each in the forward); the
-    /// tiles keep two cubes on an SM of 228 KiB at head dim 128 (~105 KiB each).
+    /// Four planes of 32 on tensor cores; the tiles keep two cubes on an SM of 228 KiB at head
+    /// dim 128 (~112 KiB each with the padded rows).
     const TENSOR_CORES: Self = Self {
         tensor_cores: true,
         units: 128,
@@ -53,12 +53,14 @@ impl FlashPlan {
     /// Shared memory of the largest of the three kernels at head dim `d`, `es` bytes an input
     /// element.
     fn shared_bytes(&self, d: usize, es: usize) -> usize {
+        // Rows padded as the kernels pad them: +8 input elements, +4 f32.
+        let (de, df) = (d + 8, d + 4);
         let Tiles { br, bc } = self.forward;
-        let forward = es * (br * d + 2 * bc * d + br * bc) + 4 * (br * bc + br * d + 2 * br + 2 * self.units);
+        let forward = es * ((br + 2 * bc) * de + br * (bc + 8)) + 4 * (br * (bc + 4) + br * df + 2 * br + 2 * self.units);
         let Tiles { br, bc } = self.backward_kv;
-        let kv = es * (2 * bc * d + 2 * br * d + 2 * br * bc) + 4 * (2 * br * bc + 2 * bc * d + 2 * br);
+        let kv = es * ((2 * bc + 2 * br) * de + 2 * br * (bc + 8)) + 4 * (2 * br * (bc + 4) + 2 * bc * df + 2 * br);
         let Tiles { br, bc } = self.backward_q;
-        let q = es * (2 * br * d + 2 * bc * d + br * bc + 1) + 4 * (2 * br * bc + br * d + 2 * br);
+        let q = es * ((2 * br + 2 * bc) * de + br * (bc + 8) + 1) + 4 * (2 * br * (bc + 4) + br * df + 2 * br);
         forward.max(kv).max(q)
     }
 }

@@ -101,9 +101,18 @@ pub(super) fn tile_mma<E: Float>(
 }
 
 /// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of `src` (`[batch, heads, seq,
-/// d]`, any strides) into `dst` (`[rows, d]`), zeros past `seq`.
+/// d]`, any strides) into `dst` (`[rows, d]`, row stride `stride`), zeros past `seq`.
 #[cube]
-fn load_rows<E: Float>(src: &Tensor<E>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<E>, #[comptime] rows: usize, #[comptime] d: usize) {
+fn load_rows<E: Float>(
+    src: &Tensor<E>,
+    batch: usize,
+    head: usize,
+    row0: usize,
+    dst: &mut SharedMemory<E>,
+    #[comptime] rows: usize,
+    #[comptime] d: usize,
+    #[comptime] stride: usize,
+) {
     let seq = src.shape(2);
     let base = batch * src.stride(0) + head * src.stride(1);
     let (row_stride, col_stride) = (src.stride(2), src.stride(3));
@@ -114,7 +123,7 @@ fn load_rows<E: Float>(src: &Tensor<E>, batch: usize, head: usize, row0: usize, 
         if r < seq {
             x = src[base + r * row_stride + (i % d) * col_stride];
         }
-        dst[i] = x;
+        dst[(i / d) * stride + i % d] = x;
         i = i + CUBE_DIM as usize;
     }
 }
@@ -174,6 +183,12 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
     let seq = q.shape(2);
+    // Padded row strides of the shared tiles (input dtype: +8 elements, f32: +4): rows start on
+    // different banks, and cmma's loads and stores keep their 16-byte multiples.
+    let ld_e = comptime![d + 8];
+    let ld_f = comptime![d + 4];
+    let ls_f = comptime![bc + 4];
+    let ls_e = comptime![bc + 8];
     let q_heads = q.shape(1);
     let groups = q_heads / k.shape(1);
     let bh = CUBE_POS_Y as usize;
@@ -186,20 +201,20 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let part = unit % per_row;
     let qpos = q0 + row;
 
-    let mut q_s = SharedMemory::<E>::new_aligned(br * d, 128usize);
-    let mut k_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut v_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut s_s = SharedMemory::<f32>::new_aligned(br * bc, 128usize);
-    let mut p_s = SharedMemory::<E>::new_aligned(br * bc, 128usize);
-    let mut o_s = SharedMemory::<f32>::new_aligned(br * d, 128usize);
+    let mut q_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
+    let mut k_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut v_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut s_s = SharedMemory::<f32>::new_aligned(br * (bc + 4), 128usize);
+    let mut p_s = SharedMemory::<E>::new_aligned(br * (bc + 8), 128usize);
+    let mut o_s = SharedMemory::<f32>::new_aligned(br * (d + 4), 128usize);
     let mut m_s = SharedMemory::<f32>::new(br);
     let mut l_s = SharedMemory::<f32>::new(br);
     let mut max_s = SharedMemory::<f32>::new(units);
     let mut sum_s = SharedMemory::<f32>::new(units);
 
-    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d);
+    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
     let mut i = unit;
-    while i < br * d {
+    while i < br * (d + 4) {
         o_s[i] = 0.0;
         i = i + units;
     }
@@ -219,10 +234,10 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let kv_head = head / groups;
     for blk in 0..blocks {
         let k0 = blk * bc;
-        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d);
-        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d);
+        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
         sync_cube();
-        tile_mma::<E>(&q_s, d, false, &k_s, d, true, &mut s_s, bc, br, bc, d, false, tensor_cores);
+        tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
         sync_cube();
 
         // The row's scaled, masked scores and their max, `per_row` units a row.
@@ -232,9 +247,9 @@ pub(super) fn flash_forward<E: Float, M: Int>(
         while c < bc {
             let mut x = f32::new(FLOOR);
             if readable::<M>(mask, batch, qpos, k0 + c, seq, causal) {
-                x = s_s[row * bc + c] * scale;
+                x = s_s[row * (bc + 4) + c] * scale;
             }
-            s_s[row * bc + c] = x;
+            s_s[row * (bc + 4) + c] = x;
             block_max = f32::max(block_max, x);
             c = c + per_row;
         }
@@ -248,12 +263,12 @@ pub(super) fn flash_forward<E: Float, M: Int>(
         let mut sum = f32::new(0.0);
         let mut c = part;
         while c < bc {
-            let x = s_s[row * bc + c];
+            let x = s_s[row * (bc + 4) + c];
             let mut p = f32::new(0.0);
             if x > FLOOR {
                 p = (x - m_new).exp();
             }
-            p_s[row * bc + c] = E::cast_from(p);
+            p_s[row * (bc + 8) + c] = E::cast_from(p);
             sum = sum + p;
             c = c + per_row;
         }
@@ -262,7 +277,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
         let alpha = (m_old - m_new).exp();
         let mut c = part;
         while c < d {
-            o_s[row * d + c] = o_s[row * d + c] * alpha;
+            o_s[row * (d + 4) + c] = o_s[row * (d + 4) + c] * alpha;
             c = c + per_row;
         }
         sync_cube();
@@ -275,7 +290,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
             l_s[row] = l_s[row] * alpha + total;
             m_s[row] = m_new;
         }
-        tile_mma::<E>(&p_s, bc, false, &v_s, d, false, &mut o_s, d, br, d, bc, true, tensor_cores);
+        tile_mma::<E>(&p_s, ls_e, false, &v_s, ld_e, false, &mut o_s, ld_f, br, d, bc, true, tensor_cores);
         sync_cube();
     }
 
@@ -287,7 +302,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
             let l = l_s[r];
             let mut o = f32::new(0.0);
             if l > 0.0 {
-                o = o_s[i] / l;
+                o = o_s[r * (d + 4) + i % d] / l;
             }
             out[out_base + (q0 + r) * d + i % d] = E::cast_from(o);
         }
@@ -329,13 +344,14 @@ fn probs_and_grad<E: Float, M: Int>(
     while i < br * bc {
         let r = i / bc;
         let mut p = f32::new(0.0);
-        if readable::<M>(mask, batch, q0 + r, k0 + i % bc, seq, causal) {
-            p = (s_s[i] * scale - lse_s[r]).exp();
+        let c = i % bc;
+        if readable::<M>(mask, batch, q0 + r, k0 + c, seq, causal) {
+            p = (s_s[r * (bc + 4) + c] * scale - lse_s[r]).exp();
         }
         if write_probs {
-            p_e[i] = E::cast_from(p);
+            p_e[r * (bc + 8) + c] = E::cast_from(p);
         }
-        ds_e[i] = E::cast_from(p * (dp_s[i] - delta_s[r]));
+        ds_e[r * (bc + 8) + c] = E::cast_from(p * (dp_s[r * (bc + 4) + c] - delta_s[r]));
         i = i + CUBE_DIM as usize;
     }
 }
@@ -366,6 +382,12 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
     let seq = q.shape(2);
+    // Padded row strides of the shared tiles (input dtype: +8 elements, f32: +4): rows start on
+    // different banks, and cmma's loads and stores keep their 16-byte multiples.
+    let ld_e = comptime![d + 8];
+    let ld_f = comptime![d + 4];
+    let ls_f = comptime![bc + 4];
+    let ls_e = comptime![bc + 8];
     let kv_heads = k.shape(1);
     let groups = q.shape(1) / kv_heads;
     let bh = CUBE_POS_Y as usize;
@@ -373,23 +395,23 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
     let kv_head = bh % kv_heads;
     let k0 = CUBE_POS_X as usize * bc;
 
-    let mut k_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut v_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut q_s = SharedMemory::<E>::new_aligned(br * d, 128usize);
-    let mut do_s = SharedMemory::<E>::new_aligned(br * d, 128usize);
-    let mut s_s = SharedMemory::<f32>::new_aligned(br * bc, 128usize);
-    let mut dp_s = SharedMemory::<f32>::new_aligned(br * bc, 128usize);
-    let mut p_e = SharedMemory::<E>::new_aligned(br * bc, 128usize);
-    let mut ds_e = SharedMemory::<E>::new_aligned(br * bc, 128usize);
-    let mut dk_s = SharedMemory::<f32>::new_aligned(bc * d, 128usize);
-    let mut dv_s = SharedMemory::<f32>::new_aligned(bc * d, 128usize);
+    let mut k_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut v_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut q_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
+    let mut do_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
+    let mut s_s = SharedMemory::<f32>::new_aligned(br * (bc + 4), 128usize);
+    let mut dp_s = SharedMemory::<f32>::new_aligned(br * (bc + 4), 128usize);
+    let mut p_e = SharedMemory::<E>::new_aligned(br * (bc + 8), 128usize);
+    let mut ds_e = SharedMemory::<E>::new_aligned(br * (bc + 8), 128usize);
+    let mut dk_s = SharedMemory::<f32>::new_aligned(bc * (d + 4), 128usize);
+    let mut dv_s = SharedMemory::<f32>::new_aligned(bc * (d + 4), 128usize);
     let mut lse_s = SharedMemory::<f32>::new(br);
     let mut delta_s = SharedMemory::<f32>::new(br);
 
-    load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d);
-    load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d);
+    load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+    load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
     let mut i = UNIT_POS as usize;
-    while i < bc * d {
+    while i < bc * (d + 4) {
         dk_s[i] = 0.0;
         dv_s[i] = 0.0;
         i = i + CUBE_DIM as usize;
@@ -406,19 +428,19 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
         for qb in first..q_blocks {
             let q0 = qb * br;
             // (The previous round's products are done: it ended on a sync.)
-            load_rows::<E>(q, batch, head, q0, &mut q_s, br, d);
-            load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d);
+            load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
+            load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
             load_row_values(lse, batch, head, q0, &mut lse_s, br);
             load_row_values(delta, batch, head, q0, &mut delta_s, br);
             sync_cube();
-            tile_mma::<E>(&q_s, d, false, &k_s, d, true, &mut s_s, bc, br, bc, d, false, tensor_cores);
-            tile_mma::<E>(&do_s, d, false, &v_s, d, true, &mut dp_s, bc, br, bc, d, false, tensor_cores);
+            tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
+            tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
             sync_cube();
             probs_and_grad::<E, M>(mask, batch, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut p_e, &mut ds_e, br, bc, causal, true);
             sync_cube();
             // dV += P^T dO, dK += dS^T Q (scaled once at the end).
-            tile_mma::<E>(&p_e, bc, true, &do_s, d, false, &mut dv_s, d, bc, d, br, true, tensor_cores);
-            tile_mma::<E>(&ds_e, bc, true, &q_s, d, false, &mut dk_s, d, bc, d, br, true, tensor_cores);
+            tile_mma::<E>(&p_e, ls_e, true, &do_s, ld_e, false, &mut dv_s, ld_f, bc, d, br, true, tensor_cores);
+            tile_mma::<E>(&ds_e, ls_e, true, &q_s, ld_e, false, &mut dk_s, ld_f, bc, d, br, true, tensor_cores);
             sync_cube();
         }
     }
@@ -428,8 +450,9 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
     while i < bc * d {
         let r = k0 + i / d;
         if r < seq {
-            d_k[base + r * d + i % d] = E::cast_from(dk_s[i] * scale);
-            d_v[base + r * d + i % d] = E::cast_from(dv_s[i]);
+            let at = (i / d) * (d + 4) + i % d;
+            d_k[base + r * d + i % d] = E::cast_from(dk_s[at] * scale);
+            d_v[base + r * d + i % d] = E::cast_from(dv_s[at]);
         }
         i = i + CUBE_DIM as usize;
     }
@@ -458,6 +481,12 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
     let seq = q.shape(2);
+    // Padded row strides of the shared tiles (input dtype: +8 elements, f32: +4): rows start on
+    // different banks, and cmma's loads and stores keep their 16-byte multiples.
+    let ld_e = comptime![d + 8];
+    let ld_f = comptime![d + 4];
+    let ls_f = comptime![bc + 4];
+    let ls_e = comptime![bc + 8];
     let q_heads = q.shape(1);
     let groups = q_heads / k.shape(1);
     let bh = CUBE_POS_Y as usize;
@@ -466,25 +495,25 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     let kv_head = head / groups;
     let q0 = CUBE_POS_X as usize * br;
 
-    let mut q_s = SharedMemory::<E>::new_aligned(br * d, 128usize);
-    let mut do_s = SharedMemory::<E>::new_aligned(br * d, 128usize);
-    let mut k_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut v_s = SharedMemory::<E>::new_aligned(bc * d, 128usize);
-    let mut s_s = SharedMemory::<f32>::new_aligned(br * bc, 128usize);
-    let mut dp_s = SharedMemory::<f32>::new_aligned(br * bc, 128usize);
-    let mut ds_e = SharedMemory::<E>::new_aligned(br * bc, 128usize);
-    let mut dq_s = SharedMemory::<f32>::new_aligned(br * d, 128usize);
+    let mut q_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
+    let mut do_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
+    let mut k_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut v_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
+    let mut s_s = SharedMemory::<f32>::new_aligned(br * (bc + 4), 128usize);
+    let mut dp_s = SharedMemory::<f32>::new_aligned(br * (bc + 4), 128usize);
+    let mut ds_e = SharedMemory::<E>::new_aligned(br * (bc + 8), 128usize);
+    let mut dq_s = SharedMemory::<f32>::new_aligned(br * (d + 4), 128usize);
     // (The probabilities' tile, which this kernel does not write.)
     let mut unused = SharedMemory::<E>::new(1usize);
     let mut lse_s = SharedMemory::<f32>::new(br);
     let mut delta_s = SharedMemory::<f32>::new(br);
 
-    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d);
-    load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d);
+    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
+    load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
     load_row_values(lse, batch, head, q0, &mut lse_s, br);
     load_row_values(delta, batch, head, q0, &mut delta_s, br);
     let mut i = UNIT_POS as usize;
-    while i < br * d {
+    while i < br * (d + 4) {
         dq_s[i] = 0.0;
         i = i + CUBE_DIM as usize;
     }
@@ -498,15 +527,15 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     let blocks = (kv_end + bc - 1) / bc;
     for blk in 0..blocks {
         let k0 = blk * bc;
-        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d);
-        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d);
+        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
         sync_cube();
-        tile_mma::<E>(&q_s, d, false, &k_s, d, true, &mut s_s, bc, br, bc, d, false, tensor_cores);
-        tile_mma::<E>(&do_s, d, false, &v_s, d, true, &mut dp_s, bc, br, bc, d, false, tensor_cores);
+        tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
+        tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
         sync_cube();
         probs_and_grad::<E, M>(mask, batch, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut unused, &mut ds_e, br, bc, causal, false);
         sync_cube();
-        tile_mma::<E>(&ds_e, bc, false, &k_s, d, false, &mut dq_s, d, br, d, bc, true, tensor_cores);
+        tile_mma::<E>(&ds_e, ls_e, false, &k_s, ld_e, false, &mut dq_s, ld_f, br, d, bc, true, tensor_cores);
         sync_cube();
     }
 
@@ -515,7 +544,7 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     while i < br * d {
         let r = q0 + i / d;
         if r < seq {
-            d_q[base + r * d + i % d] = E::cast_from(dq_s[i] * scale);
+            d_q[base + r * d + i % d] = E::cast_from(dq_s[(i / d) * (d + 4) + i % d] * scale);
         }
         i = i + CUBE_DIM as usize;
     }
