@@ -53,16 +53,16 @@ pub struct AttentionOptions {
 /// Which implementation of the attention runs, where a backend has several.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// The backend's flash kernels where they run on tensor cores (CubeCL: CUDA, bf16 or f16
-    /// inputs, head dim a multiple of 16 up to 128), the blockwise path elsewhere.
-    /// `KERNELS_CUBECL_ATTENTION=blockwise` or `=flash` in the environment overrides it.
+    /// The blockwise path for now: the flash kernels are slower than it on the H100 so far
+    /// (benches/RESULTS.md, session 26); they take over where they measure faster.
+    /// `KERNELS_CUBECL_ATTENTION=flash` (or `=blockwise`) in the environment picks one.
     #[default]
     Auto,
     /// The blockwise path of plain-Burn ops and row kernels.
     Blockwise,
-    /// The flash kernels wherever the backend has them for the inputs (CubeCL: also without
-    /// tensor cores, one unit per product element, as in the wgpu tests), the blockwise path
-    /// elsewhere.
+    /// The flash kernels wherever the backend has them for the inputs (CubeCL: on tensor cores
+    /// for bf16/f16 at head dims that are multiples of 16 up to 128, else one unit per product
+    /// element, as in the wgpu tests), the blockwise path elsewhere.
     Flash,
 }
 

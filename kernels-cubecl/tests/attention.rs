@@ -84,10 +84,8 @@ impl Case {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
-    /// In the backend's float dtype (bf16 on a bf16 backend: `from_data` keeps f32 data f32).
     fn tensor<B: Backend>(&self, values: &[f32], heads: usize, device: &B::Device) -> Tensor<B, 4> {
-        let data = TensorData::new(values.to_vec(), [self.batch, heads, self.seq, self.head_dim]).convert::<B::FloatElem>();
-        Tensor::from_data(data, device)
+        Tensor::from_data(TensorData::new(values.to_vec(), [self.batch, heads, self.seq, self.head_dim]), device)
     }
 
     fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -133,11 +131,29 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 type Attention<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, f64, Tensor<B, 4, Bool>, AttentionOptions) -> Tensor<B, 4>;
 
 fn run<B: AutodiffBackend>(case: &Case, device: &B::Device, track: [bool; 3], options: AttentionOptions, attention: Attention<B>) -> Outcome {
+    run_in(None, case, device, track, options, attention)
+}
+
+/// [`run`] with the inputs and the upstream gradient cast to `dtype` first (f32 data makes f32
+/// tensors on any backend).
+fn run_in<B: AutodiffBackend>(
+    dtype: Option<FloatDType>,
+    case: &Case,
+    device: &B::Device,
+    track: [bool; 3],
+    options: AttentionOptions,
+    attention: Attention<B>,
+) -> Outcome {
+    let cast = |t: Tensor<B, 4>| match dtype {
+        Some(dtype) => t.cast(dtype),
+        None => t,
+    };
     let (q, k, v) = case.inputs::<B>(device);
+    let (q, k, v) = (cast(q), cast(k), cast(v));
     let tracked = |t: Tensor<B, 4>, on: bool| if on { t.require_grad() } else { t };
     let (q, k, v) = (tracked(q, track[0]), tracked(k, track[1]), tracked(v, track[2]));
     let out = attention(q.clone(), k.clone(), v.clone(), case.scale(), case.blocked::<B>(device), options);
-    let upstream = case.tensor::<B>(&case.grad, case.q_heads, device);
+    let upstream = cast(case.tensor::<B>(&case.grad, case.q_heads, device));
     let grads = (out.clone() * upstream).sum().backward();
     Outcome {
         out: values(out),
@@ -529,9 +545,10 @@ mod cuda {
         assert_ne!(std::env::var("KERNELS_CUBECL_CUDA_KERNELS").as_deref(), Ok("0"), "KERNELS_CUBECL_CUDA_KERNELS=0 turns the kernels under test off");
     }
 
-    /// The flash kernels on CUDA against the f32 reference: bf16 on tensor cores (the default
-    /// there) at head dims 128 and 64 over several 64-row tiles, the last partial, GQA and MHA,
-    /// packed and causal masks; f32 forced onto the per-element path.
+    /// The flash kernels on CUDA in bf16 on tensor cores against the f32 reference: head dims 128
+    /// and 64 over several 64-row tiles, the last partial, GQA and MHA, packed, causal and
+    /// bidirectional masks. (f32 is not run here: Burn fixes a CUDA device's float dtype at its
+    /// first tensor, and these tests share a process; the per-element path runs on wgpu.)
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_flash_matches_reference() {
@@ -541,15 +558,13 @@ mod cuda {
             let case = Case::random(seed, shape, mask);
             let want = reference_outcome(&case, ALL);
             let causal = mask != Mask::Bidirectional;
-            let auto = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Auto };
-            let (q, k, v) = case.inputs::<CudaBf16>(&device);
-            assert_eq!(CudaBf16::attention_kernel(&q, &k, &v, auto), AttentionKernel::Flash, "bf16 did not take the flash kernels");
-            let got = efficient_outcome::<Autodiff<CudaBf16>>(&case, &device, ALL, auto);
+            let options = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Flash };
+            let (q, k, v) = case.inputs::<CudaF32>(&device);
+            let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
+            assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), AttentionKernel::Flash, "bf16 did not take the flash kernels");
+            let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
             // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
             assert_matches(&format!("cuda bf16 flash {shape:?} {mask:?}"), &got, &want, 3e-2);
-            let forced = AttentionOptions { kernel: AttentionKernel::Flash, ..auto };
-            let got = efficient_outcome::<Autodiff<CudaF32>>(&case, &device, ALL, forced);
-            assert_matches(&format!("cuda f32 flash {shape:?} {mask:?}"), &got, &want, 1e-4);
         }
     }
 

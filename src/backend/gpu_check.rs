@@ -226,7 +226,8 @@ fn max_rel_error(got: Option<Vec<f64>>, want: &[f64]) -> f32 {
     (got.iter().zip(want).fold(0.0f64, |a, (g, w)| a.max((g - w).abs())) / scale) as f32
 }
 
-/// How far the CUDA attention (blockwise, cuBLAS batched GEMMs on strided views) is from the
+/// How far the CUDA attention (the path the model takes: blockwise with cuBLAS batched GEMMs by
+/// default, the flash kernels with `KERNELS_CUBECL_ATTENTION=flash`) is from the
 /// plain-Burn reference in f32 on the CPU, on random bf16 q/k/v:
 /// output and the three gradients, as max |diff| / max |reference|.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -146,15 +146,28 @@ fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, ds
 
 /// Whether query `qpos` may read key `kpos` (both may lie past `seq`, then not).
 #[cube]
-fn readable<M: Int>(mask: &Tensor<M>, batch: usize, qpos: usize, kpos: usize, seq: usize, #[comptime] causal: bool) -> bool {
+fn readable<M: Int>(mask: &Tensor<M>, strides: MaskStrides, qpos: usize, kpos: usize, seq: usize, #[comptime] causal: bool) -> bool {
     let mut ok = qpos < seq && kpos < seq;
     if causal {
         ok = ok && kpos <= qpos;
     }
     if ok {
-        ok = mask[batch * mask.stride(0) + qpos * mask.stride(2) + kpos * mask.stride(3)] == M::new(0);
+        ok = mask[strides.batch + qpos * strides.query + kpos * strides.key] == M::new(0);
     }
     ok
+}
+
+/// The mask's offset of the cube's batch and its query and key strides, read once.
+#[derive(CubeType, Clone, Copy)]
+struct MaskStrides {
+    batch: usize,
+    query: usize,
+    key: usize,
+}
+
+#[cube]
+fn mask_strides<M: Int>(mask: &Tensor<M>, batch: usize) -> MaskStrides {
+    MaskStrides { batch: batch * mask.stride(0), query: mask.stride(2), key: mask.stride(3) }
 }
 
 /// One cube per block of `br` query rows of one (batch, query head): the output `out`
@@ -163,7 +176,7 @@ fn readable<M: Int>(mask: &Tensor<M>, batch: usize, qpos: usize, kpos: usize, se
 /// reads no key, whose output is 0). Cube `(x, y)`: query block `x`, `y = batch * q_heads +
 /// head`. `units` units, `units / br` of them per row in the softmax; with `causal` the key
 /// blocks after the query block's last row are skipped.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_forward<E: Float, M: Int>(
     q: &Tensor<E>,
@@ -194,6 +207,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let bh = CUBE_POS_Y as usize;
     let batch = bh / q_heads;
     let head = bh % q_heads;
+    let strides = mask_strides::<M>(mask, batch);
     let q0 = CUBE_POS_X as usize * br;
     let unit = UNIT_POS as usize;
     let per_row = comptime![units / br];
@@ -246,7 +260,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
         let mut c = part;
         while c < bc {
             let mut x = f32::new(FLOOR);
-            if readable::<M>(mask, batch, qpos, k0 + c, seq, causal) {
+            if readable::<M>(mask, strides, qpos, k0 + c, seq, causal) {
                 x = s_s[row * (bc + 4) + c] * scale;
             }
             s_s[row * (bc + 4) + c] = x;
@@ -324,7 +338,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
 #[allow(clippy::too_many_arguments)]
 fn probs_and_grad<E: Float, M: Int>(
     mask: &Tensor<M>,
-    batch: usize,
+    strides: MaskStrides,
     q0: usize,
     k0: usize,
     seq: usize,
@@ -345,7 +359,7 @@ fn probs_and_grad<E: Float, M: Int>(
         let r = i / bc;
         let mut p = f32::new(0.0);
         let c = i % bc;
-        if readable::<M>(mask, batch, q0 + r, k0 + c, seq, causal) {
+        if readable::<M>(mask, strides, q0 + r, k0 + c, seq, causal) {
             p = (s_s[r * (bc + 4) + c] * scale - lse_s[r]).exp();
         }
         if write_probs {
@@ -361,7 +375,7 @@ fn probs_and_grad<E: Float, M: Int>(
 /// and every query block that reads the keys. `lse` and `delta = rowsum(dO O)` are per query
 /// row (`[batch, q_heads, seq]`, f32, any strides). Cube `(x, y)`: key block `x`, `y = batch *
 /// kv_heads + kv_head`.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_kv<E: Float, M: Int>(
     q: &Tensor<E>,
@@ -393,6 +407,7 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
     let bh = CUBE_POS_Y as usize;
     let batch = bh / kv_heads;
     let kv_head = bh % kv_heads;
+    let strides = mask_strides::<M>(mask, batch);
     let k0 = CUBE_POS_X as usize * bc;
 
     let mut k_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
@@ -436,7 +451,7 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
             tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
             tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
             sync_cube();
-            probs_and_grad::<E, M>(mask, batch, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut p_e, &mut ds_e, br, bc, causal, true);
+            probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut p_e, &mut ds_e, br, bc, causal, true);
             sync_cube();
             // dV += P^T dO, dK += dS^T Q (scaled once at the end).
             tile_mma::<E>(&p_e, ls_e, true, &do_s, ld_e, false, &mut dv_s, ld_f, bc, d, br, true, tensor_cores);
@@ -461,7 +476,7 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
 /// One cube per block of `br` query rows of one (batch, query head): the queries' gradient
 /// `d_q` (`[batch, q_heads, seq, d]`, contiguous) over every key block the rows read. Cube
 /// `(x, y)`: query block `x`, `y = batch * q_heads + head`.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_q<E: Float, M: Int>(
     q: &Tensor<E>,
@@ -492,6 +507,7 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     let bh = CUBE_POS_Y as usize;
     let batch = bh / q_heads;
     let head = bh % q_heads;
+    let strides = mask_strides::<M>(mask, batch);
     let kv_head = head / groups;
     let q0 = CUBE_POS_X as usize * br;
 
@@ -533,7 +549,7 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
         tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
         tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
         sync_cube();
-        probs_and_grad::<E, M>(mask, batch, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut unused, &mut ds_e, br, bc, causal, false);
+        probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut unused, &mut ds_e, br, bc, causal, false);
         sync_cube();
         tile_mma::<E>(&ds_e, ls_e, false, &k_s, ld_e, false, &mut dq_s, ld_f, br, d, bc, true, tensor_cores);
         sync_cube();
