@@ -3,12 +3,13 @@
 
 use burn::tensor::{Bool, DType, FloatDType, Shape, Tensor};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::features::MmaConfig;
 use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
-use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward};
+use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted};
 
@@ -120,6 +121,43 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
+/// Each query row's readable keys as one interval where they are one (`[batch, seq, 3]` i32:
+/// first, last, whether every key between is readable), from the mask `[batch, 1, seq, seq]`.
+fn row_keys<R: CubeRuntime>(mask: &CubeTensor<R>, batch: usize, seq: usize) -> CubeTensor<R> {
+    const UNITS: usize = 128;
+    let keys = empty_device_contiguous_dtype(mask.client.clone(), mask.device.clone(), Shape::new([batch, seq, 3]), DType::I32);
+    // SAFETY: the kernel reads the mask below `seq` and writes its own row of `keys`.
+    unsafe {
+        mask_rows::launch_unchecked::<R>(
+            &mask.client,
+            CubeCount::Static(seq as u32, batch as u32, 1),
+            CubeDim::new_1d(UNITS as u32),
+            mask.clone().into_tensor_arg(),
+            keys.clone().into_tensor_arg(),
+            UNITS,
+            mask.dtype.into(),
+        );
+    }
+    keys
+}
+
+/// Elements a load of the inputs (the same for all): the widest that divides the head dim and
+/// every input's outer strides and offset, with a unit last stride; 1 otherwise.
+fn load_width<R: CubeRuntime>(inputs: &[&CubeTensor<R>], d: usize) -> usize {
+    let Some(first) = inputs.first() else { return 1 };
+    let widest = first.client.io_optimized_vector_sizes(first.dtype.size()).max().unwrap_or(1).min(8);
+    let fits = |n: usize, t: &CubeTensor<R>| {
+        let strides = t.meta.strides();
+        let offset = t.handle.offset_start.unwrap_or(0) as usize;
+        d % n == 0 && strides[3] == 1 && strides[..3].iter().all(|s| s % n == 0) && offset % (n * t.dtype.size()) == 0
+    };
+    let mut n = widest.max(1);
+    while n > 1 && !inputs.iter().all(|t| fits(n, t)) {
+        n /= 2;
+    }
+    n
+}
+
 /// The flash forward: output and row log-sum-exp, as [`crate::attention::blockwise_forward`].
 pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     q: Tensor<Cube<R, F, I, BT>, 4>,
@@ -133,6 +171,8 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     let [b, hq, s, d] = q.dims();
     let (q, k, v, mask) = (cube_tensor(q), cube_tensor(k), cube_tensor(v), blocked.into_primitive());
     let (client, device) = (q.client.clone(), q.device.clone());
+    let keys = row_keys(&mask, b, s);
+    let width = load_width(&[&q, &k, &v], d);
     let out = empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new([b, hq, s, d]), q.dtype);
     let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, hq, s]), DType::F32);
     let Tiles { br, bc } = plan.forward;
@@ -144,10 +184,12 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
             &client,
             CubeCount::Static(s.div_ceil(br) as u32, (b * hq) as u32, 1),
             CubeDim::new_1d(plan.units as u32),
+            width,
             q.into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
             mask.into_tensor_arg(),
+            keys.into_tensor_arg(),
             out.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             scale as f32,
@@ -188,6 +230,8 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     let (q, k, v, mask) = (cube_tensor(q), cube_tensor(k), cube_tensor(v), blocked.into_primitive());
     let (d_out, lse, delta) = (cube_tensor(grad_output), cube_tensor(lse), cube_tensor(delta));
     let (client, device) = (q.client.clone(), q.device.clone());
+    let keys = row_keys(&mask, b, s);
+    let width = load_width(&[&q, &k, &v, &d_out], d);
     let q_dtype = q.dtype;
     let empty = |shape: [usize; 4]| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::new(shape), q_dtype);
     let dtypes = [q.dtype.into(), mask.dtype.into()];
@@ -202,10 +246,12 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
                 &client,
                 CubeCount::Static(s.div_ceil(bc) as u32, (b * hkv) as u32, 1),
                 cube_dim,
+                width,
                 q.clone().into_tensor_arg(),
                 k.clone().into_tensor_arg(),
                 v.clone().into_tensor_arg(),
                 mask.clone().into_tensor_arg(),
+                keys.clone().into_tensor_arg(),
                 d_out.clone().into_tensor_arg(),
                 lse.clone().into_tensor_arg(),
                 delta.clone().into_tensor_arg(),
@@ -231,10 +277,12 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
                 &client,
                 CubeCount::Static(s.div_ceil(br) as u32, (b * hq) as u32, 1),
                 cube_dim,
+                width,
                 q.into_tensor_arg(),
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
                 mask.into_tensor_arg(),
+                keys.into_tensor_arg(),
                 d_out.into_tensor_arg(),
                 lse.into_tensor_arg(),
                 delta.into_tensor_arg(),

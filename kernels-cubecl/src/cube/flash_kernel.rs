@@ -101,10 +101,11 @@ pub(super) fn tile_mma<E: Float>(
 }
 
 /// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of `src` (`[batch, heads, seq,
-/// d]`, any strides) into `dst` (`[rows, d]`, row stride `stride`), zeros past `seq`.
+/// d]`; with `N > 1` a unit last stride, the other strides multiples of `N`) into `dst` (`[rows,
+/// d]`, row stride `stride`), zeros past `seq`: `N` elements a load.
 #[cube]
-fn load_rows<E: Float>(
-    src: &Tensor<E>,
+fn load_rows<E: Float, N: Size>(
+    src: &Tensor<Vector<E, N>>,
     batch: usize,
     head: usize,
     row0: usize,
@@ -113,17 +114,28 @@ fn load_rows<E: Float>(
     #[comptime] d: usize,
     #[comptime] stride: usize,
 ) {
+    let width = src.vector_size();
+    let per_row = comptime![d / width];
     let seq = src.shape(2);
     let base = batch * src.stride(0) + head * src.stride(1);
     let (row_stride, col_stride) = (src.stride(2), src.stride(3));
     let mut i = UNIT_POS as usize;
-    while i < rows * d {
-        let r = row0 + i / d;
-        let mut x = E::new(0.0);
-        if r < seq {
-            x = src[base + r * row_stride + (i % d) * col_stride];
+    while i < rows * per_row {
+        let r = i / per_row;
+        let c = (i % per_row) * width;
+        let mut x = Vector::<E, N>::empty();
+        if row0 + r < seq {
+            x = src[(base + (row0 + r) * row_stride + c * col_stride) / width];
+        } else {
+            #[unroll]
+            for j in 0..width {
+                x[j] = E::new(0.0);
+            }
         }
-        dst[(i / d) * stride + i % d] = x;
+        #[unroll]
+        for j in 0..width {
+            dst[r * stride + c + j] = x[j];
+        }
         i = i + CUBE_DIM as usize;
     }
 }
@@ -144,17 +156,134 @@ fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, ds
     }
 }
 
-/// Whether query `qpos` may read key `kpos` (both may lie past `seq`, then not).
+/// Rows `[row0, row0 + rows)` of batch `batch` of the [`mask_rows`] table into `dst` (`[rows,
+/// 3]`).
 #[cube]
-fn readable<M: Int>(mask: &Tensor<M>, strides: MaskStrides, qpos: usize, kpos: usize, seq: usize, #[comptime] causal: bool) -> bool {
+fn load_row_keys(keys: &Tensor<i32>, batch: usize, row0: usize, seq: usize, dst: &mut SharedMemory<i32>, #[comptime] rows: usize) {
+    let mut r = UNIT_POS as usize;
+    while r < rows {
+        let row = row_keys(keys, batch, row0 + r, seq);
+        dst[r * 3] = row.first;
+        dst[r * 3 + 1] = row.last;
+        let mut interval = i32::new(0);
+        if row.interval {
+            interval = 1;
+        }
+        dst[r * 3 + 2] = interval;
+        r = r + CUBE_DIM as usize;
+    }
+}
+
+/// Whether query `qpos` may read key `kpos` (both may lie past `seq`, then not): from the row's
+/// interval of readable keys where the row's readable keys are one interval ([`mask_rows`]),
+/// from the mask otherwise.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn readable<M: Int>(
+    mask: &Tensor<M>,
+    strides: MaskStrides,
+    row: RowKeys,
+    qpos: usize,
+    kpos: usize,
+    seq: usize,
+    #[comptime] causal: bool,
+) -> bool {
     let mut ok = qpos < seq && kpos < seq;
     if causal {
         ok = ok && kpos <= qpos;
     }
     if ok {
-        ok = mask[strides.batch + qpos * strides.query + kpos * strides.key] == M::new(0);
+        if row.interval {
+            ok = i32::cast_from(kpos) >= row.first && i32::cast_from(kpos) <= row.last;
+        } else {
+            ok = mask[strides.batch + qpos * strides.query + kpos * strides.key] == M::new(0);
+        }
     }
     ok
+}
+
+/// A query row's readable keys as [`mask_rows`] found them: `first..=last` when `interval`.
+#[derive(CubeType, Clone, Copy)]
+struct RowKeys {
+    first: i32,
+    last: i32,
+    interval: bool,
+}
+
+/// Row `qpos` of batch `batch` of the [`mask_rows`] table `keys` (`[batch, seq, 3]`); past `seq`,
+/// an empty interval.
+#[cube]
+fn row_keys(keys: &Tensor<i32>, batch: usize, qpos: usize, seq: usize) -> RowKeys {
+    let mut first = i32::new(1);
+    let mut last = i32::new(0);
+    let mut interval = qpos >= seq;
+    if qpos < seq {
+        let at = (batch * seq + qpos) * 3;
+        first = keys[at];
+        last = keys[at + 1];
+        interval = keys[at + 2] != 0;
+    }
+    RowKeys { first, last, interval }
+}
+
+/// One cube per query row of the mask (`[batch, 1, seq, seq]`, any strides; cube `(x, y)`: row
+/// `x` of batch `y`): the row's first and last readable key and whether every key between them
+/// is readable, into `keys[(batch * seq + row) * 3 ..][..3]` (a row that reads nothing: `seq, -1,
+/// 1`). Causal masks, packed segments and padding give one interval a row, so the attention
+/// kernels test two bounds instead of reading the mask. `units` a power of two, the cube's size.
+#[cube(launch_unchecked)]
+pub(super) fn mask_rows<M: Int>(mask: &Tensor<M>, keys: &mut Tensor<i32>, #[comptime] units: usize, #[define(M)] _dtype: StorageType) {
+    let seq = mask.shape(2);
+    let row = CUBE_POS_X as usize;
+    let batch = CUBE_POS_Y as usize;
+    let base = batch * mask.stride(0) + row * mask.stride(2);
+    let step = mask.stride(3);
+    let unit = UNIT_POS as usize;
+    let mut first = i32::cast_from(seq);
+    let mut last = i32::new(-1);
+    let mut count = i32::new(0);
+    let mut j = unit;
+    while j < seq {
+        if mask[base + j * step] == M::new(0) {
+            if i32::cast_from(j) < first {
+                first = i32::cast_from(j);
+            }
+            last = i32::cast_from(j);
+            count = count + 1;
+        }
+        j = j + units;
+    }
+    let mut firsts = SharedMemory::<i32>::new(units);
+    let mut lasts = SharedMemory::<i32>::new(units);
+    let mut counts = SharedMemory::<i32>::new(units);
+    firsts[unit] = first;
+    lasts[unit] = last;
+    counts[unit] = count;
+    sync_cube();
+    let mut half = (CUBE_DIM_X / 2) as usize;
+    while half > 0 {
+        if unit < half {
+            if firsts[unit + half] < firsts[unit] {
+                firsts[unit] = firsts[unit + half];
+            }
+            if lasts[unit + half] > lasts[unit] {
+                lasts[unit] = lasts[unit + half];
+            }
+            counts[unit] = counts[unit] + counts[unit + half];
+        }
+        sync_cube();
+        half = half / 2;
+    }
+    if unit == 0 {
+        let at = (batch * seq + row) * 3;
+        keys[at] = firsts[0];
+        keys[at + 1] = lasts[0];
+        let mut interval = i32::new(0);
+        if counts[0] == 0 || counts[0] == lasts[0] - firsts[0] + 1 {
+            interval = 1;
+        }
+        keys[at + 2] = interval;
+    }
 }
 
 /// The mask's offset of the cube's batch and its query and key strides, read once.
@@ -178,11 +307,12 @@ fn mask_strides<M: Int>(mask: &Tensor<M>, batch: usize) -> MaskStrides {
 /// blocks after the query block's last row are skipped.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn flash_forward<E: Float, M: Int>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+pub(super) fn flash_forward<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     mask: &Tensor<M>,
+    keys: &Tensor<i32>,
     out: &mut Tensor<E>,
     lse: &mut Tensor<f32>,
     scale: f32,
@@ -214,6 +344,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let row = unit / per_row;
     let part = unit % per_row;
     let qpos = q0 + row;
+    let row_keys_q = row_keys(keys, batch, qpos, seq);
 
     let mut q_s = SharedMemory::<E>::new_aligned(br * (d + 8), 128usize);
     let mut k_s = SharedMemory::<E>::new_aligned(bc * (d + 8), 128usize);
@@ -226,7 +357,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let mut max_s = SharedMemory::<f32>::new(units);
     let mut sum_s = SharedMemory::<f32>::new(units);
 
-    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
+    load_rows::<E, N>(q, batch, head, q0, &mut q_s, br, d, ld_e);
     let mut i = unit;
     while i < br * (d + 4) {
         o_s[i] = 0.0;
@@ -248,8 +379,8 @@ pub(super) fn flash_forward<E: Float, M: Int>(
     let kv_head = head / groups;
     for blk in 0..blocks {
         let k0 = blk * bc;
-        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
-        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
+        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+        load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
         sync_cube();
         tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
         sync_cube();
@@ -260,7 +391,7 @@ pub(super) fn flash_forward<E: Float, M: Int>(
         let mut c = part;
         while c < bc {
             let mut x = f32::new(FLOOR);
-            if readable::<M>(mask, strides, qpos, k0 + c, seq, causal) {
+            if readable::<M>(mask, strides, row_keys_q, qpos, k0 + c, seq, causal) {
                 x = s_s[row * (bc + 4) + c] * scale;
             }
             s_s[row * (bc + 4) + c] = x;
@@ -347,6 +478,7 @@ fn probs_and_grad<E: Float, M: Int>(
     dp_s: &SharedMemory<f32>,
     lse_s: &SharedMemory<f32>,
     delta_s: &SharedMemory<f32>,
+    keys_s: &SharedMemory<i32>,
     p_e: &mut SharedMemory<E>,
     ds_e: &mut SharedMemory<E>,
     #[comptime] br: usize,
@@ -359,7 +491,8 @@ fn probs_and_grad<E: Float, M: Int>(
         let r = i / bc;
         let mut p = f32::new(0.0);
         let c = i % bc;
-        if readable::<M>(mask, strides, q0 + r, k0 + c, seq, causal) {
+        let row = RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 };
+        if readable::<M>(mask, strides, row, q0 + r, k0 + c, seq, causal) {
             p = (s_s[r * (bc + 4) + c] * scale - lse_s[r]).exp();
         }
         if write_probs {
@@ -377,12 +510,13 @@ fn probs_and_grad<E: Float, M: Int>(
 /// kv_heads + kv_head`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn flash_backward_kv<E: Float, M: Int>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+pub(super) fn flash_backward_kv<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     mask: &Tensor<M>,
-    d_out: &Tensor<E>,
+    keys: &Tensor<i32>,
+    d_out: &Tensor<Vector<E, N>>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
     d_k: &mut Tensor<E>,
@@ -422,9 +556,10 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
     let mut dv_s = SharedMemory::<f32>::new_aligned(bc * (d + 4), 128usize);
     let mut lse_s = SharedMemory::<f32>::new(br);
     let mut delta_s = SharedMemory::<f32>::new(br);
+    let mut keys_s = SharedMemory::<i32>::new(br * 3);
 
-    load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
-    load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
+    load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+    load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
     let mut i = UNIT_POS as usize;
     while i < bc * (d + 4) {
         dk_s[i] = 0.0;
@@ -443,15 +578,16 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
         for qb in first..q_blocks {
             let q0 = qb * br;
             // (The previous round's products are done: it ended on a sync.)
-            load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
-            load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
+            load_rows::<E, N>(q, batch, head, q0, &mut q_s, br, d, ld_e);
+            load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
             load_row_values(lse, batch, head, q0, &mut lse_s, br);
             load_row_values(delta, batch, head, q0, &mut delta_s, br);
+            load_row_keys(keys, batch, q0, seq, &mut keys_s, br);
             sync_cube();
             tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
             tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
             sync_cube();
-            probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut p_e, &mut ds_e, br, bc, causal, true);
+            probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &keys_s, &mut p_e, &mut ds_e, br, bc, causal, true);
             sync_cube();
             // dV += P^T dO, dK += dS^T Q (scaled once at the end).
             tile_mma::<E>(&p_e, ls_e, true, &do_s, ld_e, false, &mut dv_s, ld_f, bc, d, br, true, tensor_cores);
@@ -478,12 +614,13 @@ pub(super) fn flash_backward_kv<E: Float, M: Int>(
 /// `(x, y)`: query block `x`, `y = batch * q_heads + head`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn flash_backward_q<E: Float, M: Int>(
-    q: &Tensor<E>,
-    k: &Tensor<E>,
-    v: &Tensor<E>,
+pub(super) fn flash_backward_q<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
     mask: &Tensor<M>,
-    d_out: &Tensor<E>,
+    keys: &Tensor<i32>,
+    d_out: &Tensor<Vector<E, N>>,
     lse: &Tensor<f32>,
     delta: &Tensor<f32>,
     d_q: &mut Tensor<E>,
@@ -523,11 +660,13 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     let mut unused = SharedMemory::<E>::new(1usize);
     let mut lse_s = SharedMemory::<f32>::new(br);
     let mut delta_s = SharedMemory::<f32>::new(br);
+    let mut keys_s = SharedMemory::<i32>::new(br * 3);
 
-    load_rows::<E>(q, batch, head, q0, &mut q_s, br, d, ld_e);
-    load_rows::<E>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
+    load_rows::<E, N>(q, batch, head, q0, &mut q_s, br, d, ld_e);
+    load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, br, d, ld_e);
     load_row_values(lse, batch, head, q0, &mut lse_s, br);
     load_row_values(delta, batch, head, q0, &mut delta_s, br);
+    load_row_keys(keys, batch, q0, seq, &mut keys_s, br);
     let mut i = UNIT_POS as usize;
     while i < br * (d + 4) {
         dq_s[i] = 0.0;
@@ -543,13 +682,13 @@ pub(super) fn flash_backward_q<E: Float, M: Int>(
     let blocks = (kv_end + bc - 1) / bc;
     for blk in 0..blocks {
         let k0 = blk * bc;
-        load_rows::<E>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
-        load_rows::<E>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
+        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, bc, d, ld_e);
+        load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, bc, d, ld_e);
         sync_cube();
         tile_mma::<E>(&q_s, ld_e, false, &k_s, ld_e, true, &mut s_s, ls_f, br, bc, d, false, tensor_cores);
         tile_mma::<E>(&do_s, ld_e, false, &v_s, ld_e, true, &mut dp_s, ls_f, br, bc, d, false, tensor_cores);
         sync_cube();
-        probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &mut unused, &mut ds_e, br, bc, causal, false);
+        probs_and_grad::<E, M>(mask, strides, q0, k0, seq, scale, &s_s, &dp_s, &lse_s, &delta_s, &keys_s, &mut unused, &mut ds_e, br, bc, causal, false);
         sync_cube();
         tile_mma::<E>(&ds_e, ls_e, false, &k_s, ld_e, false, &mut dq_s, ld_f, br, d, bc, true, tensor_cores);
         sync_cube();
