@@ -546,7 +546,9 @@ fn wgpu_block_grad_matches_default() {
 
 /// The same comparisons on CUDA (bool masks stored as u8 there, u32 on wgpu), in f32 and bf16,
 /// the row kernels on (as by default; `KERNELS_CUBECL_CUDA_KERNELS=0` would compare the default
-/// with itself, so it fails these): `cargo test -p kernels-cubecl --features cuda -- --ignored`.
+/// with itself, so it fails these): `cargo test -p kernels-cubecl --features cuda -- --ignored
+/// --exact cuda::NAME`, one test a process: Burn fixes a CUDA device's float dtype at its first
+/// tensor, so an f32 test after a bf16 one computes in bf16 and fails (session 26).
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
