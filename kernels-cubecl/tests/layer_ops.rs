@@ -21,7 +21,7 @@ use kernels_cubecl::gate_up::{swiglu_packed_grad, swiglu_packed_value};
 use kernels_cubecl::qkv::{qkv_rotary_grad, qkv_rotary_value};
 use kernels_cubecl::residual_norm::add_rms_norm_parts;
 use kernels_cubecl::{
-    fused_add_rms_norm, fused_rms_norm, fused_rotary, fused_swiglu, fused_swiglu_packed, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionOptions,
+    fused_add_rms_norm, fused_rms_norm, fused_rotary, fused_swiglu, fused_swiglu_packed, memory_efficient_attention, qkv_attention, qkv_rotary, reference, AttentionKernel, AttentionOptions,
     FusedAttentionBackend, FusedLayerBackend, QkvLayout,
 };
 
@@ -540,14 +540,20 @@ impl QkvCase {
 }
 
 /// The attention's output and the projection's gradient, through the packed ops or (`apart`)
-/// through the ops they replace: q, k, v narrowed from the projection, each rotated apart.
-fn qkv_outcome<B: AutodiffBackend + FusedLayerBackend + FusedAttentionBackend>(case: &QkvCase, device: &B::Device, apart: bool) -> [Vec<f32>; 2] {
+/// through the ops they replace: q, k, v narrowed from the projection, each rotated apart; the
+/// attention by `kernel`.
+fn qkv_outcome<B: AutodiffBackend + FusedLayerBackend + FusedAttentionBackend>(
+    case: &QkvCase,
+    device: &B::Device,
+    apart: bool,
+    kernel: AttentionKernel,
+) -> [Vec<f32>; 2] {
     let l = case.layout;
     let projected = case.projected::<B>(device).require_grad();
     let (cos, sin) = case.rotary.tables::<B>(device);
     let blocked = reference::attention_mask::<B>(None, l.batch, l.seq, device);
     let scale = (l.head_dim as f64).powf(-0.5);
-    let options = AttentionOptions { block_q: Some(3), causal: true };
+    let options = AttentionOptions { block_q: Some(3), causal: true, kernel };
     let y = if apart {
         let heads = projected.clone().reshape([l.batch, l.seq, l.heads(), l.head_dim]);
         let [q, k, v] = l.parts().map(|part| heads.clone().narrow(2, part.first_head, part.heads).swap_dims(1, 2));
@@ -566,8 +572,8 @@ fn packed_qkv_matches_the_ops_it_replaces() {
     for seed in SEEDS {
         for dims in QKV_LAYOUTS {
             let case = QkvCase::random(seed, dims);
-            let want = qkv_outcome::<Reference>(&case, &Default::default(), true);
-            let got = qkv_outcome::<Reference>(&case, &Default::default(), false);
+            let want = qkv_outcome::<Reference>(&case, &Default::default(), true, AttentionKernel::Blockwise);
+            let got = qkv_outcome::<Reference>(&case, &Default::default(), false, AttentionKernel::Blockwise);
             assert_close(&format!("packed qkv {dims:?} seed={seed} output"), &got[0], &want[0], 1e-5);
             assert_close(&format!("packed qkv {dims:?} seed={seed} d projected"), &got[1], &want[1], 1e-5);
         }
@@ -589,10 +595,13 @@ fn qkv_kernels_match_definition<B: FusedLayerBackend + FusedAttentionBackend>(de
             let want = qkv_rotary_grad(grad(), cos.clone(), sin.clone(), case.layout);
             let got = B::qkv_rotary_backward(grad(), cos, sin, case.layout);
             assert_close(&format!("{label} d projected"), &values(got), &values(want), tolerance);
-            let want = qkv_outcome::<Reference>(&case, &Default::default(), true);
-            let got = qkv_outcome::<Autodiff<B>>(&case, device, false);
-            assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} output"), &got[0], &want[0], tolerance);
-            assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} d projected"), &got[1], &want[1], tolerance);
+            let want = qkv_outcome::<Reference>(&case, &Default::default(), true, AttentionKernel::Blockwise);
+            // The flash kernels read q, k and v as strided views of the projection.
+            for kernel in [AttentionKernel::Blockwise, AttentionKernel::Flash] {
+                let got = qkv_outcome::<Autodiff<B>>(&case, device, false, kernel);
+                assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} {kernel:?} output"), &got[0], &want[0], tolerance);
+                assert_close(&format!("autodiff packed qkv {dims:?} seed={seed} {kernel:?} d projected"), &got[1], &want[1], tolerance);
+            }
         }
     }
 }
