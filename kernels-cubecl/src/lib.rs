@@ -35,7 +35,7 @@ pub use attention::{
 };
 pub use device::{DeviceMemory, DeviceMemoryBackend};
 pub use gate_up::fused_swiglu_packed;
-pub use grouped::{reference_gemm_grouped, reference_gemm_grouped_outer};
+pub use grouped::{gemm_grouped_outer_spread, reference_gemm_grouped, reference_gemm_grouped_outer};
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};
 pub use linear::{reference_gemm, reference_gemm_scaled, LinearBackend};
 pub use linear_cross_entropy::{

@@ -15,7 +15,7 @@ use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use kernels_cubecl::{reference_gemm_scaled, DropoutMask, LinearBackend, LoraFactors};
+use kernels_cubecl::{gemm_grouped_outer_spread, reference_gemm_grouped_outer, reference_gemm_scaled, DropoutMask, LinearBackend, LoraFactors};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 type Cpu = NdArray<f32>;
@@ -282,6 +282,31 @@ fn grouped_matmul_matches_burn_matmul_a_group_at_a_time() {
     grouped_matches_burn::<Reference>(&Default::default(), 1e-5);
 }
 
+/// The grouped outer GEMM as one spread dense GEMM against its definition, with the narrow side
+/// on either operand (widths 1 to 3, as a LoRA rank) and groups without rows, first, inside and
+/// last.
+fn spread_outer_matches_reference<B: LinearBackend>(device: &B::Device, tolerance: f32) {
+    for counts in [[5, 0, 11, 1, 0], [0, 3, 3, 0, 11]] {
+        let rows: usize = counts.iter().sum();
+        for (k, n) in [(21, 3), (2, 19), (1, 1), (7, 7)] {
+            for seed in SEEDS {
+                let mut rng = Rng::new(seed);
+                let (vx, vy) = (stored::<B>(&rng.values(rows * k, 1.0), device), stored::<B>(&rng.values(rows * n, 1.0), device));
+                let got = gemm_grouped_outer_spread::<B>(tensor(&vx, [rows, k], device), tensor(&vy, [rows, n], device), &counts);
+                assert_eq!(got.dims(), [counts.len(), k, n]);
+                let cpu = Default::default();
+                let want = reference_gemm_grouped_outer::<Cpu>(tensor(&vx, [rows, k], &cpu), tensor(&vy, [rows, n], &cpu), &counts);
+                assert_close(&format!("spread outer {counts:?} k={k} n={n} seed={seed}"), &values(got), &values(want), tolerance);
+            }
+        }
+    }
+}
+
+#[test]
+fn spread_outer_gemm_matches_the_grouped_definition() {
+    spread_outer_matches_reference::<Reference>(&Default::default(), 1e-5);
+}
+
 /// `alpha op(a) op(b) (+ acc)` through `B::gemm_scaled` for every transpose pair, with and
 /// without an accumulator, alpha 1 and not, output f32 and the storage dtype, against
 /// [`reference_gemm_scaled`] on NdArray.
@@ -340,6 +365,11 @@ fn wgpu_grouped_matmul_matches_burn_matmul() {
 #[test]
 fn wgpu_gemm_matches_reference() {
     gemm_matches_reference::<Wgpu>(&wgpu_device(), 1e-4);
+}
+
+#[test]
+fn wgpu_spread_outer_gemm_matches_the_grouped_definition() {
+    spread_outer_matches_reference::<Wgpu>(&wgpu_device(), 1e-4);
 }
 
 /// The same on CUDA (cuBLAS), f32 and bf16 (the reference in f32 from the bf16 values; outputs

@@ -23,8 +23,9 @@ pub struct GemmCheck {
     pub ordering: f32,
     /// The LoRA linear layer ([`lora_check`]): output, and the gradients of x, A and B.
     pub lora: [f32; 4],
-    /// The experts' grouped GEMM ([`grouped_check`]): output, and the gradients of x and w.
-    pub grouped: [f32; 3],
+    /// The experts' grouped GEMM ([`grouped_check`]): output, the gradients of x and w, and the
+    /// grouped outer GEMM of a LoRA-rank-wide side (the experts' factor gradients).
+    pub grouped: [f32; 4],
 }
 
 impl GemmCheck {
@@ -49,6 +50,7 @@ impl GemmCheck {
                 ("grouped output", self.grouped[0]),
                 ("grouped grad_x", self.grouped[1]),
                 ("grouped grad_w", self.grouped[2]),
+                ("grouped narrow outer", self.grouped[3]),
             ],
         )
     }
@@ -96,8 +98,10 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
 
 /// The experts' grouped GEMM `y_g = x_g w[g]` (groups of 37, 0, 90 and 5 rows) on CUDA in bf16,
 /// x and w tracked, against the same maths on the host in f64 from the same values: output,
-/// dX, dW (the empty group's zero) as max |diff| / max |reference|.
-fn grouped_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 3] {
+/// dX, dW (the empty group's zero) as max |diff| / max |reference|; then the grouped outer GEMM
+/// `x_g^T r_g` of an 8-wide `r` (a LoRA factor's gradient: the path
+/// `KERNELS_CUBECL_GROUPED_OUTER=spread` changes).
+fn grouped_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 4] {
     use burn::tensor::{Distribution, FloatDType};
     type B = Autodiff<Cuda<half::bf16>>;
     let counts = [37, 0, 90, 5];
@@ -124,7 +128,19 @@ fn grouped_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 3] {
             }
         }
     }
-    [max_rel_error(Some(host_values(y)), &ry), max_rel_error(gx, &rgx), max_rel_error(gw, &rgw)]
+    let r = 8;
+    let narrow = Tensor::<Cuda<half::bf16>, 2>::random([rows, r], Distribution::Normal(0.0, 1.0), device);
+    let hn = host_values(narrow.clone());
+    let outer = <Cuda<half::bf16> as LinearBackend>::gemm_grouped_outer(x.clone().inner(), narrow, &counts);
+    let mut rout = vec![0.0; g * k * r];
+    for (i, &e) in owner.iter().enumerate() {
+        for c in 0..k {
+            for j in 0..r {
+                rout[(e * k + c) * r + j] += hx[i * k + c] * hn[i * r + j];
+            }
+        }
+    }
+    [max_rel_error(Some(host_values(y)), &ry), max_rel_error(gx, &rgx), max_rel_error(gw, &rgw), max_rel_error(Some(host_values(outer)), &rout)]
 }
 
 /// The LoRA linear layer `y = x w + s (x A) B` (no dropout) on CUDA in bf16 with f32 factors,

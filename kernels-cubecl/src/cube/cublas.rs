@@ -29,6 +29,7 @@ use cudarc::cublas::{result as blas, sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::gemm::{cubecl_gemm, cubecl_gemm_batched, cubecl_gemm_grouped, cubecl_gemm_grouped_outer, GemmRuntime};
+use super::float;
 
 pub(super) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -86,12 +87,28 @@ impl GemmRuntime for CudaRuntime {
     }
 
     fn gemm_grouped_outer<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, y: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
-        if enabled() && handled(x.dtype) && x.dtype == y.dtype {
+        let narrow = x.meta.shape()[1].min(y.meta.shape()[1]) <= SPREAD_WIDTH;
+        if enabled() && handled(x.dtype) && x.dtype == y.dtype && narrow && spread_outer() {
+            let (x, y) = (float::<Self, F, I, BT, 2>(x), float::<Self, F, I, BT, 2>(y));
+            crate::grouped::gemm_grouped_outer_spread(x, y, counts).into_primitive().tensor()
+        } else if enabled() && handled(x.dtype) && x.dtype == y.dtype {
             super::cublas_grouped::gemm_grouped_outer(x, y, counts)
         } else {
             cubecl_gemm_grouped_outer::<Self, F, I, BT>(x, y, counts)
         }
     }
+}
+
+/// The narrow side (columns) up to which `KERNELS_CUBECL_GROUPED_OUTER=spread` takes
+/// [`crate::grouped::gemm_grouped_outer_spread`]: LoRA ranks.
+const SPREAD_WIDTH: usize = 64;
+
+/// Whether the grouped outer GEMM of a narrow side runs as one spread dense GEMM
+/// (`KERNELS_CUBECL_GROUPED_OUTER=spread`; not yet the default: to be measured against
+/// cuBLAS's grouped GEMM, which launches once a group there).
+fn spread_outer() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::env_is("KERNELS_CUBECL_GROUPED_OUTER", "spread"))
 }
 
 static HOST_SYNCS: AtomicU64 = AtomicU64::new(0);
