@@ -75,7 +75,7 @@ pub fn reference_gemm_grouped_outer<B: Backend>(x: Tensor<B, 2>, y: Tensor<B, 2>
 /// (the experts' LoRA factor gradients: ~620 launches a layer of Qwen3-30B-A3B, session 26).
 /// Equal to [`reference_gemm_grouped_outer`] up to the order of the f32 accumulation (the
 /// zeros add nothing); costs `groups` times the grouped GEMM's multiply-adds, worth it only
-/// while the narrow width is a few columns.
+/// while the narrow width is a few columns. CUDA takes it for widths up to 64 (`cube/cublas.rs`).
 ///
 /// # Shapes
 /// - `x`: `[sum(counts), k]`, `y`: `[sum(counts), n]` → `[counts.len(), k, n]`

@@ -99,8 +99,8 @@ pub fn self_check(device: &burn::backend::cuda::CudaDevice) -> GemmCheck {
 /// The experts' grouped GEMM `y_g = x_g w[g]` (groups of 37, 0, 90 and 5 rows) on CUDA in bf16,
 /// x and w tracked, against the same maths on the host in f64 from the same values: output,
 /// dX, dW (the empty group's zero) as max |diff| / max |reference|; then the grouped outer GEMM
-/// `x_g^T r_g` of an 8-wide `r` (a LoRA factor's gradient: the path
-/// `KERNELS_CUBECL_GROUPED_OUTER=spread` changes).
+/// `x_g^T r_g` of an 8-wide `r` (a LoRA factor's gradient: one spread dense GEMM,
+/// `KERNELS_CUBECL_GROUPED_OUTER=grouped` for cuBLAS's grouped GEMM).
 fn grouped_check(device: &burn::backend::cuda::CudaDevice) -> [f32; 4] {
     use burn::tensor::{Distribution, FloatDType};
     type B = Autodiff<Cuda<half::bf16>>;

@@ -99,16 +99,17 @@ impl GemmRuntime for CudaRuntime {
     }
 }
 
-/// The narrow side (columns) up to which `KERNELS_CUBECL_GROUPED_OUTER=spread` takes
+/// The narrow side (columns) up to which the grouped outer GEMM takes
 /// [`crate::grouped::gemm_grouped_outer_spread`]: LoRA ranks.
 const SPREAD_WIDTH: usize = 64;
 
-/// Whether the grouped outer GEMM of a narrow side runs as one spread dense GEMM
-/// (`KERNELS_CUBECL_GROUPED_OUTER=spread`; not yet the default: to be measured against
-/// cuBLAS's grouped GEMM, which launches once a group there).
+/// Whether the grouped outer GEMM of a narrow side runs as one spread dense GEMM (the default:
+/// cuBLAS's grouped GEMM launches once a group there; 30b-mb4-L8 0.329 s/step against
+/// 0.37-0.39, benches/RESULTS.md session 26); `KERNELS_CUBECL_GROUPED_OUTER=grouped` keeps
+/// cuBLAS's grouped GEMM.
 fn spread_outer() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::env_is("KERNELS_CUBECL_GROUPED_OUTER", "spread"))
+    *ON.get_or_init(|| !super::env_is("KERNELS_CUBECL_GROUPED_OUTER", "grouped"))
 }
 
 static HOST_SYNCS: AtomicU64 = AtomicU64::new(0);
