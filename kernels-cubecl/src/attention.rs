@@ -233,7 +233,7 @@ pub fn memory_efficient_attention<B: FusedAttentionBackend>(
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
+pub(crate) struct Dims {
     batch: usize,
     q_heads: usize,
     kv_heads: usize,
@@ -242,7 +242,7 @@ struct Dims {
 }
 
 impl Dims {
-    fn check<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, blocked: &Tensor<B, 4, Bool>) -> Self {
+    pub(crate) fn check<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, blocked: &Tensor<B, 4, Bool>) -> Self {
         let [batch, q_heads, seq, head_dim] = q.dims();
         let kv_heads = k.dims()[1];
         assert!(
@@ -254,6 +254,22 @@ impl Dims {
         assert_eq!(v.dims(), kv, "attention: k is {:?} but v is {:?}", k.dims(), v.dims());
         assert_eq!(blocked.dims(), [batch, 1, seq, seq], "attention: q is {:?} but blocked is {:?}", q.dims(), blocked.dims());
         Self { batch, q_heads, kv_heads, seq, head_dim }
+    }
+
+    /// [`Dims::check`], and the saved output and upstream gradient shaped like `q`: every
+    /// backward's contract.
+    pub(crate) fn check_backward<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        blocked: &Tensor<B, 4, Bool>,
+        output: &Tensor<B, 4>,
+        grad_output: &Tensor<B, 4>,
+    ) -> Self {
+        let dims = Self::check(q, k, v, blocked);
+        assert_eq!(output.dims(), q.dims(), "attention backward: output is {:?}, q {:?}", output.dims(), q.dims());
+        assert_eq!(grad_output.dims(), q.dims(), "attention backward: grad is {:?}, q {:?}", grad_output.dims(), q.dims());
+        dims
     }
 
     fn groups(&self) -> usize {
@@ -421,9 +437,7 @@ pub fn blockwise_backward<B: FusedAttentionBackend>(
     options: AttentionOptions,
     wanted: AttentionWanted,
 ) -> AttentionGrads<B> {
-    let dims = Dims::check(&q, &k, &v, &blocked);
-    assert_eq!(saved.output.dims(), q.dims(), "attention backward: output is {:?}, q {:?}", saved.output.dims(), q.dims());
-    assert_eq!(grad_output.dims(), q.dims(), "attention backward: grad is {:?}, q {:?}", grad_output.dims(), q.dims());
+    let dims = Dims::check_backward(&q, &k, &v, &blocked, &saved.output, &grad_output);
     let (q_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
     // The matmul operands share one dtype, q's (the output's, hence dO's).
     let grad_output = cast(grad_output, q_dtype);

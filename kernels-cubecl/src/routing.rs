@@ -108,7 +108,6 @@ pub fn reference_combine_grad<B: Backend>(dy: Tensor<B, 2>, ys: Option<Tensor<B,
     (d_ys, d_weights)
 }
 
-
 /// The definition of [`ExpertRoutingBackend::expert_rows`], on the host.
 ///
 /// # Panics
@@ -179,7 +178,6 @@ impl<B: ExpertRoutingBackend, C: CheckpointStrategy> ExpertRoutingBackend for Au
         float(out)
     }
 }
-
 
 #[derive(Debug, Clone)]
 struct CombineState<B: Backend> {

@@ -46,10 +46,8 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         options: AttentionOptions,
     ) -> AttentionForward<Self> {
         match super::flash::plan(&q, &k, &v, options) {
-            Some(plan) if blocked.dims() == [q.dims()[0], 1, q.dims()[2], q.dims()[2]] => {
-                super::flash::forward(q, k, v, scale, blocked, options, plan)
-            }
-            _ => blockwise_forward(q, k, v, scale, blocked, options),
+            Some(plan) => super::flash::forward(q, k, v, scale, blocked, options, plan),
+            None => blockwise_forward(q, k, v, scale, blocked, options),
         }
     }
 
@@ -64,10 +62,9 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         options: AttentionOptions,
         wanted: AttentionWanted,
     ) -> AttentionGrads<Self> {
-        let shapes_match = blocked.dims() == [q.dims()[0], 1, q.dims()[2], q.dims()[2]] && grad_output.dims() == q.dims();
         match super::flash::plan(&q, &k, &v, options) {
-            Some(plan) if shapes_match => super::flash::backward(q, k, v, scale, blocked, saved, grad_output, options, wanted, plan),
-            _ => blockwise_backward(q, k, v, scale, blocked, saved, grad_output, options, wanted),
+            Some(plan) => super::flash::backward(q, k, v, scale, blocked, saved, grad_output, options, wanted, plan),
+            None => blockwise_backward(q, k, v, scale, blocked, saved, grad_output, options, wanted),
         }
     }
 

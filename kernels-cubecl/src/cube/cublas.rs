@@ -87,14 +87,13 @@ impl GemmRuntime for CudaRuntime {
     }
 
     fn gemm_grouped_outer<F: FloatElement, I: IntElement, BT: BoolElement>(x: CubeTensor<Self>, y: CubeTensor<Self>, counts: &[usize]) -> CubeTensor<Self> {
-        let narrow = x.meta.shape()[1].min(y.meta.shape()[1]) <= SPREAD_WIDTH;
-        if enabled() && handled(x.dtype) && x.dtype == y.dtype && narrow && spread_outer() {
+        if !(enabled() && handled(x.dtype) && x.dtype == y.dtype) {
+            cubecl_gemm_grouped_outer::<Self, F, I, BT>(x, y, counts)
+        } else if x.meta.shape()[1].min(y.meta.shape()[1]) <= SPREAD_WIDTH && spread_outer() {
             let (x, y) = (float::<Self, F, I, BT, 2>(x), float::<Self, F, I, BT, 2>(y));
             crate::grouped::gemm_grouped_outer_spread(x, y, counts).into_primitive().tensor()
-        } else if enabled() && handled(x.dtype) && x.dtype == y.dtype {
-            super::cublas_grouped::gemm_grouped_outer(x, y, counts)
         } else {
-            cubecl_gemm_grouped_outer::<Self, F, I, BT>(x, y, counts)
+            super::cublas_grouped::gemm_grouped_outer(x, y, counts)
         }
     }
 }

@@ -11,7 +11,7 @@ use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
 use super::{cube_tensor, float};
-use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted};
+use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
 /// Tiles of one kernel: `br` query rows by `bc` keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,21 +100,22 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     if b * hq * s * d == 0 || k.dtype() != dtype || v.dtype() != dtype || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return None;
     }
+    // Auto stays on the blockwise path until the flash kernels measure faster there
+    // (benches/RESULTS.md, session 26: ~3x slower on the H100 so far).
     let kernel = match options.kernel {
         AttentionKernel::Auto => from_env(),
         chosen => chosen,
     };
-    let client = cube_tensor(q.clone()).client;
-    if !super::kernels_on(&client) || kernel == AttentionKernel::Blockwise {
+    if kernel != AttentionKernel::Flash {
         return None;
     }
-    let on_tensor_cores = d % 16 == 0 && d <= 128 && tensor_cores(&client, dtype);
-    // Auto stays on the blockwise path until the flash kernels measure faster there
-    // (benches/RESULTS.md, session 26: 5x slower on the H100 so far).
-    let plan = match (kernel, on_tensor_cores) {
-        (AttentionKernel::Flash, true) => FlashPlan::TENSOR_CORES,
-        (AttentionKernel::Flash, false) => FlashPlan::UNITS,
-        _ => return None,
+    let client = cube_tensor(q.clone()).client;
+    if !super::kernels_on(&client) {
+        return None;
+    }
+    let plan = match d % 16 == 0 && d <= 128 && tensor_cores(&client, dtype) {
+        true => FlashPlan::TENSOR_CORES,
+        false => FlashPlan::UNITS,
     };
     (plan.shared_bytes(d, dtype.size()) <= client.properties().hardware.max_shared_memory_size).then_some(plan)
 }
@@ -168,6 +169,7 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     options: AttentionOptions,
     plan: FlashPlan,
 ) -> AttentionForward<Cube<R, F, I, BT>> {
+    Dims::check(&q, &k, &v, &blocked);
     let [b, hq, s, d] = q.dims();
     let (q, k, v, mask) = (cube_tensor(q), cube_tensor(k), cube_tensor(v), blocked.into_primitive());
     let (client, device) = (q.client.clone(), q.device.clone());
@@ -220,6 +222,7 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     wanted: AttentionWanted,
     plan: FlashPlan,
 ) -> AttentionGrads<Cube<R, F, I, BT>> {
+    Dims::check_backward(&q, &k, &v, &blocked, &saved.output, &grad_output);
     let [b, hq, s, d] = q.dims();
     let hkv = k.dims()[1];
     let dtype = q.dtype();
