@@ -74,12 +74,12 @@ fn expert_parallel_moe_partials_sum_to_the_full_moe() {
     let x = Tensor::<Cpu, 2>::random([9, 24], Distribution::Normal(0.0, 1.0), &Default::default());
     let full = with_loader(|ld| SparseMoe::load(ld, "mlp", 24, &moe, ProcessGroup::SINGLE).unwrap());
     assert_eq!(full.experts.len(), 6);
-    let y = full.forward(x.clone(), None, None);
+    let y = full.forward(x.clone(), None, None, None);
     for size in [2, 3] {
         let parts: Vec<SparseMoe<Cpu>> =
             (0..size).map(|r| with_loader(|ld| SparseMoe::load(ld, "mlp", 24, &moe, ProcessGroup::new(r, size)).unwrap())).collect();
         assert_eq!(parts[1].first_expert, 6 / size);
-        let sum = parts.iter().map(|p| p.forward(x.clone(), None, None)).reduce(|a, b| a + b).unwrap();
+        let sum = parts.iter().map(|p| p.forward(x.clone(), None, None, None)).reduce(|a, b| a + b).unwrap();
         assert!(max_diff(sum, y.clone()) < 1e-5, "ep={size}");
     }
 }

@@ -42,7 +42,7 @@ impl<B: TrainBackend> DecoderLayer<B> {
             (Some(mlp), _) => mlp.forward(normed, ctx.tensor_parallel.as_ref()),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
-                moe.forward(normed.reshape([b * s, d]), ctx.expert_parallel.as_ref(), ctx.router_balance.as_ref()).reshape([b, s, d])
+                moe.forward(normed.reshape([b * s, d]), ctx.expert_parallel.as_ref(), ctx.router_balance.as_ref(), ctx.routing_memo.as_ref()).reshape([b, s, d])
             }
             (None, None) => normed.zeros_like(),
         });

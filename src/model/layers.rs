@@ -12,6 +12,7 @@ use kernels_cubecl as ops;
 
 use super::hf_names;
 use super::router_balance::RouterBalance;
+use super::routing_memo::RoutingMemo;
 use super::spec::ArchSpec;
 use super::weights::InitKind;
 use crate::backend::profile::span;
@@ -173,6 +174,9 @@ pub struct SequenceContext<B: TrainBackend> {
     /// Where MoE layers record their routers for the load-balancing loss; `None` when the pass
     /// has none.
     pub router_balance: Option<RouterBalance<B>>,
+    /// Where recomputed MoE layers keep their routing for the replay (one side of
+    /// [`RoutingMemo::pair`]); `None` when the pass recomputes nothing.
+    pub routing_memo: Option<RoutingMemo<B>>,
 }
 
 impl<B: TrainBackend> SequenceContext<B> {
@@ -182,7 +186,7 @@ impl<B: TrainBackend> SequenceContext<B> {
         let [b, s] = positions.dims();
         let device = positions.device();
         let (cos, sin) = ops::rope_cos_sin(positions, inv_freq);
-        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None, router_balance: None }
+        SequenceContext { cos, sin, blocked: ops::attention_mask(segments, b, s, &device), tensor_parallel: None, expert_parallel: None, router_balance: None, routing_memo: None }
     }
 
     /// The same context with the layers split over `tp` (`None` or a group of one: not split).
@@ -201,6 +205,12 @@ impl<B: TrainBackend> SequenceContext<B> {
     /// The same context with MoE layers recording their routers in `balance`.
     pub fn with_router_balance(mut self, balance: Option<RouterBalance<B>>) -> Self {
         self.router_balance = balance;
+        self
+    }
+
+    /// The same context with MoE layers keeping (or replaying) their routing in `memo`.
+    pub fn with_routing_memo(mut self, memo: Option<RoutingMemo<B>>) -> Self {
+        self.routing_memo = memo;
         self
     }
 
@@ -240,6 +250,8 @@ impl<B: TrainBackend> SequenceContext<B> {
             tensor_parallel: self.tensor_parallel.clone(),
             expert_parallel: self.expert_parallel.clone(),
             router_balance: self.router_balance.as_ref().map(RouterBalance::inner),
+            // The recording side comes from the same pair as this context's (the caller's).
+            routing_memo: None,
         }
     }
 }

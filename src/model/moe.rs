@@ -10,6 +10,7 @@ use super::expert_layout::{first_rows, runs, Chunk, ExpertGemm, ExpertLayout, Ex
 use super::experts::StackedExperts;
 use super::layers::{Linear, Loader, Mlp};
 use super::router_balance::RouterBalance;
+use super::routing_memo::{Routed, RoutingMemo};
 use super::routing::RowRoute;
 use super::spec::MlpSpec;
 use crate::backend::profile::span;
@@ -61,27 +62,44 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
     /// its block) the routed tokens travel to their experts' ranks and back
     /// ([`forward_expert_parallel`](Self::forward_expert_parallel)). The router's choices and
-    /// probabilities go to `balance` where given (the load-balancing loss).
+    /// probabilities go to `balance` where given (the load-balancing loss). With `memo`, a layer
+    /// whose routing its first pass recorded routes as that pass did ([`RoutingMemo`]), and the
+    /// first pass of a recomputed layer records it.
     ///
     /// # Shapes
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
-    pub fn forward(&self, x: Tensor<B, 2>, ep: Option<&GroupComm<B::Wire>>, balance: Option<&RouterBalance<B>>) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        ep: Option<&GroupComm<B::Wire>>,
+        balance: Option<&RouterBalance<B>>,
+        memo: Option<&RoutingMemo<B>>,
+    ) -> Tensor<B, 2> {
         let [t, _] = x.dims();
         let (device, dtype) = (x.device(), x.dtype());
+        let ep = ep.filter(|g| g.group().size > 1);
+        let on_device = ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && self.routing == ExpertRouting::Device;
+        let replayed = memo.filter(|_| on_device).and_then(|m| m.replay(self.gate.weight.id));
         let logits = self.gate.forward(x.clone());
         let probs = burn::tensor::activation::softmax(logits.cast(burn::tensor::FloatDType::F32), 1);
-        let chosen = B::top_k_indices(probs.clone(), self.top_k);
+        let chosen = match &replayed {
+            Some(r) => r.chosen.clone(),
+            None => B::top_k_indices(probs.clone(), self.top_k),
+        };
         let mut weights = probs.clone().gather(1, chosen.clone());
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
-        let ep = ep.filter(|g| g.group().size > 1);
-        if ep.is_none() && self.gemm == ExpertGemm::Grouped && self.experts.len() == self.num_experts && t > 0 && self.routing == ExpertRouting::Device {
+        if on_device {
             if let Some(balance) = balance {
                 balance.record(probs, &crate::backend::timed_read(|| host_ints(chosen.clone())), self.top_k);
             }
-            return self.forward_laid_out_on_device(x, chosen, weights);
+            let routed = match replayed {
+                Some(r) => r,
+                None => self.route_on_device(chosen, memo),
+            };
+            return self.forward_laid_out_on_device(x, &routed, weights);
         }
         // Routing is data-dependent: read the choices on the host to lay out each expert's tokens.
         let chosen = crate::backend::timed_read(|| host_ints(chosen));
@@ -106,17 +124,28 @@ impl<B: TrainBackend> SparseMoe<B> {
         combine_slots(B::route_rows(ys, &combine), weights, self.top_k)
     }
 
-    /// Every expert held here, grouped GEMMs: the slots laid out expert after expert on the
-    /// device ([`kernels_cubecl::ExpertRoutingBackend::expert_rows`]); only the experts' row
-    /// counts, which the grouped GEMMs take on the host, are read back. The outputs come back to
-    /// their tokens weighted and summed in one pass
+    /// The slots of `chosen` laid out expert after expert on the device
+    /// ([`kernels_cubecl::ExpertRoutingBackend::expert_rows`]); only the experts' row counts,
+    /// which the grouped GEMMs take on the host, are read back. Recorded in `memo` where it
+    /// records (the first pass of a recomputed layer).
+    fn route_on_device(&self, chosen: Tensor<B, 2, Int>, memo: Option<&RoutingMemo<B>>) -> Routed<B> {
+        let rows = B::expert_rows(chosen.clone(), self.num_experts);
+        let counts = crate::backend::timed_read(|| host_ints(rows.counts.clone())).into_iter().map(|c| c as usize).collect();
+        let routed = Routed { chosen, rows, counts };
+        if let Some(memo) = memo.filter(|m| m.records()) {
+            memo.record(self.gate.weight.id, &routed);
+        }
+        routed
+    }
+
+    /// Every expert held here, grouped GEMMs over the slots `routed` lays out. The outputs come
+    /// back to their tokens weighted and summed in one pass
     /// ([`kernels_cubecl::ExpertRoutingBackend::combine_rows`]).
-    fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
-        let rows = B::expert_rows(chosen, self.num_experts);
-        let counts: Vec<usize> = crate::backend::timed_read(|| host_ints(rows.counts.clone())).into_iter().map(|c| c as usize).collect();
+    fn forward_laid_out_on_device(&self, x: Tensor<B, 2>, routed: &Routed<B>, weights: Tensor<B, 1>) -> Tensor<B, 2> {
+        let rows = &routed.rows;
         let dispatch = RowRoute { forward: rows.row_token.clone(), backward: rows.slot_row.clone(), group: self.top_k, keep: None };
-        let ys = self.run_grouped(B::route_rows(x, &dispatch), &counts);
-        B::combine_rows(ys, weights, &rows, self.top_k)
+        let ys = self.run_grouped(B::route_rows(x, &dispatch), &routed.counts);
+        B::combine_rows(ys, weights, rows, self.top_k)
     }
 
     /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): grouped, one grouped
@@ -351,11 +380,49 @@ mod tests {
         for (gemm, routing) in [(ExpertGemm::Padded, ExpertRouting::Host), (ExpertGemm::Grouped, ExpertRouting::Host), (ExpertGemm::Grouped, ExpertRouting::Device)] {
             (moe.gemm, moe.routing) = (gemm, routing);
             let x = x.clone().detach().require_grad();
-            let got = moe.forward(x.clone(), None, None);
+            let got = moe.forward(x.clone(), None, None, None);
             let grads = (got.clone() * r.clone()).sum().backward();
             close(got.inner(), want.clone().inner(), &format!("{gemm:?} {routing:?} output"));
             close(x.grad(&grads).unwrap(), dx_want.clone(), &format!("{gemm:?} {routing:?} input gradient"));
         }
+    }
+
+    /// A recomputed layer's replay routes every token to the experts its first pass chose (here
+    /// after the router changed, so routing afresh would differ), weights them by its own
+    /// router, and takes the recorded routing once.
+    #[test]
+    fn a_replay_routes_as_its_recorded_first_pass() {
+        use burn::tensor::{Distribution, TensorData};
+        let (hidden, experts, top_k, tokens) = (8, 16, 2, 256);
+        let mut moe = hot_moe();
+        (moe.gemm, moe.routing) = (ExpertGemm::Grouped, ExpertRouting::Device);
+        let device = Default::default();
+        let x = Tensor::<Ad, 2>::random([tokens, hidden], Distribution::Uniform(0.5, 1.0), &device);
+        let (replay, record) = RoutingMemo::<Ad>::pair();
+        burn::module::AutodiffModule::valid(&moe).forward(x.clone().inner(), None, None, Some(&record));
+        let recorded = burn::tensor::activation::softmax(moe.gate.forward(x.clone()), 1).topk_with_indices(top_k, 1).1;
+        // The router now sends every token to expert 1 first.
+        let mut bias = vec![0f32; hidden * experts];
+        for row in 0..hidden {
+            bias[row * experts + 1] = 20.0;
+        }
+        let hot = Tensor::<Ad, 2>::from_data(TensorData::new(bias, [hidden, experts]), &device);
+        let id = moe.gate.weight.id;
+        moe.gate.weight = burn::module::Param::initialized(id, moe.gate.weight.val() + hot);
+        let got = moe.forward(x.clone(), None, None, Some(&replay));
+        assert!(replay.replay(id).is_none(), "the routing is taken once");
+        let probs = burn::tensor::activation::softmax(moe.gate.forward(x.clone()), 1);
+        let weights = probs.gather(1, recorded.clone());
+        let weights = weights.clone() / weights.sum_dim(1);
+        let mut want = Tensor::<Ad, 2>::zeros([tokens, hidden], &device);
+        for e in 0..experts {
+            let picked = recorded.clone().equal_elem(e as i64).float();
+            want = want + moe.experts[e].forward(x.clone(), None) * (weights.clone() * picked).sum_dim(1);
+        }
+        close(got.clone().inner(), want.inner(), "replayed output");
+        let afresh = moe.forward(x, None, None, None);
+        let moved = (afresh - got).abs().max().into_scalar();
+        assert!(moved > 1e-3, "routing afresh would have differed: {moved:e}");
     }
 
     /// With adapters on every projection of every expert but one (B not zero, as after some
@@ -385,7 +452,7 @@ mod tests {
             let mut moe = moe.clone();
             (moe.gemm, moe.routing) = (gemm, routing);
             let x = x.clone().require_grad();
-            let y = moe.forward(x.clone(), None, None);
+            let y = moe.forward(x.clone(), None, None, None);
             let grads = (y.clone() * r.clone()).sum().backward();
             let mut all = vec![("output".to_string(), y.inner()), ("input gradient".to_string(), x.grad(&grads).unwrap())];
             for p in crate::lora::EXPERT_PROJECTIONS {

@@ -24,7 +24,7 @@ use super::schedule::LrSchedule;
 use crate::backend::profile::span;
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, RouterBalance, SequenceContext};
+use crate::model::{CausalLm, RouterBalance, RoutingMemo, SequenceContext};
 use crate::parallel::regions::{Collective, GroupComm};
 use crate::parallel::tensor::{GradPlacement, TensorParallel};
 
@@ -354,7 +354,14 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> Result<Tensor<B, 1>> {
         let missing = || Error::Internal("a segment's input received no gradient".into());
         let (tp, ep) = self.split();
-        let ctx = model.context(t.positions, Some(t.segments)).with_tensor_parallel(tp).with_expert_parallel(ep).with_router_balance(balance.clone());
+        // The recomputed MoE layers' first forward keeps its routing for their replay.
+        let (memo, recording) = RoutingMemo::pair();
+        let ctx = model
+            .context(t.positions, Some(t.segments))
+            .with_tensor_parallel(tp)
+            .with_expert_parallel(ep)
+            .with_router_balance(balance.clone())
+            .with_routing_memo(Some(memo));
         let n = model.layers.len();
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
         let mut i = 0;
@@ -374,7 +381,7 @@ impl<B: TrainBackend> Trainer<B> {
             Kept { input: Tensor<Autodiff<B>, 3>, output: Tensor<Autodiff<B>, 3>, routers: Vec<Tensor<Autodiff<B>, 1>> },
             Recomputed { input: Tensor<B, 3> },
         }
-        let inner_ctx = ctx.inner();
+        let inner_ctx = ctx.inner().with_routing_memo(Some(recording));
         let embedded = model.embed_for_layers(t.ids, &ctx);
         let mut prev = embedded.clone().inner();
         let mut saved = Vec::with_capacity(segments.len());
