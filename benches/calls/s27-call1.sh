@@ -1,6 +1,7 @@
 #!/bin/bash
-# Session 27, call 1 (~7 min): (a) 30b-mb4 at 8 layers, trainer (spread factor gradients, the
-# default since acf967b) beside transformers + peft in one command; (b) where the host's time
+# Session 27, call 1 (~8 min): (a) 30b-mb4 at 8 layers, trainer (.gpu/trainer: the recomputed
+# MoE layers replay their first pass's routing) beside transformers + peft and trainer of 3ab7bfe
+# (.gpu/trainer-base: spread factor gradients, routing again in the replay), one command; (b) where the host's time
 # goes in trainer's steady-state 30b-mb4-L8 step: gdb attached ~40 times to the unstripped binary
 # (.gpu/trainer-sym; benches/host_samples.sh, aggregated by benches/host_profile.py); (c) a
 # 2-layer step under ncu, every kernel's time (benches/ncu_summary.py).
@@ -13,7 +14,9 @@ export COMMIT=$(cat .gpu/COMMIT) WARMUP=1 STEPS=3 OUT=/tmp/bench
 c=30b-mb4
 if [ -z "${SKIP_A:-}" ]; then
   LAYERS=8 TRAINER_TIMEOUT=150 BASELINES=peft bash benches/run.sh $c > /tmp/bench-$c.out 2>&1
-  grep -E "^\| (trainer|transformers)|FAILED|rror" /tmp/bench-$c.out | tail -3
+  COMMIT=3ab7bfe VARIANT=replay-routes-afresh TRAINER=.gpu/trainer-base LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench-$c.out 2>&1
+  grep -E "^\| (trainer|transformers)|FAILED|rror" /tmp/bench-$c.out | tail -4
+  python3 -c 'import json; [print(r["commit"], r["impl"], r.get("s_per_step"), r.get("syncs_per_step"), r.get("host_wait_s_per_step"), r.get("gpu_busy")) for r in map(json.loads, open("/tmp/bench/results.jsonl"))]'
   cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench-$c.out $R/ 2>/dev/null; pack
 fi
 ARGS=(bench recipes/qwen3-moe-lora.toml
