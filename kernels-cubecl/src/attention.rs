@@ -55,11 +55,15 @@ pub struct AttentionOptions {
 pub enum AttentionKernel {
     /// The blockwise path for now: the flash kernels are slower than it on the H100 so far
     /// (benches/RESULTS.md, session 26); they take over where they measure faster.
-    /// `KERNELS_CUBECL_ATTENTION=flash` (or `=blockwise`) in the environment picks one.
+    /// `KERNELS_CUBECL_ATTENTION=flash` (or `=flash-forward`, `=blockwise`) in the environment
+    /// picks one.
     #[default]
     Auto,
     /// The blockwise path of plain-Burn ops and row kernels.
     Blockwise,
+    /// The flash forward (on CUDA tensor cores with its accumulators in registers where it can)
+    /// and the blockwise backward, which reads the forward's output and log-sum-exp alike.
+    FlashForward,
     /// The flash kernels wherever the backend has them for the inputs (CubeCL: on tensor cores
     /// for bf16/f16 at head dims that are multiples of 16 up to 128, else one unit per product
     /// element, as in the wgpu tests), the blockwise path elsewhere.

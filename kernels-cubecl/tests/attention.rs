@@ -315,11 +315,15 @@ fn wgpu_flash_matches_reference() {
         let want = reference_outcome(&case, ALL);
         let causal: &[bool] = if mask == Mask::Bidirectional { &[false] } else { &[true, false] };
         for &causal in causal {
-            let options = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Flash };
-            let (q, k, v) = case.inputs::<Wgpu>(&device);
-            assert_eq!(Wgpu::attention_kernel(&q, &k, &v, options), AttentionKernel::Flash, "the flash kernels did not run");
-            let got = efficient_outcome::<Autodiff<Wgpu>>(&case, &device, ALL, options);
-            assert_matches(&format!("wgpu flash {shape:?} {mask:?} seed={seed} causal={causal}"), &got, &want, TOLERANCE);
+            // The flash forward with the flash backward, and with the blockwise backward (which
+            // reads the flash forward's log-sum-exp).
+            for kernel in [AttentionKernel::Flash, AttentionKernel::FlashForward] {
+                let options = AttentionOptions { block_q: None, causal, kernel };
+                let (q, k, v) = case.inputs::<Wgpu>(&device);
+                assert_eq!(Wgpu::attention_kernel(&q, &k, &v, options), kernel, "the flash kernels did not run");
+                let got = efficient_outcome::<Autodiff<Wgpu>>(&case, &device, ALL, options);
+                assert_matches(&format!("wgpu {kernel:?} {shape:?} {mask:?} seed={seed} causal={causal}"), &got, &want, TOLERANCE);
+            }
         }
     }
     // Only some inputs tracked: the kernels run for the wanted gradients alone.
@@ -563,7 +567,9 @@ mod cuda {
 
     /// The flash kernels on CUDA in bf16 on tensor cores against the f32 reference: head dims 128
     /// and 64 over several 64-row tiles, the last partial, GQA and MHA, packed, causal and
-    /// bidirectional masks, and one whose rows are not intervals. Run it alone (`--exact`): once
+    /// bidirectional masks, and one whose rows are not intervals; the forward with its
+    /// accumulators in registers (CUDA's manual MMA) with the flash backward and with the
+    /// blockwise backward (`FlashForward`). Run it alone (`--exact`): once
     /// a bf16 tensor is on the device, the f32 tests of the same process compute in bf16
     /// (seen on the H100, session 26); the per-element path runs on wgpu.
     #[test]
@@ -581,13 +587,15 @@ mod cuda {
             let case = Case::random(seed, shape, mask);
             let want = reference_outcome(&case, ALL);
             let causal = mask != Mask::Bidirectional;
-            let options = AttentionOptions { block_q: None, causal, kernel: AttentionKernel::Flash };
-            let (q, k, v) = case.inputs::<CudaF32>(&device);
-            let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
-            assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), AttentionKernel::Flash, "bf16 did not take the flash kernels");
-            let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
-            // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
-            assert_matches(&format!("cuda bf16 flash {shape:?} {mask:?}"), &got, &want, 3e-2);
+            for kernel in [AttentionKernel::Flash, AttentionKernel::FlashForward] {
+                let options = AttentionOptions { block_q: None, causal, kernel };
+                let (q, k, v) = case.inputs::<CudaF32>(&device);
+                let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
+                assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), kernel, "bf16 did not take the flash kernels");
+                let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
+                // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
+                assert_matches(&format!("cuda bf16 {kernel:?} {shape:?} {mask:?}"), &got, &want, 3e-2);
+            }
         }
     }
 

@@ -10,6 +10,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::CubeDim;
 
+use super::flash::Pass;
 use super::{cube_tensor, f32_tensor, float};
 use super::row_kernel::{row_cubes, row_units};
 use super::softmax_rows::{softmax_grad_rows, softmax_rows, MAX_ROW_UNITS};
@@ -31,7 +32,8 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
     }
 
     fn attention_kernel(q: &Tensor<Self, 4>, k: &Tensor<Self, 4>, v: &Tensor<Self, 4>, options: AttentionOptions) -> AttentionKernel {
-        match super::flash::plan(q, k, v, options) {
+        match super::flash::plan(q, k, v, options, Pass::Forward) {
+            Some(_) if super::flash::chosen(options) == AttentionKernel::FlashForward => AttentionKernel::FlashForward,
             Some(_) => AttentionKernel::Flash,
             None => AttentionKernel::Blockwise,
         }
@@ -45,7 +47,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         blocked: Tensor<Self, 4, Bool>,
         options: AttentionOptions,
     ) -> AttentionForward<Self> {
-        match super::flash::plan(&q, &k, &v, options) {
+        match super::flash::plan(&q, &k, &v, options, Pass::Forward) {
             Some(plan) => super::flash::forward(q, k, v, scale, blocked, options, plan),
             None => blockwise_forward(q, k, v, scale, blocked, options),
         }
@@ -62,7 +64,7 @@ impl<R: super::gemm::GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         options: AttentionOptions,
         wanted: AttentionWanted,
     ) -> AttentionGrads<Self> {
-        match super::flash::plan(&q, &k, &v, options) {
+        match super::flash::plan(&q, &k, &v, options, Pass::Backward) {
             Some(plan) => super::flash::backward(q, k, v, scale, blocked, saved, grad_output, options, wanted, plan),
             None => blockwise_backward(q, k, v, scale, blocked, saved, grad_output, options, wanted),
         }

@@ -10,6 +10,7 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
+use super::flash_mma::{flash_forward_mma, KEYS, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -20,10 +21,20 @@ struct Tiles {
     bc: usize,
 }
 
+/// Which pass a plan is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pass {
+    Forward,
+    Backward,
+}
+
 /// How the flash kernels run for one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FlashPlan {
     tensor_cores: bool,
+    /// The forward with its accumulators in registers ([`flash_forward_mma`]): CUDA's manual
+    /// m16n8k16 products.
+    forward_mma: bool,
     units: usize,
     forward: Tiles,
     /// The keys' and values' gradients: `bc` keys a cube, `br` query rows a step.
@@ -36,6 +47,7 @@ impl FlashPlan {
     /// dim 128 (~112 KiB each with the padded rows).
     const TENSOR_CORES: Self = Self {
         tensor_cores: true,
+        forward_mma: false,
         units: 128,
         forward: Tiles { br: 64, bc: 64 },
         backward_kv: Tiles { br: 64, bc: 32 },
@@ -45,6 +57,7 @@ impl FlashPlan {
     /// small head dims (tests).
     const UNITS: Self = Self {
         tensor_cores: false,
+        forward_mma: false,
         units: 64,
         forward: Tiles { br: 16, bc: 16 },
         backward_kv: Tiles { br: 16, bc: 16 },
@@ -72,6 +85,7 @@ fn from_env() -> AttentionKernel {
     *KERNEL.get_or_init(|| match std::env::var("KERNELS_CUBECL_ATTENTION").as_deref() {
         Ok("blockwise") => AttentionKernel::Blockwise,
         Ok("flash") => AttentionKernel::Flash,
+        Ok("flash-forward") => AttentionKernel::FlashForward,
         _ => AttentionKernel::Auto,
     })
 }
@@ -87,13 +101,33 @@ fn tensor_cores<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool
     props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.cmma.contains(&config)
 }
 
-/// The plan for attention over `q` (`[batch, q_heads, seq, head_dim]`) and `k`, `v` of the
-/// same dtype, or `None` for the blockwise path.
+/// Whether `client` has CUDA's manual m16n8k16 products of `dtype` into f32 in planes of 32.
+fn manual_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return false;
+    }
+    let props = client.properties();
+    let (ab, f32_type): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
+    let config = MmaConfig { a_type: ab, b_type: ab, cd_type: f32_type, m: 16, n: 8, k: 16 };
+    props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.mma.contains(&config)
+}
+
+/// The kernel `options` ask for, the environment's in place of `Auto`.
+pub(super) fn chosen(options: AttentionOptions) -> AttentionKernel {
+    match options.kernel {
+        AttentionKernel::Auto => from_env(),
+        chosen => chosen,
+    }
+}
+
+/// The plan for `pass` of the attention over `q` (`[batch, q_heads, seq, head_dim]`) and `k`,
+/// `v` of the same dtype, or `None` for the blockwise path.
 pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     q: &Tensor<CubeBackend<R, F, I, BT>, 4>,
     k: &Tensor<CubeBackend<R, F, I, BT>, 4>,
     v: &Tensor<CubeBackend<R, F, I, BT>, 4>,
     options: AttentionOptions,
+    pass: Pass,
 ) -> Option<FlashPlan> {
     let [b, hq, s, d] = q.dims();
     let dtype = q.dtype();
@@ -102,22 +136,22 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     }
     // Auto stays on the blockwise path until the flash kernels measure faster there
     // (benches/RESULTS.md, session 26: ~3x slower on the H100 so far).
-    let kernel = match options.kernel {
-        AttentionKernel::Auto => from_env(),
-        chosen => chosen,
-    };
-    if kernel != AttentionKernel::Flash {
-        return None;
+    match (chosen(options), pass) {
+        (AttentionKernel::Flash, _) | (AttentionKernel::FlashForward, Pass::Forward) => {}
+        _ => return None,
     }
     let client = cube_tensor(q.clone()).client;
     if !super::kernels_on(&client) {
         return None;
     }
-    let plan = match d % 16 == 0 && d <= 128 && tensor_cores(&client, dtype) {
+    let mut plan = match d % 16 == 0 && d <= 128 && tensor_cores(&client, dtype) {
         true => FlashPlan::TENSOR_CORES,
         false => FlashPlan::UNITS,
     };
-    (plan.shared_bytes(d, dtype.size()) <= client.properties().hardware.max_shared_memory_size).then_some(plan)
+    let shared = client.properties().hardware.max_shared_memory_size;
+    let mma_shared = dtype.size() * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8));
+    plan.forward_mma = plan.tensor_cores && pass == Pass::Forward && manual_mma(&client, dtype) && mma_shared <= shared;
+    (plan.forward_mma || plan.shared_bytes(d, dtype.size()) <= shared).then_some(plan)
 }
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -179,6 +213,30 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, hq, s]), DType::F32);
     let Tiles { br, bc } = plan.forward;
     let dtypes = [q.dtype.into(), mask.dtype.into()];
+    if plan.forward_mma {
+        // SAFETY: as below; the fragments' shared-memory reads stay inside the padded tiles.
+        unsafe {
+            flash_forward_mma::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(s.div_ceil(ROWS) as u32, (b * hq) as u32, 1),
+                CubeDim::new_1d(UNITS as u32),
+                width,
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                mask.into_tensor_arg(),
+                keys.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
+                scale as f32,
+                f32::INFINITY,
+                d,
+                options.causal,
+                dtypes,
+            );
+        }
+        return AttentionForward { output: float(out), lse: float(lse) };
+    }
     // SAFETY: every global read and write of the kernels is guarded by the sequence length, and
     // shared-memory indices stay inside the tiles (the wgpu tests run the same indexing checked).
     unsafe {

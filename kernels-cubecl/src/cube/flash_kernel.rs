@@ -18,7 +18,7 @@ use cubecl::prelude::*;
 
 /// A finite floor instead of -inf (WGSL has no -inf literal): a masked score. Any readable
 /// scaled score is above it.
-const FLOOR: f32 = crate::attention::EMPTY_ROW_FLOOR;
+pub(super) const FLOOR: f32 = crate::attention::EMPTY_ROW_FLOOR;
 
 /// `c (+)= a b` over shared-memory tiles: `a` is `[m, k]` (stored `[k, m]` when
 /// `a_transposed`), `b` is `[k, n]` (stored `[n, k]` when `b_transposed`), `c` is `[m, n]` in
@@ -104,7 +104,7 @@ pub(super) fn tile_mma<E: Float>(
 /// d]`; with `N > 1` a unit last stride, the other strides multiples of `N`) into `dst` (`[rows,
 /// d]`, row stride `stride`), zeros past `seq`: `N` elements a load.
 #[cube]
-fn load_rows<E: Float, N: Size>(
+pub(super) fn load_rows<E: Float, N: Size>(
     src: &Tensor<Vector<E, N>>,
     batch: usize,
     head: usize,
@@ -179,7 +179,7 @@ fn load_row_keys(keys: &Tensor<i32>, batch: usize, row0: usize, seq: usize, dst:
 /// from the mask otherwise.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn readable<M: Int>(
+pub(super) fn readable<M: Int>(
     mask: &Tensor<M>,
     strides: MaskStrides,
     row: RowKeys,
@@ -204,7 +204,7 @@ fn readable<M: Int>(
 
 /// A query row's readable keys as [`mask_rows`] found them: `first..=last` when `interval`.
 #[derive(CubeType, Clone, Copy)]
-struct RowKeys {
+pub(super) struct RowKeys {
     first: i32,
     last: i32,
     interval: bool,
@@ -213,7 +213,7 @@ struct RowKeys {
 /// Row `qpos` of batch `batch` of the [`mask_rows`] table `keys` (`[batch, seq, 3]`); past `seq`,
 /// an empty interval.
 #[cube]
-fn row_keys(keys: &Tensor<i32>, batch: usize, qpos: usize, seq: usize) -> RowKeys {
+pub(super) fn row_keys(keys: &Tensor<i32>, batch: usize, qpos: usize, seq: usize) -> RowKeys {
     let mut first = i32::new(1);
     let mut last = i32::new(0);
     let mut interval = qpos >= seq;
@@ -288,14 +288,14 @@ pub(super) fn mask_rows<M: Int>(mask: &Tensor<M>, keys: &mut Tensor<i32>, #[comp
 
 /// The mask's offset of the cube's batch and its query and key strides, read once.
 #[derive(CubeType, Clone, Copy)]
-struct MaskStrides {
+pub(super) struct MaskStrides {
     batch: usize,
     query: usize,
     key: usize,
 }
 
 #[cube]
-fn mask_strides<M: Int>(mask: &Tensor<M>, batch: usize) -> MaskStrides {
+pub(super) fn mask_strides<M: Int>(mask: &Tensor<M>, batch: usize) -> MaskStrides {
     MaskStrides { batch: batch * mask.stride(0), query: mask.stride(2), key: mask.stride(3) }
 }
 

@@ -10,6 +10,7 @@ pub mod cublas;
 mod cublas_grouped;
 mod flash;
 mod flash_kernel;
+mod flash_mma;
 pub mod gemm;
 mod layer_kernels;
 mod layer_ops;

@@ -1,0 +1,344 @@
+//! FlashAttention-2's forward with its accumulators in registers (Dao, 2023, section 3.1): CUDA's
+//! warp-level tensor-core product `mma.sync` m16n8k16 (bf16/f16 into f32) through CubeCL's
+//! manual `MmaDefinition`, where [`super::flash_kernel::flash_forward`] keeps its scores and
+//! output in shared memory (CubeCL's `cmma` fragments cannot be rescaled per row).
+//!
+//! A cube of four planes takes 64 query rows, 16 a plane, and walks the key blocks of 64: each
+//! plane holds its rows' query fragments, scores, output and softmax statistics in registers;
+//! the block's keys and values (values transposed, so that each lane's two consecutive keys are
+//! one 32-bit pair) are the only shared tiles. A lane holds two rows of each fragment (`g` and
+//! `g + 8`, `g = lane / 4`), so a row's max and sum are reduced over the four lanes of its quad.
+//!
+//! The fragments' layouts are PTX's for m16n8k16 (the ones CubeCL's CUDA target gives
+//! `MmaDefinition::position_of_nth`), with `g = lane / 4`, `t = lane % 4`, each register two
+//! consecutive elements:
+//! - A (16x16, row-major): register `i` holds row `g + 8 (i % 2)`, columns `2t + 8 (i / 2) + {0, 1}`;
+//! - B (16x8): register `i` holds rows (k) `2t + 8 i + {0, 1}` of column (n) `g`;
+//! - C (16x8, f32): register `i` holds row `g + 8 i`, columns `2t + {0, 1}`.
+//!
+//! So the scores of keys `16 jj ..` (C tiles `2 jj` and `2 jj + 1`) are, cast to the inputs'
+//! dtype, the A fragment that multiplies the values without leaving the lane.
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::prelude::*;
+
+use super::flash_kernel::{load_rows, mask_strides, readable, row_keys, FLOOR};
+
+/// Query rows of a cube: 16 a plane, four planes.
+pub(super) const ROWS: usize = 64;
+/// Keys of a block.
+pub(super) const KEYS: usize = 64;
+/// Units of a cube.
+pub(super) const UNITS: usize = 128;
+
+/// Rows `[row0, row0 + KEYS)` of head `head` of batch `batch` of `src` (`[batch, heads, seq, d]`,
+/// as [`load_rows`] reads it) transposed into `dst` (`[d, KEYS]`, row stride `stride`), zeros past
+/// `seq`. Consecutive units take consecutive rows, so the column-wise stores land on consecutive
+/// banks.
+#[cube]
+fn load_rows_transposed<E: Float, N: Size>(
+    src: &Tensor<Vector<E, N>>,
+    batch: usize,
+    head: usize,
+    row0: usize,
+    dst: &mut SharedMemory<E>,
+    #[comptime] d: usize,
+    #[comptime] stride: usize,
+) {
+    let width = src.vector_size();
+    let per_row = comptime![d] / width;
+    let seq = src.shape(2);
+    let base = batch * src.stride(0) + head * src.stride(1);
+    let (row_stride, col_stride) = (src.stride(2), src.stride(3));
+    let mut i = UNIT_POS as usize;
+    while i < KEYS * per_row {
+        let r = i % KEYS;
+        let c = (i / KEYS) * width;
+        let mut x = Vector::<E, N>::empty();
+        if row0 + r < seq {
+            x = src[(base + (row0 + r) * row_stride + c * col_stride) / width];
+        } else {
+            #[unroll]
+            for j in 0..width {
+                x[j] = E::new(0.0);
+            }
+        }
+        #[unroll]
+        for j in 0..width {
+            dst[(c + j) * stride + r] = x[j];
+        }
+        i = i + CUBE_DIM as usize;
+    }
+}
+
+/// Two consecutive elements of a shared tile as one fragment register.
+#[cube]
+fn pair<E: Float>(tile: &SharedMemory<E>, at: usize) -> Vector<E, Const<2>> {
+    let mut x = Vector::<E, Const<2>>::empty();
+    x[0] = tile[at];
+    x[1] = tile[at + 1];
+    x
+}
+
+/// An accumulator fragment of zeros (two registers of two f32).
+#[cube]
+fn zeros() -> Array<Vector<f32, Const<2>>> {
+    let mut acc = Array::<Vector<f32, Const<2>>>::new(2usize);
+    #[unroll]
+    for i in 0..2usize {
+        acc[i] = Vector::new(0.0);
+    }
+    acc
+}
+
+/// The larger of `x` over the four lanes of this lane's quad (the lanes holding the same rows).
+#[cube]
+fn quad_max(x: f32) -> f32 {
+    let y = f32::max(x, plane_shuffle_xor(x, 1));
+    f32::max(y, plane_shuffle_xor(y, 2))
+}
+
+/// The sum of `x` over the four lanes of this lane's quad.
+#[cube]
+fn quad_sum(x: f32) -> f32 {
+    let y = x + plane_shuffle_xor(x, 1);
+    y + plane_shuffle_xor(y, 2)
+}
+
+/// [`super::flash_kernel::flash_forward`]'s contract, on CUDA tensor cores with `d` a multiple
+/// of 16 (at most 128: the output's registers): one cube of [`UNITS`] per [`ROWS`] query rows of
+/// one (batch, query head), cube `(x, y)`: query block `x`, `y = batch * q_heads + head`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
+    mask: &Tensor<M>,
+    keys: &Tensor<i32>,
+    out: &mut Tensor<E>,
+    lse: &mut Tensor<f32>,
+    scale: f32,
+    inf: f32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(E, M)] _dtypes: [StorageType; 2],
+) {
+    // Padded row strides (+8 elements): the quads' pair loads start on different banks.
+    let ld = comptime![d + 8];
+    let lv = comptime![KEYS + 8];
+    let seq = q.shape(2);
+    let q_heads = q.shape(1);
+    let groups = q_heads / k.shape(1);
+    let bh = CUBE_POS_Y as usize;
+    let batch = bh / q_heads;
+    let head = bh % q_heads;
+    let strides = mask_strides::<M>(mask, batch);
+    let q0 = CUBE_POS_X as usize * ROWS;
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS_PLANE as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    // This lane's two rows, within the cube's block and in the sequence.
+    let local = plane * 16 + g;
+    let row_a = q0 + local;
+    let row_b = row_a + 8;
+    let keys_a = row_keys(keys, batch, row_a, seq);
+    let keys_b = row_keys(keys, batch, row_b, seq);
+
+    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
+    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
+    let mut vt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
+    load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
+    sync_cube();
+    let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
+
+    // The plane's query rows as A fragments, one per 16 columns of the head dim.
+    let mut qa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+    #[unroll]
+    for kk in 0..comptime![d / 16] {
+        let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
+        #[unroll]
+        for i in 0..4usize {
+            let row = local + 8 * (i % 2);
+            f[i] = pair::<E>(&q_s, row * ld + kk * 16 + 2 * t + 8 * (i / 2));
+        }
+        qa.push(f);
+    }
+    // The output, one C fragment per 8 columns of the head dim; each row's running max
+    // (`m_*`) and this lane's share of its running sum (`l_*`).
+    let mut o = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    #[unroll]
+    for _dt in 0..comptime![d / 8] {
+        o.push(zeros());
+    }
+    let mut m_a = f32::new(FLOOR);
+    let mut m_b = f32::new(FLOOR);
+    let mut l_a = f32::new(0.0);
+    let mut l_b = f32::new(0.0);
+
+    let mut kv_end = seq;
+    if causal {
+        if q0 + ROWS < seq {
+            kv_end = q0 + ROWS;
+        }
+    }
+    let blocks = (kv_end + KEYS - 1) / KEYS;
+    let kv_head = head / groups;
+    for blk in 0..blocks {
+        let k0 = blk * KEYS;
+        // Every plane is done with the previous block's tiles.
+        sync_cube();
+        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
+        load_rows_transposed::<E, N>(v, batch, kv_head, k0, &mut vt_s, d, lv);
+        sync_cube();
+
+        // Scores: C fragment `j` holds keys `8 j ..` of the plane's 16 rows.
+        let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let mut acc = zeros();
+            #[unroll]
+            for kk in 0..comptime![d / 16] {
+                let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
+                #[unroll]
+                for i in 0..2usize {
+                    b[i] = pair::<E>(&k_s, (j * 8 + g) * ld + kk * 16 + 2 * t + 8 * i);
+                }
+                def.execute_inplace(qa.index(kk), &b, &mut acc);
+            }
+            s.push(acc);
+        }
+
+        // Scaled and masked; each row's max over the block.
+        let mut max_a = f32::new(FLOOR);
+        let mut max_b = f32::new(FLOOR);
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let frag = s.index_mut(j);
+            #[unroll]
+            for c in 0..2usize {
+                let key = k0 + j * 8 + 2 * t + c;
+                let mut xa = f32::new(FLOOR);
+                if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
+                    xa = frag[0][c] * scale;
+                }
+                let mut xb = f32::new(FLOOR);
+                if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
+                    xb = frag[1][c] * scale;
+                }
+                let mut ra = frag[0];
+                ra[c] = xa;
+                frag[0] = ra;
+                let mut rb = frag[1];
+                rb[c] = xb;
+                frag[1] = rb;
+                max_a = f32::max(max_a, xa);
+                max_b = f32::max(max_b, xb);
+            }
+        }
+        let new_a = f32::max(m_a, quad_max(max_a));
+        let new_b = f32::max(m_b, quad_max(max_b));
+        // new >= old: alpha in [0, 1] (1 while the row has read nothing).
+        let alpha_a = (m_a - new_a).exp();
+        let alpha_b = (m_b - new_b).exp();
+        m_a = new_a;
+        m_b = new_b;
+
+        // Probabilities, as the A fragments of the product with the values: keys `16 jj ..`.
+        let mut sum_a = f32::new(0.0);
+        let mut sum_b = f32::new(0.0);
+        let mut pa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+        #[unroll]
+        for jj in 0..comptime![KEYS / 16] {
+            let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
+            #[unroll]
+            for i in 0..4usize {
+                // Register i: row a (i even) or b, keys 2t (+ 8 for i >= 2) of the pair.
+                let src = s.index(2 * jj + i / 2);
+                let scores = src[i % 2];
+                let mut p = Vector::<E, Const<2>>::empty();
+                #[unroll]
+                for c in 0..2usize {
+                    let x = scores[c];
+                    let mut e = f32::new(0.0);
+                    if x > FLOOR {
+                        if i % 2 == 0 {
+                            e = (x - new_a).exp();
+                        } else {
+                            e = (x - new_b).exp();
+                        }
+                    }
+                    if i % 2 == 0 {
+                        sum_a += e;
+                    } else {
+                        sum_b += e;
+                    }
+                    p[c] = E::cast_from(e);
+                }
+                f[i] = p;
+            }
+            pa.push(f);
+        }
+        l_a = l_a * alpha_a + sum_a;
+        l_b = l_b * alpha_b + sum_b;
+
+        // o = o * alpha + P V, one C fragment per 8 columns of the head dim.
+        #[unroll]
+        for dt in 0..comptime![d / 8] {
+            let acc = o.index_mut(dt);
+            acc[0] = acc[0] * Vector::new(alpha_a);
+            acc[1] = acc[1] * Vector::new(alpha_b);
+            #[unroll]
+            for jj in 0..comptime![KEYS / 16] {
+                let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
+                #[unroll]
+                for i in 0..2usize {
+                    b[i] = pair::<E>(&vt_s, (dt * 8 + g) * lv + jj * 16 + 2 * t + 8 * i);
+                }
+                def.execute_inplace(pa.index(jj), &b, acc);
+            }
+        }
+    }
+
+    let total_a = quad_sum(l_a);
+    let total_b = quad_sum(l_b);
+    let mut inv_a = f32::new(0.0);
+    if total_a > 0.0 {
+        inv_a = 1.0 / total_a;
+    }
+    let mut inv_b = f32::new(0.0);
+    if total_b > 0.0 {
+        inv_b = 1.0 / total_b;
+    }
+    #[unroll]
+    for dt in 0..comptime![d / 8] {
+        let acc = o.index(dt);
+        #[unroll]
+        for c in 0..2usize {
+            let col = dt * 8 + 2 * t + c;
+            if row_a < seq {
+                out[(bh * seq + row_a) * d + col] = E::cast_from(acc[0][c] * inv_a);
+            }
+            if row_b < seq {
+                out[(bh * seq + row_b) * d + col] = E::cast_from(acc[1][c] * inv_b);
+            }
+        }
+    }
+    if t == 0 {
+        if row_a < seq {
+            let mut value = inf;
+            if total_a > 0.0 {
+                value = m_a + total_a.ln();
+            }
+            lse[bh * seq + row_a] = value;
+        }
+        if row_b < seq {
+            let mut value = inf;
+            if total_b > 0.0 {
+                value = m_b + total_b.ln();
+            }
+            lse[bh * seq + row_b] = value;
+        }
+    }
+}
