@@ -147,6 +147,40 @@ pub enum Command {
         #[arg(long)]
         check_attention: bool,
     },
+    /// Time the attention core alone (forward, and backward to dq, dk and dv) on random bf16
+    /// inputs, causal or packed, and print one JSON line: ms and TFLOP/s each way and the path
+    /// that ran. `benches/attention.sh` sets it beside torch's scaled_dot_product_attention.
+    BenchAttention {
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Query heads (Qwen2.5-7B's by default).
+        #[arg(long, default_value_t = 28)]
+        heads: usize,
+        /// Key/value heads; a divisor of --heads.
+        #[arg(long, default_value_t = 4)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        /// Each row four segments (40%, 30%, 20%, 10%) attending within their own, as packed
+        /// samples do; else one causal sequence a row.
+        #[arg(long)]
+        packed: bool,
+        /// Which implementation: auto (the backend's choice, KERNELS_CUBECL_ATTENTION), blockwise,
+        /// flash, or flash-forward (the flash forward, the blockwise backward).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "blockwise", "flash", "flash-forward"])]
+        kernel: String,
+        /// Untimed passes first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed passes (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Where to run: cpu, cuda, or auto (CUDA when this build has it and a GPU answers).
+        #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+        device: String,
+    },
     /// Time the LM-head cross-entropy alone (forward and backward to dh and dW) on random
     /// bf16 inputs, fused or through materialised logits, and print one JSON line: s/step and
     /// the device memory it took beyond its inputs. `benches/ce.sh` sets it beside PyTorch.
@@ -292,6 +326,24 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             train::preflight::model(&loaded, &plan, true)?;
             let extras = train::bench::BenchExtras { profile, check_attention };
             let report = train::bench::bench(&loaded, &plan, warmup, steps, extras)?;
+            println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
+            Ok(())
+        }
+        Command::BenchAttention { batch, heads, kv_heads, seq, head_dim, packed, kernel, warmup, steps, device } => {
+            let device = match device.as_str() {
+                "cpu" => crate::recipe::Device::Cpu,
+                "cuda" => crate::recipe::Device::Cuda,
+                _ => crate::recipe::Device::Auto,
+            };
+            let kernel = match kernel.as_str() {
+                "blockwise" => kernels_cubecl::AttentionKernel::Blockwise,
+                "flash" => kernels_cubecl::AttentionKernel::Flash,
+                "flash-forward" => kernels_cubecl::AttentionKernel::FlashForward,
+                _ => kernels_cubecl::AttentionKernel::Auto,
+            };
+            let job = train::bench_attention::AttentionBench { batch, heads, kv_heads, seq, head_dim, packed, kernel, warmup, steps: steps.max(1) };
+            job.check()?;
+            let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }

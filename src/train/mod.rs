@@ -3,6 +3,7 @@
 //! the run folder and its checkpoints are [`crate::run`]'s.
 
 pub mod bench;
+pub mod bench_attention;
 pub mod bench_loss;
 pub mod checkpoints;
 pub mod init;
