@@ -1,6 +1,7 @@
 #!/bin/bash
-# Session 27, call 1 (~7 min): (a) kernels-cubecl's CUDA flash test alone: the forward with its
-# accumulators in registers (flash_forward_mma) with the flash and with the blockwise backward;
+# Session 27, call 1 (~8 min): (a) kernels-cubecl's CUDA flash tests, each alone: the forward
+# with its accumulators in registers (flash_forward_mma) with the blockwise backward, then with
+# the flash backward (the queries' gradient in registers too, flash_backward_q_mma);
 # (b) 30b-mb4 at 8 layers, one command: trainer (.gpu/trainer: the recomputed MoE layers replay
 # their first pass's routing) beside transformers + peft and trainer of 3ab7bfe
 # (.gpu/trainer-base: routing again in the replay), then trainer with
@@ -12,7 +13,8 @@ source benches/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 R=/tmp/r; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r.tgz -C $R . ; }
 flash_ok=1
-timeout 240 .gpu/kc_attention --ignored --nocapture --exact cuda::cuda_flash_matches_reference > $R/kc-attention.log 2>&1 || { flash_ok=; echo "FAILED: kc_attention flash"; }
+timeout 200 .gpu/kc_attention --ignored --nocapture --exact cuda::cuda_flash_forward_matches_reference > $R/kc-attention.log 2>&1 || { flash_ok=; echo "FAILED: kc_attention flash-forward"; }
+timeout 200 .gpu/kc_attention --ignored --nocapture --exact cuda::cuda_flash_matches_reference >> $R/kc-attention.log 2>&1 || echo "FAILED: kc_attention flash"
 grep -E "^test |test result|panicked|error" $R/kc-attention.log | head -8 | cut -c1-400; pack
 export COMMIT=$(cat .gpu/COMMIT) WARMUP=1 STEPS=3 OUT=/tmp/bench
 c=30b-mb4

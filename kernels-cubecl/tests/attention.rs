@@ -567,14 +567,26 @@ mod cuda {
 
     /// The flash kernels on CUDA in bf16 on tensor cores against the f32 reference: head dims 128
     /// and 64 over several 64-row tiles, the last partial, GQA and MHA, packed, causal and
-    /// bidirectional masks, and one whose rows are not intervals; the forward with its
-    /// accumulators in registers (CUDA's manual MMA) with the flash backward and with the
-    /// blockwise backward (`FlashForward`). Run it alone (`--exact`): once
+    /// bidirectional masks, and one whose rows are not intervals: the forward and the queries'
+    /// gradient with their accumulators in registers (CUDA's manual MMA), the keys' and values'
+    /// through `cmma`. Run it alone (`--exact`): once
     /// a bf16 tensor is on the device, the f32 tests of the same process compute in bf16
     /// (seen on the H100, session 26); the per-element path runs on wgpu.
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_flash_matches_reference() {
+        cuda_flash_case(AttentionKernel::Flash);
+    }
+
+    /// As [`cuda_flash_matches_reference`], the flash forward with the blockwise backward
+    /// (`FlashForward`, which reads the forward's log-sum-exp). Run it alone (`--exact`).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_flash_forward_matches_reference() {
+        cuda_flash_case(AttentionKernel::FlashForward);
+    }
+
+    fn cuda_flash_case(kernel: AttentionKernel) {
         forced();
         let device = CudaDevice::default();
         let cases = [
@@ -587,15 +599,13 @@ mod cuda {
             let case = Case::random(seed, shape, mask);
             let want = reference_outcome(&case, ALL);
             let causal = mask != Mask::Bidirectional;
-            for kernel in [AttentionKernel::Flash, AttentionKernel::FlashForward] {
-                let options = AttentionOptions { block_q: None, causal, kernel };
-                let (q, k, v) = case.inputs::<CudaF32>(&device);
-                let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
-                assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), kernel, "bf16 did not take the flash kernels");
-                let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
-                // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
-                assert_matches(&format!("cuda bf16 {kernel:?} {shape:?} {mask:?}"), &got, &want, 3e-2);
-            }
+            let options = AttentionOptions { block_q: None, causal, kernel };
+            let (q, k, v) = case.inputs::<CudaF32>(&device);
+            let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
+            assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), kernel, "bf16 did not take the flash kernels");
+            let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
+            // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
+            assert_matches(&format!("cuda bf16 {kernel:?} {shape:?} {mask:?}"), &got, &want, 3e-2);
         }
     }
 

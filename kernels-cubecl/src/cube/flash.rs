@@ -10,7 +10,7 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
-use super::flash_mma::{flash_forward_mma, KEYS, ROWS, UNITS};
+use super::flash_mma::{flash_backward_q_mma, flash_forward_mma, KEYS, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -35,6 +35,8 @@ pub(super) struct FlashPlan {
     /// The forward with its accumulators in registers ([`flash_forward_mma`]): CUDA's manual
     /// m16n8k16 products.
     forward_mma: bool,
+    /// The queries' gradient likewise ([`flash_backward_q_mma`]).
+    backward_q_mma: bool,
     units: usize,
     forward: Tiles,
     /// The keys' and values' gradients: `bc` keys a cube, `br` query rows a step.
@@ -48,6 +50,7 @@ impl FlashPlan {
     const TENSOR_CORES: Self = Self {
         tensor_cores: true,
         forward_mma: false,
+        backward_q_mma: false,
         units: 128,
         forward: Tiles { br: 64, bc: 64 },
         backward_kv: Tiles { br: 64, bc: 32 },
@@ -58,6 +61,7 @@ impl FlashPlan {
     const UNITS: Self = Self {
         tensor_cores: false,
         forward_mma: false,
+        backward_q_mma: false,
         units: 64,
         forward: Tiles { br: 16, bc: 16 },
         backward_kv: Tiles { br: 16, bc: 16 },
@@ -149,8 +153,11 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         false => FlashPlan::UNITS,
     };
     let shared = client.properties().hardware.max_shared_memory_size;
-    let mma_shared = dtype.size() * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8));
-    plan.forward_mma = plan.tensor_cores && pass == Pass::Forward && manual_mma(&client, dtype) && mma_shared <= shared;
+    let mma = plan.tensor_cores && manual_mma(&client, dtype);
+    let forward_shared = dtype.size() * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8));
+    let backward_q_shared = dtype.size() * ((2 * ROWS + 2 * KEYS) * (d + 8) + d * (KEYS + 8));
+    plan.forward_mma = mma && pass == Pass::Forward && forward_shared <= shared;
+    plan.backward_q_mma = mma && pass == Pass::Backward && backward_q_shared <= shared;
     (plan.forward_mma || plan.shared_bytes(d, dtype.size()) <= shared).then_some(plan)
 }
 
@@ -331,6 +338,31 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     }
     let grad_q = wanted.q.then(|| {
         let dq = empty([b, hq, s, d]);
+        if plan.backward_q_mma {
+            // SAFETY: as the forward's.
+            unsafe {
+                flash_backward_q_mma::launch_unchecked::<R>(
+                    &client,
+                    CubeCount::Static(s.div_ceil(ROWS) as u32, (b * hq) as u32, 1),
+                    CubeDim::new_1d(UNITS as u32),
+                    width,
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    mask.into_tensor_arg(),
+                    keys.into_tensor_arg(),
+                    d_out.into_tensor_arg(),
+                    lse.into_tensor_arg(),
+                    delta.into_tensor_arg(),
+                    dq.clone().into_tensor_arg(),
+                    scale as f32,
+                    d,
+                    options.causal,
+                    dtypes,
+                );
+            }
+            return float(dq);
+        }
         let Tiles { br, bc } = plan.backward_q;
         // SAFETY: as the forward's.
         unsafe {

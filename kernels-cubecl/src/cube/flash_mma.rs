@@ -91,6 +91,56 @@ fn zeros() -> Array<Vector<f32, Const<2>>> {
     acc
 }
 
+/// The A fragment of rows `row0 .. row0 + 16`, columns `col0 .. col0 + 16` of a row-major
+/// shared tile of row stride `ld`.
+#[cube]
+fn a_fragment<E: Float>(tile: &SharedMemory<E>, row0: usize, col0: usize, #[comptime] ld: usize) -> Array<Vector<E, Const<2>>> {
+    let lane = UNIT_POS_PLANE as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
+    #[unroll]
+    for i in 0..4usize {
+        f[i] = pair::<E>(tile, (row0 + g + 8 * (i % 2)) * ld + col0 + 2 * t + 8 * (i / 2));
+    }
+    f
+}
+
+/// The B fragment (16 x 8, `k` by `n`) whose column `n` is row `n0 + n` of a shared tile stored
+/// `[n][k]` (row stride `ld`), from element `k0` of that row: each register two consecutive `k`.
+#[cube]
+fn b_fragment<E: Float>(tile: &SharedMemory<E>, n0: usize, k0: usize, #[comptime] ld: usize) -> Array<Vector<E, Const<2>>> {
+    let lane = UNIT_POS_PLANE as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
+    #[unroll]
+    for i in 0..2usize {
+        b[i] = pair::<E>(tile, (n0 + g) * ld + k0 + 2 * t + 8 * i);
+    }
+    b
+}
+
+/// The A fragment of two C fragments side by side (`lo`: columns 0..8, `hi`: 8..16), cast to
+/// the inputs' dtype: a lane's C registers are exactly its A registers.
+#[cube]
+fn a_of_c<E: Float>(lo: &Array<Vector<f32, Const<2>>>, hi: &Array<Vector<f32, Const<2>>>) -> Array<Vector<E, Const<2>>> {
+    let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
+    f[0] = Vector::cast_from(lo[0]);
+    f[1] = Vector::cast_from(lo[1]);
+    f[2] = Vector::cast_from(hi[0]);
+    f[3] = Vector::cast_from(hi[1]);
+    f
+}
+
+/// A per-row f32 value (`[batch, heads, seq]`, any strides) of row `row`, 0 past `seq`.
+#[cube]
+fn row_value(src: &Tensor<f32>, batch: usize, head: usize, row: usize) -> f32 {
+    let mut x = f32::new(0.0);
+    if row < src.shape(2) {
+        x = src[batch * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
+    }
+    x
+}
+
 /// The larger of `x` over the four lanes of this lane's quad (the lanes holding the same rows).
 #[cube]
 fn quad_max(x: f32) -> f32 {
@@ -157,13 +207,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let mut qa = Sequence::<Array<Vector<E, Const<2>>>>::new();
     #[unroll]
     for kk in 0..comptime![d / 16] {
-        let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
-        #[unroll]
-        for i in 0..4usize {
-            let row = local + 8 * (i % 2);
-            f[i] = pair::<E>(&q_s, row * ld + kk * 16 + 2 * t + 8 * (i / 2));
-        }
-        qa.push(f);
+        qa.push(a_fragment::<E>(&q_s, plane * 16, kk * 16, ld));
     }
     // The output, one C fragment per 8 columns of the head dim; each row's running max
     // (`m_*`) and this lane's share of its running sum (`l_*`).
@@ -200,12 +244,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
             let mut acc = zeros();
             #[unroll]
             for kk in 0..comptime![d / 16] {
-                let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
-                #[unroll]
-                for i in 0..2usize {
-                    b[i] = pair::<E>(&k_s, (j * 8 + g) * ld + kk * 16 + 2 * t + 8 * i);
-                }
-                def.execute_inplace(qa.index(kk), &b, &mut acc);
+                def.execute_inplace(qa.index(kk), &b_fragment::<E>(&k_s, j * 8, kk * 16, ld), &mut acc);
             }
             s.push(acc);
         }
@@ -291,12 +330,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
             acc[1] = acc[1] * Vector::new(alpha_b);
             #[unroll]
             for jj in 0..comptime![KEYS / 16] {
-                let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
-                #[unroll]
-                for i in 0..2usize {
-                    b[i] = pair::<E>(&vt_s, (dt * 8 + g) * lv + jj * 16 + 2 * t + 8 * i);
-                }
-                def.execute_inplace(pa.index(jj), &b, acc);
+                def.execute_inplace(pa.index(jj), &b_fragment::<E>(&vt_s, dt * 8, jj * 16, lv), acc);
             }
         }
     }
@@ -339,6 +373,147 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
                 value = m_b + total_b.ln();
             }
             lse[bh * seq + row_b] = value;
+        }
+    }
+}
+
+/// [`super::flash_kernel::flash_backward_q`]'s contract, on CUDA tensor cores with `d` a
+/// multiple of 16 (at most 128): one cube of [`UNITS`] per [`ROWS`] query rows of one (batch,
+/// query head). Each plane keeps its 16 rows' query and upstream-gradient fragments and their
+/// `dQ` in registers; per key block, the scores `S = Q K^T` and `dP = dO V^T` come out in C
+/// fragments, become `dS = P (dP - delta)` in place, and `dQ += dS K` reads them as A fragments
+/// (keys staged transposed for it).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
+    mask: &Tensor<M>,
+    keys: &Tensor<i32>,
+    d_out: &Tensor<Vector<E, N>>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    d_q: &mut Tensor<E>,
+    scale: f32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(E, M)] _dtypes: [StorageType; 2],
+) {
+    let ld = comptime![d + 8];
+    let lv = comptime![KEYS + 8];
+    let seq = q.shape(2);
+    let q_heads = q.shape(1);
+    let groups = q_heads / k.shape(1);
+    let bh = CUBE_POS_Y as usize;
+    let batch = bh / q_heads;
+    let head = bh % q_heads;
+    let strides = mask_strides::<M>(mask, batch);
+    let q0 = CUBE_POS_X as usize * ROWS;
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS_PLANE as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    let row_a = q0 + plane * 16 + g;
+    let row_b = row_a + 8;
+    let keys_a = row_keys(keys, batch, row_a, seq);
+    let keys_b = row_keys(keys, batch, row_b, seq);
+    let (lse_a, lse_b) = (row_value(lse, batch, head, row_a), row_value(lse, batch, head, row_b));
+    let (delta_a, delta_b) = (row_value(delta, batch, head, row_a), row_value(delta, batch, head, row_b));
+
+    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
+    let mut do_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
+    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
+    let mut kt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
+    let mut v_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
+    load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
+    load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d, ld);
+    sync_cube();
+    let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
+    let mut qa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+    let mut doa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+    #[unroll]
+    for kk in 0..comptime![d / 16] {
+        qa.push(a_fragment::<E>(&q_s, plane * 16, kk * 16, ld));
+        doa.push(a_fragment::<E>(&do_s, plane * 16, kk * 16, ld));
+    }
+    let mut dq = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    #[unroll]
+    for _dt in 0..comptime![d / 8] {
+        dq.push(zeros());
+    }
+
+    let mut kv_end = seq;
+    if causal {
+        if q0 + ROWS < seq {
+            kv_end = q0 + ROWS;
+        }
+    }
+    let blocks = (kv_end + KEYS - 1) / KEYS;
+    let kv_head = head / groups;
+    for blk in 0..blocks {
+        let k0 = blk * KEYS;
+        sync_cube();
+        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
+        load_rows_transposed::<E, N>(k, batch, kv_head, k0, &mut kt_s, d, lv);
+        load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d, ld);
+        sync_cube();
+
+        // dS = P (dP - delta) of keys `8 j ..`, in the scores' C fragments.
+        let mut ds = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let mut s = zeros();
+            let mut dp = zeros();
+            #[unroll]
+            for kk in 0..comptime![d / 16] {
+                def.execute_inplace(qa.index(kk), &b_fragment::<E>(&k_s, j * 8, kk * 16, ld), &mut s);
+                def.execute_inplace(doa.index(kk), &b_fragment::<E>(&v_s, j * 8, kk * 16, ld), &mut dp);
+            }
+            let mut ra = Vector::<f32, Const<2>>::new(0.0);
+            let mut rb = Vector::<f32, Const<2>>::new(0.0);
+            #[unroll]
+            for c in 0..2usize {
+                let key = k0 + j * 8 + 2 * t + c;
+                if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
+                    ra[c] = (s[0][c] * scale - lse_a).exp() * (dp[0][c] - delta_a);
+                }
+                if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
+                    rb[c] = (s[1][c] * scale - lse_b).exp() * (dp[1][c] - delta_b);
+                }
+            }
+            s[0] = ra;
+            s[1] = rb;
+            ds.push(s);
+        }
+        let mut da = Sequence::<Array<Vector<E, Const<2>>>>::new();
+        #[unroll]
+        for jj in 0..comptime![KEYS / 16] {
+            da.push(a_of_c::<E>(ds.index(2 * jj), ds.index(2 * jj + 1)));
+        }
+        // dQ += dS K.
+        #[unroll]
+        for dt in 0..comptime![d / 8] {
+            let acc = dq.index_mut(dt);
+            #[unroll]
+            for jj in 0..comptime![KEYS / 16] {
+                def.execute_inplace(da.index(jj), &b_fragment::<E>(&kt_s, dt * 8, jj * 16, lv), acc);
+            }
+        }
+    }
+
+    #[unroll]
+    for dt in 0..comptime![d / 8] {
+        let acc = dq.index(dt);
+        #[unroll]
+        for c in 0..2usize {
+            let col = dt * 8 + 2 * t + c;
+            if row_a < seq {
+                d_q[(bh * seq + row_a) * d + col] = E::cast_from(acc[0][c] * scale);
+            }
+            if row_b < seq {
+                d_q[(bh * seq + row_b) * d + col] = E::cast_from(acc[1][c] * scale);
+            }
         }
     }
 }
