@@ -1,7 +1,5 @@
 #!/bin/bash
-# Session 27, call 2 (~6 min, same warm machine as call 1): (0) the attention core alone at
-# Qwen2.5-7B's shapes, causal and packed, torch's SDPA beside trainer's blockwise, flash and
-# flash-forward paths (benches/attention.sh); (a) where the host's time goes in
+# Session 27, call 2 (~4 min, same warm machine as call 1): (a) where the host's time goes in
 # trainer's steady-state 30b-mb4-L8 step: gdb attached ~40 times to the unstripped binary
 # (.gpu/trainer-sym; benches/host_samples.sh, aggregated by benches/host_profile.py); (b) a 2-layer
 # step under ncu with KERNELS_CUBECL_ATTENTION=${ATTN:-flash-forward}, every kernel's time
@@ -10,8 +8,6 @@ set -u
 cd "$(dirname "$0")/../.."
 source benches/env.sh
 R=/tmp/r2; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r2.tgz -C $R . ; }
-COMMIT=$(cat .gpu/COMMIT) OUT=/tmp/attn bash benches/attention.sh 2>&1 | tail -12
-cp -r /tmp/attn $R/; pack
 ARGS=(bench recipes/qwen3-moe-lora.toml
   --set 'model.path="tests/data/qwen3-30b-a3b"' --set 'model.init="random"' --set 'device="cuda"'
   --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false
