@@ -567,9 +567,9 @@ mod cuda {
 
     /// The flash kernels on CUDA in bf16 on tensor cores against the f32 reference: head dims 128
     /// and 64 over several 64-row tiles, the last partial, GQA and MHA, packed, causal and
-    /// bidirectional masks, and one whose rows are not intervals: the forward and the queries'
-    /// gradient with their accumulators in registers (CUDA's manual MMA), the keys' and values'
-    /// through `cmma`. Run it alone (`--exact`): once
+    /// bidirectional masks, and one whose rows are not intervals: the forward and the three
+    /// gradients with their accumulators in registers (CUDA's manual MMA). Run it alone
+    /// (`--exact`): once
     /// a bf16 tensor is on the device, the f32 tests of the same process compute in bf16
     /// (seen on the H100, session 26); the per-element path runs on wgpu.
     #[test]

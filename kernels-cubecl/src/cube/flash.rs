@@ -10,7 +10,7 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
-use super::flash_mma::{flash_backward_q_mma, flash_forward_mma, KEYS, ROWS, UNITS};
+use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, KEYS, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -37,6 +37,8 @@ pub(super) struct FlashPlan {
     forward_mma: bool,
     /// The queries' gradient likewise ([`flash_backward_q_mma`]).
     backward_q_mma: bool,
+    /// The keys' and values' gradients likewise ([`flash_backward_kv_mma`]).
+    backward_kv_mma: bool,
     units: usize,
     forward: Tiles,
     /// The keys' and values' gradients: `bc` keys a cube, `br` query rows a step.
@@ -51,6 +53,7 @@ impl FlashPlan {
         tensor_cores: true,
         forward_mma: false,
         backward_q_mma: false,
+        backward_kv_mma: false,
         units: 128,
         forward: Tiles { br: 64, bc: 64 },
         backward_kv: Tiles { br: 64, bc: 32 },
@@ -62,6 +65,7 @@ impl FlashPlan {
         tensor_cores: false,
         forward_mma: false,
         backward_q_mma: false,
+        backward_kv_mma: false,
         units: 64,
         forward: Tiles { br: 16, bc: 16 },
         backward_kv: Tiles { br: 16, bc: 16 },
@@ -158,6 +162,8 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     let backward_q_shared = dtype.size() * ((2 * ROWS + 2 * KEYS) * (d + 8) + d * (KEYS + 8));
     plan.forward_mma = mma && pass == Pass::Forward && forward_shared <= shared;
     plan.backward_q_mma = mma && pass == Pass::Backward && backward_q_shared <= shared;
+    let backward_kv_shared = dtype.size() * (4 * ROWS * (d + 8) + 2 * d * (ROWS + 8)) + 20 * ROWS;
+    plan.backward_kv_mma = mma && pass == Pass::Backward && backward_kv_shared <= shared;
     (plan.forward_mma || plan.shared_bytes(d, dtype.size()) <= shared).then_some(plan)
 }
 
@@ -308,31 +314,57 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     if wanted.k || wanted.v {
         let (dk, dv) = (empty([b, hkv, s, d]), empty([b, hkv, s, d]));
         let Tiles { br, bc } = plan.backward_kv;
-        // SAFETY: as the forward's.
-        unsafe {
-            flash_backward_kv::launch_unchecked::<R>(
-                &client,
-                CubeCount::Static(s.div_ceil(bc) as u32, (b * hkv) as u32, 1),
-                cube_dim,
-                width,
-                q.clone().into_tensor_arg(),
-                k.clone().into_tensor_arg(),
-                v.clone().into_tensor_arg(),
-                mask.clone().into_tensor_arg(),
-                keys.clone().into_tensor_arg(),
-                d_out.clone().into_tensor_arg(),
-                lse.clone().into_tensor_arg(),
-                delta.clone().into_tensor_arg(),
-                dk.clone().into_tensor_arg(),
-                dv.clone().into_tensor_arg(),
-                scale as f32,
-                d,
-                br,
-                bc,
-                options.causal,
-                plan.tensor_cores,
-                dtypes,
-            );
+        if plan.backward_kv_mma {
+            // SAFETY: as the forward's.
+            unsafe {
+                flash_backward_kv_mma::launch_unchecked::<R>(
+                    &client,
+                    CubeCount::Static(s.div_ceil(KEYS) as u32, (b * hkv) as u32, 1),
+                    CubeDim::new_1d(UNITS as u32),
+                    width,
+                    q.clone().into_tensor_arg(),
+                    k.clone().into_tensor_arg(),
+                    v.clone().into_tensor_arg(),
+                    mask.clone().into_tensor_arg(),
+                    keys.clone().into_tensor_arg(),
+                    d_out.clone().into_tensor_arg(),
+                    lse.clone().into_tensor_arg(),
+                    delta.clone().into_tensor_arg(),
+                    dk.clone().into_tensor_arg(),
+                    dv.clone().into_tensor_arg(),
+                    scale as f32,
+                    d,
+                    options.causal,
+                    dtypes,
+                );
+            }
+        } else {
+            // SAFETY: as the forward's.
+            unsafe {
+                flash_backward_kv::launch_unchecked::<R>(
+                    &client,
+                    CubeCount::Static(s.div_ceil(bc) as u32, (b * hkv) as u32, 1),
+                    cube_dim,
+                    width,
+                    q.clone().into_tensor_arg(),
+                    k.clone().into_tensor_arg(),
+                    v.clone().into_tensor_arg(),
+                    mask.clone().into_tensor_arg(),
+                    keys.clone().into_tensor_arg(),
+                    d_out.clone().into_tensor_arg(),
+                    lse.clone().into_tensor_arg(),
+                    delta.clone().into_tensor_arg(),
+                    dk.clone().into_tensor_arg(),
+                    dv.clone().into_tensor_arg(),
+                    scale as f32,
+                    d,
+                    br,
+                    bc,
+                    options.causal,
+                    plan.tensor_cores,
+                    dtypes,
+                );
+            }
         }
         (grad_k, grad_v) = (wanted.k.then(|| float(dk)), wanted.v.then(|| float(dv)));
     }

@@ -143,7 +143,7 @@ pub(super) fn load_rows<E: Float, N: Size>(
 /// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of a per-row f32 tensor
 /// (`[batch, heads, seq]`, any strides) into `dst`, zeros past `seq`.
 #[cube]
-fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<f32>, #[comptime] rows: usize) {
+pub(super) fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<f32>, #[comptime] rows: usize) {
     let seq = src.shape(2);
     let mut r = UNIT_POS as usize;
     while r < rows {
@@ -159,7 +159,7 @@ fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, ds
 /// Rows `[row0, row0 + rows)` of batch `batch` of the [`mask_rows`] table into `dst` (`[rows,
 /// 3]`).
 #[cube]
-fn load_row_keys(keys: &Tensor<i32>, batch: usize, row0: usize, seq: usize, dst: &mut SharedMemory<i32>, #[comptime] rows: usize) {
+pub(super) fn load_row_keys(keys: &Tensor<i32>, batch: usize, row0: usize, seq: usize, dst: &mut SharedMemory<i32>, #[comptime] rows: usize) {
     let mut r = UNIT_POS as usize;
     while r < rows {
         let row = row_keys(keys, batch, row0 + r, seq);
@@ -205,9 +205,9 @@ pub(super) fn readable<M: Int>(
 /// A query row's readable keys as [`mask_rows`] found them: `first..=last` when `interval`.
 #[derive(CubeType, Clone, Copy)]
 pub(super) struct RowKeys {
-    first: i32,
-    last: i32,
-    interval: bool,
+    pub(super) first: i32,
+    pub(super) last: i32,
+    pub(super) interval: bool,
 }
 
 /// Row `qpos` of batch `batch` of the [`mask_rows`] table `keys` (`[batch, seq, 3]`); past `seq`,

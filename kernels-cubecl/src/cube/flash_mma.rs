@@ -22,7 +22,7 @@
 use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
-use super::flash_kernel::{load_rows, mask_strides, readable, row_keys, FLOOR};
+use super::flash_kernel::{load_row_keys, load_row_values, load_rows, mask_strides, readable, row_keys, RowKeys, FLOOR};
 
 /// Query rows of a cube: 16 a plane, four planes.
 pub(super) const ROWS: usize = 64;
@@ -513,6 +513,169 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
             }
             if row_b < seq {
                 d_q[(bh * seq + row_b) * d + col] = E::cast_from(acc[1][c] * scale);
+            }
+        }
+    }
+}
+
+/// [`super::flash_kernel::flash_backward_kv`]'s contract, on CUDA tensor cores with `d` a
+/// multiple of 16 (at most 128): one cube of [`UNITS`] per [`KEYS`] keys of one (batch, kv
+/// head), cube `(x, y)`: key block `x`, `y = batch * kv_heads + kv_head`. Each plane keeps its 16
+/// keys' `dK` and `dV` in registers over every query block of the kv head's query heads; the
+/// transposed scores `S^T = K Q^T` and `dP^T = V dO^T` come out in C fragments (keys by
+/// queries), become `P^T` and `dS^T`, and multiply the queries and upstream gradients (staged
+/// transposed) as A fragments.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
+    q: &Tensor<Vector<E, N>>,
+    k: &Tensor<Vector<E, N>>,
+    v: &Tensor<Vector<E, N>>,
+    mask: &Tensor<M>,
+    keys: &Tensor<i32>,
+    d_out: &Tensor<Vector<E, N>>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    d_k: &mut Tensor<E>,
+    d_v: &mut Tensor<E>,
+    scale: f32,
+    #[comptime] d: usize,
+    #[comptime] causal: bool,
+    #[define(E, M)] _dtypes: [StorageType; 2],
+) {
+    let ld = comptime![d + 8];
+    let lv = comptime![ROWS + 8];
+    let seq = q.shape(2);
+    let kv_heads = k.shape(1);
+    let groups = q.shape(1) / kv_heads;
+    let bh = CUBE_POS_Y as usize;
+    let batch = bh / kv_heads;
+    let kv_head = bh % kv_heads;
+    let strides = mask_strides::<M>(mask, batch);
+    let k0 = CUBE_POS_X as usize * KEYS;
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS_PLANE as usize;
+    let g = lane / 4;
+    let t = lane % 4;
+    // This lane's two keys.
+    let key_a = k0 + plane * 16 + g;
+    let key_b = key_a + 8;
+
+    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
+    let mut v_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
+    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
+    let mut do_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
+    let mut qt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
+    let mut dot_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
+    let mut lse_s = SharedMemory::<f32>::new(ROWS);
+    let mut delta_s = SharedMemory::<f32>::new(ROWS);
+    let mut keys_s = SharedMemory::<i32>::new(ROWS * 3);
+    load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
+    load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d, ld);
+    let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
+    let mut dk = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    let mut dv = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    #[unroll]
+    for _dt in 0..comptime![d / 8] {
+        dk.push(zeros());
+        dv.push(zeros());
+    }
+
+    // Query blocks that read a key of this block: with causal, those ending after its first key.
+    let mut first = 0;
+    if causal {
+        first = k0 / ROWS;
+    }
+    let q_blocks = (seq + ROWS - 1) / ROWS;
+    for h in 0..groups {
+        let head = kv_head * groups + h;
+        for qb in first..q_blocks {
+            let q0 = qb * ROWS;
+            sync_cube();
+            load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
+            load_rows_transposed::<E, N>(q, batch, head, q0, &mut qt_s, d, lv);
+            load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d, ld);
+            load_rows_transposed::<E, N>(d_out, batch, head, q0, &mut dot_s, d, lv);
+            load_row_values(lse, batch, head, q0, &mut lse_s, ROWS);
+            load_row_values(delta, batch, head, q0, &mut delta_s, ROWS);
+            load_row_keys(keys, batch, q0, seq, &mut keys_s, ROWS);
+            sync_cube();
+
+            // P^T and dS^T of queries `8 j ..` (C fragments: the plane's keys by queries).
+            let mut pt = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+            let mut dst = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+            #[unroll]
+            for j in 0..comptime![ROWS / 8] {
+                let mut s = zeros();
+                let mut dp = zeros();
+                #[unroll]
+                for kk in 0..comptime![d / 16] {
+                    let b_q = b_fragment::<E>(&q_s, j * 8, kk * 16, ld);
+                    def.execute_inplace(&a_fragment::<E>(&k_s, plane * 16, kk * 16, ld), &b_q, &mut s);
+                    let b_do = b_fragment::<E>(&do_s, j * 8, kk * 16, ld);
+                    def.execute_inplace(&a_fragment::<E>(&v_s, plane * 16, kk * 16, ld), &b_do, &mut dp);
+                }
+                let mut p = zeros();
+                let mut ds = zeros();
+                #[unroll]
+                for c in 0..2usize {
+                    let r = j * 8 + 2 * t + c;
+                    let query = q0 + r;
+                    let row = RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 };
+                    let (row_lse, row_delta) = (lse_s[r], delta_s[r]);
+                    #[unroll]
+                    for i in 0..2usize {
+                        let mut key = key_a;
+                        if i == 1 {
+                            key = key_b;
+                        }
+                        let mut x = f32::new(0.0);
+                        if readable::<M>(mask, strides, row, query, key, seq, causal) {
+                            x = (s[i][c] * scale - row_lse).exp();
+                        }
+                        let mut pr = p[i];
+                        pr[c] = x;
+                        p[i] = pr;
+                        let mut dr = ds[i];
+                        dr[c] = x * (dp[i][c] - row_delta);
+                        ds[i] = dr;
+                    }
+                }
+                pt.push(p);
+                dst.push(ds);
+            }
+            let mut pa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+            let mut da = Sequence::<Array<Vector<E, Const<2>>>>::new();
+            #[unroll]
+            for jj in 0..comptime![ROWS / 16] {
+                pa.push(a_of_c::<E>(pt.index(2 * jj), pt.index(2 * jj + 1)));
+                da.push(a_of_c::<E>(dst.index(2 * jj), dst.index(2 * jj + 1)));
+            }
+            // dV += P^T dO, dK += dS^T Q (scaled once at the end).
+            #[unroll]
+            for dt in 0..comptime![d / 8] {
+                #[unroll]
+                for jj in 0..comptime![ROWS / 16] {
+                    def.execute_inplace(pa.index(jj), &b_fragment::<E>(&dot_s, dt * 8, jj * 16, lv), dv.index_mut(dt));
+                    def.execute_inplace(da.index(jj), &b_fragment::<E>(&qt_s, dt * 8, jj * 16, lv), dk.index_mut(dt));
+                }
+            }
+        }
+    }
+
+    #[unroll]
+    for dt in 0..comptime![d / 8] {
+        let (gk, gv) = (dk.index(dt), dv.index(dt));
+        #[unroll]
+        for c in 0..2usize {
+            let col = dt * 8 + 2 * t + c;
+            if key_a < seq {
+                d_k[(bh * seq + key_a) * d + col] = E::cast_from(gk[0][c] * scale);
+                d_v[(bh * seq + key_a) * d + col] = E::cast_from(gv[0][c]);
+            }
+            if key_b < seq {
+                d_k[(bh * seq + key_b) * d + col] = E::cast_from(gk[1][c] * scale);
+                d_v[(bh * seq + key_b) * d + col] = E::cast_from(gv[1][c]);
             }
         }
     }
