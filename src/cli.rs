@@ -151,6 +151,7 @@ pub enum Command {
     /// inputs, causal or packed, and print one JSON line: ms and TFLOP/s each way and the path
     /// that ran. `benches/attention.sh` sets it beside torch's scaled_dot_product_attention.
     BenchAttention {
+        /// Sequences of the batch.
         #[arg(long, default_value_t = 4)]
         batch: usize,
         /// Query heads (Qwen2.5-7B's by default).
@@ -159,8 +160,10 @@ pub enum Command {
         /// Key/value heads; a divisor of --heads.
         #[arg(long, default_value_t = 4)]
         kv_heads: usize,
+        /// Tokens of each sequence.
         #[arg(long, default_value_t = 2048)]
         seq: usize,
+        /// Size of each head.
         #[arg(long, default_value_t = 128)]
         head_dim: usize,
         /// Each row four segments (40%, 30%, 20%, 10%) attending within their own, as packed

@@ -22,7 +22,7 @@ cp -r /tmp/attn $R/; pack
 export WARMUP=1 STEPS=3 OUT=/tmp/bench
 c=30b-mb4
 LAYERS=8 TRAINER_TIMEOUT=150 BASELINES=peft bash benches/run.sh $c > /tmp/bench.out 2>&1
-COMMIT=3ab7bfe VARIANT=replay-routes-afresh TRAINER=.gpu/trainer-base LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench.out 2>&1
+[ -z "${SKIP_BASE:-}" ] && COMMIT=3ab7bfe VARIANT=replay-routes-afresh TRAINER=.gpu/trainer-base LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench.out 2>&1
 cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench.out $R/ 2>/dev/null; pack
 if [ -n "$flash_ok" ]; then
   KERNELS_CUBECL_ATTENTION=flash-forward VARIANT=flash-forward LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench.out 2>&1
