@@ -1,7 +1,9 @@
 #!/bin/bash
 # Session 27, call 2 (~4 min, same warm machine as call 1): (a) where the host's time goes in
 # trainer's steady-state 30b-mb4-L8 step: gdb attached ~40 times to the unstripped binary
-# (.gpu/trainer-sym; benches/host_samples.sh, aggregated by benches/host_profile.py); (b) a 2-layer
+# (.gpu/trainer-sym; benches/host_samples.sh, aggregated by benches/host_profile.py: both removed
+# after this call, in git history at d0c2b62: the machine's only gdb, cuda-gdb, crashed the CUDA
+# process at its first attach); (b) a 2-layer
 # step under ncu with KERNELS_CUBECL_ATTENTION=${ATTN:-flash-forward}, every kernel's time
 # (benches/ncu_summary.py).
 set -u

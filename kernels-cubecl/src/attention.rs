@@ -54,7 +54,8 @@ pub struct AttentionOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
     /// The blockwise path for now: the flash kernels are slower than it on the H100 so far
-    /// (benches/RESULTS.md, session 26); they take over where they measure faster.
+    /// (benches/RESULTS.md, sessions 26 and 27: the register-resident ones spill at 255
+    /// registers); they take over where they measure faster.
     /// `KERNELS_CUBECL_ATTENTION=flash` (or `=flash-forward`, `=blockwise`) in the environment
     /// picks one.
     #[default]

@@ -143,7 +143,7 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         return None;
     }
     // Auto stays on the blockwise path until the flash kernels measure faster there
-    // (benches/RESULTS.md, session 26: ~3x slower on the H100 so far).
+    // (benches/RESULTS.md, sessions 26 and 27: slower on the H100 so far).
     match (chosen(options), pass) {
         (AttentionKernel::Flash, _) | (AttentionKernel::FlashForward, Pass::Forward) => {}
         _ => return None,
