@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """torch's scaled_dot_product_attention at `trainer bench-attention`'s shapes, bf16, forward and
-backward (dq, dk, dv) timed apart after a warm-up (medians); one JSON line of the same fields.
+backward (dq, dk, dv) timed apart after a warm-up (medians); one JSON line of the same fields
+(peak_gib: torch's largest allocation total, inputs included).
 Causal rows run on the flash backend (`is_causal`, `enable_gqa`); packed rows (four segments a
 row) need a mask, which the flash backend does not take: they run on the memory-efficient backend
 with a boolean block-diagonal causal mask (what a user of SDPA without flash_attn's varlen gets)."""
@@ -43,6 +44,7 @@ else:
     kwargs, backend, name = {"is_causal": True, "enable_gqa": True}, SDPBackend.FLASH_ATTENTION, "sdpa-flash"
     k_in = lambda t: t
 fwd, bwd = [], []
+torch.cuda.reset_peak_memory_stats()
 with sdpa_kernel(backend):
     for step in range(a.warmup + a.steps):
         for t in (q, k, v):
@@ -66,4 +68,5 @@ print(json.dumps({
     "impl": f"torch {torch.__version__} {name}", "batch": b, "heads": hq, "kv_heads": hkv, "seq": s, "head_dim": d,
     "packed": a.packed, "dtype": "bf16", "kernel": name, "forward_ms": f * 1e3, "backward_ms": bw * 1e3,
     "forward_tflops": flops / f / 1e12, "backward_tflops": 2.5 * flops / bw / 1e12,
+    "tokens_per_s": b * s / (f + bw), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
 }))

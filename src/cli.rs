@@ -344,8 +344,8 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
                 "flash-forward" => kernels_cubecl::AttentionKernel::FlashForward,
                 _ => kernels_cubecl::AttentionKernel::Auto,
             };
-            let job = train::bench_attention::AttentionBench { batch, heads, kv_heads, seq, head_dim, packed, kernel, warmup, steps: steps.max(1) };
-            job.check()?;
+            let shape = train::bench_attention::AttentionShape { batch, heads, kv_heads, seq, head_dim, packed };
+            let job = train::bench_attention::AttentionBench { shape, kernel, warmup, steps: steps.max(1) };
             let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
