@@ -93,7 +93,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let weights = weights.cast(dtype).reshape([t * self.top_k]);
         if on_device {
             if let Some(balance) = balance {
-                balance.record(probs, &crate::backend::timed_read(|| host_ints(chosen.clone())), self.top_k);
+                balance.record_with(probs, self.top_k, || crate::backend::timed_read(|| host_ints(chosen.clone())).into());
             }
             let routed = match replayed {
                 Some(r) => r,
@@ -132,7 +132,7 @@ impl<B: TrainBackend> SparseMoe<B> {
         let rows = B::expert_rows(chosen.clone(), self.num_experts);
         let counts = crate::backend::timed_read(|| host_ints(rows.counts.clone())).into_iter().map(|c| c as usize).collect();
         let routed = Routed { chosen, rows, counts };
-        if let Some(memo) = memo.filter(|m| m.records()) {
+        if let Some(memo) = memo {
             memo.record(self.gate.weight.id, &routed);
         }
         routed

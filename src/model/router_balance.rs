@@ -12,6 +12,7 @@
 //! here, and the step adds `g . S_l` to whatever it differentiates for the segment holding layer
 //! `l`: the same for layers kept in the graph and layers replayed by activation recompute.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -56,10 +57,17 @@ impl<B: Backend> RouterBalance<B> {
     /// Record one layer's router: `probs` its softmax over all experts (`[rows, experts]`, f32)
     /// and `chosen` each row's `top_k` experts, row after row.
     pub fn record(&self, probs: Tensor<B, 2>, chosen: &[i64], top_k: usize) {
+        self.record_with(probs, top_k, || Cow::Borrowed(chosen));
+    }
+
+    /// [`record`](Self::record) with the choices asked for only while counts are taken: a
+    /// replayed layer's (counted in its first pass) never leave the device.
+    pub fn record_with<'a>(&self, probs: Tensor<B, 2>, top_k: usize, chosen: impl FnOnce() -> Cow<'a, [i64]>) {
         let [rows, experts] = probs.dims();
         {
             let mut c = lock(&self.counts);
             if !c.frozen {
+                let chosen = chosen();
                 if c.slots.len() < experts {
                     c.slots.resize(experts, 0);
                 }
