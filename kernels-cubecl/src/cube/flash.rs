@@ -157,14 +157,20 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         false => FlashPlan::UNITS,
     };
     let shared = client.properties().hardware.max_shared_memory_size;
-    let mma = plan.tensor_cores && manual_mma(&client, dtype);
-    let forward_shared = dtype.size() * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8));
-    let backward_q_shared = dtype.size() * ((2 * ROWS + 2 * KEYS) * (d + 8) + d * (KEYS + 8));
-    plan.forward_mma = mma && pass == Pass::Forward && forward_shared <= shared;
-    plan.backward_q_mma = mma && pass == Pass::Backward && backward_q_shared <= shared;
-    let backward_kv_shared = dtype.size() * (4 * ROWS * (d + 8) + 2 * d * (ROWS + 8)) + 20 * ROWS;
-    plan.backward_kv_mma = mma && pass == Pass::Backward && backward_kv_shared <= shared;
-    (plan.forward_mma || plan.shared_bytes(d, dtype.size()) <= shared).then_some(plan)
+    // The register kernels' shared tiles (padded rows; the keys' kernel also a block's per-row
+    // log-sum-exp, delta and readable-key interval, 20 bytes a row).
+    let fits = |bytes: usize| bytes <= shared;
+    let es = dtype.size();
+    if plan.tensor_cores && manual_mma(&client, dtype) {
+        match pass {
+            Pass::Forward => plan.forward_mma = fits(es * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8))),
+            Pass::Backward => {
+                plan.backward_q_mma = fits(es * (2 * (ROWS + KEYS) * (d + 8) + d * (KEYS + 8)));
+                plan.backward_kv_mma = fits(es * (4 * ROWS * (d + 8) + 2 * d * (ROWS + 8)) + 20 * ROWS);
+            }
+        }
+    }
+    (plan.forward_mma || fits(plan.shared_bytes(d, es))).then_some(plan)
 }
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;

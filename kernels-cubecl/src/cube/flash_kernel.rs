@@ -116,22 +116,11 @@ pub(super) fn load_rows<E: Float, N: Size>(
 ) {
     let width = src.vector_size();
     let per_row = comptime![d / width];
-    let seq = src.shape(2);
-    let base = batch * src.stride(0) + head * src.stride(1);
-    let (row_stride, col_stride) = (src.stride(2), src.stride(3));
     let mut i = UNIT_POS as usize;
     while i < rows * per_row {
         let r = i / per_row;
         let c = (i % per_row) * width;
-        let mut x = Vector::<E, N>::empty();
-        if row0 + r < seq {
-            x = src[(base + (row0 + r) * row_stride + c * col_stride) / width];
-        } else {
-            #[unroll]
-            for j in 0..width {
-                x[j] = E::new(0.0);
-            }
-        }
+        let x = row_vector::<E, N>(src, batch, head, row0 + r, c);
         #[unroll]
         for j in 0..width {
             dst[r * stride + c + j] = x[j];
@@ -140,20 +129,43 @@ pub(super) fn load_rows<E: Float, N: Size>(
     }
 }
 
+/// Elements `col .. col + N` of row `row` of head `head` of batch `batch` of `src` (as
+/// [`load_rows`] reads it) in one load; zeros past `seq`.
+#[cube]
+pub(super) fn row_vector<E: Float, N: Size>(src: &Tensor<Vector<E, N>>, batch: usize, head: usize, row: usize, col: usize) -> Vector<E, N> {
+    let width = src.vector_size();
+    let mut x = Vector::<E, N>::empty();
+    if row < src.shape(2) {
+        x = src[(batch * src.stride(0) + head * src.stride(1) + row * src.stride(2) + col * src.stride(3)) / width];
+    } else {
+        #[unroll]
+        for j in 0..width {
+            x[j] = E::new(0.0);
+        }
+    }
+    x
+}
+
 /// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of a per-row f32 tensor
 /// (`[batch, heads, seq]`, any strides) into `dst`, zeros past `seq`.
 #[cube]
 pub(super) fn load_row_values(src: &Tensor<f32>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<f32>, #[comptime] rows: usize) {
-    let seq = src.shape(2);
     let mut r = UNIT_POS as usize;
     while r < rows {
-        let mut x = f32::new(0.0);
-        if row0 + r < seq {
-            x = src[batch * src.stride(0) + head * src.stride(1) + (row0 + r) * src.stride(2)];
-        }
-        dst[r] = x;
+        dst[r] = row_value(src, batch, head, row0 + r);
         r = r + CUBE_DIM as usize;
     }
+}
+
+/// Row `row` of head `head` of batch `batch` of a per-row f32 tensor (`[batch, heads, seq]`, any
+/// strides); 0 past `seq`.
+#[cube]
+pub(super) fn row_value(src: &Tensor<f32>, batch: usize, head: usize, row: usize) -> f32 {
+    let mut x = f32::new(0.0);
+    if row < src.shape(2) {
+        x = src[batch * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
+    }
+    x
 }
 
 /// Rows `[row0, row0 + rows)` of batch `batch` of the [`mask_rows`] table into `dst` (`[rows,
@@ -205,9 +217,15 @@ pub(super) fn readable<M: Int>(
 /// A query row's readable keys as [`mask_rows`] found them: `first..=last` when `interval`.
 #[derive(CubeType, Clone, Copy)]
 pub(super) struct RowKeys {
-    pub(super) first: i32,
-    pub(super) last: i32,
-    pub(super) interval: bool,
+    first: i32,
+    last: i32,
+    interval: bool,
+}
+
+/// Row `r` of a block's [`load_row_keys`] table `keys_s`.
+#[cube]
+pub(super) fn shared_row_keys(keys_s: &SharedMemory<i32>, r: usize) -> RowKeys {
+    RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 }
 }
 
 /// Row `qpos` of batch `batch` of the [`mask_rows`] table `keys` (`[batch, seq, 3]`); past `seq`,
@@ -491,7 +509,7 @@ fn probs_and_grad<E: Float, M: Int>(
         let r = i / bc;
         let mut p = f32::new(0.0);
         let c = i % bc;
-        let row = RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 };
+        let row = shared_row_keys(keys_s, r);
         if readable::<M>(mask, strides, row, q0 + r, k0 + c, seq, causal) {
             p = (s_s[r * (bc + 4) + c] * scale - lse_s[r]).exp();
         }

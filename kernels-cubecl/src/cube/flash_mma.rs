@@ -22,7 +22,7 @@
 use cubecl::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
-use super::flash_kernel::{load_row_keys, load_row_values, load_rows, mask_strides, readable, row_keys, RowKeys, FLOOR};
+use super::flash_kernel::{load_row_keys, load_row_values, load_rows, mask_strides, readable, row_keys, row_value, row_vector, shared_row_keys, FLOOR};
 
 /// Query rows of a cube: 16 a plane, four planes.
 pub(super) const ROWS: usize = 64;
@@ -47,22 +47,11 @@ fn load_rows_transposed<E: Float, N: Size>(
 ) {
     let width = src.vector_size();
     let per_row = comptime![d] / width;
-    let seq = src.shape(2);
-    let base = batch * src.stride(0) + head * src.stride(1);
-    let (row_stride, col_stride) = (src.stride(2), src.stride(3));
     let mut i = UNIT_POS as usize;
     while i < KEYS * per_row {
         let r = i % KEYS;
         let c = (i / KEYS) * width;
-        let mut x = Vector::<E, N>::empty();
-        if row0 + r < seq {
-            x = src[(base + (row0 + r) * row_stride + c * col_stride) / width];
-        } else {
-            #[unroll]
-            for j in 0..width {
-                x[j] = E::new(0.0);
-            }
-        }
+        let x = row_vector::<E, N>(src, batch, head, row0 + r, c);
         #[unroll]
         for j in 0..width {
             dst[(c + j) * stride + r] = x[j];
@@ -129,16 +118,6 @@ fn a_of_c<E: Float>(lo: &Array<Vector<f32, Const<2>>>, hi: &Array<Vector<f32, Co
     f[2] = Vector::cast_from(hi[0]);
     f[3] = Vector::cast_from(hi[1]);
     f
-}
-
-/// A per-row f32 value (`[batch, heads, seq]`, any strides) of row `row`, 0 past `seq`.
-#[cube]
-fn row_value(src: &Tensor<f32>, batch: usize, head: usize, row: usize) -> f32 {
-    let mut x = f32::new(0.0);
-    if row < src.shape(2) {
-        x = src[batch * src.stride(0) + head * src.stride(1) + row * src.stride(2)];
-    }
-    x
 }
 
 /// The larger of `x` over the four lanes of this lane's quad (the lanes holding the same rows).
@@ -255,26 +234,22 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         #[unroll]
         for j in 0..comptime![KEYS / 8] {
             let frag = s.index_mut(j);
+            let mut xa = Vector::<f32, Const<2>>::new(FLOOR);
+            let mut xb = Vector::<f32, Const<2>>::new(FLOOR);
             #[unroll]
             for c in 0..2usize {
                 let key = k0 + j * 8 + 2 * t + c;
-                let mut xa = f32::new(FLOOR);
                 if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
-                    xa = frag[0][c] * scale;
+                    xa[c] = frag[0][c] * scale;
                 }
-                let mut xb = f32::new(FLOOR);
                 if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
-                    xb = frag[1][c] * scale;
+                    xb[c] = frag[1][c] * scale;
                 }
-                let mut ra = frag[0];
-                ra[c] = xa;
-                frag[0] = ra;
-                let mut rb = frag[1];
-                rb[c] = xb;
-                frag[1] = rb;
-                max_a = f32::max(max_a, xa);
-                max_b = f32::max(max_b, xb);
+                max_a = f32::max(max_a, xa[c]);
+                max_b = f32::max(max_b, xb[c]);
             }
+            frag[0] = xa;
+            frag[1] = xb;
         }
         let new_a = f32::max(m_a, quad_max(max_a));
         let new_b = f32::max(m_b, quad_max(max_b));
@@ -284,40 +259,33 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         m_a = new_a;
         m_b = new_b;
 
-        // Probabilities, as the A fragments of the product with the values: keys `16 jj ..`.
+        // Probabilities in place of the scores, then as the A fragments of the product with
+        // the values: keys `16 jj ..`.
         let mut sum_a = f32::new(0.0);
         let mut sum_b = f32::new(0.0);
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let frag = s.index_mut(j);
+            let mut pa_row = Vector::<f32, Const<2>>::new(0.0);
+            let mut pb_row = Vector::<f32, Const<2>>::new(0.0);
+            #[unroll]
+            for c in 0..2usize {
+                if frag[0][c] > FLOOR {
+                    pa_row[c] = (frag[0][c] - new_a).exp();
+                }
+                if frag[1][c] > FLOOR {
+                    pb_row[c] = (frag[1][c] - new_b).exp();
+                }
+                sum_a += pa_row[c];
+                sum_b += pb_row[c];
+            }
+            frag[0] = pa_row;
+            frag[1] = pb_row;
+        }
         let mut pa = Sequence::<Array<Vector<E, Const<2>>>>::new();
         #[unroll]
         for jj in 0..comptime![KEYS / 16] {
-            let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
-            #[unroll]
-            for i in 0..4usize {
-                // Register i: row a (i even) or b, keys 2t (+ 8 for i >= 2) of the pair.
-                let src = s.index(2 * jj + i / 2);
-                let scores = src[i % 2];
-                let mut p = Vector::<E, Const<2>>::empty();
-                #[unroll]
-                for c in 0..2usize {
-                    let x = scores[c];
-                    let mut e = f32::new(0.0);
-                    if x > FLOOR {
-                        if i % 2 == 0 {
-                            e = (x - new_a).exp();
-                        } else {
-                            e = (x - new_b).exp();
-                        }
-                    }
-                    if i % 2 == 0 {
-                        sum_a += e;
-                    } else {
-                        sum_b += e;
-                    }
-                    p[c] = E::cast_from(e);
-                }
-                f[i] = p;
-            }
-            pa.push(f);
+            pa.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
         }
         l_a = l_a * alpha_a + sum_a;
         l_b = l_b * alpha_b + sum_b;
@@ -621,7 +589,7 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
                 for c in 0..2usize {
                     let r = j * 8 + 2 * t + c;
                     let query = q0 + r;
-                    let row = RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 };
+                    let row = shared_row_keys(&keys_s, r);
                     let (row_lse, row_delta) = (lse_s[r], delta_s[r]);
                     #[unroll]
                     for i in 0..2usize {
