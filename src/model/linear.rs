@@ -14,15 +14,6 @@ use crate::lora::LoraAdapter;
 use crate::parallel::tensor::TensorParallel;
 use crate::parallel::Partition;
 
-/// `values` on `device` as one flat copy, then viewed as `shape`. A tensor handed over whole
-/// with its shape is copied as rows (CubeCL's CUDA runtime pitches them: one 2-D copy from
-/// pageable memory, row by row); as one flat buffer it is one plain host-to-device copy.
-fn flat_upload<B: Backend, const D: usize>(values: Vec<B::FloatElem>, shape: &[usize], device: &B::Device) -> Tensor<B, D> {
-    let n = values.len();
-    let dims: [usize; D] = shape.try_into().unwrap_or_else(|_| panic!("a weight of rank {} built as rank {D}", shape.len()));
-    Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device).reshape(dims)
-}
-
 /// Builds parameters from a weight source, translating internal paths to checkpoint names.
 pub struct Loader<'a, B: Backend> {
     pub source: &'a mut dyn WeightSource,
@@ -52,7 +43,7 @@ impl<B: TrainBackend> Loader<'_, B> {
             super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
             out
         });
-        build_time::timed(2, || flat_upload(out, &t.shape, &self.device))
+        build_time::timed(2, || Tensor::from_data(TensorData::new(out, t.shape), &self.device))
     }
 
     /// `{path}.weight` of each of `paths` (`[out, in]` as stored), transposed and stacked
@@ -84,7 +75,7 @@ impl<B: TrainBackend> Loader<'_, B> {
                 }
             })
         })?;
-        Ok(build_time::timed(2, || flat_upload(stack, &[paths.len(), inp, out], &self.device)))
+        Ok(build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![paths.len(), inp, out]), &self.device)))
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.
