@@ -109,7 +109,8 @@ fn tensor_cores<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool
     props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.cmma.contains(&config)
 }
 
-/// Whether `client` has CUDA's manual m16n8k16 products of `dtype` into f32 in planes of 32.
+/// Whether `client` has CUDA's manual m16n8k16 products of `dtype` into f32 in planes of 32, and
+/// `ldmatrix` of `dtype`.
 fn manual_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
     if !matches!(dtype, DType::BF16 | DType::F16) {
         return false;
@@ -117,7 +118,10 @@ fn manual_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
     let props = client.properties();
     let (ab, f32_type): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
     let config = MmaConfig { a_type: ab, b_type: ab, cd_type: f32_type, m: 16, n: 8, k: 16 };
-    props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.mma.contains(&config)
+    props.hardware.plane_size_min == 32
+        && props.hardware.plane_size_max == 32
+        && props.features.matmul.mma.contains(&config)
+        && props.features.matmul.ldmatrix.contains(&ab)
 }
 
 /// The kernel `options` ask for, the environment's in place of `Auto`.
@@ -163,10 +167,10 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     let es = dtype.size();
     if plan.tensor_cores && manual_mma(&client, dtype) {
         match pass {
-            Pass::Forward => plan.forward_mma = fits(es * ((ROWS + KEYS) * (d + 8) + d * (KEYS + 8))),
+            Pass::Forward => plan.forward_mma = fits(es * (ROWS + 2 * KEYS) * (d + 8) + 32),
             Pass::Backward => {
-                plan.backward_q_mma = fits(es * (2 * (ROWS + KEYS) * (d + 8) + d * (KEYS + 8)));
-                plan.backward_kv_mma = fits(es * (4 * ROWS * (d + 8) + 2 * d * (ROWS + 8)) + 20 * ROWS);
+                plan.backward_q_mma = fits(es * 2 * (ROWS + KEYS) * (d + 8) + 32);
+                plan.backward_kv_mma = fits(es * 2 * (ROWS + KEYS) * (d + 8) + 20 * ROWS);
             }
         }
     }

@@ -214,6 +214,18 @@ pub(super) fn readable<M: Int>(
     ok
 }
 
+/// Whether query `qpos` may read every key of `[k0, k0 + keys)`: then a tile's scores need no
+/// mask (the blocks inside a causal triangle or a packed segment).
+#[cube]
+pub(super) fn reads_block(row: RowKeys, qpos: usize, k0: usize, #[comptime] keys: usize, seq: usize, #[comptime] causal: bool) -> bool {
+    let last = k0 + keys - 1;
+    let mut all = qpos < seq && last < seq && row.interval;
+    if causal {
+        all = all && last <= qpos;
+    }
+    all && i32::cast_from(k0) >= row.first && i32::cast_from(last) <= row.last
+}
+
 /// A query row's readable keys as [`mask_rows`] found them: `first..=last` when `interval`.
 #[derive(CubeType, Clone, Copy)]
 pub(super) struct RowKeys {
@@ -226,6 +238,34 @@ pub(super) struct RowKeys {
 #[cube]
 pub(super) fn shared_row_keys(keys_s: &SharedMemory<i32>, r: usize) -> RowKeys {
     RowKeys { first: keys_s[r * 3], last: keys_s[r * 3 + 1], interval: keys_s[r * 3 + 2] != 0 }
+}
+
+/// The first key `row` may read (`seq` when it reads none; 0 when its keys are not one interval,
+/// so a caller walks them all).
+#[cube]
+pub(super) fn row_first_key(row: RowKeys, seq: usize) -> usize {
+    let mut first = 0usize;
+    if row.interval {
+        first = seq;
+        if row.first <= row.last {
+            first = usize::cast_from(row.first);
+        }
+    }
+    first
+}
+
+/// One past the last key `row` may read (0 when it reads none; `seq` when its keys are not one
+/// interval).
+#[cube]
+pub(super) fn row_end_key(row: RowKeys, seq: usize) -> usize {
+    let mut end = seq;
+    if row.interval {
+        end = 0;
+        if row.first <= row.last {
+            end = usize::cast_from(row.last) + 1;
+        }
+    }
+    end
 }
 
 /// Row `qpos` of batch `batch` of the [`mask_rows`] table `keys` (`[batch, seq, 3]`); past `seq`,

@@ -1,28 +1,36 @@
-//! FlashAttention-2's forward with its accumulators in registers (Dao, 2023, section 3.1): CUDA's
-//! warp-level tensor-core product `mma.sync` m16n8k16 (bf16/f16 into f32) through CubeCL's
-//! manual `MmaDefinition`, where [`super::flash_kernel::flash_forward`] keeps its scores and
+//! FlashAttention-2's kernels with their accumulators in registers (Dao, 2023, section 3.1):
+//! CUDA's warp-level tensor-core product `mma.sync` m16n8k16 (bf16/f16 into f32) through
+//! CubeCL's manual `MmaDefinition`, where [`super::flash_kernel`]'s kernels keep their scores and
 //! output in shared memory (CubeCL's `cmma` fragments cannot be rescaled per row).
 //!
-//! A cube of four planes takes 64 query rows, 16 a plane, and walks the key blocks of 64: each
-//! plane holds its rows' query fragments, scores, output and softmax statistics in registers;
-//! the block's keys and values (values transposed, so that each lane's two consecutive keys are
-//! one 32-bit pair) are the only shared tiles. A lane holds two rows of each fragment (`g` and
-//! `g + 8`, `g = lane / 4`), so a row's max and sum are reduced over the four lanes of its quad.
+//! A cube of four planes takes 64 query rows (or, for the keys' gradients, 64 keys), 16 a plane,
+//! and walks the blocks of 64 on the other side: each plane holds its rows' scores, output (or
+//! gradients) and softmax statistics in registers; the tiles in shared memory are the inputs,
+//! row-major as stored, copied 16 bytes at a time. Fragments come out of them through
+//! `ldmatrix` (four 8x8 matrices an instruction), transposed by the instruction where a product
+//! needs a tile's columns (`P V`: the values by key; `dS K`, `P^T dO`, `dS^T Q`), so no tile is
+//! staged transposed. A lane holds two rows of each fragment (`g` and `g + 8`, `g = lane / 4`),
+//! so a row's max and sum are reduced over the four lanes of its quad.
 //!
-//! The fragments' layouts are PTX's for m16n8k16 (the ones CubeCL's CUDA target gives
-//! `MmaDefinition::position_of_nth`), with `g = lane / 4`, `t = lane % 4`, each register two
-//! consecutive elements:
+//! The fragments' layouts are PTX's for m16n8k16, with `g = lane / 4`, `t = lane % 4`, each
+//! register two consecutive elements:
 //! - A (16x16, row-major): register `i` holds row `g + 8 (i % 2)`, columns `2t + 8 (i / 2) + {0, 1}`;
 //! - B (16x8): register `i` holds rows (k) `2t + 8 i + {0, 1}` of column (n) `g`;
 //! - C (16x8, f32): register `i` holds row `g + 8 i`, columns `2t + {0, 1}`.
 //!
 //! So the scores of keys `16 jj ..` (C tiles `2 jj` and `2 jj + 1`) are, cast to the inputs'
 //! dtype, the A fragment that multiplies the values without leaving the lane.
+//!
+//! Only the blocks that meet a row's bounds (the causal diagonal, a packed segment's edges,
+//! padding, a mask that is not one interval a row) are masked score by score; the others skip
+//! the mask, and a query block walks only the key blocks its rows may read.
 
-use cubecl::cmma::MmaDefinition;
+use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::flash_kernel::{load_row_keys, load_row_values, load_rows, mask_strides, readable, row_keys, row_value, row_vector, shared_row_keys, FLOOR};
+use super::flash_kernel::{
+    load_row_keys, load_row_values, mask_strides, readable, MaskStrides, reads_block, row_end_key, row_first_key, row_keys, row_value, row_vector, shared_row_keys, RowKeys, FLOOR,
+};
 
 /// Query rows of a cube: 16 a plane, four planes.
 pub(super) const ROWS: usize = 64;
@@ -31,42 +39,85 @@ pub(super) const KEYS: usize = 64;
 /// Units of a cube.
 pub(super) const UNITS: usize = 128;
 
-/// Rows `[row0, row0 + KEYS)` of head `head` of batch `batch` of `src` (`[batch, heads, seq, d]`,
-/// as [`load_rows`] reads it) transposed into `dst` (`[d, KEYS]`, row stride `stride`), zeros past
-/// `seq`. Consecutive units take consecutive rows, so the column-wise stores land on consecutive
-/// banks.
+/// Elements a tile row is padded by: rows `d + 8` long put the eight rows of an `ldmatrix` on
+/// distinct banks and keep every row start 16-byte aligned.
+const PAD: usize = 8;
+
+type Frag<E> = Array<Vector<E, Const<2>>>;
+
+/// A shared tile of `rows` rows of `d` inputs (row stride `d + PAD`), in vectors of the inputs'
+/// width.
 #[cube]
-fn load_rows_transposed<E: Float, N: Size>(
-    src: &Tensor<Vector<E, N>>,
-    batch: usize,
-    head: usize,
-    row0: usize,
-    dst: &mut SharedMemory<E>,
-    #[comptime] d: usize,
-    #[comptime] stride: usize,
-) {
+fn tile<E: Float, N: Size>(#[comptime] rows: usize, #[comptime] d: usize, #[comptime] width: usize) -> SharedMemory<Vector<E, N>> {
+    SharedMemory::<Vector<E, N>>::new_aligned(comptime![rows * (d + PAD) / width], 128usize)
+}
+
+/// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of `src` (`[batch, heads, seq, d]`,
+/// any strides) into `dst` (row stride `d + PAD`), one vector a unit at a time; zeros past `seq`.
+#[cube]
+fn load_tile<E: Float, N: Size>(src: &Tensor<Vector<E, N>>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<Vector<E, N>>, #[comptime] rows: usize, #[comptime] d: usize) {
     let width = src.vector_size();
-    let per_row = comptime![d] / width;
+    let per_row = comptime![d / width];
+    let stride = comptime![(d + PAD) / width];
     let mut i = UNIT_POS as usize;
-    while i < KEYS * per_row {
-        let r = i % KEYS;
-        let c = (i / KEYS) * width;
-        let x = row_vector::<E, N>(src, batch, head, row0 + r, c);
-        #[unroll]
-        for j in 0..width {
-            dst[(c + j) * stride + r] = x[j];
-        }
+    while i < rows * per_row {
+        let r = i / per_row;
+        let c = i % per_row;
+        dst[r * stride + c] = row_vector::<E, N>(src, batch, head, row0 + r, c * width);
         i = i + CUBE_DIM as usize;
     }
 }
 
-/// Two consecutive elements of a shared tile as one fragment register.
+/// The `ldmatrix` of four 8x8 matrices whose rows this lane addresses: row `row`, columns `col ..
+/// col + 8` of a tile of row stride `d + PAD` (`col` a multiple of 8).
 #[cube]
-fn pair<E: Float>(tile: &SharedMemory<E>, at: usize) -> Vector<E, Const<2>> {
-    let mut x = Vector::<E, Const<2>>::empty();
-    x[0] = tile[at];
-    x[1] = tile[at + 1];
-    x
+fn ldmatrix4<E: Float, N: Size>(
+    def: &MmaDefinition<E, E, f32>,
+    tile: &SharedMemory<Vector<E, N>>,
+    row: usize,
+    col: usize,
+    #[comptime] d: usize,
+    #[comptime] width: usize,
+    #[comptime] transpose: bool,
+) -> Frag<E> {
+    let start = (row * (d + PAD) + col) / width;
+    def.load_matrix::<Vector<E, N>, Const<2>>(&tile.slice(start, start + comptime![8 / width]), MatrixIdent::A, 4usize, transpose)
+}
+
+/// The A fragment of rows `row0 .. row0 + 16`, columns `col0 .. col0 + 16`.
+#[cube]
+fn a_fragment<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, row0: usize, col0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
+    let lane = UNIT_POS_PLANE as usize;
+    ldmatrix4::<E, N>(def, tile, row0 + lane % 16, col0 + (lane / 16) * 8, d, width, false)
+}
+
+/// The B fragments of two 16x8 products whose columns are rows `n0 .. n0 + 8` and `n0 + 8 .. n0
+/// + 16` of a tile, from element `k0` of those rows (B = the tile's rows transposed: `Q K^T`),
+/// as registers `[0, 1]` and `[2, 3]`.
+#[cube]
+fn b_of_rows<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, n0: usize, k0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
+    let lane = UNIT_POS_PLANE as usize;
+    let m = lane / 8;
+    ldmatrix4::<E, N>(def, tile, n0 + lane % 8 + 8 * (m / 2), k0 + 8 * (m % 2), d, width, false)
+}
+
+/// The B fragments of two 16x8 products whose `k` runs over rows `k0 .. k0 + 16` of a tile and
+/// whose columns are the tile's columns `n0 .. n0 + 8` and `n0 + 8 .. n0 + 16` (B = the tile
+/// itself: `P V`), as registers `[0, 1]` and `[2, 3]`.
+#[cube]
+fn b_of_columns<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, k0: usize, n0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
+    let lane = UNIT_POS_PLANE as usize;
+    let m = lane / 8;
+    ldmatrix4::<E, N>(def, tile, k0 + lane % 8 + 8 * (m % 2), n0 + 8 * (m / 2), d, width, true)
+}
+
+/// Registers `2 i` and `2 i + 1` of a pair of B fragments.
+#[cube]
+fn half<E: Float>(b: &Frag<E>, #[comptime] i: usize) -> Frag<E> {
+    let mut f = Array::<Vector<E, Const<2>>>::new(2usize);
+    f[0] = b[2 * i];
+    f[1] = b[2 * i + 1];
+    f
 }
 
 /// An accumulator fragment of zeros (two registers of two f32).
@@ -80,38 +131,10 @@ fn zeros() -> Array<Vector<f32, Const<2>>> {
     acc
 }
 
-/// The A fragment of rows `row0 .. row0 + 16`, columns `col0 .. col0 + 16` of a row-major
-/// shared tile of row stride `ld`.
-#[cube]
-fn a_fragment<E: Float>(tile: &SharedMemory<E>, row0: usize, col0: usize, #[comptime] ld: usize) -> Array<Vector<E, Const<2>>> {
-    let lane = UNIT_POS_PLANE as usize;
-    let (g, t) = (lane / 4, lane % 4);
-    let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
-    #[unroll]
-    for i in 0..4usize {
-        f[i] = pair::<E>(tile, (row0 + g + 8 * (i % 2)) * ld + col0 + 2 * t + 8 * (i / 2));
-    }
-    f
-}
-
-/// The B fragment (16 x 8, `k` by `n`) whose column `n` is row `n0 + n` of a shared tile stored
-/// `[n][k]` (row stride `ld`), from element `k0` of that row: each register two consecutive `k`.
-#[cube]
-fn b_fragment<E: Float>(tile: &SharedMemory<E>, n0: usize, k0: usize, #[comptime] ld: usize) -> Array<Vector<E, Const<2>>> {
-    let lane = UNIT_POS_PLANE as usize;
-    let (g, t) = (lane / 4, lane % 4);
-    let mut b = Array::<Vector<E, Const<2>>>::new(2usize);
-    #[unroll]
-    for i in 0..2usize {
-        b[i] = pair::<E>(tile, (n0 + g) * ld + k0 + 2 * t + 8 * i);
-    }
-    b
-}
-
 /// The A fragment of two C fragments side by side (`lo`: columns 0..8, `hi`: 8..16), cast to
 /// the inputs' dtype: a lane's C registers are exactly its A registers.
 #[cube]
-fn a_of_c<E: Float>(lo: &Array<Vector<f32, Const<2>>>, hi: &Array<Vector<f32, Const<2>>>) -> Array<Vector<E, Const<2>>> {
+fn a_of_c<E: Float>(lo: &Array<Vector<f32, Const<2>>>, hi: &Array<Vector<f32, Const<2>>>) -> Frag<E> {
     let mut f = Array::<Vector<E, Const<2>>>::new(4usize);
     f[0] = Vector::cast_from(lo[0]);
     f[1] = Vector::cast_from(lo[1]);
@@ -134,6 +157,111 @@ fn quad_sum(x: f32) -> f32 {
     y + plane_shuffle_xor(y, 2)
 }
 
+/// The key blocks `[first, end)` that any of the cube's [`ROWS`] rows may read, given each lane's
+/// two rows and the causal bound `kv_end`: packed segments and padding leave a query block only
+/// the blocks of its own segments to walk. Reduced over each plane with shuffles, then over the
+/// four planes through `span_s` (8 values); every unit gets the same range.
+#[cube]
+fn key_blocks(keys_a: RowKeys, keys_b: RowKeys, seq: usize, kv_end: usize, span_s: &mut SharedMemory<u32>) -> (usize, usize) {
+    let first = plane_min(u32::cast_from(usize::min(row_first_key(keys_a, seq), row_first_key(keys_b, seq))));
+    let end = plane_max(u32::cast_from(usize::max(row_end_key(keys_a, seq), row_end_key(keys_b, seq))));
+    let plane = UNIT_POS as usize / 32;
+    if UNIT_POS_PLANE == 0 {
+        span_s[plane] = first;
+        span_s[4 + plane] = end;
+    }
+    sync_cube();
+    let mut lo = span_s[0];
+    let mut hi = span_s[4];
+    #[unroll]
+    for p in 1..comptime![UNITS / 32] {
+        lo = u32::min(lo, span_s[p]);
+        hi = u32::max(hi, span_s[4 + p]);
+    }
+    let hi = usize::min(usize::cast_from(hi), kv_end);
+    let first_block = usize::cast_from(lo) / KEYS;
+    let mut end_block = first_block;
+    if hi > usize::cast_from(lo) {
+        end_block = (hi + KEYS - 1) / KEYS;
+    }
+    (first_block, end_block)
+}
+
+/// The scores of a plane's 16 rows against a key block, scaled, in C fragments `j` (keys `8 j
+/// ..`): `q` the rows' A fragments, `k_s` the block's keys. Masked scores are [`FLOOR`]; where
+/// `full` (every row of the plane reads every key of the block) nothing is masked.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn block_scores<E: Float, N: Size, M: Int>(
+    def: &MmaDefinition<E, E, f32>,
+    q: &Sequence<Frag<E>>,
+    k_s: &SharedMemory<Vector<E, N>>,
+    mask: &Tensor<M>,
+    strides: MaskStrides,
+    keys_a: RowKeys,
+    keys_b: RowKeys,
+    row_a: usize,
+    row_b: usize,
+    k0: usize,
+    seq: usize,
+    scale: f32,
+    full: bool,
+    #[comptime] d: usize,
+    #[comptime] width: usize,
+    #[comptime] causal: bool,
+) -> Sequence<Array<Vector<f32, Const<2>>>> {
+    let t = UNIT_POS_PLANE as usize % 4;
+    let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+    #[unroll]
+    for _j in 0..comptime![KEYS / 8] {
+        s.push(zeros());
+    }
+    #[unroll]
+    for jp in 0..comptime![KEYS / 16] {
+        #[unroll]
+        for kk in 0..comptime![d / 16] {
+            let b = b_of_rows::<E, N>(def, k_s, jp * 16, kk * 16, d, width);
+            def.execute_inplace(q.index(kk), &half::<E>(&b, 0usize), s.index_mut(2 * jp));
+            def.execute_inplace(q.index(kk), &half::<E>(&b, 1usize), s.index_mut(2 * jp + 1));
+        }
+    }
+    if full {
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let frag = s.index_mut(j);
+            frag[0] = frag[0] * Vector::new(scale);
+            frag[1] = frag[1] * Vector::new(scale);
+        }
+    } else {
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let frag = s.index_mut(j);
+            let mut xa = Vector::<f32, Const<2>>::new(FLOOR);
+            let mut xb = Vector::<f32, Const<2>>::new(FLOOR);
+            #[unroll]
+            for c in 0..2usize {
+                let key = k0 + j * 8 + 2 * t + c;
+                if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
+                    xa[c] = frag[0][c] * scale;
+                }
+                if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
+                    xb[c] = frag[1][c] * scale;
+                }
+            }
+            frag[0] = xa;
+            frag[1] = xb;
+        }
+    }
+    s
+}
+
+/// Whether every row of this plane (this lane's `row_a` and `row_b`, over the plane) reads every
+/// key of the block at `k0`.
+#[cube]
+fn plane_reads_block(keys_a: RowKeys, keys_b: RowKeys, row_a: usize, row_b: usize, k0: usize, seq: usize, #[comptime] causal: bool) -> bool {
+    plane_all(reads_block(keys_a, row_a, k0, KEYS, seq, causal) && reads_block(keys_b, row_b, k0, KEYS, seq, causal))
+}
+
 /// [`super::flash_kernel::flash_forward`]'s contract, on CUDA tensor cores with `d` a multiple
 /// of 16 (at most 128: the output's registers): one cube of [`UNITS`] per [`ROWS`] query rows of
 /// one (batch, query head), cube `(x, y)`: query block `x`, `y = batch * q_heads + head`.
@@ -153,9 +281,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     #[comptime] causal: bool,
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
-    // Padded row strides (+8 elements): the quads' pair loads start on different banks.
-    let ld = comptime![d + 8];
-    let lv = comptime![KEYS + 8];
+    let width = q.vector_size();
     let seq = q.shape(2);
     let q_heads = q.shape(1);
     let groups = q_heads / k.shape(1);
@@ -166,27 +292,33 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let q0 = CUBE_POS_X as usize * ROWS;
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS_PLANE as usize;
-    let g = lane / 4;
     let t = lane % 4;
-    // This lane's two rows, within the cube's block and in the sequence.
-    let local = plane * 16 + g;
-    let row_a = q0 + local;
+    // This lane's two rows in the sequence.
+    let row_a = q0 + plane * 16 + lane / 4;
     let row_b = row_a + 8;
     let keys_a = row_keys(keys, batch, row_a, seq);
     let keys_b = row_keys(keys, batch, row_b, seq);
 
-    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
-    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
-    let mut vt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
-    load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
-    sync_cube();
+    let mut q_s = tile::<E, N>(ROWS, d, width);
+    let mut k_s = tile::<E, N>(KEYS, d, width);
+    let mut v_s = tile::<E, N>(KEYS, d, width);
+    load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
+    let mut kv_end = seq;
+    if causal {
+        if q0 + ROWS < seq {
+            kv_end = q0 + ROWS;
+        }
+    }
+    let mut span_s = SharedMemory::<u32>::new(8usize);
+    // Synchronises the cube, so the query tile is in place after it.
+    let (first_block, end_block) = key_blocks(keys_a, keys_b, seq, kv_end, &mut span_s);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
 
     // The plane's query rows as A fragments, one per 16 columns of the head dim.
-    let mut qa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+    let mut qa = Sequence::<Frag<E>>::new();
     #[unroll]
     for kk in 0..comptime![d / 16] {
-        qa.push(a_fragment::<E>(&q_s, plane * 16, kk * 16, ld));
+        qa.push(a_fragment::<E, N>(&def, &q_s, plane * 16, kk * 16, d, width));
     }
     // The output, one C fragment per 8 columns of the head dim; each row's running max
     // (`m_*`) and this lane's share of its running sum (`l_*`).
@@ -200,56 +332,26 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let mut l_a = f32::new(0.0);
     let mut l_b = f32::new(0.0);
 
-    let mut kv_end = seq;
-    if causal {
-        if q0 + ROWS < seq {
-            kv_end = q0 + ROWS;
-        }
-    }
-    let blocks = (kv_end + KEYS - 1) / KEYS;
     let kv_head = head / groups;
-    for blk in 0..blocks {
+    for blk in first_block..end_block {
         let k0 = blk * KEYS;
         // Every plane is done with the previous block's tiles.
         sync_cube();
-        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
-        load_rows_transposed::<E, N>(v, batch, kv_head, k0, &mut vt_s, d, lv);
+        load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
+        load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
         sync_cube();
 
-        // Scores: C fragment `j` holds keys `8 j ..` of the plane's 16 rows.
-        let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
-        #[unroll]
-        for j in 0..comptime![KEYS / 8] {
-            let mut acc = zeros();
-            #[unroll]
-            for kk in 0..comptime![d / 16] {
-                def.execute_inplace(qa.index(kk), &b_fragment::<E>(&k_s, j * 8, kk * 16, ld), &mut acc);
-            }
-            s.push(acc);
-        }
+        let full = plane_reads_block(keys_a, keys_b, row_a, row_b, k0, seq, causal);
+        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, scale, full, d, width, causal);
 
-        // Scaled and masked; each row's max over the block.
+        // Each row's max over the block.
         let mut max_a = f32::new(FLOOR);
         let mut max_b = f32::new(FLOOR);
         #[unroll]
         for j in 0..comptime![KEYS / 8] {
-            let frag = s.index_mut(j);
-            let mut xa = Vector::<f32, Const<2>>::new(FLOOR);
-            let mut xb = Vector::<f32, Const<2>>::new(FLOOR);
-            #[unroll]
-            for c in 0..2usize {
-                let key = k0 + j * 8 + 2 * t + c;
-                if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
-                    xa[c] = frag[0][c] * scale;
-                }
-                if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
-                    xb[c] = frag[1][c] * scale;
-                }
-                max_a = f32::max(max_a, xa[c]);
-                max_b = f32::max(max_b, xb[c]);
-            }
-            frag[0] = xa;
-            frag[1] = xb;
+            let frag = s.index(j);
+            max_a = f32::max(max_a, f32::max(frag[0][0], frag[0][1]));
+            max_b = f32::max(max_b, f32::max(frag[1][0], frag[1][1]));
         }
         let new_a = f32::max(m_a, quad_max(max_a));
         let new_b = f32::max(m_b, quad_max(max_b));
@@ -258,6 +360,15 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         let alpha_b = (m_b - new_b).exp();
         m_a = new_a;
         m_b = new_b;
+        // A row that has read nothing yet subtracts 0, so its masked scores still give 0.
+        let mut base_a = f32::new(0.0);
+        if new_a > FLOOR {
+            base_a = new_a;
+        }
+        let mut base_b = f32::new(0.0);
+        if new_b > FLOOR {
+            base_b = new_b;
+        }
 
         // Probabilities in place of the scores, then as the A fragments of the product with
         // the values: keys `16 jj ..`.
@@ -266,23 +377,14 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         #[unroll]
         for j in 0..comptime![KEYS / 8] {
             let frag = s.index_mut(j);
-            let mut pa_row = Vector::<f32, Const<2>>::new(0.0);
-            let mut pb_row = Vector::<f32, Const<2>>::new(0.0);
-            #[unroll]
-            for c in 0..2usize {
-                if frag[0][c] > FLOOR {
-                    pa_row[c] = (frag[0][c] - new_a).exp();
-                }
-                if frag[1][c] > FLOOR {
-                    pb_row[c] = (frag[1][c] - new_b).exp();
-                }
-                sum_a += pa_row[c];
-                sum_b += pb_row[c];
-            }
+            let pa_row = (frag[0] - Vector::new(base_a)).exp();
+            let pb_row = (frag[1] - Vector::new(base_b)).exp();
+            sum_a += pa_row[0] + pa_row[1];
+            sum_b += pb_row[0] + pb_row[1];
             frag[0] = pa_row;
             frag[1] = pb_row;
         }
-        let mut pa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+        let mut pa = Sequence::<Frag<E>>::new();
         #[unroll]
         for jj in 0..comptime![KEYS / 16] {
             pa.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
@@ -290,15 +392,20 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         l_a = l_a * alpha_a + sum_a;
         l_b = l_b * alpha_b + sum_b;
 
-        // o = o * alpha + P V, one C fragment per 8 columns of the head dim.
+        // o = o * alpha + P V, C fragments of 8 columns of the head dim, two at a time.
         #[unroll]
         for dt in 0..comptime![d / 8] {
             let acc = o.index_mut(dt);
             acc[0] = acc[0] * Vector::new(alpha_a);
             acc[1] = acc[1] * Vector::new(alpha_b);
+        }
+        #[unroll]
+        for dp in 0..comptime![d / 16] {
             #[unroll]
             for jj in 0..comptime![KEYS / 16] {
-                def.execute_inplace(pa.index(jj), &b_fragment::<E>(&vt_s, dt * 8, jj * 16, lv), acc);
+                let b = b_of_columns::<E, N>(&def, &v_s, jj * 16, dp * 16, d, width);
+                def.execute_inplace(pa.index(jj), &half::<E>(&b, 0usize), o.index_mut(2 * dp));
+                def.execute_inplace(pa.index(jj), &half::<E>(&b, 1usize), o.index_mut(2 * dp + 1));
             }
         }
     }
@@ -349,8 +456,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
 /// multiple of 16 (at most 128): one cube of [`UNITS`] per [`ROWS`] query rows of one (batch,
 /// query head). Each plane keeps its 16 rows' query and upstream-gradient fragments and their
 /// `dQ` in registers; per key block, the scores `S = Q K^T` and `dP = dO V^T` come out in C
-/// fragments, become `dS = P (dP - delta)` in place, and `dQ += dS K` reads them as A fragments
-/// (keys staged transposed for it).
+/// fragments, become `dS = P (dP - delta)` in place, and `dQ += dS K` reads them as A fragments.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
@@ -368,8 +474,7 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     #[comptime] causal: bool,
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
-    let ld = comptime![d + 8];
-    let lv = comptime![KEYS + 8];
+    let width = q.vector_size();
     let seq = q.shape(2);
     let q_heads = q.shape(1);
     let groups = q_heads / k.shape(1);
@@ -380,30 +485,36 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     let q0 = CUBE_POS_X as usize * ROWS;
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS_PLANE as usize;
-    let g = lane / 4;
     let t = lane % 4;
-    let row_a = q0 + plane * 16 + g;
+    let row_a = q0 + plane * 16 + lane / 4;
     let row_b = row_a + 8;
     let keys_a = row_keys(keys, batch, row_a, seq);
     let keys_b = row_keys(keys, batch, row_b, seq);
     let (lse_a, lse_b) = (row_value(lse, batch, head, row_a), row_value(lse, batch, head, row_b));
     let (delta_a, delta_b) = (row_value(delta, batch, head, row_a), row_value(delta, batch, head, row_b));
 
-    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
-    let mut do_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
-    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
-    let mut kt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
-    let mut v_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
-    load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
-    load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d, ld);
-    sync_cube();
+    let mut q_s = tile::<E, N>(ROWS, d, width);
+    let mut do_s = tile::<E, N>(ROWS, d, width);
+    let mut k_s = tile::<E, N>(KEYS, d, width);
+    let mut v_s = tile::<E, N>(KEYS, d, width);
+    load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
+    load_tile::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d);
+    let mut kv_end = seq;
+    if causal {
+        if q0 + ROWS < seq {
+            kv_end = q0 + ROWS;
+        }
+    }
+    let mut span_s = SharedMemory::<u32>::new(8usize);
+    // Synchronises the cube, so the query and upstream tiles are in place after it.
+    let (first_block, end_block) = key_blocks(keys_a, keys_b, seq, kv_end, &mut span_s);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
-    let mut qa = Sequence::<Array<Vector<E, Const<2>>>>::new();
-    let mut doa = Sequence::<Array<Vector<E, Const<2>>>>::new();
+    let mut qa = Sequence::<Frag<E>>::new();
+    let mut doa = Sequence::<Frag<E>>::new();
     #[unroll]
     for kk in 0..comptime![d / 16] {
-        qa.push(a_fragment::<E>(&q_s, plane * 16, kk * 16, ld));
-        doa.push(a_fragment::<E>(&do_s, plane * 16, kk * 16, ld));
+        qa.push(a_fragment::<E, N>(&def, &q_s, plane * 16, kk * 16, d, width));
+        doa.push(a_fragment::<E, N>(&def, &do_s, plane * 16, kk * 16, d, width));
     }
     let mut dq = Sequence::<Array<Vector<f32, Const<2>>>>::new();
     #[unroll]
@@ -411,61 +522,52 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
         dq.push(zeros());
     }
 
-    let mut kv_end = seq;
-    if causal {
-        if q0 + ROWS < seq {
-            kv_end = q0 + ROWS;
-        }
-    }
-    let blocks = (kv_end + KEYS - 1) / KEYS;
     let kv_head = head / groups;
-    for blk in 0..blocks {
+    for blk in first_block..end_block {
         let k0 = blk * KEYS;
         sync_cube();
-        load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
-        load_rows_transposed::<E, N>(k, batch, kv_head, k0, &mut kt_s, d, lv);
-        load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d, ld);
+        load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
+        load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
         sync_cube();
 
-        // dS = P (dP - delta) of keys `8 j ..`, in the scores' C fragments.
-        let mut ds = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        let full = plane_reads_block(keys_a, keys_b, row_a, row_b, k0, seq, causal);
+        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, scale, full, d, width, causal);
+        // dP = dO V^T, the values' rows as B like the keys'.
+        let mut dp = Sequence::<Array<Vector<f32, Const<2>>>>::new();
         #[unroll]
-        for j in 0..comptime![KEYS / 8] {
-            let mut s = zeros();
-            let mut dp = zeros();
+        for _j in 0..comptime![KEYS / 8] {
+            dp.push(zeros());
+        }
+        #[unroll]
+        for jp in 0..comptime![KEYS / 16] {
             #[unroll]
             for kk in 0..comptime![d / 16] {
-                def.execute_inplace(qa.index(kk), &b_fragment::<E>(&k_s, j * 8, kk * 16, ld), &mut s);
-                def.execute_inplace(doa.index(kk), &b_fragment::<E>(&v_s, j * 8, kk * 16, ld), &mut dp);
+                let b = b_of_rows::<E, N>(&def, &v_s, jp * 16, kk * 16, d, width);
+                def.execute_inplace(doa.index(kk), &half::<E>(&b, 0usize), dp.index_mut(2 * jp));
+                def.execute_inplace(doa.index(kk), &half::<E>(&b, 1usize), dp.index_mut(2 * jp + 1));
             }
-            let mut ra = Vector::<f32, Const<2>>::new(0.0);
-            let mut rb = Vector::<f32, Const<2>>::new(0.0);
-            #[unroll]
-            for c in 0..2usize {
-                let key = k0 + j * 8 + 2 * t + c;
-                if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
-                    ra[c] = (s[0][c] * scale - lse_a).exp() * (dp[0][c] - delta_a);
-                }
-                if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
-                    rb[c] = (s[1][c] * scale - lse_b).exp() * (dp[1][c] - delta_b);
-                }
-            }
-            s[0] = ra;
-            s[1] = rb;
-            ds.push(s);
         }
-        let mut da = Sequence::<Array<Vector<E, Const<2>>>>::new();
+        // dS = P (dP - delta) in place of the scores (masked scores give P = 0).
+        #[unroll]
+        for j in 0..comptime![KEYS / 8] {
+            let g = dp.index(j);
+            let frag = s.index_mut(j);
+            frag[0] = (frag[0] - Vector::new(lse_a)).exp() * (g[0] - Vector::new(delta_a));
+            frag[1] = (frag[1] - Vector::new(lse_b)).exp() * (g[1] - Vector::new(delta_b));
+        }
+        let mut da = Sequence::<Frag<E>>::new();
         #[unroll]
         for jj in 0..comptime![KEYS / 16] {
-            da.push(a_of_c::<E>(ds.index(2 * jj), ds.index(2 * jj + 1)));
+            da.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
         }
-        // dQ += dS K.
+        // dQ += dS K: the keys by column.
         #[unroll]
-        for dt in 0..comptime![d / 8] {
-            let acc = dq.index_mut(dt);
+        for dp2 in 0..comptime![d / 16] {
             #[unroll]
             for jj in 0..comptime![KEYS / 16] {
-                def.execute_inplace(da.index(jj), &b_fragment::<E>(&kt_s, dt * 8, jj * 16, lv), acc);
+                let b = b_of_columns::<E, N>(&def, &k_s, jj * 16, dp2 * 16, d, width);
+                def.execute_inplace(da.index(jj), &half::<E>(&b, 0usize), dq.index_mut(2 * dp2));
+                def.execute_inplace(da.index(jj), &half::<E>(&b, 1usize), dq.index_mut(2 * dp2 + 1));
             }
         }
     }
@@ -486,13 +588,23 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     }
 }
 
+/// Whether every query row of a block (its [`load_row_keys`] table `keys_s`, rows from `q0`)
+/// reads every key of the block at `k0`: each plane reads the whole table, two rows a lane.
+#[cube]
+fn block_reads_keys(keys_s: &SharedMemory<i32>, q0: usize, k0: usize, seq: usize, #[comptime] causal: bool) -> bool {
+    let lane = UNIT_POS_PLANE as usize;
+    let a = reads_block(shared_row_keys(keys_s, lane), q0 + lane, k0, KEYS, seq, causal);
+    let b = reads_block(shared_row_keys(keys_s, lane + 32), q0 + lane + 32, k0, KEYS, seq, causal);
+    plane_all(a && b)
+}
+
 /// [`super::flash_kernel::flash_backward_kv`]'s contract, on CUDA tensor cores with `d` a
 /// multiple of 16 (at most 128): one cube of [`UNITS`] per [`KEYS`] keys of one (batch, kv
 /// head), cube `(x, y)`: key block `x`, `y = batch * kv_heads + kv_head`. Each plane keeps its 16
 /// keys' `dK` and `dV` in registers over every query block of the kv head's query heads; the
 /// transposed scores `S^T = K Q^T` and `dP^T = V dO^T` come out in C fragments (keys by
-/// queries), become `P^T` and `dS^T`, and multiply the queries and upstream gradients (staged
-/// transposed) as A fragments.
+/// queries), become `P^T` and `dS^T`, and multiply the queries and upstream gradients (by
+/// column) as A fragments.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
@@ -511,8 +623,7 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
     #[comptime] causal: bool,
     #[define(E, M)] _dtypes: [StorageType; 2],
 ) {
-    let ld = comptime![d + 8];
-    let lv = comptime![ROWS + 8];
+    let width = q.vector_size();
     let seq = q.shape(2);
     let kv_heads = k.shape(1);
     let groups = q.shape(1) / kv_heads;
@@ -523,23 +634,20 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
     let k0 = CUBE_POS_X as usize * KEYS;
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS_PLANE as usize;
-    let g = lane / 4;
     let t = lane % 4;
     // This lane's two keys.
-    let key_a = k0 + plane * 16 + g;
+    let key_a = k0 + plane * 16 + lane / 4;
     let key_b = key_a + 8;
 
-    let mut k_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
-    let mut v_s = SharedMemory::<E>::new_aligned(KEYS * ld, 128usize);
-    let mut q_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
-    let mut do_s = SharedMemory::<E>::new_aligned(ROWS * ld, 128usize);
-    let mut qt_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
-    let mut dot_s = SharedMemory::<E>::new_aligned(d * lv, 128usize);
+    let mut k_s = tile::<E, N>(KEYS, d, width);
+    let mut v_s = tile::<E, N>(KEYS, d, width);
+    let mut q_s = tile::<E, N>(ROWS, d, width);
+    let mut do_s = tile::<E, N>(ROWS, d, width);
     let mut lse_s = SharedMemory::<f32>::new(ROWS);
     let mut delta_s = SharedMemory::<f32>::new(ROWS);
     let mut keys_s = SharedMemory::<i32>::new(ROWS * 3);
-    load_rows::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d, ld);
-    load_rows::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d, ld);
+    load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
+    load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
     let mut dk = Sequence::<Array<Vector<f32, Const<2>>>>::new();
     let mut dv = Sequence::<Array<Vector<f32, Const<2>>>>::new();
@@ -560,72 +668,86 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
         for qb in first..q_blocks {
             let q0 = qb * ROWS;
             sync_cube();
-            load_rows::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d, ld);
-            load_rows_transposed::<E, N>(q, batch, head, q0, &mut qt_s, d, lv);
-            load_rows::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d, ld);
-            load_rows_transposed::<E, N>(d_out, batch, head, q0, &mut dot_s, d, lv);
+            load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
+            load_tile::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d);
             load_row_values(lse, batch, head, q0, &mut lse_s, ROWS);
             load_row_values(delta, batch, head, q0, &mut delta_s, ROWS);
             load_row_keys(keys, batch, q0, seq, &mut keys_s, ROWS);
             sync_cube();
+            let full = block_reads_keys(&keys_s, q0, k0, seq, causal);
 
             // P^T and dS^T of queries `8 j ..` (C fragments: the plane's keys by queries).
-            let mut pt = Sequence::<Array<Vector<f32, Const<2>>>>::new();
-            let mut dst = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+            let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+            let mut dp = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+            #[unroll]
+            for _j in 0..comptime![ROWS / 8] {
+                s.push(zeros());
+                dp.push(zeros());
+            }
+            #[unroll]
+            for kk in 0..comptime![d / 16] {
+                let ka = a_fragment::<E, N>(&def, &k_s, plane * 16, kk * 16, d, width);
+                let va = a_fragment::<E, N>(&def, &v_s, plane * 16, kk * 16, d, width);
+                #[unroll]
+                for jp in 0..comptime![ROWS / 16] {
+                    let b_q = b_of_rows::<E, N>(&def, &q_s, jp * 16, kk * 16, d, width);
+                    def.execute_inplace(&ka, &half::<E>(&b_q, 0usize), s.index_mut(2 * jp));
+                    def.execute_inplace(&ka, &half::<E>(&b_q, 1usize), s.index_mut(2 * jp + 1));
+                    let b_do = b_of_rows::<E, N>(&def, &do_s, jp * 16, kk * 16, d, width);
+                    def.execute_inplace(&va, &half::<E>(&b_do, 0usize), dp.index_mut(2 * jp));
+                    def.execute_inplace(&va, &half::<E>(&b_do, 1usize), dp.index_mut(2 * jp + 1));
+                }
+            }
             #[unroll]
             for j in 0..comptime![ROWS / 8] {
-                let mut s = zeros();
-                let mut dp = zeros();
-                #[unroll]
-                for kk in 0..comptime![d / 16] {
-                    let b_q = b_fragment::<E>(&q_s, j * 8, kk * 16, ld);
-                    def.execute_inplace(&a_fragment::<E>(&k_s, plane * 16, kk * 16, ld), &b_q, &mut s);
-                    let b_do = b_fragment::<E>(&do_s, j * 8, kk * 16, ld);
-                    def.execute_inplace(&a_fragment::<E>(&v_s, plane * 16, kk * 16, ld), &b_do, &mut dp);
-                }
-                let mut p = zeros();
-                let mut ds = zeros();
+                let g = dp.index_mut(j);
+                let frag = s.index_mut(j);
                 #[unroll]
                 for c in 0..2usize {
                     let r = j * 8 + 2 * t + c;
-                    let query = q0 + r;
-                    let row = shared_row_keys(&keys_s, r);
                     let (row_lse, row_delta) = (lse_s[r], delta_s[r]);
                     #[unroll]
                     for i in 0..2usize {
-                        let mut key = key_a;
-                        if i == 1 {
-                            key = key_b;
-                        }
                         let mut x = f32::new(0.0);
-                        if readable::<M>(mask, strides, row, query, key, seq, causal) {
-                            x = (s[i][c] * scale - row_lse).exp();
+                        if full {
+                            x = (frag[i][c] * scale - row_lse).exp();
+                        } else {
+                            let mut key = key_a;
+                            if i == 1 {
+                                key = key_b;
+                            }
+                            if readable::<M>(mask, strides, shared_row_keys(&keys_s, r), q0 + r, key, seq, causal) {
+                                x = (frag[i][c] * scale - row_lse).exp();
+                            }
                         }
-                        let mut pr = p[i];
+                        // P^T in `s`, dS^T in `dp`.
+                        let mut pr = frag[i];
                         pr[c] = x;
-                        p[i] = pr;
-                        let mut dr = ds[i];
-                        dr[c] = x * (dp[i][c] - row_delta);
-                        ds[i] = dr;
+                        frag[i] = pr;
+                        let mut gr = g[i];
+                        gr[c] = x * (g[i][c] - row_delta);
+                        g[i] = gr;
                     }
                 }
-                pt.push(p);
-                dst.push(ds);
             }
-            let mut pa = Sequence::<Array<Vector<E, Const<2>>>>::new();
-            let mut da = Sequence::<Array<Vector<E, Const<2>>>>::new();
+            let mut pa = Sequence::<Frag<E>>::new();
+            let mut da = Sequence::<Frag<E>>::new();
             #[unroll]
             for jj in 0..comptime![ROWS / 16] {
-                pa.push(a_of_c::<E>(pt.index(2 * jj), pt.index(2 * jj + 1)));
-                da.push(a_of_c::<E>(dst.index(2 * jj), dst.index(2 * jj + 1)));
+                pa.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
+                da.push(a_of_c::<E>(dp.index(2 * jj), dp.index(2 * jj + 1)));
             }
-            // dV += P^T dO, dK += dS^T Q (scaled once at the end).
+            // dV += P^T dO, dK += dS^T Q (scaled once at the end): dO and Q by column.
             #[unroll]
-            for dt in 0..comptime![d / 8] {
+            for dp2 in 0..comptime![d / 16] {
                 #[unroll]
                 for jj in 0..comptime![ROWS / 16] {
-                    def.execute_inplace(pa.index(jj), &b_fragment::<E>(&dot_s, dt * 8, jj * 16, lv), dv.index_mut(dt));
-                    def.execute_inplace(da.index(jj), &b_fragment::<E>(&qt_s, dt * 8, jj * 16, lv), dk.index_mut(dt));
+                    let b_do = b_of_columns::<E, N>(&def, &do_s, jj * 16, dp2 * 16, d, width);
+                    def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 0usize), dv.index_mut(2 * dp2));
+                    def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 1usize), dv.index_mut(2 * dp2 + 1));
+                    let b_q = b_of_columns::<E, N>(&def, &q_s, jj * 16, dp2 * 16, d, width);
+                    def.execute_inplace(da.index(jj), &half::<E>(&b_q, 0usize), dk.index_mut(2 * dp2));
+                    def.execute_inplace(da.index(jj), &half::<E>(&b_q, 1usize), dk.index_mut(2 * dp2 + 1));
                 }
             }
         }
