@@ -4,7 +4,7 @@
 # on the blocks that meet a row's bounds, walking only the key blocks a query block may read.
 # (a) kernels-cubecl's CUDA flash tests, each in its own process, with CubeCL's compilation log
 # on (the kernels' CUDA source, for ptxas off the GPU machine); (b) the attention core alone
-# beside torch SDPA (benches/attention.sh); (c) if (a) passed, 30b-mb4 and 7b-mb4 at 8 layers,
+# beside torch SDPA (benches/attention.sh); (c) if (a) passed, 7b-mb4 and 30b-mb4 at 8 layers,
 # trainer alone, the flash kernels against the blockwise default.
 set -u
 cd "$(dirname "$0")/../.."
@@ -23,7 +23,7 @@ OUT=/tmp/attn KERNELS="blockwise flash-forward flash" bash benches/attention.sh 
 cp -r /tmp/attn $R/; pack
 if [ -n "$ok" ]; then
   export WARMUP=1 STEPS=3 OUT=/tmp/bench
-  for c in 30b-mb4 7b-mb4; do
+  for c in 7b-mb4 30b-mb4; do
     KERNELS_CUBECL_ATTENTION=flash VARIANT=flash LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench.out 2>&1
     LAYERS=8 TRAINER_TIMEOUT=150 BASELINES= bash benches/run.sh $c >> /tmp/bench.out 2>&1
     cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench.out $R/ 2>/dev/null; pack
