@@ -53,9 +53,10 @@ pub struct AttentionOptions {
 /// Which implementation of the attention runs, where a backend has several.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// The blockwise path for now: the flash kernels are slower than it on the H100 so far
-    /// (benches/RESULTS.md, sessions 26 and 27: the register-resident ones spill at 255
-    /// registers); they take over where they measure faster.
+    /// The blockwise path for now: the register flash forward is faster than it alone but not
+    /// yet at the step (benches/RESULTS.md, session 28: the three paths within 2.5% at 8
+    /// layers, the register backward slower on causal rows); they take over where they measure
+    /// faster.
     /// `KERNELS_CUBECL_ATTENTION=flash` (or `=flash-forward`, `=blockwise`) in the environment
     /// picks one.
     #[default]

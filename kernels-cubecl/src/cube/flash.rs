@@ -10,7 +10,7 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
-use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, KEYS, ROWS, UNITS};
+use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, KEYS, PAD, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -146,8 +146,8 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     if b * hq * s * d == 0 || k.dtype() != dtype || v.dtype() != dtype || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return None;
     }
-    // Auto stays on the blockwise path until the flash kernels measure faster there
-    // (benches/RESULTS.md, sessions 26 and 27: slower on the H100 so far).
+    // Auto stays on the blockwise path until the flash kernels measure faster at the step
+    // (benches/RESULTS.md, sessions 26 to 28).
     match (chosen(options), pass) {
         (AttentionKernel::Flash, _) | (AttentionKernel::FlashForward, Pass::Forward) => {}
         _ => return None,
@@ -161,16 +161,17 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         false => FlashPlan::UNITS,
     };
     let shared = client.properties().hardware.max_shared_memory_size;
-    // The register kernels' shared tiles (padded rows; the keys' kernel also a block's per-row
-    // log-sum-exp, delta and readable-key interval, 20 bytes a row).
+    // The register kernels' shared tiles (rows padded by PAD), and beside them the query
+    // kernels' key-block range (8 u32) or the keys' kernel's per-row log-sum-exp, delta and
+    // readable-key interval (20 bytes a row).
     let fits = |bytes: usize| bytes <= shared;
     let es = dtype.size();
     if plan.tensor_cores && manual_mma(&client, dtype) {
         match pass {
-            Pass::Forward => plan.forward_mma = fits(es * (ROWS + 2 * KEYS) * (d + 8) + 32),
+            Pass::Forward => plan.forward_mma = fits(es * (ROWS + 2 * KEYS) * (d + PAD) + 32),
             Pass::Backward => {
-                plan.backward_q_mma = fits(es * 2 * (ROWS + KEYS) * (d + 8) + 32);
-                plan.backward_kv_mma = fits(es * 2 * (ROWS + KEYS) * (d + 8) + 20 * ROWS);
+                plan.backward_q_mma = fits(es * 2 * (ROWS + KEYS) * (d + PAD) + 32);
+                plan.backward_kv_mma = fits(es * 2 * (ROWS + KEYS) * (d + PAD) + 20 * ROWS);
             }
         }
     }

@@ -41,7 +41,7 @@ pub(super) const UNITS: usize = 128;
 
 /// Elements a tile row is padded by: rows `d + 8` long put the eight rows of an `ldmatrix` on
 /// distinct banks and keep every row start 16-byte aligned.
-const PAD: usize = 8;
+pub(super) const PAD: usize = 8;
 
 type Frag<E> = Array<Vector<E, Const<2>>>;
 
@@ -157,12 +157,18 @@ fn quad_sum(x: f32) -> f32 {
     y + plane_shuffle_xor(y, 2)
 }
 
-/// The key blocks `[first, end)` that any of the cube's [`ROWS`] rows may read, given each lane's
-/// two rows and the causal bound `kv_end`: packed segments and padding leave a query block only
-/// the blocks of its own segments to walk. Reduced over each plane with shuffles, then over the
-/// four planes through `span_s` (8 values); every unit gets the same range.
+/// The key blocks `[first, end)` that any of the cube's [`ROWS`] rows (from `q0`) may read, given
+/// each lane's two rows: packed segments and padding leave a query block only the blocks of its
+/// own segments to walk, and with `causal` none after its last row. Reduced over each plane with
+/// shuffles, then over the four planes through shared memory; every unit gets the same range.
+/// Synchronises the cube.
 #[cube]
-fn key_blocks(keys_a: RowKeys, keys_b: RowKeys, seq: usize, kv_end: usize, span_s: &mut SharedMemory<u32>) -> (usize, usize) {
+fn key_blocks(keys_a: RowKeys, keys_b: RowKeys, q0: usize, seq: usize, #[comptime] causal: bool) -> (usize, usize) {
+    let mut kv_end = seq;
+    if causal {
+        kv_end = usize::min(seq, q0 + ROWS);
+    }
+    let mut span_s = SharedMemory::<u32>::new(8usize);
     let first = plane_min(u32::cast_from(usize::min(row_first_key(keys_a, seq), row_first_key(keys_b, seq))));
     let end = plane_max(u32::cast_from(usize::max(row_end_key(keys_a, seq), row_end_key(keys_b, seq))));
     let plane = UNIT_POS as usize / 32;
@@ -303,15 +309,8 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let mut k_s = tile::<E, N>(KEYS, d, width);
     let mut v_s = tile::<E, N>(KEYS, d, width);
     load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
-    let mut kv_end = seq;
-    if causal {
-        if q0 + ROWS < seq {
-            kv_end = q0 + ROWS;
-        }
-    }
-    let mut span_s = SharedMemory::<u32>::new(8usize);
     // Synchronises the cube, so the query tile is in place after it.
-    let (first_block, end_block) = key_blocks(keys_a, keys_b, seq, kv_end, &mut span_s);
+    let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
 
     // The plane's query rows as A fragments, one per 16 columns of the head dim.
@@ -499,15 +498,8 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     let mut v_s = tile::<E, N>(KEYS, d, width);
     load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
     load_tile::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d);
-    let mut kv_end = seq;
-    if causal {
-        if q0 + ROWS < seq {
-            kv_end = q0 + ROWS;
-        }
-    }
-    let mut span_s = SharedMemory::<u32>::new(8usize);
     // Synchronises the cube, so the query and upstream tiles are in place after it.
-    let (first_block, end_block) = key_blocks(keys_a, keys_b, seq, kv_end, &mut span_s);
+    let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
     let mut qa = Sequence::<Frag<E>>::new();
     let mut doa = Sequence::<Frag<E>>::new();
