@@ -13,10 +13,12 @@ registers, stack and spills a kernel: the numbers ncu's LaunchStats gives, witho
 NVRTC, ptxas and the CUDA headers come from NVIDIA's PyPI wheels, installed on first use under
 .whl/cuda (git-ignored).
 
-    python3 benches/kernel_regs.py kernels.log.xz [--match flash] [--out DIR] [--launch-bounds N]
+    python3 benches/kernel_regs.py kernels.log.xz [--match flash] [--out DIR] [--launch-bounds N] [--sass]
 
 --launch-bounds N compiles each kernel as if it asked for N cubes an SM (ptxas then caps its
 registers): what a kernel would spill at that occupancy. --out keeps the sources and PTX.
+--sass disassembles each (nvdisasm from NVIDIA's CUDA 13 wheel) and prints static instruction
+counts (tensor-core products, ldmatrix, cp.async, global loads, barriers).
 """
 import argparse
 import ctypes
@@ -29,7 +31,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEELS = os.path.join(ROOT, ".whl", "cuda")
-PACKAGES = ["nvidia-cuda-nvrtc-cu12==12.8.93", "nvidia-cuda-nvcc-cu12==12.8.93", "nvidia-cuda-runtime-cu12==12.8.90"]
+PACKAGES = ["nvidia-cuda-nvrtc-cu12==12.8.93", "nvidia-cuda-nvcc-cu12==12.8.93", "nvidia-cuda-runtime-cu12==12.8.90", "nvidia-cuda-cccl-cu12==12.8.90"]
+# The disassembler is published for CUDA 13 only; it reads sm_90a cubins from ptxas 12.8.
+NVDISASM = "nvidia-cuda-nvdisasm==13.2.78"
 
 
 def toolchain():
@@ -37,11 +41,29 @@ def toolchain():
     nv = os.path.join(WHEELS, "nvidia")
     nvrtc = os.path.join(nv, "cuda_nvrtc", "lib", "libnvrtc.so.12")
     ptxas = os.path.join(nv, "cuda_nvcc", "bin", "ptxas")
-    if not (os.path.exists(nvrtc) and os.path.exists(ptxas)):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", WHEELS, *PACKAGES], check=True)
+    cccl = os.path.join(nv, "cuda_cccl", "include")
+    if not (os.path.exists(nvrtc) and os.path.exists(ptxas) and os.path.exists(cccl)):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", WHEELS, *PACKAGES], check=True)
     os.chmod(ptxas, 0o755)
-    includes = [os.path.join(nv, "cuda_runtime", "include"), os.path.join(nv, "cuda_nvcc", "include")]
+    includes = [os.path.join(nv, "cuda_runtime", "include"), os.path.join(nv, "cuda_nvcc", "include"), cccl]
     return ctypes.CDLL(nvrtc), ptxas, includes
+
+
+def nvdisasm():
+    """The SASS disassembler, installing its wheel (under .whl/nvdisasm) if missing."""
+    folder = os.path.join(ROOT, ".whl", "nvdisasm")
+    path = os.path.join(folder, "nvidia", "cu13", "bin", "nvdisasm")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", folder, NVDISASM], check=True)
+    os.chmod(path, 0o755)
+    return path
+
+
+def sass_counts(sass):
+    """Static counts of the instructions that matter to a tensor-core kernel's loop."""
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    wanted = ["HMMA", "LDSM", "LDGSTS", "LDG", "STS", "LDS", "BAR", "SYNCS", "MUFU", "BRA"]
+    return " ".join(f"{op}={ops.count(op)}" for op in wanted if ops.count(op))
 
 
 def kernels(log_text):
@@ -86,6 +108,7 @@ def main():
     ap.add_argument("--match", default="", help="only kernels whose name contains this")
     ap.add_argument("--out", help="folder to keep each kernel's .cu and .ptx in")
     ap.add_argument("--launch-bounds", type=int, help="compile as __launch_bounds__(units, N)")
+    ap.add_argument("--sass", action="store_true", help="also disassemble (nvdisasm), keep .sass, count the loop's instructions")
     args = ap.parse_args()
     opener = lzma.open if args.log.endswith(".xz") else open
     with opener(args.log, "rt") as f:
@@ -116,6 +139,13 @@ def main():
             print(f"{key:<72} ptxas: {info.strip().splitlines()[-1] if info.strip() else 'no report'}")
             continue
         print(f"{key:<72} {regs.group(1):>5} {stack.group(1):>6} {stack.group(2):>9} {stack.group(3):>9}")
+        if args.sass:
+            cubin = os.path.join(out, key + ".cubin")
+            subprocess.run([ptxas, "-arch=sm_90a", ptx_path, "-o", cubin], check=True)
+            sass = subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True).stdout
+            with open(os.path.join(out, key + ".sass"), "w") as f:
+                f.write(sass)
+            print(f"    {sass_counts(sass)}")
 
 
 if __name__ == "__main__":

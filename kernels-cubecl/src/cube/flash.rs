@@ -10,7 +10,7 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
-use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, KEYS, PAD, ROWS, UNITS};
+use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, BARRIERS, KEYS, PAD, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -109,8 +109,8 @@ fn tensor_cores<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool
     props.hardware.plane_size_min == 32 && props.hardware.plane_size_max == 32 && props.features.matmul.cmma.contains(&config)
 }
 
-/// Whether `client` has CUDA's manual m16n8k16 products of `dtype` into f32 in planes of 32, and
-/// `ldmatrix` of `dtype`.
+/// Whether `client` has CUDA's manual m16n8k16 products of `dtype` into f32 in planes of 32,
+/// `ldmatrix` of `dtype` and asynchronous copies into shared memory (`cp.async`).
 fn manual_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
     if !matches!(dtype, DType::BF16 | DType::F16) {
         return false;
@@ -122,6 +122,7 @@ fn manual_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
         && props.hardware.plane_size_max == 32
         && props.features.matmul.mma.contains(&config)
         && props.features.matmul.ldmatrix.contains(&ab)
+        && props.features.copy_async
 }
 
 /// The kernel `options` ask for, the environment's in place of `Auto`.
@@ -161,17 +162,18 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
         false => FlashPlan::UNITS,
     };
     let shared = client.properties().hardware.max_shared_memory_size;
-    // The register kernels' shared tiles (rows padded by PAD), and beside them the query
-    // kernels' key-block range (8 u32) or the keys' kernel's per-row log-sum-exp, delta and
-    // readable-key interval (20 bytes a row).
+    // The register kernels' shared tiles (rows padded by PAD; the tiles walked over in two
+    // halves, one computed while the other is copied), and beside them the query kernels'
+    // key-block range (8 u32) or the keys' kernel's per-row log-sum-exp, delta and readable-key
+    // interval (20 bytes a row), and the halves' two barriers.
     let fits = |bytes: usize| bytes <= shared;
     let es = dtype.size();
     if plan.tensor_cores && manual_mma(&client, dtype) {
         match pass {
-            Pass::Forward => plan.forward_mma = fits(es * (ROWS + 2 * KEYS) * (d + PAD) + 32),
+            Pass::Forward => plan.forward_mma = fits(es * (ROWS + 4 * KEYS) * (d + PAD) + 32 + BARRIERS),
             Pass::Backward => {
-                plan.backward_q_mma = fits(es * 2 * (ROWS + KEYS) * (d + PAD) + 32);
-                plan.backward_kv_mma = fits(es * 2 * (ROWS + KEYS) * (d + PAD) + 20 * ROWS);
+                plan.backward_q_mma = fits(es * (2 * ROWS + 4 * KEYS) * (d + PAD) + 32 + BARRIERS);
+                plan.backward_kv_mma = fits(es * (4 * ROWS + 2 * KEYS) * (d + PAD) + 20 * ROWS + BARRIERS);
             }
         }
     }
@@ -237,7 +239,9 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, hq, s]), DType::F32);
     let Tiles { br, bc } = plan.forward;
     let dtypes = [q.dtype.into(), mask.dtype.into()];
-    if plan.forward_mma {
+    // `cp.async` copies whole vectors of 4 bytes or more: inputs aligned for one element a load
+    // take the shared-memory kernels.
+    if plan.forward_mma && width >= 2 {
         // SAFETY: as below; the fragments' shared-memory reads stay inside the padded tiles.
         unsafe {
             flash_forward_mma::launch_unchecked::<R>(
@@ -325,7 +329,7 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     if wanted.k || wanted.v {
         let (dk, dv) = (empty([b, hkv, s, d]), empty([b, hkv, s, d]));
         let Tiles { br, bc } = plan.backward_kv;
-        if plan.backward_kv_mma {
+        if plan.backward_kv_mma && width >= 2 {
             // SAFETY: as the forward's.
             unsafe {
                 flash_backward_kv_mma::launch_unchecked::<R>(
@@ -381,7 +385,7 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     }
     let grad_q = wanted.q.then(|| {
         let dq = empty([b, hq, s, d]);
-        if plan.backward_q_mma {
+        if plan.backward_q_mma && width >= 2 {
             // SAFETY: as the forward's.
             unsafe {
                 flash_backward_q_mma::launch_unchecked::<R>(

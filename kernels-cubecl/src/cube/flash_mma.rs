@@ -6,7 +6,9 @@
 //! A cube of four planes takes 64 query rows (or, for the keys' gradients, 64 keys), 16 a plane,
 //! and walks the blocks of 64 on the other side: each plane holds its rows' scores, output (or
 //! gradients) and softmax statistics in registers; the tiles in shared memory are the inputs,
-//! row-major as stored, copied 16 bytes at a time. Fragments come out of them through
+//! row-major as stored, copied by `cp.async` (16 bytes a copy, global to shared without a
+//! register). The tiles walked over hold two blocks: the next block's copies are in flight while
+//! this one is computed, each half's completion an mbarrier phase. Fragments come out of them through
 //! `ldmatrix` (four 8x8 matrices an instruction), transposed by the instruction where a product
 //! needs a tile's columns (`P V`: the values by key; `dS K`, `P^T dO`, `dS^T Q`), so no tile is
 //! staged transposed. A lane holds two rows of each fragment (`g` and `g + 8`, `g = lane / 4`),
@@ -21,15 +23,20 @@
 //! So the scores of keys `16 jj ..` (C tiles `2 jj` and `2 jj + 1`) are, cast to the inputs'
 //! dtype, the A fragment that multiplies the values without leaving the lane.
 //!
+//! Exponentials run as FlashAttention's do: the scale folded into one fused multiply-add and the
+//! hardware's `ex2.approx` (CubeCL's reduced-precision math gives `__expf`, where `expf` costs
+//! about ten instructions a score).
+//!
 //! Only the blocks that meet a row's bounds (the causal diagonal, a packed segment's edges,
 //! padding, a mask that is not one interval a row) are masked score by score; the others skip
 //! the mask, and a query block walks only the key blocks its rows may read.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::barrier::{copy_async_checked, Barrier};
 use cubecl::prelude::*;
 
 use super::flash_kernel::{
-    load_row_keys, load_row_values, mask_strides, readable, MaskStrides, reads_block, row_end_key, row_first_key, row_keys, row_value, row_vector, shared_row_keys, RowKeys, FLOOR,
+    load_row_keys, load_row_values, mask_strides, readable, MaskStrides, reads_block, row_end_key, row_first_key, row_keys, row_value, shared_row_keys, RowKeys, FLOOR,
 };
 
 /// Query rows of a cube: 16 a plane, four planes.
@@ -43,6 +50,9 @@ pub(super) const UNITS: usize = 128;
 /// distinct banks and keep every row start 16-byte aligned.
 pub(super) const PAD: usize = 8;
 
+/// Shared bytes of the two barriers of a kernel's two-stage walk ([`copy_next`]).
+pub(super) const BARRIERS: usize = 16;
+
 type Frag<E> = Array<Vector<E, Const<2>>>;
 
 /// A shared tile of `rows` rows of `d` inputs (row stride `d + PAD`), in vectors of the inputs'
@@ -52,35 +62,133 @@ fn tile<E: Float, N: Size>(#[comptime] rows: usize, #[comptime] d: usize, #[comp
     SharedMemory::<Vector<E, N>>::new_aligned(comptime![rows * (d + PAD) / width], 128usize)
 }
 
-/// Rows `[row0, row0 + rows)` of head `head` of batch `batch` of `src` (`[batch, heads, seq, d]`,
-/// any strides) into `dst` (row stride `d + PAD`), one vector a unit at a time; zeros past `seq`.
+/// Where the rows of one (batch, head) of an input (`[batch, heads, seq, d]`, unit last stride)
+/// start and how far apart they are, in vectors of its width, and how many there are: read from
+/// the tensor's metadata once, not at every copy.
+#[derive(CubeType, Clone, Copy)]
+struct HeadRows {
+    base: usize,
+    stride: usize,
+    seq: usize,
+}
+
 #[cube]
-fn load_tile<E: Float, N: Size>(src: &Tensor<Vector<E, N>>, batch: usize, head: usize, row0: usize, dst: &mut SharedMemory<Vector<E, N>>, #[comptime] rows: usize, #[comptime] d: usize) {
+fn head_rows<E: Float, N: Size>(src: &Tensor<Vector<E, N>>, batch: usize, head: usize) -> HeadRows {
+    let width = src.vector_size();
+    HeadRows { base: (batch * src.stride(0) + head * src.stride(1)) / width, stride: src.stride(2) / width, seq: src.shape(2) }
+}
+
+/// Starts copying rows `[row0, row0 + rows)` of `from` (rows of `src`) into `dst` from its row
+/// `at` (row stride `d + PAD`): `cp.async`, a vector (16 bytes at width 8) a copy, global memory
+/// to shared without a register, zeros past the sequence. Every unit issues its copies at once,
+/// so their latencies overlap; they are done once a barrier they were committed to
+/// (`commit_copy_async`) completes its phase.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_tile<E: Float, N: Size>(
+    src: &Tensor<Vector<E, N>>,
+    from: HeadRows,
+    row0: usize,
+    dst: &mut SharedMemory<Vector<E, N>>,
+    at: usize,
+    #[comptime] rows: usize,
+    #[comptime] d: usize,
+) {
     let width = src.vector_size();
     let per_row = comptime![d / width];
     let stride = comptime![(d + PAD) / width];
-    let mut i = UNIT_POS as usize;
-    while i < rows * per_row {
-        let r = i / per_row;
-        let c = i % per_row;
-        dst[r * stride + c] = row_vector::<E, N>(src, batch, head, row0 + r, c * width);
-        i = i + CUBE_DIM as usize;
+    // Copy `n` of a unit takes vector `UNIT_POS + n UNITS` of the tile: where UNITS vectors are
+    // whole rows, its row is the unit's first plus a constant and its column the unit's first.
+    let first_r = UNIT_POS as usize / per_row;
+    let first_c = UNIT_POS as usize % per_row;
+    #[unroll]
+    for n in 0..comptime![rows * per_row / UNITS] {
+        let mut r = first_r + comptime![n * (UNITS / per_row)];
+        let mut c = first_c;
+        if comptime![UNITS % per_row != 0] {
+            let i = UNIT_POS as usize + n * UNITS;
+            r = i / per_row;
+            c = i % per_row;
+        }
+        let row = row0 + r;
+        // A row past the sequence copies nothing and zero-fills (its address is row 0's).
+        let mut start = from.base + c;
+        let mut len = 0usize;
+        if row < from.seq {
+            start += row * from.stride;
+            len = 1;
+        }
+        let to = (at + r) * stride + c;
+        copy_async_checked(&src.slice(start, start + len), &mut dst.slice_mut(to, to + 1), comptime![width as u32]);
     }
 }
 
-/// The `ldmatrix` of four 8x8 matrices whose rows this lane addresses: row `row`, columns `col ..
-/// col + 8` of a tile of row stride `d + PAD` (`col` a multiple of 8).
+/// Starts copying the tiles of step `i + 1` of a two-stage walk over blocks: rows `[row0, row0 +
+/// rows)` of `a` and `b` into the half `(i + 1) % 2` of `a_s` and `b_s` (their rows `rows ((i +
+/// 1) % 2) ..`), committed to that half's barrier (`bar_0`, `bar_1`), so they arrive while step
+/// `i` is computed. The caller makes sure no plane still reads that half (step `i - 1`'s).
 #[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_next<E: Float, N: Size>(
+    a: &Tensor<Vector<E, N>>,
+    a_rows: HeadRows,
+    b: &Tensor<Vector<E, N>>,
+    b_rows: HeadRows,
+    row0: usize,
+    a_s: &mut SharedMemory<Vector<E, N>>,
+    b_s: &mut SharedMemory<Vector<E, N>>,
+    bar_0: &Shared<Barrier>,
+    bar_1: &Shared<Barrier>,
+    i: usize,
+    #[comptime] rows: usize,
+    #[comptime] d: usize,
+) {
+    let at = ((i + 1) % 2) * rows;
+    copy_tile::<E, N>(a, a_rows, row0, a_s, at, rows, d);
+    copy_tile::<E, N>(b, b_rows, row0, b_s, at, rows, d);
+    if i % 2 == 0 {
+        bar_1.commit_copy_async();
+        let _arrived = bar_1.arrive();
+    } else {
+        bar_0.commit_copy_async();
+        let _arrived = bar_0.arrive();
+    }
+}
+
+/// Waits for the tiles of step `i` of a two-stage walk (see [`copy_next`]; step 0's committed to
+/// `bar_0` by the caller) and returns their first row in the tiles.
+#[cube]
+fn wait_tiles(bar_0: &Shared<Barrier>, bar_1: &Shared<Barrier>, i: usize, #[comptime] rows: usize) -> usize {
+    // Step `i` is phase `i / 2` of its half's barrier.
+    let parity = u32::cast_from((i / 2) % 2);
+    if i % 2 == 0 {
+        bar_0.wait_parity(parity);
+    } else {
+        bar_1.wait_parity(parity);
+    }
+    (i % 2) * rows
+}
+
+/// The `ldmatrix` of four 8x8 matrices whose rows this lane addresses: row `row0 + lane_row`,
+/// columns `col0 + lane_col ..` (8 of them) of a tile of row stride `d + PAD`. The lane's part
+/// and the fragment's part of the address are kept apart (`col0`, `lane_col` multiples of 8), so
+/// the compiler shares the lane's part across fragments and folds the rest into the
+/// instruction's immediate offset, instead of holding an address register a fragment.
+#[cube]
+#[allow(clippy::too_many_arguments)]
 fn ldmatrix4<E: Float, N: Size>(
     def: &MmaDefinition<E, E, f32>,
     tile: &SharedMemory<Vector<E, N>>,
-    row: usize,
-    col: usize,
+    row0: usize,
+    col0: usize,
+    lane_row: usize,
+    lane_col: usize,
     #[comptime] d: usize,
     #[comptime] width: usize,
     #[comptime] transpose: bool,
 ) -> Frag<E> {
-    let start = (row * (d + PAD) + col) / width;
+    let stride = comptime![(d + PAD) / width];
+    let start = (lane_row * stride + lane_col / width) + (row0 * stride + col0 / width);
     def.load_matrix::<Vector<E, N>, Const<2>>(&tile.slice(start, start + comptime![8 / width]), MatrixIdent::A, 4usize, transpose)
 }
 
@@ -88,7 +196,7 @@ fn ldmatrix4<E: Float, N: Size>(
 #[cube]
 fn a_fragment<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, row0: usize, col0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
     let lane = UNIT_POS_PLANE as usize;
-    ldmatrix4::<E, N>(def, tile, row0 + lane % 16, col0 + (lane / 16) * 8, d, width, false)
+    ldmatrix4::<E, N>(def, tile, row0, col0, lane % 16, (lane / 16) * 8, d, width, false)
 }
 
 /// The B fragments of two 16x8 products whose columns are rows `n0 .. n0 + 8` and `n0 + 8 .. n0
@@ -98,7 +206,7 @@ fn a_fragment<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMe
 fn b_of_rows<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, n0: usize, k0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
     let lane = UNIT_POS_PLANE as usize;
     let m = lane / 8;
-    ldmatrix4::<E, N>(def, tile, n0 + lane % 8 + 8 * (m / 2), k0 + 8 * (m % 2), d, width, false)
+    ldmatrix4::<E, N>(def, tile, n0, k0, lane % 8 + 8 * (m / 2), 8 * (m % 2), d, width, false)
 }
 
 /// The B fragments of two 16x8 products whose `k` runs over rows `k0 .. k0 + 16` of a tile and
@@ -108,7 +216,7 @@ fn b_of_rows<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMem
 fn b_of_columns<E: Float, N: Size>(def: &MmaDefinition<E, E, f32>, tile: &SharedMemory<Vector<E, N>>, k0: usize, n0: usize, #[comptime] d: usize, #[comptime] width: usize) -> Frag<E> {
     let lane = UNIT_POS_PLANE as usize;
     let m = lane / 8;
-    ldmatrix4::<E, N>(def, tile, k0 + lane % 8 + 8 * (m % 2), n0 + 8 * (m / 2), d, width, true)
+    ldmatrix4::<E, N>(def, tile, k0, n0, lane % 8 + 8 * (m % 2), 8 * (m / 2), d, width, true)
 }
 
 /// Registers `2 i` and `2 i + 1` of a pair of B fragments.
@@ -193,15 +301,29 @@ fn key_blocks(keys_a: RowKeys, keys_b: RowKeys, q0: usize, seq: usize, #[comptim
     (first_block, end_block)
 }
 
-/// The scores of a plane's 16 rows against a key block, scaled, in C fragments `j` (keys `8 j
-/// ..`): `q` the rows' A fragments, `k_s` the block's keys. Masked scores are [`FLOOR`]; where
-/// `full` (every row of the plane reads every key of the block) nothing is masked.
+/// A row's largest raw score `max` scaled, or [`FLOOR`] where the row read no key (`max` is
+/// FLOOR).
+#[cube]
+fn scaled_max(max: f32, scale: f32) -> f32 {
+    let mut m = f32::new(FLOOR);
+    if max > FLOOR {
+        m = max * scale;
+    }
+    m
+}
+
+/// The scores of a plane's 16 rows against a key block, not yet scaled (the caller folds the
+/// scale into its exponent's one fused multiply-add), in C fragments `j` (keys `8 j ..`): `q` the
+/// rows' A fragments, `k_s` the block's keys from its row `key_row0`. Masked scores are
+/// [`FLOOR`]; where `full` (every row of the plane reads every key of the block) nothing is
+/// masked.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn block_scores<E: Float, N: Size, M: Int>(
     def: &MmaDefinition<E, E, f32>,
     q: &Sequence<Frag<E>>,
     k_s: &SharedMemory<Vector<E, N>>,
+    key_row0: usize,
     mask: &Tensor<M>,
     strides: MaskStrides,
     keys_a: RowKeys,
@@ -210,7 +332,6 @@ fn block_scores<E: Float, N: Size, M: Int>(
     row_b: usize,
     k0: usize,
     seq: usize,
-    scale: f32,
     full: bool,
     #[comptime] d: usize,
     #[comptime] width: usize,
@@ -226,19 +347,12 @@ fn block_scores<E: Float, N: Size, M: Int>(
     for jp in 0..comptime![KEYS / 16] {
         #[unroll]
         for kk in 0..comptime![d / 16] {
-            let b = b_of_rows::<E, N>(def, k_s, jp * 16, kk * 16, d, width);
+            let b = b_of_rows::<E, N>(def, k_s, key_row0 + jp * 16, kk * 16, d, width);
             def.execute_inplace(q.index(kk), &half::<E>(&b, 0usize), s.index_mut(2 * jp));
             def.execute_inplace(q.index(kk), &half::<E>(&b, 1usize), s.index_mut(2 * jp + 1));
         }
     }
-    if full {
-        #[unroll]
-        for j in 0..comptime![KEYS / 8] {
-            let frag = s.index_mut(j);
-            frag[0] = frag[0] * Vector::new(scale);
-            frag[1] = frag[1] * Vector::new(scale);
-        }
-    } else {
+    if !full {
         #[unroll]
         for j in 0..comptime![KEYS / 8] {
             let frag = s.index_mut(j);
@@ -248,10 +362,10 @@ fn block_scores<E: Float, N: Size, M: Int>(
             for c in 0..2usize {
                 let key = k0 + j * 8 + 2 * t + c;
                 if readable::<M>(mask, strides, keys_a, row_a, key, seq, causal) {
-                    xa[c] = frag[0][c] * scale;
+                    xa[c] = frag[0][c];
                 }
                 if readable::<M>(mask, strides, keys_b, row_b, key, seq, causal) {
-                    xb[c] = frag[1][c] * scale;
+                    xb[c] = frag[1][c];
                 }
             }
             frag[0] = xa;
@@ -271,7 +385,7 @@ fn plane_reads_block(keys_a: RowKeys, keys_b: RowKeys, row_a: usize, row_b: usiz
 /// [`super::flash_kernel::flash_forward`]'s contract, on CUDA tensor cores with `d` a multiple
 /// of 16 (at most 128: the output's registers): one cube of [`UNITS`] per [`ROWS`] query rows of
 /// one (batch, query head), cube `(x, y)`: query block `x`, `y = batch * q_heads + head`.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     q: &Tensor<Vector<E, N>>,
@@ -305,12 +419,22 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let keys_a = row_keys(keys, batch, row_a, seq);
     let keys_b = row_keys(keys, batch, row_b, seq);
 
+    let kv_head = head / groups;
+    let (k_rows, v_rows) = (head_rows::<E, N>(k, batch, kv_head), head_rows::<E, N>(v, batch, kv_head));
     let mut q_s = tile::<E, N>(ROWS, d, width);
-    let mut k_s = tile::<E, N>(KEYS, d, width);
-    let mut v_s = tile::<E, N>(KEYS, d, width);
-    load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
-    // Synchronises the cube, so the query tile is in place after it.
+    let mut k_s = tile::<E, N>(2 * KEYS, d, width);
+    let mut v_s = tile::<E, N>(2 * KEYS, d, width);
+    let bar_0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar_1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    copy_tile::<E, N>(q, head_rows::<E, N>(q, batch, head), q0, &mut q_s, 0usize, ROWS, d);
     let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
+    if first_block < end_block {
+        copy_tile::<E, N>(k, k_rows, first_block * KEYS, &mut k_s, 0usize, KEYS, d);
+        copy_tile::<E, N>(v, v_rows, first_block * KEYS, &mut v_s, 0usize, KEYS, d);
+    }
+    bar_0.commit_copy_async();
+    let _arrived = bar_0.arrive();
+    bar_0.wait_parity(0u32);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
 
     // The plane's query rows as A fragments, one per 16 columns of the head dim.
@@ -331,19 +455,21 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let mut l_a = f32::new(0.0);
     let mut l_b = f32::new(0.0);
 
-    let kv_head = head / groups;
     for blk in first_block..end_block {
         let k0 = blk * KEYS;
-        // Every plane is done with the previous block's tiles.
-        sync_cube();
-        load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
-        load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
-        sync_cube();
+        let i = blk - first_block;
+        if blk + 1 < end_block {
+            // Every plane is done with block `blk - 1`, whose half the next block takes.
+            sync_cube();
+            copy_next::<E, N>(k, k_rows, v, v_rows, k0 + KEYS, &mut k_s, &mut v_s, &bar_0, &bar_1, i, KEYS, d);
+        }
+        let at = wait_tiles(&bar_0, &bar_1, i, KEYS);
 
         let full = plane_reads_block(keys_a, keys_b, row_a, row_b, k0, seq, causal);
-        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, scale, full, d, width, causal);
+        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, at, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, full, d, width, causal);
 
-        // Each row's max over the block.
+        // Each row's max over the block, scaled (the scale is positive); a row that reads none of
+        // the block's keys keeps FLOOR.
         let mut max_a = f32::new(FLOOR);
         let mut max_b = f32::new(FLOOR);
         #[unroll]
@@ -352,8 +478,8 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
             max_a = f32::max(max_a, f32::max(frag[0][0], frag[0][1]));
             max_b = f32::max(max_b, f32::max(frag[1][0], frag[1][1]));
         }
-        let new_a = f32::max(m_a, quad_max(max_a));
-        let new_b = f32::max(m_b, quad_max(max_b));
+        let new_a = f32::max(m_a, scaled_max(quad_max(max_a), scale));
+        let new_b = f32::max(m_b, scaled_max(quad_max(max_b), scale));
         // new >= old: alpha in [0, 1] (1 while the row has read nothing).
         let alpha_a = (m_a - new_a).exp();
         let alpha_b = (m_b - new_b).exp();
@@ -376,8 +502,8 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         #[unroll]
         for j in 0..comptime![KEYS / 8] {
             let frag = s.index_mut(j);
-            let pa_row = (frag[0] - Vector::new(base_a)).exp();
-            let pb_row = (frag[1] - Vector::new(base_b)).exp();
+            let pa_row = (frag[0] * Vector::new(scale) - Vector::new(base_a)).exp();
+            let pb_row = (frag[1] * Vector::new(scale) - Vector::new(base_b)).exp();
             sum_a += pa_row[0] + pa_row[1];
             sum_b += pb_row[0] + pb_row[1];
             frag[0] = pa_row;
@@ -402,7 +528,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
         for dp in 0..comptime![d / 16] {
             #[unroll]
             for jj in 0..comptime![KEYS / 16] {
-                let b = b_of_columns::<E, N>(&def, &v_s, jj * 16, dp * 16, d, width);
+                let b = b_of_columns::<E, N>(&def, &v_s, at + jj * 16, dp * 16, d, width);
                 def.execute_inplace(pa.index(jj), &half::<E>(&b, 0usize), o.index_mut(2 * dp));
                 def.execute_inplace(pa.index(jj), &half::<E>(&b, 1usize), o.index_mut(2 * dp + 1));
             }
@@ -456,7 +582,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
 /// query head). Each plane keeps its 16 rows' query and upstream-gradient fragments and their
 /// `dQ` in registers; per key block, the scores `S = Q K^T` and `dP = dO V^T` come out in C
 /// fragments, become `dS = P (dP - delta)` in place, and `dQ += dS K` reads them as A fragments.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     q: &Tensor<Vector<E, N>>,
@@ -492,14 +618,24 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     let (lse_a, lse_b) = (row_value(lse, batch, head, row_a), row_value(lse, batch, head, row_b));
     let (delta_a, delta_b) = (row_value(delta, batch, head, row_a), row_value(delta, batch, head, row_b));
 
+    let kv_head = head / groups;
+    let (k_rows, v_rows) = (head_rows::<E, N>(k, batch, kv_head), head_rows::<E, N>(v, batch, kv_head));
     let mut q_s = tile::<E, N>(ROWS, d, width);
     let mut do_s = tile::<E, N>(ROWS, d, width);
-    let mut k_s = tile::<E, N>(KEYS, d, width);
-    let mut v_s = tile::<E, N>(KEYS, d, width);
-    load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
-    load_tile::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d);
-    // Synchronises the cube, so the query and upstream tiles are in place after it.
+    let mut k_s = tile::<E, N>(2 * KEYS, d, width);
+    let mut v_s = tile::<E, N>(2 * KEYS, d, width);
+    let bar_0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar_1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    copy_tile::<E, N>(q, head_rows::<E, N>(q, batch, head), q0, &mut q_s, 0usize, ROWS, d);
+    copy_tile::<E, N>(d_out, head_rows::<E, N>(d_out, batch, head), q0, &mut do_s, 0usize, ROWS, d);
     let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
+    if first_block < end_block {
+        copy_tile::<E, N>(k, k_rows, first_block * KEYS, &mut k_s, 0usize, KEYS, d);
+        copy_tile::<E, N>(v, v_rows, first_block * KEYS, &mut v_s, 0usize, KEYS, d);
+    }
+    bar_0.commit_copy_async();
+    let _arrived = bar_0.arrive();
+    bar_0.wait_parity(0u32);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
     let mut qa = Sequence::<Frag<E>>::new();
     let mut doa = Sequence::<Frag<E>>::new();
@@ -514,16 +650,18 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
         dq.push(zeros());
     }
 
-    let kv_head = head / groups;
     for blk in first_block..end_block {
         let k0 = blk * KEYS;
-        sync_cube();
-        load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
-        load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
-        sync_cube();
+        let i = blk - first_block;
+        if blk + 1 < end_block {
+            // Every plane is done with block `blk - 1`, whose half the next block takes.
+            sync_cube();
+            copy_next::<E, N>(k, k_rows, v, v_rows, k0 + KEYS, &mut k_s, &mut v_s, &bar_0, &bar_1, i, KEYS, d);
+        }
+        let at = wait_tiles(&bar_0, &bar_1, i, KEYS);
 
         let full = plane_reads_block(keys_a, keys_b, row_a, row_b, k0, seq, causal);
-        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, scale, full, d, width, causal);
+        let mut s = block_scores::<E, N, M>(&def, &qa, &k_s, at, mask, strides, keys_a, keys_b, row_a, row_b, k0, seq, full, d, width, causal);
         // dP = dO V^T, the values' rows as B like the keys'.
         let mut dp = Sequence::<Array<Vector<f32, Const<2>>>>::new();
         #[unroll]
@@ -534,7 +672,7 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
         for jp in 0..comptime![KEYS / 16] {
             #[unroll]
             for kk in 0..comptime![d / 16] {
-                let b = b_of_rows::<E, N>(&def, &v_s, jp * 16, kk * 16, d, width);
+                let b = b_of_rows::<E, N>(&def, &v_s, at + jp * 16, kk * 16, d, width);
                 def.execute_inplace(doa.index(kk), &half::<E>(&b, 0usize), dp.index_mut(2 * jp));
                 def.execute_inplace(doa.index(kk), &half::<E>(&b, 1usize), dp.index_mut(2 * jp + 1));
             }
@@ -544,8 +682,8 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
         for j in 0..comptime![KEYS / 8] {
             let g = dp.index(j);
             let frag = s.index_mut(j);
-            frag[0] = (frag[0] - Vector::new(lse_a)).exp() * (g[0] - Vector::new(delta_a));
-            frag[1] = (frag[1] - Vector::new(lse_b)).exp() * (g[1] - Vector::new(delta_b));
+            frag[0] = (frag[0] * Vector::new(scale) - Vector::new(lse_a)).exp() * (g[0] - Vector::new(delta_a));
+            frag[1] = (frag[1] * Vector::new(scale) - Vector::new(lse_b)).exp() * (g[1] - Vector::new(delta_b));
         }
         let mut da = Sequence::<Frag<E>>::new();
         #[unroll]
@@ -557,7 +695,7 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
         for dp2 in 0..comptime![d / 16] {
             #[unroll]
             for jj in 0..comptime![KEYS / 16] {
-                let b = b_of_columns::<E, N>(&def, &k_s, jj * 16, dp2 * 16, d, width);
+                let b = b_of_columns::<E, N>(&def, &k_s, at + jj * 16, dp2 * 16, d, width);
                 def.execute_inplace(da.index(jj), &half::<E>(&b, 0usize), dq.index_mut(2 * dp2));
                 def.execute_inplace(da.index(jj), &half::<E>(&b, 1usize), dq.index_mut(2 * dp2 + 1));
             }
@@ -597,7 +735,7 @@ fn block_reads_keys(keys_s: &SharedMemory<i32>, q0: usize, k0: usize, seq: usize
 /// transposed scores `S^T = K Q^T` and `dP^T = V dO^T` come out in C fragments (keys by
 /// queries), become `P^T` and `dS^T`, and multiply the queries and upstream gradients (by
 /// column) as A fragments.
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
     q: &Tensor<Vector<E, N>>,
@@ -631,15 +769,35 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
     let key_a = k0 + plane * 16 + lane / 4;
     let key_b = key_a + 8;
 
+    // Query blocks that read a key of this block: with causal, those ending after its first key;
+    // walked for each query head of the kv head, `blocks` a head.
+    let mut first = 0;
+    if causal {
+        first = k0 / ROWS;
+    }
+    let q_blocks = (seq + ROWS - 1) / ROWS;
+    let blocks = q_blocks - usize::min(first, q_blocks);
+    let steps = groups * blocks;
+
     let mut k_s = tile::<E, N>(KEYS, d, width);
     let mut v_s = tile::<E, N>(KEYS, d, width);
-    let mut q_s = tile::<E, N>(ROWS, d, width);
-    let mut do_s = tile::<E, N>(ROWS, d, width);
+    let mut q_s = tile::<E, N>(2 * ROWS, d, width);
+    let mut do_s = tile::<E, N>(2 * ROWS, d, width);
     let mut lse_s = SharedMemory::<f32>::new(ROWS);
     let mut delta_s = SharedMemory::<f32>::new(ROWS);
     let mut keys_s = SharedMemory::<i32>::new(ROWS * 3);
-    load_tile::<E, N>(k, batch, kv_head, k0, &mut k_s, KEYS, d);
-    load_tile::<E, N>(v, batch, kv_head, k0, &mut v_s, KEYS, d);
+    let bar_0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar_1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    // No copy is left in flight at the end: without steps, none starts.
+    if steps > 0 {
+        copy_tile::<E, N>(k, head_rows::<E, N>(k, batch, kv_head), k0, &mut k_s, 0usize, KEYS, d);
+        copy_tile::<E, N>(v, head_rows::<E, N>(v, batch, kv_head), k0, &mut v_s, 0usize, KEYS, d);
+        let head = kv_head * groups;
+        copy_tile::<E, N>(q, head_rows::<E, N>(q, batch, head), first * ROWS, &mut q_s, 0usize, ROWS, d);
+        copy_tile::<E, N>(d_out, head_rows::<E, N>(d_out, batch, head), first * ROWS, &mut do_s, 0usize, ROWS, d);
+    }
+    bar_0.commit_copy_async();
+    let _arrived = bar_0.arrive();
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
     let mut dk = Sequence::<Array<Vector<f32, Const<2>>>>::new();
     let mut dv = Sequence::<Array<Vector<f32, Const<2>>>>::new();
@@ -649,98 +807,97 @@ pub(super) fn flash_backward_kv_mma<E: Float, M: Int, N: Size>(
         dv.push(zeros());
     }
 
-    // Query blocks that read a key of this block: with causal, those ending after its first key.
-    let mut first = 0;
-    if causal {
-        first = k0 / ROWS;
-    }
-    let q_blocks = (seq + ROWS - 1) / ROWS;
-    for h in 0..groups {
-        let head = kv_head * groups + h;
-        for qb in first..q_blocks {
-            let q0 = qb * ROWS;
-            sync_cube();
-            load_tile::<E, N>(q, batch, head, q0, &mut q_s, ROWS, d);
-            load_tile::<E, N>(d_out, batch, head, q0, &mut do_s, ROWS, d);
-            load_row_values(lse, batch, head, q0, &mut lse_s, ROWS);
-            load_row_values(delta, batch, head, q0, &mut delta_s, ROWS);
-            load_row_keys(keys, batch, q0, seq, &mut keys_s, ROWS);
-            sync_cube();
-            let full = block_reads_keys(&keys_s, q0, k0, seq, causal);
+    for step in 0..steps {
+        let head = kv_head * groups + step / blocks;
+        let q0 = (first + step % blocks) * ROWS;
+        // Every plane is done with step `step - 1`: its rows' values and the half the next
+        // step's tiles take.
+        sync_cube();
+        if step + 1 < steps {
+            let next = kv_head * groups + (step + 1) / blocks;
+            let next_q0 = (first + (step + 1) % blocks) * ROWS;
+            let (q_rows, do_rows) = (head_rows::<E, N>(q, batch, next), head_rows::<E, N>(d_out, batch, next));
+            copy_next::<E, N>(q, q_rows, d_out, do_rows, next_q0, &mut q_s, &mut do_s, &bar_0, &bar_1, step, ROWS, d);
+        }
+        load_row_values(lse, batch, head, q0, &mut lse_s, ROWS);
+        load_row_values(delta, batch, head, q0, &mut delta_s, ROWS);
+        load_row_keys(keys, batch, q0, seq, &mut keys_s, ROWS);
+        let at = wait_tiles(&bar_0, &bar_1, step, ROWS);
+        sync_cube();
+        let full = block_reads_keys(&keys_s, q0, k0, seq, causal);
 
-            // P^T and dS^T of queries `8 j ..` (C fragments: the plane's keys by queries).
-            let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
-            let mut dp = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        // P^T and dS^T of queries `8 j ..` (C fragments: the plane's keys by queries).
+        let mut s = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        let mut dp = Sequence::<Array<Vector<f32, Const<2>>>>::new();
+        #[unroll]
+        for _j in 0..comptime![ROWS / 8] {
+            s.push(zeros());
+            dp.push(zeros());
+        }
+        #[unroll]
+        for kk in 0..comptime![d / 16] {
+            let ka = a_fragment::<E, N>(&def, &k_s, plane * 16, kk * 16, d, width);
+            let va = a_fragment::<E, N>(&def, &v_s, plane * 16, kk * 16, d, width);
             #[unroll]
-            for _j in 0..comptime![ROWS / 8] {
-                s.push(zeros());
-                dp.push(zeros());
+            for jp in 0..comptime![ROWS / 16] {
+                let b_q = b_of_rows::<E, N>(&def, &q_s, at + jp * 16, kk * 16, d, width);
+                def.execute_inplace(&ka, &half::<E>(&b_q, 0usize), s.index_mut(2 * jp));
+                def.execute_inplace(&ka, &half::<E>(&b_q, 1usize), s.index_mut(2 * jp + 1));
+                let b_do = b_of_rows::<E, N>(&def, &do_s, at + jp * 16, kk * 16, d, width);
+                def.execute_inplace(&va, &half::<E>(&b_do, 0usize), dp.index_mut(2 * jp));
+                def.execute_inplace(&va, &half::<E>(&b_do, 1usize), dp.index_mut(2 * jp + 1));
             }
+        }
+        #[unroll]
+        for j in 0..comptime![ROWS / 8] {
+            let g = dp.index_mut(j);
+            let frag = s.index_mut(j);
             #[unroll]
-            for kk in 0..comptime![d / 16] {
-                let ka = a_fragment::<E, N>(&def, &k_s, plane * 16, kk * 16, d, width);
-                let va = a_fragment::<E, N>(&def, &v_s, plane * 16, kk * 16, d, width);
+            for c in 0..2usize {
+                let r = j * 8 + 2 * t + c;
+                let (row_lse, row_delta) = (lse_s[r], delta_s[r]);
                 #[unroll]
-                for jp in 0..comptime![ROWS / 16] {
-                    let b_q = b_of_rows::<E, N>(&def, &q_s, jp * 16, kk * 16, d, width);
-                    def.execute_inplace(&ka, &half::<E>(&b_q, 0usize), s.index_mut(2 * jp));
-                    def.execute_inplace(&ka, &half::<E>(&b_q, 1usize), s.index_mut(2 * jp + 1));
-                    let b_do = b_of_rows::<E, N>(&def, &do_s, jp * 16, kk * 16, d, width);
-                    def.execute_inplace(&va, &half::<E>(&b_do, 0usize), dp.index_mut(2 * jp));
-                    def.execute_inplace(&va, &half::<E>(&b_do, 1usize), dp.index_mut(2 * jp + 1));
-                }
-            }
-            #[unroll]
-            for j in 0..comptime![ROWS / 8] {
-                let g = dp.index_mut(j);
-                let frag = s.index_mut(j);
-                #[unroll]
-                for c in 0..2usize {
-                    let r = j * 8 + 2 * t + c;
-                    let (row_lse, row_delta) = (lse_s[r], delta_s[r]);
-                    #[unroll]
-                    for i in 0..2usize {
-                        let mut x = f32::new(0.0);
-                        if full {
-                            x = (frag[i][c] * scale - row_lse).exp();
-                        } else {
-                            let mut key = key_a;
-                            if i == 1 {
-                                key = key_b;
-                            }
-                            if readable::<M>(mask, strides, shared_row_keys(&keys_s, r), q0 + r, key, seq, causal) {
-                                x = (frag[i][c] * scale - row_lse).exp();
-                            }
+                for i in 0..2usize {
+                    let mut x = f32::new(0.0);
+                    if full {
+                        x = (frag[i][c] * scale - row_lse).exp();
+                    } else {
+                        let mut key = key_a;
+                        if i == 1 {
+                            key = key_b;
                         }
-                        // P^T in `s`, dS^T in `dp`.
-                        let mut pr = frag[i];
-                        pr[c] = x;
-                        frag[i] = pr;
-                        let mut gr = g[i];
-                        gr[c] = x * (g[i][c] - row_delta);
-                        g[i] = gr;
+                        if readable::<M>(mask, strides, shared_row_keys(&keys_s, r), q0 + r, key, seq, causal) {
+                            x = (frag[i][c] * scale - row_lse).exp();
+                        }
                     }
+                    // P^T in `s`, dS^T in `dp`.
+                    let mut pr = frag[i];
+                    pr[c] = x;
+                    frag[i] = pr;
+                    let mut gr = g[i];
+                    gr[c] = x * (g[i][c] - row_delta);
+                    g[i] = gr;
                 }
             }
-            let mut pa = Sequence::<Frag<E>>::new();
-            let mut da = Sequence::<Frag<E>>::new();
+        }
+        let mut pa = Sequence::<Frag<E>>::new();
+        let mut da = Sequence::<Frag<E>>::new();
+        #[unroll]
+        for jj in 0..comptime![ROWS / 16] {
+            pa.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
+            da.push(a_of_c::<E>(dp.index(2 * jj), dp.index(2 * jj + 1)));
+        }
+        // dV += P^T dO, dK += dS^T Q (scaled once at the end): dO and Q by column.
+        #[unroll]
+        for dp2 in 0..comptime![d / 16] {
             #[unroll]
             for jj in 0..comptime![ROWS / 16] {
-                pa.push(a_of_c::<E>(s.index(2 * jj), s.index(2 * jj + 1)));
-                da.push(a_of_c::<E>(dp.index(2 * jj), dp.index(2 * jj + 1)));
-            }
-            // dV += P^T dO, dK += dS^T Q (scaled once at the end): dO and Q by column.
-            #[unroll]
-            for dp2 in 0..comptime![d / 16] {
-                #[unroll]
-                for jj in 0..comptime![ROWS / 16] {
-                    let b_do = b_of_columns::<E, N>(&def, &do_s, jj * 16, dp2 * 16, d, width);
-                    def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 0usize), dv.index_mut(2 * dp2));
-                    def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 1usize), dv.index_mut(2 * dp2 + 1));
-                    let b_q = b_of_columns::<E, N>(&def, &q_s, jj * 16, dp2 * 16, d, width);
-                    def.execute_inplace(da.index(jj), &half::<E>(&b_q, 0usize), dk.index_mut(2 * dp2));
-                    def.execute_inplace(da.index(jj), &half::<E>(&b_q, 1usize), dk.index_mut(2 * dp2 + 1));
-                }
+                let b_do = b_of_columns::<E, N>(&def, &do_s, at + jj * 16, dp2 * 16, d, width);
+                def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 0usize), dv.index_mut(2 * dp2));
+                def.execute_inplace(pa.index(jj), &half::<E>(&b_do, 1usize), dv.index_mut(2 * dp2 + 1));
+                let b_q = b_of_columns::<E, N>(&def, &q_s, at + jj * 16, dp2 * 16, d, width);
+                def.execute_inplace(da.index(jj), &half::<E>(&b_q, 0usize), dk.index_mut(2 * dp2));
+                def.execute_inplace(da.index(jj), &half::<E>(&b_q, 1usize), dk.index_mut(2 * dp2 + 1));
             }
         }
     }
