@@ -1,6 +1,7 @@
 //! LoRA adapters on the models: peft's initialisation (a fresh adapter leaves the model
 //! unchanged), the merge identity `x (W + s A B) = x W + s (x A) B`, gradients reaching only the
-//! adapters, and the trainable-parameter count that `trainer check` reports.
+//! adapters, the trainable-parameter count that `trainer check` reports, and Qwen2-MoE's shared
+//! expert among the targets.
 
 mod common;
 
@@ -15,15 +16,25 @@ use trainer::parallel::Layout;
 use trainer::recipe::ModelSection;
 
 const CASE: &str = "qwen3_moe_f32_sharded";
+/// Qwen2-MoE: sparse layers 0 and 2 with a shared expert, layer 1 dense.
+const SHARED_EXPERT_CASE: &str = "qwen2_moe_f32";
 
 fn plan_and_section() -> (ModelPlan, ModelSection) {
-    let section = ModelSection { path: Some(common::fixture_dir(CASE).display().to_string()), ..Default::default() };
+    plan_and_section_of(CASE)
+}
+
+fn plan_and_section_of(case: &str) -> (ModelPlan, ModelSection) {
+    let section = ModelSection { path: Some(common::fixture_dir(case).display().to_string()), ..Default::default() };
     let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
     (plan, section)
 }
 
 fn build<B: trainer::backend::TrainBackend>() -> CausalLm<B> {
-    let (plan, section) = plan_and_section();
+    build_of(CASE)
+}
+
+fn build_of<B: trainer::backend::TrainBackend>(case: &str) -> CausalLm<B> {
+    let (plan, section) = plan_and_section_of(case);
     model::build::<B>(&plan, &section, Layout::SINGLE, &Default::default()).unwrap()
 }
 
@@ -36,7 +47,11 @@ fn all_linear() -> LoraTargets {
 }
 
 fn ids<B: burn::tensor::backend::Backend>() -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-    let exp = common::expected(CASE);
+    ids_of(CASE)
+}
+
+fn ids_of<B: burn::tensor::backend::Backend>(case: &str) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let exp = common::expected(case);
     let (ids, shape) = exp.input_ids;
     let d = Default::default();
     (
@@ -164,4 +179,50 @@ fn targets_that_match_nothing_are_an_error() {
     let none = LoraTargets::parse(&["nonexistent_proj".to_string()]).unwrap();
     let e = lora::apply(build::<Cpu>(), &none, &cfg()).err().unwrap().to_string();
     assert!(e.contains("matches no linear layer"), "{e}");
+}
+
+/// Qwen2-MoE: `all-linear` adapts the shared expert's projections like a dense MLP's, never its
+/// one-output gate or the router (adapted only when named, as the router is); a fresh adapter
+/// changes nothing; the loss's gradient reaches the shared expert's adapters and not its frozen
+/// weights; `trainer check` counts the shared expert in the base and the trainable parameters.
+#[test]
+fn shared_expert_is_adapted_like_a_dense_mlp_and_its_gate_only_when_named() {
+    type Ad = Autodiff<Cpu>;
+    let (plan, _) = plan_and_section_of(SHARED_EXPERT_CASE);
+    let base = build_of::<Ad>(SHARED_EXPERT_CASE);
+    let base_params = base.num_params();
+    let (x, labels) = ids_of::<Ad>(SHARED_EXPERT_CASE);
+    let before = base.forward(x.clone()).inner();
+    let (model, n) = lora::apply(base, &all_linear(), &cfg()).unwrap();
+    // 3 layers x 4 attention projections + 2 sparse layers x (6 experts + the shared one) x 3
+    // + 1 dense MLP x 3.
+    assert_eq!(n, 3 * 4 + 2 * 7 * 3 + 3);
+    assert_eq!(max_diff(model.forward(x.clone()).inner(), before), 0.0);
+    let ce = causal_lm_loss(model.forward(x), labels);
+    let grads = (ce.sum / ce.tokens as f64).backward();
+    for i in [0, 2] {
+        let moe = model.layers[i].moe.as_ref().expect("a sparse layer");
+        let shared = moe.shared_expert.as_ref().expect("a shared expert");
+        for (name, lin) in [("gate_proj", &shared.gate_proj), ("up_proj", &shared.up_proj), ("down_proj", &shared.down_proj)] {
+            let a = lin.lora.as_ref().unwrap_or_else(|| panic!("layer {i} shared_expert.{name}: no adapter"));
+            let gb = a.lora_b.val().grad(&grads).expect("dB").abs().sum().into_scalar();
+            assert!(gb > 0.0, "layer {i} shared_expert.{name}: dB {gb}");
+            assert!(lin.weight.val().grad(&grads).is_none(), "layer {i} shared_expert.{name}: the frozen weight got a gradient");
+        }
+        assert!(moe.shared_expert_gate.as_ref().expect("a shared expert gate").lora.is_none() && moe.gate.lora.is_none());
+    }
+    assert!(model.layers[1].moe.is_none());
+    let run = RunShape {
+        tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
+        lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+    };
+    let summary = ModelSummary::new(&plan.spec, &run).unwrap();
+    assert_eq!(base_params as u64, summary.total_params);
+    assert_eq!((model.num_params() - base_params) as u64, summary.trainable_params);
+    assert_eq!(summary.adapted_linears, n);
+    // Named, the gate is adapted (`trainer check` would ask for rank 1: it has one output).
+    let named = LoraTargets::parse(&["shared_expert_gate".to_string()]).unwrap();
+    let (model, n) = lora::apply(build_of::<Cpu>(SHARED_EXPERT_CASE), &named, &cfg()).unwrap();
+    assert_eq!(n, 2);
+    assert!(model.layers[0].moe.as_ref().unwrap().shared_expert_gate.as_ref().unwrap().lora.is_some());
 }

@@ -103,17 +103,36 @@ fn layout_must_fit_the_heads_and_experts() {
     assert_mentions(&e, &["num_experts (6) is not divisible by parallel.expert (4)"]);
 }
 
-#[test]
-fn random_init_builds_without_weights() {
-    let cfg = std::fs::read_to_string(common::fixture_dir("qwen3_moe_f32_sharded").join("config.json")).unwrap();
+/// A recipe with a fixture's config.json inline (scalars and lists), random weights, and
+/// without the keys `leave_out`.
+fn inline_config(case: &str, leave_out: &[&str]) -> String {
+    let cfg = std::fs::read_to_string(common::fixture_dir(case).join("config.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     let mut t = String::from("[model]\ninit = \"random\"\n[model.config]\n");
     for (k, val) in v.as_object().unwrap() {
-        if !val.is_null() && !val.is_object() {
+        if !val.is_null() && !val.is_object() && !leave_out.contains(&k.as_str()) {
             t.push_str(&format!("{k} = {val}\n"));
         }
     }
-    assert_eq!(build_error(&t), "built");
+    t
+}
+
+#[test]
+fn random_init_builds_without_weights() {
+    assert_eq!(build_error(&inline_config("qwen3_moe_f32_sharded", &[])), "built");
+    assert_eq!(build_error(&inline_config("qwen2_moe_f32", &[])), "built");
+}
+
+#[test]
+fn qwen2_moe_needs_a_valid_shared_expert_width() {
+    let key = "shared_expert_intermediate_size";
+    let e = build_error(&inline_config("qwen2_moe_f32", &[key]));
+    assert_mentions(&e, &["recipe [model.config]", "`shared_expert_intermediate_size` is missing", "config.json"]);
+    let e = build_error(&format!("{}{key} = 0\n", inline_config("qwen2_moe_f32", &[key])));
+    assert_mentions(&e, &["qwen2_moe config", "layer 0", "`shared_expert_intermediate_size` is 0", "expected 1 to"]);
+    // Only sparse layers have a shared expert: a model of dense layers does without the key.
+    let dense = format!("{}mlp_only_layers = [0, 1, 2]\n", inline_config("qwen2_moe_f32", &[key, "mlp_only_layers"]));
+    assert_eq!(build_error(&dense), "built");
 }
 
 #[test]

@@ -70,7 +70,7 @@ fn tensor_parallel_attention_partials_sum_to_the_full_attention() {
 
 #[test]
 fn expert_parallel_moe_partials_sum_to_the_full_moe() {
-    let moe = MlpSpec::Moe { num_experts: 6, top_k: 2, intermediate_size: 8, norm_topk_prob: true };
+    let moe = MlpSpec::Moe { num_experts: 6, top_k: 2, intermediate_size: 8, norm_topk_prob: true, shared_expert_intermediate_size: None };
     let x = Tensor::<Cpu, 2>::random([9, 24], Distribution::Normal(0.0, 1.0), &Default::default());
     let full = with_loader(|ld| SparseMoe::load(ld, "mlp", 24, &moe, ProcessGroup::SINGLE).unwrap());
     assert_eq!(full.experts.len(), 6);

@@ -1,7 +1,9 @@
 //! The models trainer builds compute the same logits and loss as transformers for the same
 //! weights. Fixtures: `tests/fixtures/make_fixtures.py` (transformers 5.17, f32, eager
-//! attention), covering Qwen2 (tied, q/k/v bias), Qwen3 (bf16 on disk, sharded) and Qwen3-MoE
-//! (sharded f32 with `norm_topk_prob`; f16 without it, tied, dense+sparse layers).
+//! attention), covering Qwen2 (tied, q/k/v bias), Qwen3 (bf16 on disk, sharded), Qwen3-MoE
+//! (sharded f32 with `norm_topk_prob`; f16 without it, tied, dense+sparse layers) and Qwen2-MoE
+//! (q/k/v bias, a sigmoid-gated shared expert, no `norm_topk_prob`, a dense layer between
+//! sparse ones).
 
 mod common;
 
@@ -59,6 +61,14 @@ fn qwen3_moe_matches_transformers() {
 #[test]
 fn qwen3_moe_without_topk_norm_matches_transformers() {
     run_case("qwen3_moe_f16_nonorm");
+}
+
+#[test]
+fn qwen2_moe_with_shared_expert_matches_transformers() {
+    let m = fixture_model("qwen2_moe_f32");
+    let shared: Vec<bool> = m.layers.iter().map(|l| l.moe.as_ref().is_some_and(|moe| moe.shared_expert.is_some())).collect();
+    assert_eq!(shared, [true, false, true], "layer 1 is dense (mlp_only_layers), the others sparse with a shared expert");
+    run_case("qwen2_moe_f32");
 }
 
 /// The routers' load-balancing loss trainer trains with equals transformers'

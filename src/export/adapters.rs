@@ -18,7 +18,8 @@
 //! there as transformers 4's per-expert modules, moves them to the fused parameters and doubles
 //! the rank it expects for `gate_up_proj`. They are adapted through `target_parameters`
 //! (`mlp.gate_proj.weight`, ...) instead, under the same tensor names, which peft loads as plain
-//! LoRA on those weights.
+//! LoRA on those weights. Qwen2-MoE's shared expert has the same leaf names and goes the same
+//! way (`mlp.shared_expert.gate_proj.weight`, ...).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -292,15 +293,16 @@ mod tests {
             init_std: 0.02,
             router_aux_loss_coef: 0.0,
             layers: vec![
-                LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true } },
+                LayerSpec { mlp: MlpSpec::Moe { num_experts: e_n, top_k: 2, intermediate_size: inter, norm_topk_prob: true, shared_expert_intermediate_size: Some(3) } },
                 LayerSpec { mlp: MlpSpec::Dense { intermediate_size: 5 } },
             ],
         };
         let mut modules = BTreeMap::new();
         modules.insert("model.layers.0.self_attn.q_proj".to_string(), factors(r, h, 8, 1));
-        // A dense layer beside the sparse one.
+        // A dense layer beside the sparse one, and the sparse one's shared expert (Qwen2-MoE).
         modules.insert("model.layers.1.mlp.gate_proj".to_string(), factors(r, h, 5, 2));
         modules.insert("model.layers.1.mlp.down_proj".to_string(), factors(r, 5, h, 3));
+        modules.insert("model.layers.0.mlp.shared_expert.up_proj".to_string(), factors(r, h, 3, 4));
         for e in 0..e_n {
             // Expert 1 has no up_proj adapter: its slot must stay zero.
             for (p, inp, out) in [("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)] {
@@ -315,8 +317,14 @@ mod tests {
         assert_eq!((layout.rank, layout.alpha), (2 * r, 2.0 * alpha));
         assert_eq!(
             layout.target_parameters,
-            vec!["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.down_proj.weight", "mlp.gate_proj.weight"],
-            "the dense MLP through target_parameters: peft would read its names in target_modules as experts"
+            vec![
+                "mlp.experts.gate_up_proj",
+                "mlp.experts.down_proj",
+                "mlp.down_proj.weight",
+                "mlp.gate_proj.weight",
+                "mlp.shared_expert.up_proj.weight"
+            ],
+            "dense MLPs and shared experts through target_parameters: peft would read their names in target_modules as experts"
         );
         let scale_out = layout.alpha / layout.rank as f64;
         let get = |n: &str| layout.tensors.iter().find(|t| t.0 == format!("{}{n}", hf_names::PEFT_PREFIX)).unwrap_or_else(|| panic!("{n}"));
@@ -343,6 +351,8 @@ mod tests {
         assert_eq!(layout.module_paths, vec!["model.layers.0.self_attn.q_proj"]);
         let dense = get("model.layers.1.mlp.gate_proj.lora_A.weight");
         assert_eq!(dense.1, vec![2 * r, h], "padded like every per-module adapter");
+        let shared = get("model.layers.0.mlp.shared_expert.up_proj.lora_B.weight");
+        assert_eq!(shared.1, vec![3, 2 * r], "padded like every per-module adapter");
     }
 
     #[test]

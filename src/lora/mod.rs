@@ -1,7 +1,8 @@
 //! LoRA: which linear layers get adapters.
 //!
 //! Targets are written as peft / ms-swift write them: `all-linear` (every linear of the
-//! decoder blocks, experts included, never the LM head or the MoE router), a module name
+//! decoder blocks, experts and shared experts included, never the LM head or a MoE block's
+//! gates: the router and Qwen2-MoE's one-output `shared_expert_gate`), a module name
 //! (`q_proj` matches every `...q_proj`), or a regular expression over the full module path
 //! written `re:<regex>` (`re:.*layers\.[0-3]\..*proj`). An adapter is a [`LoraAdapter`] held by
 //! the targeted linear layer; a MoE layer's experts hold theirs stacked, a projection at a time
@@ -116,7 +117,7 @@ impl LoraTargets {
     /// Whether the linear at Hugging Face module path `path` ([`hf_names`]) gets an adapter.
     pub fn matches(&self, path: &str) -> bool {
         let leaf = path.rsplit('.').next().unwrap_or(path);
-        let never_by_default = leaf == hf_names::LM_HEAD || hf_names::is_router(path);
+        let never_by_default = leaf == hf_names::LM_HEAD || hf_names::is_moe_gate(path);
         (self.all_linear && !never_by_default)
             || self.names.iter().any(|n| n == leaf || n == path)
             || self.patterns.iter().any(|r| r.is_match(path))
@@ -132,13 +133,17 @@ mod tests {
     }
 
     #[test]
-    fn all_linear_skips_head_and_router() {
+    fn all_linear_skips_head_and_gates() {
         let all = t(&["all-linear"]);
         assert!(all.matches("model.layers.0.self_attn.q_proj"));
         assert!(all.matches("model.layers.0.mlp.experts.5.down_proj"));
         assert!(!all.matches("lm_head"));
         assert!(!all.matches("model.layers.0.mlp.gate"));
         assert!(t(&["all-linear", "lm_head"]).matches("lm_head"));
+        // Qwen2-MoE: the shared expert is adapted, its gate (one output) only when named.
+        assert!(all.matches("model.layers.0.mlp.shared_expert.gate_proj"));
+        assert!(!all.matches("model.layers.0.mlp.shared_expert_gate"));
+        assert!(t(&["all-linear", "shared_expert_gate"]).matches("model.layers.0.mlp.shared_expert_gate"));
     }
 
     #[test]

@@ -218,20 +218,23 @@ impl<B: TrainBackend> CausalLm<B> {
                 out.push((hf_names::child(&p, name), l));
             }
             let p = hf_names::mlp(i);
-            let mlps: Vec<(String, &mut Mlp<B>)> = match (&mut layer.mlp, &mut layer.moe) {
-                (Some(mlp), _) => vec![(p.clone(), mlp)],
+            let (mlps, shared_gate): (Vec<(String, &mut Mlp<B>)>, _) = match (&mut layer.mlp, &mut layer.moe) {
+                (Some(mlp), _) => (vec![(p.clone(), mlp)], None),
                 (None, Some(moe)) => {
                     out.push((hf_names::router(&p), &mut moe.gate));
                     let first = moe.first_expert;
-                    moe.experts.iter_mut().enumerate().map(|(e, m)| (hf_names::expert(&p, first + e), m)).collect()
+                    let experts = moe.experts.iter_mut().enumerate().map(|(e, m)| (hf_names::expert(&p, first + e), m));
+                    let shared = moe.shared_expert.as_mut().map(|m| (hf_names::shared_expert(&p), m));
+                    (experts.chain(shared).collect(), moe.shared_expert_gate.as_mut().map(|g| (hf_names::shared_expert_gate(&p), g)))
                 }
-                (None, None) => vec![],
+                (None, None) => (vec![], None),
             };
             for (p, m) in mlps {
                 for (name, l) in hf_names::MLP_PROJECTIONS.into_iter().zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]) {
                     out.push((hf_names::child(&p, name), l));
                 }
             }
+            out.extend(shared_gate);
         }
         if let Some(head) = &mut self.lm_head {
             out.push((hf_names::LM_HEAD.to_string(), head));
@@ -253,7 +256,8 @@ impl<B: TrainBackend> CausalLm<B> {
                 (Some(mlp), _) => vec![(burn_paths::mlp(i), mlp)],
                 (None, Some(moe)) => {
                     out.push((burn_paths::router(i), &moe.gate));
-                    moe.experts.iter().enumerate().map(|(e, m)| (burn_paths::expert(i, e), m)).collect()
+                    let experts = moe.experts.iter().enumerate().map(|(e, m)| (burn_paths::expert(i, e), m));
+                    experts.chain(moe.shared_expert.as_ref().map(|m| (burn_paths::shared_expert(i), m))).collect()
                 }
                 (None, None) => vec![],
             };
@@ -261,6 +265,9 @@ impl<B: TrainBackend> CausalLm<B> {
                 for (name, l) in hf_names::MLP_PROJECTIONS.into_iter().zip([&m.gate_proj, &m.up_proj, &m.down_proj]) {
                     out.push((hf_names::child(&p, name), l));
                 }
+            }
+            if let Some(gate) = layer.moe.as_ref().and_then(|m| m.shared_expert_gate.as_ref()) {
+                out.push((burn_paths::shared_expert_gate(i), gate));
             }
         }
         if let Some(head) = &self.lm_head {

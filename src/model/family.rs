@@ -48,6 +48,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Registry::empty();
         r.register(super::qwen2::Qwen2);
+        r.register(super::qwen2_moe::Qwen2Moe);
         r.register(super::qwen3::Qwen3);
         r.register(super::qwen3_moe::Qwen3Moe);
         r

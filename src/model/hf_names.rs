@@ -1,5 +1,5 @@
-//! The Hugging Face names of the llama-like decoders trainer builds (Qwen2, Qwen3, Qwen3-MoE and
-//! the Llama 3 family of `examples/`): transformers' state-dict keys
+//! The Hugging Face names of the llama-like decoders trainer builds (Qwen2, Qwen3, Qwen2-MoE,
+//! Qwen3-MoE and the Llama 3 family of `examples/`): transformers' state-dict keys
 //! (`model.layers.3.mlp.experts.5.up_proj.weight`), transformers 5's fused expert parameters and
 //! peft's adapter keys (`base_model.model.<module>.lora_A.weight`). The weight loader, the table
 //! of base tensors, checkpoints, exports and LoRA targets all meet on these strings, so they are
@@ -86,6 +86,23 @@ pub fn is_router(module: &str) -> bool {
     module.ends_with("mlp.gate")
 }
 
+/// The shared expert of the MoE block `mlp` (Qwen2-MoE): a SwiGLU MLP every token goes through.
+pub fn shared_expert(mlp: &str) -> String {
+    child(mlp, "shared_expert")
+}
+
+/// The gate of the MoE block `mlp`'s shared expert: one output, `sigmoid` of it scales the
+/// shared expert's.
+pub fn shared_expert_gate(mlp: &str) -> String {
+    child(mlp, "shared_expert_gate")
+}
+
+/// Whether module path `module` is one of a MoE block's gates: its router or its shared
+/// expert's gate (linears whose outputs weigh other modules' outputs).
+pub fn is_moe_gate(module: &str) -> bool {
+    is_router(module) || module.ends_with("mlp.shared_expert_gate")
+}
+
 /// The experts of the MoE block `mlp`: the parent of one module per expert (transformers 4), or
 /// the module holding the fused parameters (transformers 5).
 pub fn experts(mlp: &str) -> String {
@@ -124,12 +141,17 @@ pub fn renumber_expert(name: &str, from: usize, to: usize) -> String {
     }
 }
 
-/// The projection of a dense MLP's module path (`model.layers.1.mlp.gate_proj` → `gate_proj`).
+/// A dense SwiGLU projection's module path below its layer's MLP block: a dense MLP's
+/// (`model.layers.1.mlp.gate_proj` → `gate_proj`) or a shared expert's
+/// (`model.layers.0.mlp.shared_expert.up_proj` → `shared_expert.up_proj`).
 pub fn dense_mlp_projection(module: &str) -> Option<&str> {
-    module.rsplit_once(".mlp.").map(|(_, proj)| proj).filter(|proj| MLP_PROJECTIONS.contains(proj))
+    let (_, rest) = module.rsplit_once(".mlp.")?;
+    let proj = rest.strip_prefix("shared_expert.").unwrap_or(rest);
+    MLP_PROJECTIONS.contains(&proj).then_some(rest)
 }
 
-/// peft's `target_parameters` entry for a dense MLP projection's weight (`mlp.gate_proj.weight`).
+/// peft's `target_parameters` entry for the weight of a dense projection
+/// ([`dense_mlp_projection`]: `mlp.gate_proj.weight`, `mlp.shared_expert.gate_proj.weight`).
 pub fn dense_mlp_parameter(projection: &str) -> String {
     weight(&child("mlp", projection))
 }
@@ -223,6 +245,15 @@ pub mod burn_paths {
     /// Layer `i`'s MoE router.
     pub fn router(i: usize) -> String {
         format!("layers.{i}.moe.gate")
+    }
+
+    /// Layer `i`'s shared expert and its gate.
+    pub fn shared_expert(i: usize) -> String {
+        format!("layers.{i}.moe.shared_expert")
+    }
+
+    pub fn shared_expert_gate(i: usize) -> String {
+        format!("layers.{i}.moe.shared_expert_gate")
     }
 
     /// Local expert `e` of layer `i`.

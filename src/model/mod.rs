@@ -13,6 +13,7 @@ pub mod linear;
 pub mod llama_like;
 pub mod moe;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
 pub mod qwen3_moe;
 pub mod router_balance;

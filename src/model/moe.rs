@@ -1,6 +1,6 @@
-//! The sparse mixture of experts of Qwen3-MoE: router, top-k, the experts, and under expert
-//! parallelism the all-to-all token dispatcher that carries routed tokens to the rank holding
-//! their expert and back.
+//! The sparse mixture of experts of Qwen3-MoE and Qwen2-MoE: router, top-k, the experts, the
+//! shared expert, and under expert parallelism the all-to-all token dispatcher that carries
+//! routed tokens to the rank holding their expert and back.
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -22,12 +22,17 @@ use crate::parallel::{Partition, ProcessGroup};
 
 /// A sparse mixture of SwiGLU experts (Qwen3-MoE): a linear router, softmax over all experts,
 /// top-k, optional renormalisation over the chosen k, and the weighted sum of the chosen
-/// experts' outputs. Under expert parallelism a rank holds the contiguous block of experts its
-/// expert-parallel rank owns and adds up only their contributions.
+/// experts' outputs; Qwen2-MoE adds a shared expert every token goes through. Under expert
+/// parallelism a rank holds the contiguous block of experts its expert-parallel rank owns and
+/// adds up only their contributions (the shared expert, like the router, is whole on every rank).
 #[derive(Module, Debug)]
 pub struct SparseMoe<B: Backend> {
     pub gate: Linear<B>,
     pub experts: Vec<Mlp<B>>,
+    /// Qwen2-MoE's shared expert and its one-output gate: `sigmoid(shared_expert_gate(x)) *
+    /// shared_expert(x)` is added to the routed sum. Both or neither.
+    pub shared_expert: Option<Mlp<B>>,
+    pub shared_expert_gate: Option<Linear<B>>,
     /// The experts' frozen weights as loaded, `[experts, in, out]` a projection (the experts'
     /// weights are views of them).
     pub stacked: StackedExperts<B>,
@@ -48,7 +53,7 @@ pub struct SparseMoe<B: Backend> {
 
 impl<B: TrainBackend> SparseMoe<B> {
     pub fn load(ld: &mut Loader<'_, B>, path: &str, hidden: usize, spec: &MlpSpec, ep: ProcessGroup) -> Result<Self> {
-        let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob } = *spec else {
+        let MlpSpec::Moe { num_experts, top_k, intermediate_size, norm_topk_prob, shared_expert_intermediate_size } = *spec else {
             return Err(crate::error::Error::Internal("SparseMoe built from a dense spec".into()));
         };
         let gate = Linear::load(ld, &super::hf_names::router(path), hidden, num_experts, false, Partition::Replicated)?;
@@ -56,19 +61,51 @@ impl<B: TrainBackend> SparseMoe<B> {
         let gemm = ExpertGemm::from_env().map_err(crate::error::Error::Unsupported)?;
         let routing = ExpertRouting::from_env().map_err(crate::error::Error::Unsupported)?;
         let (experts, stacked) = StackedExperts::load(ld, path, owned.clone(), hidden, intermediate_size)?;
-        Ok(SparseMoe { gate, experts, stacked, expert_lora: ExpertAdapters::none(), first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm, routing })
+        // Replicated like the router: the block runs outside the tensor-parallel region.
+        let (shared_expert, shared_expert_gate) = match shared_expert_intermediate_size {
+            Some(n) => (
+                Some(Mlp::load(ld, &super::hf_names::shared_expert(path), hidden, n, ProcessGroup::SINGLE)?),
+                Some(Linear::load(ld, &super::hf_names::shared_expert_gate(path), hidden, 1, false, Partition::Replicated)?),
+            ),
+            None => (None, None),
+        };
+        let expert_lora = ExpertAdapters::none();
+        Ok(SparseMoe { gate, experts, shared_expert, shared_expert_gate, stacked, expert_lora, first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm, routing })
     }
 
-    /// Under expert parallelism (`ep`: the group the experts are split over, each rank holding
-    /// its block) the routed tokens travel to their experts' ranks and back
-    /// ([`forward_expert_parallel`](Self::forward_expert_parallel)). The router's choices and
-    /// probabilities go to `balance` where given (the load-balancing loss). With `memo`, a layer
-    /// whose routing its first pass recorded routes as that pass did ([`RoutingMemo`]), and the
-    /// first pass of a recomputed layer records it.
+    /// The routed experts' weighted sum ([`forward_routed`](Self::forward_routed)) plus the
+    /// shared expert's gated output where the layer has one.
     ///
     /// # Shapes
     /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
     pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        ep: Option<&GroupComm<B::Wire>>,
+        balance: Option<&RouterBalance<B>>,
+        memo: Option<&RoutingMemo<B>>,
+    ) -> Tensor<B, 2> {
+        let routed = self.forward_routed(x.clone(), ep, balance, memo);
+        match (&self.shared_expert, &self.shared_expert_gate) {
+            (Some(mlp), Some(gate)) => {
+                let device = x.device();
+                let shared = span::<B, _>("shared_expert", &device, || mlp.forward(x.clone(), None));
+                routed + shared * burn::tensor::activation::sigmoid(gate.forward(x))
+            }
+            _ => routed,
+        }
+    }
+
+    /// The routed experts' weighted sum. Under expert parallelism (`ep`: the group the experts
+    /// are split over, each rank holding its block) the routed tokens travel to their experts'
+    /// ranks and back ([`forward_expert_parallel`](Self::forward_expert_parallel)). The router's
+    /// choices and probabilities go to `balance` where given (the load-balancing loss). With
+    /// `memo`, a layer whose routing its first pass recorded routes as that pass did
+    /// ([`RoutingMemo`]), and the first pass of a recomputed layer records it.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]` → `[tokens, hidden]`
+    fn forward_routed(
         &self,
         x: Tensor<B, 2>,
         ep: Option<&GroupComm<B::Wire>>,
@@ -331,7 +368,7 @@ mod tests {
     fn hot_moe() -> SparseMoe<Ad> {
         use burn::tensor::TensorData;
         let (hidden, experts, top_k) = (8, 16, 2);
-        let spec = MlpSpec::Moe { num_experts: experts, top_k, intermediate_size: 4, norm_topk_prob: true };
+        let spec = MlpSpec::Moe { num_experts: experts, top_k, intermediate_size: 4, norm_topk_prob: true, shared_expert_intermediate_size: None };
         let mut source = crate::model::weights::RandomInit { seed: 3, std: 0.5 };
         let naming = |p: &str| p.to_string();
         let mut ld = Loader::<Ad> { source: &mut source, device: Default::default(), naming: &naming };

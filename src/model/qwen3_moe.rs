@@ -25,26 +25,55 @@ impl ModelFamily for Qwen3Moe {
         &["qwen3_moe"]
     }
     fn arch(&self, cfg: &HfConfig) -> Result<ArchSpec> {
-        let experts: usize = cfg.get("num_experts")?;
-        let top_k: usize = cfg.get("num_experts_per_tok")?;
-        let moe_inter: usize = cfg.get("moe_intermediate_size")?;
-        let norm: bool = cfg.get_or("norm_topk_prob", false)?;
-        let step: usize = cfg.get_or("decoder_sparse_step", 1)?;
-        let mlp_only: Vec<usize> = cfg.get_or("mlp_only_layers", Vec::new())?;
-        let dense_inter: Option<usize> = cfg.opt("intermediate_size")?;
+        let moe = QwenMoeKeys::read(cfg)?;
         let bias = cfg.get_or("attention_bias", false)?;
-        read_llama_like(cfg, self.name(), bias, true, default_rope, |i| {
-            let sparse = !mlp_only.contains(&i) && experts > 0 && step > 0 && (i + 1) % step == 0;
-            Ok(if sparse {
-                MlpSpec::Moe { num_experts: experts, top_k, intermediate_size: moe_inter, norm_topk_prob: norm }
-            } else {
-                MlpSpec::Dense { intermediate_size: dense_inter.ok_or_else(|| {
-                    crate::error::Error::model(format!(
-                        "{}: layer {i} is dense (mlp_only_layers / decoder_sparse_step) but `intermediate_size` is missing",
-                        cfg.source
-                    ))
-                })? }
-            })
+        read_llama_like(cfg, self.name(), bias, true, default_rope, |i| moe.layer(cfg, i))
+    }
+}
+
+/// The mixture-of-experts keys the Qwen MoE families (Qwen2-MoE, Qwen3-MoE) read alike, and
+/// transformers' rule for which layers are sparse.
+pub(super) struct QwenMoeKeys {
+    experts: usize,
+    top_k: usize,
+    moe_inter: usize,
+    norm: bool,
+    step: usize,
+    mlp_only: Vec<usize>,
+    dense_inter: Option<usize>,
+}
+
+impl QwenMoeKeys {
+    pub(super) fn read(cfg: &HfConfig) -> Result<Self> {
+        Ok(QwenMoeKeys {
+            experts: cfg.get("num_experts")?,
+            top_k: cfg.get("num_experts_per_tok")?,
+            moe_inter: cfg.get("moe_intermediate_size")?,
+            norm: cfg.get_or("norm_topk_prob", false)?,
+            step: cfg.get_or("decoder_sparse_step", 1)?,
+            mlp_only: cfg.get_or("mlp_only_layers", Vec::new())?,
+            dense_inter: cfg.opt("intermediate_size")?,
+        })
+    }
+
+    /// Layer `i`'s MLP: the routed experts (no shared expert) or the dense MLP.
+    pub(super) fn layer(&self, cfg: &HfConfig, i: usize) -> Result<MlpSpec> {
+        let sparse = !self.mlp_only.contains(&i) && self.experts > 0 && self.step > 0 && (i + 1).is_multiple_of(self.step);
+        Ok(if sparse {
+            MlpSpec::Moe {
+                num_experts: self.experts,
+                top_k: self.top_k,
+                intermediate_size: self.moe_inter,
+                norm_topk_prob: self.norm,
+                shared_expert_intermediate_size: None,
+            }
+        } else {
+            MlpSpec::Dense { intermediate_size: self.dense_inter.ok_or_else(|| {
+                crate::error::Error::model(format!(
+                    "{}: layer {i} is dense (mlp_only_layers / decoder_sparse_step) but `intermediate_size` is missing",
+                    cfg.source
+                ))
+            })? }
         })
     }
 }

@@ -44,8 +44,28 @@ pub enum MlpSpec {
     /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
     Dense { intermediate_size: usize },
     /// Sparse mixture of SwiGLU experts behind a linear router: softmax over experts, top-k,
-    /// optionally renormalised over the chosen k.
-    Moe { num_experts: usize, top_k: usize, intermediate_size: usize, norm_topk_prob: bool },
+    /// optionally renormalised over the chosen k. With `shared_expert_intermediate_size`
+    /// (Qwen2-MoE) a SwiGLU shared expert of that width sees every token, scaled by
+    /// `sigmoid(shared_expert_gate(x))`, and is added to the routed experts' sum.
+    Moe {
+        num_experts: usize,
+        top_k: usize,
+        intermediate_size: usize,
+        norm_topk_prob: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        shared_expert_intermediate_size: Option<usize>,
+    },
+}
+
+impl MlpSpec {
+    /// Parameters of the shared expert and its gate (none without one), in u128 like
+    /// [`ArchSpec::parameter_count`].
+    pub fn shared_expert_params(&self, hidden: usize) -> u128 {
+        match *self {
+            MlpSpec::Moe { shared_expert_intermediate_size: Some(n), .. } => (3 * n as u128 + 1) * hidden as u128,
+            _ => 0,
+        }
+    }
 }
 
 /// Rotary inverse frequencies `1 / theta^(2i / dim)`, as transformers' default rope computes them.
@@ -112,7 +132,10 @@ impl ArchSpec {
                 MlpSpec::Dense { intermediate_size } if intermediate_size == 0 || intermediate_size > MAX_DIM => {
                     return bad(format!("layer {i}: `intermediate_size` is {intermediate_size}; expected 1 to {MAX_DIM}"));
                 }
-                MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
+                MlpSpec::Moe { num_experts, top_k, intermediate_size, shared_expert_intermediate_size, .. } => {
+                    if let Some(n) = shared_expert_intermediate_size.filter(|&n| n == 0 || n > MAX_DIM) {
+                        return bad(format!("layer {i}: `shared_expert_intermediate_size` is {n}; expected 1 to {MAX_DIM}"));
+                    }
                     if num_experts == 0 || num_experts > MAX_EXPERTS {
                         return bad(format!("layer {i}: `num_experts` is {num_experts}; expected 1 to {MAX_EXPERTS}"));
                     }
@@ -153,7 +176,9 @@ impl ArchSpec {
             .iter()
             .map(|l| match l.mlp {
                 MlpSpec::Dense { intermediate_size } => 3 * h * intermediate_size as u128,
-                MlpSpec::Moe { num_experts, intermediate_size, .. } => num_experts as u128 * (3 * h * intermediate_size as u128 + h),
+                MlpSpec::Moe { num_experts, intermediate_size, .. } => {
+                    num_experts as u128 * (3 * h * intermediate_size as u128 + h) + l.mlp.shared_expert_params(self.hidden_size)
+                }
             })
             .sum();
         let head = if self.tie_word_embeddings { 0 } else { v * h };

@@ -58,12 +58,19 @@ pub fn linears(spec: &ArchSpec) -> Vec<LinearInfo> {
                     push(path, inp, out, split);
                 }
             }
-            MlpSpec::Moe { num_experts, intermediate_size: n, .. } => {
+            MlpSpec::Moe { num_experts, intermediate_size: n, shared_expert_intermediate_size, .. } => {
                 push(hf_names::router(&m), h, num_experts, Split::Replicated);
                 for e in 0..num_experts {
                     for (path, inp, out, split) in swiglu(&hf_names::expert(&m, e), n, [Split::Expert; 2]) {
                         push(path, inp, out, split);
                     }
+                }
+                // Whole on every rank, as the router (SparseMoe::load).
+                if let Some(n) = shared_expert_intermediate_size {
+                    for (path, inp, out, split) in swiglu(&hf_names::shared_expert(&m), n, [Split::Replicated; 2]) {
+                        push(path, inp, out, split);
+                    }
+                    push(hf_names::shared_expert_gate(&m), h, 1, Split::Replicated);
                 }
             }
         }
@@ -254,7 +261,8 @@ impl ModelSummary {
 /// Activation bytes per token per layer in bf16 for a pre-norm block with flash-style
 /// attention (no seq x seq scores kept): the tensors autograd saves (norm outputs, q/k/v,
 /// attention output, the MLP's gate, up and product), following Korthikanti et al. 2022 with
-/// the attention-score term removed. MoE layers keep them for top-k experts plus the router.
+/// the attention-score term removed. MoE layers keep them for top-k experts plus the router,
+/// and for the shared expert (plus its gate's output) where there is one.
 fn activation_bytes_per_token_layer(spec: &ArchSpec, layer: &MlpSpec) -> f64 {
     let h = spec.hidden_size as f64;
     let q = (spec.num_heads * spec.head_dim) as f64;
@@ -262,8 +270,9 @@ fn activation_bytes_per_token_layer(spec: &ArchSpec, layer: &MlpSpec) -> f64 {
     let attn = 2.0 * h /* norm in/out */ + q + 2.0 * kv /* q, k, v */ + 2.0 * q /* rotated q, attn out */ + kv /* rotated k */ + h;
     let mlp = match *layer {
         MlpSpec::Dense { intermediate_size } => 2.0 * h + 3.0 * intermediate_size as f64,
-        MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
-            2.0 * h + num_experts as f64 * 2.0 + top_k as f64 * (h + 3.0 * intermediate_size as f64)
+        MlpSpec::Moe { num_experts, top_k, intermediate_size, shared_expert_intermediate_size, .. } => {
+            let shared = shared_expert_intermediate_size.map_or(0.0, |n| h + 3.0 * n as f64 + 1.0);
+            2.0 * h + num_experts as f64 * 2.0 + top_k as f64 * (h + 3.0 * intermediate_size as f64) + shared
         }
     };
     2.0 * (attn + mlp)

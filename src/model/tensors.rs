@@ -62,14 +62,20 @@ pub fn base_tensors(spec: &ArchSpec) -> Vec<BaseTensor> {
         let block = hf_names::mlp(i);
         match layer.mlp {
             MlpSpec::Dense { intermediate_size } => mlp(block.clone(), intermediate_size),
-            MlpSpec::Moe { num_experts, intermediate_size, .. } => {
+            MlpSpec::Moe { num_experts, intermediate_size, shared_expert_intermediate_size, .. } => {
                 for e in 0..num_experts {
                     mlp(hf_names::expert(&block, e), intermediate_size);
                 }
+                if let Some(n) = shared_expert_intermediate_size {
+                    mlp(hf_names::shared_expert(&block), n);
+                }
             }
         }
-        if let MlpSpec::Moe { num_experts, .. } = layer.mlp {
+        if let MlpSpec::Moe { num_experts, shared_expert_intermediate_size, .. } = layer.mlp {
             push(hf_names::weight(&hf_names::router(&block)), vec![num_experts, h], InitKind::Normal);
+            if shared_expert_intermediate_size.is_some() {
+                push(hf_names::weight(&hf_names::shared_expert_gate(&block)), vec![1, h], InitKind::Normal);
+            }
         }
         push(hf_names::weight(&hf_names::input_layernorm(i)), vec![h], InitKind::Ones);
         push(hf_names::weight(&hf_names::post_attention_layernorm(i)), vec![h], InitKind::Ones);
@@ -137,6 +143,14 @@ mod tests {
                 ("moe_intermediate_size", 4.into()),
                 ("mlp_only_layers", toml::Value::Array(vec![0.into()])),
                 ("tie_word_embeddings", false.into()),
+            ]),
+            section(&[
+                ("model_type", "qwen2_moe".into()),
+                ("num_experts", 3.into()),
+                ("num_experts_per_tok", 2.into()),
+                ("moe_intermediate_size", 4.into()),
+                ("shared_expert_intermediate_size", 6.into()),
+                ("mlp_only_layers", toml::Value::Array(vec![1.into()])),
             ]),
         ];
         for s in cases {

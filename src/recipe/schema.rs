@@ -190,9 +190,9 @@ pub struct LoraSection {
     pub dropout: f64,
     /// Rank-stabilised scaling alpha / sqrt(r) (`--use_rslora`). Default false.
     pub rslora: bool,
-    /// Linears that get adapters: `all-linear` (every linear but the LM head and MoE router),
-    /// module names (`q_proj`), or `re:<regex>` matched against whole module paths
-    /// (`--target_modules`). Default `["all-linear"]`.
+    /// Linears that get adapters: `all-linear` (every linear but the LM head and the MoE gates:
+    /// router, `shared_expert_gate`), module names (`q_proj`), or `re:<regex>` matched against
+    /// whole module paths (`--target_modules`). Default `["all-linear"]`.
     pub targets: Vec<String>,
     /// Modules trained in full beside the adapters, e.g. `embed_tokens`, `lm_head`
     /// (`--modules_to_save`). Default: empty.

@@ -83,9 +83,9 @@ fn unix_now() -> f64 {
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
-/// matmul a token goes through (attention projections, the dense MLP or its top-k experts and
-/// router, the LM head) twice forward and twice more backward for the input gradient, twice
-/// more for weight gradients when the base is trained; the causal attention core
+/// matmul a token goes through (attention projections, the dense MLP or its top-k experts,
+/// router and shared expert, the LM head) twice forward and twice more backward for the input
+/// gradient, twice more for weight gradients when the base is trained; the causal attention core
 /// (`QK^T` and `PV`, half of `seq` keys on average) forward and twice that backward. LoRA
 /// factors are counted as trained matmuls.
 pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_per_token: f64) -> f64 {
@@ -97,7 +97,7 @@ pub fn flops_per_token(spec: &ArchSpec, seq_len: usize, full: bool, lora_params_
         matmul += match l.mlp {
             MlpSpec::Dense { intermediate_size } => 3.0 * h * intermediate_size as f64,
             MlpSpec::Moe { num_experts, top_k, intermediate_size, .. } => {
-                top_k as f64 * 3.0 * h * intermediate_size as f64 + h * num_experts as f64
+                top_k as f64 * 3.0 * h * intermediate_size as f64 + h * num_experts as f64 + l.mlp.shared_expert_params(spec.hidden_size) as f64
             }
         };
     }

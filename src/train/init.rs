@@ -162,6 +162,8 @@ fn template_for(model: &str, family: &str) -> Option<&'static str> {
     }
     Some(match family {
         f if f.starts_with("qwen3") => "qwen3",
+        // Qwen1.5-MoE and Qwen2-MoE chat in Qwen2's ChatML (no Qwen2.5 system prompt).
+        "qwen2_moe" => "qwen2",
         f if f.starts_with("llama") => "llama3_1",
         _ => "qwen2_5",
     })

@@ -52,11 +52,11 @@ mod tests {
     use crate::parallel::Layout;
     use crate::recipe::ModelSection;
 
-    #[test]
-    fn burn_paths_become_transformers_and_peft_names() {
+    /// A one-layer MoE model of `model_type` with random weights (`extra` config keys beside).
+    fn tiny_moe(model_type: &str, extra: &[(&str, toml::Value)]) -> (model::ModelPlan, crate::model::CausalLm<Cpu>) {
         let mut cfg = toml::Table::new();
         for (k, v) in [
-            ("model_type", toml::Value::String("qwen3_moe".into())),
+            ("model_type", toml::Value::String(model_type.into())),
             ("vocab_size", 32.into()),
             ("hidden_size", 8.into()),
             ("intermediate_size", 8.into()),
@@ -70,9 +70,18 @@ mod tests {
         ] {
             cfg.insert(k.into(), v);
         }
+        for (k, v) in extra {
+            cfg.insert(k.to_string(), v.clone());
+        }
         let section = ModelSection { config: Some(cfg), init: crate::recipe::Init::Random, ..Default::default() };
         let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
         let m = model::build::<Cpu>(&plan, &section, Layout::SINGLE, &Default::default()).unwrap();
+        (plan, m)
+    }
+
+    #[test]
+    fn burn_paths_become_transformers_and_peft_names() {
+        let (_, m) = tiny_moe("qwen3_moe", &[]);
         let n = |p: &str| hf_name(&m, p);
         assert_eq!(n("embed_tokens"), HfName { name: "model.embed_tokens.weight".into(), transposed: false });
         assert_eq!(n("norm.weight"), HfName { name: "model.norm.weight".into(), transposed: false });
@@ -89,5 +98,28 @@ mod tests {
         );
         assert_eq!(n("lm_head.weight").name, "lm_head.weight");
         assert_eq!(expert_adapter_name(0, 3, "up_proj", "lora_b"), "base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight");
+    }
+
+    /// Qwen2-MoE's shared expert and its gate: every weight a full checkpoint holds is named as
+    /// the base checkpoint names it (same size), and every base tensor is one of them.
+    #[test]
+    fn shared_expert_weights_are_named_as_the_base_tensors() {
+        let (plan, m) = tiny_moe("qwen2_moe", &[("shared_expert_intermediate_size", 6.into())]);
+        assert_eq!(hf_name(&m, "layers.0.moe.shared_expert.up_proj.weight"), HfName { name: "model.layers.0.mlp.shared_expert.up_proj.weight".into(), transposed: true });
+        assert_eq!(hf_name(&m, "layers.0.moe.shared_expert_gate.weight").name, "model.layers.0.mlp.shared_expert_gate.weight");
+        assert_eq!(
+            hf_name(&m, "layers.0.moe.shared_expert.down_proj.lora.lora_a").name,
+            "base_model.model.model.layers.0.mlp.shared_expert.down_proj.lora_A.weight"
+        );
+        let table: std::collections::BTreeMap<String, usize> =
+            crate::model::tensors::base_tensors(&plan.spec).into_iter().map(|t| (t.path, t.shape.iter().product())).collect();
+        let mut named = std::collections::BTreeSet::new();
+        for (path, t, _) in super::super::checkpoints::named_params(&m, &|_| true) {
+            let name = hf_name(&m, &path).name;
+            assert_eq!(table.get(&name), Some(&t.dims().iter().product()), "{path} as {name}");
+            named.insert(name);
+        }
+        assert_eq!(named.len(), table.len());
+        assert!(named.contains("model.layers.0.mlp.shared_expert_gate.weight"));
     }
 }
