@@ -149,6 +149,74 @@ fn per_expert_optimizer_moments_of_earlier_checkpoints_resume() {
     assert!(adapter(&resumed.last_checkpoint) == adapter(&whole.last_checkpoint), "final adapters differ");
 }
 
+/// The evaluations a run wrote to its metrics: `(step, eval loss)`.
+fn eval_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let rows = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    rows.filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_loss")?.as_f64()?))).collect()
+}
+
+/// The eval loss of a model built afresh with `loaded`'s recipe and the weights of checkpoint
+/// `dir`, on the validation batches a run of that recipe evaluates.
+fn evaluate_checkpoint(loaded: &LoadedRecipe, dir: &Path) -> f64 {
+    let r = &loaded.recipe;
+    let plan = model::plan(&r.model, &Registry::builtin(), Fetch::All).unwrap();
+    let m = model::build::<Autodiff<Cpu>>(&plan, &r.model, Layout::SINGLE, &Default::default()).unwrap();
+    let m = trainer::train::checkpoints::load_trained(m, dir, r).unwrap();
+    let schedule = LrSchedule::new(&r.optimizer, &r.schedule, 1);
+    let mut t = Trainer::new(m, AdamW::new(AdamWConfig::from(&r.optimizer)), schedule, 1.0, r.train.seed, vec![], Default::default());
+    t.fused_cross_entropy = r.train.fused_cross_entropy;
+    let prepared = trainer::data::prepare(r, Path::new("assets/tiny/tokenizer.json")).unwrap();
+    t.evaluate(&prepared.val_batches(r.train.micro_batch_size)).unwrap().0
+}
+
+/// Full tuning trains the weights that load joined (gate/up, q/k/v) or stacked (the experts)
+/// with views of them as the layers' weights; the optimizer's steps keep the views' parameter
+/// ids, and on the inner backend (evaluation, the forward of recomputed layers) no weight says
+/// it trains. Those passes still run the trained weights, not the ones loaded: each evaluation
+/// is the loss of the model loaded from that step's checkpoint, a resumed run evaluates as the
+/// run never stopped, and recompute changes no loss.
+#[test]
+fn full_tuning_evaluates_and_recomputes_the_weights_it_trained() {
+    // Dense Qwen3 (gate/up joined), Qwen3-MoE (experts stacked), Qwen2-MoE (q/k/v joined, with
+    // no q/k norms to keep them apart; the shared expert's gate/up).
+    let families: [&[&str]; 3] = [
+        &["model.config.model_type=qwen3"],
+        &[],
+        &["model.config.model_type=qwen2_moe", "model.config.shared_expert_intermediate_size=32"],
+    ];
+    for family in families {
+        let mut args = vec!["train.tuning=full", "train.max_steps=4", "train.eval_interval=2", "checkpoint.save_interval=2"];
+        args.extend(family);
+        let what = format!("{family:?}");
+        let out = tempfile::tempdir().unwrap();
+        let loaded = load(out.path(), &args);
+        let whole = train(&loaded, None, None).unwrap();
+        let evals = eval_losses(&whole.run_dir);
+        assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4], "{what}");
+        for &(step, loss) in &evals {
+            let fresh = evaluate_checkpoint(&loaded, &whole.run_dir.join(format!("checkpoint-{step}")));
+            close(loss, fresh, &format!("{what}: eval loss at step {step} against checkpoint-{step} loaded afresh"));
+        }
+
+        // Stopped after step 2's checkpoint and resumed: the same steps, the same evaluations.
+        std::fs::remove_dir_all(whole.run_dir.join("checkpoint-4")).unwrap();
+        let resumed = train(&loaded, Some(whole.run_dir.clone()), None).unwrap();
+        assert_eq!(&resumed.losses[..], &whole.losses[2..], "{what}: loss curve after the resume");
+        assert_eq!(eval_losses(&whole.run_dir), evals, "{what}: evaluations after the resume");
+
+        args.push("train.recompute.granularity=full");
+        let out = tempfile::tempdir().unwrap();
+        let recomputed = train(&load(out.path(), &args), None, None).unwrap();
+        for (step, (got, want)) in recomputed.losses.iter().zip(&whole.losses).enumerate() {
+            close(*got, *want, &format!("{what}: recompute, loss at step {}", step + 1));
+        }
+        for ((step, got), (_, want)) in eval_losses(&recomputed.run_dir).into_iter().zip(&evals) {
+            close(got, *want, &format!("{what}: recompute, eval loss at step {step}"));
+        }
+    }
+}
+
 /// A trainer on the tiny recipe's model with fresh adapters (dropout off) and its first rows.
 fn tiny_trainer() -> (Trainer<Cpu>, Vec<Sample>, u32) {
     tiny_trainer_with(Some(0.0), vec![])

@@ -104,6 +104,36 @@ impl<B: TrainBackend> CausalLm<B> {
         Ok(CausalLm { embed_tokens, layers, norm, lm_head, rope_inv_freq, vocab_start: vocab_block.map(|b| b.start) })
     }
 
+    /// The model without the weights joined or stacked at load time (q/k/v's and gate/up's
+    /// [`JoinedWeight`](super::layers::JoinedWeight), the experts'
+    /// [`StackedExperts`](super::experts::StackedExperts)) that no longer back their layers'
+    /// weights: weights that train (full tuning) or that a checkpoint replaced. Call it on the
+    /// autodiff model before training, as [`Trainer::new`](crate::train::Trainer::new) does:
+    /// the optimizer's steps keep a trained weight's parameter id, and on the inner backend
+    /// (`valid()`: evaluation, the forward of recomputed layers) no weight says it trains, so
+    /// a load-time copy kept beside it would pass there for the weight it was loaded as. Also
+    /// frees the copies, which full tuning never reads.
+    pub fn without_unbacked_joins(mut self) -> Self {
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            if a.qkv_weight.as_ref().is_some_and(|j| j.backing(&[&a.q_proj, &a.k_proj, &a.v_proj]).is_none()) {
+                a.qkv_weight = None;
+            }
+            let shared = layer.moe.as_mut().and_then(|m| m.shared_expert.as_mut());
+            for mlp in layer.mlp.iter_mut().chain(shared) {
+                if mlp.gate_up_weight.as_ref().is_some_and(|j| j.backing(&[&mlp.gate_proj, &mlp.up_proj]).is_none()) {
+                    mlp.gate_up_weight = None;
+                }
+            }
+            if let Some(moe) = layer.moe.as_mut() {
+                if moe.stacked.as_ref().is_some_and(|s| s.backing(&moe.experts).is_none()) {
+                    moe.stacked = None;
+                }
+            }
+        }
+        self
+    }
+
     /// Final hidden states after the last norm.
     ///
     /// # Shapes

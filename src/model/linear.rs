@@ -381,7 +381,10 @@ pub(super) fn view_ids<B: Backend>(l: &Linear<B>) -> (ParamId, Option<ParamId>) 
 /// Whether `linears` are still the views `views` of a weight loaded joined or stacked with them:
 /// the same parameters, in order (a weight replaced, e.g. by merging an adapter into it or
 /// loading a trained one, is a new parameter) and frozen (trained ones move away from the
-/// load-time values).
+/// load-time values). Only the autodiff backend tells frozen from trained: on the inner one
+/// (`valid()`) every weight looks frozen, and an optimizer's step keeps the parameter id, so a
+/// model that trains drops what no longer backs its weights before it trains
+/// ([`CausalLm::without_unbacked_joins`](super::CausalLm::without_unbacked_joins)).
 pub(super) fn still_views<'a, B: Backend + 'a>(views: &[(ParamId, Option<ParamId>)], linears: impl IntoIterator<Item = &'a Linear<B>>) -> bool {
     let frozen = |l: &Linear<B>| !l.weight.val().is_require_grad() && l.bias.as_ref().is_none_or(|b| !b.val().is_require_grad());
     let mut seen = 0;

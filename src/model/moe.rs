@@ -34,8 +34,9 @@ pub struct SparseMoe<B: Backend> {
     pub shared_expert: Option<Mlp<B>>,
     pub shared_expert_gate: Option<Linear<B>>,
     /// The experts' frozen weights as loaded, `[experts, in, out]` a projection (the experts'
-    /// weights are views of them).
-    pub stacked: StackedExperts<B>,
+    /// weights are views of them); `None` once they no longer back the experts' weights
+    /// ([`CausalLm::without_unbacked_joins`](super::CausalLm::without_unbacked_joins)).
+    pub stacked: Option<StackedExperts<B>>,
     /// The experts' LoRA adapters, stacked a projection at a time.
     pub expert_lora: ExpertAdapters<B>,
     /// Global index of `experts[0]`.
@@ -70,7 +71,7 @@ impl<B: TrainBackend> SparseMoe<B> {
             None => (None, None),
         };
         let expert_lora = ExpertAdapters::none();
-        Ok(SparseMoe { gate, experts, shared_expert, shared_expert_gate, stacked, expert_lora, first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm, routing })
+        Ok(SparseMoe { gate, experts, shared_expert, shared_expert_gate, stacked: Some(stacked), expert_lora, first_expert: owned.start, num_experts, top_k, norm_topk_prob, gemm, routing })
     }
 
     /// The routed experts' weighted sum ([`forward_routed`](Self::forward_routed)) plus the
@@ -185,6 +186,11 @@ impl<B: TrainBackend> SparseMoe<B> {
         B::combine_rows(ys, weights, rows, self.top_k)
     }
 
+    /// The stacked weights while they back the experts' own ([`StackedExperts::backing`]).
+    fn backing(&self) -> Option<[Tensor<B, 3>; 3]> {
+        self.stacked.as_ref().and_then(|s| s.backing(&self.experts))
+    }
+
     /// The local experts on `xs` (`[rows, hidden]`, laid out in `runs`): grouped, one grouped
     /// GEMM a projection over all experts' stacked weights (a run is an expert); padded, each
     /// run one batched GEMM a projection over its experts' stacked weights. The stacked
@@ -199,7 +205,7 @@ impl<B: TrainBackend> SparseMoe<B> {
             }
             return self.run_grouped(xs, &counts);
         }
-        let backing = self.stacked.backing(&self.experts);
+        let backing = self.backing();
         span::<B, _>("experts", &device, || {
             let outputs = runs.iter().map(|run| {
                 let xs = match runs.len() {
@@ -218,7 +224,7 @@ impl<B: TrainBackend> SparseMoe<B> {
     /// The local experts on `xs` laid out expert after expert (`counts[e]` rows of expert `e`):
     /// one grouped GEMM a projection.
     fn run_grouped(&self, xs: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
-        let (device, backing) = (xs.device(), self.stacked.backing(&self.experts));
+        let (device, backing) = (xs.device(), self.backing());
         span::<B, _>("experts", &device, || super::experts::forward_grouped(&self.experts, backing, &self.expert_lora, xs, counts))
     }
 

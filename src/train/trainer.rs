@@ -130,9 +130,12 @@ fn batch_loss<B: TrainBackend>(
 }
 
 impl<B: TrainBackend> Trainer<B> {
+    /// `model`'s load-time joined and stacked weights that do not back the weights it trains
+    /// are dropped first ([`CausalLm::without_unbacked_joins`]): the evaluation and the
+    /// recomputed layers' forward run on the inner backend, where they would pass for them.
     pub fn new(model: CausalLm<Autodiff<B>>, optimizer: AdamW<B>, schedule: LrSchedule, clip: f64, seed: u64, recompute: Vec<Range<usize>>, device: B::Device) -> Self {
         Trainer {
-            model: Some(model),
+            model: Some(model.without_unbacked_joins()),
             optimizer,
             schedule,
             clip,
