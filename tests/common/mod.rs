@@ -11,7 +11,7 @@ pub fn fixture_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
 }
 
-pub const CASES: &[&str] = &["qwen2_tied_f32", "qwen3_bf16_sharded", "qwen3_moe_f32_sharded", "qwen3_moe_f16_nonorm"];
+pub const CASES: &[&str] = &["qwen2_tied_f32", "qwen3_bf16_sharded", "qwen3_moe_f32_sharded", "qwen3_moe_f16_nonorm", "qwen2_moe_f32"];
 
 pub struct Expected {
     pub input_ids: (Vec<i64>, [usize; 2]),
