@@ -6,10 +6,10 @@
 //! A cube of four planes takes 64 query rows (or, for the keys' gradients, 64 keys), 16 a plane,
 //! and walks the blocks of 64 on the other side: each plane holds its rows' scores, output (or
 //! gradients) and softmax statistics in registers; the tiles in shared memory are the inputs,
-//! row-major as stored, copied by `cp.async` (16 bytes a copy, global to shared without a
-//! register). The tiles walked over hold two blocks: the next block's copies are in flight while
-//! this one is computed, each half's completion an mbarrier phase. Fragments come out of them through
-//! `ldmatrix` (four 8x8 matrices an instruction), transposed by the instruction where a product
+//! row-major as stored, copied by `cp.async` ([`super::flash_copy`]: the tiles walked over hold
+//! two blocks, the next block's copies in flight while this one is computed). Fragments come
+//! out of them through `ldmatrix` (four 8x8 matrices an instruction), transposed by the
+//! instruction where a product
 //! needs a tile's columns (`P V`: the values by key; `dS K`, `P^T dO`, `dS^T Q`), so no tile is
 //! staged transposed. A lane holds two rows of each fragment (`g` and `g + 8`, `g = lane / 4`),
 //! so a row's max and sum are reduced over the four lanes of its quad.
@@ -32,9 +32,10 @@
 //! the mask, and a query block walks only the key blocks its rows may read.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
-use cubecl::prelude::barrier::{copy_async_checked, Barrier};
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
+use super::flash_copy::{copy_next, copy_tile, first_key_tiles, head_rows, wait_tiles};
 use super::flash_kernel::{
     load_row_keys, load_row_values, mask_strides, readable, MaskStrides, reads_block, row_end_key, row_first_key, row_keys, row_value, shared_row_keys, RowKeys, FLOOR,
 };
@@ -60,113 +61,6 @@ type Frag<E> = Array<Vector<E, Const<2>>>;
 #[cube]
 fn tile<E: Float, N: Size>(#[comptime] rows: usize, #[comptime] d: usize, #[comptime] width: usize) -> SharedMemory<Vector<E, N>> {
     SharedMemory::<Vector<E, N>>::new_aligned(comptime![rows * (d + PAD) / width], 128usize)
-}
-
-/// Where the rows of one (batch, head) of an input (`[batch, heads, seq, d]`, unit last stride)
-/// start and how far apart they are, in vectors of its width, and how many there are: read from
-/// the tensor's metadata once, not at every copy.
-#[derive(CubeType, Clone, Copy)]
-struct HeadRows {
-    base: usize,
-    stride: usize,
-    seq: usize,
-}
-
-#[cube]
-fn head_rows<E: Float, N: Size>(src: &Tensor<Vector<E, N>>, batch: usize, head: usize) -> HeadRows {
-    let width = src.vector_size();
-    HeadRows { base: (batch * src.stride(0) + head * src.stride(1)) / width, stride: src.stride(2) / width, seq: src.shape(2) }
-}
-
-/// Starts copying rows `[row0, row0 + rows)` of `from` (rows of `src`) into `dst` from its row
-/// `at` (row stride `d + PAD`): `cp.async`, a vector (16 bytes at width 8) a copy, global memory
-/// to shared without a register, zeros past the sequence. Every unit issues its copies at once,
-/// so their latencies overlap; they are done once a barrier they were committed to
-/// (`commit_copy_async`) completes its phase.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn copy_tile<E: Float, N: Size>(
-    src: &Tensor<Vector<E, N>>,
-    from: HeadRows,
-    row0: usize,
-    dst: &mut SharedMemory<Vector<E, N>>,
-    at: usize,
-    #[comptime] rows: usize,
-    #[comptime] d: usize,
-) {
-    let width = src.vector_size();
-    let per_row = comptime![d / width];
-    let stride = comptime![(d + PAD) / width];
-    // Copy `n` of a unit takes vector `UNIT_POS + n UNITS` of the tile: where UNITS vectors are
-    // whole rows, its row is the unit's first plus a constant and its column the unit's first.
-    let first_r = UNIT_POS as usize / per_row;
-    let first_c = UNIT_POS as usize % per_row;
-    #[unroll]
-    for n in 0..comptime![rows * per_row / UNITS] {
-        let mut r = first_r + comptime![n * (UNITS / per_row)];
-        let mut c = first_c;
-        if comptime![UNITS % per_row != 0] {
-            let i = UNIT_POS as usize + n * UNITS;
-            r = i / per_row;
-            c = i % per_row;
-        }
-        let row = row0 + r;
-        // A row past the sequence copies nothing and zero-fills (its address is row 0's).
-        let mut start = from.base + c;
-        let mut len = 0usize;
-        if row < from.seq {
-            start += row * from.stride;
-            len = 1;
-        }
-        let to = (at + r) * stride + c;
-        copy_async_checked(&src.slice(start, start + len), &mut dst.slice_mut(to, to + 1), comptime![width as u32]);
-    }
-}
-
-/// Starts copying the tiles of step `i + 1` of a two-stage walk over blocks: rows `[row0, row0 +
-/// rows)` of `a` and `b` into the half `(i + 1) % 2` of `a_s` and `b_s` (their rows `rows ((i +
-/// 1) % 2) ..`), committed to that half's barrier (`bar_0`, `bar_1`), so they arrive while step
-/// `i` is computed. The caller makes sure no plane still reads that half (step `i - 1`'s).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn copy_next<E: Float, N: Size>(
-    a: &Tensor<Vector<E, N>>,
-    a_rows: HeadRows,
-    b: &Tensor<Vector<E, N>>,
-    b_rows: HeadRows,
-    row0: usize,
-    a_s: &mut SharedMemory<Vector<E, N>>,
-    b_s: &mut SharedMemory<Vector<E, N>>,
-    bar_0: &Shared<Barrier>,
-    bar_1: &Shared<Barrier>,
-    i: usize,
-    #[comptime] rows: usize,
-    #[comptime] d: usize,
-) {
-    let at = ((i + 1) % 2) * rows;
-    copy_tile::<E, N>(a, a_rows, row0, a_s, at, rows, d);
-    copy_tile::<E, N>(b, b_rows, row0, b_s, at, rows, d);
-    if i % 2 == 0 {
-        bar_1.commit_copy_async();
-        let _arrived = bar_1.arrive();
-    } else {
-        bar_0.commit_copy_async();
-        let _arrived = bar_0.arrive();
-    }
-}
-
-/// Waits for the tiles of step `i` of a two-stage walk (see [`copy_next`]; step 0's committed to
-/// `bar_0` by the caller) and returns their first row in the tiles.
-#[cube]
-fn wait_tiles(bar_0: &Shared<Barrier>, bar_1: &Shared<Barrier>, i: usize, #[comptime] rows: usize) -> usize {
-    // Step `i` is phase `i / 2` of its half's barrier.
-    let parity = u32::cast_from((i / 2) % 2);
-    if i % 2 == 0 {
-        bar_0.wait_parity(parity);
-    } else {
-        bar_1.wait_parity(parity);
-    }
-    (i % 2) * rows
 }
 
 /// The `ldmatrix` of four 8x8 matrices whose rows this lane addresses: row `row0 + lane_row`,
@@ -428,13 +322,7 @@ pub(super) fn flash_forward_mma<E: Float, M: Int, N: Size>(
     let bar_1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     copy_tile::<E, N>(q, head_rows::<E, N>(q, batch, head), q0, &mut q_s, 0usize, ROWS, d);
     let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
-    if first_block < end_block {
-        copy_tile::<E, N>(k, k_rows, first_block * KEYS, &mut k_s, 0usize, KEYS, d);
-        copy_tile::<E, N>(v, v_rows, first_block * KEYS, &mut v_s, 0usize, KEYS, d);
-    }
-    bar_0.commit_copy_async();
-    let _arrived = bar_0.arrive();
-    bar_0.wait_parity(0u32);
+    first_key_tiles::<E, N>(k, k_rows, v, v_rows, &mut k_s, &mut v_s, &bar_0, first_block, end_block, d);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
 
     // The plane's query rows as A fragments, one per 16 columns of the head dim.
@@ -629,13 +517,7 @@ pub(super) fn flash_backward_q_mma<E: Float, M: Int, N: Size>(
     copy_tile::<E, N>(q, head_rows::<E, N>(q, batch, head), q0, &mut q_s, 0usize, ROWS, d);
     copy_tile::<E, N>(d_out, head_rows::<E, N>(d_out, batch, head), q0, &mut do_s, 0usize, ROWS, d);
     let (first_block, end_block) = key_blocks(keys_a, keys_b, q0, seq, causal);
-    if first_block < end_block {
-        copy_tile::<E, N>(k, k_rows, first_block * KEYS, &mut k_s, 0usize, KEYS, d);
-        copy_tile::<E, N>(v, v_rows, first_block * KEYS, &mut v_s, 0usize, KEYS, d);
-    }
-    bar_0.commit_copy_async();
-    let _arrived = bar_0.arrive();
-    bar_0.wait_parity(0u32);
+    first_key_tiles::<E, N>(k, k_rows, v, v_rows, &mut k_s, &mut v_s, &bar_0, first_block, end_block, d);
     let def = MmaDefinition::<E, E, f32>::new(16usize, 8usize, 16usize);
     let mut qa = Sequence::<Frag<E>>::new();
     let mut doa = Sequence::<Frag<E>>::new();

@@ -9,6 +9,7 @@ pub mod cublas;
 #[cfg(feature = "cuda")]
 mod cublas_grouped;
 mod flash;
+mod flash_copy;
 mod flash_kernel;
 mod flash_mma;
 pub mod gemm;
