@@ -10,7 +10,8 @@ use cubecl::ir::StorageType;
 use cubecl::prelude::{ComputeClient, CubeCount, CubeDim};
 
 use super::flash_kernel::{flash_backward_kv, flash_backward_q, flash_forward, mask_rows};
-use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, BARRIERS, KEYS, PAD, ROWS, UNITS};
+use super::flash_copy::{copies_async, BARRIERS};
+use super::flash_mma::{flash_backward_kv_mma, flash_backward_q_mma, flash_forward_mma, KEYS, PAD, ROWS, UNITS};
 use super::{cube_tensor, float};
 use crate::attention::{AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, Dims};
 
@@ -239,9 +240,7 @@ pub(super) fn forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     let lse = empty_device_contiguous_dtype(client.clone(), device, Shape::new([b, hq, s]), DType::F32);
     let Tiles { br, bc } = plan.forward;
     let dtypes = [q.dtype.into(), mask.dtype.into()];
-    // `cp.async` copies whole vectors of 4 bytes or more: inputs aligned for one element a load
-    // take the shared-memory kernels.
-    if plan.forward_mma && width >= 2 {
+    if plan.forward_mma && copies_async(width) {
         // SAFETY: as below; the fragments' shared-memory reads stay inside the padded tiles.
         unsafe {
             flash_forward_mma::launch_unchecked::<R>(
@@ -329,7 +328,7 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     if wanted.k || wanted.v {
         let (dk, dv) = (empty([b, hkv, s, d]), empty([b, hkv, s, d]));
         let Tiles { br, bc } = plan.backward_kv;
-        if plan.backward_kv_mma && width >= 2 {
+        if plan.backward_kv_mma && copies_async(width) {
             // SAFETY: as the forward's.
             unsafe {
                 flash_backward_kv_mma::launch_unchecked::<R>(
@@ -385,7 +384,7 @@ pub(super) fn backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolE
     }
     let grad_q = wanted.q.then(|| {
         let dq = empty([b, hq, s, d]);
-        if plan.backward_q_mma && width >= 2 {
+        if plan.backward_q_mma && copies_async(width) {
             // SAFETY: as the forward's.
             unsafe {
                 flash_backward_q_mma::launch_unchecked::<R>(

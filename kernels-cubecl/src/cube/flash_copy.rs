@@ -8,6 +8,16 @@ use cubecl::prelude::*;
 
 use super::flash_mma::{KEYS, PAD, UNITS};
 
+/// Shared bytes of the two barriers of a kernel's two-stage walk ([`copy_next`]).
+pub(super) const BARRIERS: usize = 16;
+
+/// Whether inputs loaded `width` elements at a time (2-byte elements) can be copied by
+/// `cp.async`, which moves 4, 8 or 16 bytes a copy: inputs aligned only for one element a load
+/// take the shared-memory kernels.
+pub(super) fn copies_async(width: usize) -> bool {
+    width >= 2
+}
+
 /// Where the rows of one (batch, head) of an input (`[batch, heads, seq, d]`, unit last stride)
 /// start and how far apart they are, in vectors of its width, and how many there are: read from
 /// the tensor's metadata once, not at every copy.

@@ -9,9 +9,8 @@
 //! row-major as stored, copied by `cp.async` ([`super::flash_copy`]: the tiles walked over hold
 //! two blocks, the next block's copies in flight while this one is computed). Fragments come
 //! out of them through `ldmatrix` (four 8x8 matrices an instruction), transposed by the
-//! instruction where a product
-//! needs a tile's columns (`P V`: the values by key; `dS K`, `P^T dO`, `dS^T Q`), so no tile is
-//! staged transposed. A lane holds two rows of each fragment (`g` and `g + 8`, `g = lane / 4`),
+//! instruction where a product needs a tile's columns (`P V`: the values by key; `dS K`, `P^T
+//! dO`, `dS^T Q`), so no tile is staged transposed. A lane holds two rows of each fragment (`g` and `g + 8`, `g = lane / 4`),
 //! so a row's max and sum are reduced over the four lanes of its quad.
 //!
 //! The fragments' layouts are PTX's for m16n8k16, with `g = lane / 4`, `t = lane % 4`, each
@@ -50,9 +49,6 @@ pub(super) const UNITS: usize = 128;
 /// Elements a tile row is padded by: rows `d + 8` long put the eight rows of an `ldmatrix` on
 /// distinct banks and keep every row start 16-byte aligned.
 pub(super) const PAD: usize = 8;
-
-/// Shared bytes of the two barriers of a kernel's two-stage walk ([`copy_next`]).
-pub(super) const BARRIERS: usize = 16;
 
 type Frag<E> = Array<Vector<E, Const<2>>>;
 
