@@ -1,5 +1,6 @@
 //! What a checkpoint holds of a trainer, and back: the trained tensors under Hugging Face /
-//! peft names with the adapter's config, and the optimizer's moments.
+//! peft names with the adapter's config, and the optimizer's moments (with the f32 master copies
+//! of parameters stored narrower).
 //!
 //! A checkpoint holds what one device would, whatever the layout: under tensor parallelism
 //! ([`Shards`]) each sharded tensor is gathered from the group before it is written and sliced
@@ -357,10 +358,18 @@ pub struct Gathered {
     moments: Option<(Vec<NamedTensor>, BTreeMap<String, u64>)>,
 }
 
-/// What a checkpoint of `trainer` holds (with the optimizer's moments when `with_optimizer`),
-/// whole: every rank of the tensor-parallel group calls this at once; one of them writes it
-/// ([`write`]).
-pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimizer: bool) -> Result<Gathered> {
+impl Gathered {
+    /// The trained tensors under their Hugging Face / peft names, as the checkpoint stores them.
+    pub fn tensors(&self) -> &[NamedTensor] {
+        &self.tensors
+    }
+}
+
+/// What a checkpoint of `trainer` holds (with the optimizer's moments when `with_optimizer`:
+/// `optimizer_state` where the trainer's own is dealt over the ranks,
+/// [`Trainer::gather_optimizer_state`]), whole: every rank of the tensor-parallel group calls
+/// this at once; one of them writes it ([`write`]).
+pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimizer: bool, optimizer_state: Option<&BTreeMap<String, Moments<B>>>) -> Result<Gathered> {
     let model = trainer.model().valid();
     let shards = Shards::of(trainer);
     let tensors = hf_tensors(&model, tuning, shards.as_ref())?;
@@ -383,10 +392,13 @@ pub fn gather<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimi
         true => {
             let views = param_views(&model);
             let (mut list, mut steps) = (Vec::new(), BTreeMap::new());
-            for (path, m) in &trainer.optimizer.state {
+            for (path, m) in optimizer_state.unwrap_or(&trainer.optimizer.state) {
                 // Experts' moments under their global indices (the Burn path's is local).
                 let block = burn_paths::expert_of(path).map(|(layer, e)| (e, expert_block(&model, layer)));
-                for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+                // A narrower parameter's f32 master copy too: resuming from the bf16 weights
+                // alone would lose the updates below bf16's spacing.
+                let master = m.master.as_ref().map(|v| ("master", v));
+                for (suffix, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)].into_iter().chain(master) {
                     let v = match (shards.as_ref(), views.get(path)) {
                         (Some(s), Some(&(view, rank))) => s.gather(path, v.clone().reshape(view), rank)?,
                         _ => v.clone().reshape([1, v.dims()[0]]),
@@ -488,7 +500,7 @@ pub fn load_optimizer<B: TrainBackend>(
             let n = v.len();
             Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32))
         };
-        out.insert(path, Moments { exp_avg: flat(exp_avg), exp_avg_sq: flat(exp_avg_sq), step });
+        out.insert(path, Moments { exp_avg: flat(exp_avg), exp_avg_sq: flat(exp_avg_sq), step, master: None });
     }
     for (saved, &step) in &state.optimizer_steps {
         if per_expert_adapter(saved).is_some() {
@@ -507,6 +519,8 @@ pub fn load_optimizer<B: TrainBackend>(
             _ => saved.clone(),
         };
         let path = &path;
+        // A master copy is saved for parameters stored below f32 (none on CPU).
+        let has_master = tensors.contains_key(&format!("{saved}.master"));
         let mut take = |suffix: &str| -> Result<Tensor<B, 1>> {
             let name = format!("{saved}.{suffix}");
             let (_, data) = tensors
@@ -533,7 +547,9 @@ pub fn load_optimizer<B: TrainBackend>(
             let rows = s.tp.map_or(0..whole[dim], |(tp, _)| tp.comm.group().block(whole[dim]));
             Ok(flat.reshape(whole).narrow(dim, rows.start, rows.len()).reshape([view[0] * view[1]]))
         };
-        out.insert(path.clone(), Moments { exp_avg: take("exp_avg")?, exp_avg_sq: take("exp_avg_sq")?, step });
+        let (exp_avg, exp_avg_sq) = (take("exp_avg")?, take("exp_avg_sq")?);
+        let master = if has_master { Some(take("master")?) } else { None };
+        out.insert(path.clone(), Moments { exp_avg, exp_avg_sq, step, master });
     }
     Ok(out)
 }

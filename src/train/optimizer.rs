@@ -7,6 +7,11 @@
 //! stores, stable across processes where Burn's `ParamId`s are not. A parameter that received
 //! no gradient in a step (an expert no token was routed to) is skipped, state and all, as torch
 //! skips a parameter whose `.grad` is `None`.
+//!
+//! A parameter stored below f32 (bf16 or f16 full fine-tuning on GPU) is updated in an f32 master
+//! copy the optimizer owns beside its moments, and the model gets that copy's cast after each
+//! step, as Megatron's and transformers' mixed precision keep them: an update below the stored
+//! dtype's spacing (common at lr 1e-5) then still accumulates instead of rounding away.
 
 use crate::backend::TrainBackend;
 use std::collections::BTreeMap;
@@ -123,12 +128,14 @@ pub fn collect_grads<B: AutodiffBackend, M: Module<B>>(
     module.visit(&mut Collector::<B> { path, grads, into });
 }
 
-/// First and second moments of one parameter and its own step count.
+/// First and second moments of one parameter and its own step count, and the f32 master copy
+/// of a parameter stored in a narrower dtype (`None` for an f32 parameter: it is its own master).
 #[derive(Debug, Clone)]
 pub struct Moments<B: Backend> {
     pub exp_avg: Tensor<B, 1>,
     pub exp_avg_sq: Tensor<B, 1>,
     pub step: u64,
+    pub master: Option<Tensor<B, 1>>,
 }
 
 /// AdamW hyper-parameters (the learning rate comes from the schedule each step).
@@ -161,20 +168,25 @@ const LIST_BYTES: usize = 256 << 20;
 const FLUSH_BYTES: usize = 1 << 30;
 
 /// One parameter to update: its module path, its value flattened and its rank.
-struct Trained<B: Backend> {
-    path: String,
-    value: Tensor<B, 1>,
-    rank: usize,
+pub(crate) struct Trained<B: Backend> {
+    pub path: String,
+    pub value: Tensor<B, 1>,
+    pub rank: usize,
 }
 
 /// The trained parameters of `module` that have a gradient in `grads`, in the module's order.
 fn trained<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &Grads<AB::InnerBackend>) -> Vec<Trained<AB::InnerBackend>> {
-    struct Finder<'a, B: AutodiffBackend> {
+    parameters::<AB, M>(module, |path| grads.by_path.contains_key(path))
+}
+
+/// The parameters of `module` whose paths `pick` picks, in the module's order.
+pub(crate) fn parameters<AB: AutodiffBackend, M: Module<AB>>(module: &M, pick: impl Fn(&str) -> bool) -> Vec<Trained<AB::InnerBackend>> {
+    struct Finder<B: AutodiffBackend, F: Fn(&str) -> bool> {
         path: Vec<String>,
-        grads: &'a Grads<B::InnerBackend>,
+        pick: F,
         found: Vec<Trained<B::InnerBackend>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Finder<'_, B> {
+    impl<B: AutodiffBackend, F: Fn(&str) -> bool> ModuleVisitor<B> for Finder<B, F> {
         fn enter_module(&mut self, name: &str, _container: &str) {
             self.path.push(name.to_string());
         }
@@ -183,21 +195,21 @@ fn trained<AB: AutodiffBackend, M: Module<AB>>(module: &M, grads: &Grads<AB::Inn
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let path = self.path.join(".");
-            if self.grads.by_path.contains_key(&path) {
+            if (self.pick)(&path) {
                 let value = param.val().inner();
                 let n = value.shape().num_elements();
                 self.found.push(Trained { path, value: value.reshape([n]), rank: D });
             }
         }
     }
-    let mut finder = Finder::<AB> { path: Vec::new(), grads, found: Vec::new() };
+    let mut finder = Finder::<AB, _> { path: Vec::new(), pick, found: Vec::new() };
     module.visit(&mut finder);
     finder.found
 }
 
 /// `module` with the parameters at the paths of `updated` replaced by those values (reshaped to
-/// the parameters' shapes, `updated` emptied).
-fn put_back<AB: AutodiffBackend, M: Module<AB>>(module: M, updated: &mut BTreeMap<String, Tensor<AB::InnerBackend, 1>>) -> M {
+/// the parameters' shapes and cast to their dtypes, `updated` emptied).
+pub(crate) fn put_back<AB: AutodiffBackend, M: Module<AB>>(module: M, updated: &mut BTreeMap<String, Tensor<AB::InnerBackend, 1>>) -> M {
     struct Replace<'a, B: Backend> {
         path: Vec<String>,
         updated: &'a mut BTreeMap<String, Tensor<B, 1>>,
@@ -215,6 +227,10 @@ fn put_back<AB: AutodiffBackend, M: Module<AB>>(module: M, updated: &mut BTreeMa
             };
             let (id, tensor, mapper) = param.consume();
             let value = value.reshape(tensor.shape());
+            let value = match tensor.dtype() {
+                dtype if dtype != value.dtype() => value.cast(dtype),
+                _ => value,
+            };
             Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
         }
     }
@@ -262,21 +278,29 @@ impl<B: TrainBackend> AdamW<B> {
         let (mut updated, mut waiting) = (BTreeMap::new(), 0);
         // Lists being filled, one per set of scalars, each with its bytes.
         // (The parameters of a list share their step count: it is in the scalars.)
-        let mut lists: Vec<(AdamWStep, u64, Vec<(String, AdamWTensors<B>)>, usize)> = Vec::new();
+        // Each entry: a parameter's path and stored dtype, and what its update takes.
+        let mut lists: Vec<(AdamWStep, u64, Vec<((String, DType), AdamWTensors<B>)>, usize)> = Vec::new();
         let count = found.len();
         for (i, t) in found.into_iter().enumerate() {
             let grad = grads.by_path.remove(&t.path).expect("found by its gradient");
-            let m = self.state.remove(&t.path).unwrap_or_else(|| Moments { exp_avg: grad.zeros_like(), exp_avg_sq: grad.zeros_like(), step: 0 });
+            let m = self.state.remove(&t.path).unwrap_or_else(|| Moments { exp_avg: grad.zeros_like(), exp_avg_sq: grad.zeros_like(), step: 0, master: None });
             let step = m.step + 1;
             let scalars = self.scalars(t.rank, step, lr);
-            let bytes = t.value.shape().num_elements() * t.value.dtype().size();
-            let tensors = AdamWTensors { param: t.value, grad, exp_avg: m.exp_avg, exp_avg_sq: m.exp_avg_sq };
+            let dtype = t.value.dtype();
+            let bytes = t.value.shape().num_elements() * dtype.size();
+            // A narrower parameter's update runs on its master copy (made from it at the first
+            // step, or restored from a checkpoint).
+            let param = match dtype {
+                DType::F32 => t.value,
+                _ => m.master.unwrap_or_else(|| t.value.cast(FloatDType::F32)),
+            };
+            let tensors = AdamWTensors { param, grad, exp_avg: m.exp_avg, exp_avg_sq: m.exp_avg_sq };
             match lists.iter_mut().find(|(s, n, _, _)| *s == scalars && *n == step) {
                 Some((_, _, list, list_bytes)) => {
-                    list.push((t.path, tensors));
+                    list.push(((t.path, dtype), tensors));
                     *list_bytes += bytes;
                 }
-                None => lists.push((scalars, step, vec![(t.path, tensors)], bytes)),
+                None => lists.push((scalars, step, vec![((t.path, dtype), tensors)], bytes)),
             }
             let last = i + 1 == count;
             // Run the lists that are full (all of them after the last parameter).
@@ -284,10 +308,14 @@ impl<B: TrainBackend> AdamW<B> {
             while k < lists.len() {
                 if last || lists[k].2.len() >= LIST_TENSORS || lists[k].3 >= LIST_BYTES {
                     let (scalars, step, list, bytes) = lists.swap_remove(k);
-                    let (paths, tensors): (Vec<String>, Vec<AdamWTensors<B>>) = list.into_iter().unzip();
-                    for (path, u) in paths.into_iter().zip(B::adamw_update_many(tensors, scale.clone(), scalars)) {
-                        self.state.insert(path.clone(), Moments { exp_avg: u.exp_avg, exp_avg_sq: u.exp_avg_sq, step });
-                        updated.insert(path, u.param);
+                    let (paths, tensors): (Vec<(String, DType)>, Vec<AdamWTensors<B>>) = list.into_iter().unzip();
+                    for ((path, dtype), u) in paths.into_iter().zip(B::adamw_update_many(tensors, scale.clone(), scalars)) {
+                        let (param, master) = match dtype {
+                            DType::F32 => (u.param, None),
+                            _ => (u.param.clone().cast(dtype), Some(u.param)),
+                        };
+                        self.state.insert(path.clone(), Moments { exp_avg: u.exp_avg, exp_avg_sq: u.exp_avg_sq, step, master });
+                        updated.insert(path, param);
                     }
                     waiting += bytes;
                 } else {
