@@ -152,6 +152,33 @@ fn gradients_reach_only_the_adapters() {
     assert_eq!(model.num_params(), build::<Ad>().num_params() + 3 * (32 + 48) * 4 + 2 * 6 * (24 + 32) * 4);
 }
 
+/// `trainer check`'s estimate of the trainable weights and optimizer per rank: full tuning of
+/// bf16 weights keeps an f32 gradient on every rank, and two f32 moments and an f32 master copy
+/// on one data-parallel rank of `data` under the distributed optimizer (on every rank without);
+/// LoRA its f32 factors and gradients on every rank, the moments dealt likewise.
+#[test]
+fn check_estimates_the_optimizer_per_rank_with_and_without_dealing_it() {
+    let (plan, _) = plan_and_section();
+    let gib = (1u64 << 30) as f64;
+    let shape = |lora: Option<(usize, LoraTargets)>, distributed_optimizer: bool| RunShape {
+        data: 4, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
+        lora, weight_bytes: 2, recompute: false, fused_cross_entropy: true, distributed_optimizer,
+    };
+    let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() <= 1e-9 * want, "{what}: {got} GiB, expected {want}");
+    let full = ModelSummary::new(&plan.spec, &shape(None, true)).unwrap();
+    let n = full.per_rank_trainable as f64;
+    close(full.memory.trainable_and_optimizer, n * (4.0 + 12.0 / 4.0) / gib, "full, distributed");
+    close(full.memory.trainable_and_optimizer_otherwise.unwrap(), n * 16.0 / gib, "full, not distributed");
+    let lora = ModelSummary::new(&plan.spec, &shape(Some((4, all_linear())), false)).unwrap();
+    let n = lora.per_rank_trainable as f64;
+    close(lora.memory.trainable_and_optimizer, n * 16.0 / gib, "LoRA, not distributed");
+    close(lora.memory.trainable_and_optimizer_otherwise.unwrap(), n * (8.0 + 8.0 / 4.0) / gib, "LoRA, distributed");
+    // One data-parallel rank has nothing to deal.
+    let one = ModelSummary::new(&plan.spec, &RunShape { data: 1, ..shape(None, true) }).unwrap();
+    assert!(one.memory.trainable_and_optimizer_otherwise.is_none());
+    close(one.memory.trainable_and_optimizer, one.per_rank_trainable as f64 * 16.0 / gib, "full, one rank");
+}
+
 #[test]
 fn init_follows_peft_and_trainable_count_matches_check() {
     let (plan, _) = plan_and_section();
@@ -159,8 +186,9 @@ fn init_follows_peft_and_trainable_count_matches_check() {
     let (mut adapted, _) = lora::apply(build::<Cpu>(), &all_linear(), &cfg()).unwrap();
     let lora_params = adapted.num_params() - base_params;
     let run = RunShape {
-        tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
+        data: 1, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
         lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+        distributed_optimizer: false,
     };
     let summary = ModelSummary::new(&plan.spec, &run).unwrap();
     assert_eq!(lora_params as u64, summary.trainable_params);
@@ -213,8 +241,9 @@ fn shared_expert_is_adapted_like_a_dense_mlp_and_its_gate_only_when_named() {
     }
     assert!(model.layers[1].moe.is_none());
     let run = RunShape {
-        tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
+        data: 1, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
         lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+        distributed_optimizer: false,
     };
     let summary = ModelSummary::new(&plan.spec, &run).unwrap();
     assert_eq!(base_params as u64, summary.total_params);

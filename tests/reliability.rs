@@ -484,7 +484,8 @@ fn worst_difference(got: &Path, want: &Path) -> (String, f32) {
 }
 
 /// `trainer run --nproc-per-node N` with the layers split over tensor-parallel ranks (2 ranks
-/// with sequence parallelism; 4 ranks as 2 data-parallel replicas of 2 tensor ranks) and the
+/// with sequence parallelism; 4 ranks as 2 data-parallel replicas of 2 tensor ranks), the
+/// optimizer's state dealt over the data-parallel ranks (`parallel.distributed_optimizer`) and the
 /// experts over expert-parallel ranks (data 2 x expert 2; and with tensor 2 + sequence
 /// parallelism on 4 ranks), full layer recompute and evaluation, trains as one process does: every step's loss within 1e-5
 /// relative, the gathered checkpoint's adapter (peft's names and one device's shapes) within
@@ -499,9 +500,11 @@ fn parallel_layouts_train_as_one_process() {
     let common = ["train.global_batch_size=8", "checkpoint.save_interval=3", "lora.dropout=0.0", "train.recompute.granularity=\"full\"", "train.eval_interval=3"];
     let one = tiny_run(&root.path().join("one"), 8, &common);
     let adapter = |run: &Path, step: usize| run.join(format!("checkpoint-{step}")).join("adapter_model.safetensors");
-    let layouts: [(&str, &str, &[&str]); 4] = [
+    let layouts: [(&str, &str, &[&str]); 6] = [
         ("tp2-sp", "2", &["parallel.tensor=2", "parallel.sequence_parallel=true"]),
         ("dp2-tp2", "4", &["parallel.data=2", "parallel.tensor=2"]),
+        ("dp2-zero", "2", &["parallel.data=2", "parallel.distributed_optimizer=true"]),
+        ("dp2-tp2-zero", "4", &["parallel.data=2", "parallel.tensor=2", "parallel.distributed_optimizer=true"]),
         ("dp2-ep2", "2", &["parallel.data=2", "parallel.expert=2"]),
         ("dp2-tp2-sp-ep2", "4", &["parallel.data=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]),
     ];

@@ -444,6 +444,64 @@ fn data_parallel_ranks_train_as_one_rank() {
     }
 }
 
+/// The distributed optimizer on 2 and 4 thread ranks, full fine-tuning (every weight's state
+/// dealt over the ranks) and LoRA: every step's loss and gradient norm, and every parameter
+/// after the steps, equal one rank running the whole global batch (1e-5 relative); each rank
+/// keeps the state of its own parameters only, and the ranks' shares cover every parameter once.
+/// Parameters within 2e-4 of their largest value: AdamW's scale-free update turns last-bit
+/// differences of near-zero gradients (the ranks' sums meet in another order) into weight
+/// differences up to the learning rate.
+#[test]
+fn distributed_optimizer_ranks_train_as_one_rank() {
+    use std::sync::Arc;
+    use trainer::parallel::comm::Communicator;
+    const STEPS: usize = 3;
+    let _one = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |t: &mut Trainer<Cpu>, micro: &[Batch]| (1..=STEPS).map(|s| t.step(s, micro).unwrap()).collect::<Vec<_>>();
+    for tuning in [&["train.tuning=\"full\""][..], &[]] {
+        let (want_stats, want_params, want_state) = {
+            let (mut t, rows, pad) = tiny_trainer_in(tuning, Layout::SINGLE, vec![]);
+            let micro = batch::padded(&rows, 2, pad);
+            assert_eq!(micro.len(), 4);
+            let stats = run(&mut t, &micro);
+            let state: std::collections::BTreeSet<String> = t.optimizer.state.keys().cloned().collect();
+            (stats, parameter_values(&t), state)
+        };
+        for world in [2, 4] {
+            let ranks = on_thread_ranks(world, move |rank, comm| {
+                let (mut t, rows, pad) = tiny_trainer_in(tuning, Layout::SINGLE, vec![]);
+                t.data_parallel = Some(trainer::parallel::regions::GroupComm::new(Arc::new(comm) as Arc<dyn Communicator<Cpu>>));
+                t.set_distributed_optimizer();
+                let micro = batch::padded(&rows, 2, pad);
+                let per = micro.len() / world;
+                t.micro_batch_place = (rank * per, 1);
+                let stats = run(&mut t, &micro[rank * per..(rank + 1) * per]);
+                let shares = t.optimizer_shares().expect("the state is dealt");
+                (stats, parameter_values(&t), t.optimizer.state.keys().cloned().collect::<Vec<_>>(), shares)
+            });
+            let what = format!("{tuning:?}, {world} ranks");
+            let mut owned: Vec<String> = ranks.iter().flat_map(|r| r.2.clone()).collect();
+            owned.sort();
+            assert_eq!(owned, want_state.iter().cloned().collect::<Vec<_>>(), "{what}: each parameter's state on one rank");
+            let shares = &ranks[0].3;
+            assert!(shares.iter().all(|&n| n > 0), "{what}: every rank owns state: {shares:?}");
+            for (rank, (stats, params, _, _)) in ranks.into_iter().enumerate() {
+                for (s, (got, want)) in stats.iter().zip(&want_stats).enumerate() {
+                    let what = format!("{what}, rank {rank}, step {}", s + 1);
+                    assert_eq!(got.tokens, want.tokens, "{what}: the global batch's tokens");
+                    close(got.loss, want.loss, &format!("{what}: loss"));
+                    close(got.grad_norm, want.grad_norm, &format!("{what}: gradient norm"));
+                }
+                for (i, (g, w)) in params.iter().zip(&want_params).enumerate() {
+                    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                    let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 2e-4 * scale, "{what}, rank {rank}: parameter {i} differs by {diff:e} (max {scale:e})");
+                }
+            }
+        }
+    }
+}
+
 /// `f(rank, communicator)` on `world` thread ranks that meet over loopback TCP.
 fn on_thread_ranks<T: Send + 'static>(world: usize, f: impl Fn(usize, trainer::parallel::tcp::TcpCommunicator) -> T + Send + Sync + 'static) -> Vec<T> {
     use trainer::parallel::rendezvous::{self, RendezvousConfig};

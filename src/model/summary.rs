@@ -84,6 +84,7 @@ pub fn linears(spec: &ArchSpec) -> Vec<LinearInfo> {
 /// What the recipe asks of the model, for the estimates.
 #[derive(Debug, Clone)]
 pub struct RunShape {
+    pub data: usize,
     pub tensor: usize,
     pub expert: usize,
     pub context: usize,
@@ -97,6 +98,8 @@ pub struct RunShape {
     /// Layers whose inputs are kept while the rest is recomputed; `None` without recompute.
     pub recompute: bool,
     pub fused_cross_entropy: bool,
+    /// The optimizer's state dealt over the data-parallel ranks (`parallel.distributed_optimizer`).
+    pub distributed_optimizer: bool,
 }
 
 impl RunShape {
@@ -110,6 +113,7 @@ impl RunShape {
         };
         let on_gpu = r.device == Device::Cuda || crate::backend::resolve(r.device) == Device::Cuda;
         Ok(RunShape {
+            data: r.parallel.data,
             tensor: r.parallel.tensor,
             expert: r.parallel.expert,
             context: r.parallel.context,
@@ -120,6 +124,7 @@ impl RunShape {
             weight_bytes: if on_gpu { r.model.dtype.bytes() } else { 4 },
             recompute: r.train.recompute.granularity != RecomputeGranularity::None,
             fused_cross_entropy: r.train.fused_cross_entropy,
+            distributed_optimizer: r.parallel.distributed_optimizer,
         })
     }
 }
@@ -176,9 +181,15 @@ pub struct ModelSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryEstimate {
     pub weights: f64,
-    /// Trainable weights, their gradients and AdamW moments (f32 each for LoRA; bf16 weights
-    /// with f32 master, moments and bf16 gradients for full tuning).
+    /// Trainable weights, their gradients and AdamW's state: LoRA's f32 factors, f32 gradients
+    /// and moments; full tuning's f32 gradients, moments and master copies of weights stored
+    /// narrower (the weights themselves are in `weights`). The moments and master copies on
+    /// 1/data of the ranks each under the distributed optimizer.
     pub trainable_and_optimizer: f64,
+    /// `trainable_and_optimizer` with the other `parallel.distributed_optimizer` setting, where
+    /// there is more than one data-parallel rank.
+    pub trainable_and_optimizer_otherwise: Option<f64>,
+    pub distributed_optimizer: bool,
     pub activations_no_recompute: f64,
     pub activations_recompute: f64,
     /// Logits and their gradient in f32, unless the fused cross-entropy keeps them chunked.
@@ -280,8 +291,12 @@ fn activation_bytes_per_token_layer(spec: &ArchSpec, layer: &MlpSpec) -> f64 {
 
 fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_rank: u64) -> MemoryEstimate {
     let weights = per_rank as f64 * run.weight_bytes as f64;
-    let opt_bytes = if run.lora.is_some() { 16.0 } else { 14.0 };
-    let trainable_and_optimizer = trainable_rank as f64 * opt_bytes;
+    // Bytes a trainable weight keeps on every rank (LoRA's factor and gradient; full tuning's
+    // gradient) and its optimizer state (two moments, a master copy under a narrower weight).
+    let kept = if run.lora.is_some() { 8.0 } else { 4.0 };
+    let state = 8.0 + if run.lora.is_none() && run.weight_bytes < 4 { 4.0 } else { 0.0 };
+    let optimizer = |distributed: bool| trainable_rank as f64 * (kept + state / if distributed { run.data.max(1) as f64 } else { 1.0 });
+    let trainable_and_optimizer = optimizer(run.distributed_optimizer);
     // Tokens a rank holds activations for: context parallelism splits the sequence; sequence
     // parallelism splits the rest of the block across the tensor group.
     let tokens = (run.micro_batch * run.seq_len) as f64 / run.context as f64;
@@ -296,6 +311,8 @@ fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_ran
     MemoryEstimate {
         weights: weights / GIB,
         trainable_and_optimizer: trainable_and_optimizer / GIB,
+        trainable_and_optimizer_otherwise: (run.data > 1).then(|| optimizer(!run.distributed_optimizer) / GIB),
+        distributed_optimizer: run.distributed_optimizer,
         activations_no_recompute: all / GIB,
         activations_recompute: recomputed / GIB,
         logits: logits / GIB,
@@ -324,6 +341,9 @@ impl fmt::Display for ModelSummary {
         writeln!(f, "memory per rank (estimate, GiB)")?;
         writeln!(f, "  weights                    {:>8.2}", m.weights)?;
         writeln!(f, "  trainable + optimizer      {:>8.2}", m.trainable_and_optimizer)?;
+        if let Some(other) = m.trainable_and_optimizer_otherwise {
+            writeln!(f, "    with distributed_optimizer = {:<5}  {:>8.2}", !m.distributed_optimizer, other)?;
+        }
         writeln!(f, "  activations, no recompute  {:>8.2}", m.activations_no_recompute)?;
         writeln!(f, "  activations, recompute     {:>8.2}", m.activations_recompute)?;
         writeln!(f, "  logits (unfused CE)        {:>8.2}", m.logits)?;

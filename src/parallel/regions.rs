@@ -97,6 +97,8 @@ pub enum Collective {
     Split(usize),
     AllGather(usize),
     ReduceScatter(usize),
+    /// Rank `root`'s tensor on every rank (the others' give only the shape).
+    Broadcast(usize),
 }
 
 impl Region {
@@ -152,6 +154,7 @@ impl Collective {
                 gathered[0] *= size;
                 Ok(comm.all_gather(flat(front))?.reshape(gathered).swap_dims(0, dim))
             }
+            Collective::Broadcast(root) => Ok(comm.broadcast(flat(x), root)?.reshape(dims)),
             Collective::ReduceScatter(dim) => {
                 let dim = check_dim(dim)?;
                 let front = x.swap_dims(0, dim);

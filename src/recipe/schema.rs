@@ -162,11 +162,17 @@ pub struct ParallelSection {
     /// Megatron sequence parallelism inside the tensor-parallel group (`--sequence_parallel`);
     /// needs `tensor > 1`. Default false.
     pub sequence_parallel: bool,
+    /// Megatron's distributed optimizer (`--use_distributed_optimizer`; ZeRO-1/2): each trained
+    /// parameter's optimizer state (its moments, and its f32 master copy when it is stored
+    /// narrower) lives on one data-parallel rank, which alone receives its summed gradient
+    /// (reduce-scatter) and updates it, then every rank gathers the updated weights. The state
+    /// takes 1/data of the memory; the updates are the same. Default false.
+    pub distributed_optimizer: bool,
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { data: 1, tensor: 1, pipeline: 1, expert: 1, context: 1, sequence_parallel: false }
+        ParallelSection { data: 1, tensor: 1, pipeline: 1, expert: 1, context: 1, sequence_parallel: false, distributed_optimizer: false }
     }
 }
 
@@ -667,7 +673,7 @@ mod tests {
         let lora = LoraSection { rank: 16, alpha: 32.0, ..Default::default() };
         assert_eq!(lora.scale(), 2.0);
         assert_eq!(LoraSection { rslora: true, ..lora }.scale(), 8.0);
-        let p = ParallelSection { data: 2, tensor: 2, pipeline: 1, context: 3, expert: 6, sequence_parallel: true };
+        let p = ParallelSection { data: 2, tensor: 2, pipeline: 1, context: 3, expert: 6, sequence_parallel: true, ..Default::default() };
         assert_eq!(p.world_size(), 12);
         assert_eq!(ParallelSection { data: usize::MAX, tensor: 2, ..Default::default() }.world_size(), usize::MAX);
     }

@@ -31,6 +31,8 @@ pub struct Choice {
     pub data: usize,
     pub tensor: usize,
     pub expert: usize,
+    /// Full fine-tuning over several data-parallel ranks deals the optimizer's state over them.
+    pub distributed_optimizer: bool,
     pub micro_batch: usize,
     pub global_batch: usize,
     pub recompute: bool,
@@ -90,6 +92,7 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
     let fits = |gib: f64| capacity.is_none_or(|c| gib <= c * HEADROOM);
     let splits: Vec<usize> = (0..).map(|k| 1usize << k).take_while(|&n| n <= gpus).filter(|n| gpus % n == 0).collect();
     let base = RunShape {
+        data: 1,
         tensor: 1,
         expert: 1,
         context: 1,
@@ -103,6 +106,7 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
         weight_bytes: if req.gpus > 0 { 2 } else { 4 },
         recompute: false,
         fused_cross_entropy: true,
+        distributed_optimizer: false,
     };
     let mut tried = Vec::new();
     // First the smallest split that runs micro batches of 4 or more (splitting further costs
@@ -113,7 +117,9 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
                 true => (1, split),
                 false => (split, 1),
             };
-            let layout = crate::recipe::ParallelSection { data: gpus / tensor, tensor, expert, ..Default::default() };
+            let data = gpus / tensor;
+            let distributed_optimizer = req.tuning == Tuning::Full && data > 1;
+            let layout = crate::recipe::ParallelSection { data, tensor, expert, distributed_optimizer, ..Default::default() };
             if model::check_layout(spec, &layout).is_err() {
                 continue;
             }
@@ -122,9 +128,8 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
                     let gib = estimate(plan, &base, &layout, micro_batch, recompute)?;
                     tried.push(gib);
                     if fits(gib) {
-                        let data = layout.data;
                         let global_batch = (micro_batch * data).max(GLOBAL_BATCH).next_multiple_of(micro_batch * data);
-                        return Ok(Choice { data, tensor, expert, micro_batch, global_batch, recompute, max_length, estimate_gib: gib, capacity_gib: capacity });
+                        return Ok(Choice { data, tensor, expert, distributed_optimizer, micro_batch, global_batch, recompute, max_length, estimate_gib: gib, capacity_gib: capacity });
                     }
                 }
             }
@@ -145,7 +150,16 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
 
 /// The memory estimate of `base` laid out as `p`, with `micro_batch` and `recompute`.
 fn estimate(plan: &ModelPlan, base: &RunShape, p: &crate::recipe::ParallelSection, micro_batch: usize, recompute: bool) -> Result<f64> {
-    let shape = RunShape { tensor: p.tensor, expert: p.expert, sequence_parallel: p.tensor > 1, micro_batch, recompute, ..base.clone() };
+    let shape = RunShape {
+        data: p.data,
+        tensor: p.tensor,
+        expert: p.expert,
+        sequence_parallel: p.tensor > 1,
+        distributed_optimizer: p.distributed_optimizer,
+        micro_batch,
+        recompute,
+        ..base.clone()
+    };
     Ok(ModelSummary::new(&plan.spec, &shape)?.memory.total)
 }
 
@@ -215,6 +229,9 @@ fn render(req: &InitRequest, plan: &ModelPlan, c: &Choice) -> String {
     entry(&mut t, &format!("tensor = {}", c.tensor), "--tensor_model_parallel_size");
     entry(&mut t, &format!("expert = {}", c.expert), "--expert_model_parallel_size");
     entry(&mut t, &format!("sequence_parallel = {}", c.tensor > 1), "--sequence_parallel");
+    if c.distributed_optimizer {
+        entry(&mut t, "distributed_optimizer = true", "--use_distributed_optimizer");
+    }
     t.push('\n');
     if lora {
         entry(&mut t, "[lora]", "--lora_rank 8 --lora_alpha 32 --target_modules all-linear");

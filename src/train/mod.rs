@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_attention;
 pub mod bench_loss;
 pub mod checkpoints;
+pub mod distributed_optimizer;
 pub mod init;
 pub mod interrupt;
 pub mod metrics;

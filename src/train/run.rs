@@ -346,6 +346,13 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     if let Some(tp) = tensor_parallel {
         trainer.set_tensor_parallel(tp);
     }
+    if r.parallel.distributed_optimizer {
+        trainer.set_distributed_optimizer();
+        if let Some(shares) = trainer.optimizer_shares() {
+            let (least, most) = (shares.iter().min().unwrap_or(&0), shares.iter().max().unwrap_or(&0));
+            println!("distributed optimizer: the trained weights' optimizer state dealt over {} data-parallel ranks, {least} to {most} weights' each", shares.len());
+        }
+    }
     // Micro batches go to data-parallel replicas; the ranks of one tensor group share theirs.
     let data_rank = layout.data.rank;
     trainer.micro_batch_place = (data_rank, dp_size);
@@ -428,10 +435,16 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         };
         let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
         let with_optimizer = r.checkpoint.save_optimizer || signal.is_some();
-        let gathered = match save_now && with_rank0 {
-            true => Some(checkpoints::gather(&trainer, r.train.tuning, with_optimizer)?),
+        // A distributed optimizer's state comes from every data-parallel rank.
+        let optimizer_state = match save_now && with_optimizer {
+            true => trainer.gather_optimizer_state()?,
             false => None,
         };
+        let gathered = match save_now && with_rank0 {
+            true => Some(checkpoints::gather(&trainer, r.train.tuning, with_optimizer, optimizer_state.as_ref())?),
+            false => None,
+        };
+        drop(optimizer_state);
         if let (Some(saved), Some(m)) = (gathered, metrics.as_mut()) {
             let dir = checkpoints::write(&run_dir, saved, &state, loaded, plan)?;
             m.note(&format!("saved {}", dir.display()));
@@ -464,14 +477,22 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
         Some((_, dir)) => dir,
-        None if with_rank0 => {
-            let saved = checkpoints::gather(&trainer, r.train.tuning, r.checkpoint.save_optimizer)?;
-            match writer {
-                true => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,
+        None => {
+            let optimizer_state = match r.checkpoint.save_optimizer {
+                true => trainer.gather_optimizer_state()?,
+                false => None,
+            };
+            match with_rank0 {
+                true => {
+                    let saved = checkpoints::gather(&trainer, r.train.tuning, r.checkpoint.save_optimizer, optimizer_state.as_ref())?;
+                    match writer {
+                        true => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,
+                        false => ckpt::checkpoint_dir(&run_dir, state.step),
+                    }
+                }
                 false => ckpt::checkpoint_dir(&run_dir, state.step),
             }
         }
-        None => ckpt::checkpoint_dir(&run_dir, state.step),
     };
     if let Some(w) = &world {
         w.goodbye();

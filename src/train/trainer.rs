@@ -9,6 +9,8 @@
 //! trained tokens are counted over every rank first (the normaliser is the global batch's), and
 //! the summed gradients and loss are all-reduced in one bucket before the norm, the clipping and
 //! the update, which every rank then computes from the same values (the same update everywhere).
+//! With the distributed optimizer ([`super::distributed_optimizer`]) the gradients are
+//! reduce-scattered instead: each rank updates the parameters it owns and gathers the others'.
 
 use std::ops::Range;
 
@@ -18,7 +20,8 @@ use burn::tensor::backend::Backend;
 use crate::backend::TrainBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::optimizer::{collect_grads, AdamW, Grads};
+use super::distributed_optimizer::DistributedOptimizer;
+use super::optimizer::{collect_grads, AdamW, Grads, Moments};
 use super::recompute;
 use super::schedule::LrSchedule;
 use crate::backend::profile::span;
@@ -77,6 +80,9 @@ pub struct Trainer<B: TrainBackend> {
     /// `first + k stride` of the global batch, whose index seeds its dropout stream (so the masks
     /// are one rank's whatever the layout). `(0, 1)` on one rank.
     pub micro_batch_place: (usize, usize),
+    /// Each trained parameter's optimizer state on one data-parallel rank; `None`: on every
+    /// rank ([`set_distributed_optimizer`](Self::set_distributed_optimizer)).
+    distributed_optimizer: Option<DistributedOptimizer<B::Wire>>,
 }
 
 /// Labels that count in the loss after the one-token shift.
@@ -148,6 +154,37 @@ impl<B: TrainBackend> Trainer<B> {
             tensor_parallel: None,
             expert_parallel: None,
             micro_batch_place: (0, 1),
+            distributed_optimizer: None,
+        }
+    }
+
+    /// Deal the trained parameters' optimizer state over the data-parallel group (and the
+    /// experts' over the group holding copies of this rank's experts), keeping this rank's part
+    /// of what the optimizer holds: call after the groups are set. Nothing to deal on one rank.
+    pub fn set_distributed_optimizer(&mut self) {
+        let Some(dp) = self.data_parallel.clone() else { return };
+        let expert_data = self.expert_parallel.as_ref().map(|(_, d)| d.clone());
+        if dp.group().size == 1 && expert_data.as_ref().is_none_or(|d| d.group().size == 1) {
+            return;
+        }
+        let zero = DistributedOptimizer::new::<Autodiff<B>, _>(self.model(), dp, expert_data, is_expert);
+        self.optimizer.state.retain(|path, _| zero.owns(path));
+        self.distributed_optimizer = Some(zero);
+    }
+
+    /// The elements of optimizer state each data-parallel rank owns, by rank, under the
+    /// distributed optimizer.
+    pub fn optimizer_shares(&self) -> Option<Vec<usize>> {
+        self.distributed_optimizer.as_ref().map(|z| z.dense_load())
+    }
+
+    /// The optimizer's whole state for a checkpoint when it is dealt over the ranks (every rank
+    /// of the data-parallel group calls this at once; those that do not write drop it), `None`
+    /// when this rank holds it whole already.
+    pub fn gather_optimizer_state(&self) -> Result<Option<std::collections::BTreeMap<String, Moments<B>>>> {
+        match &self.distributed_optimizer {
+            Some(zero) => Ok(Some(zero.gather_state(&self.optimizer.state, &self.device)?)),
+            None => Ok(None),
         }
     }
 
@@ -223,14 +260,19 @@ impl<B: TrainBackend> Trainer<B> {
     /// loss, the norm and the clipping stay on the device; both values are read once, after the
     /// update is queued.
     pub fn step(&mut self, step: usize, micro_batches: &[Batch]) -> Result<StepStats> {
-        let (loss_sum, tokens, mut grads) = self.device_gradients(step, micro_batches)?;
+        let (loss_sum, tokens, mut grads, updated) = self.device_gradients(step, micro_batches)?;
         let norm = span::<B, _>("optimizer", &self.device, || self.global_norm(&grads))?;
         if let (Some(norm), true) = (&norm, self.clip > 0.0) {
             grads.clip_by_norm(norm, self.clip);
         }
         let lr = self.schedule.at(step);
         let model = self.model.take().ok_or_else(|| Error::Internal("trainer model missing".into()))?;
-        self.model = Some(span::<B, _>("optimizer", &self.device, || self.optimizer.step(model, grads, lr)));
+        let model = span::<B, _>("optimizer", &self.device, || self.optimizer.step(model, grads, lr));
+        let model = match (&self.distributed_optimizer, updated) {
+            (Some(zero), Some(updated)) => span::<B, _>("data_parallel", &self.device, || zero.all_gather::<B, _>(model, &updated, &self.device))?,
+            _ => model,
+        };
+        self.model = Some(model);
         let norm = norm.unwrap_or_else(|| Tensor::<B, 1>::zeros([1], (&self.device, burn::tensor::DType::F32)));
         let [loss_sum, grad_norm] = read_f32(Tensor::cat(vec![loss_sum, norm], 0));
         let positions = micro_batches.iter().map(|b| b.batch_size * b.seq_len).sum();
@@ -242,20 +284,38 @@ impl<B: TrainBackend> Trainer<B> {
     /// summed over the group first, so every rank has the one-device norm.
     /// Under expert parallelism each rank's experts' squares are summed over the expert group
     /// likewise.
+    /// Under the distributed optimizer each rank holds its own parameters' gradients: their
+    /// squares are summed over the data-parallel group (the experts' over the group holding
+    /// copies of this rank's experts) first.
     fn global_norm(&self, grads: &Grads<B>) -> Result<Option<Tensor<B, 1>>> {
-        if self.tensor_parallel.is_none() && self.expert_parallel.is_none() {
+        let zero = self.distributed_optimizer.is_some();
+        if self.tensor_parallel.is_none() && self.expert_parallel.is_none() && !zero {
             return Ok(grads.global_norm());
         }
-        if grads.by_path.is_empty() {
+        if grads.by_path.is_empty() && !zero {
             return Ok(None);
         }
         let tp_sharded = |p: &str| self.tensor_parallel.as_ref().is_some_and(|(_, placement)| placement.is_sharded(p));
         // Three classes, each one sum: this rank's tensor-parallel slices, its experts, the rest.
-        let [sharded, experts, whole] = grads.sums_of_squares_by(|p| match (tp_sharded(p), self.expert_parallel.is_some() && is_expert(p)) {
-            (true, _) => 0,
-            (false, true) => 1,
-            (false, false) => 2,
-        });
+        let [sharded, experts, whole] = match grads.by_path.is_empty() {
+            true => std::array::from_fn(|_| Tensor::zeros([1], (&self.device, burn::tensor::DType::F32))),
+            false => grads.sums_of_squares_by(|p| match (tp_sharded(p), self.expert_parallel.is_some() && is_expert(p)) {
+                (true, _) => 0,
+                (false, true) => 1,
+                (false, false) => 2,
+            }),
+        };
+        let (sharded, experts, whole) = match (zero, &self.data_parallel) {
+            (true, Some(dp)) => {
+                let dense = B::collective(Tensor::cat(vec![sharded, whole], 0), Collective::AllReduce, dp)?;
+                let experts = match &self.expert_parallel {
+                    Some((_, expert_data)) => B::collective(experts, Collective::AllReduce, expert_data)?,
+                    None => experts,
+                };
+                (dense.clone().narrow(0, 0, 1), experts, dense.narrow(0, 1, 1))
+            }
+            _ => (sharded, experts, whole),
+        };
         let sharded = match &self.tensor_parallel {
             Some((tp, _)) => B::collective(sharded, Collective::AllReduce, &tp.comm)?,
             None => sharded,
@@ -270,13 +330,16 @@ impl<B: TrainBackend> Trainer<B> {
     /// The global batch's per-token loss and the summed gradients of every trainable
     /// parameter, by module path (before clipping).
     pub fn gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(f64, Grads<B>)> {
-        let (loss_sum, tokens, grads) = self.device_gradients(step, micro_batches)?;
+        let (loss_sum, tokens, grads, _) = self.device_gradients(step, micro_batches)?;
         Ok((f64::from(scalar_f32(loss_sum)) / tokens as f64, grads))
     }
 
     /// The global batch's summed loss (one f32 element, on the device), its trained tokens and
-    /// the summed gradients (`micro_batches` are this rank's share of it).
-    fn device_gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(Tensor<B, 1>, usize, Grads<B>)> {
+    /// the summed gradients (`micro_batches` are this rank's share of it); under the
+    /// distributed optimizer only the owned parameters' gradients, with every gradient's path
+    /// and size.
+    #[allow(clippy::type_complexity)]
+    fn device_gradients(&self, step: usize, micro_batches: &[Batch]) -> Result<(Tensor<B, 1>, usize, Grads<B>, Option<Vec<(String, usize)>>)> {
         let local: usize = micro_batches.iter().map(trained_tokens).sum();
         let tokens = match &self.data_parallel {
             Some(dp) => dp.communicator().all_to_all_counts(&vec![local; dp.group().size])?.iter().sum(),
@@ -324,7 +387,13 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some((tp, placement)) = &self.tensor_parallel {
             grads = span::<B, _>("tensor_parallel", &self.device, || reduce_partial_grads(tp, placement, grads))?;
         }
-        let Some(dp) = &self.data_parallel else { return Ok((loss_sum, tokens, grads)) };
+        let Some(dp) = &self.data_parallel else { return Ok((loss_sum, tokens, grads, None)) };
+        if let Some(zero) = &self.distributed_optimizer {
+            return span::<B, _>("data_parallel", &self.device, || {
+                let (loss_sum, grads, updated) = zero.reduce_scatter(grads, loss_sum)?;
+                Ok((loss_sum, tokens, grads, Some(updated)))
+            });
+        }
         span::<B, _>("data_parallel", &self.device, || match &self.expert_parallel {
             // The experts' gradients are summed over the copies of this rank's experts; the
             // rest over the data-parallel replicas.
@@ -332,11 +401,11 @@ impl<B: TrainBackend> Trainer<B> {
                 let (experts, dense) = grads.split_off(is_expert);
                 let (loss_sum, dense) = all_reduce_bucket(dp, Some(loss_sum), dense)?;
                 let (_, experts) = all_reduce_bucket(expert_data, None, experts)?;
-                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, dense.merged(experts)))
+                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, dense.merged(experts), None))
             }
             None => {
                 let (loss_sum, grads) = all_reduce_bucket(dp, Some(loss_sum), grads)?;
-                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, grads))
+                Ok((loss_sum.unwrap_or_else(|| unreachable!("the loss went in")), tokens, grads, None))
             }
         })
     }
