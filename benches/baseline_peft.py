@@ -9,6 +9,10 @@ checkpointing, AdamW. Prints one JSON line like `trainer bench`.
 LoRA: rank 8, alpha 32, dropout 0, every linear layer of the blocks (peft's `all-linear`); on
 transformers 5 MoE models the fused expert parameters are added through `target_parameters`
 (peft's ParamWrapper needs dropout 0), so every expert is adapted as in trainer.
+
+--full: full fine-tuning instead, as transformers' Trainer runs it with `bf16=True`: f32 weights
+(the master copies) under bf16 autocast, f32 gradients, `torch.optim.AdamW(fused=True)` at lr
+1e-5.
 """
 import argparse
 import json
@@ -29,6 +33,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--layers", type=int, help="build only this many decoder layers (full width)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (f32 master weights, bf16 autocast)")
     p.add_argument("--liger", action="store_true",
                    help="patch in Liger kernels (rope, rms_norm, swiglu, fused linear cross-entropy) first")
     a = p.parse_args()
@@ -37,7 +42,7 @@ def main():
     cfg = AutoConfig.from_pretrained(a.config)
     if a.layers:
         cfg.num_hidden_layers = a.layers
-    impl = f"transformers {transformers.__version__} + peft"
+    impl = f"transformers {transformers.__version__}" + ("" if a.full else " + peft")
     if a.liger:
         # Before the model is built: Liger swaps the modeling module's classes and forward.
         from liger_kernel.transformers import _apply_liger_kernel
@@ -48,20 +53,25 @@ def main():
     cfg._attn_implementation = "sdpa"
     t0 = time.time()
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if a.full else torch.bfloat16)
     moe = getattr(cfg, "num_experts", 0) or 0
-    lora = LoraConfig(
-        r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    if not a.full:
+        lora = LoraConfig(
+            r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
     if not a.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if not a.full:
+            model.enable_input_require_grads()
     model.train()
     trainable = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if a.full:
+        opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     torch.cuda.synchronize()
     build = time.time() - t0
     times, losses, window = [], [], [0.0, 0.0]
@@ -71,7 +81,8 @@ def main():
         t = time.time()
         if step == a.warmup:
             window[0] = t
-        out = model(input_ids=ids, labels=ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.full):
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()

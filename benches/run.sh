@@ -3,7 +3,9 @@
 # call, on the GPU machine. Build here first:
 #   cargo build --release --features cuda && mkdir -p .gpu && cp target/release/trainer .gpu/ && strip .gpu/trainer
 # then (carrying .gpu/trainer, and .whl/ with liger-kernel's wheel):  bash benches/run.sh [CASE...]
-# Cases: 7b-mb4 7b-mb16 30b-mb4 (default: 7b-mb4). The baselines run first (they start in seconds).
+# Cases: 7b-mb4 7b-mb16 30b-mb4 (default: 7b-mb4), and full-1.5b: full fine-tuning of Qwen2.5-1.5B
+# beside transformers' own loop (f32 master weights under bf16 autocast, fused AdamW; the
+# baselines' Liger run is left out). The baselines run first (they start in seconds).
 # Every measured run becomes one JSON line appended to $OUT/results.jsonl (the schema of
 # benches/results.jsonl: copy the lines there), and benches/compare.py prints the case's table.
 # Environment: BASELINES (default "peft liger"; "" for trainer alone), NO_CKPT=1 (baselines
@@ -88,7 +90,8 @@ case_args() {
     7b-mb4)  echo "recipes/qwen2.5-7b-lora.toml tests/data/qwen2.5-7b-instruct 4" ;;
     7b-mb16) echo "recipes/qwen2.5-7b-lora.toml tests/data/qwen2.5-7b-instruct 16" ;;
     30b-mb4) echo "recipes/qwen3-moe-lora.toml tests/data/qwen3-30b-a3b 4" ;;
-    *) echo "unknown case $1 (7b-mb4 7b-mb16 30b-mb4)" >&2; exit 2 ;;
+    full-1.5b) echo "recipes/qwen2.5-7b-lora.toml tests/data/qwen2.5-1.5b-instruct 8 full" ;;
+    *) echo "unknown case $1 (7b-mb4 7b-mb16 30b-mb4 full-1.5b)" >&2; exit 2 ;;
   esac
 }
 
@@ -97,15 +100,20 @@ if [ -n "${NO_CKPT:-}" ]; then
   recompute=0; ckpt=(--no-checkpointing); recipe_recompute=(--set 'train.recompute.granularity="none"')
 fi
 for c in "${@:-7b-mb4}"; do
-  read -r recipe model mb <<< "$(case_args "$c")"
+  read -r recipe model mb tuning <<< "$(case_args "$c")"
+  full=(); baselines=$BASELINES
+  if [ "${tuning:-}" = full ]; then
+    full=(--set 'train.tuning="full"' --set optimizer.lr=1e-5); baselines=${BASELINES:+peft}
+  fi
   layers=(); trainer_layers=()
   if [ -n "${LAYERS:-}" ]; then
     layers=(--layers "$LAYERS"); trainer_layers=(--set "model.config.num_hidden_layers=$LAYERS"); c="$c-L$LAYERS"
   fi
   echo "== $c"
-  for b in $BASELINES; do
+  for b in $baselines; do
     extra=(); [ "$b" = liger ] && extra=(--liger)
-    record "$c-$b" "$c" "$recompute" python3 benches/baseline_peft.py --config "$model/config.json" \
+    name=$b; [ ${#full[@]} -gt 0 ] && { extra=(--full); name=transformers; }
+    record "$c-$name" "$c" "$recompute" python3 benches/baseline_peft.py --config "$model/config.json" \
       --micro-batch "$mb" --seq 2048 --warmup "$WARMUP" --steps "$STEPS" "${ckpt[@]}" "${extra[@]}" "${layers[@]}"
   done
   # shellcheck disable=SC2086
@@ -113,6 +121,6 @@ for c in "${@:-7b-mb4}"; do
     --set "model.path=\"$model\"" --set 'model.init="random"' --set 'device="cuda"' \
     --set parallel.data=1 --set parallel.tensor=1 --set parallel.expert=1 --set parallel.sequence_parallel=false \
     --set lora.dropout=0.0 --set train.micro_batch_size="$mb" --set train.global_batch_size="$mb" \
-    --set train.max_length=2048 "${recipe_recompute[@]}" "${trainer_layers[@]}" ${TRAINER_ARGS:-} ${PROFILE:+--profile} ${CHECK:+--check-attention}
+    --set train.max_length=2048 "${recipe_recompute[@]}" "${trainer_layers[@]}" "${full[@]}" ${TRAINER_ARGS:-} ${PROFILE:+--profile} ${CHECK:+--check-attention}
   python3 benches/compare.py "$OUT" "$c"
 done

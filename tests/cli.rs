@@ -195,16 +195,18 @@ fn help_recipe_documents_every_key_from_the_schema() {
 
 /// `init` writes a recipe that `check` accepts as written: the tiny fixture model on the CPU,
 /// and the two seed configs laid out for GPUs (Qwen2.5-7B fully tuned split over 2 GPUs of 80
-/// GiB, Qwen3-30B-A3B's LoRA with its experts split over 8). It never overwrites a file and
-/// refuses a missing data file.
+/// GiB, Qwen3-30B-A3B's LoRA with its experts split over 8), and Qwen2.5-1.5B fully tuned over 4
+/// data-parallel GPUs with the distributed optimizer (`check` prints the state's share with and
+/// without it). It never overwrites a file and refuses a missing data file.
 #[test]
 fn init_writes_recipes_that_check_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let data = "tests/fixtures/data/alpaca.parquet";
-    let cases: [(&str, &[&str], &[&str]); 3] = [
+    let cases: [(&str, &[&str], &[&str]); 4] = [
         ("tests/fixtures/qwen3_moe_f32_sharded", &["--gpus", "0"], &["device = \"cpu\"", "[lora]"]),
         ("tests/data/qwen2.5-7b-instruct", &["--gpus", "2", "--gpu-memory", "80", "--full"], &["tuning = \"full\"", "tensor = 2", "sequence_parallel = true"]),
         ("tests/data/qwen3-30b-a3b", &["--gpus", "8", "--gpu-memory", "80", "--lora"], &["data = 8", "expert = 2", "--nproc-per-node 8"]),
+        ("tests/data/qwen2.5-1.5b-instruct", &["--gpus", "4", "--gpu-memory", "80", "--full"], &["data = 4", "distributed_optimizer = true"]),
     ];
     for (i, (model, flags, want)) in cases.iter().enumerate() {
         let out = dir.path().join(format!("r{i}.toml"));
@@ -221,6 +223,10 @@ fn init_writes_recipes_that_check_accepts() {
         }
         let o = trainer(&["check", out, "--no-data"]);
         assert!(o.status.success(), "{model}: check refused the recipe init wrote: {}\n{recipe}", text(&o).1);
+        if recipe.contains("distributed_optimizer = true") {
+            let stdout = text(&o).0;
+            assert!(stdout.contains("  no distributed optimizer"), "{stdout}");
+        }
         // Never over an existing file.
         assert_user_error(&args, &[out, "never overwrites"]);
         assert_eq!(std::fs::read_to_string(out).unwrap(), recipe);

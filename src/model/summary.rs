@@ -342,7 +342,8 @@ impl fmt::Display for ModelSummary {
         writeln!(f, "  weights                    {:>8.2}", m.weights)?;
         writeln!(f, "  trainable + optimizer      {:>8.2}", m.trainable_and_optimizer)?;
         if let Some(other) = m.trainable_and_optimizer_otherwise {
-            writeln!(f, "    with distributed_optimizer = {:<5}  {:>8.2}", !m.distributed_optimizer, other)?;
+            let other_setting = if m.distributed_optimizer { "  no distributed optimizer" } else { "  distributed optimizer" };
+            writeln!(f, "  {other_setting:<27}{other:>8.2}")?;
         }
         writeln!(f, "  activations, no recompute  {:>8.2}", m.activations_no_recompute)?;
         writeln!(f, "  activations, recompute     {:>8.2}", m.activations_recompute)?;
