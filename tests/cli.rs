@@ -194,17 +194,17 @@ fn help_recipe_documents_every_key_from_the_schema() {
 }
 
 /// `init` writes a recipe that `check` accepts as written: the tiny fixture model on the CPU,
-/// and the two seed configs laid out for GPUs (Qwen2.5-7B fully tuned split over 2 GPUs of 80
-/// GiB, Qwen3-30B-A3B's LoRA with its experts split over 8), and Qwen2.5-1.5B fully tuned over 4
-/// data-parallel GPUs with the distributed optimizer (`check` prints the state's share with and
-/// without it). It never overwrites a file and refuses a missing data file.
+/// and the two seed configs laid out for GPUs (Qwen2.5-7B fully tuned over 4 GPUs of 80 GiB: two
+/// data-parallel replicas of 2 tensor-parallel ranks, with the distributed optimizer;
+/// Qwen3-30B-A3B's LoRA with its experts split over 8), and Qwen2.5-1.5B fully tuned over 4
+/// data-parallel GPUs (`check` prints the optimizer's share with and without dealing it). It never overwrites a file and refuses a missing data file.
 #[test]
 fn init_writes_recipes_that_check_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let data = "tests/fixtures/data/alpaca.parquet";
     let cases: [(&str, &[&str], &[&str]); 4] = [
         ("tests/fixtures/qwen3_moe_f32_sharded", &["--gpus", "0"], &["device = \"cpu\"", "[lora]"]),
-        ("tests/data/qwen2.5-7b-instruct", &["--gpus", "2", "--gpu-memory", "80", "--full"], &["tuning = \"full\"", "tensor = 2", "sequence_parallel = true"]),
+        ("tests/data/qwen2.5-7b-instruct", &["--gpus", "4", "--gpu-memory", "80", "--full"], &["tuning = \"full\"", "data = 2", "tensor = 2", "sequence_parallel = true", "distributed_optimizer = true"]),
         ("tests/data/qwen3-30b-a3b", &["--gpus", "8", "--gpu-memory", "80", "--lora"], &["data = 8", "expert = 2", "--nproc-per-node 8"]),
         ("tests/data/qwen2.5-1.5b-instruct", &["--gpus", "4", "--gpu-memory", "80", "--full"], &["data = 4", "distributed_optimizer = true"]),
     ];
