@@ -6,12 +6,13 @@
 //!     cargo test --release --features cuda --test cuda_master_weights -- --ignored
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::Autodiff;
-use trainer::data::Batch;
 use trainer::model::{self, hub::Fetch, Registry};
 use trainer::parallel::Layout;
 use trainer::recipe::{DType, Decay, OptimizerSection, Recipe, ScheduleSection, Tuning};
@@ -30,26 +31,6 @@ fn fixture_dir() -> PathBuf {
         true => here.to_path_buf(),
         false => Path::new(env!("CARGO_MANIFEST_DIR")).join(here),
     }
-}
-
-/// The fixture's micro batches in trainer's layout: right padding is segment 0.
-fn batches(t: &Tensors) -> Vec<Batch> {
-    (0..2)
-        .map(|i| {
-            let (shape, ids) = &t[&format!("ids_{i}")];
-            let (_, labels) = &t[&format!("labels_{i}")];
-            let (_, mask) = &t[&format!("mask_{i}")];
-            let (b, s) = (shape[0], shape[1]);
-            Batch {
-                batch_size: b,
-                seq_len: s,
-                input_ids: ids.iter().map(|&x| x as u32).collect(),
-                labels: labels.iter().map(|&x| x as i64).collect(),
-                position_ids: (0..b).flat_map(|_| 0..s as u32).collect(),
-                segment_ids: mask.iter().map(|&m| m as u32).collect(),
-            }
-        })
-        .collect()
 }
 
 /// How weights moved from `init`: the fraction of them that changed, and the cosine of all the
@@ -98,7 +79,7 @@ fn bf16_full_tuning_keeps_f32_master_weights_as_torch_does() {
     let steps = json["steps"].as_u64().unwrap() as usize;
     let schedule = LrSchedule::new(&opt, &ScheduleSection { decay: Decay::Constant, ..Default::default() }, steps);
     let mut t = Trainer::new(m, AdamW::new(AdamWConfig::from(&opt)), schedule, json["clip"].as_f64().unwrap(), 0, vec![], device);
-    let batches = batches(&expected);
+    let batches = common::fixture_batches(&expected);
 
     // The loss before every step and after the last, within the loss's own bf16 noise.
     let tol = json["loss_tolerance"].as_f64().unwrap();

@@ -38,24 +38,8 @@ fn expected(case: &str) -> Expected {
     }
 }
 
-/// The fixture's micro batches in trainer's layout: right padding is segment 0.
 fn batches(e: &Expected) -> Vec<Batch> {
-    (0..2)
-        .map(|i| {
-            let (shape, ids) = &e.tensors[&format!("ids_{i}")];
-            let (_, labels) = &e.tensors[&format!("labels_{i}")];
-            let (_, mask) = &e.tensors[&format!("mask_{i}")];
-            let (b, s) = (shape[0], shape[1]);
-            Batch {
-                batch_size: b,
-                seq_len: s,
-                input_ids: ids.iter().map(|&x| x as u32).collect(),
-                labels: labels.iter().map(|&x| x as i64).collect(),
-                position_ids: (0..b).flat_map(|_| 0..s as u32).collect(),
-                segment_ids: mask.iter().map(|&m| m as u32).collect(),
-            }
-        })
-        .collect()
+    common::fixture_batches(&e.tensors)
 }
 
 fn trainer_for(case: &str, e: &Expected) -> Trainer<Cpu> {

@@ -60,3 +60,24 @@ pub fn fixture_recipe(case: &str, extra: &str) -> String {
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
+
+/// The micro batches of a training fixture (`ids_i`, `labels_i`, `mask_i`: right-padded rows,
+/// mask 0 on padding) in trainer's layout, where right padding is segment 0.
+pub fn fixture_batches(t: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Vec<trainer::data::Batch> {
+    (0..)
+        .map_while(|i| {
+            let (shape, ids) = t.get(&format!("ids_{i}"))?;
+            let (_, labels) = &t[&format!("labels_{i}")];
+            let (_, mask) = &t[&format!("mask_{i}")];
+            let (b, s) = (shape[0], shape[1]);
+            Some(trainer::data::Batch {
+                batch_size: b,
+                seq_len: s,
+                input_ids: ids.iter().map(|&x| x as u32).collect(),
+                labels: labels.iter().map(|&x| x as i64).collect(),
+                position_ids: (0..b).flat_map(|_| 0..s as u32).collect(),
+                segment_ids: mask.iter().map(|&m| m as u32).collect(),
+            })
+        })
+        .collect()
+}
