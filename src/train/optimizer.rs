@@ -70,16 +70,15 @@ impl<B: TrainBackend> Grads<B> {
         self
     }
 
-    /// The sums of squares (one-element f32 tensors) of the gradients in each of `N` classes
-    /// (`class` gives a path's, below `N`), each zero when its class has none.
-    pub fn sums_of_squares_by<const N: usize>(&self, class: impl Fn(&str) -> usize) -> [Tensor<B, 1>; N] {
+    /// The sums of squares (one-element f32 tensors on `device`) of the gradients in each of
+    /// `N` classes (`class` gives a path's, below `N`), each zero when its class has none.
+    pub fn sums_of_squares_by<const N: usize>(&self, device: &B::Device, class: impl Fn(&str) -> usize) -> [Tensor<B, 1>; N] {
         let mut classes: [Vec<Tensor<B, 1>>; N] = std::array::from_fn(|_| Vec::new());
         for (path, g) in &self.by_path {
             classes[class(path)].push(g.clone());
         }
-        let device = self.by_path.values().next().map(|g| g.device()).unwrap_or_default();
         classes.map(|grads| match grads.is_empty() {
-            true => Tensor::zeros([1], (&device, DType::F32)),
+            true => Tensor::zeros([1], (device, DType::F32)),
             false => B::sum_of_squares(&grads),
         })
     }

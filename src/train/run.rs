@@ -435,16 +435,10 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         };
         let save_now = r.checkpoint.save_interval.is_some_and(|n| step % n == 0) || step == total_steps || signal.is_some();
         let with_optimizer = r.checkpoint.save_optimizer || signal.is_some();
-        // A distributed optimizer's state comes from every data-parallel rank.
-        let optimizer_state = match save_now && with_optimizer {
-            true => trainer.gather_optimizer_state()?,
+        let gathered = match save_now {
+            true => gather_checkpoint(&trainer, r.train.tuning, with_optimizer, with_rank0)?,
             false => None,
         };
-        let gathered = match save_now && with_rank0 {
-            true => Some(checkpoints::gather(&trainer, r.train.tuning, with_optimizer, optimizer_state.as_ref())?),
-            false => None,
-        };
-        drop(optimizer_state);
         if let (Some(saved), Some(m)) = (gathered, metrics.as_mut()) {
             let dir = checkpoints::write(&run_dir, saved, &state, loaded, plan)?;
             m.note(&format!("saved {}", dir.display()));
@@ -477,27 +471,28 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
     // leaves steps after the newest checkpoint, as a kill would.
     let last_checkpoint = match last_checkpoint {
         Some((_, dir)) => dir,
-        None => {
-            let optimizer_state = match r.checkpoint.save_optimizer {
-                true => trainer.gather_optimizer_state()?,
-                false => None,
-            };
-            match with_rank0 {
-                true => {
-                    let saved = checkpoints::gather(&trainer, r.train.tuning, r.checkpoint.save_optimizer, optimizer_state.as_ref())?;
-                    match writer {
-                        true => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,
-                        false => ckpt::checkpoint_dir(&run_dir, state.step),
-                    }
-                }
-                false => ckpt::checkpoint_dir(&run_dir, state.step),
-            }
-        }
+        None => match (gather_checkpoint(&trainer, r.train.tuning, r.checkpoint.save_optimizer, with_rank0)?, writer) {
+            (Some(saved), true) => checkpoints::write(&run_dir, saved, &state, loaded, plan)?,
+            _ => ckpt::checkpoint_dir(&run_dir, state.step),
+        },
     };
     if let Some(w) = &world {
         w.goodbye();
     }
     Ok(RunOutcome { run_dir, last_checkpoint, steps: state.step, total_steps, losses, eval_loss })
+}
+
+/// What a checkpoint holds, on the ranks that gather it with rank 0 (`with_rank0`); every rank
+/// calls this at once, since a distributed optimizer's state comes from every data-parallel rank.
+fn gather_checkpoint<B: TrainBackend>(trainer: &Trainer<B>, tuning: Tuning, with_optimizer: bool, with_rank0: bool) -> Result<Option<checkpoints::Gathered>> {
+    let optimizer_state = match with_optimizer {
+        true => trainer.gather_optimizer_state()?,
+        false => None,
+    };
+    match with_rank0 {
+        true => Ok(Some(checkpoints::gather(trainer, tuning, with_optimizer, optimizer_state.as_ref())?)),
+        false => Ok(None),
+    }
 }
 
 /// The base-weight fingerprints a new run folder records: the resumed checkpoint's (or its

@@ -297,14 +297,11 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let tp_sharded = |p: &str| self.tensor_parallel.as_ref().is_some_and(|(_, placement)| placement.is_sharded(p));
         // Three classes, each one sum: this rank's tensor-parallel slices, its experts, the rest.
-        let [sharded, experts, whole] = match grads.by_path.is_empty() {
-            true => std::array::from_fn(|_| Tensor::zeros([1], (&self.device, burn::tensor::DType::F32))),
-            false => grads.sums_of_squares_by(|p| match (tp_sharded(p), self.expert_parallel.is_some() && is_expert(p)) {
-                (true, _) => 0,
-                (false, true) => 1,
-                (false, false) => 2,
-            }),
-        };
+        let [sharded, experts, whole] = grads.sums_of_squares_by(&self.device, |p| match (tp_sharded(p), self.expert_parallel.is_some() && is_expert(p)) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2,
+        });
         let (sharded, experts, whole) = match (zero, &self.data_parallel) {
             (true, Some(dp)) => {
                 let dense = B::collective(Tensor::cat(vec![sharded, whole], 0), Collective::AllReduce, dp)?;
