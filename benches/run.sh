@@ -31,7 +31,8 @@ fi
 
 # record NAME CASE RECOMPUTE CMD...: run CMD, sampling the GPU every 100 ms; append one row to
 # $OUT/results.jsonl: memory peak above idle (nvidia-smi), the GPU's busy fraction over the
-# timed steps (utilization.gpu samples inside the run's `timed_unix` window), MFU.
+# timed steps (utilization.gpu samples inside the run's `timed_unix` window; trainer's own NVML
+# reading of the same counter where its report has one), MFU.
 record() {
   local name=$1 case=$2 recompute=$3; shift 3
   local idle; idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0)
@@ -59,7 +60,11 @@ peak = (max([s[2] for s in samples] or [idle]) - idle) / 1024
 r["peak_gib_smi"] = peak
 w = r.get("timed_unix") or [0, 0]
 busy = [s[1] for s in samples if w[0] <= s[0] <= w[1]]
-r["gpu_busy"] = sum(busy) / len(busy) / 100 if busy else None
+# trainer reads NVML itself over its timed steps (the counter nvidia-smi shows); the
+# baselines' share comes from these samples.
+r["gpu_busy_smi"] = sum(busy) / len(busy) / 100 if busy else None
+if r.get("gpu_busy") is None:
+    r["gpu_busy"] = r["gpu_busy_smi"]
 json.dump(r, open(f"{out}/{name}.json", "w"))
 PEAK = 783e12  # cuBLAS bf16 GEMM on one H200, shared/PLATFORM.md
 fpt = r.get("flops_per_token")

@@ -8,6 +8,7 @@ use kernels_cubecl::{
     DeviceMemoryBackend, ExpertRoutingBackend, FusedAttentionBackend, FusedCrossEntropyBackend, FusedLayerBackend, FusedOptimizerBackend, LinearBackend,
 };
 
+pub mod device_monitor;
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
 pub mod out_of_memory;
@@ -77,16 +78,30 @@ pub fn dispatch<J: BackendJob>(device: Device, dtype: DType, job: J) -> Result<J
 #[cfg(feature = "cuda")]
 fn run_cuda<J: BackendJob>(dtype: DType, job: J) -> Result<J::Output> {
     use burn::backend::cuda::{Cuda, CudaDevice};
-    // Ranks on one machine take one GPU each, by their local rank, as torchrun's do.
-    let device = match crate::parallel::launch::RankEnv::from_env()? {
-        Some(env) => CudaDevice::new(env.local_rank),
-        None => CudaDevice::default(),
-    };
+    let device = CudaDevice::new(cuda_ordinal()?);
     match dtype {
         DType::Bf16 => job.run::<Cuda<half::bf16>>(device),
         DType::F16 => job.run::<Cuda<half::f16>>(device),
         DType::F32 => job.run::<Cuda<f32>>(device),
     }
+}
+
+/// The CUDA device this process trains on: ranks on one machine take one GPU each, by their
+/// local rank, as torchrun's do; a single process takes the first.
+#[cfg(feature = "cuda")]
+fn cuda_ordinal() -> Result<usize> {
+    Ok(crate::parallel::launch::RankEnv::from_env()?.map_or(0, |env| env.local_rank))
+}
+
+/// NVML's counters of the GPU this process trains on when `device` resolves to CUDA; `None` on
+/// CPU, in a build without CUDA, or where NVML cannot be loaded.
+pub fn device_monitor(device: Device) -> Option<device_monitor::DeviceMonitor> {
+    #[cfg(feature = "cuda")]
+    if resolve(device) == Device::Cuda {
+        return device_monitor::nvml(cuda_ordinal().ok()?);
+    }
+    let _ = device;
+    None
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,7 +1,8 @@
 //! Charts of a run's metrics as SVG files, as ms-swift leaves `images/` after a run: training
-//! loss (raw and smoothed), eval loss, learning rate, gradient norm, tokens/s and device memory
-//! against the step, one file each in the run folder's `plots/`, redrawn at every evaluation and
-//! at the end; `trainer plot RUN [RUN...]` draws them with several runs overlaid.
+//! loss (raw and smoothed), eval loss, learning rate, gradient norm, tokens/s, device memory and
+//! the GPU's busy share against the step, one file each in the run folder's `plots/`, redrawn at
+//! every evaluation and at the end; `trainer plot RUN [RUN...]` draws them with several runs
+//! overlaid.
 //!
 //! The SVG is written by hand (lines, ticks and text elements): no plotting crate to build and
 //! no fonts to ship; any browser or image viewer renders it.
@@ -13,13 +14,14 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The charts: file stem, title, and the metrics keys drawn on it (each a series).
-const CHARTS: [(&str, &str, &[&str]); 6] = [
+const CHARTS: [(&str, &str, &[&str]); 7] = [
     ("loss", "training loss", &["loss", "loss_smoothed"]),
     ("eval_loss", "eval loss", &["eval_loss"]),
     ("lr", "learning rate", &["lr"]),
     ("grad_norm", "gradient norm", &["grad_norm"]),
     ("tokens_per_s", "tokens/s", &["tokens_per_s"]),
-    ("memory", "device memory (GiB)", &["mem_reserved_gib", "mem_in_use_gib"]),
+    ("memory", "device memory (GiB)", &["mem_reserved_gib", "mem_in_use_gib", "gpu_mem_used_gib"]),
+    ("gpu_busy", "GPU busy (share of time a kernel ran)", &["gpu_busy"]),
 ];
 
 /// A run's metrics: each key's `(step, value)` points in file order.

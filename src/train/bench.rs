@@ -75,11 +75,13 @@ pub struct BenchReport {
     /// Wall-clock seconds since the Unix epoch at the start and end of the timed steps, for
     /// setting GPU utilisation samples against them (`benches/run.sh`).
     pub timed_unix: [f64; 2],
-}
-
-/// Seconds since the Unix epoch, now.
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    /// The GPU's busy share over the timed steps and the most device memory used in them (every
+    /// process's, as nvidia-smi counts it), from NVML ([`backend::device_monitor`]); absent on
+    /// CPU or without NVML.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_busy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_used_peak_gib: Option<f64>,
 }
 
 /// Model FLOPs per token of one training step, recompute not counted (MFU, not HFU): every
@@ -227,6 +229,7 @@ impl BackendJob for Job<'_> {
                 segment_ids: vec![1; micro * seq],
             }
         };
+        let monitor = backend::device_monitor(r.device);
         let mut step_seconds = Vec::new();
         let mut losses = Vec::new();
         let mut reserved_gib = Vec::new();
@@ -235,7 +238,7 @@ impl BackendJob for Job<'_> {
             let b = batch();
             sync(&device)?;
             if step == self.warmup + 1 {
-                timed_unix[0] = unix_now();
+                timed_unix[0] = backend::device_monitor::unix_now();
             }
             let (before, waited_before) = (backend::host_syncs(), backend::host_wait_seconds());
             let t = Instant::now();
@@ -245,7 +248,7 @@ impl BackendJob for Job<'_> {
             if step > self.warmup {
                 syncs += backend::host_syncs() - before;
                 waited += backend::host_wait_seconds() - waited_before;
-                timed_unix[1] = unix_now();
+                timed_unix[1] = backend::device_monitor::unix_now();
             }
             let mem = stats.memory.map(|m| format!(", {:.1} GiB reserved", backend::gib(m.reserved))).unwrap_or_default();
             eprintln!("bench step {step}: {secs:.3} s, loss {:.4}{mem}{}", stats.loss, if step <= self.warmup { " (warm-up)" } else { "" });
@@ -258,6 +261,7 @@ impl BackendJob for Job<'_> {
             }
         }
         let s_per_step = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
+        let load = monitor.and_then(|m| m.load_between(timed_unix[0], timed_unix[1]));
         let (spans, spans_coarse) = if self.profile {
             // (The last step ended synchronised.) Fine first: the pools give back what no tensor
             // holds, so the profiled step regrows them and each span's growth says where the
@@ -313,6 +317,8 @@ impl BackendJob for Job<'_> {
             host_wait_s_per_step: waited / self.steps.max(1) as f64,
             gemm_ordering: None,
             timed_unix,
+            gpu_busy: load.map(|l| l.busy),
+            device_used_peak_gib: load.map(|l| backend::gib(l.used_peak)),
         })
     }
 }

@@ -24,6 +24,7 @@ pub struct Metrics {
     positions: usize,
     smoothed: LossAverage,
     tensorboard: Option<super::tensorboard::EventWriter>,
+    device: Option<crate::backend::device_monitor::DeviceMonitor>,
 }
 
 /// The training loss smoothed as TensorBoard's slider does: an exponential moving average with
@@ -89,7 +90,14 @@ impl Metrics {
                 true => Some(super::tensorboard::EventWriter::create(path.parent().unwrap_or(Path::new(".")))?),
                 false => None,
             },
+            device: None,
         })
+    }
+
+    /// Record the GPU's own counters too ([`crate::backend::device_monitor`]): at each logged
+    /// step, the busy share since the last one and the most device memory used in it.
+    pub fn watch_device(&mut self, monitor: Option<crate::backend::device_monitor::DeviceMonitor>) {
+        self.device = monitor;
     }
 
     fn write(&mut self, v: serde_json::Value) -> Result<()> {
@@ -121,6 +129,12 @@ impl Metrics {
                 record["mem_in_use_gib"] = json!(gib(m.in_use));
                 line.push_str(&format!(" mem {:.1} GiB", gib(m.reserved)));
             }
+            let load = self.device.as_ref().and_then(|d| d.take());
+            if let Some(l) = load {
+                record["gpu_busy"] = json!((l.busy * 1e3).round() / 1e3);
+                record["gpu_mem_used_gib"] = json!(gib(l.used_peak));
+                line.push_str(&format!(" gpu {:.0}%", 100.0 * l.busy));
+            }
             if let Some(tb) = self.tensorboard.as_mut() {
                 let mut values = vec![
                     ("train/loss", s.loss),
@@ -132,6 +146,9 @@ impl Metrics {
                 ];
                 if let Some(m) = s.memory {
                     values.extend([("train/mem_reserved_gib", gib(m.reserved)), ("train/mem_in_use_gib", gib(m.in_use))]);
+                }
+                if let Some(l) = load {
+                    values.extend([("train/gpu_busy", l.busy), ("train/gpu_mem_used_gib", gib(l.used_peak))]);
                 }
                 tb.scalars(step as u64, &values)?;
             }

@@ -364,6 +364,9 @@ fn train<B: TrainBackend>(req: &RunRequest<'_>, device: B::Device) -> Result<Run
         true => Some(Metrics::open(&run_dir.join(&r.logging.metrics_file), start_step, total_steps, r.logging.interval, r.logging.progress_bar, r.logging.tensorboard)?),
         false => None,
     };
+    if let Some(m) = metrics.as_mut() {
+        m.watch_device(crate::backend::device_monitor(r.device));
+    }
     let ranks_note = match (dp_size, layout.tensor.size) {
         (1, 1) => String::new(),
         (d, 1) => format!(" on each of {d} data-parallel ranks"),
