@@ -53,10 +53,10 @@ pub struct AttentionOptions {
 /// Which implementation of the attention runs, where a backend has several.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// The blockwise path for now: the register flash forward is faster than it alone but not
-    /// yet at the step (benches/RESULTS.md, session 28: the three paths within 2.5% at 8
-    /// layers, the register backward slower on causal rows); they take over where they measure
-    /// faster.
+    /// The flash kernels where they keep their accumulators in registers (CUDA's manual mma
+    /// for bf16/f16 at head dims that are multiples of 16 up to 128, each pass where its
+    /// tiles fit shared memory), faster at the step there (benches/RESULTS.md, session 31);
+    /// the blockwise path elsewhere (the cmma and per-unit flash kernels are not faster).
     /// `KERNELS_CUBECL_ATTENTION=flash` (or `=flash-forward`, `=blockwise`) in the environment
     /// picks one.
     #[default]

@@ -148,10 +148,9 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     if b * hq * s * d == 0 || k.dtype() != dtype || v.dtype() != dtype || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return None;
     }
-    // Auto stays on the blockwise path until the flash kernels measure faster at the step
-    // (benches/RESULTS.md, sessions 26 to 28).
-    match (chosen(options), pass) {
-        (AttentionKernel::Flash, _) | (AttentionKernel::FlashForward, Pass::Forward) => {}
+    let kernel = chosen(options);
+    match (kernel, pass) {
+        (AttentionKernel::Flash | AttentionKernel::Auto, _) | (AttentionKernel::FlashForward, Pass::Forward) => {}
         _ => return None,
     }
     let client = cube_tensor(q.clone()).client;
@@ -177,6 +176,17 @@ pub(super) fn plan<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
                 plan.backward_kv_mma = fits(es * (4 * ROWS + 2 * KEYS) * (d + PAD) + 20 * ROWS + BARRIERS);
             }
         }
+    }
+    // Auto takes the flash kernels only where they keep their accumulators in registers (CUDA's
+    // manual mma): there they measure faster at the step than the blockwise path (Qwen2.5-7B
+    // 1.12x, Qwen3-30B-A3B at 8 layers 1.19x; benches/RESULTS.md, session 31); the cmma and
+    // per-unit kernels do not.
+    let registers = match pass {
+        Pass::Forward => plan.forward_mma,
+        Pass::Backward => plan.backward_q_mma && plan.backward_kv_mma,
+    };
+    if kernel == AttentionKernel::Auto && !registers {
+        return None;
     }
     (plan.forward_mma || fits(plan.shared_bytes(d, es))).then_some(plan)
 }
