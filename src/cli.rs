@@ -206,6 +206,10 @@ pub enum Command {
         /// Materialise the logits instead of the fused kernel.
         #[arg(long)]
         unfused: bool,
+        /// The fused kernel's tokens per chunk (default: Liger's, a chunk's logits about the
+        /// size of the hidden states), e.g. `--chunk-tokens 2048`.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        chunk_tokens: Option<u64>,
         /// Where to run: cpu, cuda, or auto (CUDA when this build has it and a GPU answers).
         #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
         device: String,
@@ -350,13 +354,13 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())
         }
-        Command::BenchLoss { tokens, hidden, vocab, warmup, steps, unfused, device } => {
+        Command::BenchLoss { tokens, hidden, vocab, warmup, steps, unfused, chunk_tokens, device } => {
             let device = match device.as_str() {
                 "cpu" => crate::recipe::Device::Cpu,
                 "cuda" => crate::recipe::Device::Cuda,
                 _ => crate::recipe::Device::Auto,
             };
-            let job = train::bench_loss::LossBench { tokens, hidden, vocab, warmup, steps: steps.max(1), fused: !unfused };
+            let job = train::bench_loss::LossBench { tokens, hidden, vocab, warmup, steps: steps.max(1), fused: !unfused, chunk_tokens: chunk_tokens.map(|c| c as usize) };
             let report = backend::dispatch(device, crate::recipe::DType::Bf16, job)?;
             println!("{}", serde_json::to_string(&report).map_err(|e| Error::Internal(e.to_string()))?);
             Ok(())

@@ -23,11 +23,17 @@ pub struct LossBench {
     pub steps: usize,
     /// The fused kernel; `false` computes the logits and `kernels_cubecl::cross_entropy`.
     pub fused: bool,
+    /// The fused kernel's tokens per chunk; `None` takes its default
+    /// ([`kernels_cubecl::LinearCrossEntropyOptions::chunk_tokens_for`]).
+    pub chunk_tokens: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LossBenchReport {
     pub fused: bool,
+    /// The fused kernel's tokens per chunk (absent unfused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_tokens: Option<usize>,
     pub tokens: usize,
     pub hidden: usize,
     pub vocab: usize,
@@ -66,7 +72,7 @@ impl BackendJob for LossBench {
             sync(&device)?;
             let t = Instant::now();
             let ce = if self.fused {
-                let options = kernels_cubecl::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: None };
+                let options = kernels_cubecl::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: self.chunk_tokens };
                 kernels_cubecl::fused_linear_cross_entropy(h.clone(), w.clone(), labels.clone(), options)
             } else {
                 kernels_cubecl::cross_entropy(<Autodiff<B> as kernels_cubecl::LinearBackend>::linear_matmul(h.clone(), w.clone()), labels.clone(), IGNORE_INDEX)
@@ -88,8 +94,10 @@ impl BackendJob for LossBench {
                 step_seconds.push(secs);
             }
         }
+        let options = kernels_cubecl::LinearCrossEntropyOptions { ignore_index: IGNORE_INDEX, chunk_tokens: self.chunk_tokens };
         Ok(LossBenchReport {
             fused: self.fused,
+            chunk_tokens: self.fused.then(|| options.chunk_tokens_for(self.tokens, self.hidden, self.vocab)),
             tokens: self.tokens,
             hidden: self.hidden,
             vocab: self.vocab,
