@@ -9,14 +9,14 @@
 //! far, as torch's `ZeroRedundancyOptimizer` partitions them (Megatron cuts one flat buffer into
 //! equal ranges instead: evener, at the price of parameters split across ranks). Each rank's
 //! parameters travel as one bucket, padded to the largest rank's, so every collective is one
-//! call. Gradients and gathered weights travel in f32.
+//! call. Gradients travel in f32, gathered weights in their own dtype.
 
 use std::collections::BTreeMap;
 
 use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{DType, Tensor};
 
 use super::optimizer::{parameters, put_back, Grads, Moments};
 use crate::backend::TrainBackend;
@@ -145,15 +145,24 @@ impl<W: Backend> Sharding<W> {
         if len == 0 {
             return Ok(model);
         }
+        // The weights travel in their own dtype where they share one: what the owners' updates
+        // left in the model (on a bf16 model, the masters' bf16 cast, exactly), in half of
+        // f32's bytes. Every rank holds the same parameters, so every rank picks the same.
+        let names: std::collections::BTreeSet<&str> = updated.iter().map(|(p, _)| p.as_str()).collect();
+        let dtypes: Vec<DType> = parameters::<Autodiff<B>, M>(&model, |p| names.contains(p)).iter().map(|t| t.value.dtype()).collect();
+        let wire = match dtypes.first() {
+            Some(&d) if dtypes.iter().all(|&x| x == d) => d,
+            _ => DType::F32,
+        };
         let mut mine: BTreeMap<String, Tensor<B, 1>> =
             parameters::<Autodiff<B>, M>(&model, |p| self.owns(p)).into_iter().map(|t| (t.path, t.value)).collect();
         let mut parts = Vec::new();
         for &(path, _) in &buckets[me] {
             let value = mine.remove(path).ok_or_else(|| Error::Internal(format!("parameter `{path}` is not in the model")))?;
-            parts.push(value.cast(FloatDType::F32));
+            parts.push(kernels_cubecl::layer_ops::to_dtype(value, wire));
         }
         if len > lens[me] {
-            parts.push(Tensor::zeros([len - lens[me]], (device, DType::F32)));
+            parts.push(Tensor::zeros([len - lens[me]], (device, wire)));
         }
         let all = B::collective(Tensor::cat(parts, 0), Collective::AllGather(0), &self.group)?;
         let mut values = BTreeMap::new();
