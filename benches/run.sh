@@ -76,7 +76,7 @@ row = {
     "mfu": round(fpt * r["tokens_per_s"] / PEAK, 4) if fpt and r.get("tokens_per_s") else None,
     "gpu_busy": round(r["gpu_busy"], 3) if r["gpu_busy"] is not None else None,
     "syncs_per_step": r.get("syncs_per_step"), "host_wait_s_per_step": r.get("host_wait_s_per_step"), "gemm_ordering": r.get("gemm_ordering"),
-    "variant": os.environ.get("VARIANT"), "command": command, "error": r.get("error"),
+    "variant": os.environ.get("VARIANT") if "-trainer" in name else None, "command": command, "error": r.get("error"),
 }
 path = f"{out}/results.jsonl"
 rows = [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
