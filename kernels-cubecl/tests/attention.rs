@@ -326,6 +326,13 @@ fn wgpu_flash_matches_reference() {
             }
         }
     }
+    // Auto takes the flash kernels only where they keep their accumulators in registers (CUDA's
+    // manual mma): on wgpu it stays blockwise (unless the environment picks a kernel).
+    if std::env::var_os("KERNELS_CUBECL_ATTENTION").is_none() {
+        let (q, k, v) = Case::random(1, GQA, Mask::Causal).inputs::<Wgpu>(&device);
+        let auto = AttentionOptions { block_q: None, causal: true, kernel: AttentionKernel::Auto };
+        assert_eq!(Wgpu::attention_kernel(&q, &k, &v, auto), AttentionKernel::Blockwise);
+    }
     // Only some inputs tracked: the kernels run for the wanted gradients alone.
     for track in [[false, false, true], [true, false, false], [false, true, false]] {
         let case = Case::random(6, LONG_GQA, Mask::Packed);
@@ -603,6 +610,11 @@ mod cuda {
             let (q, k, v) = case.inputs::<CudaF32>(&device);
             let [q, k, v] = [q, k, v].map(|t| t.cast(FloatDType::BF16));
             assert_eq!(CudaF32::attention_kernel(&q, &k, &v, options), kernel, "bf16 did not take the flash kernels");
+            if kernel == AttentionKernel::Flash && std::env::var_os("KERNELS_CUBECL_ATTENTION").is_none() {
+                // Auto takes the register kernels on CUDA.
+                let auto = AttentionOptions { kernel: AttentionKernel::Auto, ..options };
+                assert_eq!(CudaF32::attention_kernel(&q, &k, &v, auto), AttentionKernel::Flash, "Auto did not take the register flash kernels");
+            }
             let got = run_in::<Autodiff<CudaF32>>(Some(FloatDType::BF16), &case, &device, ALL, options, memory_efficient_attention);
             // Inputs rounded to bf16, probabilities multiplied in bf16: 8 significant bits.
             assert_matches(&format!("cuda bf16 {kernel:?} {shape:?} {mask:?}"), &got, &want, 3e-2);
