@@ -162,7 +162,7 @@ fn check_estimates_the_optimizer_per_rank_with_and_without_dealing_it() {
     let gib = (1u64 << 30) as f64;
     let shape = |lora: Option<(usize, LoraTargets)>, distributed_optimizer: bool| RunShape {
         data: 4, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
-        lora, weight_bytes: 2, recompute: false, fused_cross_entropy: true, distributed_optimizer,
+        lora, weight_bytes: 2, recompute: Default::default(), fused_cross_entropy: true, distributed_optimizer,
     };
     let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() <= 1e-9 * want, "{what}: {got} GiB, expected {want}");
     let full = ModelSummary::new(&plan.spec, &shape(None, true)).unwrap();
@@ -179,6 +179,41 @@ fn check_estimates_the_optimizer_per_rank_with_and_without_dealing_it() {
     close(one.memory.trainable_and_optimizer, one.per_rank_trainable as f64 * 16.0 / gib, "full, one rank");
 }
 
+/// The activations `trainer check` estimates under each recompute setting, on Qwen2.5-7B (28
+/// equal layers): recomputing every layer alone (uniform groups of one, or a block of all 28)
+/// keeps each layer's input plus, while one replays, its activations; a block of the first k
+/// layers keeps the other layers' activations and k inputs (the replays come after the kept
+/// layers are freed); one group of every layer holds them all again while it replays.
+#[test]
+fn check_estimates_the_activations_of_each_recompute_setting() {
+    use trainer::recipe::{RecomputeGranularity::*, RecomputeMethod::*, RecomputeSection};
+    let section = ModelSection { path: Some("tests/data/qwen2.5-7b-instruct".into()), ..Default::default() };
+    let plan = model::plan(&section, &Registry::builtin(), Fetch::Config).unwrap();
+    let layers = plan.spec.layers.len();
+    let estimate = |granularity, method, num_layers| {
+        let run = RunShape {
+            data: 1, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 4, seq_len: 2048,
+            lora: Some((8, all_linear())), weight_bytes: 2, recompute: RecomputeSection { granularity, method, num_layers },
+            fused_cross_entropy: true, distributed_optimizer: false,
+        };
+        ModelSummary::new(&plan.spec, &run).unwrap().memory
+    };
+    let (none, full) = (estimate(None, Uniform, 1), estimate(Full, Uniform, 1));
+    // Without recompute, the figure for recompute is whole layers one at a time.
+    assert_eq!(none.activations_recompute, full.activations_recompute);
+    let layer = none.activations_no_recompute / layers as f64;
+    let input = (full.activations_recompute - layer) / layers as f64;
+    assert!(input > 0.0 && input < layer / 4.0, "{input} GiB a layer's input, {layer} GiB its activations");
+    assert_eq!(estimate(Full, Block, layers).activations_recompute, full.activations_recompute);
+    let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() <= 1e-9 * want, "{what}: {got} GiB, expected {want}");
+    for k in [1, 16, layers - 1] {
+        let block = estimate(Full, Block, k);
+        close(block.activations_recompute, (layers - k) as f64 * layer + k as f64 * input, &format!("block of {k}"));
+        close(block.total - block.activations_recompute, none.total - none.activations_no_recompute, "the rest of the total");
+    }
+    close(estimate(Full, Uniform, layers).activations_recompute, none.activations_no_recompute + input, "one group of every layer");
+}
+
 #[test]
 fn init_follows_peft_and_trainable_count_matches_check() {
     let (plan, _) = plan_and_section();
@@ -187,7 +222,7 @@ fn init_follows_peft_and_trainable_count_matches_check() {
     let lora_params = adapted.num_params() - base_params;
     let run = RunShape {
         data: 1, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
-        lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+        lora: Some((4, all_linear())), weight_bytes: 4, recompute: Default::default(), fused_cross_entropy: true,
         distributed_optimizer: false,
     };
     let summary = ModelSummary::new(&plan.spec, &run).unwrap();
@@ -242,7 +277,7 @@ fn shared_expert_is_adapted_like_a_dense_mlp_and_its_gate_only_when_named() {
     assert!(model.layers[1].moe.is_none());
     let run = RunShape {
         data: 1, tensor: 1, expert: 1, context: 1, sequence_parallel: false, micro_batch: 1, seq_len: 16,
-        lora: Some((4, all_linear())), weight_bytes: 4, recompute: false, fused_cross_entropy: true,
+        lora: Some((4, all_linear())), weight_bytes: 4, recompute: Default::default(), fused_cross_entropy: true,
         distributed_optimizer: false,
     };
     let summary = ModelSummary::new(&plan.spec, &run).unwrap();

@@ -9,6 +9,7 @@ use super::hf_names;
 use super::spec::{ArchSpec, MlpSpec};
 use crate::lora::LoraTargets;
 use crate::error::Result;
+use crate::recipe::{RecomputeGranularity, RecomputeSection};
 
 /// One linear layer of the architecture.
 #[derive(Debug, Clone, Serialize)]
@@ -95,8 +96,8 @@ pub struct RunShape {
     pub lora: Option<(usize, LoraTargets)>,
     /// Bytes per element of the frozen base weights.
     pub weight_bytes: usize,
-    /// Layers whose inputs are kept while the rest is recomputed; `None` without recompute.
-    pub recompute: bool,
+    /// What `train.recompute` recomputes (granularity `none`: nothing).
+    pub recompute: RecomputeSection,
     pub fused_cross_entropy: bool,
     /// The optimizer's state dealt over the data-parallel ranks (`parallel.distributed_optimizer`).
     pub distributed_optimizer: bool,
@@ -106,7 +107,7 @@ impl RunShape {
     /// What `r` asks of its model, with the base weights' bytes of the backend it resolves to
     /// here (the CPU backend holds f32).
     pub fn of(r: &crate::recipe::Recipe) -> Result<RunShape> {
-        use crate::recipe::{Device, RecomputeGranularity, Tuning};
+        use crate::recipe::{Device, Tuning};
         let lora = match r.train.tuning {
             Tuning::Lora => Some((r.lora.rank, LoraTargets::parse(&r.lora.targets)?)),
             Tuning::Full => None,
@@ -122,7 +123,7 @@ impl RunShape {
             seq_len: r.train.max_length,
             lora,
             weight_bytes: if on_gpu { r.model.dtype.bytes() } else { 4 },
-            recompute: r.train.recompute.granularity != RecomputeGranularity::None,
+            recompute: r.train.recompute.clone(),
             fused_cross_entropy: r.train.fused_cross_entropy,
             distributed_optimizer: r.parallel.distributed_optimizer,
         })
@@ -191,6 +192,8 @@ pub struct MemoryEstimate {
     pub trainable_and_optimizer_otherwise: Option<f64>,
     pub distributed_optimizer: bool,
     pub activations_no_recompute: f64,
+    /// Under the recipe's recompute where it recomputes layers, else recomputing every layer
+    /// one at a time (`granularity = "full"`).
     pub activations_recompute: f64,
     /// Logits and their gradient in f32, unless the fused cross-entropy keeps them chunked.
     pub logits: f64,
@@ -304,10 +307,37 @@ fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_ran
     let per_layer: Vec<f64> = spec.layers.iter().map(|l| activation_bytes_per_token_layer(spec, &l.mlp) * tokens / split).collect();
     let all: f64 = per_layer.iter().sum();
     let boundary = 2.0 * spec.hidden_size as f64 * tokens / split;
-    let max_layer = per_layer.iter().cloned().fold(0.0, f64::max);
-    let recomputed = boundary * spec.layers.len() as f64 + max_layer;
+    // A recomputed group of layers keeps only its input; the layers outside the groups keep
+    // their activations. The backward walks the layers in reverse, freeing a kept layer's
+    // activations once past it and holding one group's replayed activations at a time: the
+    // peak is the most alive at any point of that walk.
+    let under = |section: &RecomputeSection| -> f64 {
+        // A setting the run refuses (selective; more layers than the model has) is reported
+        // by the run's own checks; here it counts as recomputing nothing.
+        let groups = crate::train::recompute::groups(section, per_layer.len()).unwrap_or_default();
+        let group_ending_at = |i: usize| groups.iter().find(|g| g.end == i + 1);
+        let grouped = |i: usize| groups.iter().any(|g| g.contains(&i));
+        let kept: f64 = per_layer.iter().enumerate().filter(|&(i, _)| !grouped(i)).map(|(_, b)| b).sum();
+        let mut alive = kept + boundary * groups.len() as f64;
+        let mut peak = alive;
+        for i in (0..per_layer.len()).rev() {
+            match group_ending_at(i) {
+                Some(g) => {
+                    peak = f64::max(peak, alive + per_layer[g.clone()].iter().sum::<f64>());
+                    alive -= boundary;
+                }
+                None if !grouped(i) => alive -= per_layer[i],
+                None => {}
+            }
+        }
+        peak
+    };
+    let activations = under(&run.recompute);
+    let recomputed = match run.recompute.granularity {
+        RecomputeGranularity::None => under(&RecomputeSection { granularity: RecomputeGranularity::Full, ..Default::default() }),
+        _ => activations,
+    };
     let logits = if run.fused_cross_entropy { 0.0 } else { 2.0 * 4.0 * tokens * spec.vocab_size as f64 };
-    let activations = if run.recompute { recomputed } else { all };
     MemoryEstimate {
         weights: weights / GIB,
         trainable_and_optimizer: trainable_and_optimizer / GIB,

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::recipe::{load, Tuning};
+use crate::recipe::{load, RecomputeGranularity, RecomputeSection, Tuning};
 use crate::error::{Error, Result};
 use crate::model::summary::{ModelSummary, RunShape};
 use crate::model::{self, hub::Fetch, spec::MlpSpec, ModelPlan, Registry};
@@ -104,7 +104,7 @@ pub fn choose(plan: &ModelPlan, req: &InitRequest) -> Result<Choice> {
             Tuning::Full => None,
         },
         weight_bytes: if req.gpus > 0 { 2 } else { 4 },
-        recompute: false,
+        recompute: RecomputeSection::default(),
         fused_cross_entropy: true,
         distributed_optimizer: false,
     };
@@ -157,7 +157,11 @@ fn estimate(plan: &ModelPlan, base: &RunShape, p: &crate::recipe::ParallelSectio
         sequence_parallel: p.tensor > 1,
         distributed_optimizer: p.distributed_optimizer,
         micro_batch,
-        recompute,
+        // init writes whole-layer recompute or none.
+        recompute: match recompute {
+            true => RecomputeSection { granularity: RecomputeGranularity::Full, ..Default::default() },
+            false => RecomputeSection::default(),
+        },
         ..base.clone()
     };
     Ok(ModelSummary::new(&plan.spec, &shape)?.memory.total)
