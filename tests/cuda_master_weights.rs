@@ -15,7 +15,7 @@ use burn::backend::cuda::{Cuda, CudaDevice};
 use burn::backend::Autodiff;
 use trainer::model::{self, hub::Fetch, Registry};
 use trainer::parallel::Layout;
-use trainer::recipe::{DType, Decay, OptimizerSection, Recipe, ScheduleSection, Tuning};
+use trainer::recipe::{DType, Decay, Recipe, ScheduleSection, Tuning};
 use trainer::run::checkpoint::read_safetensors;
 use trainer::train::checkpoints::gather;
 use trainer::train::optimizer::{AdamW, AdamWConfig};
@@ -67,15 +67,7 @@ fn bf16_full_tuning_keeps_f32_master_weights_as_torch_does() {
     r.train.tuning = Tuning::Full;
     let plan = model::plan(&r.model, &Registry::builtin(), Fetch::Config).unwrap();
     let m = model::build::<Autodiff<Gpu>>(&plan, &r.model, Layout::SINGLE, &device).unwrap();
-    let a = &json["adamw"];
-    let opt = OptimizerSection {
-        lr: a["lr"].as_f64().unwrap(),
-        beta1: a["betas"][0].as_f64().unwrap(),
-        beta2: a["betas"][1].as_f64().unwrap(),
-        eps: a["eps"].as_f64().unwrap(),
-        weight_decay: a["weight_decay"].as_f64().unwrap(),
-        ..Default::default()
-    };
+    let opt = common::fixture_adamw(&json["adamw"]);
     let steps = json["steps"].as_u64().unwrap() as usize;
     let schedule = LrSchedule::new(&opt, &ScheduleSection { decay: Decay::Constant, ..Default::default() }, steps);
     let mut t = Trainer::new(m, AdamW::new(AdamWConfig::from(&opt)), schedule, json["clip"].as_f64().unwrap(), 0, vec![], device);

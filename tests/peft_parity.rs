@@ -14,7 +14,7 @@ use trainer::data::Batch;
 use trainer::lora::{self, LoraConfig, LoraTargets};
 use trainer::model::{self, hub::Fetch, Registry};
 use trainer::parallel::Layout;
-use trainer::recipe::{Decay, OptimizerSection, Recipe, ScheduleSection};
+use trainer::recipe::{Decay, Recipe, ScheduleSection};
 use trainer::run::checkpoint::read_safetensors;
 use trainer::train::names::hf_name;
 use trainer::train::optimizer::{AdamW, AdamWConfig};
@@ -59,15 +59,7 @@ fn trainer_for(case: &str, e: &Expected) -> Trainer<Cpu> {
     let (m, n) = lora::apply(m, &LoraTargets::parse(&r.lora.targets).unwrap(), &cfg).unwrap();
     assert_eq!(n, adapted.len(), "the same modules as peft adapted");
     let m = load_trained(m, &dir.join("adapter_init"), &r).unwrap();
-    let a = &e.json["adamw"];
-    let opt = OptimizerSection {
-        lr: a["lr"].as_f64().unwrap(),
-        beta1: a["betas"][0].as_f64().unwrap(),
-        beta2: a["betas"][1].as_f64().unwrap(),
-        eps: a["eps"].as_f64().unwrap(),
-        weight_decay: a["weight_decay"].as_f64().unwrap(),
-        ..Default::default()
-    };
+    let opt = common::fixture_adamw(&e.json["adamw"]);
     let schedule = LrSchedule::new(&opt, &ScheduleSection { decay: Decay::Constant, ..Default::default() }, 100);
     Trainer::new(m, AdamW::new(AdamWConfig::from(&opt)), schedule, e.json["clip"].as_f64().unwrap(), 0, vec![], Default::default())
 }

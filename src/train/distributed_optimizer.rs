@@ -28,6 +28,8 @@ pub struct Sharding<W: Backend> {
     group: GroupComm<W>,
     /// Owner by parameter path.
     owner: BTreeMap<String, usize>,
+    /// The dtype the updated weights travel in ([`DistributedOptimizer::new`]).
+    wire: DType,
 }
 
 /// Every trainable parameter of `module` (it requires a gradient) picked by `pick`: its path
@@ -54,8 +56,9 @@ pub fn trainable<AB: AutodiffBackend, M: Module<AB>>(module: &M, pick: impl Fn(&
 }
 
 impl<W: Backend> Sharding<W> {
-    /// `params` (path, elements) dealt over `group`'s ranks; the same on every rank.
-    pub fn new(group: GroupComm<W>, params: &[(String, usize)]) -> Self {
+    /// `params` (path, elements) dealt over `group`'s ranks, their updated values gathered in
+    /// `wire`; the same on every rank.
+    pub fn new(group: GroupComm<W>, params: &[(String, usize)], wire: DType) -> Self {
         let size = group.group().size;
         let mut order: Vec<&(String, usize)> = params.iter().collect();
         order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -66,7 +69,7 @@ impl<W: Backend> Sharding<W> {
             load[r] += n;
             owner.insert(path.clone(), r);
         }
-        Sharding { group, owner }
+        Sharding { group, owner, wire }
     }
 
     pub fn group(&self) -> &GroupComm<W> {
@@ -145,15 +148,7 @@ impl<W: Backend> Sharding<W> {
         if len == 0 {
             return Ok(model);
         }
-        // The weights travel in their own dtype where they share one: what the owners' updates
-        // left in the model (on a bf16 model, the masters' bf16 cast, exactly), in half of
-        // f32's bytes. Every rank holds the same parameters, so every rank picks the same.
-        let names: std::collections::BTreeSet<&str> = updated.iter().map(|(p, _)| p.as_str()).collect();
-        let dtypes: Vec<DType> = parameters::<Autodiff<B>, M>(&model, |p| names.contains(p)).iter().map(|t| t.value.dtype()).collect();
-        let wire = match dtypes.first() {
-            Some(&d) if dtypes.iter().all(|&x| x == d) => d,
-            _ => DType::F32,
-        };
+        let wire = self.wire;
         let mut mine: BTreeMap<String, Tensor<B, 1>> =
             parameters::<Autodiff<B>, M>(&model, |p| self.owns(p)).into_iter().map(|t| (t.path, t.value)).collect();
         let mut parts = Vec::new();
@@ -232,10 +227,19 @@ impl<W: Backend> DistributedOptimizer<W> {
     /// The trainable parameters of `model` dealt over `data` (the data-parallel group), the
     /// experts' (`is_expert`) over `expert_data` instead where it is given.
     pub fn new<AB: AutodiffBackend, M: Module<AB>>(model: &M, data: GroupComm<W>, expert_data: Option<GroupComm<W>>, is_expert: impl Fn(&str) -> bool) -> Self {
+        let sizes: BTreeMap<String, usize> = trainable::<AB, M>(model, |_| true).into_iter().collect();
+        // The updated weights travel in the trained parameters' own dtype where they share one:
+        // what the owners' updates left in the model (on a bf16 model, the masters' bf16 cast,
+        // exactly), in half of f32's bytes; f32 otherwise. Every rank holds the same parameters,
+        // so every rank picks the same.
+        let dtypes: Vec<DType> = parameters::<AB, M>(model, |p| sizes.contains_key(p)).iter().map(|t| t.value.dtype()).collect();
+        let wire = match dtypes.first() {
+            Some(&d) if dtypes.iter().all(|&x| x == d) => d,
+            _ => DType::F32,
+        };
         let split = expert_data.is_some();
-        let dense = Sharding::new(data, &trainable::<AB, M>(model, |p| !(split && is_expert(p))));
-        let experts = expert_data.map(|g| Sharding::new(g, &trainable::<AB, M>(model, &is_expert)));
-        let sizes = trainable::<AB, M>(model, |_| true).into_iter().collect();
+        let dense = Sharding::new(data, &trainable::<AB, M>(model, |p| !(split && is_expert(p))), wire);
+        let experts = expert_data.map(|g| Sharding::new(g, &trainable::<AB, M>(model, &is_expert), wire));
         DistributedOptimizer { dense, experts, sizes }
     }
 

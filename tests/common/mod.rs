@@ -81,3 +81,16 @@ pub fn fixture_batches(t: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f
         })
         .collect()
 }
+
+/// The optimizer a training fixture's `expected.json` names under `"adamw"` (torch's AdamW
+/// arguments: lr, betas, eps, weight_decay).
+pub fn fixture_adamw(a: &serde_json::Value) -> trainer::recipe::OptimizerSection {
+    trainer::recipe::OptimizerSection {
+        lr: a["lr"].as_f64().unwrap(),
+        beta1: a["betas"][0].as_f64().unwrap(),
+        beta2: a["betas"][1].as_f64().unwrap(),
+        eps: a["eps"].as_f64().unwrap(),
+        weight_decay: a["weight_decay"].as_f64().unwrap(),
+        ..Default::default()
+    }
+}
