@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Shape, Tensor};
 use kernels_cubecl as ops;
 
 use super::weights::{build_time, HostTensor, InitKind, TensorRequest, WeightSource};
@@ -34,16 +34,13 @@ impl<B: TrainBackend> Loader<'_, B> {
         build_time::timed(0, || self.source.tensor(TensorRequest { name: &name, shape, slice, init }))
     }
 
-    /// Converted to the backend's float type on all cores first (bf16 on a GPU), so that Burn
-    /// has nothing left to convert (it would on one core).
+    /// Converted to the backend's float type on all cores as it is written for the device
+    /// ([`kernels_cubecl::DeviceMemoryBackend::float_from_fill`]: on CUDA straight into pinned
+    /// staging buffers).
     pub(super) fn upload<const D: usize>(&self, t: HostTensor) -> Tensor<B, D> {
-        let out = build_time::timed(1, || {
-            let mut out = zeroed::<B::FloatElem>(t.data.len());
-            let parts: Vec<_> = out.chunks_mut(1 << 20).zip(t.data.chunks(1 << 20)).collect();
-            super::weights::parallel_for(parts, |(dst, src)| put(dst, src.iter().copied()));
-            out
-        });
-        build_time::timed(2, || Tensor::from_data(TensorData::new(out, t.shape), &self.device))
+        let data = &t.data;
+        let fill = |offset: usize, dst: &mut [B::FloatElem]| put(dst, data[offset..offset + dst.len()].iter().copied());
+        build_time::timed(1, || B::float_from_fill(Shape::from(t.shape.clone()), &self.device, &fill))
     }
 
     /// `{path}.weight` of each of `paths` (`[out, in]` as stored), transposed and stacked
@@ -75,7 +72,8 @@ impl<B: TrainBackend> Loader<'_, B> {
                 }
             })
         })?;
-        Ok(build_time::timed(2, || Tensor::from_data(TensorData::new(stack, vec![paths.len(), inp, out]), &self.device)))
+        let fill = |offset: usize, dst: &mut [B::FloatElem]| dst.copy_from_slice(&stack[offset..offset + dst.len()]);
+        Ok(build_time::timed(1, || B::float_from_fill(Shape::new([paths.len(), inp, out]), &self.device, &fill)))
     }
 
     /// A whole (unsharded) tensor as stored, e.g. the token embedding.

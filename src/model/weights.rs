@@ -181,16 +181,17 @@ impl RandomChunk {
 }
 
 /// Where a model build's host time goes, summed over its tensors since the process started:
-/// making or reading the values (`source`), converting and laying them out for the device
-/// (`convert`), handing them to the backend (`upload`). `trainer bench` reports them.
+/// making or reading the values (`source`), converting them to the backend's type and handing
+/// them to the device (`upload`: one pass, the values written where the copy to the device reads
+/// them). `trainer bench` reports them.
 pub mod build_time {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
 
-    static NANOS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    static NANOS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
     /// The phases, in [`seconds`]' order.
-    pub const PHASES: [&str; 3] = ["source", "convert", "upload"];
+    pub const PHASES: [&str; 2] = ["source", "upload"];
 
     /// `f`, its time added to phase `phase` (an index of [`PHASES`]).
     pub fn timed<T>(phase: usize, f: impl FnOnce() -> T) -> T {
@@ -201,7 +202,7 @@ pub mod build_time {
     }
 
     /// Seconds in each phase so far.
-    pub fn seconds() -> [f64; 3] {
+    pub fn seconds() -> [f64; 2] {
         std::array::from_fn(|i| NANOS[i].load(Ordering::Relaxed) as f64 * 1e-9)
     }
 }

@@ -1,7 +1,7 @@
 //! The GEMMs of CubeCL backends, per runtime: [`GemmRuntime`] defaults to CubeCL's matmul (what
 //! every runtime has; wgpu in CI), CUDA brings cuBLAS (`cublas.rs`). `CubeBackend` takes its
-//! [`LinearBackend`] primitives and its device memory from here, and this crate's kernels (the
-//! fused cross-entropy, the blockwise attention) call the same primitives.
+//! [`LinearBackend`] primitives from here (its device memory from `upload.rs`), and this crate's
+//! kernels (the fused cross-entropy, the blockwise attention) call the same primitives.
 
 use burn::tensor::{DType, FloatDType, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -9,7 +9,6 @@ use burn_cubecl::kernel::matmul::{matmul, MatmulStrategy};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::device::{DeviceMemory, DeviceMemoryBackend};
 use crate::linear::LinearBackend;
 
 /// A CubeCL runtime's GEMMs on `CubeTensor`s, with the contracts of [`LinearBackend::gemm`] and
@@ -131,12 +130,5 @@ impl<R: GemmRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LinearBack
 
     fn gemm_grouped_outer(x: Tensor<Self, 2>, y: Tensor<Self, 2>, counts: &[usize]) -> Tensor<Self, 3> {
         float(R::gemm_grouped_outer::<F, I, BT>(x.into_primitive().tensor(), y.into_primitive().tensor(), counts))
-    }
-}
-
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceMemoryBackend for CubeBackend<R, F, I, BT> {
-    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
-        let usage = <R as cubecl::Runtime>::client(device).memory_usage().ok()?;
-        Some(DeviceMemory { in_use: usage.bytes_in_use, reserved: usage.bytes_reserved })
     }
 }

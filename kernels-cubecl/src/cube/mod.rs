@@ -25,6 +25,9 @@ mod row_kernel;
 mod routing;
 mod routing_kernel;
 mod softmax_rows;
+mod upload;
+
+pub use upload::UploadRuntime;
 
 /// Whether the environment variable `name` is set to `value`.
 pub(crate) fn env_is(name: &str, value: &str) -> bool {
