@@ -150,10 +150,11 @@ pub fn check_fits(summary: &ModelSummary, device: crate::recipe::Device, refuse:
                 m.total
             )));
         }
+        let recompute = recompute_hint(m);
         return Err(crate::error::Error::model(format!(
             "the job needs about {:.1} GiB per rank ({:.1} weights, {:.1} trainable and optimizer, {:.1} activations and \
              logits) but this machine's {what} is {cap:.1} GiB; shrink the model, train.micro_batch_size or \
-             train.max_length, turn on train.recompute, or run on a larger device",
+             train.max_length{recompute}, or run on a larger device",
             m.total,
             m.weights,
             m.trainable_and_optimizer,
@@ -161,6 +162,20 @@ pub fn check_fits(summary: &ModelSummary, device: crate::recipe::Device, refuse:
         )));
     }
     Ok(None)
+}
+
+/// `, recompute every layer (...)` where that would hold fewer activations than the recipe's
+/// recompute setting, else nothing (recompute is on as far as it goes).
+fn recompute_hint(m: &MemoryEstimate) -> String {
+    let activations = m.total - m.weights - m.trainable_and_optimizer - m.logits;
+    if activations <= m.activations_least * 1.01 {
+        return String::new();
+    }
+    format!(
+        ", recompute every layer (train.recompute.granularity = \"full\", method = \"uniform\", num_layers = 1: {:.1} GiB \
+         of activations instead of {activations:.1})",
+        m.activations_least
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +210,8 @@ pub struct MemoryEstimate {
     /// Under the recipe's recompute where it recomputes layers, else recomputing every layer
     /// one at a time (`granularity = "full"`).
     pub activations_recompute: f64,
+    /// Recomputing every layer one at a time: the least any recompute setting holds.
+    pub activations_least: f64,
     /// Logits and their gradient in f32, unless the fused cross-entropy keeps them chunked.
     pub logits: f64,
     /// Weights + optimizer + logits + activations under the recipe's recompute setting.
@@ -333,8 +350,9 @@ fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_ran
         peak
     };
     let activations = under(&run.recompute);
+    let least = under(&RecomputeSection { granularity: RecomputeGranularity::Full, ..Default::default() });
     let recomputed = match run.recompute.granularity {
-        RecomputeGranularity::None => under(&RecomputeSection { granularity: RecomputeGranularity::Full, ..Default::default() }),
+        RecomputeGranularity::None => least,
         _ => activations,
     };
     let logits = if run.fused_cross_entropy { 0.0 } else { 2.0 * 4.0 * tokens * spec.vocab_size as f64 };
@@ -345,6 +363,7 @@ fn estimate_memory(spec: &ArchSpec, run: &RunShape, per_rank: u64, trainable_ran
         distributed_optimizer: run.distributed_optimizer,
         activations_no_recompute: all / GIB,
         activations_recompute: recomputed / GIB,
+        activations_least: least / GIB,
         logits: logits / GIB,
         total: (weights + trainable_and_optimizer + activations + logits) / GIB,
     }
@@ -379,5 +398,34 @@ impl fmt::Display for ModelSummary {
         writeln!(f, "  activations, recompute     {:>8.2}", m.activations_recompute)?;
         writeln!(f, "  logits (unfused CE)        {:>8.2}", m.logits)?;
         write!(f, "  total for this recipe      {:>8.2}", m.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn estimate(activations: f64, least: f64) -> MemoryEstimate {
+        MemoryEstimate {
+            weights: 60.0,
+            trainable_and_optimizer: 2.0,
+            trainable_and_optimizer_otherwise: None,
+            distributed_optimizer: false,
+            activations_no_recompute: 40.0,
+            activations_recompute: activations,
+            activations_least: least,
+            logits: 1.0,
+            total: 60.0 + 2.0 + activations + 1.0,
+        }
+    }
+
+    #[test]
+    fn recompute_is_advised_only_where_it_would_hold_less() {
+        // No recompute, or a block of some layers: every layer recomputed holds less.
+        let hint = recompute_hint(&estimate(40.0, 2.9));
+        assert!(hint.contains("train.recompute.granularity = \"full\"") && hint.contains("2.9 GiB of activations instead of 40.0"), "{hint}");
+        assert!(!recompute_hint(&estimate(16.8, 2.9)).is_empty());
+        // Already every layer, one at a time: nothing left to turn on.
+        assert_eq!(recompute_hint(&estimate(2.9, 2.9)), "");
     }
 }
