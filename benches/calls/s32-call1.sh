@@ -9,6 +9,9 @@
 # first 8 and 4 layers only (block), and none, to find the fastest setting under transformers'
 # 64 GiB; (d) 7b-mb4 beside peft with Auto (no KERNELS_CUBECL_ATTENTION), then recomputing the
 # first 16 layers only (issue 17's target asks for trainer's best recompute under peft's memory).
+# Session 32 (no GPU lent) added: (e) the pinned-staging upload's CUDA test first (.gpu/kc_upload:
+# kernels-cubecl's `--test upload` binary, xz, unpacked by env.sh), and each bench's weight build
+# (its log's "weights built in" line; session 25: upload at 0.78 GB/s).
 set -u
 cd "$(dirname "$0")/../.."
 R=/tmp/r; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r.tgz -C $R . ; }
@@ -16,6 +19,7 @@ source benches/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 export COMMIT=$(cat .gpu/COMMIT)
 timeout 60 .gpu/trainer bench-attention --device cuda 2>&1 | tail -1 | cut -c1-300
+[ -x .gpu/kc_upload ] && timeout 120 .gpu/kc_upload --ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked"
 for shape in "1536 151936" "3584 152064"; do
   read -r h v <<< "$shape"
   OUT=$R/ce-$h TOKENS=16384 HIDDEN=$h VOCAB=$v CHUNKS="512 1024 2048 4096" timeout 240 bash benches/ce.sh 2>&1 | grep -E "^\||fused /"
@@ -34,6 +38,7 @@ BASELINES=peft bash benches/run.sh 7b-mb4 >> /tmp/bench.out 2>&1
 VARIANT=block16 TRAINER_ARGS="$(block 16)" BASELINES= bash benches/run.sh 7b-mb4 >> /tmp/bench.out 2>&1
 cp /tmp/bench/results.jsonl /tmp/bench/*.log /tmp/bench.out $R/ 2>/dev/null; pack
 grep -E "FAILED|rror" /tmp/bench.out | head -5
+grep -h "weights built" /tmp/bench/*.log | head -8
 python3 -c '
 import json
 for r in map(json.loads, open("/tmp/bench/results.jsonl")):
