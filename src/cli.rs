@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::backend;
 use crate::error::{Error, Result};
 use crate::export;
+use crate::infer;
 use crate::model::{self, hub::Fetch, Registry};
 use crate::recipe::{self, LoadedRecipe};
 use crate::train;
@@ -117,6 +118,44 @@ pub enum Command {
         /// Also write the precision sample's ids and both logits to this safetensors file.
         #[arg(long, value_name = "FILE", requires = "test_precision")]
         precision_logits: Option<PathBuf>,
+    },
+    /// Chat with a run's model as it trained (the base with the checkpoint's adapters applied
+    /// unmerged, or its fully trained weights): each --prompt answered in turn, or without one a
+    /// conversation read from standard input a line a turn (`clear` starts over, `exit` or the
+    /// input's end stops). Prompts rendered by the recipe's chat template; answers streamed
+    /// until its end of turn.
+    Infer {
+        /// A run folder (its latest complete checkpoint) or a checkpoint-N folder.
+        run_dir: PathBuf,
+        /// A single-turn prompt to answer; repeat for several.
+        #[arg(long, value_name = "TEXT")]
+        prompt: Vec<String>,
+        /// The system prompt; default the recipe's data.system.
+        #[arg(long, value_name = "TEXT")]
+        system: Option<String>,
+        /// The most tokens an answer may have.
+        #[arg(long, default_value_t = 512, value_name = "N")]
+        max_new_tokens: usize,
+        /// 0 takes the most likely token (greedy); above 0 draws from the softmax of
+        /// logits / temperature.
+        #[arg(long, default_value_t = 0.0, value_name = "T", allow_negative_numbers = true)]
+        temperature: f64,
+        /// With --temperature: draw among the K most likely tokens only (0: all).
+        #[arg(long, default_value_t = 0, value_name = "K")]
+        top_k: usize,
+        /// With --temperature: draw among the fewest most likely tokens whose probabilities
+        /// sum to P (1: all).
+        #[arg(long, default_value_t = 1.0, value_name = "P", allow_negative_numbers = true)]
+        top_p: f64,
+        /// Seed of the draws.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Device (cpu, cuda, auto); default the recipe's.
+        #[arg(long)]
+        device: Option<String>,
+        /// The run's base model alone, without what it trained (to compare).
+        #[arg(long)]
+        base: bool,
     },
     /// Time optimizer steps of the recipe's model on synthetic tokens (one micro batch of
     /// train.micro_batch_size x train.max_length per step) and print one JSON line: s/step,
@@ -477,6 +516,19 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             );
             Ok(())
         }
+        Command::Infer { run_dir, prompt, system, max_new_tokens, temperature, top_k, top_p, seed, device, base } => {
+            let req = infer::InferRequest {
+                run: run_dir,
+                prompts: prompt,
+                system,
+                max_new_tokens,
+                sampling: infer::Sampling { temperature, top_k, top_p, seed },
+                device: parse_device(device.as_deref())?,
+                base,
+            };
+            let stdin = std::io::stdin();
+            infer::infer(&req, registry, &mut stdin.lock(), &mut std::io::stdout().lock())
+        }
         Command::Export {
             run_dir,
             to,
@@ -502,13 +554,7 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             }
             let max_shard_bytes = export::shards::parse_size(&max_shard_size)
                 .map_err(|e| Error::Unsupported(format!("--max-shard-size: {e}")))?;
-            let device = match device.as_deref() {
-                None => None,
-                Some("cpu") => Some(recipe::Device::Cpu),
-                Some("cuda") => Some(recipe::Device::Cuda),
-                Some("auto") => Some(recipe::Device::Auto),
-                Some(other) => return Err(Error::Unsupported(format!("--device {other}: expected cpu, cuda or auto"))),
-            };
+            let device = parse_device(device.as_deref())?;
             let req = export::ExportRequest {
                 run: run_dir,
                 to,
@@ -549,6 +595,17 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
 }
 
 /// The recipe's model plan, its warnings printed.
+/// `--device`'s value, if given.
+fn parse_device(device: Option<&str>) -> Result<Option<recipe::Device>> {
+    match device {
+        None => Ok(None),
+        Some("cpu") => Ok(Some(recipe::Device::Cpu)),
+        Some("cuda") => Ok(Some(recipe::Device::Cuda)),
+        Some("auto") => Ok(Some(recipe::Device::Auto)),
+        Some(other) => Err(Error::Unsupported(format!("--device {other}: expected cpu, cuda or auto"))),
+    }
+}
+
 fn plan(loaded: &LoadedRecipe, registry: &Registry, fetch: Fetch) -> Result<model::ModelPlan> {
     let plan = model::plan(&loaded.recipe.model, registry, fetch)?;
     for w in &plan.warnings {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod parallel;

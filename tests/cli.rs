@@ -1,5 +1,6 @@
 //! The `trainer` binary: what a user sees, exit codes, and no panic on bad input.
 
+use std::io::Write;
 use std::process::{Command, Output};
 
 fn trainer(args: &[&str]) -> Output {
@@ -93,6 +94,37 @@ fn run_trains_the_embedded_default() {
     assert!(stdout.contains("done: 6 steps") && stdout.contains("checkpoint-6"), "{stdout}");
     // The run drew its charts at the end; `trainer plot` overlays runs.
     let run = std::fs::read_dir(out.path()).unwrap().flatten().map(|e| e.path()).find(|p| p.join("metrics.jsonl").is_file()).expect("the run folder");
+    // `trainer infer` answers with the trained adapters: greedy answers repeat, seeded draws
+    // repeat, and without --prompt a conversation is read from standard input.
+    let run_arg = run.display().to_string();
+    let ask = |extra: &[&str]| {
+        let mut args = vec!["infer", run_arg.as_str(), "--prompt", "Who are you?", "--max-new-tokens", "6"];
+        args.extend(extra);
+        let o = trainer(&args);
+        assert!(o.status.success(), "{args:?}: {:?}", text(&o));
+        text(&o).0
+    };
+    let greedy = ask(&[]);
+    assert!(greedy.ends_with('\n') && greedy.matches('\n').count() >= 1, "{greedy:?}");
+    assert_eq!(ask(&[]), greedy);
+    let drawn = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"];
+    assert_eq!(ask(&drawn), ask(&drawn));
+    ask(&["--base", "--prompt", "And again?"]);
+    let mut conversation = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["infer", &run_arg, "--max-new-tokens", "4"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    conversation.stdin.take().unwrap().write_all(b"Hello\nWhat did I say?\nclear\nexit\nnever read\n").unwrap();
+    let o = conversation.wait_with_output().unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_user_error(&["infer", &run_arg, "--prompt", "x", "--temperature", "-1"], &["--temperature -1"]);
+    assert_user_error(&["infer", &run_arg, "--prompt", "x", "--top-p", "0"], &["--top-p 0"]);
+    assert_user_error(&["infer", "tests/no-such-run", "--prompt", "x"], &["tests/no-such-run", "no such folder"]);
     let charts = run.join("plots");
     for name in ["loss.svg", "lr.svg", "grad_norm.svg", "tokens_per_s.svg"] {
         let svg = std::fs::read_to_string(charts.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -38,15 +38,22 @@ impl<B: TrainBackend> DecoderLayer<B> {
         let normed = profile::span::<B, _>("norm", &device, || self.input_layernorm.forward(x.clone()));
         let attended = profile::span::<B, _>("attention", &device, || self.self_attn.forward(normed, ctx));
         let (h, normed) = profile::span::<B, _>("norm", &device, || self.post_attention_layernorm.forward_residual(x, attended));
-        let y = profile::span::<B, _>("mlp", &device, || match (&self.mlp, &self.moe) {
+        h + profile::span::<B, _>("mlp", &device, || self.feed_forward(normed, ctx))
+    }
+
+    /// The dense or sparse MLP of the normed input.
+    ///
+    /// # Shapes
+    /// - `normed`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub(super) fn feed_forward(&self, normed: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 3> {
+        match (&self.mlp, &self.moe) {
             (Some(mlp), _) => mlp.forward(normed, ctx.tensor_parallel.as_ref()),
             (None, Some(moe)) => {
                 let [b, s, d] = normed.dims();
                 moe.forward(normed.reshape([b * s, d]), ctx.expert_parallel.as_ref(), ctx.router_balance.as_ref(), ctx.routing_memo.as_ref()).reshape([b, s, d])
             }
             (None, None) => normed.zeros_like(),
-        });
-        h + y
+        }
     }
 }
 

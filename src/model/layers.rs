@@ -118,6 +118,20 @@ impl<B: TrainBackend> Attention<B> {
     /// The attention core's output `[batch, heads, seq, head_dim]` with q, k and v projected,
     /// normed and rotated each on its own.
     fn forward_apart(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> Tensor<B, 4> {
+        let device = x.device();
+        let (q, k, v) = self.project(x, ctx);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        // Blockwise with its own backward: never the [seq, seq] scores of all heads at once
+        // (ctx.blocked is causal by construction).
+        span::<B, _>("core", &device, || ops::memory_efficient_attention(q, k, v, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL))
+    }
+
+    /// q, k and v projected, normed (Qwen3's per-head norms) and q and k rotated.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → q `[batch, heads, seq, head_dim]`, k and v
+    ///   `[batch, kv_heads, seq, head_dim]`
+    pub(super) fn project(&self, x: Tensor<B, 3>, ctx: &SequenceContext<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
         let device = x.device();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, self.head_dim]);
@@ -133,10 +147,7 @@ impl<B: TrainBackend> Attention<B> {
             };
             (ops::fused_rotary(q.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()), ops::fused_rotary(k.swap_dims(1, 2), ctx.cos.clone(), ctx.sin.clone()))
         });
-        let scale = (self.head_dim as f64).powf(-0.5);
-        // Blockwise with its own backward: never the [seq, seq] scores of all heads at once
-        // (ctx.blocked is causal by construction).
-        span::<B, _>("core", &device, || ops::memory_efficient_attention(q, k, v, scale, ctx.blocked.clone(), ops::AttentionOptions::CAUSAL))
+        (q, k, v)
     }
 
     /// [`forward_apart`](Self::forward_apart) with q, k and v as one GEMM and one packed tensor

@@ -5,6 +5,7 @@ pub mod causal_lm;
 pub mod expert_layout;
 pub mod experts;
 pub mod family;
+pub mod generate;
 pub mod hf_names;
 pub mod hf_config;
 pub mod hub;

@@ -228,6 +228,13 @@ impl ChatTemplate {
         Ok(Rendered { text: full, trained })
     }
 
+    /// `conv` followed by the assistant's opening (`add_generation_prompt`): a prompt to answer.
+    pub fn render_prompt(&self, conv: &Conversation) -> std::result::Result<String, String> {
+        let row = RowValues::new(conv);
+        self.render_prefix(&row, conv.messages.len(), true).map_err(|e| format!("chat template {}: {e}", self.origin))
+    }
+
+    /// The tokens that end a turn (the template's and the tokenizer's end of text).
     pub(crate) fn end_of_turn(&self) -> &[String] {
         &self.end_of_turn
     }

@@ -1,0 +1,288 @@
+//! `trainer infer`: chat with a run's model as it trained (ms-swift's `swift infer --adapters`):
+//! the base model with the checkpoint's LoRA adapters applied unmerged (or its fully trained
+//! weights), prompts rendered by the recipe's chat template with the assistant's opening, answers
+//! decoded with a key/value cache ([`crate::model::generate`]) until the template's end of turn,
+//! greedy or sampled (temperature, top-k, top-p, seeded), streamed as they come.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::{self, BackendJob, TrainBackend};
+use crate::data::{self, ChatTemplate, Conversation, Encoder, Role};
+use crate::error::{Error, Result};
+use crate::lora::{self, LoraConfig, LoraTargets};
+use crate::model::generate::KvCache;
+use crate::model::{self, hub::Fetch, Registry};
+use crate::parallel::Layout;
+use crate::recipe::{self, Init, Recipe, Tuning};
+use crate::run::checkpoint as ckpt;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0: the most likely token (greedy); above 0: drawn from the softmax of logits / temperature.
+    pub temperature: f64,
+    /// Draw among the `top_k` most likely tokens only (0: all).
+    pub top_k: usize,
+    /// Then among the fewest most likely tokens whose probabilities sum to `top_p` (1: all).
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+
+    /// The flags' values, or which one is out of range.
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Unsupported(format!("--temperature {}: expected 0 (greedy) or more, such as 0.7", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Unsupported(format!("--top-p {}: expected more than 0 and at most 1, such as 0.8", self.top_p)));
+        }
+        Ok(())
+    }
+
+    /// The next token from `logits`.
+    pub fn pick(&self, logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
+        let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
+        if self.temperature == 0.0 {
+            return argmax();
+        }
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        if self.top_k > 0 {
+            order.truncate(self.top_k);
+        }
+        let top = f64::from(logits[order[0] as usize]);
+        let weights: Vec<f64> = order.iter().map(|&i| ((f64::from(logits[i as usize]) - top) / self.temperature).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        // The nucleus: the most likely tokens until their share reaches top_p.
+        let mut kept = 0.0;
+        let mut n = 0;
+        while n < weights.len() && (n == 0 || kept < self.top_p * total) {
+            kept += weights[n];
+            n += 1;
+        }
+        let mut draw = rng.random::<f64>() * kept;
+        for (&id, &w) in order.iter().zip(&weights[..n]) {
+            if draw < w {
+                return id;
+            }
+            draw -= w;
+        }
+        order[n - 1]
+    }
+}
+
+/// What `trainer infer` was asked.
+#[derive(Debug, Clone)]
+pub struct InferRequest {
+    /// A run folder (its newest complete checkpoint) or a checkpoint folder.
+    pub run: PathBuf,
+    /// Single-turn prompts answered in turn; none: a conversation read from the input.
+    pub prompts: Vec<String>,
+    /// The system prompt; default the recipe's `data.system`.
+    pub system: Option<String>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Default the recipe's.
+    pub device: Option<recipe::Device>,
+    /// The base model alone, without what the run trained.
+    pub base: bool,
+}
+
+/// Answer `req`'s prompts, or the conversation read from `input`, on `out`.
+pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+    req.sampling.check()?;
+    if req.max_new_tokens == 0 {
+        return Err(Error::Unsupported("--max-new-tokens 0: expected 1 or more, such as 512".into()));
+    }
+    let dir = crate::export::find_checkpoint(&req.run)?;
+    let loaded = recipe::load(&dir.join(ckpt::RECIPE), &[])?;
+    let r = &loaded.recipe;
+    let fetch = if r.model.init == Init::Pretrained { Fetch::All } else { Fetch::Config };
+    let plan = model::plan(&r.model, registry, fetch)?;
+    let tokenizer = match &r.model.tokenizer {
+        Some(t) => PathBuf::from(t),
+        None => data::tokenizer_path(plan.dir.as_deref(), r)?,
+    };
+    let encoder = Encoder::from_file(&tokenizer)?;
+    let template = ChatTemplate::for_data(&r.data.template_options(), &tokenizer)?;
+    let stops: Vec<u32> = template.end_of_turn().iter().filter_map(|t| encoder.tokenizer().token_to_id(t)).collect();
+    let setup = Setup {
+        r,
+        plan: &plan,
+        checkpoint: if req.base { None } else { Some(&dir) },
+        req,
+        template: &template,
+        encoder: &encoder,
+        stops,
+        max_positions: plan.spec.max_position_embeddings,
+    };
+    let chat = Chat { setup, input, out };
+    let device = req.device.unwrap_or(r.device);
+    backend::dispatch(device, r.model.dtype, chat)
+}
+
+/// What answering needs besides the model.
+struct Setup<'a> {
+    r: &'a Recipe,
+    plan: &'a model::ModelPlan,
+    checkpoint: Option<&'a std::path::Path>,
+    req: &'a InferRequest,
+    template: &'a ChatTemplate,
+    encoder: &'a Encoder,
+    /// The end-of-turn tokens: generation stops at any of them.
+    stops: Vec<u32>,
+    max_positions: usize,
+}
+
+struct Chat<'a> {
+    setup: Setup<'a>,
+    input: &'a mut dyn BufRead,
+    out: &'a mut dyn Write,
+}
+
+impl BackendJob for Chat<'_> {
+    type Output = ();
+
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
+        let Chat { setup, input, out } = self;
+        let r = setup.r;
+        let mut m = model::build::<B>(setup.plan, &r.model, Layout::SINGLE, &device)?;
+        if let Some(dir) = setup.checkpoint {
+            if r.train.tuning == Tuning::Lora {
+                let targets = LoraTargets::parse(&r.lora.targets)?;
+                let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
+                m = lora::apply(m, &targets, &cfg)?.0;
+            }
+            m = crate::train::checkpoints::load_trained(m, dir, r)?;
+        }
+        let mut session = Session { m: &m, setup: &setup, rng: ChaCha8Rng::seed_from_u64(setup.req.sampling.seed) };
+        let system = setup.req.system.as_deref().or(r.data.system.as_deref());
+        let io = |e: std::io::Error| Error::Internal(format!("writing the answer: {e}"));
+        if !setup.req.prompts.is_empty() {
+            for prompt in &setup.req.prompts {
+                session.answer(&Conversation::new(system, &[(Role::User, prompt)]), out)?;
+                writeln!(out).map_err(io)?;
+            }
+            return Ok(());
+        }
+        // A conversation: one user turn a line; `clear` starts over, `exit` (or the input's end) ends.
+        let terminal = std::io::stdin().is_terminal();
+        let mut turns: Vec<(Role, String)> = Vec::new();
+        loop {
+            if terminal {
+                write!(out, "<<< ").and_then(|_| out.flush()).map_err(io)?;
+            }
+            let mut line = String::new();
+            if input.read_line(&mut line).map_err(|e| Error::Internal(format!("reading the prompt: {e}")))? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end_matches(['\n', '\r']);
+            match line.trim() {
+                "exit" | "quit" => return Ok(()),
+                "clear" => {
+                    turns.clear();
+                    continue;
+                }
+                "" => continue,
+                _ => {}
+            }
+            turns.push((Role::User, line.to_string()));
+            let borrowed: Vec<(Role, &str)> = turns.iter().map(|(role, text)| (*role, text.as_str())).collect();
+            let answer = session.answer(&Conversation::new(system, &borrowed), out)?;
+            writeln!(out).map_err(io)?;
+            turns.push((Role::Assistant, answer));
+        }
+    }
+}
+
+/// One model answering conversations.
+struct Session<'a, 's, B: TrainBackend> {
+    m: &'a model::CausalLm<B>,
+    setup: &'a Setup<'s>,
+    rng: ChaCha8Rng,
+}
+
+impl<B: TrainBackend> Session<'_, '_, B> {
+    /// The assistant's reply to `conv`, streamed to `out` as it is decoded.
+    fn answer(&mut self, conv: &Conversation, out: &mut dyn Write) -> Result<String> {
+        let chat = self.setup;
+        let prompt = chat.template.render_prompt(conv).map_err(Error::Data)?;
+        let encoding = chat.encoder.tokenizer().encode(prompt.as_str(), false).map_err(|e| Error::data(format!("tokenizer failed on the prompt: {e}")))?;
+        let ids = encoding.get_ids();
+        if ids.len() >= chat.max_positions {
+            return Err(Error::data(format!(
+                "the conversation is {} tokens, the model's max_position_embeddings is {}: start over (`clear`) or shorten it",
+                ids.len(),
+                chat.max_positions
+            )));
+        }
+        let mut cache = KvCache::<B>::new(self.m.layers.len());
+        let mut logits = self.m.next_token_logits(ids, &mut cache);
+        let mut made: Vec<u32> = Vec::new();
+        let mut shown = String::new();
+        let io = |e: std::io::Error| Error::Internal(format!("writing the answer: {e}"));
+        for _ in 0..chat.req.max_new_tokens {
+            let next = chat.req.sampling.pick(&logits, &mut self.rng);
+            if chat.stops.contains(&next) {
+                break;
+            }
+            made.push(next);
+            let text = self.decode(&made)?;
+            // A character split over tokens shows once whole.
+            if !text.ends_with('\u{FFFD}') && text.starts_with(&shown) {
+                write!(out, "{}", &text[shown.len()..]).and_then(|_| out.flush()).map_err(io)?;
+                shown = text;
+            }
+            if cache.len() + 1 >= chat.max_positions {
+                break;
+            }
+            logits = self.m.next_token_logits(&[next], &mut cache);
+        }
+        let text = self.decode(&made)?;
+        if let Some(rest) = text.strip_prefix(shown.as_str()) {
+            write!(out, "{rest}").map_err(io)?;
+        }
+        Ok(text)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.setup.encoder.tokenizer().decode(ids, true).map_err(|e| Error::data(format!("tokenizer failed to decode {ids:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_largest_and_sampling_keeps_to_top_k_and_top_p() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9, -5.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        assert_eq!(Sampling::GREEDY.pick(&logits, &mut rng), 1);
+        let top2 = Sampling { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 };
+        let drawn: std::collections::BTreeSet<u32> = (0..200).map(|_| top2.pick(&logits, &mut rng)).collect();
+        assert_eq!(drawn, [1, 3].into());
+        // Tokens 1 and 3 hold ~0.46 each: top_p 0.3 keeps token 1 alone.
+        let nucleus = Sampling { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 0 };
+        assert!((0..50).all(|_| nucleus.pick(&logits, &mut rng) == 1));
+        // A high temperature spreads the draws over every token.
+        let hot = Sampling { temperature: 100.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let drawn: std::collections::BTreeSet<u32> = (0..500).map(|_| hot.pick(&logits, &mut rng)).collect();
+        assert_eq!(drawn.len(), 5);
+    }
+
+    #[test]
+    fn out_of_range_flags_are_named() {
+        let bad = |s: Sampling| s.check().unwrap_err().to_string();
+        assert!(bad(Sampling { temperature: -1.0, ..Sampling::GREEDY }).contains("--temperature -1"));
+        assert!(bad(Sampling { top_p: 0.0, ..Sampling::GREEDY }).contains("--top-p 0"));
+        assert!(bad(Sampling { top_p: 1.5, ..Sampling::GREEDY }).contains("--top-p 1.5"));
+    }
+}
