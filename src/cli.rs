@@ -120,12 +120,13 @@ pub enum Command {
         precision_logits: Option<PathBuf>,
     },
     /// Chat with a run's model as it trained (the base with the checkpoint's adapters applied
-    /// unmerged, or its fully trained weights): each --prompt answered in turn, or without one a
-    /// conversation read from standard input a line a turn (`clear` starts over, `exit` or the
-    /// input's end stops). Prompts rendered by the recipe's chat template; answers streamed
-    /// until its end of turn.
+    /// unmerged, or its fully trained weights), or with a model folder: each --prompt answered
+    /// in turn, or without one a conversation read from standard input a line a turn (`clear`
+    /// starts over, `exit` or the input's end stops). Prompts rendered by the recipe's (or the
+    /// model's) chat template; answers streamed until its end of turn.
     Infer {
-        /// A run folder (its latest complete checkpoint) or a checkpoint-N folder.
+        /// A run folder (its latest complete checkpoint), a checkpoint-N folder, or a model
+        /// folder (config.json, safetensors, tokenizer: `trainer export --to hf`'s, say).
         run_dir: PathBuf,
         /// A single-turn prompt to answer; repeat for several.
         #[arg(long, value_name = "TEXT")]

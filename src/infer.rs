@@ -1,6 +1,6 @@
 //! `trainer infer`: chat with a run's model as it trained (ms-swift's `swift infer --adapters`):
 //! the base model with the checkpoint's LoRA adapters applied unmerged (or its fully trained
-//! weights), prompts rendered by the recipe's chat template with the assistant's opening, answers
+//! weights), or with a model folder as it is (`swift infer --model`); prompts rendered by the recipe's chat template with the assistant's opening, answers
 //! decoded with a key/value cache ([`crate::model::generate`]) until the template's end of turn,
 //! greedy or sampled (temperature, top-k, top-p, seeded), streamed as they come.
 
@@ -17,7 +17,7 @@ use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::generate::KvCache;
 use crate::model::{self, hub::Fetch, Registry};
 use crate::parallel::Layout;
-use crate::recipe::{self, Init, Recipe, Tuning};
+use crate::recipe::{self, Init, ModelSection, Recipe, Tuning};
 use crate::run::checkpoint as ckpt;
 
 /// How the next token is chosen.
@@ -81,7 +81,7 @@ impl Sampling {
 /// What `trainer infer` was asked.
 #[derive(Debug, Clone)]
 pub struct InferRequest {
-    /// A run folder (its newest complete checkpoint) or a checkpoint folder.
+    /// A run folder (its newest complete checkpoint), a checkpoint folder, or a model folder.
     pub run: PathBuf,
     /// Single-turn prompts answered in turn; none: a conversation read from the input.
     pub prompts: Vec<String>,
@@ -101,9 +101,19 @@ pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, o
     if req.max_new_tokens == 0 {
         return Err(Error::Unsupported("--max-new-tokens 0: expected 1 or more, such as 512".into()));
     }
-    let dir = crate::export::find_checkpoint(&req.run)?;
-    let loaded = recipe::load(&dir.join(ckpt::RECIPE), &[])?;
-    let r = &loaded.recipe;
+    // A model folder (Hugging Face layout, e.g. `trainer export --to hf`'s) is its own model;
+    // anything else is a run or one of its checkpoints.
+    let (recipe, checkpoint) = if req.run.join("config.json").is_file() && !req.run.join(ckpt::RECIPE).is_file() {
+        let model = ModelSection { path: Some(req.run.display().to_string()), ..ModelSection::default() };
+        (Recipe { model, ..Recipe::default() }, None)
+    } else {
+        if !req.run.is_dir() {
+            return Err(Error::file(&req.run, "no such folder; `trainer infer` takes a run folder, a checkpoint-N folder in it, or a model folder"));
+        }
+        let dir = crate::export::find_checkpoint(&req.run)?;
+        (recipe::load(&dir.join(ckpt::RECIPE), &[])?.recipe, Some(dir))
+    };
+    let r = &recipe;
     let fetch = if r.model.init == Init::Pretrained { Fetch::All } else { Fetch::Config };
     let plan = model::plan(&r.model, registry, fetch)?;
     let tokenizer = match &r.model.tokenizer {
@@ -116,7 +126,7 @@ pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, o
     let setup = Setup {
         r,
         plan: &plan,
-        checkpoint: if req.base { None } else { Some(&dir) },
+        checkpoint: checkpoint.as_deref().filter(|_| !req.base),
         req,
         template: &template,
         encoder: &encoder,

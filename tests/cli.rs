@@ -110,6 +110,12 @@ fn run_trains_the_embedded_default() {
     let drawn = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"];
     assert_eq!(ask(&drawn), ask(&drawn));
     ask(&["--base", "--prompt", "And again?"]);
+    // The merged export, a model folder, answers as the run does.
+    let merged = out.path().join("merged");
+    let o = trainer(&["export", &run_arg, "--to", "hf", "--out", &merged.display().to_string(), "--dtype", "f32"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = trainer(&["infer", &merged.display().to_string(), "--prompt", "Who are you?", "--max-new-tokens", "6"]);
+    assert_eq!(text(&o).0, greedy, "{:?}", text(&o));
     let mut conversation = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args(["infer", &run_arg, "--max-new-tokens", "4"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
