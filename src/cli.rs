@@ -121,8 +121,8 @@ pub enum Command {
     },
     /// Chat with a run's model as it trained (the base with the checkpoint's adapters applied
     /// unmerged, or its fully trained weights), or with a model folder: each --prompt answered
-    /// in turn, or without one a conversation read from standard input a line a turn (`clear`
-    /// starts over, `exit` or the input's end stops). Prompts rendered by the recipe's (or the
+    /// in turn, every row of --data, or else a conversation read from standard input a line a
+    /// turn (`clear` starts over, `exit` or the input's end stops). Prompts rendered by the recipe's (or the
     /// model's) chat template; answers streamed until its end of turn.
     Infer {
         /// A run folder (its latest complete checkpoint), a checkpoint-N folder, or a model
@@ -131,6 +131,14 @@ pub enum Command {
         /// A single-turn prompt to answer; repeat for several.
         #[arg(long, value_name = "TEXT")]
         prompt: Vec<String>,
+        /// Answer every row of a dataset (a .jsonl/.json/.parquet file or hub id, in any format
+        /// data.datasets reads): each row's messages up to its last assistant message are the
+        /// prompt, that message the reference; one JSON line a row (messages, response, labels).
+        #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+        data: Option<String>,
+        /// With --data: the JSON-lines file to write (a new file); default standard output.
+        #[arg(long, value_name = "FILE", requires = "data")]
+        out: Option<PathBuf>,
         /// The system prompt; default the recipe's data.system.
         #[arg(long, value_name = "TEXT")]
         system: Option<String>,
@@ -517,10 +525,12 @@ pub fn execute(cli: Cli, registry: &Registry) -> Result<()> {
             );
             Ok(())
         }
-        Command::Infer { run_dir, prompt, system, max_new_tokens, temperature, top_k, top_p, seed, device, base } => {
+        Command::Infer { run_dir, prompt, data, out, system, max_new_tokens, temperature, top_k, top_p, seed, device, base } => {
             let req = infer::InferRequest {
                 run: run_dir,
                 prompts: prompt,
+                data,
+                out,
                 system,
                 max_new_tokens,
                 sampling: infer::Sampling { temperature, top_k, top_p, seed },

@@ -83,8 +83,15 @@ impl Sampling {
 pub struct InferRequest {
     /// A run folder (its newest complete checkpoint), a checkpoint folder, or a model folder.
     pub run: PathBuf,
-    /// Single-turn prompts answered in turn; none: a conversation read from the input.
+    /// Single-turn prompts answered in turn; none (and no `data`): a conversation read from the
+    /// input.
     pub prompts: Vec<String>,
+    /// A dataset (a file or hub id, as `data.datasets` names them) whose rows are answered:
+    /// each row's messages up to its last assistant message are the prompt, that message the
+    /// reference.
+    pub data: Option<String>,
+    /// Where `data`'s answers go (JSON lines; never over an existing file); none: the output.
+    pub out: Option<PathBuf>,
     /// The system prompt; default the recipe's `data.system`.
     pub system: Option<String>,
     pub max_new_tokens: usize,
@@ -101,6 +108,16 @@ pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, o
     if req.max_new_tokens == 0 {
         return Err(Error::Unsupported("--max-new-tokens 0: expected 1 or more, such as 512".into()));
     }
+    if let Some(out) = &req.out {
+        if out.exists() {
+            return Err(Error::file(out, "already exists; --out writes a new file (choose another name or remove it)"));
+        }
+    }
+    // The rows are read (and any bad one named) before the model is built.
+    let rows = match &req.data {
+        Some(source) => Some(data::source::load(source, false)?.rows.iter().enumerate().map(|(i, row)| prompt_of(row, i)).collect::<Result<Vec<_>>>()?),
+        None => None,
+    };
     // A model folder (Hugging Face layout, e.g. `trainer export --to hf`'s) is its own model;
     // anything else is a run or one of its checkpoints.
     let (recipe, checkpoint) = if req.run.join("config.json").is_file() && !req.run.join(ckpt::RECIPE).is_file() {
@@ -133,7 +150,7 @@ pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, o
         stops,
         max_positions: plan.spec.max_position_embeddings,
     };
-    let chat = Chat { setup, input, out };
+    let chat = Chat { setup, rows, input, out };
     let device = req.device.unwrap_or(r.device);
     backend::dispatch(device, r.model.dtype, chat)
 }
@@ -153,6 +170,7 @@ struct Setup<'a> {
 
 struct Chat<'a> {
     setup: Setup<'a>,
+    rows: Option<Vec<(Conversation, Option<serde_json::Value>)>>,
     input: &'a mut dyn BufRead,
     out: &'a mut dyn Write,
 }
@@ -161,7 +179,7 @@ impl BackendJob for Chat<'_> {
     type Output = ();
 
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<()> {
-        let Chat { setup, input, out } = self;
+        let Chat { setup, rows, input, out } = self;
         let r = setup.r;
         let mut m = model::build::<B>(setup.plan, &r.model, Layout::SINGLE, &device)?;
         if let Some(dir) = setup.checkpoint {
@@ -175,6 +193,9 @@ impl BackendJob for Chat<'_> {
         let mut session = Session { m: &m, setup: &setup, rng: ChaCha8Rng::seed_from_u64(setup.req.sampling.seed) };
         let system = setup.req.system.as_deref().or(r.data.system.as_deref());
         let io = |e: std::io::Error| Error::Internal(format!("writing the answer: {e}"));
+        if let Some(rows) = rows {
+            return answer_rows(&mut session, &rows, system, setup.req.out.as_deref(), out);
+        }
         if !setup.req.prompts.is_empty() {
             for prompt in &setup.req.prompts {
                 session.answer(&Conversation::new(system, &[(Role::User, prompt)]), out)?;
@@ -210,6 +231,66 @@ impl BackendJob for Chat<'_> {
             turns.push((Role::Assistant, answer));
         }
     }
+}
+
+/// Each row's answer as a JSON line `{"messages", "response", "labels"}` (ms-swift's
+/// `--result_path` rows): the prompt's messages, the answer, and the row's last assistant
+/// message when it ends with one. Into `path` (written aside, then renamed) or `out`.
+fn answer_rows<B: TrainBackend>(session: &mut Session<'_, '_, B>, rows: &[(Conversation, Option<serde_json::Value>)], system: Option<&str>, path: Option<&std::path::Path>, out: &mut dyn Write) -> Result<()> {
+    // `FILE.partial` beside it, new (never another file's), renamed once every row is in.
+    let partial = path.map(|p| {
+        let mut name = p.as_os_str().to_os_string();
+        name.push(".partial");
+        PathBuf::from(name)
+    });
+    let mut file = match &partial {
+        Some(tmp) => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| Error::file(tmp, format!("cannot create it for the answers: {e}")))?,
+        )),
+        None => None,
+    };
+    let written = write_rows(session, rows, system, file.as_mut().map(|f| f as &mut dyn Write).unwrap_or(out));
+    if let (Err(_), Some(tmp)) = (&written, &partial) {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written?;
+    let write_err = |e: std::io::Error| Error::Internal(format!("writing the answers: {e}"));
+    if let (Some(mut f), Some(tmp), Some(path)) = (file, partial, path) {
+        f.flush().map_err(write_err)?;
+        f.get_ref().sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))?;
+        eprintln!("infer: {} rows answered into {}", rows.len(), path.display());
+    }
+    Ok(())
+}
+
+/// [`answer_rows`]' lines, into `sink`.
+fn write_rows<B: TrainBackend>(session: &mut Session<'_, '_, B>, rows: &[(Conversation, Option<serde_json::Value>)], system: Option<&str>, sink: &mut dyn Write) -> Result<()> {
+    for (prompt, reference) in rows {
+        let mut prompt = prompt.clone();
+        if let (Some(system), None) = (system, prompt.system()) {
+            prompt.set_default_system(system);
+        }
+        let place = prompt.place.clone();
+        let response = session.answer(&prompt, &mut std::io::sink()).map_err(|e| Error::data(format!("{place}: {e}")))?;
+        let line = serde_json::json!({ "messages": prompt.messages, "response": response, "labels": reference });
+        writeln!(sink, "{line}").map_err(|e| Error::Internal(format!("writing the answers: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Row `i`'s prompt (its messages up to its last assistant message) and reference (that
+/// message's content, when the row ends with one), or why it has nothing to answer.
+fn prompt_of(row: &Conversation, i: usize) -> Result<(Conversation, Option<serde_json::Value>)> {
+    let n = row.messages.len();
+    let ends_answered = row.messages.last().is_some_and(|m| data::source::role_of(m) == Some(Role::Assistant));
+    let upto = if ends_answered { n - 1 } else { n };
+    let place = if row.place.is_empty() { format!("row {i}") } else { row.place.clone() };
+    if !row.messages[..upto].iter().any(|m| data::source::role_of(m) == Some(Role::User)) {
+        return Err(Error::data(format!("{place}: nothing to answer (no user message before its last assistant message)")));
+    }
+    let reference = ends_answered.then(|| row.messages[n - 1].get("content").cloned()).flatten();
+    Ok((Conversation { messages: row.messages[..upto].to_vec(), tools: row.tools.clone(), place }, reference))
 }
 
 /// One model answering conversations.

@@ -128,6 +128,17 @@ fn run_trains_the_embedded_default() {
     conversation.stdin.take().unwrap().write_all(b"Hello\nWhat did I say?\nclear\nexit\nnever read\n").unwrap();
     let o = conversation.wait_with_output().unwrap();
     assert!(o.status.success(), "{:?}", text(&o));
+    // A dataset's rows answered into a new JSON-lines file, never over an existing one.
+    let answers = out.path().join("answers.jsonl");
+    let answers_arg = answers.display().to_string();
+    let data = ["infer", run_arg.as_str(), "--data", "assets/tiny/train.jsonl", "--out", answers_arg.as_str(), "--max-new-tokens", "2"];
+    let o = trainer(&data);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&answers).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let read = std::fs::read_to_string("assets/tiny/train.jsonl").unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(rows.len(), read);
+    assert!(rows.iter().all(|r| r["response"].is_string() && r["labels"].is_string() && r["messages"].as_array().is_some_and(|m| !m.is_empty())), "{}", rows[0]);
+    assert_user_error(&data, &["answers.jsonl", "already exists"]);
     assert_user_error(&["infer", &run_arg, "--prompt", "x", "--temperature", "-1"], &["--temperature -1"]);
     assert_user_error(&["infer", &run_arg, "--prompt", "x", "--top-p", "0"], &["--top-p 0"]);
     assert_user_error(&["infer", "tests/no-such-run", "--prompt", "x"], &["tests/no-such-run", "no such folder"]);
