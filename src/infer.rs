@@ -86,7 +86,7 @@ pub struct InferRequest {
     /// Single-turn prompts answered in turn; none (and no `data`): a conversation read from the
     /// input.
     pub prompts: Vec<String>,
-    /// A dataset (a file or hub id, as `data.datasets` names them) whose rows are answered:
+    /// A dataset (a local file or a hub id, without `#N`) whose rows are answered:
     /// each row's messages up to its last assistant message are the prompt, that message the
     /// reference.
     pub data: Option<String>,
@@ -102,7 +102,7 @@ pub struct InferRequest {
     pub base: bool,
 }
 
-/// Answer `req`'s prompts, or the conversation read from `input`, on `out`.
+/// Answer `req`'s prompts, its data's rows, or else the conversation read from `input`, on `out`.
 pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
     req.sampling.check()?;
     if req.max_new_tokens == 0 {
