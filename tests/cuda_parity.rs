@@ -5,6 +5,7 @@
 //!
 //!     cargo test --release --features cuda --test cuda_parity -- --ignored --exact cuda_bf16_matches_transformers_within_bf16_rounding
 //!     cargo test --release --features cuda --test cuda_parity -- --ignored --exact cuda_f32_matches_transformers_within_tf32_rounding
+//!     cargo test --release --features cuda --test cuda_parity -- --ignored --exact cuda_bf16_cached_decoding_matches_the_whole_forward
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -81,4 +82,42 @@ fn cuda_bf16_matches_transformers_within_bf16_rounding() {
         // other direction, plus rounding order.
         assert!(rel <= 3.0 * rel_hf + 1e-3 && dloss <= 3.0 * dloss_hf + 1e-3, "{case}");
     }
+}
+
+/// `trainer infer`'s decoding on CUDA bf16 (the prompt through the flash kernels, then one token
+/// at a time over the kept keys and values) against the whole forward of the same tokens on the
+/// same device, at every step, teacher-forced with the fixture's own ids (no divergence).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bf16_cached_decoding_matches_the_whole_forward() {
+    type B = Cuda<half::bf16>;
+    let device = CudaDevice::default();
+    let mut ran = 0;
+    for case in cases() {
+        let exp = common::expected(case);
+        let Ok((hf_logits, _)) = &exp.bf16 else { continue };
+        let max_ref = exp.logits.0.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let rel_hf = common::max_diff(hf_logits, &exp.logits.0) / max_ref;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
+        let loaded = trainer::recipe::load(&path, &[]).unwrap();
+        let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
+        let m = model::build::<B>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+        // The first row of the fixture's ids: a prompt of 4, then each later id one at a time.
+        let (ids, shape) = exp.input_ids.clone();
+        let row: Vec<u32> = ids[..shape[1]].iter().map(|&i| i as u32).collect();
+        let mut cache = model::generate::KvCache::<B>::new(m.layers.len());
+        let mut worst = 0f32;
+        for n in 4..=row.len() {
+            let cached = if n == 4 { m.next_token_logits(&row[..4], &mut cache) } else { m.next_token_logits(&row[n - 1..n], &mut cache) };
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(row[..n].iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), [1, n]), &device);
+            let whole: Vec<f32> = m.forward(input).slice([0..1, n - 1..n]).into_data().convert::<f32>().to_vec().unwrap();
+            worst = worst.max(common::max_diff(&cached, &whole) / max_ref);
+        }
+        eprintln!("cuda bf16 {case}: cached decoding against the whole forward, max |diff| / max |logit| = {worst:.2e} (transformers bf16 against f32: {rel_hf:.2e})");
+        assert!(worst <= 3.0 * rel_hf + 1e-3, "{case}");
+        ran += 1;
+    }
+    assert!(ran > 0, "no fixture with a bf16 reference ran");
 }

@@ -14,7 +14,8 @@
 # (its log's "weights built in" line; session 25: upload at 0.78 GB/s); (f) transformers' greedy
 # generations of two fixture models (tests/fixtures/make_generate_fixture.py) for `trainer
 # infer`'s decoding, brought back as $OUT/r.tgz's gen-<case>.json (commit them as
-# tests/fixtures/<case>/generate.json).
+# tests/fixtures/<case>/generate.json); (g) `trainer infer`'s cached decoding on CUDA bf16
+# against the whole forward (.gpu/cuda_parity, the `--test cuda_parity` binary).
 set -u
 cd "$(dirname "$0")/../.."
 R=/tmp/r; mkdir -p $R; R0=$OUT; pack() { tar czf $R0/r.tgz -C $R . ; }
@@ -24,6 +25,7 @@ export COMMIT=$(cat .gpu/COMMIT)
 timeout 60 .gpu/trainer bench-attention --device cuda 2>&1 | tail -1 | cut -c1-300
 timeout 120 python3 tests/fixtures/make_generate_fixture.py tests/fixtures 2>&1 | tail -3
 for c in qwen2_tied_f32 qwen3_moe_f32_sharded; do cp tests/fixtures/$c/generate.json $R/gen-$c.json 2>/dev/null; done; pack
+[ -x .gpu/cuda_parity ] && timeout 200 .gpu/cuda_parity --ignored --exact cuda_bf16_cached_decoding_matches_the_whole_forward --nocapture 2>&1 | grep -E "cuda bf16|test result|panicked"
 [ -x .gpu/kc_upload ] && timeout 120 .gpu/kc_upload --ignored --test-threads 1 2>&1 | grep -E "^test |test result|panicked"
 for shape in "1536 151936" "3584 152064"; do
   read -r h v <<< "$shape"
