@@ -13,11 +13,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::backend::{self, BackendJob, TrainBackend};
 use crate::data::{self, ChatTemplate, Conversation, Encoder, Role};
 use crate::error::{Error, Result};
-use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::generate::KvCache;
 use crate::model::{self, hub::Fetch, Registry};
 use crate::parallel::Layout;
-use crate::recipe::{self, Init, ModelSection, Recipe, Tuning};
+use crate::recipe::{self, Init, ModelSection, Recipe};
 use crate::run::checkpoint as ckpt;
 
 /// How the next token is chosen.
@@ -53,10 +52,13 @@ impl Sampling {
             return argmax();
         }
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        if self.top_k > 0 {
+        let larger_first = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        // With top_k, only the k largest of the vocabulary are sorted.
+        if self.top_k > 0 && self.top_k < order.len() {
+            order.select_nth_unstable_by(self.top_k - 1, larger_first);
             order.truncate(self.top_k);
         }
+        order.sort_unstable_by(larger_first);
         let top = f64::from(logits[order[0] as usize]);
         let weights: Vec<f64> = order.iter().map(|&i| ((f64::from(logits[i as usize]) - top) / self.temperature).exp()).collect();
         let total: f64 = weights.iter().sum();
@@ -148,7 +150,6 @@ pub fn infer(req: &InferRequest, registry: &Registry, input: &mut dyn BufRead, o
         template: &template,
         encoder: &encoder,
         stops,
-        max_positions: plan.spec.max_position_embeddings,
     };
     let chat = Chat { setup, rows, input, out };
     let device = req.device.unwrap_or(r.device);
@@ -165,7 +166,6 @@ struct Setup<'a> {
     encoder: &'a Encoder,
     /// The end-of-turn tokens: generation stops at any of them.
     stops: Vec<u32>,
-    max_positions: usize,
 }
 
 struct Chat<'a> {
@@ -183,23 +183,17 @@ impl BackendJob for Chat<'_> {
         let r = setup.r;
         let mut m = model::build::<B>(setup.plan, &r.model, Layout::SINGLE, &device)?;
         if let Some(dir) = setup.checkpoint {
-            if r.train.tuning == Tuning::Lora {
-                let targets = LoraTargets::parse(&r.lora.targets)?;
-                let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
-                m = lora::apply(m, &targets, &cfg)?.0;
-            }
-            m = crate::train::checkpoints::load_trained(m, dir, r)?;
+            m = crate::train::checkpoints::with_trained(m, dir, r)?;
         }
         let mut session = Session { m: &m, setup: &setup, rng: ChaCha8Rng::seed_from_u64(setup.req.sampling.seed) };
         let system = setup.req.system.as_deref().or(r.data.system.as_deref());
-        let io = |e: std::io::Error| Error::Internal(format!("writing the answer: {e}"));
         if let Some(rows) = rows {
             return answer_rows(&mut session, &rows, system, setup.req.out.as_deref(), out);
         }
         if !setup.req.prompts.is_empty() {
             for prompt in &setup.req.prompts {
                 session.answer(&Conversation::new(system, &[(Role::User, prompt)]), out)?;
-                writeln!(out).map_err(io)?;
+                writeln!(out).map_err(write_failed)?;
             }
             return Ok(());
         }
@@ -208,7 +202,7 @@ impl BackendJob for Chat<'_> {
         let mut turns: Vec<(Role, String)> = Vec::new();
         loop {
             if terminal {
-                write!(out, "<<< ").and_then(|_| out.flush()).map_err(io)?;
+                write!(out, "<<< ").and_then(|_| out.flush()).map_err(write_failed)?;
             }
             let mut line = String::new();
             if input.read_line(&mut line).map_err(|e| Error::Internal(format!("reading the prompt: {e}")))? == 0 {
@@ -227,7 +221,7 @@ impl BackendJob for Chat<'_> {
             turns.push((Role::User, line.to_string()));
             let borrowed: Vec<(Role, &str)> = turns.iter().map(|(role, text)| (*role, text.as_str())).collect();
             let answer = session.answer(&Conversation::new(system, &borrowed), out)?;
-            writeln!(out).map_err(io)?;
+            writeln!(out).map_err(write_failed)?;
             turns.push((Role::Assistant, answer));
         }
     }
@@ -254,14 +248,18 @@ fn answer_rows<B: TrainBackend>(session: &mut Session<'_, '_, B>, rows: &[(Conve
         let _ = std::fs::remove_file(tmp);
     }
     written?;
-    let write_err = |e: std::io::Error| Error::Internal(format!("writing the answers: {e}"));
     if let (Some(mut f), Some(tmp), Some(path)) = (file, partial, path) {
-        f.flush().map_err(write_err)?;
-        f.get_ref().sync_all().map_err(write_err)?;
+        f.flush().map_err(write_failed)?;
+        f.get_ref().sync_all().map_err(write_failed)?;
         std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))?;
         eprintln!("infer: {} rows answered into {}", rows.len(), path.display());
     }
     Ok(())
+}
+
+/// An answer that could not be written out.
+fn write_failed(e: std::io::Error) -> Error {
+    Error::Internal(format!("writing the answer: {e}"))
 }
 
 /// [`answer_rows`]' lines, into `sink`.
@@ -274,7 +272,7 @@ fn write_rows<B: TrainBackend>(session: &mut Session<'_, '_, B>, rows: &[(Conver
         let place = prompt.place.clone();
         let response = session.answer(&prompt, &mut std::io::sink()).map_err(|e| Error::data(format!("{place}: {e}")))?;
         let line = serde_json::json!({ "messages": prompt.messages, "response": response, "labels": reference });
-        writeln!(sink, "{line}").map_err(|e| Error::Internal(format!("writing the answers: {e}")))?;
+        writeln!(sink, "{line}").map_err(write_failed)?;
     }
     Ok(())
 }
@@ -304,21 +302,21 @@ impl<B: TrainBackend> Session<'_, '_, B> {
     /// The assistant's reply to `conv`, streamed to `out` as it is decoded.
     fn answer(&mut self, conv: &Conversation, out: &mut dyn Write) -> Result<String> {
         let chat = self.setup;
+        let max_positions = chat.plan.spec.max_position_embeddings;
         let prompt = chat.template.render_prompt(conv).map_err(Error::Data)?;
         let encoding = chat.encoder.tokenizer().encode(prompt.as_str(), false).map_err(|e| Error::data(format!("tokenizer failed on the prompt: {e}")))?;
         let ids = encoding.get_ids();
-        if ids.len() >= chat.max_positions {
+        if ids.len() >= max_positions {
             return Err(Error::data(format!(
                 "the conversation is {} tokens, the model's max_position_embeddings is {}: start over (`clear`) or shorten it",
                 ids.len(),
-                chat.max_positions
+                max_positions
             )));
         }
         let mut cache = KvCache::<B>::new(self.m.layers.len());
         let mut logits = self.m.next_token_logits(ids, &mut cache);
         let mut made: Vec<u32> = Vec::new();
         let mut shown = String::new();
-        let io = |e: std::io::Error| Error::Internal(format!("writing the answer: {e}"));
         for _ in 0..chat.req.max_new_tokens {
             let next = chat.req.sampling.pick(&logits, &mut self.rng);
             if chat.stops.contains(&next) {
@@ -328,17 +326,17 @@ impl<B: TrainBackend> Session<'_, '_, B> {
             let text = self.decode(&made)?;
             // A character split over tokens shows once whole.
             if !text.ends_with('\u{FFFD}') && text.starts_with(&shown) {
-                write!(out, "{}", &text[shown.len()..]).and_then(|_| out.flush()).map_err(io)?;
+                write!(out, "{}", &text[shown.len()..]).and_then(|_| out.flush()).map_err(write_failed)?;
                 shown = text;
             }
-            if cache.len() + 1 >= chat.max_positions {
+            if cache.len() + 1 >= max_positions {
                 break;
             }
             logits = self.m.next_token_logits(&[next], &mut cache);
         }
         let text = self.decode(&made)?;
         if let Some(rest) = text.strip_prefix(shown.as_str()) {
-            write!(out, "{rest}").map_err(io)?;
+            write!(out, "{rest}").map_err(write_failed)?;
         }
         Ok(text)
     }

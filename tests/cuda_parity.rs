@@ -23,14 +23,19 @@ fn cases() -> Vec<&'static str> {
     common::CASES.iter().copied().filter(|c| only.is_empty() || only.split(',').any(|o| o == *c)).collect()
 }
 
-/// Errors against transformers' f32 logits (relative to the largest logit) and loss.
-fn errors<B: TrainBackend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
+/// The fixture `case`'s model on `device`.
+fn fixture_model<B: TrainBackend>(case: &str, device: &B::Device) -> model::CausalLm<B> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.toml");
     std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
     let loaded = trainer::recipe::load(&path, &[]).unwrap();
     let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
-    let m = model::build::<B>(&plan, &loaded.recipe.model, Layout::SINGLE, device).unwrap();
+    model::build::<B>(&plan, &loaded.recipe.model, Layout::SINGLE, device).unwrap()
+}
+
+/// Errors against transformers' f32 logits (relative to the largest logit) and loss.
+fn errors<B: TrainBackend>(exp: &common::Expected, case: &str, device: &B::Device) -> (f32, f64) {
+    let m = fixture_model::<B>(case, device);
     let (ids, shape) = exp.input_ids.clone();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device);
     let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(exp.labels.clone(), shape), device);
@@ -98,12 +103,7 @@ fn cuda_bf16_cached_decoding_matches_the_whole_forward() {
         let Ok((hf_logits, _)) = &exp.bf16 else { continue };
         let max_ref = exp.logits.0.iter().fold(0f32, |m, x| m.max(x.abs()));
         let rel_hf = common::max_diff(hf_logits, &exp.logits.0) / max_ref;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.toml");
-        std::fs::write(&path, common::fixture_recipe(case, "")).unwrap();
-        let loaded = trainer::recipe::load(&path, &[]).unwrap();
-        let plan = model::plan(&loaded.recipe.model, &Registry::builtin(), Fetch::Config).unwrap();
-        let m = model::build::<B>(&plan, &loaded.recipe.model, Layout::SINGLE, &device).unwrap();
+        let m = fixture_model::<B>(case, &device);
         // The first row of the fixture's ids: a prompt of 4, then each later id one at a time.
         let (ids, shape) = exp.input_ids.clone();
         let row: Vec<u32> = ids[..shape[1]].iter().map(|&i| i as u32).collect();

@@ -58,16 +58,21 @@ const PIECE: usize = 1 << 20;
 /// `fill` over `values` (the elements from `offset` on), in pieces of [`PIECE`] on all cores.
 pub(crate) fn fill_on_all_cores<E: Send>(offset: usize, values: &mut [E], fill: &Fill<'_, E>) {
     let pieces: Vec<(usize, &mut [E])> = values.chunks_mut(PIECE).enumerate().map(|(i, v)| (offset + i * PIECE, v)).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pieces.len());
-    if threads <= 1 {
-        return pieces.into_iter().for_each(|(at, v)| fill(at, v));
+    parallel_for(pieces, |(at, v)| fill(at, v));
+}
+
+/// `f` over `items` on all cores (scoped threads taking items in turn).
+pub fn parallel_for<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
+    if threads == 1 {
+        return items.into_iter().for_each(f);
     }
-    let queue = std::sync::Mutex::new(pieces.into_iter());
+    let queue = std::sync::Mutex::new(items.into_iter());
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                let Some((at, v)) = queue.lock().unwrap_or_else(|e| e.into_inner()).next() else { return };
-                fill(at, v);
+                let Some(item) = queue.lock().unwrap_or_else(|e| e.into_inner()).next() else { return };
+                f(item);
             });
         }
     });

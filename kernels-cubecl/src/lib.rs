@@ -35,7 +35,7 @@ pub mod routing;
 pub use attention::{
     memory_efficient_attention, AttentionForward, AttentionGrads, AttentionKernel, AttentionOptions, AttentionWanted, FusedAttentionBackend,
 };
-pub use device::{host_float_from_fill, DeviceMemory, DeviceMemoryBackend, Fill};
+pub use device::{host_float_from_fill, parallel_for, DeviceMemory, DeviceMemoryBackend, Fill};
 pub use gate_up::fused_swiglu_packed;
 pub use grouped::{gemm_grouped_outer_spread, reference_gemm_grouped, reference_gemm_grouped_outer};
 pub use layer_ops::{fused_rms_norm, fused_rotary, fused_swiglu, FusedLayerBackend, NormWanted};

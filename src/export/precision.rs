@@ -12,10 +12,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::backend::{self, BackendJob};
 use crate::data::{self, ChatTemplate, Conversation, Encoder, Role, IGNORE};
 use crate::error::{Error, Result};
-use crate::lora::{self, LoraConfig, LoraTargets};
 use crate::model::{self, hub::Fetch, ModelPlan, Registry};
 use crate::parallel::Layout;
-use crate::recipe::{self, Init, ModelSection, Recipe, Tuning};
+use crate::recipe::{self, Init, ModelSection, Recipe};
 use crate::run::checkpoint::{self as ckpt, NamedTensor};
 
 /// The sample: a short instruction and its answer, so the label positions cover real text.
@@ -173,13 +172,8 @@ impl BackendJob for Compare<'_> {
         let f32_section = |s: &ModelSection| ModelSection { dtype: recipe::DType::F32, ..s.clone() };
         // (a) the base with the trained tensors, adapters unmerged.
         let trained = {
-            let mut m = model::build::<B>(self.plan, &f32_section(&r.model), Layout::SINGLE, &device)?;
-            if r.train.tuning == Tuning::Lora {
-                let targets = LoraTargets::parse(&r.lora.targets)?;
-                let cfg = LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
-                m = lora::apply(m, &targets, &cfg)?.0;
-            }
-            let m = crate::train::checkpoints::load_trained(m, self.checkpoint, r)?;
+            let m = model::build::<B>(self.plan, &f32_section(&r.model), Layout::SINGLE, &device)?;
+            let m = crate::train::checkpoints::with_trained(m, self.checkpoint, r)?;
             logits(&m, self.ids, &device)?
         };
         // (b) the exported folder, read back as a base model.

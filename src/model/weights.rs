@@ -210,22 +210,8 @@ pub mod build_time {
 /// Values per random stream of [`RandomInit`].
 const RANDOM_CHUNK: usize = 1 << 20;
 
-/// `f` over `items` on all cores (scoped threads taking items in turn).
-pub(crate) fn parallel_for<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
-    if threads == 1 {
-        return items.into_iter().for_each(f);
-    }
-    let queue = std::sync::Mutex::new(items.into_iter());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let Some(item) = queue.lock().unwrap_or_else(|e| e.into_inner()).next() else { return };
-                f(item);
-            });
-        }
-    });
-}
+/// `f` over `items` on all cores (the one helper, kept where the device uploads use it too).
+pub(crate) use kernels_cubecl::parallel_for;
 
 /// A stable 64-bit hash of a name (FNV-1a), for per-tensor random streams.
 pub(crate) fn fnv1a(s: &str) -> u64 {

@@ -559,6 +559,20 @@ fn param_views<B: TrainBackend, M: Module<B>>(m: &M) -> BTreeMap<String, ([usize
     named_params(m, &|_| true).into_iter().map(|(p, t, rank)| (p, (t.dims(), rank))).collect()
 }
 
+/// `model` as the run in `dir` trained it: the recipe's LoRA adapters attached (unmerged) when
+/// it trained adapters, then the checkpoint's trained tensors loaded ([`load_trained`]).
+pub fn with_trained<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
+    let model = match r.train.tuning {
+        Tuning::Lora => {
+            let targets = crate::lora::LoraTargets::parse(&r.lora.targets)?;
+            let cfg = crate::lora::LoraConfig { rank: r.lora.rank, scale: r.lora.scale(), dropout: r.lora.dropout, seed: r.train.seed };
+            crate::lora::apply(model, &targets, &cfg)?.0
+        }
+        Tuning::Full => model,
+    };
+    load_trained(model, dir, r)
+}
+
 /// Load the trained tensors of a checkpoint or adapter folder into `model`.
 pub fn load_trained<B: TrainBackend>(model: CausalLm<B>, dir: &Path, r: &Recipe) -> Result<CausalLm<B>> {
     load_trained_sharded(model, dir, r, None)

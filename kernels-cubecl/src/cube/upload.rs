@@ -44,7 +44,7 @@ impl<R: UploadRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DeviceMe
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 
     use burn::backend::cuda::CudaDevice;
@@ -93,7 +93,7 @@ mod cuda {
     }
 
     /// The stagers by device index; `Err` remembers why a device has none.
-    static STAGERS: Mutex<Option<HashMap<usize, Result<Stager, String>>>> = Mutex::new(None);
+    static STAGERS: Mutex<BTreeMap<usize, Result<Stager, String>>> = Mutex::new(BTreeMap::new());
 
     impl UploadRuntime for CudaRuntime {
         fn staged_upload<F: FloatElement>(shape: &Shape, device: &CudaDevice, fill: &Fill<'_, F>) -> Option<CubeTensor<Self>> {
@@ -101,7 +101,7 @@ mod cuda {
                 return None;
             }
             let mut stagers = STAGERS.lock().unwrap_or_else(|e| e.into_inner());
-            let stager = stagers.get_or_insert_with(HashMap::new).entry(device.index).or_insert_with(|| {
+            let stager = stagers.entry(device.index).or_insert_with(|| {
                 Stager::new(device.index).inspect_err(|why| eprintln!("weights uploaded through Burn's from_data: no pinned staging ({why})"))
             });
             let stager = stager.as_ref().ok()?;
